@@ -1,0 +1,21 @@
+"""alexnet_cuda: from-scratch CUDA kernels and a two-tower model-parallel trainer for the 2012 AlexNet.
+
+The compiled core is ``alexnet_cuda._C``; this package re-exports it. The CPU backend always works; the
+CUDA backend needs a build with nvcc and a GPU at run time (``cuda_available()`` / ``cuda_unavailable_reason()``).
+"""
+from . import _C
+from ._C import (  # noqa: F401
+    Tensor,
+    built_with_cuda,
+    cuda_allocator_stats,
+    cuda_available,
+    cuda_device_count,
+    cuda_empty_cache,
+    cuda_unavailable_reason,
+    from_numpy,
+    ops,
+    set_poison_allocations,
+    synchronize,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,178 @@
+// The one list of ops: each op's contract (layouts, shapes, what is accumulated), its Tensor-level entry
+// point (validates, then dispatches by device), and the two backends' raw entry points.
+//
+// Layouts: activations NCHW, conv weights KCRS (K out-channels, C/groups in-channels, R x S window),
+// linear weights (out, in) so y = x W^T + b. All float32 unless stated; every tensor contiguous.
+// Nothing accumulates into its output: every output is written in full (the tests poison outputs with
+// NaN first). Reductions run in a fixed order, so results are deterministic on each backend.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "tensor.h"
+
+namespace ax {
+
+// ---- parameter structs (one per kernel family; plain data, passed to both backends) ----------------
+
+struct Conv2dParams {
+    int N, C, H, W;          // input
+    int K, R, S;             // output channels, window
+    int P, Q;                // output height, width
+    int stride_h, stride_w, pad_h, pad_w;
+    int groups;              // C and K are both divisible by groups; weight is (K, C/groups, R, S)
+};
+
+struct LinearParams {
+    int N, I, O;  // batch, in features, out features
+};
+
+struct LrnParams {
+    int N, C, H, W;
+    int size;        // n, odd: the window is c-size/2 .. c+size/2 clipped to [0, C)
+    float k, alpha, beta;  // b = a / (k + alpha * sum a^2)^beta  (alpha multiplies the plain sum)
+};
+
+struct PoolParams {
+    int N, C, H, W;
+    int P, Q;
+    int window_h, window_w, stride_h, stride_w, pad_h, pad_w;
+};
+
+struct SoftmaxParams {
+    int N, C;
+};
+
+struct AugmentParams {
+    int N, H, W;     // source images (N, H, W, 3) uint8, HWC as decoded
+    int crop;        // output (N, 3, crop, crop) float32
+};
+
+// Counter-based RNG shared by both backends (philox.h): dropout keeps element i when
+// philox_u32(seed, offset + i) >= keep_threshold(p).
+uint32_t dropout_threshold(float p);
+
+// ---- Tensor-level ops (validate arguments, allocate outputs, dispatch) ---------------------------
+
+namespace ops {
+
+// y (N,K,P,Q) = conv(x (N,C,H,W), w (K,C/groups,R,S)) + b (K), P = (H + 2 pad_h - R) / stride_h + 1.
+Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int stride_h, int stride_w,
+                      int pad_h, int pad_w, int groups);
+// dx (N,C,H,W) from dy (N,K,P,Q); H, W are the forward input's size (stride can make them ambiguous).
+Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int stride_h, int stride_w, int pad_h,
+                             int pad_w, int groups);
+// dw (K,C/groups,R,S) = sum over N,P,Q.
+Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, int stride_h, int stride_w, int pad_h,
+                              int pad_w, int groups);
+// db (K) = sum of dy over N,P,Q.
+Tensor conv2d_backward_bias(const Tensor& dy);
+
+// y (N,O) = x (N,I) W^T (O,I) + b (O).
+Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b);
+Tensor linear_backward_input(const Tensor& dy, const Tensor& w);   // (N,I) = dy W
+Tensor linear_backward_weight(const Tensor& x, const Tensor& dy);  // (O,I) = dy^T x
+Tensor linear_backward_bias(const Tensor& dy);                     // (O) = sum over N
+
+Tensor relu_forward(const Tensor& x);
+Tensor relu_backward(const Tensor& dy, const Tensor& y);  // dy where y > 0, else 0
+
+// Returns (y, scale) with scale = k + alpha * sum a^2 over the window, kept for the backward.
+std::pair<Tensor, Tensor> lrn_forward(const Tensor& x, int size, float k, float alpha, float beta);
+Tensor lrn_backward(const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& scale, int size, float k,
+                    float alpha, float beta);
+
+// Returns (y, argmax) with argmax int32 (N,C,P,Q): the flat index h*W+w of the chosen input element.
+// Padding counts as -inf. Tie rule: the first maximum in row-major window order wins. A window that
+// covers only padding is impossible (pad < window is enforced).
+std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int window_h, int window_w, int stride_h, int stride_w,
+                                          int pad_h, int pad_w);
+// dx (N,C,H,W): each input element gathers dy from the windows whose argmax it is (no atomics).
+Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, int window_h, int window_w,
+                        int stride_h, int stride_w, int pad_h, int pad_w);
+
+// Inverted dropout: returns (y, mask uint8); y = x * mask / (1 - p). Element i's draw is
+// philox(seed, offset + i), so any backend, any launch shape, draws the same mask.
+std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t seed, uint64_t offset);
+Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p);
+
+// Softmax + cross-entropy on logits (N,C) and int32 labels (N). Returns (loss (N) per sample,
+// probs (N,C), rank int32 (N)): rank = number of classes whose logit beats the label's (ties go to the
+// lower class index), so top-k is a hit iff rank < k.
+struct SoftmaxXent {
+    Tensor loss, probs, rank;
+};
+SoftmaxXent softmax_cross_entropy_forward(const Tensor& logits, const Tensor& labels);
+// dlogits = (probs - onehot(labels)) * scale (scale = 1/N for a mean loss).
+Tensor softmax_cross_entropy_backward(const Tensor& probs, const Tensor& labels, float scale);
+Tensor softmax_forward(const Tensor& logits);
+
+// In place, exactly as ALEXNET.md: v = momentum*v - weight_decay*lr*w - lr*dw; w = w + v.
+void sgd_update(Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum, float weight_decay);
+
+// Cross-tower plumbing. Channel concat/slice of NCHW (or (N,C) 2-D) tensors; elementwise add.
+Tensor concat_channels(const std::vector<Tensor>& xs);
+Tensor slice_channels(const Tensor& x, int c0, int c1);
+Tensor add(const Tensor& a, const Tensor& b);
+
+// Random crop, mirror, PCA lighting and mean subtraction of a uint8 batch (N,H,W,3) into float32
+// (N,3,crop,crop): out[n,c,y,x] = img[n, y0+y, xs, c] - mean[c, y0+y, xs] + light[n,c] with
+// xs = x0 + (flip ? crop-1-x : x); offsets int32 (N,2) = (y0, x0), flips uint8 (N), light float32 (N,3),
+// mean float32 (3,H,W).
+Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& flips, const Tensor& light,
+                     const Tensor& mean, int crop);
+
+}  // namespace ops
+
+// ---- backends: raw pointers, shapes in the params structs, outputs written in full -------------------
+
+#define AX_BACKEND_DECLS(EXTRA)                                                                               \
+    void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const float* b /*nullable*/,  \
+                        float* y EXTRA);                                                                      \
+    void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx EXTRA);     \
+    void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* dy, float* dw EXTRA);    \
+    void conv2d_backward_bias(const Conv2dParams& p, const float* dy, float* db EXTRA);                     \
+    void linear_forward(const LinearParams& p, const float* x, const float* w, const float* b, float* y EXTRA); \
+    void linear_backward_input(const LinearParams& p, const float* dy, const float* w, float* dx EXTRA);     \
+    void linear_backward_weight(const LinearParams& p, const float* x, const float* dy, float* dw EXTRA);    \
+    void linear_backward_bias(const LinearParams& p, const float* dy, float* db EXTRA);                     \
+    void relu_forward(int64_t n, const float* x, float* y EXTRA);                                            \
+    void relu_backward(int64_t n, const float* dy, const float* y, float* dx EXTRA);                         \
+    void lrn_forward(const LrnParams& p, const float* x, float* y, float* scale EXTRA);                     \
+    void lrn_backward(const LrnParams& p, const float* dy, const float* x, const float* y, const float* scale, \
+                      float* dx EXTRA);                                                                       \
+    void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* argmax EXTRA);             \
+    void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx EXTRA);    \
+    void dropout_forward(int64_t n, const float* x, float p, uint64_t seed, uint64_t offset, float* y,       \
+                         uint8_t* mask EXTRA);                                                                \
+    void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p, float* dx EXTRA);        \
+    void softmax_cross_entropy_forward(const SoftmaxParams& p, const float* logits, const int32_t* labels,   \
+                                       float* loss, float* probs, int32_t* rank EXTRA);                     \
+    void softmax_cross_entropy_backward(const SoftmaxParams& p, const float* probs, const int32_t* labels,   \
+                                        float scale, float* dlogits EXTRA);                                 \
+    void softmax_forward(const SoftmaxParams& p, const float* logits, float* probs EXTRA);                  \
+    void sgd_update(int64_t n, float* w, const float* dw, float* v, float lr, float momentum,               \
+                    float weight_decay EXTRA);                                                               \
+    /* whole (N, Cw, inner)[:, c0:c0+Cp] = part (N, Cp, inner), and the reverse */                          \
+    void insert_channels(int N, int Cp, int Cw, int c0, int64_t inner, const float* part, float* whole EXTRA); \
+    void extract_channels(int N, int Cp, int Cw, int c0, int64_t inner, const float* whole, float* part EXTRA); \
+    void add(int64_t n, const float* a, const float* b, float* y EXTRA);                                     \
+    void augment_batch(const AugmentParams& p, const uint8_t* images, const int32_t* offsets,               \
+                       const uint8_t* flips, const float* light, const float* mean, float* out EXTRA);
+
+namespace cpu {
+AX_BACKEND_DECLS()
+}  // namespace cpu
+
+#ifdef ALEXNET_WITH_CUDA
+namespace cuda {
+// Every launcher takes the stream last (a cudaStream_t) and checks the launch, naming the op.
+#define AX_STREAM_ARG , void* stream
+AX_BACKEND_DECLS(AX_STREAM_ARG)
+#undef AX_STREAM_ARG
+}  // namespace cuda
+#endif
+
+}  // namespace ax

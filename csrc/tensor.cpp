@@ -1,0 +1,389 @@
+// Tensors, devices and the caching allocator (CUDA memory pooled per device and stream, so a training
+// step after the first never calls cudaMalloc).
+#include "tensor.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <tuple>
+#include <vector>
+
+#ifdef ALEXNET_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace ax {
+
+size_t dtype_size(DType t) {
+    switch (t) {
+        case DType::f32: return 4;
+        case DType::u8: return 1;
+        case DType::i32: return 4;
+    }
+    return 0;
+}
+
+const char* dtype_name(DType t) {
+    switch (t) {
+        case DType::f32: return "float32";
+        case DType::u8: return "uint8";
+        case DType::i32: return "int32";
+    }
+    return "?";
+}
+
+std::string Device::str() const { return type == CPU ? std::string("cpu") : "cuda:" + std::to_string(index); }
+
+Device Device::parse(const std::string& s, const char* op, const char* arg) {
+    auto bad = [&](const std::string& why) {
+        return ValueError(std::string(op) + ": argument '" + arg + "': " + why);
+    };
+    if (s == "cpu") return Device{CPU, 0};
+    int index = -1;
+    if (s == "cuda") {
+        index = 0;
+    } else if (s.rfind("cuda:", 0) == 0 && s.size() > 5) {
+        const std::string num = s.substr(5);
+        for (char c : num)
+            if (c < '0' || c > '9') throw bad("unknown device '" + s + "' (expected 'cpu', 'cuda' or 'cuda:N')");
+        index = std::stoi(num);
+    } else {
+        throw bad("unknown device '" + s + "' (expected 'cpu', 'cuda' or 'cuda:N')");
+    }
+    if (!built_with_cuda()) throw bad("device '" + s + "' requested but alexnet_cuda was built without CUDA");
+    if (!cuda_available()) throw bad("device '" + s + "' requested but CUDA is unavailable: " + cuda_unavailable_reason());
+    const int n = cuda_device_count();
+    if (index >= n)
+        throw bad("device '" + s + "' does not exist (" + std::to_string(n) + " CUDA device" + (n == 1 ? "" : "s") +
+                  " present)");
+    return Device{CUDA, index};
+}
+
+// ------------------------------------------------------------------------------------------------------
+// CUDA runtime helpers
+
+#ifdef ALEXNET_WITH_CUDA
+void cuda_check(int err, const char* op) {
+    if (err != cudaSuccess) {
+        cudaGetLastError();  // clear a sticky-free error so the next op starts clean
+        throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(static_cast<cudaError_t>(err)));
+    }
+}
+bool built_with_cuda() { return true; }
+
+static int probe_device_count(std::string* reason) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        if (reason) {
+            if (e == cudaErrorNoDevice) *reason = "no CUDA device is present";
+            else if (e == cudaErrorInsufficientDriver) *reason = "no usable NVIDIA driver (" + std::string(cudaGetErrorString(e)) + ")";
+            else *reason = std::string("the CUDA runtime could not start: ") + cudaGetErrorString(e);
+        }
+        return 0;
+    }
+    if (n == 0 && reason) *reason = "no CUDA device is present";
+    return n;
+}
+int cuda_device_count() {
+    static int n = probe_device_count(nullptr);
+    return n;
+}
+bool cuda_available() { return cuda_device_count() > 0; }
+std::string cuda_unavailable_reason() {
+    std::string reason;
+    if (probe_device_count(&reason) > 0) return "";
+    return reason;
+}
+void cuda_synchronize(Device d) {
+    if (!d.is_cuda()) return;
+    DeviceGuard g(d);
+    cuda_check(cudaDeviceSynchronize(), "synchronize");
+}
+DeviceGuard::DeviceGuard(Device d) {
+    if (!d.is_cuda()) return;
+    int cur = 0;
+    cuda_check(cudaGetDevice(&cur), "set_device");
+    if (cur != d.index) {
+        cuda_check(cudaSetDevice(d.index), "set_device");
+        prev = cur;
+    }
+}
+DeviceGuard::~DeviceGuard() {
+    if (prev >= 0) cudaSetDevice(prev);
+}
+#else
+void cuda_check(int err, const char* op) {
+    if (err != 0) throw std::runtime_error(std::string(op) + ": CUDA error " + std::to_string(err));
+}
+bool built_with_cuda() { return false; }
+int cuda_device_count() { return 0; }
+bool cuda_available() { return false; }
+std::string cuda_unavailable_reason() { return "alexnet_cuda was built without CUDA (no nvcc at build time)"; }
+void cuda_synchronize(Device) {}
+DeviceGuard::DeviceGuard(Device) {}
+DeviceGuard::~DeviceGuard() {}
+#endif
+
+static thread_local void* tls_streams[64] = {};
+void* current_stream(int device_index) {
+    return (device_index >= 0 && device_index < 64) ? tls_streams[device_index] : nullptr;
+}
+void set_current_stream(int device_index, void* stream) {
+    if (device_index >= 0 && device_index < 64) tls_streams[device_index] = stream;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Allocator
+
+namespace {
+std::atomic<bool> g_poison{false};
+
+// Sizes are rounded so that blocks recur: 512 B granules below 1 MiB, 2 MiB granules above.
+size_t round_block(size_t bytes) {
+    if (bytes == 0) bytes = 1;
+    const size_t small = 512, large = size_t(2) << 20;
+    return bytes < (size_t(1) << 20) ? (bytes + small - 1) / small * small : (bytes + large - 1) / large * large;
+}
+
+struct CudaPool {
+    std::mutex m;
+    // (device, stream, rounded size) -> free blocks. A block is reused only on the stream that freed it,
+    // so a later kernel on another stream can never overwrite memory still being read.
+    std::map<std::tuple<int, void*, size_t>, std::vector<void*>> free_blocks;
+    std::map<void*, std::pair<int, size_t>> all_blocks;  // ptr -> (device, rounded size)
+    AllocatorStats stats;
+};
+CudaPool& pool() {
+    static CudaPool* p = new CudaPool();  // leaked on purpose: outlives tensors freed at interpreter exit
+    return *p;
+}
+}  // namespace
+
+void set_poison_allocations(bool on) { g_poison = on; }
+bool poison_allocations() { return g_poison; }
+
+#ifdef ALEXNET_WITH_CUDA
+static void release_cached_locked(CudaPool& p, int device) {
+    for (auto it = p.free_blocks.begin(); it != p.free_blocks.end();) {
+        if (device >= 0 && std::get<0>(it->first) != device) { ++it; continue; }
+        for (void* ptr : it->second) {
+            auto b = p.all_blocks.find(ptr);
+            p.stats.bytes_cached -= static_cast<int64_t>(b->second.second);
+            p.all_blocks.erase(b);
+            cudaFree(ptr);
+        }
+        it = p.free_blocks.erase(it);
+    }
+}
+#endif
+
+Storage::Storage(size_t nbytes, Device dev) : bytes(nbytes), device(dev) {
+    if (dev.is_cpu()) {
+        const size_t rounded = (std::max<size_t>(nbytes, 1) + 63) / 64 * 64;
+        ptr = std::aligned_alloc(64, rounded);
+        if (!ptr) throw std::bad_alloc();
+        if (g_poison) std::memset(ptr, 0xFF, nbytes);
+        return;
+    }
+#ifdef ALEXNET_WITH_CUDA
+    stream = current_stream(dev.index);
+    const size_t rounded = round_block(nbytes);
+    CudaPool& p = pool();
+    {
+        std::lock_guard<std::mutex> lock(p.m);
+        auto it = p.free_blocks.find({dev.index, stream, rounded});
+        if (it != p.free_blocks.end() && !it->second.empty()) {
+            ptr = it->second.back();
+            it->second.pop_back();
+            p.stats.bytes_cached -= static_cast<int64_t>(rounded);
+        } else {
+            DeviceGuard g(dev);
+            cudaError_t e = cudaMalloc(&ptr, rounded);
+            if (e == cudaErrorMemoryAllocation) {
+                cudaGetLastError();
+                cudaDeviceSynchronize();
+                release_cached_locked(p, dev.index);
+                e = cudaMalloc(&ptr, rounded);
+            }
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                throw std::runtime_error("alloc: CUDA error: " + std::string(cudaGetErrorString(e)) + " (asked for " +
+                                         std::to_string(nbytes) + " bytes on " + dev.str() + ")");
+            }
+            p.stats.device_mallocs++;
+            p.all_blocks[ptr] = {dev.index, rounded};
+        }
+        p.stats.bytes_in_use += static_cast<int64_t>(rounded);
+        p.stats.peak_bytes_in_use = std::max(p.stats.peak_bytes_in_use, p.stats.bytes_in_use);
+    }
+    if (g_poison) {
+        DeviceGuard g(dev);
+        cuda_check(cudaMemsetAsync(ptr, 0xFF, nbytes, static_cast<cudaStream_t>(stream)), "alloc");
+    }
+#else
+    throw std::runtime_error("alloc: alexnet_cuda was built without CUDA");
+#endif
+}
+
+Storage::~Storage() {
+    if (!ptr) return;
+    if (device.is_cpu()) {
+        std::free(ptr);
+        return;
+    }
+#ifdef ALEXNET_WITH_CUDA
+    CudaPool& p = pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    auto b = p.all_blocks.find(ptr);
+    if (b == p.all_blocks.end()) return;
+    const size_t rounded = b->second.second;
+    p.free_blocks[{device.index, stream, rounded}].push_back(ptr);
+    p.stats.bytes_in_use -= static_cast<int64_t>(rounded);
+    p.stats.bytes_cached += static_cast<int64_t>(rounded);
+#endif
+}
+
+AllocatorStats cuda_allocator_stats() {
+    CudaPool& p = pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    return p.stats;
+}
+
+void cuda_empty_cache() {
+#ifdef ALEXNET_WITH_CUDA
+    if (!cuda_available()) return;
+    CudaPool& p = pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    cudaDeviceSynchronize();
+    release_cached_locked(p, -1);
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Tensor
+
+int64_t Tensor::numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape_) n *= s;
+    return n;
+}
+
+std::string Tensor::shape_str() const {
+    std::ostringstream o;
+    o << "(";
+    for (size_t i = 0; i < shape_.size(); ++i) o << (i ? ", " : "") << shape_[i];
+    if (shape_.size() == 1) o << ",";
+    o << ")";
+    return o.str();
+}
+
+Tensor Tensor::empty(const std::vector<int64_t>& shape, DType dtype, Device device) {
+    Tensor t;
+    for (int64_t s : shape)
+        if (s < 0) throw ValueError("empty: negative dimension in shape");
+    t.shape_ = shape;
+    t.dtype_ = dtype;
+    t.storage_ = std::make_shared<Storage>(t.nbytes(), device);
+    return t;
+}
+
+Tensor Tensor::zeros(const std::vector<int64_t>& shape, DType dtype, Device device) {
+    Tensor t = empty(shape, dtype, device);
+    t.fill_zero();
+    return t;
+}
+
+Tensor Tensor::view(const std::vector<int64_t>& shape) const {
+    Tensor t = *this;
+    t.shape_ = shape;
+    if (t.numel() != numel()) throw ValueError("view: shape has a different number of elements");
+    return t;
+}
+
+void Tensor::fill_zero() {
+    if (nbytes() == 0) return;
+    if (device().is_cpu()) {
+        std::memset(raw(), 0, nbytes());
+        return;
+    }
+#ifdef ALEXNET_WITH_CUDA
+    DeviceGuard g(device());
+    cuda_check(cudaMemsetAsync(raw(), 0, nbytes(), static_cast<cudaStream_t>(current_stream(device().index))), "zeros");
+#endif
+}
+
+Tensor Tensor::to(Device d) const {
+    if (!defined()) throw ValueError("to: tensor is undefined");
+    Tensor t;
+    {
+        DeviceGuard g(d);
+        t = empty(shape_, dtype_, d);
+    }
+    t.copy_from(*this);
+    return t;
+}
+
+void Tensor::copy_from(const Tensor& src) {
+    if (src.shape_ != shape_ || src.dtype_ != dtype_)
+        throw ValueError("copy: source " + src.shape_str() + " " + dtype_name(src.dtype_) + " does not match destination " +
+                         shape_str() + " " + dtype_name(dtype_));
+    const size_t n = nbytes();
+    if (n == 0) return;
+    const Device sd = src.device(), dd = device();
+    if (sd.is_cpu() && dd.is_cpu()) {
+        std::memcpy(raw(), src.raw(), n);
+        return;
+    }
+#ifdef ALEXNET_WITH_CUDA
+    if (dd.is_cuda() && sd.is_cpu()) {
+        DeviceGuard g(dd);
+        auto s = static_cast<cudaStream_t>(current_stream(dd.index));
+        cuda_check(cudaMemcpyAsync(raw(), src.raw(), n, cudaMemcpyHostToDevice, s), "copy");
+        cuda_check(cudaStreamSynchronize(s), "copy");  // the host buffer may go away after we return
+    } else if (dd.is_cpu() && sd.is_cuda()) {
+        DeviceGuard g(sd);
+        auto s = static_cast<cudaStream_t>(current_stream(sd.index));
+        cuda_check(cudaMemcpyAsync(raw(), src.raw(), n, cudaMemcpyDeviceToHost, s), "copy");
+        cuda_check(cudaStreamSynchronize(s), "copy");
+    } else if (sd.index == dd.index) {
+        DeviceGuard g(dd);
+        cuda_check(cudaMemcpyAsync(raw(), src.raw(), n, cudaMemcpyDeviceToDevice,
+                                   static_cast<cudaStream_t>(current_stream(dd.index))),
+                   "copy");
+    } else {
+        int can = 0;
+        cuda_check(cudaDeviceCanAccessPeer(&can, dd.index, sd.index), "copy");
+        DeviceGuard g(dd);
+        auto s = static_cast<cudaStream_t>(current_stream(dd.index));
+        if (can) {
+            static std::mutex m;
+            static std::map<std::pair<int, int>, bool> enabled;
+            {
+                std::lock_guard<std::mutex> lock(m);
+                if (!enabled[{dd.index, sd.index}]) {
+                    cudaError_t e = cudaDeviceEnablePeerAccess(sd.index, 0);
+                    if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) cuda_check(e, "copy");
+                    cudaGetLastError();
+                    enabled[{dd.index, sd.index}] = true;
+                }
+            }
+            cuda_check(cudaMemcpyPeerAsync(raw(), dd.index, src.raw(), sd.index, n, s), "copy");
+        } else {
+            // No peer path: stage through the host, in order on the destination's stream.
+            Tensor host = src.to(Device{});
+            cuda_check(cudaMemcpyAsync(raw(), host.raw(), n, cudaMemcpyHostToDevice, s), "copy");
+            cuda_check(cudaStreamSynchronize(s), "copy");
+        }
+    }
+#else
+    throw std::runtime_error("copy: alexnet_cuda was built without CUDA");
+#endif
+}
+
+}  // namespace ax

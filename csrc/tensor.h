@@ -1,0 +1,120 @@
+// Device-tagged dense tensors (row-major, contiguous) and the caching allocator behind them.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ax {
+
+enum class DType : uint8_t { f32, u8, i32 };
+size_t dtype_size(DType t);
+const char* dtype_name(DType t);
+
+struct Device {
+    enum Type : uint8_t { CPU, CUDA };
+    Type type = CPU;
+    int index = 0;
+    bool is_cpu() const { return type == CPU; }
+    bool is_cuda() const { return type == CUDA; }
+    std::string str() const;
+    bool operator==(const Device& o) const { return type == o.type && (type == CPU || index == o.index); }
+    bool operator!=(const Device& o) const { return !(*this == o); }
+    // Parses "cpu", "cuda" (= "cuda:0") or "cuda:N"; unknown names raise ValueError naming `op` and `arg`.
+    // A CUDA device is checked against the devices present (and against a build without CUDA).
+    static Device parse(const std::string& s, const char* op = "device", const char* arg = "device");
+};
+
+// Thrown for bad arguments; bindings map it to Python's ValueError.
+struct ValueError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+// Thrown for a wrong dtype or object kind; bindings map it to Python's TypeError.
+struct TypeError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+// One allocation; returned to the caching allocator's pool (keyed by device and stream) when freed.
+struct Storage {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    Device device;
+    void* stream = nullptr;  // cudaStream_t the block belongs to (CUDA only)
+    Storage(size_t bytes, Device device);
+    ~Storage();
+    Storage(const Storage&) = delete;
+    Storage& operator=(const Storage&) = delete;
+};
+
+class Tensor {
+public:
+    Tensor() = default;
+    static Tensor empty(const std::vector<int64_t>& shape, DType dtype, Device device);
+    static Tensor zeros(const std::vector<int64_t>& shape, DType dtype, Device device);
+
+    bool defined() const { return static_cast<bool>(storage_); }
+    const std::vector<int64_t>& shape() const { return shape_; }
+    int64_t dim() const { return static_cast<int64_t>(shape_.size()); }
+    int64_t size(int64_t i) const { return shape_.at(i < 0 ? i + dim() : i); }
+    int64_t numel() const;
+    size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+    DType dtype() const { return dtype_; }
+    Device device() const { return storage_ ? storage_->device : Device{}; }
+    void* raw() const { return storage_ ? storage_->ptr : nullptr; }
+    template <typename T> T* data() const { return static_cast<T*>(raw()); }
+    std::string shape_str() const;
+
+    // Same storage, new shape with the same element count.
+    Tensor view(const std::vector<int64_t>& shape) const;
+    // A copy on `device` (peer copy between GPUs, staged through the host where peers cannot see each other).
+    Tensor to(Device device) const;
+    // Copies `src` (same shape and dtype, any device) into this tensor.
+    void copy_from(const Tensor& src);
+    void fill_zero();
+
+private:
+    std::shared_ptr<Storage> storage_;
+    std::vector<int64_t> shape_;
+    DType dtype_ = DType::f32;
+};
+
+// --- allocator -------------------------------------------------------------------------------------
+// Newly allocated memory is filled with 0xFF bytes (a NaN in float32) while poisoning is on; the tests
+// turn it on so that an output element a kernel never writes fails the comparison.
+void set_poison_allocations(bool on);
+bool poison_allocations();
+
+struct AllocatorStats {
+    int64_t device_mallocs = 0;     // cudaMalloc calls so far
+    int64_t bytes_in_use = 0;       // bytes held by live tensors (all CUDA devices)
+    int64_t bytes_cached = 0;       // bytes held in free pools
+    int64_t peak_bytes_in_use = 0;
+};
+AllocatorStats cuda_allocator_stats();
+void cuda_empty_cache();
+
+// --- CUDA runtime helpers (valid in builds without CUDA: they answer "no") --------------------------
+bool built_with_cuda();
+bool cuda_available();
+std::string cuda_unavailable_reason();  // "" when available
+int cuda_device_count();
+// Thread-local current stream per device (nullptr = legacy default stream); ops launch on it.
+void* current_stream(int device_index);
+void set_current_stream(int device_index, void* stream);
+struct StreamGuard {
+    int device; void* prev;
+    StreamGuard(int device, void* stream) : device(device), prev(current_stream(device)) { set_current_stream(device, stream); }
+    ~StreamGuard() { set_current_stream(device, prev); }
+};
+// Makes `device` current for the calling thread (no-op for CPU); restores the previous one on exit.
+struct DeviceGuard {
+    int prev = -1;
+    explicit DeviceGuard(Device d);
+    ~DeviceGuard();
+};
+void cuda_check(int err, const char* op);  // throws std::runtime_error("op: CUDA error ...") if err != 0
+void cuda_synchronize(Device d);
+
+}  // namespace ax
