@@ -208,10 +208,13 @@ class CudaWallTimer:
 
     def __init__(self, device: str, flush_bytes: int):
         self.device = device
-        self.flush = ax.from_numpy(np.zeros(flush_bytes // 4, np.float32), device)
+        self.flush_bytes = flush_bytes
+        self.flush = None  # allocated on first use, so scripts that never time through it do not hold it
         self.method = "host clock around call + synchronize (torch unavailable: includes launch latency)"
 
     def time(self, fn, warmup, reps):
+        if self.flush is None:
+            self.flush = ax.from_numpy(np.zeros(self.flush_bytes // 4, np.float32), self.device)
         for _ in range(warmup):
             fn()
         ax.synchronize(self.device)
@@ -455,13 +458,16 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:240]
 
 
+def new_row(family, op, pass_, shape, note="", tol=None, flops=None, bytes=None) -> Dict[str, Any]:
+    """One result row; every script's rows carry these keys (the table and JSON read them)."""
+    return dict(family=family, op=op, pass_=pass_, shape=shape, note=note, tol=tol, flops=flops, bytes=bytes,
+                validated=False, rel_err=None, status="", our_ms=None, torch_ms=None, torch_status="", ratio=None,
+                metric=None, achieved=None, pct_ceiling=None, torch_achieved=None, torch_pct_ceiling=None,
+                torch_rel_err=None)
+
+
 def run_case(ctx: Context, case: Case) -> dict:
-    row: Dict[str, Any] = dict(
-        family=case.family, op=case.op, pass_=case.pass_, shape=case.shape, note=case.note, tol=case.tol,
-        flops=case.flops, bytes=case.bytes, validated=False, rel_err=None, status="", our_ms=None, torch_ms=None,
-        torch_status="", ratio=None, metric=None, achieved=None, pct_ceiling=None, torch_achieved=None,
-        torch_pct_ceiling=None, torch_rel_err=None,
-    )
+    row = new_row(case.family, case.op, case.pass_, case.shape, case.note, case.tol, case.flops, case.bytes)
     if ctx.ref is None:
         row["status"] = f"not validated: reference unavailable ({ctx.ref_error}); no time reported"
         return row
@@ -514,7 +520,7 @@ def run_case(ctx: Context, case: Case) -> dict:
         except Exception as e:
             row["torch_status"] = f"error: {_error_text(e)}"
     del state
-    _derive(ctx, row)
+    derive(ctx, row)
     return row
 
 
@@ -522,7 +528,7 @@ class _Skip(Exception):
     pass
 
 
-def _derive(ctx: Context, row: dict) -> None:
+def derive(ctx: Context, row: dict) -> None:
     """Achieved rate, fraction of the measured ceiling, and torch/ours ratio."""
     if row["our_ms"] is None:
         return
@@ -552,8 +558,10 @@ def run_cases(ctx: Context, cases: List[Case], log: Callable[[str], None] = prin
         row = run_case(ctx, case)
         rows.append(row)
         log(_progress_line(ctx, row))
-        if ctx.is_cuda and ctx.torch is not None:
-            ctx.torch.cuda.empty_cache()
+        if ctx.is_cuda:  # hand both allocators' cached blocks back, so case after case does not pile them up
+            ax.cuda_empty_cache()
+            if ctx.torch is not None:
+                ctx.torch.cuda.empty_cache()
     return rows
 
 
@@ -566,7 +574,9 @@ def _progress_line(ctx, row) -> str:
         s += f"  ours {row['our_ms']:.4f} ms"
         if row["torch_ms"]:
             s += f"  torch {row['torch_ms']:.4f} ms  ratio {row['ratio']:.2f}"
-    if row["torch_status"] not in ("", "ok"):
+    if row["torch_status"] == "ok":
+        s += f"  [torch rel_err {row['torch_rel_err']:.1e} ok]"
+    elif row["torch_status"]:
         s += f"  [torch: {row['torch_status']}]"
     return s
 
@@ -578,7 +588,7 @@ def _progress_line(ctx, row) -> str:
 def arg_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true",
-                   help="CPU backend, tiny config, batch 2: correctness only, no timing claims, writes only with --out")
+                   help="CPU backend, tiny config, batch 4: correctness only, no timing claims, writes only with --out")
     p.add_argument("--device", default=None, help="cuda:N (default when a GPU is present) or cpu")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 128; 2 in smoke mode)")
     p.add_argument("--config", choices=("paper", "tiny"), default=None, help="network shapes (default paper; tiny in smoke)")
@@ -602,7 +612,7 @@ def make_context(args, need_ceilings: bool = True) -> Context:
                          "to time the CPU backend")
     config_name = args.config or ("tiny" if smoke else "paper")
     ctx = Context(
-        smoke=smoke, device=device, batch=args.batch or (2 if smoke else 128), cfg=net_config(config_name),
+        smoke=smoke, device=device, batch=args.batch or (4 if smoke else 128), cfg=net_config(config_name),
         config_name=config_name, warmup=args.warmup if args.warmup is not None else (1 if smoke else 5),
         reps=args.reps or (2 if smoke else 30), seed=args.seed, only=args.only,
     )
@@ -613,6 +623,7 @@ def make_context(args, need_ceilings: bool = True) -> Context:
             ctx.torch = None
         else:
             ctx.torch_device = device
+            ctx.torch.cuda.set_device(device)  # events and the flush then live on the benchmarked GPU
     try:
         ctx.ref = reference_module()
     except Exception as e:
@@ -747,7 +758,9 @@ def markdown(doc: dict, title: str) -> str:
         lines += ["Ceilings measured in this run: " + "; ".join(parts) + f". Compute ops are shown against the "
                   f"{c.get('compute_label', 'compute')}, memory ops against the copy bandwidth.", ""]
     if doc.get("torch"):
-        lines += [f"PyTorch {doc['torch']['version']}, float32, TF32 off, cudnn.benchmark on.", ""]
+        gpu = " (cuDNN autotuning on)" if str(dev.get("device", "")).startswith("cuda") else ""
+        lines += [f"PyTorch {doc['torch']['version']}, float32, TF32 off{gpu}; ratio = PyTorch time / our time "
+                  "(above 1: ours is faster).", ""]
     rows = table_rows(doc)
     if rows:
         lines.append("| " + " | ".join(HEADER) + " |")
@@ -823,12 +836,6 @@ def write_results(doc: dict, out_dir: Optional[str], stem: Optional[str], title:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = f"{slug(doc['device'].get('name', 'device'))}_{doc['created'][:10]}" + (f"_{stem}" if stem else "")
-    p = out / f"{base}.json"
-    p.write_text(json.dumps(doc, indent=1, default=_json_default))
-    written["json"] = str(p)
-    p = out / f"{base}.md"
-    p.write_text(markdown(doc, title))
-    written["md"] = str(p)
     if plot and doc["mode"] != "smoke":
         p = out / f"{base}.png"
         notice = bar_chart(doc, p, f"{title}: {doc['device'].get('name')} {doc['created'][:10]}")
@@ -837,6 +844,12 @@ def write_results(doc: dict, out_dir: Optional[str], stem: Optional[str], title:
             doc["notes"].append(notice)
         else:
             written["png"] = str(p)
+    p = out / f"{base}.json"
+    p.write_text(json.dumps(doc, indent=1, default=_json_default))
+    written["json"] = str(p)
+    p = out / f"{base}.md"
+    p.write_text(markdown(doc, title))
+    written["md"] = str(p)
     for k, v in written.items():
         print(f"wrote {v}")
     return written
