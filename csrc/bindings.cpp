@@ -380,9 +380,11 @@ PYBIND11_MODULE(_C, m) {
                 net.load_state(host);
             },
             py::arg("state"))
+        .def("dropout_key", &Net::dropout_key, py::arg("step"), py::arg("layer"), py::arg("tower"),
+             "(seed, offset) of a dropout mask, as ops.dropout_forward takes them.")
         .def_readwrite("step", &Net::step)
         .def_readwrite("trace", &Net::trace)
-        .def_property_readonly("seed", &Net::seed)
+        .def_property("seed", &Net::seed, &Net::set_seed)
         .def_property_readonly("devices",
                                [](const Net& net) {
                                    std::vector<std::string> s;

@@ -163,6 +163,14 @@ void Net::init_params() {
     for (const Device& d : devices_) cuda_synchronize(d);
 }
 
+std::pair<uint64_t, uint64_t> Net::dropout_key(int64_t at_step, int layer, int tower) const {
+    // Keyed by (seed, step) in the Philox key and (layer, tower) in the counter's high bits, so no two
+    // masks of a run share a draw and a resumed run redraws exactly the masks it would have drawn.
+    const uint64_t seed = splitmix64(seed_ ^ splitmix64(static_cast<uint64_t>(at_step)));
+    const uint64_t offset = (static_cast<uint64_t>(layer) * 64 + static_cast<uint64_t>(tower)) << 40;
+    return {seed, offset};
+}
+
 std::string Net::edge_name(int l) const {
     return (l > 0 ? layers_[l - 1].name : std::string("input")) + "->" + layers_[l].name;
 }
@@ -185,7 +193,6 @@ std::vector<Tensor> Net::upload_images(const float* images, int n) {
 void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
-    const uint64_t drop_seed = splitmix64(seed_ ^ splitmix64(static_cast<uint64_t>(step)));
     for (size_t l = 0; l < layers_.size(); ++l) {
         const LayerSpec& L = layers_[l];
         // Inputs: the image, the own tower's previous output, or every tower's (a cross-tower edge).
@@ -242,9 +249,9 @@ void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
             }
             if (L.dropout && train) {
                 const float p_drop = cfg_.dropout;
-                const uint64_t offset = (static_cast<uint64_t>(L.index) * 64 + t) << 40;
-                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, drop_seed, offset] {
-                    auto r = ops::dropout_forward(*cur, p_drop, drop_seed, offset);
+                const auto key = dropout_key(step, L.index, t);
+                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, key] {
+                    auto r = ops::dropout_forward(*cur, p_drop, key.first, key.second);
                     s.out = r.first;
                     s.drop_mask = r.second;
                 });

@@ -59,12 +59,17 @@ public:
     std::vector<std::pair<std::string, Tensor>> state() const;  // parameters then momentum, on their devices
     void load_state(const std::map<std::string, Tensor>& host_tensors);  // names and shapes checked
 
+    // The (seed, offset) of the dropout mask of `layer` in `tower` at `step`: mask element i keeps its
+    // unit iff philox_u32(seed, offset + i) >= dropout_threshold(p), as ops::dropout_forward draws it.
+    std::pair<uint64_t, uint64_t> dropout_key(int64_t step, int layer, int tower) const;
+
     const NetConfig& config() const { return cfg_; }
     const std::vector<LayerSpec>& layers() const { return layers_; }
     const Scheduler& scheduler() const { return *sched_; }
     std::vector<Device> devices() const { return devices_; }
     int64_t step = 0;
     uint64_t seed() const { return seed_; }
+    void set_seed(uint64_t s) { seed_ = s; }  // keys the dropout masks from now on (init is done)
     bool trace = false;
 
 private:
