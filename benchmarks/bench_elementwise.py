@@ -37,7 +37,8 @@ def relu_cases(ctx: H.Context, shape, names, salt):
         rng = ctx.rng(300 + salt)
         x, dy = H.randn(rng, shape), H.randn(rng, shape)
         y = np.maximum(H.randn(rng, shape), 0)  # a forward output: about half zeros
-        return {"x": x, "dy": dy, "y": y, "xt": ctx.dev(x), "dyt": ctx.dev(dy), "yt": ctx.dev(y), "picks": ctx.picks(shape[0])}
+        return {"x": x, "dy": dy, "y": y, "xt": ctx.dev(x), "dyt": ctx.dev(dy), "yt": ctx.dev(y),
+                "picks": ctx.picks(shape[0])}
 
     def torch_setup(ctx, st):
         return {k: ctx.tdev(st[k]) for k in ("x", "dy", "y")} | {"aten": ctx.torch.ops.aten, "torch": ctx.torch}

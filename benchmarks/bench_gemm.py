@@ -16,14 +16,14 @@ from harness import f64, masked_batch
 
 def layer_cases(ctx: H.Context, L: dict, salt: int):
     ops = H.ax.ops
-    N, I, O = L["N"], L["I"], L["O"]
-    flops = 2 * N * I * O
-    geom = f"{N}x{I} -> {O}"
+    N, n_in, n_out = L["N"], L["I"], L["O"]
+    flops = 2 * N * n_in * n_out
+    geom = f"{N}x{n_in} -> {n_out}"
 
     def setup(ctx, need):
         rng = ctx.rng(200 + salt)
-        makers = {"x": lambda: H.randn(rng, (N, I)), "w": lambda: H.randn(rng, (O, I), 1 / np.sqrt(I)),
-                  "b": lambda: H.randn(rng, (O,)), "dy": lambda: H.randn(rng, (N, O))}
+        makers = {"x": lambda: H.randn(rng, (N, n_in)), "w": lambda: H.randn(rng, (n_out, n_in), 1 / np.sqrt(n_in)),
+                  "b": lambda: H.randn(rng, (n_out,)), "dy": lambda: H.randn(rng, (N, n_out))}
         st = {"picks": ctx.picks(N), "need": need}
         for n in need:
             st[n] = makers[n]()
@@ -72,7 +72,8 @@ def layer_cases(ctx: H.Context, L: dict, salt: int):
         H.Case("gemm", name, "forward", geom, setup=lambda ctx: setup(ctx, ("x", "w", "b")), validate=fwd_validate,
                run=fwd, tol=H.TOL_REDUCTION, flops=flops, torch_setup=torch_setup,
                torch_run=lambda ts: ts["F"].linear(ts["x"], ts["w"], ts["b"]),
-               torch_outputs=lambda ctx, st, ts: {"y": H.to_np(ts["F"].linear(ts["x"], ts["w"], ts["b"]))[st["picks"]]}),
+               torch_outputs=lambda ctx, st, ts: {
+                   "y": H.to_np(ts["F"].linear(ts["x"], ts["w"], ts["b"]))[st["picks"]]}),
         H.Case("gemm", name, "grad-input", geom, setup=lambda ctx: setup(ctx, ("w", "dy")), validate=dgrad_validate,
                run=dgrad, tol=H.TOL_REDUCTION, flops=flops, torch_setup=torch_setup,
                torch_run=lambda ts: ts["dy"].mm(ts["w"]),
@@ -80,8 +81,9 @@ def layer_cases(ctx: H.Context, L: dict, salt: int):
         H.Case("gemm", name, "grad-weight", geom, setup=lambda ctx: setup(ctx, ("x", "dy")), validate=wgrad_validate,
                run=wgrad, tol=H.TOL_REDUCTION, flops=flops, torch_setup=torch_setup, torch_run=wgrad_torch,
                torch_outputs=lambda ctx, st, ts: {"dw": H.to_np(wgrad_torch(ts, ctx.tdev(st["dy_val"])))}),
-        H.Case("gemm", name, "grad-bias", f"{N}x{O}", setup=lambda ctx: setup(ctx, ("dy",)), validate=bgrad_validate,
-               run=lambda st: ops.linear_backward_bias(st["dyt"]), tol=H.TOL_REDUCTION, bytes=4 * (N * O + O),
+        H.Case("gemm", name, "grad-bias", f"{N}x{n_out}", setup=lambda ctx: setup(ctx, ("dy",)),
+               validate=bgrad_validate,
+               run=lambda st: ops.linear_backward_bias(st["dyt"]), tol=H.TOL_REDUCTION, bytes=4 * (N * n_out + n_out),
                torch_setup=torch_setup, torch_run=lambda ts: ts["dy"].sum(0),
                torch_outputs=lambda ctx, st, ts: {"db": H.to_np(ctx.tdev(st["dy_val"]).sum(0))}),
     ]

@@ -91,13 +91,14 @@ def prepare_from_images(root: str, n_images: int, size: int, classes: int, shard
 def open_data(D, root_tmp: str, args_data, n_images, size, classes, shard_size, seed, notes):
     if args_data:
         return D.PreparedData(args_data), f"prepared folder {args_data}"
+    what = f"{n_images} images {size}x{size}"
     try:
-        return D.PreparedData(write_prepared(os.path.join(root_tmp, "np"), n_images, size, classes, shard_size, seed)), \
-            f"synthetic shards written with NumPy ({n_images} images {size}x{size})"
+        root = write_prepared(os.path.join(root_tmp, "np"), n_images, size, classes, shard_size, seed)
+        return D.PreparedData(root), f"synthetic shards written with NumPy ({what})"
     except Exception as e:
         notes.append(f"NumPy-written shards rejected by the loader ({H._error_text(e)}); using the prepare tool")
-    return D.PreparedData(prepare_from_images(os.path.join(root_tmp, "pp"), n_images, size, classes, shard_size, seed)), \
-        f"synthetic images through alexnet_cuda.prepare ({n_images} images {size}x{size})"
+    root = prepare_from_images(os.path.join(root_tmp, "pp"), n_images, size, classes, shard_size, seed)
+    return D.PreparedData(root), f"synthetic images through alexnet_cuda.prepare ({what})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,7 +145,8 @@ def validate_loader_batch(ctx, D, loader) -> dict:
     idx = loader.order(0)[:loader.batch_size]
     offsets, flips, alphas = loader.batch_params(0, 0, len(idx))
     light = D.lighting_shift(alphas, loader.eigenvectors, loader.magnitudes)
-    ref = ctx.ref.augment_batch(loader.split.images(idx), offsets, flips, f64(light), f64(loader.data.mean), loader.crop)
+    ref = ctx.ref.augment_batch(loader.split.images(idx), offsets, flips, f64(light), f64(loader.data.mean),
+                                loader.crop)
     return H.compare({"images": x, "labels": y}, {"images": ref, "labels": loader.split.labels[idx]}, H.TOL_ELEMENTWISE)
 
 

@@ -43,7 +43,8 @@ def softmax_cases(ctx: H.Context):
 
     def sm_validate(ctx, st):
         pk = st["picks"]
-        return {"probs": ops.softmax_forward(st["lt"]).numpy()[pk]}, {"probs": ctx.ref.softmax_forward(f64(st["logits"][pk]))}
+        return ({"probs": ops.softmax_forward(st["lt"]).numpy()[pk]},
+                {"probs": ctx.ref.softmax_forward(f64(st["logits"][pk]))})
 
     def torch_setup(ctx, st):
         t = ctx.torch

@@ -15,8 +15,8 @@ alexnet_cuda.reference ops with our net's weights (tower by tower, exactly as AL
 PyTorch model's (which shows the comparison model is the same network).
 
 The training step itself is cross-checked where torch is present: one step with dropout off from the same weights,
-ours and PyTorch's, must change every parameter alike (rel 1e-3; from zero momentum both SGD formulas give
-w - lr (dw + wd w)). That step runs in a separate net that is freed before the timed one is built.
+ours and PyTorch's, must change every parameter alike (rel 1e-2, see TOL_UPDATE; from zero momentum both SGD
+formulas give w - lr (dw + wd w)). That step runs in a separate net that is freed before the timed one is built.
 
 Peak memory: ours is alexnet_cuda.cuda_allocator_stats()['peak_bytes_in_use'] (bytes held by live tensors; the
 library has no peak reset, so run_all runs this script in a fresh process; the check net above holds no more than
@@ -25,6 +25,7 @@ reset; neither counts the CUDA context or the allocators' cached free blocks.
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -36,7 +37,11 @@ from harness import ax, f64
 
 LR = 0.01
 TOL_FORWARD = H.TOL_REDUCTION
-TOL_UPDATE = 1e-3  # a whole backward pass of float32 reductions on each side, compared with each other
+# A whole backward pass on each side, compared with each other. Looser than an op's tolerance because float32
+# rounding flips the odd ReLU or max-pool decision that sits on its kink (a pre-activation within ~1e-6 of zero,
+# two window values within ~1e-6 of each other), which moves one full-size term of a gradient sum; at batch 128
+# that leaves ~1e-3 relative differences. A wrong backward (a missing term, a mis-wired tower) is off by far more.
+TOL_UPDATE = 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,7 +58,9 @@ def reference_forward(R, cfg: dict, sd: dict, x: np.ndarray) -> np.ndarray:
         return f64(sd[f"{name}.t{t}.weight"]), f64(sd[f"{name}.t{t}.bias"])
 
     def lrn(a):
-        return R.lrn_forward(a, cfg["lrn_size"], cfg["lrn_k"], cfg["lrn_alpha"], cfg["lrn_beta"])[0] if cfg["lrn"] else a
+        if not cfg["lrn"]:
+            return a
+        return R.lrn_forward(a, cfg["lrn_size"], cfg["lrn_k"], cfg["lrn_alpha"], cfg["lrn_beta"])[0]
 
     def pool(a):
         return R.maxpool_forward(a, pool_w, 2, 0)[0]
@@ -250,7 +257,7 @@ def run(ctx: H.Context, steps: int, warmup: int, compile_: bool, log=print):
         row["status"] = f"FAILED validation (logits rel {ours['rel_err']:.2e}; tol {TOL_FORWARD:g}): no time reported"
         return rows
     try:
-        times, last = timed_steps(lambda x, y: net.train_step(x, y, LR), batches, warmup, steps)
+        times, last = timed_steps(functools.partial(net.train_step, lr=LR), batches, warmup, steps)
     except Exception as e:
         row["status"] = f"error in train_step: {H._error_text(e)}"
         return rows
@@ -320,7 +327,8 @@ def torch_run(ctx, row, mode, merged, batches, x_val, ref_logits, steps, warmup,
     run_model = torch.compile(model) if mode == "compile" else model
     opt, kind = torch_sgd(torch, model, ctx.cfg)
     t0 = time.perf_counter()
-    times, last = timed_steps(make_torch_step(torch, run_model, opt, dev), batches, max(warmup, 3 if mode == "compile" else 1), steps)
+    warm = max(warmup, 3 if mode == "compile" else 1)  # compiling happens in the first steps
+    times, last = timed_steps(make_torch_step(torch, run_model, opt, dev), batches, warm, steps)
     row.update(torch_ms=statistics.median(times), torch_status="ok", torch_optimizer=f"SGD ({kind})",
                torch_last_loss=last["loss"], torch_total_s=time.perf_counter() - t0)
     if ctx.is_cuda:
@@ -344,7 +352,8 @@ def markdown_section(doc: dict) -> str:
         return f"| {name} | {ms:.2f} | {doc['batch'] / ms * 1e3:.0f} | {rate:.0f} | {pct} | {mem} |"
 
     out = ["### Training step", "",
-           "| implementation | ms/step | images/s | GFLOP/s | % of ceiling | peak GPU memory |", "|---|---|---|---|---|---|",
+           "| implementation | ms/step | images/s | GFLOP/s | % of ceiling | peak GPU memory |",
+           "|---|---|---|---|---|---|",
            line("alexnet_cuda (both towers on one GPU)", r0["our_ms"], r0.get("peak_bytes"))]
     for r in rows:
         name = "PyTorch eager" if "eager" in r["pass_"] else "PyTorch, torch.compile"
@@ -365,10 +374,12 @@ def main(argv=None):
     steps = args.steps or (2 if ctx.smoke else 20)
     warmup = args.warmup_steps if args.warmup_steps is not None else (1 if ctx.smoke else 3)
     compile_ = not args.no_compile and not ctx.smoke and ctx.torch is not None and ctx.is_cuda
-    print(f"Training step: device {ctx.device} ({ctx.device_info.get('name')}), config {ctx.config_name}, batch {ctx.batch}")
+    print(f"Training step: device {ctx.device} ({ctx.device_info.get('name')}), config {ctx.config_name}, "
+          f"batch {ctx.batch}")
     rows = run(ctx, steps, warmup, compile_)
     doc = H.document(ctx, "train_step", rows, {"steps": steps, "warmup_steps": warmup})
-    doc["timing"]["method"] = "host clock per synchronous step (median), H2D copy of the batch included"
+    doc["timing"].update(method="host clock per synchronous step (median), H2D copy of the batch included",
+                         reps=steps, warmup=warmup)
     section = markdown_section(doc)
     if section:
         doc["markdown_sections"] = [section]

@@ -119,9 +119,9 @@ def layer_shapes(cfg: dict, batch: int) -> dict:
             H = Po
     feats = C * H * H
     fcs = []
-    for name, O in (("fc6", cfg["fc"][0]), ("fc7", cfg["fc"][1]), ("fc8", cfg["num_classes"])):
-        fcs.append(dict(name=name, N=N, I=feats, O=O))
-        feats = O
+    for name, out_features in (("fc6", cfg["fc"][0]), ("fc7", cfg["fc"][1]), ("fc8", cfg["num_classes"])):
+        fcs.append(dict(name=name, N=N, I=feats, O=out_features))
+        feats = out_features
     return dict(convs=convs, lrns=lrns, pools=pools, fcs=fcs, classes=cfg["num_classes"], towers=T)
 
 
@@ -143,7 +143,8 @@ def parameter_shapes(cfg: dict) -> List[tuple]:
     s = layer_shapes(cfg, 1)
     out = []
     for L in s["convs"]:
-        out += [(f"{L['name']}.weight", (L["K"], L["C"] // L["groups"], L["R"], L["S"])), (f"{L['name']}.bias", (L["K"],))]
+        out += [(f"{L['name']}.weight", (L["K"], L["C"] // L["groups"], L["R"], L["S"])),
+                (f"{L['name']}.bias", (L["K"],))]
     for f in s["fcs"]:
         out += [(f"{f['name']}.weight", (f["O"], f["I"])), (f"{f['name']}.bias", (f["O"],))]
     return out
@@ -199,7 +200,7 @@ class CudaEventTimer:
             ends[i].record(stream)
         ax.synchronize(self.device)
         torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
 class CudaWallTimer:
@@ -340,24 +341,23 @@ def measure_ceilings(ctx: Context) -> dict:
         return c
     timer = ctx.timer
     n = 1 << 28  # 1 GiB of float32, far beyond any L2
-    src = torch.ones(n, dtype=torch.float32, device=ctx.torch_device)
-    dst = torch.empty_like(src)
-    ms = _median_ms(timer, lambda: dst.copy_(src))
-    c["copy_GBps"] = 2 * src.numel() * 4 / ms / 1e6
+    buf = {"src": torch.ones(n, dtype=torch.float32, device=ctx.torch_device)}
+    buf["dst"] = torch.empty_like(buf["src"])
+    ms = _median_ms(timer, lambda: buf["dst"].copy_(buf["src"]))
+    c["copy_GBps"] = 2 * n * 4 / ms / 1e6
     c["copy_label"] = "torch device-to-device copy of 1 GiB (read + write)"
-    del src, dst
+    buf.clear()
     try:
         c["fma_GFLOPs"] = _fma_ceiling(torch, timer, ctx.torch_device)
         c["fma_label"] = "float32 FMA chains (torch jiterator kernel, 4 chains x 512 FMA per element)"
     except Exception as e:  # jiterator is a private API; fall back to SGEMM
         c["fma_error"] = f"{type(e).__name__}: {e}"[:300]
     m = 8192
-    A = torch.randn(m, m, device=ctx.torch_device)
-    B = torch.randn(m, m, device=ctx.torch_device)
-    ms = _median_ms(timer, lambda: torch.mm(A, B), 2, 5)
+    buf = {"a": torch.randn(m, m, device=ctx.torch_device), "b": torch.randn(m, m, device=ctx.torch_device)}
+    ms = _median_ms(timer, lambda: torch.mm(buf["a"], buf["b"]), 2, 5)
     c["sgemm_GFLOPs"] = 2 * m**3 / ms / 1e6
     c["sgemm_label"] = "torch SGEMM 8192^3, TF32 off (cuBLAS)"
-    del A, B
+    buf.clear()
     if "fma_GFLOPs" in c:
         c["compute_GFLOPs"], c["compute_label"] = c["fma_GFLOPs"], "FMA ceiling"
     else:
@@ -514,12 +514,10 @@ def run_case(ctx: Context, case: Case) -> dict:
                 row["torch_status"] = "ok"
             times = ctx.timer.time(lambda: case.torch_run(tstate), ctx.warmup, ctx.reps)
             row["torch_ms"] = statistics.median(times)
-            del tstate
         except _Skip:
             pass
         except Exception as e:
             row["torch_status"] = f"error: {_error_text(e)}"
-    del state
     derive(ctx, row)
     return row
 
@@ -591,7 +589,8 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
                    help="CPU backend, tiny config, batch 4: correctness only, no timing claims, writes only with --out")
     p.add_argument("--device", default=None, help="cuda:N (default when a GPU is present) or cpu")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 128; 2 in smoke mode)")
-    p.add_argument("--config", choices=("paper", "tiny"), default=None, help="network shapes (default paper; tiny in smoke)")
+    p.add_argument("--config", choices=("paper", "tiny"), default=None,
+                   help="network shapes (default paper; tiny in smoke)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per op (median reported)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; smoke: none)")
@@ -655,7 +654,8 @@ def device_info(ctx: Context) -> dict:
         if ctx.torch is not None:
             p = ctx.torch.cuda.get_device_properties(ctx.torch_device)
             info.update(name=p.name, sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
-                        memory_GiB=round(p.total_memory / 2**30, 1), L2_MiB=round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
+                        memory_GiB=round(p.total_memory / 2**30, 1),
+                        L2_MiB=round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
                         cudnn=ctx.torch.backends.cudnn.version(), cuda=ctx.torch.version.cuda)
         smi = _nvidia_smi()
         if smi:
@@ -677,7 +677,7 @@ def _nvidia_smi() -> dict:
         return {}
     if not out:
         return {}
-    return dict(zip(q.split(","), (v.strip() for v in out[0].split(","))))
+    return dict(zip(q.split(","), (v.strip() for v in out[0].split(",")), strict=False))
 
 
 def git_commit() -> str:
@@ -745,7 +745,8 @@ def markdown(doc: dict, title: str) -> str:
     lines = [f"## {title}", "",
              f"GPU/device: **{dev.get('name')}** ({doc['device'].get('device')}); date {doc['created'][:10]}; "
              f"commit `{doc['commit']}`; config {doc['config']}, batch {doc['batch']}; mode {doc['mode']}.", "",
-             f"Timing: {doc['timing']['method']}; {doc['timing']['reps']} runs after {doc['timing']['warmup']} warm-up.",
+             f"Timing: {doc['timing']['method']}; {doc['timing']['reps']} runs after {doc['timing']['warmup']} "
+             "warm-up.",
              ""]
     if c:
         parts = []
@@ -784,7 +785,7 @@ def terminal_table(doc: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     out = []
     for j, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -850,8 +851,8 @@ def write_results(doc: dict, out_dir: Optional[str], stem: Optional[str], title:
     p = out / f"{base}.md"
     p.write_text(markdown(doc, title))
     written["md"] = str(p)
-    for k, v in written.items():
-        print(f"wrote {v}")
+    for path in written.values():
+        print(f"wrote {path}")
     return written
 
 
