@@ -1,6 +1,7 @@
 // The 2012 two-tower AlexNet: its layer table (placement as data), parameters, and one whole training
 // step (forward, backward, SGD) issued through the Scheduler.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -93,6 +94,10 @@ private:
     void issue_loss(const Tensor& labels, float scale, bool backward);
     void issue_backward(float lr);
     std::vector<Tensor> upload_images(const float* images, int n);
+    Tensor upload_labels(const char* op, const int32_t* labels, int n) const;  // range-checked on the host
+    // Begins a step, issues it, waits for every tower; on an error drains the towers, then rethrows.
+    void run_step(const std::function<void()>& issue);
+    StepResult summarize(int n) const;  // mean loss and top-1/top-5 hits of the last loss computation
     std::string edge_name(int layer) const;
 
     NetConfig cfg_;
