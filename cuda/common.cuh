@@ -179,12 +179,15 @@ __device__ __forceinline__ int block_sum_int(int v, int* red) {
 template <int BM_, int BN_>
 struct GemmCfg {
     static constexpr int BM = BM_, BN = BN_, BK = 8, kThreads = 256;
+    // Blocks per SM the register budget must allow (__launch_bounds__): 2 caps the 8x8 micro-tile at 128
+    // registers, so two 128x128 blocks (16 warps) share an SM and hide each other's barrier stalls.
+    static constexpr int kMinBlocks = BM * BN >= 128 * 128 ? 2 : 3;
     static constexpr int TM = BM / 16, TN = BN / 16;  // register micro-tile per thread
     static constexpr int kAPerThread = BM * BK / kThreads, kBPerThread = BN * BK / kThreads;
     // +4 floats per shared row: the k-contiguous fetch pattern stores 8 k-rows x 4 columns per warp,
     // which this padding spreads over 32 distinct banks; rows stay 16-byte aligned for float4 reads.
     static constexpr int APitch = BM + 4, BPitch = BN + 4;
-    static_assert(BM % 64 == 0 && BN % 64 == 0 && BM <= 256 && BN <= 256, "GemmCfg: tile must be 64 or 128");
+    static_assert((BM == 64 || BM == 128) && (BN == 64 || BN == 128), "GemmCfg: tile sides are 64 or 128");
 };
 
 // Which element of a (BMN x BK) operand tile thread t fetches as its i-th element. k-contiguous: the 8
@@ -198,7 +201,7 @@ struct TileMap {
 };
 
 template <class Cfg, class Op>
-__global__ void __launch_bounds__(256) gemm_tiled_kernel(const Op op) {
+__global__ void __launch_bounds__(256, Cfg::kMinBlocks) gemm_tiled_kernel(const Op op) {
     constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN;
     constexpr int AP = Cfg::kAPerThread, BP = Cfg::kBPerThread;
     __shared__ __align__(16) float As[2][BK][Cfg::APitch];
@@ -279,12 +282,16 @@ __global__ void __launch_bounds__(256) gemm_tiled_kernel(const Op op) {
     }
 }
 
+constexpr int64_t kMaxGemmDim = 0x7fffffffll - 1024;
+
 // Tiles of BM x BN over an M x N problem with Z slices: the grid, checked against CUDA's limits.
 template <class Cfg>
 inline dim3 gemm_grid(const char* opname, int M, int N, int Z) {
     const int64_t gx = (static_cast<int64_t>(N) + Cfg::BN - 1) / Cfg::BN;
     const int64_t gy = (static_cast<int64_t>(M) + Cfg::BM - 1) / Cfg::BM;
-    require(gx <= 0x7fffffff && gy <= 65535 && Z >= 1 && Z <= 65535, opname, "problem too large for one launch");
+    // Indices run to M, N (and the k-loop to Kr) plus one tile in 32-bit ints: keep them clear of 2^31.
+    require(M <= kMaxGemmDim && N <= kMaxGemmDim && gy <= 65535 && Z >= 1 && Z <= 65535, opname,
+            "problem too large for one launch");
     return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(Z));
 }
 

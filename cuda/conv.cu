@@ -20,7 +20,7 @@ struct ConvGeom {
     ConvGeom(const Conv2dParams& p, const char* opname)
         : N(p.N), C(p.C), H(p.H), W(p.W), K(p.K), R(p.R), S(p.S), P(p.P), Q(p.Q), sh(p.stride_h),
           sw(p.stride_w), ph(p.pad_h), pw(p.pad_w), groups(p.groups) {
-        const int64_t lim = 0x7fffffff;
+        const int64_t lim = kMaxGemmDim;
         // Loaders index within one image (and GEMM columns over the batch) with 32-bit ints.
         require(static_cast<int64_t>(N) * P * Q <= lim && static_cast<int64_t>(N) * H * W <= lim &&
                     static_cast<int64_t>(C) * H * W <= lim && static_cast<int64_t>(K) * P * Q <= lim &&

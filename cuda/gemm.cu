@@ -57,6 +57,7 @@ struct StridedGemm {
 template <bool kAK, bool kBK>
 void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream) {
     if (static_cast<int64_t>(g.M) * g.N == 0) return;
+    require(g.K <= kMaxGemmDim, opname, "reduction too long for one launch");
     const cudaStream_t s = as_stream(stream);
     if (use_big_tiles(g.M, g.N, 1)) {
         g.kchunk = g.K > 0 ? g.K : 1;
