@@ -166,6 +166,7 @@ def tower_overlap(timeline):
     union = _union_length([(e["start_us"], e["end_us"]) for e in timeline if e["tower"] >= 0])
     shortest = min(busy.values()) if busy else 0.0
     overlap = (sum(busy.values()) - union) / shortest if shortest > 0 and len(busy) > 1 else 0.0
+    overlap = min(max(overlap, 0.0), 1.0)  # the interval sums round; the ratio is a fraction by definition
     return {"busy_us": busy, "union_us": union, "overlap": overlap}
 
 
