@@ -293,3 +293,18 @@ def test_tiny_net_learns_a_synthetic_task():
     ev = net.evaluate(x, y)
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     assert ev["top1"] / ev["n"] > 0.8  # chance is 0.25
+
+
+def test_two_cpu_workers_overlap_and_one_device_does_not(rng):
+    """Each tower's ops run on its own worker: their op intervals interleave in time. One device runs the
+    towers in turn, so its intervals never overlap."""
+    cfg = ax.tiny_config()
+    x, y = batch(rng, cfg, 16)
+    overlaps = {}
+    for devices in [("cpu", "cpu"), "cpu"]:
+        net = ax.Net(cfg, devices=devices, seed=1)
+        net.set_tracing(True)
+        net.train_step(x, y, 0.01)
+        overlaps[devices] = net.last_step_stats()["overlap"]["overlap"]
+    assert overlaps[("cpu", "cpu")] > 0.2
+    assert overlaps["cpu"] == 0.0
