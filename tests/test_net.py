@@ -308,3 +308,16 @@ def test_two_cpu_workers_overlap_and_one_device_does_not(rng):
         overlaps[devices] = net.last_step_stats()["overlap"]["overlap"]
     assert overlaps[("cpu", "cpu")] > 0.2
     assert overlaps["cpu"] == 0.0
+
+
+@pytest.mark.cuda
+def test_steady_state_training_step_never_calls_cudamalloc(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cuda:0", "cuda:0"), seed=0)
+    x, y = batch(rng, cfg, 8)
+    for _ in range(2):
+        net.train_step(x, y, 0.01)
+    before = ax.cuda_allocator_stats()["device_mallocs"]
+    for _ in range(3):
+        net.train_step(x, y, 0.01)
+    assert ax.cuda_allocator_stats()["device_mallocs"] == before
