@@ -1,0 +1,770 @@
+// Check driver for the emulated CUDA backend: every op through ax::ops on "cuda:0" (cuda/*.cu running on
+// the CPU fiber emulator), against a float64 reference computed here (DESIGN.md tolerances: 1e-5
+// elementwise, 1e-4 reductions and convolutions) and, where the contract promises bit-exactness (ReLU,
+// add, dropout, SGD, max-pool, cross-entropy backward, plumbing, augmentation, ranks), bit for bit
+// against the CPU backend (ax::ops on "cpu") on the same inputs.
+//
+//   driver [--order forward|reverse|shuffle] [--seed S] GROUP...     (driver --list names the groups)
+//
+// One line per check: "ok   [crc <fnv64 of the CUDA output>] <name>: <detail>" or "FAIL ...", then
+// "SUMMARY group=... checks=N failures=F ..." per group. Exit status 0 only when every check passed.
+// Device buffers are poisoned with NaN when allocated, so an unwritten output element fails.
+#include <chrono>
+#include <cinttypes>
+#include <cstdarg>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda_runtime.h"
+#include "ops.h"
+#include "philox.h"
+#include "tensor.h"
+
+using namespace ax;
+
+namespace {
+
+constexpr double kElementwise = 1e-5, kReduction = 1e-4;
+const Device GPU{Device::CUDA, 0};
+const Device HOST{};
+
+std::mt19937_64 rng;
+int g_checks = 0, g_failures = 0;
+
+uint64_t fnv1a(const void* p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<const uint8_t*>(p)[i]) * 0x100000001b3ull;
+    return h;
+}
+
+void report(bool ok, uint64_t crc, const std::string& name, const std::string& detail) {
+    ++g_checks;
+    if (!ok) ++g_failures;
+    printf("%s [crc %016" PRIx64 "] %s: %s\n", ok ? "ok  " : "FAIL", crc, name.c_str(), detail.c_str());
+}
+
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+std::string fmt(const char* f, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    return buf;
+}
+
+std::vector<float> randv(size_t n, float lo = -1.f, float hi = 1.f) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(rng);
+    return v;
+}
+
+DType dtype_of(float) { return DType::f32; }
+DType dtype_of(int32_t) { return DType::i32; }
+DType dtype_of(uint8_t) { return DType::u8; }
+
+template <class T>
+Tensor host_tensor(const std::vector<int64_t>& shape, const std::vector<T>& v) {
+    Tensor h = Tensor::empty(shape, dtype_of(T{}), HOST);
+    if (static_cast<size_t>(h.numel()) != v.size()) {
+        fprintf(stderr, "driver: shape/data mismatch\n");
+        abort();
+    }
+    if (!v.empty()) memcpy(h.raw(), v.data(), v.size() * sizeof(T));
+    return h;
+}
+
+// The same data on both backends.
+struct Both {
+    Tensor cpu, gpu;
+};
+template <class T>
+Both both(const std::vector<int64_t>& shape, const std::vector<T>& v) {
+    Tensor h = host_tensor(shape, v);
+    return {h, h.to(GPU)};
+}
+
+template <class T>
+std::vector<T> down(const Tensor& t, bool* on_gpu = nullptr) {
+    if (on_gpu) *on_gpu = t.device().is_cuda();
+    Tensor h = t.device().is_cuda() ? t.to(HOST) : t;
+    std::vector<T> v(h.numel());
+    if (!v.empty()) memcpy(v.data(), h.raw(), v.size() * sizeof(T));
+    return v;
+}
+
+// CUDA output vs float64 reference: relative error ||out - ref|| / ||ref|| < tol, all finite.
+void check_rel(const std::string& name, const Tensor& out, const std::vector<double>& ref, double tol) {
+    bool on_gpu = false;
+    const auto v = down<float>(out, &on_gpu);
+    double num = 0, den = 0;
+    bool finite = true;
+    for (size_t i = 0; i < v.size() && i < ref.size(); ++i) {
+        finite = finite && std::isfinite(v[i]);
+        num += (v[i] - ref[i]) * (v[i] - ref[i]);
+        den += ref[i] * ref[i];
+    }
+    const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    const bool sized = v.size() == ref.size();
+    // An all-zero reference (e.g. every unit dropped, a one-class softmax) passes only with an all-zero output.
+    const bool ok = on_gpu && sized && finite && (den > 0 ? rel < tol : num == 0);
+    report(ok, fnv1a(v.data(), v.size() * sizeof(float)), name,
+           fmt("rel %.3g (tol %.0e, n=%zu)%s%s%s%s", rel, tol, v.size(), on_gpu ? "" : " OUTPUT NOT ON CUDA",
+               sized ? "" : " SIZE MISMATCH", finite ? "" : " NON-FINITE (unwritten?)",
+               den > 0 ? "" : " (zero reference)"));
+}
+
+// Bit-for-bit equality of a CUDA output with expected values (CPU backend or exact recomputation).
+template <class T>
+void check_exact(const std::string& name, const Tensor& out, const T* expect, size_t n_expect, const char* against) {
+    bool on_gpu = false;
+    const auto v = down<T>(out, &on_gpu);
+    size_t bad = v.size() == n_expect ? 0 : 1, first = 0;
+    bool finite = true;
+    for (size_t i = 0; i < v.size() && i < n_expect; ++i) {
+        if (std::is_floating_point<T>::value && !std::isfinite(static_cast<double>(v[i]))) finite = false;
+        if (memcmp(&v[i], &expect[i], sizeof(T)) != 0) {
+            if (bad == 0) first = i;
+            ++bad;
+        }
+    }
+    const bool ok = on_gpu && bad == 0 && finite && v.size() == n_expect;
+    report(ok, fnv1a(v.data(), v.size() * sizeof(T)), name,
+           fmt("bit-exact vs %s, %zu mismatches%s (n=%zu)%s%s", against, bad,
+               bad ? fmt(" (first at %zu)", first).c_str() : "", v.size(), on_gpu ? "" : " OUTPUT NOT ON CUDA",
+               finite ? "" : " NON-FINITE"));
+}
+template <class T>
+void check_exact(const std::string& name, const Tensor& out, const std::vector<T>& expect, const char* against) {
+    check_exact(name, out, expect.data(), expect.size(), against);
+}
+template <class T>
+void check_vs_cpu(const std::string& name, const Tensor& gpu_out, const Tensor& cpu_out) {
+    if (!cpu_out.device().is_cpu() || cpu_out.dtype() != dtype_of(T{})) {
+        fprintf(stderr, "driver: reference of %s not computed on the CPU backend\n", name.c_str());
+        abort();
+    }
+    check_exact<T>(name, gpu_out, cpu_out.data<T>(), static_cast<size_t>(cpu_out.numel()), "CPU backend");
+}
+
+void check_true(const std::string& name, bool ok, const std::string& detail) { report(ok, 0, name, detail); }
+
+std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// ---- convolution -------------------------------------------------------------------------------------
+
+enum Pass { FWD = 1, DGRAD = 2, WGRAD = 4, BGRAD = 8, ALL = 15 };
+struct ConvCase {
+    int N, C, H, W, K, R, S, sh, sw, ph, pw, g;
+    bool bias;
+    int passes;
+    const char* label;
+};
+
+void test_conv(const ConvCase& c) {
+    const int P = (c.H + 2 * c.ph - c.R) / c.sh + 1, Q = (c.W + 2 * c.pw - c.S) / c.sw + 1;
+    const int Cg = c.C / c.g, Kg = c.K / c.g;
+    const auto x = randv(size_t(c.N) * c.C * c.H * c.W), w = randv(size_t(c.K) * Cg * c.R * c.S), b = randv(c.K);
+    const auto dy = randv(size_t(c.N) * c.K * P * Q);
+    std::vector<double> y(size_t(c.N) * c.K * P * Q), dx(x.size(), 0.0), dw(w.size(), 0.0), db(c.K, 0.0);
+    const bool need_dx = c.passes & DGRAD, need_dw = c.passes & WGRAD, need_y = c.passes & FWD;
+    for (int n = 0; n < c.N; ++n)
+        for (int k = 0; k < c.K; ++k) {
+            const int g = k / Kg;
+            for (int p = 0; p < P; ++p)
+                for (int q = 0; q < Q; ++q) {
+                    double s = c.bias ? b[k] : 0.0;
+                    const double d = dy[((size_t(n) * c.K + k) * P + p) * Q + q];
+                    db[k] += d;
+                    for (int cl = 0; cl < Cg; ++cl)
+                        for (int r = 0; r < c.R; ++r) {
+                            const int h = p * c.sh - c.ph + r;
+                            if (h < 0 || h >= c.H) continue;
+                            for (int ss = 0; ss < c.S; ++ss) {
+                                const int ww = q * c.sw - c.pw + ss;
+                                if (ww < 0 || ww >= c.W) continue;
+                                const size_t wi = ((size_t(k) * Cg + cl) * c.R + r) * c.S + ss;
+                                const size_t xi = ((size_t(n) * c.C + g * Cg + cl) * c.H + h) * c.W + ww;
+                                if (need_y) s += double(w[wi]) * x[xi];
+                                if (need_dw) dw[wi] += d * x[xi];
+                                if (need_dx) dx[xi] += d * w[wi];
+                            }
+                        }
+                    y[((size_t(n) * c.K + k) * P + p) * Q + q] = s;
+                }
+        }
+    const std::string name = fmt("%s N%d C%d %dx%d K%d %dx%d s%d,%d p%d,%d g%d", c.label, c.N, c.C, c.H, c.W, c.K,
+                                 c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
+    const Tensor tx = host_tensor({c.N, c.C, c.H, c.W}, x).to(GPU), tw = host_tensor({c.K, Cg, c.R, c.S}, w).to(GPU);
+    const Tensor tb = host_tensor({c.K}, b).to(GPU), tdy = host_tensor({c.N, c.K, P, Q}, dy).to(GPU);
+    if (c.passes & FWD)
+        check_rel("conv2d_forward " + name + (c.bias ? "" : " nobias"),
+                  ops::conv2d_forward(tx, tw, c.bias ? std::optional<Tensor>(tb) : std::nullopt, c.sh, c.sw, c.ph,
+                                      c.pw, c.g),
+                  y, kReduction);
+    if (c.passes & DGRAD)
+        check_rel("conv2d_backward_input " + name,
+                  ops::conv2d_backward_input(tdy, tw, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g), dx, kReduction);
+    if (c.passes & WGRAD)
+        check_rel("conv2d_backward_weight " + name,
+                  ops::conv2d_backward_weight(tx, tdy, c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g), dw, kReduction);
+    if (c.passes & BGRAD) check_rel("conv2d_backward_bias " + name, ops::conv2d_backward_bias(tdy), db, kReduction);
+}
+
+// ---- linear ------------------------------------------------------------------------------------------
+
+void test_linear(int N, int I, int O, bool bias) {
+    const auto x = randv(size_t(N) * I), w = randv(size_t(O) * I), b = randv(O), dy = randv(size_t(N) * O);
+    std::vector<double> y(size_t(N) * O), dx(size_t(N) * I, 0.0), dw(size_t(O) * I, 0.0), db(O, 0.0);
+    for (int n = 0; n < N; ++n)
+        for (int o = 0; o < O; ++o) {
+            double s = bias ? b[o] : 0.0;
+            const double d = dy[size_t(n) * O + o];
+            db[o] += d;
+            for (int i = 0; i < I; ++i) {
+                s += double(x[size_t(n) * I + i]) * w[size_t(o) * I + i];
+                dx[size_t(n) * I + i] += d * w[size_t(o) * I + i];
+                dw[size_t(o) * I + i] += d * x[size_t(n) * I + i];
+            }
+            y[size_t(n) * O + o] = s;
+        }
+    const Tensor tx = host_tensor({N, I}, x).to(GPU), tw = host_tensor({O, I}, w).to(GPU);
+    const Tensor tb = host_tensor({O}, b).to(GPU), tdy = host_tensor({N, O}, dy).to(GPU);
+    const std::string name = fmt("N%d I%d O%d", N, I, O);
+    check_rel("linear_forward " + name + (bias ? "" : " nobias"),
+              ops::linear_forward(tx, tw, bias ? std::optional<Tensor>(tb) : std::nullopt), y, kReduction);
+    check_rel("linear_backward_input " + name, ops::linear_backward_input(tdy, tw), dx, kReduction);
+    check_rel("linear_backward_weight " + name, ops::linear_backward_weight(tx, tdy), dw, kReduction);
+    check_rel("linear_backward_bias " + name, ops::linear_backward_bias(tdy), db, kReduction);
+}
+
+// ---- elementwise -------------------------------------------------------------------------------------
+
+void test_elementwise(int64_t n) {
+    const auto xv = randv(n), gv = randv(n), y2v = randv(n);
+    const Both x = both({n}, xv), g = both({n}, gv), y2 = both({n}, y2v);
+    const std::string sz = fmt("n=%" PRId64, n);
+    {
+        std::vector<double> ref(n), refb(n);
+        for (int64_t i = 0; i < n; ++i) ref[i] = xv[i] > 0 ? xv[i] : 0.0;
+        for (int64_t i = 0; i < n; ++i) refb[i] = y2v[i] > 0 ? gv[i] : 0.0;
+        const Tensor y = ops::relu_forward(x.gpu);
+        check_vs_cpu<float>("relu_forward " + sz, y, ops::relu_forward(x.cpu));
+        check_rel("relu_forward vs float64 " + sz, y, ref, kElementwise);
+        const Tensor d = ops::relu_backward(g.gpu, y2.gpu);
+        check_vs_cpu<float>("relu_backward " + sz, d, ops::relu_backward(g.cpu, y2.cpu));
+        check_rel("relu_backward vs float64 " + sz, d, refb, kElementwise);
+    }
+    {
+        std::vector<double> ref(n);
+        for (int64_t i = 0; i < n; ++i) ref[i] = double(xv[i]) + gv[i];
+        const Tensor s = ops::add(x.gpu, g.gpu);
+        check_vs_cpu<float>("add " + sz, s, ops::add(x.cpu, g.cpu));
+        check_rel("add vs float64 " + sz, s, ref, kElementwise);
+    }
+    for (float p : {0.0f, 0.3f, 0.5f}) {
+        const uint64_t seed = rng(), off = rng() % 1000;
+        const auto r = ops::dropout_forward(x.gpu, p, seed, off);
+        const auto rc = ops::dropout_forward(x.cpu, p, seed, off);
+        const std::string nm = fmt("p=%.1f %s", p, sz.c_str());
+        check_vs_cpu<float>("dropout_forward y " + nm, r.first, rc.first);
+        check_vs_cpu<uint8_t>("dropout_forward mask " + nm, r.second, rc.second);
+        // The mask is the contract's Philox draw, whatever the backend.
+        std::vector<uint8_t> mref(n);
+        std::vector<double> yref(n), dref(n);
+        for (int64_t i = 0; i < n; ++i) {
+            mref[i] = philox_u32(seed, off + i) >= dropout_threshold(p);
+            yref[i] = mref[i] ? double(xv[i]) / (1.0 - p) : 0.0;
+            dref[i] = mref[i] ? double(gv[i]) / (1.0 - p) : 0.0;
+        }
+        check_exact<uint8_t>("dropout_forward mask vs philox " + nm, r.second, mref, "philox_u32");
+        check_rel("dropout_forward y vs float64 " + nm, r.first, yref, kElementwise);
+        const Tensor d = ops::dropout_backward(g.gpu, r.second, p);
+        check_vs_cpu<float>("dropout_backward " + nm, d, ops::dropout_backward(g.cpu, rc.second, p));
+        check_rel("dropout_backward vs float64 " + nm, d, dref, kElementwise);
+    }
+    {
+        const auto wv = randv(n), dwv = randv(n), vv = randv(n);
+        Both w = both({n}, wv), v = both({n}, vv);
+        const Both dw = both({n}, dwv);
+        const float lr = 0.013f, mom = 0.9f, wd = 0.0005f;
+        std::vector<double> vref(n), wref(n);
+        for (int64_t i = 0; i < n; ++i) {
+            vref[i] = double(mom) * vv[i] - double(wd) * lr * wv[i] - double(lr) * dwv[i];
+            wref[i] = wv[i] + vref[i];
+        }
+        ops::sgd_update(w.gpu, dw.gpu, v.gpu, lr, mom, wd);
+        ops::sgd_update(w.cpu, dw.cpu, v.cpu, lr, mom, wd);
+        check_vs_cpu<float>("sgd_update w " + sz, w.gpu, w.cpu);
+        check_vs_cpu<float>("sgd_update v " + sz, v.gpu, v.cpu);
+        check_rel("sgd_update w vs float64 " + sz, w.gpu, wref, kElementwise);
+        check_rel("sgd_update v vs float64 " + sz, v.gpu, vref, kElementwise);
+    }
+}
+
+// Raw backend entry points on pointers one float past a 16-byte boundary: the scalar (non-float4) paths.
+void test_unaligned(int64_t n) {
+    const std::string sz = fmt("n=%" PRId64 " misaligned", n);
+    const Both a = both({n + 1}, randv(n + 1)), b = both({n + 1}, randv(n + 1)), c = both({n + 1}, randv(n + 1));
+    auto out = [&](const char* what, std::function<void(const Tensor&, const Tensor&, const Tensor&, Tensor&, bool)>
+                                         run) {
+        Tensor og = Tensor::empty({n + 1}, DType::f32, GPU), oc = Tensor::empty({n + 1}, DType::f32, HOST);
+        run(a.gpu, b.gpu, c.gpu, og, true);
+        run(a.cpu, b.cpu, c.cpu, oc, false);
+        // element 0 is never written (poison); compare 1..n
+        auto vg = down<float>(og), vc = down<float>(oc);
+        vc.erase(vc.begin());
+        Tensor tail = host_tensor<float>({n}, std::vector<float>(vg.begin() + 1, vg.end())).to(GPU);
+        check_exact<float>(std::string(what) + " " + sz, tail, vc, "CPU backend");
+    };
+    out("relu_forward", [&](const Tensor& x, const Tensor&, const Tensor&, Tensor& y, bool gpu) {
+        if (gpu) cuda::relu_forward(n, x.data<float>() + 1, y.data<float>() + 1, nullptr);
+        else cpu::relu_forward(n, x.data<float>() + 1, y.data<float>() + 1);
+    });
+    out("relu_backward", [&](const Tensor& d, const Tensor& yy, const Tensor&, Tensor& dx, bool gpu) {
+        if (gpu) cuda::relu_backward(n, d.data<float>() + 1, yy.data<float>() + 1, dx.data<float>() + 1, nullptr);
+        else cpu::relu_backward(n, d.data<float>() + 1, yy.data<float>() + 1, dx.data<float>() + 1);
+    });
+    out("add", [&](const Tensor& u, const Tensor& v, const Tensor&, Tensor& y, bool gpu) {
+        if (gpu) cuda::add(n, u.data<float>() + 1, v.data<float>() + 1, y.data<float>() + 1, nullptr);
+        else cpu::add(n, u.data<float>() + 1, v.data<float>() + 1, y.data<float>() + 1);
+    });
+    out("sgd_update w", [&](const Tensor& w0, const Tensor& g, const Tensor& v0, Tensor& w, bool gpu) {
+        Tensor v = Tensor::empty({n + 1}, DType::f32, gpu ? GPU : HOST);
+        const size_t bytes = size_t(n + 1) * sizeof(float);
+        if (gpu) {
+            cudaMemcpy(w.raw(), w0.raw(), bytes, cudaMemcpyDeviceToDevice);
+            cudaMemcpy(v.raw(), v0.raw(), bytes, cudaMemcpyDeviceToDevice);
+            cuda::sgd_update(n, w.data<float>() + 1, g.data<float>() + 1, v.data<float>() + 1, 0.01f, 0.9f,
+                             0.0005f, nullptr);
+        } else {
+            memcpy(w.raw(), w0.raw(), bytes);
+            memcpy(v.raw(), v0.raw(), bytes);
+            cpu::sgd_update(n, w.data<float>() + 1, g.data<float>() + 1, v.data<float>() + 1, 0.01f, 0.9f, 0.0005f);
+        }
+    });
+}
+
+// ---- plumbing ----------------------------------------------------------------------------------------
+
+void test_channels(int N, int C1, int C2, const std::vector<int64_t>& inner_shape) {
+    int64_t inner = 1;
+    for (auto d : inner_shape) inner *= d;
+    std::vector<int64_t> sa{N, C1}, sb{N, C2};
+    for (auto d : inner_shape) {
+        sa.push_back(d);
+        sb.push_back(d);
+    }
+    const Both a = both(sa, randv(N * C1 * inner)), b = both(sb, randv(N * C2 * inner));
+    const std::string nm = fmt("N%d C%d+%d inner%" PRId64, N, C1, C2, inner);
+    const Tensor cat = ops::concat_channels({a.gpu, b.gpu});
+    const Tensor cat_cpu = ops::concat_channels({a.cpu, b.cpu});
+    check_vs_cpu<float>("concat_channels " + nm, cat, cat_cpu);
+    check_vs_cpu<float>("slice_channels second " + nm, ops::slice_channels(cat, C1, C1 + C2), b.cpu);
+    check_vs_cpu<float>("slice_channels odd [1," + std::to_string(C1 + C2 - 1) + ") " + nm,
+                        ops::slice_channels(cat, 1, C1 + C2 - 1), ops::slice_channels(cat_cpu, 1, C1 + C2 - 1));
+}
+
+// ---- LRN ---------------------------------------------------------------------------------------------
+
+void test_lrn(int N, int C, int H, int W, int size, float k, float alpha, float beta) {
+    const auto x = randv(size_t(N) * C * H * W, -2, 2), dy = randv(x.size());
+    const Tensor tx = host_tensor({N, C, H, W}, x).to(GPU), tdy = host_tensor({N, C, H, W}, dy).to(GPU);
+    const auto r = ops::lrn_forward(tx, size, k, alpha, beta);
+    std::vector<double> yr(x.size()), sr(x.size()), dxr(x.size());
+    const int half = size / 2;
+    auto idx = [&](int n, int c, int hw) { return (size_t(n) * C + c) * H * W + hw; };
+    for (int n = 0; n < N; ++n)
+        for (int hw = 0; hw < H * W; ++hw)
+            for (int c = 0; c < C; ++c) {
+                double s = 0;
+                for (int j = std::max(0, c - half); j <= std::min(C - 1, c + half); ++j)
+                    s += double(x[idx(n, j, hw)]) * x[idx(n, j, hw)];
+                sr[idx(n, c, hw)] = k + double(alpha) * s;
+                yr[idx(n, c, hw)] = x[idx(n, c, hw)] * std::pow(sr[idx(n, c, hw)], -double(beta));
+            }
+    for (int n = 0; n < N; ++n)
+        for (int hw = 0; hw < H * W; ++hw)
+            for (int c = 0; c < C; ++c) {
+                double acc = 0;
+                for (int j = std::max(0, c - half); j <= std::min(C - 1, c + half); ++j)
+                    acc += dy[idx(n, j, hw)] * yr[idx(n, j, hw)] / sr[idx(n, j, hw)];
+                dxr[idx(n, c, hw)] = dy[idx(n, c, hw)] * std::pow(sr[idx(n, c, hw)], -double(beta)) -
+                                     2.0 * alpha * beta * x[idx(n, c, hw)] * acc;
+            }
+    const std::string nm = fmt("N%d C%d %dx%d size%d k%g alpha%g beta%g", N, C, H, W, size, k, alpha, beta);
+    check_rel("lrn_forward y " + nm, r.first, yr, kElementwise);
+    check_rel("lrn_forward scale " + nm, r.second, sr, kReduction);
+    check_rel("lrn_backward " + nm, ops::lrn_backward(tdy, tx, r.first, r.second, size, k, alpha, beta), dxr,
+              kReduction);
+}
+
+// ---- max-pool ----------------------------------------------------------------------------------------
+
+void test_pool(int N, int C, int H, int W, int wh, int ww, int sh, int sw, int ph, int pw, bool ties) {
+    auto x = randv(size_t(N) * C * H * W);
+    if (ties)
+        for (auto& v : x) v = std::round(v * 2) / 2;  // many equal values: exercises the first-maximum rule
+    const int P = (H + 2 * ph - wh) / sh + 1, Q = (W + 2 * pw - ww) / sw + 1;
+    const auto dy = randv(size_t(N) * C * P * Q);
+    std::vector<double> yr(dy.size()), dxr(x.size(), 0.0);
+    std::vector<int32_t> ar(dy.size());
+    for (int pl = 0; pl < N * C; ++pl)
+        for (int p = 0; p < P; ++p)
+            for (int q = 0; q < Q; ++q) {
+                float best = -INFINITY;
+                int arg = -1;
+                for (int r = 0; r < wh; ++r)
+                    for (int s = 0; s < ww; ++s) {
+                        const int h = p * sh - ph + r, w = q * sw - pw + s;
+                        if (h < 0 || h >= H || w < 0 || w >= W) continue;
+                        const float v = x[size_t(pl) * H * W + h * W + w];
+                        if (v > best) {
+                            best = v;
+                            arg = h * W + w;
+                        }
+                    }
+                const size_t o = size_t(pl) * P * Q + p * Q + q;
+                yr[o] = best;
+                ar[o] = arg;
+                dxr[size_t(pl) * H * W + arg] += dy[o];
+            }
+    const Both tx = both({N, C, H, W}, x), tdy = both({N, C, P, Q}, dy);
+    const auto r = ops::maxpool_forward(tx.gpu, wh, ww, sh, sw, ph, pw);
+    const auto rc = ops::maxpool_forward(tx.cpu, wh, ww, sh, sw, ph, pw);
+    const std::string nm =
+        fmt("N%d C%d %dx%d window%dx%d s%d,%d p%d,%d%s", N, C, H, W, wh, ww, sh, sw, ph, pw, ties ? " ties" : "");
+    check_vs_cpu<float>("maxpool_forward y " + nm, r.first, rc.first);
+    check_vs_cpu<int32_t>("maxpool_forward argmax " + nm, r.second, rc.second);
+    check_exact<int32_t>("maxpool_forward argmax vs first-maximum rule " + nm, r.second, ar, "reference");
+    check_rel("maxpool_forward y vs float64 " + nm, r.first, yr, kElementwise);
+    const Tensor dx = ops::maxpool_backward(tdy.gpu, r.second, H, W, wh, ww, sh, sw, ph, pw);
+    check_vs_cpu<float>("maxpool_backward " + nm, dx, ops::maxpool_backward(tdy.cpu, rc.second, H, W, wh, ww, sh, sw, ph, pw));
+    check_rel("maxpool_backward vs float64 " + nm, dx, dxr, kElementwise);
+}
+
+// ---- softmax -----------------------------------------------------------------------------------------
+
+void test_softmax(int N, int C, bool ties) {
+    auto x = randv(size_t(N) * C, -5, 5);
+    if (ties)
+        for (auto& v : x) v = std::round(v);
+    std::vector<int32_t> lab(N);
+    for (auto& l : lab) l = static_cast<int32_t>(rng() % C);
+    std::vector<double> pr(x.size()), loss(N), d(x.size());
+    std::vector<int32_t> rank(N);
+    const float scale = 1.0f / N;
+    for (int n = 0; n < N; ++n) {
+        const float* row = &x[size_t(n) * C];
+        double m = -INFINITY, s = 0;
+        for (int j = 0; j < C; ++j) m = std::max(m, double(row[j]));
+        for (int j = 0; j < C; ++j) s += std::exp(row[j] - m);
+        for (int j = 0; j < C; ++j) pr[size_t(n) * C + j] = std::exp(row[j] - m) / s;
+        loss[n] = std::log(s) - (row[lab[n]] - m);
+        int cnt = 0;
+        for (int j = 0; j < C; ++j) cnt += row[j] > row[lab[n]] || (row[j] == row[lab[n]] && j < lab[n]);
+        rank[n] = cnt;
+        for (int j = 0; j < C; ++j) d[size_t(n) * C + j] = (pr[size_t(n) * C + j] - (j == lab[n])) * scale;
+    }
+    const Both tx = both({N, C}, x), tl = both({N}, lab);
+    const auto r = ops::softmax_cross_entropy_forward(tx.gpu, tl.gpu);
+    const auto rc = ops::softmax_cross_entropy_forward(tx.cpu, tl.cpu);
+    const std::string nm = fmt("N%d C%d%s", N, C, ties ? " ties" : "");
+    check_rel("softmax_cross_entropy_forward probs " + nm, r.probs, pr, kReduction);
+    check_rel("softmax_cross_entropy_forward loss " + nm, r.loss, loss, kReduction);
+    check_vs_cpu<int32_t>("softmax_cross_entropy_forward rank " + nm, r.rank, rc.rank);
+    check_exact<int32_t>("softmax_cross_entropy_forward rank vs reference " + nm, r.rank, rank, "reference");
+    check_rel("softmax_forward " + nm, ops::softmax_forward(tx.gpu), pr, kReduction);
+    const Tensor probs_cpu = r.probs.to(HOST);  // same probs on both backends: the backward is elementwise
+    const Tensor dl = ops::softmax_cross_entropy_backward(r.probs, tl.gpu, scale);
+    check_vs_cpu<float>("softmax_cross_entropy_backward " + nm, dl,
+                        ops::softmax_cross_entropy_backward(probs_cpu, tl.cpu, scale));
+    check_rel("softmax_cross_entropy_backward vs float64 " + nm, dl, d, kReduction);
+}
+
+// ---- augmentation ------------------------------------------------------------------------------------
+
+void test_augment(int N, int H, int W, int crop) {
+    std::vector<uint8_t> img(size_t(N) * H * W * 3);
+    for (auto& v : img) v = rng() & 255;
+    std::vector<int32_t> off(2 * N);
+    std::vector<uint8_t> flips(N);
+    for (int n = 0; n < N; ++n) {
+        off[2 * n] = rng() % (H - crop + 1);
+        off[2 * n + 1] = rng() % (W - crop + 1);
+        flips[n] = rng() % 2 ? static_cast<uint8_t>(1 + rng() % 200) : 0;  // any nonzero byte means flip
+    }
+    const auto light = randv(3 * N), mean = randv(size_t(3) * H * W, 0, 255);
+    std::vector<double> ref(size_t(N) * 3 * crop * crop);
+    for (int n = 0; n < N; ++n)
+        for (int c = 0; c < 3; ++c)
+            for (int y = 0; y < crop; ++y)
+                for (int x = 0; x < crop; ++x) {
+                    const int ys = off[2 * n] + y, xs = off[2 * n + 1] + (flips[n] ? crop - 1 - x : x);
+                    ref[((size_t(n) * 3 + c) * crop + y) * crop + x] =
+                        double(img[((size_t(n) * H + ys) * W + xs) * 3 + c]) - mean[(size_t(c) * H + ys) * W + xs] +
+                        light[3 * n + c];
+                }
+    const Both ti = both({N, H, W, 3}, img), to = both({N, 2}, off), tf = both({N}, flips);
+    const Both tl = both({N, 3}, light), tm = both({3, H, W}, mean);
+    const Tensor out = ops::augment_batch(ti.gpu, to.gpu, tf.gpu, tl.gpu, tm.gpu, crop);
+    const std::string nm = fmt("N%d %dx%d crop%d", N, H, W, crop);
+    check_vs_cpu<float>("augment_batch " + nm, out, ops::augment_batch(ti.cpu, to.cpu, tf.cpu, tl.cpu, tm.cpu, crop));
+    check_rel("augment_batch vs float64 " + nm, out, ref, kElementwise);
+}
+
+// ---- groups ------------------------------------------------------------------------------------------
+
+void group_zero() {
+    // Empty batches: nothing to launch for the outputs of size zero; reductions over an empty batch are zero.
+    const Tensor x0 = Tensor::empty({0, 3, 5, 5}, DType::f32, GPU), w0 = host_tensor({4, 3, 3, 3}, randv(108)).to(GPU);
+    const Tensor dy0 = Tensor::empty({0, 4, 3, 3}, DType::f32, GPU);
+    const Tensor y0 = ops::conv2d_forward(x0, w0, std::nullopt, 1, 1, 0, 0, 1);
+    check_true("conv2d_forward N=0 shape", y0.numel() == 0 && y0.shape() == std::vector<int64_t>({0, 4, 3, 3}),
+               "empty output " + y0.shape_str());
+    check_exact<float>("conv2d_backward_weight N=0", ops::conv2d_backward_weight(x0, dy0, 3, 3, 1, 1, 0, 0, 1),
+                       std::vector<float>(108, 0.f), "zeros");
+    check_exact<float>("conv2d_backward_bias N=0", ops::conv2d_backward_bias(dy0), std::vector<float>(4, 0.f), "zeros");
+    const Tensor lx = Tensor::empty({0, 6}, DType::f32, GPU), ldy = Tensor::empty({0, 5}, DType::f32, GPU);
+    check_exact<float>("linear_backward_weight N=0", ops::linear_backward_weight(lx, ldy), std::vector<float>(30, 0.f),
+                       "zeros");
+    check_exact<float>("linear_backward_bias N=0", ops::linear_backward_bias(ldy), std::vector<float>(5, 0.f), "zeros");
+    const Tensor r0 = ops::relu_forward(Tensor::empty({0}, DType::f32, GPU));
+    check_true("relu_forward n=0", r0.numel() == 0 && r0.device().is_cuda(), "empty output on cuda");
+}
+
+void group_elementwise() {
+    for (int64_t n : {int64_t(1), int64_t(3), int64_t(1003), int64_t(4096 + 2)}) test_elementwise(n);
+    test_elementwise(4096 * 9 + 1);  // 1 x 9216-feature row plus one: fc6's input size, float4 body + tail
+    for (int64_t n : {int64_t(1), int64_t(7), int64_t(1029)}) test_unaligned(n);
+}
+
+void group_plumbing() {
+    test_channels(3, 2, 5, {3, 7});       // scalar path (odd run)
+    test_channels(2, 4, 8, {2, 2});       // float4 path
+    test_channels(5, 3, 1, {});           // (N, C) 2-D
+    test_channels(2, 128, 128, {13, 13});  // conv2 -> conv3 cross-tower concat, batch 2
+    test_channels(2, 2048, 2048, {});     // fc6 -> fc7 concat, batch 2
+}
+
+void group_lrn() {
+    test_lrn(2, 7, 5, 3, 5, 2.f, 1e-4f, 0.75f);
+    test_lrn(1, 9, 4, 4, 3, 1.f, 0.5f, 0.6f);
+    test_lrn(2, 2, 3, 3, 7, 0.5f, 1.f, 0.75f);  // window wider than the channel count
+    test_lrn(1, 48, 55, 55, 5, 2.f, 1e-4f, 0.75f);   // AlexNet LRN1, one tower, batch 1
+    test_lrn(1, 128, 27, 27, 5, 2.f, 1e-2f, 0.75f);  // AlexNet LRN2 shape, one tower (larger alpha)
+}
+
+void group_pool() {
+    test_pool(2, 3, 13, 11, 3, 3, 2, 2, 0, 0, false);
+    test_pool(1, 2, 9, 10, 3, 2, 2, 3, 1, 1, true);
+    test_pool(2, 2, 7, 7, 2, 2, 1, 1, 1, 0, true);
+    test_pool(1, 48, 55, 55, 3, 3, 2, 2, 0, 0, true);   // AlexNet pool1, one tower, batch 1
+    test_pool(2, 128, 13, 13, 3, 3, 2, 2, 0, 0, true);  // AlexNet pool5, one tower, batch 2
+}
+
+void group_softmax() {
+    test_softmax(5, 1, false);
+    test_softmax(9, 37, true);
+    test_softmax(3, 300, true);
+    test_softmax(4, 1000, false);  // AlexNet's 1000 classes
+    test_softmax(2, 1000, true);
+}
+
+void group_augment() {
+    test_augment(3, 12, 10, 7);
+    test_augment(2, 9, 9, 9);
+    test_augment(1, 256, 256, 224);  // AlexNet's crop
+}
+
+void group_conv() {
+    test_conv({2, 3, 11, 13, 5, 3, 3, 1, 1, 1, 1, 1, true, ALL, "odd"});
+    test_conv({3, 4, 9, 7, 6, 3, 2, 2, 1, 1, 0, 2, true, ALL, "odd"});
+    test_conv({1, 6, 17, 15, 9, 5, 5, 3, 2, 2, 2, 3, false, ALL, "odd"});
+    test_conv({2, 3, 23, 23, 8, 11, 11, 4, 4, 2, 2, 1, true, ALL, "odd"});
+    test_conv({2, 4, 6, 5, 4, 1, 1, 1, 1, 0, 0, 4, true, ALL, "odd"});
+    test_conv({1, 2, 3, 3, 3, 3, 3, 1, 1, 2, 2, 1, true, ALL, "odd"});  // padding larger than half the window
+    test_conv({2, 4, 1, 1, 6, 1, 1, 1, 1, 0, 0, 2, true, ALL, "odd"});  // 1x1 image
+}
+
+void group_conv_alexnet() {
+    // Per-tower layer shapes of the two-tower net (groups=1 per tower) at batch 2, so GEMM columns cross
+    // an image boundary. conv1's input gradient is never computed by the net (nothing lies below it), and
+    // its 50176-column GEMM (3 rows padded to a 64-row tile) takes ~10 s per image to emulate: conv1
+    // checks the forward, weight and bias passes; conv2..conv5 check all four.
+    test_conv({2, 3, 224, 224, 48, 11, 11, 4, 4, 2, 2, 1, true, FWD | WGRAD | BGRAD, "alexnet conv1"});
+    test_conv({2, 48, 27, 27, 128, 5, 5, 1, 1, 2, 2, 1, true, ALL, "alexnet conv2"});
+    test_conv({2, 256, 13, 13, 192, 3, 3, 1, 1, 1, 1, 1, true, ALL, "alexnet conv3"});
+    test_conv({2, 192, 13, 13, 192, 3, 3, 1, 1, 1, 1, 1, true, ALL, "alexnet conv4"});
+    test_conv({2, 192, 13, 13, 128, 3, 3, 1, 1, 1, 1, 1, true, ALL, "alexnet conv5"});
+    test_conv({1, 96, 27, 27, 256, 5, 5, 1, 1, 2, 2, 2, false, ALL, "alexnet conv2 both towers as groups"});
+}
+
+void group_conv_bigtile() {
+    // Shapes that select the 128x128 tiles (enough tiles without split-K) in each pass.
+    test_conv({1, 4, 92, 92, 288, 1, 1, 1, 1, 0, 0, 4, true, FWD | WGRAD | BGRAD, "bigtile fwd"});
+    test_conv({1, 130, 130, 130, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "bigtile dgrad"});
+    test_conv({1, 4100, 1, 1, 1100, 1, 1, 1, 1, 0, 0, 1, false, WGRAD, "bigtile wgrad"});
+}
+
+void group_linear() {
+    test_linear(3, 5, 7, true);
+    test_linear(17, 33, 65, false);
+    test_linear(130, 70, 200, true);
+    test_linear(5, 1000, 7, true);  // split-K in every pass
+    test_linear(1, 1, 1, true);
+    test_linear(2, 4096, 500, true);  // AlexNet fc8, one tower's half of the classes, batch 2
+    test_linear(2, 4096, 2048, true);  // AlexNet fc7, one tower, batch 2 (fc6 differs only in I=9216)
+}
+
+void group_linear_bigtile() {
+    test_linear(1100, 3, 4100, true);  // forward on 128x128 tiles; input/weight gradients split-K
+    test_linear(2, 4100, 1100, true);  // weight gradient on 128x128 tiles
+}
+
+// Launches big enough that the capped grids (grid_1d: 65536 blocks; plane_grid: 65535 planes in y, about
+// 65536 blocks in all) make threads loop: each kernel's grid-stride loop runs more than once. Compared
+// bit for bit with the CPU backend (no float64 copies: these are 16 M-element buffers).
+void group_gridstride() {
+    {
+        const int64_t n = int64_t(65536) * 256 + 4099;  // dropout is one element per thread: 1-D cap
+        const Both x = both({n}, randv(n));
+        const uint64_t seed = rng();
+        const auto r = ops::dropout_forward(x.gpu, 0.5f, seed, 12345);
+        const auto rc = ops::dropout_forward(x.cpu, 0.5f, seed, 12345);
+        const std::string nm = fmt("p=0.5 n=%" PRId64, n);
+        check_vs_cpu<float>("dropout_forward y " + nm, r.first, rc.first);
+        check_vs_cpu<uint8_t>("dropout_forward mask " + nm, r.second, rc.second);
+    }
+    cuda_empty_cache();  // keep the peak memory of this group near 300 MB
+    {
+        // 66000 planes of 2x2: blockIdx.y strides over planes in pool and LRN, over rows in the
+        // cross-entropy backward, over images in the channel copy.
+        const int N = 2, C = 33000, H = 2, W = 2;
+        const Both x = both({N, C, H, W}, randv(size_t(N) * C * H * W)), dy = both({N, C, 1, 1}, randv(size_t(N) * C));
+        const std::string nm = fmt("N%d C%d %dx%d", N, C, H, W);
+        const auto r = ops::maxpool_forward(x.gpu, 2, 2, 2, 2, 0, 0);
+        const auto rc = ops::maxpool_forward(x.cpu, 2, 2, 2, 2, 0, 0);
+        check_vs_cpu<float>("maxpool_forward y " + nm, r.first, rc.first);
+        check_vs_cpu<int32_t>("maxpool_forward argmax " + nm, r.second, rc.second);
+        check_vs_cpu<float>("maxpool_backward " + nm, ops::maxpool_backward(dy.gpu, r.second, H, W, 2, 2, 2, 2, 0, 0),
+                            ops::maxpool_backward(dy.cpu, rc.second, H, W, 2, 2, 2, 2, 0, 0));
+        const Both l = both({1, 66000, 1, 1}, randv(66000, -2, 2));
+        const auto lr = ops::lrn_forward(l.gpu, 5, 2.f, 0.5f, 0.75f);
+        const auto lrc = ops::lrn_forward(l.cpu, 5, 2.f, 0.5f, 0.75f);
+        // powf may differ in the last bit between the backends: the CPU result within 1e-5
+        check_rel("lrn_forward y vs CPU backend N1 C66000 1x1", lr.first, to_double(down<float>(lrc.first)),
+                  kElementwise);
+        const Both s = both({66000, 3}, randv(66000 * 3, 0.f, 1.f));
+        std::vector<int32_t> lab(66000);
+        for (auto& v : lab) v = static_cast<int32_t>(rng() % 3);
+        const Both tl = both({66000}, lab);
+        check_vs_cpu<float>("softmax_cross_entropy_backward N66000 C3",
+                            ops::softmax_cross_entropy_backward(s.gpu, tl.gpu, 0.25f),
+                            ops::softmax_cross_entropy_backward(s.cpu, tl.cpu, 0.25f));
+        const Both a = both({66000, 1}, randv(66000)), b = both({66000, 2}, randv(66000 * 2));
+        check_vs_cpu<float>("concat_channels N66000 C1+2", ops::concat_channels({a.gpu, b.gpu}),
+                            ops::concat_channels({a.cpu, b.cpu}));
+    }
+    cuda_empty_cache();
+    {
+        // One 4100x4100 plane: the max-pool backward (one thread per input pixel) strides in x.
+        const int H = 4100, W = 4100, P = (H - 3) / 2 + 1, Q = (W - 3) / 2 + 1;
+        Tensor arg_gpu, arg_cpu;
+        {
+            const Both x = both({1, 1, H, W}, randv(size_t(H) * W));
+            arg_gpu = ops::maxpool_forward(x.gpu, 3, 3, 2, 2, 0, 0).second;
+            arg_cpu = ops::maxpool_forward(x.cpu, 3, 3, 2, 2, 0, 0).second;
+        }
+        cuda_empty_cache();
+        check_vs_cpu<int32_t>("maxpool_forward argmax N1 C1 4100x4100 window3x3 s2,2", arg_gpu, arg_cpu);
+        const Both dy = both({1, 1, P, Q}, randv(size_t(P) * Q));
+        check_vs_cpu<float>("maxpool_backward N1 C1 4100x4100 window3x3 s2,2",
+                            ops::maxpool_backward(dy.gpu, arg_gpu, H, W, 3, 3, 2, 2, 0, 0),
+                            ops::maxpool_backward(dy.cpu, arg_cpu, H, W, 3, 3, 2, 2, 0, 0));
+    }
+    cuda_empty_cache();
+}
+
+struct Group {
+    const char* name;
+    void (*run)();
+};
+const Group kGroups[] = {
+    {"zero", group_zero},         {"elementwise", group_elementwise}, {"plumbing", group_plumbing},
+    {"lrn", group_lrn},           {"pool", group_pool},               {"softmax", group_softmax},
+    {"augment", group_augment},   {"conv", group_conv},               {"conv_alexnet", group_conv_alexnet},
+    {"conv_bigtile", group_conv_bigtile}, {"linear", group_linear},   {"linear_bigtile", group_linear_bigtile},
+    {"gridstride", group_gridstride},
+};
+
+int usage() {
+    fprintf(stderr, "usage: driver [--order forward|reverse|shuffle] [--seed S] GROUP... | --list\n");
+    return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);  // every check line is out before a crash
+    uint64_t seed = 1;
+    emu::Order order = emu::Order::forward;
+    std::vector<const Group*> todo;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--list") {
+            for (const auto& g : kGroups) printf("%s\n", g.name);
+            return 0;
+        } else if (a == "--seed" && i + 1 < argc) {
+            seed = std::stoull(argv[++i]);
+        } else if (a == "--order" && i + 1 < argc) {
+            const std::string o = argv[++i];
+            if (o == "forward") order = emu::Order::forward;
+            else if (o == "reverse") order = emu::Order::reverse;
+            else if (o == "shuffle") order = emu::Order::shuffle;
+            else return usage();
+        } else {
+            const Group* found = nullptr;
+            for (const auto& g : kGroups)
+                if (a == g.name) found = &g;
+            if (!found) {
+                fprintf(stderr, "driver: unknown group '%s'\n", a.c_str());
+                return usage();
+            }
+            todo.push_back(found);
+        }
+    }
+    if (todo.empty()) return usage();
+    emu::configure(order, seed);
+    set_poison_allocations(true);
+    if (!cuda_available()) {
+        printf("FAIL: emulated device not available\n");
+        return 1;
+    }
+    for (const Group* g : todo) {
+        // Inputs depend on (seed, group) only, so a group's checksums are comparable across runs and orders.
+        rng.seed(seed * 0x9e3779b97f4a7c15ull ^ fnv1a(g->name, strlen(g->name)));
+        const int c0 = g_checks, f0 = g_failures;
+        const auto s0 = emu::stats();
+        const auto t0 = std::chrono::steady_clock::now();
+        try {
+            g->run();
+        } catch (const std::exception& e) {
+            report(false, 0, std::string("group ") + g->name, std::string("exception: ") + e.what());
+        }
+        const auto& s = emu::stats();
+        printf("SUMMARY group=%s checks=%d failures=%d launches=%lld blocks=%lld threads=%lld barriers=%lld "
+               "seconds=%.2f\n",
+               g->name, g_checks - c0, g_failures - f0, s.launches - s0.launches, s.blocks - s0.blocks,
+               s.threads - s0.threads, s.barriers - s0.barriers,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    printf("TOTAL checks=%d failures=%d\n", g_checks, g_failures);
+    return g_failures ? 1 : 0;
+}

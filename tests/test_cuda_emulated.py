@@ -1,0 +1,189 @@
+"""The CUDA kernels of cuda/*.cu, run on a CPU fiber emulator: their logic is checked on every CI run.
+
+This is EMULATION, not a GPU test (tests/cuda_emu/README.md). g++ compiles the kernels with their
+`<<<>>>` launches rewritten into calls of a scheduler that runs each block's threads as fibers, with
+__syncthreads and warp shuffles as real barriers. It proves indexing, bounds (AddressSanitizer build),
+barrier placement, the no-atomics determinism and the bit-exact contracts against the CPU backend; it
+proves nothing about real-GPU behaviour, the memory model, nvcc's code generation or speed.
+
+Runs (all in parallel, after building both variants into build/cuda_emu/, cached by a hash of the sources):
+  plain build, forward thread order     every group                      (test_emulated_group)
+  plain build, reverse and shuffled     every group but gridstride       (test_result_independent_of_thread_order)
+  ASan+UBSan build, forward             every group but gridstride       (test_emulated_group_sanitized)
+Each run must exit 0, report exactly the expected number of checks and none failing. The input seed is fresh
+per session (ALEXNET_EMU_SEED=<n> repeats one); ALEXNET_EMU_SANITIZE=0 leaves the sanitizer runs out.
+"""
+import concurrent.futures
+import importlib.util
+import os
+import random
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("cuda_emu_build", ROOT / "tests" / "cuda_emu" / "build.py")
+emu_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emu_build)
+
+# Checks each group of tests/cuda_emu/driver.cpp runs: a run that reports any other number fails, so the
+# test cannot pass by running nothing. Update together with the driver.
+EXPECTED_CHECKS = {
+    "zero": 6,
+    "elementwise": 152,
+    "plumbing": 15,
+    "lrn": 15,
+    "pool": 30,
+    "softmax": 35,
+    "augment": 6,
+    "conv": 28,
+    "conv_alexnet": 23,
+    "conv_bigtile": 5,
+    "linear": 28,
+    "linear_bigtile": 8,
+    "gridstride": 10,
+}
+GROUPS = list(EXPECTED_CHECKS)
+# gridstride launches ~140 M emulated threads over 16 M-element buffers: plain build, one order only.
+ORDER_GROUPS = [g for g in GROUPS if g != "gridstride"]
+SANITIZE_GROUPS = [g for g in GROUPS if g != "gridstride"]
+ORDERS = ["reverse", "shuffle"]
+
+SEED = int(os.environ.get("ALEXNET_EMU_SEED") or random.SystemRandom().randrange(1, 2**31))
+SANITIZE = os.environ.get("ALEXNET_EMU_SANITIZE", "1") != "0"
+RUN_TIMEOUT_S = 600
+
+CHECK_RE = re.compile(r"^(ok  |FAIL) \[crc ([0-9a-f]{16})\] (.+?): (.*)$")
+SUMMARY_RE = re.compile(r"^SUMMARY group=(\w+) checks=(\d+) failures=(\d+) launches=(\d+)")
+
+
+def toolchain_problem():
+    cxx = emu_build.compiler()
+    if shutil.which(cxx) is None:
+        return f"{cxx} (g++) not found: the CPU emulation of the CUDA kernels needs a C++ compiler"
+    probe = "#include <ucontext.h>\n#include <sys/mman.h>\nint main() { ucontext_t c; return getcontext(&c); }\n"
+    r = subprocess.run([cxx, "-x", "c++", "-fsyntax-only", "-"], input=probe, capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"ucontext.h / sys/mman.h unavailable to {cxx}: {r.stderr.strip()[:300]}"
+    return None
+
+
+class Run:
+    def __init__(self, variant, order, group, cmd):
+        self.variant, self.order, self.group, self.cmd = variant, order, group, cmd
+        self.rc, self.stdout, self.stderr, self.seconds, self.error = None, "", "", 0.0, None
+
+    def describe(self):
+        return f"{self.variant} build, {self.order} order, group {self.group} (reproduce: {' '.join(self.cmd)})"
+
+
+def execute(run):
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(run.cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        run.rc, run.stdout, run.stderr = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        run.error = f"timed out after {RUN_TIMEOUT_S} s (a kernel loops forever?)"
+        run.stdout = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    run.seconds = time.monotonic() - t0
+    return run
+
+
+@pytest.fixture(scope="module")
+def emu_runs(tmp_path_factory):
+    problem = toolchain_problem()
+    if problem:
+        pytest.skip(problem)
+    out_root = ROOT / "build" / "cuda_emu"
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        probe = out_root / f".write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        out_root = tmp_path_factory.mktemp("cuda_emu")
+    cores = os.cpu_count() or 2
+    variants = ["plain"] + (["sanitize"] if SANITIZE else [])
+    built = emu_build.build_all(variants, out_root=out_root, jobs=cores)
+    exes = {v: r for v, r in built.items() if not isinstance(r, Exception)}
+    build_errors = {v: str(r) for v, r in built.items() if isinstance(r, Exception)}
+
+    plan = [("plain", "forward", g) for g in GROUPS]
+    plan += [("plain", o, g) for o in ORDERS for g in ORDER_GROUPS]
+    if SANITIZE:
+        plan += [("sanitize", "forward", g) for g in SANITIZE_GROUPS]
+    runs = {}
+    for variant, order, group in plan:
+        exe = exes.get(variant)
+        cmd = [str(exe), "--order", order, "--seed", str(SEED), group] if exe else []
+        runs[(variant, order, group)] = Run(variant, order, group, cmd)
+    # Longest first (sanitizer runs, the AlexNet and grid-stride groups) so the workers finish together.
+    heavy = ("conv_alexnet", "gridstride", "linear", "linear_bigtile", "conv_bigtile")
+    todo = sorted((r for r in runs.values() if r.cmd),
+                  key=lambda r: (r.variant != "sanitize", r.group not in heavy))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(cores, 4))) as pool:
+        list(pool.map(execute, todo))
+    return runs, build_errors
+
+
+def parse(run):
+    checks, summaries = [], []
+    for line in run.stdout.splitlines():
+        m = CHECK_RE.match(line)
+        if m:
+            checks.append((m.group(1).strip(), m.group(2), m.group(3), m.group(4)))
+        m = SUMMARY_RE.match(line)
+        if m:
+            summaries.append((m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))))
+    return checks, summaries
+
+
+def check_run(emu_runs, variant, order, group):
+    """Asserts that one driver run passed in full; returns its checks [(status, crc, name, detail)]."""
+    runs, build_errors = emu_runs
+    if variant in build_errors:
+        pytest.fail(f"building the emulated CUDA backend ({variant}) failed:\n{build_errors[variant]}")
+    run = runs[(variant, order, group)]
+    what = run.describe()
+    tail = "\n".join(run.stderr.splitlines()[-40:])
+    assert run.error is None, f"{what}: {run.error}\n{run.stdout[-3000:]}"
+    checks, summaries = parse(run)
+    failed = [f"{name}: {detail}" for status, _, name, detail in checks if status != "ok"]
+    assert run.rc == 0, (f"{what}: exit status {run.rc}\nfailed checks:\n" + "\n".join(failed[:30]) +
+                         f"\nstderr:\n{tail}")
+    assert not failed, f"{what}: failed checks:\n" + "\n".join(failed[:30])
+    assert "runtime error:" not in run.stderr and "Sanitizer" not in run.stderr, f"{what}: sanitizer report:\n{tail}"
+    assert len(summaries) == 1 and summaries[0][0] == group, f"{what}: no summary line for the group"
+    _, n_checks, n_failures, launches = summaries[0]
+    assert n_failures == 0
+    assert n_checks == len(checks) == EXPECTED_CHECKS[group], (
+        f"{what}: ran {len(checks)} checks (summary says {n_checks}), expected {EXPECTED_CHECKS[group]}")
+    assert launches > 0, f"{what}: no kernel was launched on the emulated device"
+    return checks
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_emulated_group(emu_runs, group):
+    check_run(emu_runs, "plain", "forward", group)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("group", ORDER_GROUPS)
+def test_result_independent_of_thread_order(emu_runs, group, order):
+    # Threads between two barriers, and blocks, run in reverse / shuffled order: a missing barrier or a
+    # race between blocks shows up as a failed check or as an output that differs bit for bit.
+    checks = check_run(emu_runs, "plain", order, group)
+    forward = check_run(emu_runs, "plain", "forward", group)
+    differ = [f"{a[2]}: {a[1]} ({order}) != {b[1]} (forward)" for a, b in zip(checks, forward) if a[:3] != b[:3]]
+    assert not differ, f"outputs depend on the thread/block order (group {group}, seed {SEED}):\n" + "\n".join(differ)
+
+
+@pytest.mark.parametrize("group", SANITIZE_GROUPS)
+def test_emulated_group_sanitized(emu_runs, group):
+    if not SANITIZE:
+        pytest.skip("sanitizer runs disabled by ALEXNET_EMU_SANITIZE=0")
+    check_run(emu_runs, "sanitize", "forward", group)
