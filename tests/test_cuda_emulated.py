@@ -10,8 +10,11 @@ Runs (all in parallel, after building both variants into build/cuda_emu/, cached
   plain build, forward thread order     every group                      (test_emulated_group)
   plain build, reverse and shuffled     every group but gridstride       (test_result_independent_of_thread_order)
   ASan+UBSan build, forward             every group but gridstride       (test_emulated_group_sanitized)
-Each run must exit 0, report exactly the expected number of checks and none failing. The input seed is fresh
-per session (ALEXNET_EMU_SEED=<n> repeats one); ALEXNET_EMU_SANITIZE=0 leaves the sanitizer runs out.
+Each run must exit 0, report exactly the expected number of checks and none failing; together the plain runs
+must reach every `<<<>>>` launch statement in cuda/ (test_every_launch_site_is_exercised). The rewriter is
+unit-tested too, including that it refuses what it cannot handle. The input seed is fresh per session
+(ALEXNET_EMU_SEED=<n> repeats one); ALEXNET_EMU_SANITIZE=0 leaves the sanitizer runs out. Only a missing
+g++ or ucontext.h skips this module.
 """
 import concurrent.futures
 import importlib.util
@@ -59,6 +62,7 @@ RUN_TIMEOUT_S = 600
 
 CHECK_RE = re.compile(r"^(ok  |FAIL) \[crc ([0-9a-f]{16})\] (.+?): (.*)$")
 SUMMARY_RE = re.compile(r"^SUMMARY group=(\w+) checks=(\d+) failures=(\d+) launches=(\d+)")
+SITE_RE = re.compile(r"^LAUNCH_SITE (.+:\d+ .+) launches=\d+$")
 
 
 def toolchain_problem():
@@ -127,7 +131,7 @@ def emu_runs(tmp_path_factory):
                   key=lambda r: (r.variant != "sanitize", r.group not in heavy))
     with concurrent.futures.ThreadPoolExecutor(max(1, min(cores, 4))) as pool:
         list(pool.map(execute, todo))
-    return runs, build_errors
+    return runs, build_errors, exes
 
 
 def parse(run):
@@ -144,7 +148,7 @@ def parse(run):
 
 def check_run(emu_runs, variant, order, group):
     """Asserts that one driver run passed in full; returns its checks [(status, crc, name, detail)]."""
-    runs, build_errors = emu_runs
+    runs, build_errors, _ = emu_runs
     if variant in build_errors:
         pytest.fail(f"building the emulated CUDA backend ({variant}) failed:\n{build_errors[variant]}")
     run = runs[(variant, order, group)]
@@ -171,6 +175,21 @@ def test_emulated_group(emu_runs, group):
     check_run(emu_runs, "plain", "forward", group)
 
 
+def test_every_launch_site_is_exercised(emu_runs):
+    # Every `<<<>>>` in cuda/ (the list build.py wrote while rewriting them) ran at least once in the plain
+    # runs: a new kernel or a new launch path needs a driver check that reaches it.
+    runs, build_errors, exes = emu_runs
+    if "plain" in build_errors:
+        pytest.fail(build_errors["plain"])
+    expected = set((exes["plain"].parent / "gen" / "launch_sites.txt").read_text().splitlines())
+    assert expected, "no launch sites recorded"
+    ran = set()
+    for group in GROUPS:
+        ran |= {m.group(1) for m in map(SITE_RE.match, runs[("plain", "forward", group)].stdout.splitlines()) if m}
+    missing = sorted(expected - ran)
+    assert not missing, "launch sites no emulated check reaches:\n" + "\n".join(missing)
+
+
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("group", ORDER_GROUPS)
 def test_result_independent_of_thread_order(emu_runs, group, order):
@@ -187,3 +206,47 @@ def test_emulated_group_sanitized(emu_runs, group):
     if not SANITIZE:
         pytest.skip("sanitizer runs disabled by ALEXNET_EMU_SANITIZE=0")
     check_run(emu_runs, "sanitize", "forward", group)
+
+
+# ---- the source rewriting itself (no compiler needed) ------------------------------------------------------
+
+def test_rewriter_rewrites_launches_and_shared_arrays():
+    src = (
+        "// a comment with k<<<1, 2>>>(x) stays as it is\n"
+        "template <int A, class B> __global__ void k2(int n) {\n"
+        "    __shared__ __align__(16) float tile[2][8][68];\n"
+        "    __shared__ int count;\n"
+        "}\n"
+        "void launch(int n, cudaStream_t s) {\n"
+        "    k2<3, float><<<dim3(4, 5),\n"
+        "                   256, 0, s>>>(n);\n"
+        "    ns::plain<<<grid_1d(n), kThreads1d>>>(n, \"<<<not a launch>>>\");\n"
+        "}\n"
+    )
+    out, sites, shared = emu_build.rewrite_cuda_source(src, "sample.cu")
+    assert sites == [(8, "k2<3, float>"), (9, "ns::plain")] and shared == 2
+    assert out.count("\n") == src.count("\n")
+    assert '::emu::Cfg(dim3(4, 5),\n                   256, 0, s).at("k2<3, float>", __FILE__, __LINE__)' in out
+    assert ".run([](auto... emu_a) { k2<3, float>(emu_a...); }, n);" in out
+    assert '::emu::Cfg(grid_1d(n), kThreads1d).at("ns::plain", __FILE__, __LINE__)' in out
+    assert '"<<<not a launch>>>"' in out and "// a comment with k<<<1, 2>>>(x)" in out
+    assert "::emu::shared_block_init(&tile, sizeof(tile), emu_seen_tile);" in out
+    assert "::emu::shared_block_init(&count, sizeof(count), emu_seen_count);" in out
+
+
+@pytest.mark.parametrize("src, message", [
+    ("void f() { k<A<int>><<<1, 32>>>(x); }", "does not understand"),
+    ("__global__ void k() { extern __shared__ float dyn[]; }", "dynamic"),
+    ("__global__ void k() { __shared__ float a[4], b[4]; }", "several names"),
+])
+def test_rewriter_fails_loudly(src, message):
+    with pytest.raises(emu_build.BuildError, match=message):
+        emu_build.rewrite_cuda_source(src, "bad.cu")
+
+
+def test_allocator_patch_fails_loudly():
+    text = (ROOT / "csrc" / "tensor.cpp").read_text()
+    patched = emu_build.patch_tensor_source(text)
+    assert "return bytes == 0 ? 1 : bytes;" in patched and patched.count("\n") == text.count("\n")
+    with pytest.raises(emu_build.BuildError, match="round_block"):
+        emu_build.patch_tensor_source(text.replace(emu_build.EXACT_ALLOC_ANCHOR, "size_t round_up(size_t b) {"))

@@ -80,19 +80,20 @@ SHARED_RE = re.compile(r"\b__shared__\b([^;{}]*);")
 
 
 def rewrite_cuda_source(text, name):
-    """Returns (rewritten text, number of launches, number of __shared__ arrays) for one CUDA file."""
+    """Returns (rewritten text, [(line, kernel) of each launch], number of __shared__ arrays) for one file."""
     masked = code_mask(text)
     if re.search(r"\bextern\s+__shared__\b", masked):
         raise BuildError(f"{name}: dynamic (extern) __shared__ memory is not emulated; extend tests/cuda_emu")
     edits = []  # (start, end, replacement), non-overlapping
-    launches = 0
+    sites = []  # (line, kernel) of every launch
     for m in LAUNCH_RE.finditer(masked):
         kernel = text[m.start(1):m.end(1)]
         config = text[m.start(2):m.end(2)]  # verbatim, newlines included: line numbers stay put
+        # __LINE__ below sits on the config's last line
+        sites.append((text.count("\n", 0, m.start(2)) + 1 + config.count("\n"), kernel))
         repl = (f'::emu::Cfg({config}).at("{kernel}", __FILE__, __LINE__)'
                 f".run([](auto... emu_a) {{ {kernel}(emu_a...); }}, ")
         edits.append((m.start(), m.end(), repl))
-        launches += 1
     shared = 0
     for m in SHARED_RE.finditer(masked):
         decl = masked[m.start(1):m.end(1)]
@@ -124,7 +125,7 @@ def rewrite_cuda_source(text, name):
                          "extend LAUNCH_RE in tests/cuda_emu/build.py")
     if result.count("\n") != text.count("\n"):
         raise BuildError(f"{name}: rewriting changed the line count")
-    return result, launches, shared
+    return result, sites, shared
 
 
 EXACT_ALLOC_ANCHOR = "size_t round_block(size_t bytes) {"
@@ -147,19 +148,20 @@ def generate(cuda_dir, csrc_dir, gen_dir):
     """Writes the rewritten sources to gen_dir; returns the list of translation units to compile there."""
     cuda_dir, gen_dir = Path(cuda_dir), Path(gen_dir)
     gen_dir.mkdir(parents=True, exist_ok=True)
-    units, total_launches = [], 0
+    units, sites = [], []
     files = sorted(cuda_dir.glob("*.cu")) + sorted(cuda_dir.glob("*.cuh"))
     if not any(f.suffix == ".cu" for f in files):
         raise BuildError(f"no .cu files in {cuda_dir}")
     for f in files:
-        text, launches, _ = rewrite_cuda_source(f.read_text(), f.name)
-        total_launches += launches
+        text, file_sites, _ = rewrite_cuda_source(f.read_text(), f.name)
+        sites += [f"{f}:{line} {kernel}" for line, kernel in file_sites]
         out = gen_dir / (f.stem + ".cu.cpp" if f.suffix == ".cu" else f.name)
         out.write_text(f'#line 1 "{f}"\n{text}')
         if f.suffix == ".cu":
             units.append(out)
-    if total_launches == 0:
+    if not sites:
         raise BuildError(f"no kernel launches found in {cuda_dir}")
+    (gen_dir / "launch_sites.txt").write_text("".join(s + "\n" for s in sites))  # what the driver must reach
     tensor_src = Path(csrc_dir) / "tensor.cpp"
     tensor = gen_dir / "tensor_exact_alloc.cpp"
     tensor.write_text(f'#line 1 "{tensor_src}"\n' + patch_tensor_source(tensor_src.read_text()))

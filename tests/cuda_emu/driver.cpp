@@ -7,7 +7,8 @@
 //   driver [--order forward|reverse|shuffle] [--seed S] GROUP...     (driver --list names the groups)
 //
 // One line per check: "ok   [crc <fnv64 of the CUDA output>] <name>: <detail>" or "FAIL ...", then
-// "SUMMARY group=... checks=N failures=F ..." per group. Exit status 0 only when every check passed.
+// "SUMMARY group=... checks=N failures=F ..." per group, "LAUNCH_SITE file:line kernel launches=n" for
+// every launch statement that ran. Exit status 0 only when every check passed.
 // Device buffers are poisoned with NaN when allocated, so an unwritten output element fails.
 #include <chrono>
 #include <cinttypes>
@@ -765,6 +766,8 @@ int main(int argc, char** argv) {
                s.threads - s0.threads, s.barriers - s0.barriers,
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
+    for (const auto& site : emu::launch_sites())
+        printf("LAUNCH_SITE %s:%d %s launches=%lld\n", site.file, site.line, site.kernel, site.launches);
     printf("TOTAL checks=%d failures=%d\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

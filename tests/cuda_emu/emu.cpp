@@ -115,6 +115,8 @@ int g_kernel_line = 0;
 void (*g_kernel)(void*) = nullptr;
 void* g_kernel_ctx = nullptr;
 
+std::vector<LaunchSite> g_sites;
+
 Order g_order = Order::forward;
 uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 Stats g_stats;
@@ -325,6 +327,7 @@ void configure(Order order, uint64_t seed) {
 }
 
 const Stats& stats() { return g_stats; }
+const std::vector<LaunchSite>& launch_sites() { return g_sites; }
 
 void fail(const char* fmt, ...) {
     fflush(stdout);
@@ -352,6 +355,13 @@ void launch(const char* name, const char* file, int line, dim3 grid, dim3 block,
         return;
     }
     ++g_stats.launches;
+    bool known = false;
+    for (auto& site : g_sites)
+        if (site.line == line && strcmp(site.file, file) == 0 && strcmp(site.kernel, name) == 0) {
+            ++site.launches;
+            known = true;
+        }
+    if (!known) g_sites.push_back({file, line, name, 1});
     if (getenv("EMU_TRACE"))
         fprintf(stderr, "emu: launch %s (%s:%d) grid (%u,%u,%u) block (%u,%u,%u)\n", name, file, line, grid.x, grid.y,
                 grid.z, block.x, block.y, block.z);

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -167,6 +168,14 @@ struct Stats {
     long long launches = 0, blocks = 0, threads = 0, barriers = 0, shuffles = 0;
 };
 const Stats& stats();
+// Every launch statement that ran (file and line of the `<<<`...`>>>`, as rewritten), with its count.
+struct LaunchSite {
+    const char* file;
+    int line;
+    const char* kernel;
+    long long launches;
+};
+const std::vector<LaunchSite>& launch_sites();
 
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
