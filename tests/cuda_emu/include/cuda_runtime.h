@@ -161,8 +161,9 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
 namespace emu {
 
 enum class Order { forward, reverse, shuffle };
-// Fiber order within each scheduling round (between barriers). Different orders expose missing
-// barriers in either direction; results must not depend on it (the tests compare checksums).
+// Order of the fibers within each scheduling round (between barriers) and of the blocks of a launch.
+// Different orders expose missing barriers in either direction and races between blocks; results must
+// not depend on it (the tests compare checksums).
 void configure(Order order, uint64_t seed);
 struct Stats {
     long long launches = 0, blocks = 0, threads = 0, barriers = 0, shuffles = 0;
@@ -209,7 +210,7 @@ struct Cfg {
     }
     template <class F, class... Args>
     void run(F kernel, Args... args) {
-        auto bound = [&]() { kernel(args...); };  // arguments copied once, like kernel parameters
+        auto bound = [&]() { kernel(args...); };  // `kernel` takes them by value: a copy per thread
         using B = decltype(bound);
         launch(name, file, line, grid, block, smem, [](void* p) { (*static_cast<B*>(p))(); }, &bound);
     }
