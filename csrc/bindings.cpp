@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "net.h"
 #include "ops.h"
 #include "tensor.h"
 
@@ -72,7 +73,73 @@ std::pair<int, int> pair_arg(const py::object& v, const char* op, const char* ar
     throw TypeError(std::string(op) + ": argument '" + arg + "' must be an int or a pair of ints");
 }
 
+// ---- Net glue -------------------------------------------------------------------------------------
+
+template <typename T>
+T cfg_get(const py::dict& d, const char* key) {
+    if (!d.contains(key)) throw ValueError(std::string("Net: config is missing '") + key + "'");
+    try {
+        return d[key].cast<T>();
+    } catch (const py::cast_error&) {
+        throw TypeError(std::string("Net: config entry '") + key + "' has the wrong type (" +
+                        std::string(py::str(py::type::of(d[key]))) + ")");
+    }
+}
+
+NetConfig config_from_dict(const py::dict& d) {
+    NetConfig c;
+    c.input_size = cfg_get<int>(d, "input_size");
+    c.in_channels = cfg_get<int>(d, "in_channels");
+    c.num_classes = cfg_get<int>(d, "num_classes");
+    c.towers = cfg_get<int>(d, "towers");
+    py::dict conv1 = cfg_get<py::dict>(d, "conv1");
+    c.conv1_kernel = cfg_get<int>(conv1, "kernel");
+    c.conv1_stride = cfg_get<int>(conv1, "stride");
+    c.conv1_padding = cfg_get<int>(conv1, "padding");
+    c.channels = cfg_get<std::vector<int>>(d, "channels");
+    c.fc = cfg_get<std::vector<int>>(d, "fc");
+    c.lrn = cfg_get<bool>(d, "lrn");
+    c.lrn_size = cfg_get<int>(d, "lrn_size");
+    c.lrn_k = cfg_get<float>(d, "lrn_k");
+    c.lrn_alpha = cfg_get<float>(d, "lrn_alpha");
+    c.lrn_beta = cfg_get<float>(d, "lrn_beta");
+    c.overlap_pool = cfg_get<bool>(d, "overlap_pool");
+    c.dropout = cfg_get<float>(d, "dropout");
+    c.drop_layers = cfg_get<std::vector<std::string>>(d, "drop_layers");
+    c.momentum = cfg_get<float>(d, "momentum");
+    c.weight_decay = cfg_get<float>(d, "weight_decay");
+    c.init_std = cfg_get<float>(d, "init_std");
+    return c;
+}
+
+using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using i32_array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+int check_images(const Net& net, const f32_array& images, const char* op) {
+    const auto& c = net.config();
+    if (images.ndim() != 4 || images.shape(1) != c.in_channels || images.shape(2) != c.input_size ||
+        images.shape(3) != c.input_size)
+        throw ValueError(std::string(op) + ": argument 'images' must have shape (N, " + std::to_string(c.in_channels) +
+                         ", " + std::to_string(c.input_size) + ", " + std::to_string(c.input_size) + ")");
+    return static_cast<int>(images.shape(0));
+}
+
+void check_labels(const i32_array& labels, int n, const char* op) {
+    if (labels.ndim() != 1 || labels.shape(0) != n)
+        throw ValueError(std::string(op) + ": argument 'labels' must have shape (" + std::to_string(n) + ",)");
+}
+
+py::dict result_dict(const StepResult& r) {
+    py::dict d;
+    d["loss"] = r.loss;
+    d["top1"] = r.top1;
+    d["top5"] = r.top5;
+    d["n"] = r.n;
+    return d;
+}
+
 }  // namespace
+
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "alexnet_cuda compiled core: tensors, the CPU and CUDA backends of every op, the net and its scheduler";
@@ -215,13 +282,17 @@ PYBIND11_MODULE(_C, m) {
             ops::SoftmaxXent r;
             {
                 py::gil_scoped_release g;
-                r = ops::softmax_cross_entropy_forward(logits, labels);
+                r = ops::softmax_cross_entropy_forward(logits, labels, true);
             }
             return py::make_tuple(r.loss, r.probs, r.rank);
         },
         py::arg("logits"), py::arg("labels"), "Returns (loss per sample, probs, rank of the label).");
-    o.def("softmax_cross_entropy_backward", &ops::softmax_cross_entropy_backward, py::arg("probs"), py::arg("labels"),
-          py::arg("scale"), nogil);
+    o.def(
+        "softmax_cross_entropy_backward",
+        [](const Tensor& probs, const Tensor& labels, float scale) {
+            return ops::softmax_cross_entropy_backward(probs, labels, scale, true);
+        },
+        py::arg("probs"), py::arg("labels"), py::arg("scale"), nogil);
     o.def("softmax_forward", &ops::softmax_forward, py::arg("logits"), nogil);
 
     o.def(
@@ -237,4 +308,128 @@ PYBIND11_MODULE(_C, m) {
     o.def("add", &ops::add, py::arg("a"), py::arg("b"), nogil);
     o.def("augment_batch", &ops::augment_batch, py::arg("images"), py::arg("offsets"), py::arg("flips"),
           py::arg("light"), py::arg("mean"), py::arg("crop"), nogil);
+
+    py::class_<Net>(m, "Net", "The two-tower AlexNet in C++ (use alexnet_cuda.Net, the Python front, instead).")
+        .def(py::init([](const py::dict& cfg, const std::vector<std::string>& devices, bool shared, uint64_t seed) {
+                 std::vector<Device> devs;
+                 for (const auto& s : devices) devs.push_back(Device::parse(s, "Net", "devices"));
+                 NetConfig c = config_from_dict(cfg);
+                 py::gil_scoped_release nogil;
+                 return new Net(c, devs, shared, seed);
+             }),
+             py::arg("config"), py::arg("devices"), py::arg("shared"), py::arg("seed"))
+        .def(
+            "train_step",
+            [](Net& net, const f32_array& images, const i32_array& labels, float lr) {
+                const int n = check_images(net, images, "train_step");
+                check_labels(labels, n, "train_step");
+                StepResult r;
+                {
+                    py::gil_scoped_release nogil;
+                    r = net.train_step(images.data(), labels.data(), n, lr);
+                }
+                return result_dict(r);
+            },
+            py::arg("images"), py::arg("labels"), py::arg("lr"))
+        .def(
+            "forward",
+            [](Net& net, const f32_array& images, bool probs) {
+                const int n = check_images(net, images, "forward");
+                Tensor out;
+                {
+                    py::gil_scoped_release nogil;
+                    out = net.forward(images.data(), n, probs);
+                }
+                return to_numpy(out);
+            },
+            py::arg("images"), py::arg("probs") = false)
+        .def(
+            "evaluate",
+            [](Net& net, const f32_array& images, const i32_array& labels) {
+                const int n = check_images(net, images, "evaluate");
+                check_labels(labels, n, "evaluate");
+                StepResult r;
+                {
+                    py::gil_scoped_release nogil;
+                    r = net.evaluate(images.data(), labels.data(), n);
+                }
+                return result_dict(r);
+            },
+            py::arg("images"), py::arg("labels"))
+        .def("state",
+             [](const Net& net) {
+                 py::list out;
+                 for (auto& kv : net.state()) out.append(py::make_tuple(kv.first, to_numpy(kv.second)));
+                 return out;
+             })
+        .def(
+            "load_state",
+            [](Net& net, const py::dict& d) {
+                std::map<std::string, Tensor> host;
+                for (auto item : d) {
+                    const std::string name = item.first.cast<std::string>();
+                    py::array a = py::array::ensure(item.second);
+                    if (!a) throw TypeError("load_state_dict: entry '" + name + "' is not an array");
+                    f32_array f = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(a);
+                    std::vector<int64_t> shape(f.shape(), f.shape() + f.ndim());
+                    Tensor t = Tensor::empty(shape, DType::f32, Device{});
+                    if (t.nbytes()) std::memcpy(t.raw(), f.data(), t.nbytes());
+                    host[name] = t;
+                }
+                py::gil_scoped_release nogil;
+                net.load_state(host);
+            },
+            py::arg("state"))
+        .def_readwrite("step", &Net::step)
+        .def_readwrite("trace", &Net::trace)
+        .def_property_readonly("seed", &Net::seed)
+        .def_property_readonly("devices",
+                               [](const Net& net) {
+                                   std::vector<std::string> s;
+                                   for (auto& d : net.devices()) s.push_back(d.str());
+                                   return s;
+                               })
+        .def("executors",
+             [](const Net& net) {
+                 std::vector<std::string> s;
+                 for (int t = 0; t < net.scheduler().towers(); ++t) s.push_back(net.scheduler().executor_name(t));
+                 return s;
+             })
+        .def("layers",
+             [](const Net& net) {
+                 py::list out;
+                 for (const auto& L : net.layers()) {
+                     py::dict d;
+                     d["name"] = L.name;
+                     d["kind"] = L.conv ? "conv" : "fc";
+                     d["cross"] = L.cross;
+                     d["in_c"] = L.in_c;
+                     d["out_c"] = L.out_c;
+                     d["kernel"] = L.kernel;
+                     d["stride"] = L.stride;
+                     d["pad"] = L.pad;
+                     d["in_hw"] = L.in_hw;
+                     d["out_hw"] = L.out_hw;
+                     d["pooled_hw"] = L.pooled_hw;
+                     d["relu"] = L.relu;
+                     d["lrn"] = L.lrn;
+                     d["pool"] = L.pool;
+                     d["dropout"] = L.dropout;
+                     d["bias_init"] = L.bias_init;
+                     out.append(d);
+                 }
+                 return out;
+             })
+        .def("last_step_stats", [](const Net& net) {
+            const Scheduler& s = net.scheduler();
+            py::dict d;
+            py::dict edges;
+            for (auto& kv : s.edge_bytes()) edges[py::str(kv.first)] = kv.second;
+            d["edge_bytes"] = edges;
+            py::list tl;
+            for (auto& e : s.timeline()) tl.append(py::make_tuple(e.op, e.tower, e.device, e.start_us, e.end_us));
+            d["timeline"] = tl;
+            d["wall_us"] = s.step_wall_us();
+            return d;
+        });
 }

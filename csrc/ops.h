@@ -104,9 +104,10 @@ Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p);
 struct SoftmaxXent {
     Tensor loss, probs, rank;
 };
-SoftmaxXent softmax_cross_entropy_forward(const Tensor& logits, const Tensor& labels);
+// `check_labels` copies the labels to the host to range-check them; the Net checks them before upload.
+SoftmaxXent softmax_cross_entropy_forward(const Tensor& logits, const Tensor& labels, bool check_labels = true);
 // dlogits = (probs - onehot(labels)) * scale (scale = 1/N for a mean loss).
-Tensor softmax_cross_entropy_backward(const Tensor& probs, const Tensor& labels, float scale);
+Tensor softmax_cross_entropy_backward(const Tensor& probs, const Tensor& labels, float scale, bool check_labels = true);
 Tensor softmax_forward(const Tensor& logits);
 
 // In place, exactly as ALEXNET.md: v = momentum*v - weight_decay*lr*w - lr*dw; w = w + v.

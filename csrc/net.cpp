@@ -1,0 +1,486 @@
+// The two-tower AlexNet: layer table, parameter init, and the issue order of a training step.
+#include "net.h"
+
+#include <cmath>
+#include <cstring>
+#include <set>
+#include <sstream>
+
+#include "philox.h"
+
+namespace ax {
+
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+uint64_t hash_name(const std::string& s) {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    return h;
+}
+
+[[noreturn]] void config_error(const std::string& msg) { throw ValueError("Net: " + msg); }
+
+int out_size(const std::string& layer, const char* what, int in, int k, int s, int p) {
+    if (in + 2 * p < k)
+        config_error("input too small: " + layer + " " + what + " window " + std::to_string(k) + " does not fit its " +
+                     std::to_string(in) + "x" + std::to_string(in) + " input (padding " + std::to_string(p) +
+                     "); raise input_size or shrink the layers");
+    return (in + 2 * p - k) / s + 1;
+}
+
+}  // namespace
+
+Net::Net(const NetConfig& cfg, const std::vector<Device>& devices, bool shared, uint64_t seed)
+    : cfg_(cfg), devices_(devices), seed_(seed) {
+    if (cfg_.towers < 1) config_error("towers must be >= 1, got " + std::to_string(cfg_.towers));
+    if (static_cast<int>(devices_.size()) != cfg_.towers)
+        config_error("devices names " + std::to_string(devices_.size()) + " device(s) for " +
+                     std::to_string(cfg_.towers) + " tower(s)");
+    for (const Device& d : devices_)
+        if (d.type != devices_[0].type)
+            config_error("towers must all be on CPU or all on CUDA devices, got " + devices_[0].str() + " and " + d.str());
+    build_layers();
+    sched_ = std::make_unique<Scheduler>(devices_, shared);
+    init_params();
+}
+
+void Net::build_layers() {
+    const int T = cfg_.towers;
+    if (cfg_.channels.size() != 5) config_error("channels must list 5 conv widths (conv1..conv5)");
+    if (cfg_.fc.size() != 2) config_error("fc must list 2 widths (fc6, fc7)");
+    auto divisible = [&](const std::string& what, int v) {
+        if (v < 1) config_error(what + " must be >= 1, got " + std::to_string(v));
+        if (v % T != 0)
+            config_error(what + " (" + std::to_string(v) + ") is not divisible by the " + std::to_string(T) + " towers");
+    };
+    static const char* conv_names[5] = {"conv1", "conv2", "conv3", "conv4", "conv5"};
+    for (int i = 0; i < 5; ++i) divisible(std::string("width of ") + conv_names[i], cfg_.channels[i]);
+    divisible("width of fc6", cfg_.fc[0]);
+    divisible("width of fc7", cfg_.fc[1]);
+    divisible("num_classes", cfg_.num_classes);
+    if (cfg_.in_channels < 1) config_error("in_channels must be >= 1");
+    if (cfg_.input_size < 1) config_error("input_size must be >= 1");
+    if (!(cfg_.dropout >= 0.f && cfg_.dropout < 1.f)) config_error("dropout must be in [0, 1)");
+    if (cfg_.lrn && (cfg_.lrn_size < 1 || cfg_.lrn_size % 2 == 0)) config_error("lrn_size must be a positive odd number");
+    if (cfg_.conv1_kernel < 1 || cfg_.conv1_stride < 1 || cfg_.conv1_padding < 0)
+        config_error("conv1 needs kernel >= 1, stride >= 1, padding >= 0");
+    std::set<std::string> drop(cfg_.drop_layers.begin(), cfg_.drop_layers.end());
+    for (const auto& d : drop)
+        if (d != "conv2" && d != "conv3" && d != "conv4")
+            config_error("drop_layers may name conv2, conv3 or conv4 (the middle conv layers), got '" + d + "'");
+
+    const int pool_w = cfg_.overlap_pool ? 3 : 2, pool_s = 2;
+    // The paper's table: (kernel, pad, cross-tower input, LRN, pool, bias init) for conv1..conv5.
+    struct Row { int k, pad, stride; bool cross, lrn, pool; float bias; };
+    const Row rows[5] = {{cfg_.conv1_kernel, cfg_.conv1_padding, cfg_.conv1_stride, false, true, true, 0.f},
+                         {5, 2, 1, false, true, true, 1.f},
+                         {3, 1, 1, true, false, false, 0.f},
+                         {3, 1, 1, false, false, false, 1.f},
+                         {3, 1, 1, false, false, true, 1.f}};
+    int hw = cfg_.input_size, c_own = cfg_.in_channels;  // what the next layer sees in each tower
+    bool pending_cross = false;
+    for (int i = 0; i < 5; ++i) {
+        if (drop.count(conv_names[i])) {
+            // A removed layer takes its LRN and pooling with it; its cross-tower input moves to the next layer.
+            pending_cross = pending_cross || rows[i].cross;
+            continue;
+        }
+        LayerSpec L;
+        L.name = conv_names[i];
+        L.conv = true;
+        L.cross = (rows[i].cross || pending_cross) && T > 1 && i > 0;
+        pending_cross = false;
+        L.in_c = L.cross ? c_own * T : c_own;
+        L.out_c = cfg_.channels[i] / T;
+        L.kernel = rows[i].k; L.pad = rows[i].pad; L.stride = rows[i].stride;
+        L.in_hw = hw;
+        L.out_hw = out_size(L.name, "convolution", hw, L.kernel, L.stride, L.pad);
+        L.lrn = rows[i].lrn && cfg_.lrn;
+        L.pool = rows[i].pool;
+        L.pooled_hw = L.pool ? out_size(L.name, "max-pooling", L.out_hw, pool_w, pool_s, 0) : L.out_hw;
+        L.bias_init = rows[i].bias;
+        hw = L.pooled_hw;
+        c_own = L.out_c;
+        layers_.push_back(L);
+    }
+    int features_own = c_own * hw * hw;
+    const int fc_out[3] = {cfg_.fc[0] / T, cfg_.fc[1] / T, cfg_.num_classes / T};
+    static const char* fc_names[3] = {"fc6", "fc7", "fc8"};
+    for (int i = 0; i < 3; ++i) {
+        LayerSpec L;
+        L.name = fc_names[i];
+        L.conv = false;
+        L.cross = T > 1;
+        L.in_c = features_own * T;
+        L.out_c = fc_out[i];
+        L.relu = i < 2;
+        L.dropout = i < 2 && cfg_.dropout > 0.f;
+        L.bias_init = i < 2 ? 1.f : 0.f;
+        features_own = L.out_c;
+        layers_.push_back(L);
+    }
+    for (size_t i = 0; i < layers_.size(); ++i) layers_[i].index = static_cast<int>(i);
+}
+
+void Net::init_params() {
+    const int T = cfg_.towers;
+    params_.assign(T, std::vector<Params>(layers_.size()));
+    st_.assign(T, std::vector<LayerState>(layers_.size()));
+    for (int t = 0; t < T; ++t) {
+        for (size_t l = 0; l < layers_.size(); ++l) {
+            const LayerSpec& L = layers_[l];
+            std::vector<int64_t> wshape = L.conv ? std::vector<int64_t>{L.out_c, L.in_c, L.kernel, L.kernel}
+                                                 : std::vector<int64_t>{L.out_c, L.in_c};
+            const std::string base = L.name + ".t" + std::to_string(t);
+            // Weights ~ N(0, init_std^2) by Box-Muller on Philox draws keyed by (seed, parameter name):
+            // the same numbers on every backend and device placement.
+            Tensor w = Tensor::empty(wshape, DType::f32, Device{});
+            const uint64_t key = splitmix64(seed_ ^ hash_name(base + ".weight"));
+            float* wp = w.data<float>();
+            for (int64_t i = 0; i < w.numel(); ++i) {
+                const double u1 = (static_cast<double>(philox_u32(key, 2 * i)) + 1.0) / 4294967296.0;
+                const double u2 = static_cast<double>(philox_u32(key, 2 * i + 1)) / 4294967296.0;
+                wp[i] = static_cast<float>(cfg_.init_std * std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+            }
+            Tensor b = Tensor::empty({L.out_c}, DType::f32, Device{});
+            for (int64_t i = 0; i < b.numel(); ++i) b.data<float>()[i] = L.bias_init;
+            Params& p = params_[t][l];
+            const Device d = devices_[t];
+            DeviceGuard g(d);
+            p.w = w.to(d);
+            p.b = b.to(d);
+            p.vw = Tensor::zeros(wshape, DType::f32, d);
+            p.vb = Tensor::zeros({L.out_c}, DType::f32, d);
+        }
+    }
+    for (const Device& d : devices_) cuda_synchronize(d);
+}
+
+std::string Net::edge_name(int l) const {
+    return (l > 0 ? layers_[l - 1].name : std::string("input")) + "->" + layers_[l].name;
+}
+
+std::vector<Tensor> Net::upload_images(const float* images, int n) {
+    const int S = cfg_.input_size, C = cfg_.in_channels;
+    Tensor host = Tensor::empty({n, C, S, S}, DType::f32, Device{});
+    std::memcpy(host.raw(), images, host.nbytes());
+    std::vector<Tensor> per_tower(cfg_.towers);
+    std::map<std::string, Tensor> per_device;
+    for (int t = 0; t < cfg_.towers; ++t) {
+        const Device d = devices_[t];
+        auto it = per_device.find(d.str());
+        if (it == per_device.end()) it = per_device.emplace(d.str(), d.is_cpu() ? host : host.to(d)).first;
+        per_tower[t] = it->second;
+    }
+    return per_tower;
+}
+
+void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
+    const int T = cfg_.towers;
+    const int pool_w = cfg_.overlap_pool ? 3 : 2;
+    const uint64_t drop_seed = splitmix64(seed_ ^ splitmix64(static_cast<uint64_t>(step)));
+    for (size_t l = 0; l < layers_.size(); ++l) {
+        const LayerSpec& L = layers_[l];
+        // Inputs: the image, the own tower's previous output, or every tower's (a cross-tower edge).
+        for (int t = 0; t < T; ++t) {
+            LayerState& s = st_[t][l];
+            s = LayerState();
+            if (l == 0) {
+                Tensor img = images[t];
+                sched_->run(t, L.name + ".input", [&s, img] { s.in = img; });
+            } else if (!L.cross) {
+                LayerState& prev = st_[t][l - 1];
+                sched_->run(t, L.name + ".input", [&s, &prev, &L] {
+                    s.in = L.conv ? prev.out : prev.out.view({prev.out.size(0), L.in_c});
+                });
+            } else {
+                s.recv.resize(T);
+                for (int u = 0; u < T; ++u) sched_->transfer(u, t, &st_[u][l - 1].out, &s.recv[u], edge_name(l));
+                sched_->run(t, L.name + ".gather", [&s, &L] {
+                    std::vector<Tensor> parts;
+                    for (const Tensor& r : s.recv) parts.push_back(L.conv ? r : r.view({r.size(0), r.numel() / r.size(0)}));
+                    s.in = ops::concat_channels(parts);
+                });
+            }
+        }
+        for (int t = 0; t < T; ++t) {
+            LayerState& s = st_[t][l];
+            Params& p = params_[t][l];
+            if (L.conv) {
+                sched_->run(t, L.name + ".fprop", [&s, &p, &L] {
+                    s.z = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1);
+                });
+            } else {
+                sched_->run(t, L.name + ".fprop", [&s, &p] { s.z = ops::linear_forward(s.in, p.w, p.b); });
+            }
+            if (L.relu) sched_->run(t, L.name + ".relu", [&s] { s.a = ops::relu_forward(s.z); });
+            else sched_->run(t, L.name + ".identity", [&s] { s.a = s.z; });
+            Tensor* cur = &s.a;
+            if (L.lrn) {
+                const NetConfig* c = &cfg_;
+                sched_->run(t, L.name + ".lrn", [&s, c] {
+                    auto r = ops::lrn_forward(s.a, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta);
+                    s.lrn_y = r.first;
+                    s.lrn_scale = r.second;
+                });
+                cur = &s.lrn_y;
+            }
+            if (L.pool) {
+                sched_->run(t, L.name + ".pool", [&s, cur, pool_w] {
+                    auto r = ops::maxpool_forward(*cur, pool_w, pool_w, 2, 2, 0, 0);
+                    s.pool_y = r.first;
+                    s.pool_arg = r.second;
+                });
+                cur = &s.pool_y;
+            }
+            if (L.dropout && train) {
+                const float p_drop = cfg_.dropout;
+                const uint64_t offset = (static_cast<uint64_t>(L.index) * 64 + t) << 40;
+                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, drop_seed, offset] {
+                    auto r = ops::dropout_forward(*cur, p_drop, drop_seed, offset);
+                    s.out = r.first;
+                    s.drop_mask = r.second;
+                });
+            } else {
+                sched_->run(t, L.name + ".output", [&s, cur] { s.out = *cur; });
+            }
+        }
+    }
+    // The logits: each tower's slice of fc8, gathered on tower 0.
+    const int last = static_cast<int>(layers_.size()) - 1;
+    logits_recv_.assign(T, Tensor());
+    for (int u = 0; u < T; ++u) sched_->transfer(u, 0, &st_[u][last].out, &logits_recv_[u], "fc8->loss");
+    sched_->run(0, "logits.gather", [this] {
+        logits_ = logits_recv_.size() == 1 ? logits_recv_[0] : ops::concat_channels(logits_recv_);
+    });
+}
+
+void Net::issue_loss(const Tensor& labels, float scale, bool backward) {
+    sched_->run(0, "softmax_xent.fprop", [this, labels] {
+        auto r = ops::softmax_cross_entropy_forward(logits_, labels, /*check_labels=*/false);
+        loss_ = r.loss;
+        probs_ = r.probs;
+        rank_ = r.rank;
+    });
+    if (!backward) return;
+    const int T = cfg_.towers;
+    const int per = cfg_.num_classes / T;
+    const int last = static_cast<int>(layers_.size()) - 1;
+    sched_->run(0, "softmax_xent.bprop", [this, labels, scale] {
+        dlogits_ = ops::softmax_cross_entropy_backward(probs_, labels, scale, /*check_labels=*/false);
+    });
+    dlogits_part_.assign(T, Tensor());
+    dlogits_recv_.assign(T, Tensor());
+    for (int u = 0; u < T; ++u) {
+        sched_->run(0, "logits.split", [this, u, per, T] {
+            dlogits_part_[u] = T == 1 ? dlogits_ : ops::slice_channels(dlogits_, u * per, (u + 1) * per);
+        });
+        sched_->transfer(0, u, &dlogits_part_[u], &dlogits_recv_[u], "fc8->loss");
+        LayerState* s = &st_[u][last];
+        sched_->run(u, "fc8.d_out", [this, s, u] { s->d_out = dlogits_recv_[u]; });
+    }
+}
+
+void Net::issue_backward(float lr) {
+    const int T = cfg_.towers;
+    const int pool_w = cfg_.overlap_pool ? 3 : 2;
+    const float momentum = cfg_.momentum, wd = cfg_.weight_decay;
+    for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
+        const LayerSpec& L = layers_[l];
+        for (int t = 0; t < T; ++t) {
+            LayerState& s = st_[t][l];
+            Params& p = params_[t][l];
+            const float p_drop = cfg_.dropout;
+            const NetConfig* c = &cfg_;
+            // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU.
+            sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c] {
+                Tensor g = s.d_out;
+                if (s.drop_mask.defined()) g = ops::dropout_backward(g, s.drop_mask, p_drop);
+                if (L.pool)
+                    g = ops::maxpool_backward(g, s.pool_arg, L.out_hw, L.out_hw, pool_w, pool_w, 2, 2, 0, 0);
+                if (L.lrn) g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta);
+                if (L.relu) g = ops::relu_backward(g, s.a);
+                s.d_out = g;  // now the gradient w.r.t. the pre-activation z
+            });
+            if (L.conv) {
+                sched_->run(t, L.name + ".wgrad", [&s, &L] {
+                    s.dw = ops::conv2d_backward_weight(s.in, s.d_out, L.kernel, L.kernel, L.stride, L.stride, L.pad, L.pad, 1);
+                    s.db = ops::conv2d_backward_bias(s.d_out);
+                });
+                if (l > 0)
+                    sched_->run(t, L.name + ".dgrad", [&s, &p, &L] {
+                        s.d_in = ops::conv2d_backward_input(s.d_out, p.w, L.in_hw, L.in_hw, L.stride, L.stride, L.pad,
+                                                            L.pad, 1);
+                    });
+            } else {
+                sched_->run(t, L.name + ".wgrad", [&s] {
+                    s.dw = ops::linear_backward_weight(s.in, s.d_out);
+                    s.db = ops::linear_backward_bias(s.d_out);
+                });
+                if (l > 0) sched_->run(t, L.name + ".dgrad", [&s, &p] { s.d_in = ops::linear_backward_input(s.d_out, p.w); });
+            }
+            sched_->run(t, L.name + ".sgd", [&s, &p, lr, momentum, wd] {
+                ops::sgd_update(p.w, s.dw, p.vw, lr, momentum, wd);
+                ops::sgd_update(p.b, s.db, p.vb, lr, momentum, wd);
+            });
+        }
+        if (l == 0) break;
+        // d_in -> the previous layer's d_out: own tower, or a slice back to every source tower, summed there
+        // in tower order (the same order whatever the placement, so results match bit for bit).
+        if (!L.cross) {
+            for (int t = 0; t < T; ++t) {
+                LayerState& s = st_[t][l];
+                LayerState& prev = st_[t][l - 1];
+                sched_->run(t, L.name + ".d_in", [&s, &prev] { prev.d_out = s.d_in.view(prev.out.shape()); });
+            }
+            continue;
+        }
+        const int per = L.in_c / T;
+        for (int u = 0; u < T; ++u) st_[u][l - 1].d_out_recv.assign(T, Tensor());
+        for (int t = 0; t < T; ++t) {
+            LayerState& s = st_[t][l];
+            s.d_in_part.assign(T, Tensor());
+            for (int u = 0; u < T; ++u) {
+                sched_->run(t, L.name + ".d_in.split", [&s, u, per] {
+                    s.d_in_part[u] = ops::slice_channels(s.d_in, u * per, (u + 1) * per);
+                });
+                sched_->transfer(t, u, &s.d_in_part[u], &st_[u][l - 1].d_out_recv[t], edge_name(l));
+            }
+        }
+        for (int u = 0; u < T; ++u) {
+            LayerState& prev = st_[u][l - 1];
+            sched_->run(u, L.name + ".d_in.sum", [&prev] {
+                Tensor acc = prev.d_out_recv[0];
+                for (size_t t = 1; t < prev.d_out_recv.size(); ++t) acc = ops::add(acc, prev.d_out_recv[t]);
+                prev.d_out = acc.view(prev.out.shape());
+            });
+        }
+    }
+}
+
+StepResult Net::train_step(const float* images, const int32_t* labels, int n, float lr) {
+    if (n < 1) throw ValueError("train_step: argument 'images' holds no images");
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step: argument 'lr' must be finite and >= 0");
+    for (int i = 0; i < n; ++i)
+        if (labels[i] < 0 || labels[i] >= cfg_.num_classes)
+            throw ValueError("train_step: argument 'labels' holds " + std::to_string(labels[i]) + " at " +
+                             std::to_string(i) + ", outside [0, " + std::to_string(cfg_.num_classes) + ")");
+    auto imgs = upload_images(images, n);
+    Tensor host_labels = Tensor::empty({n}, DType::i32, Device{});
+    std::memcpy(host_labels.raw(), labels, sizeof(int32_t) * n);
+    Tensor dev_labels = devices_[0].is_cpu() ? host_labels : host_labels.to(devices_[0]);
+    sched_->begin_step(trace);
+    try {
+        issue_forward(imgs, /*train=*/true);
+        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
+        issue_backward(lr);
+    } catch (...) {
+        try { sched_->finish_step(); } catch (...) {}
+        throw;
+    }
+    sched_->finish_step();
+    step += 1;
+    Tensor loss = loss_.to(Device{}), rank = rank_.to(Device{});
+    StepResult r;
+    r.n = n;
+    double sum = 0;
+    for (int i = 0; i < n; ++i) {
+        sum += loss.data<float>()[i];
+        r.top1 += rank.data<int32_t>()[i] < 1;
+        r.top5 += rank.data<int32_t>()[i] < 5;
+    }
+    r.loss = sum / n;
+    return r;
+}
+
+Tensor Net::forward(const float* images, int n, bool probs) {
+    if (n < 1) throw ValueError("forward: argument 'images' holds no images");
+    auto imgs = upload_images(images, n);
+    sched_->begin_step(trace);
+    try {
+        issue_forward(imgs, /*train=*/false);
+        if (probs) sched_->run(0, "softmax.fprop", [this] { probs_ = ops::softmax_forward(logits_); });
+    } catch (...) {
+        try { sched_->finish_step(); } catch (...) {}
+        throw;
+    }
+    sched_->finish_step();
+    return (probs ? probs_ : logits_).to(Device{});
+}
+
+StepResult Net::evaluate(const float* images, const int32_t* labels, int n) {
+    if (n < 1) throw ValueError("evaluate: argument 'images' holds no images");
+    for (int i = 0; i < n; ++i)
+        if (labels[i] < 0 || labels[i] >= cfg_.num_classes)
+            throw ValueError("evaluate: argument 'labels' holds " + std::to_string(labels[i]) + ", outside [0, " +
+                             std::to_string(cfg_.num_classes) + ")");
+    auto imgs = upload_images(images, n);
+    Tensor host_labels = Tensor::empty({n}, DType::i32, Device{});
+    std::memcpy(host_labels.raw(), labels, sizeof(int32_t) * n);
+    Tensor dev_labels = devices_[0].is_cpu() ? host_labels : host_labels.to(devices_[0]);
+    sched_->begin_step(trace);
+    try {
+        issue_forward(imgs, /*train=*/false);
+        issue_loss(dev_labels, 1.0f, /*backward=*/false);
+    } catch (...) {
+        try { sched_->finish_step(); } catch (...) {}
+        throw;
+    }
+    sched_->finish_step();
+    Tensor loss = loss_.to(Device{}), rank = rank_.to(Device{});
+    StepResult r;
+    r.n = n;
+    double sum = 0;
+    for (int i = 0; i < n; ++i) {
+        sum += loss.data<float>()[i];
+        r.top1 += rank.data<int32_t>()[i] < 1;
+        r.top5 += rank.data<int32_t>()[i] < 5;
+    }
+    r.loss = sum / n;
+    return r;
+}
+
+std::vector<std::pair<std::string, Tensor>> Net::state() const {
+    std::vector<std::pair<std::string, Tensor>> out, mom;
+    for (size_t l = 0; l < layers_.size(); ++l)
+        for (int t = 0; t < cfg_.towers; ++t) {
+            const std::string base = layers_[l].name + ".t" + std::to_string(t);
+            const Params& p = params_[t][l];
+            out.push_back({base + ".weight", p.w});
+            out.push_back({base + ".bias", p.b});
+            mom.push_back({"momentum/" + base + ".weight", p.vw});
+            mom.push_back({"momentum/" + base + ".bias", p.vb});
+        }
+    out.insert(out.end(), mom.begin(), mom.end());
+    return out;
+}
+
+void Net::load_state(const std::map<std::string, Tensor>& host) {
+    auto mine = state();
+    std::set<std::string> known;
+    for (auto& kv : mine) {
+        known.insert(kv.first);
+        auto it = host.find(kv.first);
+        if (it == host.end()) throw ValueError("load_state_dict: missing '" + kv.first + "'");
+        if (it->second.shape() != kv.second.shape())
+            throw ValueError("load_state_dict: '" + kv.first + "' has shape " + it->second.shape_str() + ", the net has " +
+                             kv.second.shape_str());
+    }
+    for (auto& kv : host)
+        if (!known.count(kv.first)) throw ValueError("load_state_dict: unexpected entry '" + kv.first + "'");
+    for (auto& kv : mine) {
+        Tensor dst = kv.second;
+        DeviceGuard g(dst.device());
+        dst.copy_from(host.at(kv.first));
+    }
+    for (const Device& d : devices_) cuda_synchronize(d);
+}
+
+}  // namespace ax

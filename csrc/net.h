@@ -1,0 +1,105 @@
+// The 2012 two-tower AlexNet: its layer table (placement as data), parameters, and one whole training
+// step (forward, backward, SGD) issued through the Scheduler.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "scheduler.h"
+#include "tensor.h"
+
+namespace ax {
+
+struct NetConfig {
+    int input_size = 224, in_channels = 3, num_classes = 1000, towers = 2;
+    int conv1_kernel = 11, conv1_stride = 4, conv1_padding = 2;
+    std::vector<int> channels{96, 256, 384, 384, 256};
+    std::vector<int> fc{4096, 4096};
+    bool lrn = true;
+    int lrn_size = 5;
+    float lrn_k = 2.f, lrn_alpha = 1e-4f, lrn_beta = 0.75f;
+    bool overlap_pool = true;
+    float dropout = 0.5f;
+    std::vector<std::string> drop_layers;
+    float momentum = 0.9f, weight_decay = 0.0005f, init_std = 0.01f;
+};
+
+// One row of the layer table. `cross` marks a layer whose input is gathered from every tower (a
+// cross-tower edge); every other layer reads only its own tower's previous output.
+struct LayerSpec {
+    std::string name;
+    bool conv = true;
+    bool cross = false;
+    int in_c = 0;      // channels (conv) or features (fc) the layer reads in each tower, after gathering
+    int out_c = 0;     // channels / features each tower produces
+    int kernel = 1, stride = 1, pad = 0;
+    int in_hw = 1, out_hw = 1, pooled_hw = 1;  // conv: input, conv output, after pooling
+    bool relu = true, lrn = false, pool = false, dropout = false;
+    float bias_init = 0.f;
+    int index = 0;  // position in the table (dropout RNG key)
+};
+
+struct StepResult {
+    double loss = 0;   // mean over the batch
+    int64_t top1 = 0, top5 = 0, n = 0;
+};
+
+class Net {
+public:
+    // `devices`: one per tower; `shared`: one executor runs every tower in turn.
+    Net(const NetConfig& cfg, const std::vector<Device>& devices, bool shared, uint64_t seed);
+
+    StepResult train_step(const float* images, const int32_t* labels, int n, float lr);
+    // Inference (no dropout). Returns logits or probabilities (n, num_classes) on the host.
+    Tensor forward(const float* images, int n, bool probs);
+    StepResult evaluate(const float* images, const int32_t* labels, int n);
+
+    std::vector<std::pair<std::string, Tensor>> state() const;  // parameters then momentum, on their devices
+    void load_state(const std::map<std::string, Tensor>& host_tensors);  // names and shapes checked
+
+    const NetConfig& config() const { return cfg_; }
+    const std::vector<LayerSpec>& layers() const { return layers_; }
+    const Scheduler& scheduler() const { return *sched_; }
+    std::vector<Device> devices() const { return devices_; }
+    int64_t step = 0;
+    uint64_t seed() const { return seed_; }
+    bool trace = false;
+
+private:
+    struct Params {
+        Tensor w, b, vw, vb;
+    };
+    // Everything one tower keeps for one layer during a step (held until the step ends, so no buffer is
+    // reused while another stream may still read it).
+    struct LayerState {
+        std::vector<Tensor> recv;  // the inputs gathered from each tower (cross layers), on this device
+        Tensor in, z, a, lrn_y, lrn_scale, pool_y, pool_arg, drop_mask, out;
+        Tensor flat_in;                  // fc input as (N, features)
+        std::vector<Tensor> d_in_part;   // slices of d_in for each source tower, moved to that tower
+        std::vector<Tensor> d_out_recv;  // d_out contributions received from each consuming tower
+        Tensor d_out, d_in, dw, db;
+    };
+    void build_layers();
+    void init_params();
+    // Issues the forward of the whole net; with `train`, dropout is on and state is kept for backward.
+    void issue_forward(const std::vector<Tensor>& images_per_tower, bool train);
+    void issue_loss(const Tensor& labels, float scale, bool backward);
+    void issue_backward(float lr);
+    std::vector<Tensor> upload_images(const float* images, int n);
+    std::string edge_name(int layer) const;
+
+    NetConfig cfg_;
+    std::vector<Device> devices_;
+    uint64_t seed_;
+    std::vector<LayerSpec> layers_;
+    std::vector<std::vector<Params>> params_;     // [tower][layer]
+    std::vector<std::vector<LayerState>> st_;     // [tower][layer]
+    std::vector<Tensor> logits_recv_;             // fc8 slices gathered on tower 0
+    Tensor logits_, loss_, probs_, rank_, dlogits_;
+    std::vector<Tensor> dlogits_part_, dlogits_recv_;
+    std::unique_ptr<Scheduler> sched_;
+};
+
+}  // namespace ax

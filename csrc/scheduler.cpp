@@ -1,0 +1,308 @@
+// Executors (CPU worker threads, CUDA streams), events between them, and the cross-tower copies.
+#include "scheduler.h"
+
+#include <algorithm>
+
+#ifdef ALEXNET_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace ax {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// ---- CPU: one worker thread per executor, a FIFO of tasks ---------------------------------------------
+
+struct CpuEvent : Event {
+    std::mutex m;
+    std::condition_variable cv;
+    bool set = false;
+    void signal() {
+        { std::lock_guard<std::mutex> l(m); set = true; }
+        cv.notify_all();
+    }
+    void block() {
+        std::unique_lock<std::mutex> l(m);
+        cv.wait(l, [&] { return set; });
+    }
+};
+
+class CpuExecutor : public Executor {
+public:
+    explicit CpuExecutor(int id) : id_(id), worker_([this] { loop(); }) {}
+    ~CpuExecutor() override {
+        { std::lock_guard<std::mutex> l(m_); stop_ = true; }
+        cv_.notify_all();
+        worker_.join();
+    }
+    Device device() const override { return Device{}; }
+    std::string name() const override { return "cpu worker " + std::to_string(id_); }
+
+    void submit(const std::string& op, int tower, std::function<void()> fn) override {
+        push(Task{Task::Op, op, tower, std::move(fn), nullptr});
+    }
+    std::shared_ptr<Event> record() override {
+        auto e = std::make_shared<CpuEvent>();
+        push(Task{Task::Record, "", -1, nullptr, e});
+        return e;
+    }
+    void wait(const std::shared_ptr<Event>& e) override {
+        auto ce = std::dynamic_pointer_cast<CpuEvent>(e);
+        if (!ce) throw std::logic_error("scheduler: a CPU worker cannot wait on a CUDA event");
+        push(Task{Task::Wait, "", -1, nullptr, ce});
+    }
+    void begin_step(bool) override {
+        std::lock_guard<std::mutex> l(m_);
+        error_ = nullptr;
+        entries_.clear();
+        t0_ = Clock::now();
+    }
+    std::exception_ptr finish(std::vector<TimelineEntry>& timeline) override {
+        std::unique_lock<std::mutex> l(m_);
+        done_cv_.wait(l, [&] { return queue_.empty() && !busy_; });
+        timeline.insert(timeline.end(), entries_.begin(), entries_.end());
+        return error_;
+    }
+
+private:
+    struct Task {
+        enum Kind { Op, Record, Wait } kind;
+        std::string op;
+        int tower;
+        std::function<void()> fn;
+        std::shared_ptr<CpuEvent> event;
+    };
+    void push(Task t) {
+        { std::lock_guard<std::mutex> l(m_); queue_.push_back(std::move(t)); }
+        cv_.notify_all();
+    }
+    void loop() {
+        for (;;) {
+            Task t;
+            {
+                std::unique_lock<std::mutex> l(m_);
+                cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+                if (stop_ && queue_.empty()) return;
+                t = std::move(queue_.front());
+                queue_.pop_front();
+                busy_ = true;
+            }
+            if (t.kind == Task::Record) {
+                t.event->signal();  // even after an error, so the other tower never waits forever
+            } else if (t.kind == Task::Wait) {
+                t.event->block();
+            } else if (!failed()) {
+                const auto start = Clock::now();
+                try {
+                    t.fn();
+                } catch (...) {
+                    std::lock_guard<std::mutex> l(m_);
+                    if (!error_) error_ = std::current_exception();
+                }
+                const auto end = Clock::now();
+                std::lock_guard<std::mutex> l(m_);
+                entries_.push_back({t.op, t.tower, "cpu",
+                                    std::chrono::duration<double, std::micro>(start - t0_).count(),
+                                    std::chrono::duration<double, std::micro>(end - t0_).count()});
+            }
+            {
+                std::lock_guard<std::mutex> l(m_);
+                busy_ = false;
+            }
+            done_cv_.notify_all();
+        }
+    }
+    bool failed() {
+        std::lock_guard<std::mutex> l(m_);
+        return static_cast<bool>(error_);
+    }
+
+    int id_;
+    std::mutex m_;
+    std::condition_variable cv_, done_cv_;
+    std::deque<Task> queue_;
+    bool stop_ = false, busy_ = false;
+    std::exception_ptr error_;
+    std::vector<TimelineEntry> entries_;
+    Clock::time_point t0_ = Clock::now();
+    std::thread worker_;  // last: starts after the members it uses exist
+};
+
+// ---- CUDA: one non-blocking stream per executor; ops launch from the host thread ---------------------
+
+#ifdef ALEXNET_WITH_CUDA
+struct CudaEvent : Event {
+    cudaEvent_t e = nullptr;
+    int device = 0;
+    ~CudaEvent() override {
+        if (e) cudaEventDestroy(e);
+    }
+};
+
+class CudaExecutor : public Executor {
+public:
+    CudaExecutor(Device d, int id) : dev_(d), id_(id) {
+        DeviceGuard g(d);
+        cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "scheduler");
+    }
+    ~CudaExecutor() override {
+        DeviceGuard g(dev_);
+        cudaStreamSynchronize(stream_);
+        for (auto& p : marks_) {
+            cudaEventDestroy(p.start);
+            cudaEventDestroy(p.end);
+        }
+        if (begin_) cudaEventDestroy(begin_);
+        cudaStreamDestroy(stream_);
+    }
+    Device device() const override { return dev_; }
+    std::string name() const override { return dev_.str() + " stream " + std::to_string(id_); }
+
+    void submit(const std::string& op, int tower, std::function<void()> fn) override {
+        DeviceGuard g(dev_);
+        StreamGuard s(dev_.index, stream_);
+        cudaEvent_t a = nullptr, b = nullptr;
+        if (trace_) {
+            cuda_check(cudaEventCreate(&a), "scheduler");
+            cuda_check(cudaEventRecord(a, stream_), "scheduler");
+        }
+        fn();  // launches asynchronously on stream_
+        if (trace_) {
+            cuda_check(cudaEventCreate(&b), "scheduler");
+            cuda_check(cudaEventRecord(b, stream_), "scheduler");
+            marks_.push_back({op, tower, a, b});
+        }
+    }
+    std::shared_ptr<Event> record() override {
+        DeviceGuard g(dev_);
+        auto e = std::make_shared<CudaEvent>();
+        e->device = dev_.index;
+        cuda_check(cudaEventCreateWithFlags(&e->e, cudaEventDisableTiming), "scheduler");
+        cuda_check(cudaEventRecord(e->e, stream_), "scheduler");
+        return e;
+    }
+    void wait(const std::shared_ptr<Event>& e) override {
+        auto ce = std::dynamic_pointer_cast<CudaEvent>(e);
+        if (!ce) throw std::logic_error("scheduler: a CUDA stream cannot wait on a CPU event");
+        DeviceGuard g(dev_);
+        cuda_check(cudaStreamWaitEvent(stream_, ce->e, 0), "scheduler");
+    }
+    void begin_step(bool trace) override {
+        trace_ = trace;
+        DeviceGuard g(dev_);
+        if (trace_) {
+            if (!begin_) cuda_check(cudaEventCreate(&begin_), "scheduler");
+            cuda_check(cudaEventRecord(begin_, stream_), "scheduler");
+        }
+    }
+    std::exception_ptr finish(std::vector<TimelineEntry>& timeline) override {
+        DeviceGuard g(dev_);
+        cudaError_t err = cudaStreamSynchronize(stream_);
+        std::exception_ptr error;
+        if (err != cudaSuccess) {
+            try {
+                cuda_check(err, "train_step");
+            } catch (...) {
+                error = std::current_exception();
+            }
+        }
+        for (auto& p : marks_) {
+            float s = 0, e = 0;
+            if (!error && cudaEventElapsedTime(&s, begin_, p.start) == cudaSuccess &&
+                cudaEventElapsedTime(&e, begin_, p.end) == cudaSuccess)
+                timeline.push_back({p.op, p.tower, dev_.str(), s * 1000.0, e * 1000.0});
+            cudaEventDestroy(p.start);
+            cudaEventDestroy(p.end);
+        }
+        marks_.clear();
+        return error;
+    }
+
+private:
+    struct Mark {
+        std::string op;
+        int tower;
+        cudaEvent_t start, end;
+    };
+    Device dev_;
+    int id_;
+    cudaStream_t stream_ = nullptr;
+    cudaEvent_t begin_ = nullptr;
+    bool trace_ = false;
+    std::vector<Mark> marks_;
+};
+#endif
+
+}  // namespace
+
+Scheduler::Scheduler(const std::vector<Device>& tower_devices, bool shared) : devices_(tower_devices), shared_(shared) {
+    if (devices_.empty()) throw ValueError("Net: argument 'devices' is empty");
+    auto make = [&](Device d, int id) -> std::shared_ptr<Executor> {
+        if (d.is_cpu()) return std::make_shared<CpuExecutor>(id);
+#ifdef ALEXNET_WITH_CUDA
+        return std::make_shared<CudaExecutor>(d, id);
+#else
+        throw ValueError("Net: CUDA device requested but alexnet_cuda was built without CUDA");
+#endif
+    };
+    if (shared_) {
+        auto e = make(devices_[0], 0);
+        unique_.push_back(e);
+        exec_.assign(devices_.size(), e);
+    } else {
+        for (size_t t = 0; t < devices_.size(); ++t) {
+            unique_.push_back(make(devices_[t], static_cast<int>(t)));
+            exec_.push_back(unique_.back());
+        }
+    }
+}
+
+Scheduler::~Scheduler() = default;
+
+void Scheduler::run(int tower, const std::string& op, std::function<void()> fn) {
+    exec_[tower]->submit(op, tower, std::move(fn));
+}
+
+void Scheduler::transfer(int from, int to, const Tensor* src, Tensor* dst, const std::string& edge) {
+    if (from == to) {
+        run(to, edge + " (own)", [src, dst] { *dst = *src; });
+        return;
+    }
+    Executor& producer = *exec_[from];
+    Executor& consumer = *exec_[to];
+    if (&producer != &consumer) consumer.wait(producer.record());
+    const Device dd = devices_[to];
+    // The bytes are known from the producer's shape only once it ran; count them when the copy runs.
+    int64_t* counter = &edge_bytes_[edge];
+    static std::mutex count_mutex;
+    run(to, "copy " + edge, [src, dst, dd, counter] {
+        *dst = src->to(dd);
+        std::lock_guard<std::mutex> l(count_mutex);
+        *counter += static_cast<int64_t>(src->nbytes());
+    });
+}
+
+void Scheduler::begin_step(bool trace) {
+    edge_bytes_.clear();
+    timeline_.clear();
+    t0_ = std::chrono::steady_clock::now();
+    for (auto& e : unique_) e->begin_step(trace);
+    in_step_ = true;
+}
+
+void Scheduler::finish_step() {
+    std::exception_ptr first;
+    for (auto& e : unique_) {
+        auto err = e->finish(timeline_);
+        if (err && !first) first = err;
+    }
+    in_step_ = false;
+    step_wall_us_ = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0_).count();
+    std::sort(timeline_.begin(), timeline_.end(),
+              [](const TimelineEntry& a, const TimelineEntry& b) { return a.start_us < b.start_us; });
+    if (first) std::rethrow_exception(first);
+}
+
+}  // namespace ax
