@@ -1,12 +1,29 @@
-// STUB (replaced in this session): cpu backend of the dropout family.
-#include <stdexcept>
+// CPU backend of the dropout family: flat loops; element i's draw is philox_u32(seed, offset + i), the same
+// counter the CUDA kernels use, so both backends produce identical masks.
 #include "ops.h"
+#include "philox.h"
 
 namespace ax {
 namespace cpu {
 
-void dropout_forward(int64_t n, const float* x, float p, uint64_t seed, uint64_t offset, float* y, uint8_t* mask) { throw std::runtime_error("dropout_forward: not implemented yet"); }
-void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p, float* dx) { throw std::runtime_error("dropout_backward: not implemented yet"); }
+// mask[i] = draw >= threshold(p); y = x * mask / (1 - p).
+void dropout_forward(int64_t n, const float* __restrict x, float p, uint64_t seed, uint64_t offset,
+                     float* __restrict y, uint8_t* __restrict mask) {
+    const uint32_t threshold = dropout_threshold(p);
+    const float keep_scale = 1.0f / (1.0f - p);
+    for (int64_t i = 0; i < n; ++i) {
+        const bool keep = philox_u32(seed, offset + static_cast<uint64_t>(i)) >= threshold;
+        mask[i] = keep ? 1 : 0;
+        y[i] = keep ? x[i] * keep_scale : 0.0f;
+    }
+}
+
+// dx = dy * mask / (1 - p).
+void dropout_backward(int64_t n, const float* __restrict dy, const uint8_t* __restrict mask, float p,
+                      float* __restrict dx) {
+    const float keep_scale = 1.0f / (1.0f - p);
+    for (int64_t i = 0; i < n; ++i) dx[i] = mask[i] ? dy[i] * keep_scale : 0.0f;
+}
 
 }  // namespace cpu
 }  // namespace ax

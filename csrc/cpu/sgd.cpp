@@ -1,11 +1,19 @@
-// STUB (replaced in this session): cpu backend of the sgd family.
-#include <stdexcept>
+// CPU backend of the sgd family: one flat in-place pass over the parameter, its gradient and its momentum.
 #include "ops.h"
 
 namespace ax {
 namespace cpu {
 
-void sgd_update(int64_t n, float* w, const float* dw, float* v, float lr, float momentum, float weight_decay) { throw std::runtime_error("sgd_update: not implemented yet"); }
+// v = momentum*v - weight_decay*lr*w - lr*dw; w = w + v (ALEXNET.md), evaluated left to right as written.
+void sgd_update(int64_t n, float* __restrict w, const float* __restrict dw, float* __restrict v, float lr,
+                float momentum, float weight_decay) {
+    const float decay = weight_decay * lr;
+    for (int64_t i = 0; i < n; ++i) {
+        const float vi = momentum * v[i] - decay * w[i] - lr * dw[i];
+        v[i] = vi;
+        w[i] = w[i] + vi;
+    }
+}
 
 }  // namespace cpu
 }  // namespace ax

@@ -1,0 +1,268 @@
+"""Bad input to every op raises ValueError or TypeError whose message names the op and the offending argument;
+nothing aborts the interpreter (an abort would take the whole test run down with it)."""
+import numpy as np
+import pytest
+
+import alexnet_cuda as ax
+
+ops = ax.ops
+
+
+def t(shape, dtype=np.float32, device="cpu", fill=0.5):
+    return ax.from_numpy(np.full(shape, fill, dtype=dtype), device)
+
+
+X = lambda: t((2, 6, 9, 9))            # noqa: E731  a valid NCHW input
+W = lambda: t((8, 3, 3, 3))            # noqa: E731  a valid grouped (groups=2) conv weight
+DY = lambda: t((2, 8, 7, 7))           # noqa: E731  conv output gradient for X, W, groups=2
+LOGITS = lambda: t((3, 5))             # noqa: E731
+LABELS = lambda: ax.from_numpy(np.array([0, 4, 2], np.int32))  # noqa: E731
+
+
+def pool_argmax():
+    return ops.maxpool_forward(X(), 3, 2, 0)[1]
+
+
+CASES = [
+    # (id, call, exception, regex that must appear in the message)
+    # conv2d_forward
+    ("conv_fwd_x_rank", lambda: ops.conv2d_forward(t((6, 9, 9)), W(), groups=2), ValueError, r"conv2d_forward.*'x'.*4-D"),
+    ("conv_fwd_w_rank", lambda: ops.conv2d_forward(X(), t((8, 27)), groups=2), ValueError, r"conv2d_forward.*'w'"),
+    ("conv_fwd_x_dtype", lambda: ops.conv2d_forward(t((2, 6, 9, 9), np.int32), W(), groups=2), TypeError,
+     r"conv2d_forward.*'x'.*float32"),
+    ("conv_fwd_w_dtype", lambda: ops.conv2d_forward(X(), t((8, 3, 3, 3), np.uint8), groups=2), TypeError,
+     r"conv2d_forward.*'w'"),
+    ("conv_fwd_group_mismatch", lambda: ops.conv2d_forward(X(), W(), groups=4), ValueError, r"conv2d_forward.*'groups'"),
+    ("conv_fwd_groups_not_dividing_k", lambda: ops.conv2d_forward(X(), t((7, 2, 3, 3)), groups=3), ValueError,
+     r"conv2d_forward.*'groups'"),
+    ("conv_fwd_channel_mismatch", lambda: ops.conv2d_forward(X(), t((8, 4, 3, 3)), groups=2), ValueError,
+     r"conv2d_forward.*'w'.*channels"),
+    ("conv_fwd_groups_zero", lambda: ops.conv2d_forward(X(), W(), groups=0), ValueError, r"conv2d_forward.*'groups'"),
+    ("conv_fwd_bias_shape", lambda: ops.conv2d_forward(X(), W(), t((7,)), groups=2), ValueError, r"conv2d_forward.*'b'"),
+    ("conv_fwd_bias_dtype", lambda: ops.conv2d_forward(X(), W(), t((8,), np.int32), groups=2), TypeError,
+     r"conv2d_forward.*'b'"),
+    ("conv_fwd_window_too_large", lambda: ops.conv2d_forward(t((1, 1, 4, 4)), t((1, 1, 7, 7)), padding=1), ValueError,
+     r"conv2d_forward.*window.*larger"),
+    ("conv_fwd_stride_zero", lambda: ops.conv2d_forward(X(), W(), stride=0, groups=2), ValueError,
+     r"conv2d_forward.*'stride'"),
+    ("conv_fwd_padding_negative", lambda: ops.conv2d_forward(X(), W(), padding=(0, -1), groups=2), ValueError,
+     r"conv2d_forward.*'padding'"),
+    ("conv_fwd_stride_type", lambda: ops.conv2d_forward(X(), W(), stride="2", groups=2), TypeError,
+     r"conv2d_forward.*'stride'"),
+    ("conv_fwd_padding_triple", lambda: ops.conv2d_forward(X(), W(), padding=(1, 1, 1), groups=2), TypeError,
+     r"conv2d_forward.*'padding'"),
+    # conv2d_backward_input / weight / bias
+    ("conv_bwd_in_dy_shape", lambda: ops.conv2d_backward_input(t((2, 8, 6, 7)), W(), (9, 9), groups=2), ValueError,
+     r"conv2d_backward_input.*'dy'"),
+    ("conv_bwd_in_dy_rank", lambda: ops.conv2d_backward_input(t((2, 8, 49)), W(), (9, 9), groups=2), ValueError,
+     r"conv2d_backward_input.*'dy'"),
+    ("conv_bwd_in_w_dtype", lambda: ops.conv2d_backward_input(DY(), t((8, 3, 3, 3), np.int32), (9, 9), groups=2),
+     TypeError, r"conv2d_backward_input.*'w'"),
+    ("conv_bwd_in_groups", lambda: ops.conv2d_backward_input(DY(), W(), (9, 9), groups=3), ValueError,
+     r"conv2d_backward_input.*'groups'"),
+    ("conv_bwd_in_hw", lambda: ops.conv2d_backward_input(DY(), W(), (0, 9), groups=2), ValueError,
+     r"conv2d_backward_input.*'H'"),
+    ("conv_bwd_in_hw_type", lambda: ops.conv2d_backward_input(DY(), W(), "9x9", groups=2), TypeError,
+     r"conv2d_backward_input.*'input_hw'"),
+    ("conv_bwd_w_dy_shape", lambda: ops.conv2d_backward_weight(X(), t((2, 8, 7, 6)), 3, groups=2), ValueError,
+     r"conv2d_backward_weight.*'dy'"),
+    ("conv_bwd_w_groups", lambda: ops.conv2d_backward_weight(X(), DY(), 3, groups=4), ValueError,
+     r"conv2d_backward_weight.*'groups'"),
+    ("conv_bwd_w_x_dtype", lambda: ops.conv2d_backward_weight(t((2, 6, 9, 9), np.uint8), DY(), 3, groups=2),
+     TypeError, r"conv2d_backward_weight.*'x'"),
+    ("conv_bwd_w_kernel_zero", lambda: ops.conv2d_backward_weight(X(), DY(), 0, groups=2), ValueError,
+     r"conv2d_backward_weight.*'R'"),
+    ("conv_bwd_bias_rank", lambda: ops.conv2d_backward_bias(t((2, 8))), ValueError, r"conv2d_backward_bias.*'dy'"),
+    ("conv_bwd_bias_dtype", lambda: ops.conv2d_backward_bias(t((2, 8, 7, 7), np.int32)), TypeError,
+     r"conv2d_backward_bias.*'dy'"),
+    # linear
+    ("linear_fwd_features", lambda: ops.linear_forward(t((2, 5)), t((3, 4))), ValueError, r"linear_forward.*'w'"),
+    ("linear_fwd_x_rank", lambda: ops.linear_forward(t((2, 5, 1)), t((3, 5))), ValueError, r"linear_forward.*'x'"),
+    ("linear_fwd_x_dtype", lambda: ops.linear_forward(t((2, 5), np.int32), t((3, 5))), TypeError,
+     r"linear_forward.*'x'"),
+    ("linear_fwd_bias", lambda: ops.linear_forward(t((2, 5)), t((3, 5)), t((4,))), ValueError, r"linear_forward.*'b'"),
+    ("linear_bwd_in_features", lambda: ops.linear_backward_input(t((2, 4)), t((3, 5))), ValueError,
+     r"linear_backward_input.*'dy'"),
+    ("linear_bwd_in_w_rank", lambda: ops.linear_backward_input(t((2, 3)), t((3,))), ValueError,
+     r"linear_backward_input.*'w'"),
+    ("linear_bwd_w_batch", lambda: ops.linear_backward_weight(t((2, 5)), t((3, 3))), ValueError,
+     r"linear_backward_weight.*'dy'"),
+    ("linear_bwd_w_dtype", lambda: ops.linear_backward_weight(t((2, 5)), t((2, 3), np.uint8)), TypeError,
+     r"linear_backward_weight.*'dy'"),
+    ("linear_bwd_bias_rank", lambda: ops.linear_backward_bias(t((3,))), ValueError, r"linear_backward_bias.*'dy'"),
+    # relu
+    ("relu_fwd_dtype", lambda: ops.relu_forward(t((3, 4), np.uint8)), TypeError, r"relu_forward.*'x'"),
+    ("relu_bwd_shape", lambda: ops.relu_backward(t((3, 4)), t((4, 3))), ValueError, r"relu_backward.*'y'"),
+    ("relu_bwd_dtype", lambda: ops.relu_backward(t((3, 4), np.int32), t((3, 4))), TypeError, r"relu_backward.*'dy'"),
+    # lrn
+    ("lrn_even_size", lambda: ops.lrn_forward(X(), 4), ValueError, r"lrn_forward.*'size'"),
+    ("lrn_zero_size", lambda: ops.lrn_forward(X(), 0), ValueError, r"lrn_forward.*'size'"),
+    ("lrn_rank", lambda: ops.lrn_forward(t((6, 9, 9))), ValueError, r"lrn_forward.*'x'"),
+    ("lrn_dtype", lambda: ops.lrn_forward(t((2, 6, 9, 9), np.int32)), TypeError, r"lrn_forward.*'x'"),
+    ("lrn_k", lambda: ops.lrn_forward(X(), 5, 0.0), ValueError, r"lrn_forward.*'k'"),
+    ("lrn_alpha", lambda: ops.lrn_forward(X(), 5, 2.0, -1.0), ValueError, r"lrn_forward.*'alpha'"),
+    ("lrn_beta_nan", lambda: ops.lrn_forward(X(), 5, 2.0, 1e-4, float("nan")), ValueError, r"lrn_forward.*'beta'"),
+    ("lrn_bwd_even", lambda: ops.lrn_backward(X(), X(), X(), X(), 2), ValueError, r"lrn_backward.*'size'"),
+    ("lrn_bwd_scale_shape", lambda: ops.lrn_backward(X(), X(), X(), t((2, 6, 9, 8))), ValueError,
+     r"lrn_backward.*'scale'"),
+    ("lrn_bwd_dy_dtype", lambda: ops.lrn_backward(t((2, 6, 9, 9), np.uint8), X(), X(), X()), TypeError,
+     r"lrn_backward.*'dy'"),
+    # max-pooling
+    ("pool_window_too_large", lambda: ops.maxpool_forward(t((1, 1, 4, 4)), 5, 1, 0), ValueError,
+     r"maxpool_forward.*window.*larger"),
+    ("pool_window_too_large_padded", lambda: ops.maxpool_forward(t((1, 1, 2, 9)), (5, 3), 1, (1, 1)), ValueError,
+     r"maxpool_forward.*window.*larger"),
+    ("pool_padding_ge_window", lambda: ops.maxpool_forward(X(), 2, 2, 2), ValueError, r"maxpool_forward.*'padding'"),
+    ("pool_rank", lambda: ops.maxpool_forward(t((6, 9, 9))), ValueError, r"maxpool_forward.*'x'"),
+    ("pool_dtype", lambda: ops.maxpool_forward(t((2, 6, 9, 9), np.int32)), TypeError, r"maxpool_forward.*'x'"),
+    ("pool_stride_zero", lambda: ops.maxpool_forward(X(), 3, 0), ValueError, r"maxpool_forward.*'stride'"),
+    ("pool_window_type", lambda: ops.maxpool_forward(X(), 3.0), TypeError, r"maxpool_forward.*'window'"),
+    ("pool_bwd_argmax_dtype", lambda: ops.maxpool_backward(t((2, 6, 4, 4)), t((2, 6, 4, 4)), (9, 9)), TypeError,
+     r"maxpool_backward.*'argmax'"),
+    ("pool_bwd_dy_shape", lambda: ops.maxpool_backward(t((2, 6, 4, 3)), pool_argmax(), (9, 9)), ValueError,
+     r"maxpool_backward.*'dy'"),
+    ("pool_bwd_argmax_shape", lambda: ops.maxpool_backward(t((2, 6, 4, 4)), t((2, 6, 4, 3), np.int32), (9, 9)),
+     ValueError, r"maxpool_backward.*'argmax'"),
+    ("pool_bwd_padding_type", lambda: ops.maxpool_backward(t((2, 6, 4, 4)), pool_argmax(), (9, 9), 3, 2, "x"), TypeError,
+     r"maxpool_backward.*'padding'"),
+    # dropout
+    ("dropout_p_one", lambda: ops.dropout_forward(X(), 1.0), ValueError, r"dropout_forward.*'p'"),
+    ("dropout_p_negative", lambda: ops.dropout_forward(X(), -0.1), ValueError, r"dropout_forward.*'p'"),
+    ("dropout_p_nan", lambda: ops.dropout_forward(X(), float("nan")), ValueError, r"dropout_forward.*'p'"),
+    ("dropout_dtype", lambda: ops.dropout_forward(t((3, 4), np.int32)), TypeError, r"dropout_forward.*'x'"),
+    ("dropout_bwd_mask_dtype", lambda: ops.dropout_backward(t((3, 4)), t((3, 4))), TypeError,
+     r"dropout_backward.*'mask'"),
+    ("dropout_bwd_mask_shape", lambda: ops.dropout_backward(t((3, 4)), t((4, 3), np.uint8)), ValueError,
+     r"dropout_backward.*'mask'"),
+    ("dropout_bwd_p", lambda: ops.dropout_backward(t((3, 4)), t((3, 4), np.uint8), 1.5), ValueError,
+     r"dropout_backward.*'p'"),
+    # softmax / cross-entropy
+    ("xent_label_high", lambda: ops.softmax_cross_entropy_forward(LOGITS(), ax.from_numpy(np.array([0, 5, 1], np.int32))),
+     ValueError, r"softmax_cross_entropy_forward.*'labels'"),
+    ("xent_label_negative",
+     lambda: ops.softmax_cross_entropy_forward(LOGITS(), ax.from_numpy(np.array([0, -1, 1], np.int32))), ValueError,
+     r"softmax_cross_entropy_forward.*'labels'"),
+    ("xent_label_dtype", lambda: ops.softmax_cross_entropy_forward(LOGITS(), t((3,))), TypeError,
+     r"softmax_cross_entropy_forward.*'labels'"),
+    ("xent_label_shape", lambda: ops.softmax_cross_entropy_forward(LOGITS(), t((4,), np.int32)), ValueError,
+     r"softmax_cross_entropy_forward.*'labels'"),
+    ("xent_logits_rank", lambda: ops.softmax_cross_entropy_forward(t((15,)), LABELS()), ValueError,
+     r"softmax_cross_entropy_forward.*'logits'"),
+    ("xent_logits_dtype", lambda: ops.softmax_cross_entropy_forward(t((3, 5), np.int32), LABELS()), TypeError,
+     r"softmax_cross_entropy_forward.*'logits'"),
+    ("xent_bwd_label_high",
+     lambda: ops.softmax_cross_entropy_backward(LOGITS(), ax.from_numpy(np.array([0, 9, 1], np.int32)), 1.0),
+     ValueError, r"softmax_cross_entropy_backward.*'labels'"),
+    ("xent_bwd_scale_inf", lambda: ops.softmax_cross_entropy_backward(LOGITS(), LABELS(), float("inf")), ValueError,
+     r"softmax_cross_entropy_backward.*'scale'"),
+    ("softmax_rank", lambda: ops.softmax_forward(t((2, 3, 4))), ValueError, r"softmax_forward.*'logits'"),
+    ("softmax_dtype", lambda: ops.softmax_forward(t((2, 3), np.uint8)), TypeError, r"softmax_forward.*'logits'"),
+    # sgd
+    ("sgd_dw_shape", lambda: ops.sgd_update(t((3, 4)), t((4, 3)), t((3, 4)), 0.01), ValueError, r"sgd_update.*'dw'"),
+    ("sgd_v_shape", lambda: ops.sgd_update(t((3, 4)), t((3, 4)), t((12,)), 0.01), ValueError, r"sgd_update.*'v'"),
+    ("sgd_w_dtype", lambda: ops.sgd_update(t((3, 4), np.int32), t((3, 4)), t((3, 4)), 0.01), TypeError,
+     r"sgd_update.*'w'"),
+    ("sgd_momentum", lambda: ops.sgd_update(t((3, 4)), t((3, 4)), t((3, 4)), 0.01, 1.0), ValueError,
+     r"sgd_update.*'momentum'"),
+    ("sgd_lr", lambda: ops.sgd_update(t((3, 4)), t((3, 4)), t((3, 4)), -0.01), ValueError, r"sgd_update.*'lr'"),
+    ("sgd_weight_decay", lambda: ops.sgd_update(t((3, 4)), t((3, 4)), t((3, 4)), 0.01, 0.9, float("nan")),
+     ValueError, r"sgd_update.*'weight_decay'"),
+    # plumbing
+    ("concat_empty", lambda: ops.concat_channels([]), ValueError, r"concat_channels.*'xs'"),
+    ("concat_spatial_mismatch", lambda: ops.concat_channels([t((2, 3, 4, 4)), t((2, 3, 4, 5))]), ValueError,
+     r"concat_channels.*'xs'"),
+    ("concat_rank_mismatch", lambda: ops.concat_channels([t((2, 3, 4, 4)), t((2, 3))]), ValueError,
+     r"concat_channels.*'xs'"),
+    ("concat_3d", lambda: ops.concat_channels([t((2, 3, 4))]), ValueError, r"concat_channels.*'xs'"),
+    ("concat_dtype", lambda: ops.concat_channels([t((2, 3)), t((2, 3), np.int32)]), TypeError,
+     r"concat_channels.*'xs'"),
+    ("slice_range", lambda: ops.slice_channels(X(), 4, 7), ValueError, r"slice_channels.*channel range"),
+    ("slice_empty", lambda: ops.slice_channels(X(), 3, 3), ValueError, r"slice_channels.*channel range"),
+    ("slice_rank", lambda: ops.slice_channels(t((2, 3, 4)), 0, 1), ValueError, r"slice_channels.*'x'"),
+    ("add_shape", lambda: ops.add(t((3, 4)), t((4, 3))), ValueError, r"add: argument 'b'"),
+    ("add_dtype", lambda: ops.add(t((3, 4)), t((3, 4), np.int32)), TypeError, r"add: argument 'b'"),
+]
+
+
+def _augment_args(**over):
+    N, H, W = 2, 8, 8
+    args = dict(images=ax.from_numpy(np.zeros((N, H, W, 3), np.uint8)),
+                offsets=ax.from_numpy(np.zeros((N, 2), np.int32)),
+                flips=ax.from_numpy(np.zeros((N,), np.uint8)),
+                light=ax.from_numpy(np.zeros((N, 3), np.float32)),
+                mean=ax.from_numpy(np.zeros((3, H, W), np.float32)), crop=5)
+    args.update(over)
+    return args
+
+
+CASES += [
+    ("augment_images_dtype", lambda: ops.augment_batch(**_augment_args(images=t((2, 8, 8, 3)))), TypeError,
+     r"augment_batch.*'images'"),
+    ("augment_images_channels", lambda: ops.augment_batch(**_augment_args(images=t((2, 8, 8, 4), np.uint8))),
+     ValueError, r"augment_batch.*'images'"),
+    ("augment_offsets_outside",
+     lambda: ops.augment_batch(**_augment_args(offsets=ax.from_numpy(np.array([[0, 0], [4, 0]], np.int32)))),
+     ValueError, r"augment_batch.*'offsets'"),
+    ("augment_offsets_negative",
+     lambda: ops.augment_batch(**_augment_args(offsets=ax.from_numpy(np.array([[0, -1], [0, 0]], np.int32)))),
+     ValueError, r"augment_batch.*'offsets'"),
+    ("augment_crop", lambda: ops.augment_batch(**_augment_args(crop=9)), ValueError, r"augment_batch.*'crop'"),
+    ("augment_mean_shape", lambda: ops.augment_batch(**_augment_args(mean=t((3, 8, 7)))), ValueError,
+     r"augment_batch.*'mean'"),
+    ("augment_light_dtype", lambda: ops.augment_batch(**_augment_args(light=t((2, 3), np.int32))), TypeError,
+     r"augment_batch.*'light'"),
+    ("augment_flips_shape", lambda: ops.augment_batch(**_augment_args(flips=t((3,), np.uint8))), ValueError,
+     r"augment_batch.*'flips'"),
+    # from_numpy
+    ("from_numpy_non_contiguous", lambda: ax.from_numpy(np.zeros((4, 6), np.float32)[:, ::2]), ValueError,
+     r"from_numpy.*'array'.*contiguous"),
+    ("from_numpy_fortran", lambda: ax.from_numpy(np.asfortranarray(np.zeros((4, 6), np.float32))), ValueError,
+     r"from_numpy.*'array'.*contiguous"),
+    ("from_numpy_float64", lambda: ax.from_numpy(np.zeros((4, 6))), TypeError, r"from_numpy.*'array'.*float64"),
+    ("from_numpy_bad_device", lambda: ax.from_numpy(np.zeros(3, np.float32), "gpu7"), ValueError,
+     r"from_numpy.*'device'"),
+]
+
+
+@pytest.mark.parametrize("call,exc,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_naming_op_and_argument(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_maxpool_backward_rejects_argmax_outside_its_window():
+    """The CPU backend checks argmax values (an out-of-window index would write out of bounds)."""
+    am = pool_argmax().numpy()
+    for bad in (-1, 81, 80):  # negative, past the plane, inside the plane but outside window (0, 0)
+        a = am.copy()
+        a[1, 2, 0, 0] = bad
+        with pytest.raises(ValueError, match=r"maxpool_backward.*'argmax'"):
+            ops.maxpool_backward(t((2, 6, 4, 4)), ax.from_numpy(a), (9, 9))
+
+
+def test_errors_leave_the_library_usable():
+    for _, call, exc, _ in CASES:
+        with pytest.raises(exc):
+            call()
+    y = ops.conv2d_forward(X(), W(), groups=2)
+    assert np.allclose(y.numpy(), 0.25 * 27)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op,call", [
+    ("conv2d_forward", lambda: ops.conv2d_forward(X(), t((8, 3, 3, 3), device="cuda:0"), groups=2)),
+    ("conv2d_backward_weight", lambda: ops.conv2d_backward_weight(X(), t((2, 8, 7, 7), device="cuda:0"), 3, groups=2)),
+    ("linear_forward", lambda: ops.linear_forward(t((2, 5)), t((3, 5)), t((3,), device="cuda:0"))),
+    ("relu_backward", lambda: ops.relu_backward(t((3, 4), device="cuda:0"), t((3, 4)))),
+    ("lrn_backward", lambda: ops.lrn_backward(X(), X(), t((2, 6, 9, 9), device="cuda:0"), X())),
+    ("maxpool_backward", lambda: ops.maxpool_backward(t((2, 6, 4, 4), device="cuda:0"), pool_argmax(), (9, 9))),
+    ("dropout_backward", lambda: ops.dropout_backward(t((3, 4)), t((3, 4), np.uint8, "cuda:0"))),
+    ("softmax_cross_entropy_forward", lambda: ops.softmax_cross_entropy_forward(LOGITS(), LABELS().to("cuda:0"))),
+    ("sgd_update", lambda: ops.sgd_update(t((3, 4)), t((3, 4), device="cuda:0"), t((3, 4)), 0.01)),
+    ("concat_channels", lambda: ops.concat_channels([t((2, 3)), t((2, 3), device="cuda:0")])),
+    ("add", lambda: ops.add(t((3, 4)), t((3, 4), device="cuda:0"))),
+    ("augment_batch", lambda: ops.augment_batch(**_augment_args(mean=t((3, 8, 8), device="cuda:0")))),
+])
+def test_tensors_on_different_devices_are_rejected(op, call):
+    with pytest.raises(ValueError, match=rf"{op}.*(is on|device)"):
+        call()
