@@ -119,14 +119,15 @@ def parse_devices(spec, towers=2):
 
 
 def default_devices(towers=2):
-    """Two GPUs if there are two, else one GPU running both towers, else the CPU."""
+    """As the Net's "auto": one GPU per tower if there are enough, else every tower on GPU 0 (own streams),
+    else one CPU worker per tower."""
     import alexnet_cuda as ax
     if ax.cuda_available():
         n = ax.cuda_device_count()
-        if n >= towers and towers > 1:
+        if n >= towers:
             return tuple(f"cuda:{i}" for i in range(towers))
-        return "cuda:0"
-    return "cpu"
+        return ("cuda:0",) * towers
+    return ("cpu",) * towers
 
 
 def devices_str(devices):

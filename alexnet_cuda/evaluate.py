@@ -113,7 +113,7 @@ def _main(argv):
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file, or a run folder (its newest checkpoint)")
     p.add_argument("--data", help="prepared folder (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
-    p.add_argument("--devices", help="cpu, cuda:N, or one per tower (default: the GPU(s) if any, else cpu)")
+    p.add_argument("--devices", help="cpu, cuda:N, or one per tower (default: a GPU per tower, else cuda:0 for both, else cpu,cpu)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--limit", type=nonneg_int, default=None, help="evaluate only the first N images")
     p.add_argument("--no-ten-crop", action="store_true", help="center crop only")

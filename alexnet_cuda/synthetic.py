@@ -95,12 +95,16 @@ def draw(cls, rng):
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def make_synthetic(root, seed=0, train_per_class=300, val_per_class=50):
-    """Write root/train/<class>/*.jpg and root/val/<class>/*.jpg (deterministic in `seed`)."""
+def make_synthetic(root, seed=0, train_per_class=300, val_per_class=50, classes=CLASSES):
+    """Write root/train/<class>/*.jpg and root/val/<class>/*.jpg (deterministic in `seed`); `classes`: a
+    subset of CLASSES (tests use small trees)."""
     from PIL import Image
 
     for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for ci, cls in enumerate(CLASSES):
+        if count == 0:
+            continue
+        for cls in classes:
+            ci = CLASSES.index(cls)
             folder = os.path.join(root, split, cls)
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
