@@ -86,30 +86,72 @@ class PreparedData:
                 "pca_std": self.pca_std.tolist()}
 
 
+def _open_file_budget():
+    """How many shard files may be memory-mapped at once. Each mapping holds a file descriptor, and
+    ImageNet has ~1,300 shards: raise the soft limit toward the hard one where allowed."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+            except (ValueError, OSError):
+                pass
+        return max(16, (65536 if soft == resource.RLIM_INFINITY else soft) // 2)
+    except ImportError:  # not POSIX
+        return 256
+
+
 class Split:
-    """The images of one split as memory-mapped shards; images(indices) gathers uint8 (n, S, S, 3)."""
+    """The images of one split as memory-mapped shards; images(indices) gathers uint8 (n, S, S, 3).
+    Shards are mapped on first use and kept mapped (least recently used ones are closed beyond the
+    process's file-descriptor budget)."""
 
     def __init__(self, root, shards, size):
+        import collections
+
         self.size = size
-        self._arrays, starts, labels = [], [], []
+        self._paths, starts, labels = [], [], []
         total = 0
         for sh in shards:
-            if int(sh["count"]) == 0:
+            n = int(sh["count"])
+            if n == 0:
                 continue
-            arr = np.load(os.path.join(root, sh["images"]), mmap_mode="r")
             lab = np.load(os.path.join(root, sh["labels"]))
-            if arr.shape != (int(sh["count"]), size, size, 3) or arr.dtype != np.uint8 or lab.shape != (arr.shape[0],):
-                raise ValueError(f"{root}: shard {sh['images']} has shape {arr.shape} {arr.dtype}, labels "
-                                 f"{lab.shape}; expected ({sh['count']}, {size}, {size}, 3) uint8")
-            self._arrays.append(arr)
+            if lab.shape != (n,):
+                raise ValueError(f"{root}: {sh['labels']} has shape {lab.shape}, expected ({n},)")
+            self._paths.append((os.path.join(root, sh["images"]), n))
             starts.append(total)
             labels.append(lab.astype(np.int32))
-            total += arr.shape[0]
+            total += n
         self._starts = np.asarray(starts, np.int64)
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+        self._open = collections.OrderedDict()
+        self._max_open = _open_file_budget()
+        self._lock = threading.Lock()
+        if self._paths:
+            self._shard(0)  # fail early on a missing or malformed file
 
     def __len__(self):
         return self.labels.shape[0]
+
+    def _shard(self, k):
+        arr = self._open.get(k)
+        if arr is not None:
+            self._open.move_to_end(k)
+            return arr
+        path, n = self._paths[k]
+        arr = np.load(path, mmap_mode="r")
+        if arr.shape != (n, self.size, self.size, 3) or arr.dtype != np.uint8:
+            raise ValueError(f"shard {path} has shape {arr.shape} {arr.dtype}; expected "
+                             f"({n}, {self.size}, {self.size}, 3) uint8")
+        self._open[k] = arr
+        while len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return arr
 
     def images(self, indices):
         indices = np.asarray(indices, np.int64)
@@ -119,11 +161,12 @@ class Split:
         if indices.min() < 0 or indices.max() >= len(self):
             raise IndexError(f"image index out of range 0..{len(self) - 1}")
         shard = np.searchsorted(self._starts, indices, side="right") - 1
-        for s in np.unique(shard):
-            where = np.nonzero(shard == s)[0]
-            local = indices[where] - self._starts[s]
-            order = np.argsort(local, kind="stable")  # read each shard front to back
-            out[where[order]] = self._arrays[s][local[order]]
+        with self._lock:
+            for s in np.unique(shard):
+                where = np.nonzero(shard == s)[0]
+                local = indices[where] - self._starts[s]
+                order = np.argsort(local, kind="stable")  # read each shard front to back
+                out[where[order]] = self._shard(int(s))[local[order]]
         return out
 
 

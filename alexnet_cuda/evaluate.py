@@ -131,13 +131,12 @@ def _main(argv):
     center_loader = EvalLoader(data, a.batch_size, crop, split=a.split, mode="center", limit=limit)
     print(f"checkpoint {meta['path']} (epoch {state.get('epoch', '?')}, step {meta.get('step', '?')}), "
           f"{a.split}: {center_loader.n} images, crop {crop} of {data.size}")
-    views = 1 if a.no_ten_crop else 11
     bar = progress_bar(len(center_loader) * (1 if a.no_ten_crop else 2), desc="evaluate", unit="batch",
                        disable=a.no_progress)
     try:
         c = evaluate_center(net, center_loader, bar)
         t = None
-        if views > 1:
+        if not a.no_ten_crop:
             t = evaluate_ten_crop(net, EvalLoader(data, a.batch_size, crop, split=a.split, mode="raw", limit=limit), bar)
     finally:
         bar.close()

@@ -313,7 +313,7 @@ class Run:
         explicit = _explicit(args)
         net_over = _net_overrides(args)
         if resume:
-            meta, net_state, _ = load_checkpoint(resume)
+            meta, net_state, extra = load_checkpoint(resume)
             t = dict(meta["train"])
             t["max_steps"] = 0  # a limit of the invocation that set it, not of the run
             for k, v in explicit.items():
@@ -326,6 +326,7 @@ class Run:
                 raise ValueError("network settings (--set, --momentum, --weight-decay) cannot change on --resume")
             _validate(t)
             self.data = open_data(meta, args.data, log)
+            self._use_checkpoint_statistics(meta, extra)
             cfg = net_config(meta["config"])
             devices = parse_devices(args.devices or meta["devices"], cfg["towers"])
             self.out = args.out or os.path.dirname(os.path.abspath(resume))
@@ -389,6 +390,21 @@ class Run:
                     json.dumps({"train": t, "config": _jsonable(cfg), "devices": devices_str(devices),
                                 "data": self.data.root}, indent=1))
 
+    def _use_checkpoint_statistics(self, meta, extra):
+        """Continue with the mean image and PCA the run started with, even if the data folder was prepared
+        again since (same classes and size, checked by open_data)."""
+        import numpy as np
+
+        d = meta["data"]
+        mean = np.ascontiguousarray(extra["mean"], np.float32)
+        if not np.array_equal(mean, self.data.mean) or d["pca_eigenvalues"] != self.data.pca_eigenvalues.tolist():
+            self.log(f"note: {self.data.root} has another mean image or PCA than the checkpoint; continuing with "
+                     "the checkpoint's")
+        self.data.mean = mean
+        self.data.pca_eigenvalues = np.asarray(d["pca_eigenvalues"], np.float64)
+        self.data.pca_eigenvectors = np.asarray(d["pca_eigenvectors"], np.float64)
+        self.data.pca_std = np.asarray(d["pca_std"], np.float64)
+
     def _abandon_newer(self, resume):
         """Resuming from an older checkpoint: newer ones in the run folder belong to the abandoned
         continuation; rename them so they are never picked up by --resume auto or pruned in its place."""
@@ -421,7 +437,6 @@ class Run:
         t, st = self.t, self.state
         interrupted = _SigintFlag()
         bpe = self.loader.batches_per_epoch
-        bs = t["batch_size"]
         if t["max_steps"] and st["step"] >= t["max_steps"]:
             self.say(f"already at step {st['step']} (--max-steps {t['max_steps']}); nothing to do")
             self.steplog.close()
@@ -435,7 +450,7 @@ class Run:
             with interrupted:
                 while st["epoch"] < t["epochs"]:
                     e = st["epoch"]
-                    if st["batch"] < bpe and self._train_epoch(e, bpe, bs, interrupted) == "max_steps":
+                    if st["batch"] < bpe and self._train_epoch(e, bpe, interrupted) == "max_steps":
                         return 0
                     self._end_epoch(e, interrupted)
         except KeyboardInterrupt:
@@ -451,7 +466,7 @@ class Run:
     def say_err(self, msg):
         print(f"alexnet_cuda.train: error: {msg}", file=sys.stderr)
 
-    def _train_epoch(self, e, bpe, bs, interrupted):
+    def _train_epoch(self, e, bpe, interrupted):
         t, st, net = self.t, self.state, self.net
         acc = st["acc"]
         bar = progress_bar(bpe, desc=f"epoch {e + 1}/{t['epochs']}", unit="batch", initial=st["batch"],
