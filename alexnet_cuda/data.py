@@ -307,6 +307,37 @@ def prefetch(make_iterable, depth=3):
         thread.join()
 
 
+def prefetch_map(fn, items, depth=3, workers=2):
+    """Yield fn(item) for each item, in order, computed by `workers` threads at most `depth` items ahead
+    (the pixel op releases the GIL, so batches are built in parallel with each other and with the
+    training step). Closing the generator cancels what is queued and waits for the threads."""
+    items = list(items)
+    if depth <= 0 or workers <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alexnet_cuda-loader")
+    pending = collections.deque()
+    nxt = 0
+    try:
+        while nxt < len(items) and len(pending) < depth:
+            pending.append(pool.submit(fn, items[nxt]))
+            nxt += 1
+        while pending:
+            result = pending.popleft().result()
+            if nxt < len(items):
+                pending.append(pool.submit(fn, items[nxt]))
+                nxt += 1
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
+
+
 # ---- loaders -----------------------------------------------------------------------------------------------
 
 class TrainLoader:
@@ -315,7 +346,7 @@ class TrainLoader:
     random draw are keyed by (seed, epoch[, batch])."""
 
     def __init__(self, data, batch_size, crop, seed=0, pca_std=0.1, flip=True, lighting="std", split="train",
-                 prefetch_depth=3):
+                 prefetch_depth=3, threads=2):
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         if seed < 0:
@@ -328,7 +359,7 @@ class TrainLoader:
         self.crop = self.augment.crop
         self.eigenvectors = data.pca_eigenvectors
         self.magnitudes = data.lighting_magnitudes(lighting)
-        self.prefetch_depth = prefetch_depth
+        self.prefetch_depth, self.threads = prefetch_depth, threads
         if len(self.split) < self.batch_size:
             raise ValueError(f"batch size {batch_size} is larger than the {split} set ({len(self.split)} images)")
 
@@ -361,15 +392,14 @@ class TrainLoader:
         return x, self.split.labels[idx].astype(np.int32)
 
     def epoch(self, epoch, start=0):
-        """Yields (batch index, images, labels) for batches start.. of `epoch`, prefetched in a thread."""
+        """Yields (batch index, images, labels) for batches start.. of `epoch`, built ahead in threads."""
         order = self.order(epoch)
 
-        def gen():
-            for b in range(start, self.batches_per_epoch):
-                x, y = self.batch(epoch, b, order)
-                yield b, x, y
+        def make(b):
+            x, y = self.batch(epoch, b, order)
+            return b, x, y
 
-        return prefetch(gen, self.prefetch_depth)
+        return prefetch_map(make, range(start, self.batches_per_epoch), self.prefetch_depth, self.threads)
 
 
 class EvalLoader:

@@ -195,6 +195,46 @@ def test_prefetch_order_errors_and_clean_stop():
     assert len(produced) <= 5 + 2 + 2  # bounded: a few ahead, no more
 
 
+def test_prefetch_map_keeps_order_and_stops_cleanly():
+    import time
+
+    def slow_square(i):
+        time.sleep(0.002 * ((7 * i) % 5))  # finishes out of order
+        return i * i
+
+    assert list(D.prefetch_map(slow_square, range(40), depth=4, workers=3)) == [i * i for i in range(40)]
+    assert list(D.prefetch_map(slow_square, range(5), depth=0)) == [i * i for i in range(5)]
+    before = threading.active_count()
+    started = []
+
+    def record(i):
+        started.append(i)
+        return i
+
+    it = D.prefetch_map(record, range(1000), depth=3, workers=2)
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
+    it.close()
+    assert threading.active_count() == before
+    assert len(started) <= 4 + 3  # bounded look-ahead; the rest was never built
+
+    def fails(i):
+        if i == 2:
+            raise RuntimeError("bad batch")
+        return i
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        list(D.prefetch_map(fails, range(5), depth=2, workers=2))
+
+
+def test_loader_threads_do_not_change_batches(prepared):
+    a = D.TrainLoader(prepared, batch_size=4, crop=16, seed=2, prefetch_depth=0)
+    b = D.TrainLoader(prepared, batch_size=4, crop=16, seed=2, prefetch_depth=5, threads=3)
+    for (b1, x1, y1), (b2, x2, y2) in zip(a.epoch(4), b.epoch(4)):
+        assert b1 == b2
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+
+
 def test_loader_argument_errors(prepared):
     with pytest.raises(ValueError, match="larger than the train set"):
         D.TrainLoader(prepared, batch_size=1000, crop=16)
