@@ -325,36 +325,48 @@ def _clear_ours(dst):
             os.remove(os.path.join(dst, name))
 
 
-def exact_mean_and_pca(shard_stats, size):
-    """Combine per-shard float64 sums (integer-valued, so exact) into the mean image and RGB PCA."""
-    n_img = sum(s["count"] for s in shard_stats)
-    if n_img == 0:
-        raise ValueError("no readable training images")
-    img_sum = np.zeros((3, size, size), np.int64)
-    pix_sum = [0, 0, 0]
-    pix_outer = [[0] * 3 for _ in range(3)]
-    for s in shard_stats:
-        if s["count"] == 0:
-            continue
-        img_sum += s["img_sum"].astype(np.int64)
+class PixelTotals:
+    """Exact running sums over the training shards: image count, per-position pixel sums, and the RGB
+    sums and products. Shard sums are integer-valued float64 (exact); the totals are integers."""
+
+    def __init__(self, size):
+        self.size = size
+        self.images = 0
+        self.img_sum = np.zeros((3, size, size), np.int64)
+        self.pix_sum = [0, 0, 0]
+        self.pix_outer = [[0] * 3 for _ in range(3)]
+
+    def add(self, stats):
+        """Fold one shard's stats in (and drop its big per-position array from the dict)."""
+        img_sum = stats.pop("img_sum", None)
+        if stats["count"] == 0:
+            return
+        self.images += stats["count"]
+        self.img_sum += img_sum.astype(np.int64)
         for i in range(3):
-            pix_sum[i] += int(s["pix_sum"][i])
+            self.pix_sum[i] += int(stats["pix_sum"][i])
             for j in range(3):
-                pix_outer[i][j] += int(s["pix_outer"][i][j])
-    mean = (img_sum / n_img).astype(np.float32)
-    n_pix = n_img * size * size
-    # cov_ij = (n * sum x_i x_j - sum x_i * sum x_j) / n^2, the numerator in exact integers.
-    cov = np.array([[(n_pix * pix_outer[i][j] - pix_sum[i] * pix_sum[j]) / (n_pix * n_pix) for j in range(3)]
-                    for i in range(3)], np.float64)
-    evals, evecs = np.linalg.eigh(cov)
-    order = np.argsort(evals)[::-1]
-    evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
-    evecs = evecs * np.where(evecs.sum(0) < 0, -1.0, 1.0)
-    pca = {"eigenvalues": evals.tolist(), "eigenvectors": evecs.tolist(), "std": np.sqrt(evals).tolist(),
-           "pixel_mean": [p / n_pix for p in pix_sum], "covariance": cov.tolist(), "pixels": n_pix,
-           "units": "pixel values 0..255; eigenvalues are variances (pixel^2), std = sqrt(eigenvalues); "
-                    "eigenvectors[:, i] (column i, rows R,G,B) is p_i"}
-    return mean, pca
+                self.pix_outer[i][j] += int(stats["pix_outer"][i][j])
+
+    def mean_and_pca(self):
+        n_img, size = self.images, self.size
+        if n_img == 0:
+            raise ValueError("no readable training images")
+        mean = (self.img_sum / n_img).astype(np.float32)
+        n_pix = n_img * size * size
+        s, q = self.pix_sum, self.pix_outer
+        # cov_ij = (n * sum x_i x_j - sum x_i * sum x_j) / n^2, the numerator in exact integers.
+        cov = np.array([[(n_pix * q[i][j] - s[i] * s[j]) / (n_pix * n_pix) for j in range(3)] for i in range(3)],
+                       np.float64)
+        evals, evecs = np.linalg.eigh(cov)
+        order = np.argsort(evals)[::-1]
+        evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
+        evecs = evecs * np.where(evecs.sum(0) < 0, -1.0, 1.0)
+        pca = {"eigenvalues": evals.tolist(), "eigenvectors": evecs.tolist(), "std": np.sqrt(evals).tolist(),
+               "pixel_mean": [v / n_pix for v in s], "covariance": cov.tolist(), "pixels": n_pix,
+               "units": "pixel values 0..255; eigenvalues are variances (pixel^2), std = sqrt(eigenvalues); "
+                        "eigenvectors[:, i] (column i, rows R,G,B) is p_i"}
+        return mean, pca
 
 
 def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, val_label_order=None,
@@ -399,10 +411,13 @@ def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, 
     _fsync_write(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
 
     tasks, done = [], {}
+    totals = PixelTotals(size)
     for split, items in splits.items():
         for k in range(plan["splits"][split]["shards"]):
             st = load_shard_stats(dst, split, k)
             if st is not None:
+                if split == "train":
+                    totals.add(st)
                 done[(split, k)] = st
             else:
                 tasks.append((src, dst, split, k, items[k * shard_size:(k + 1) * shard_size], size))
@@ -420,6 +435,8 @@ def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, 
         st = load_shard_stats(dst, split, k)
         if st is None:
             raise OSError(f"shard {split} {k} was written but cannot be read back")
+        if split == "train":
+            totals.add(st)
         done[(split, k)] = st
         if failed_so_far:
             bar.set_postfix_str(f"unreadable {failed_so_far}")
@@ -447,8 +464,7 @@ def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, 
             shard_list[split].append({"images": img_name, "labels": lab_name, "count": st["count"]})
             counts[split] += st["count"]
             failures += st["failures"]
-    train_stats = [done[("train", k)] for k in range(plan["splits"]["train"]["shards"])]
-    mean, pca = exact_mean_and_pca(train_stats, size)
+    mean, pca = totals.mean_and_pca()
     present = set()
     for split in splits:
         for k in range(plan["splits"][split]["shards"]):

@@ -72,7 +72,7 @@ class NonFiniteLoss(Exception):
 
 
 def build_parser():
-    p = OneLineParser(prog="python -m alexnet_cuda.train", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m alexnet_cuda.train", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     d = axconfig.TRAIN_DEFAULTS
     n = axconfig.NET_DEFAULTS
