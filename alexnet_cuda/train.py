@@ -1,8 +1,9 @@
 """Train AlexNet: python -m alexnet_cuda.train [--data DST] [--devices cuda:0,cuda:1] [...]
 
-With no --data it trains the tiny AlexNet (config.tiny_config) on a small built-in image set
-(alexnet_cuda.synthetic, generated once into a cache folder) for a few epochs and prints the final
-validation errors: the first command of the README.
+With no --data it trains the tiny AlexNet (config.tiny_config, init_std 0.03) on a small built-in image set
+(alexnet_cuda.synthetic: 10 classes, 3000 train / 500 val images, generated once into a cache folder,
+prepared at 40x40, crop 32) for 8 epochs of batch 32 at lr 0.005 and prints the final validation errors:
+the first command of the README (about 1.5 minutes on two CPU cores, ~18% top-1 error, chance 90%).
 
 Defaults are the paper's (config.TRAIN_DEFAULTS / NET_DEFAULTS): batch 128, lr 0.01 divided by 10 when
 the validation top-1 error has not improved for --patience epochs (at most three times), momentum 0.9,
