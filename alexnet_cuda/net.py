@@ -92,27 +92,37 @@ class Net:
 
     @property
     def seed(self):
+        """The run's seed: it made the initial weights and keys every dropout mask."""
         return self._net.seed
 
     def layers(self):
         """The layer table the scheduler runs: one dict per layer (tower-local sizes)."""
         return self._net.layers()
 
+    def dropout_key(self, step, layer, tower):
+        """(seed, offset) of the dropout mask of layer index `layer` in `tower` at `step`."""
+        return self._net.dropout_key(int(step), int(layer), int(tower))
+
     def executors(self):
         return self._net.executors()
 
     def state_dict(self):
-        """Every parameter ('conv1.t0.weight', ...), its momentum ('momentum/...') and 'meta/step'."""
+        """Every parameter ('conv1.t0.weight', ...), its momentum ('momentum/...'), 'meta/step' and
+        'meta/seed' (which keys the dropout masks, so a loaded state continues the same run)."""
         d = dict(self._net.state())
         d["meta/step"] = np.array(self.step, dtype=np.int64)
+        d["meta/seed"] = np.array(self.seed, dtype=np.uint64)
         return d
 
     def load_state_dict(self, state):
         state = dict(state)
         step = state.pop("meta/step", None)
+        seed = state.pop("meta/seed", None)
         self._net.load_state(state)
         if step is not None:
             self.step = int(np.asarray(step))
+        if seed is not None:
+            self._net.seed = int(np.asarray(seed))
 
     # --- scheduler introspection -------------------------------------------------------------------
     def set_tracing(self, on):
@@ -156,6 +166,7 @@ def tower_overlap(timeline):
     union = _union_length([(e["start_us"], e["end_us"]) for e in timeline if e["tower"] >= 0])
     shortest = min(busy.values()) if busy else 0.0
     overlap = (sum(busy.values()) - union) / shortest if shortest > 0 and len(busy) > 1 else 0.0
+    overlap = min(max(overlap, 0.0), 1.0)  # the interval sums round; the ratio is a fraction by definition
     return {"busy_us": busy, "union_us": union, "overlap": overlap}
 
 

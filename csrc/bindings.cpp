@@ -194,7 +194,20 @@ PYBIND11_MODULE(_C, m) {
         d["peak_bytes_in_use"] = s.peak_bytes_in_use;
         return d;
     });
-    m.def("cuda_empty_cache", &cuda_empty_cache);
+    m.def("cuda_empty_cache", &cuda_empty_cache, "Return cached CUDA blocks to the driver.");
+    m.def("cuda_reset_peak_stats", &cuda_reset_peak_stats, "Restart peak_bytes_in_use from the bytes in use now.");
+    m.def(
+        "cuda_device_properties",
+        [](int index) {
+            auto p = cuda_device_properties(index);
+            py::dict d;
+            d["name"] = p.name;
+            d["sm_count"] = p.sm_count;
+            d["compute_capability"] = py::make_tuple(p.major, p.minor);
+            d["total_memory"] = p.total_memory;
+            return d;
+        },
+        py::arg("index") = 0);
 
     py::module_ o = m.def_submodule("ops", "Every op, forward and backward; see csrc/ops.h for the contracts.");
     using opt_t = std::optional<Tensor>;
@@ -380,9 +393,11 @@ PYBIND11_MODULE(_C, m) {
                 net.load_state(host);
             },
             py::arg("state"))
+        .def("dropout_key", &Net::dropout_key, py::arg("step"), py::arg("layer"), py::arg("tower"),
+             "(seed, offset) of a dropout mask, as ops.dropout_forward takes them.")
         .def_readwrite("step", &Net::step)
         .def_readwrite("trace", &Net::trace)
-        .def_property_readonly("seed", &Net::seed)
+        .def_property("seed", &Net::seed, &Net::set_seed)
         .def_property_readonly("devices",
                                [](const Net& net) {
                                    std::vector<std::string> s;

@@ -163,6 +163,14 @@ void Net::init_params() {
     for (const Device& d : devices_) cuda_synchronize(d);
 }
 
+std::pair<uint64_t, uint64_t> Net::dropout_key(int64_t at_step, int layer, int tower) const {
+    // Keyed by (seed, step) in the Philox key and (layer, tower) in the counter's high bits, so no two
+    // masks of a run share a draw and a resumed run redraws exactly the masks it would have drawn.
+    const uint64_t seed = splitmix64(seed_ ^ splitmix64(static_cast<uint64_t>(at_step)));
+    const uint64_t offset = (static_cast<uint64_t>(layer) * 64 + static_cast<uint64_t>(tower)) << 40;
+    return {seed, offset};
+}
+
 std::string Net::edge_name(int l) const {
     return (l > 0 ? layers_[l - 1].name : std::string("input")) + "->" + layers_[l].name;
 }
@@ -185,7 +193,6 @@ std::vector<Tensor> Net::upload_images(const float* images, int n) {
 void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
-    const uint64_t drop_seed = splitmix64(seed_ ^ splitmix64(static_cast<uint64_t>(step)));
     for (size_t l = 0; l < layers_.size(); ++l) {
         const LayerSpec& L = layers_[l];
         // Inputs: the image, the own tower's previous output, or every tower's (a cross-tower edge).
@@ -242,9 +249,9 @@ void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
             }
             if (L.dropout && train) {
                 const float p_drop = cfg_.dropout;
-                const uint64_t offset = (static_cast<uint64_t>(L.index) * 64 + t) << 40;
-                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, drop_seed, offset] {
-                    auto r = ops::dropout_forward(*cur, p_drop, drop_seed, offset);
+                const auto key = dropout_key(step, L.index, t);
+                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, key] {
+                    auto r = ops::dropout_forward(*cur, p_drop, key.first, key.second);
                     s.out = r.first;
                     s.drop_mask = r.second;
                 });
@@ -365,32 +372,33 @@ void Net::issue_backward(float lr) {
     }
 }
 
-StepResult Net::train_step(const float* images, const int32_t* labels, int n, float lr) {
-    if (n < 1) throw ValueError("train_step: argument 'images' holds no images");
-    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step: argument 'lr' must be finite and >= 0");
+Tensor Net::upload_labels(const char* op, const int32_t* labels, int n) const {
     for (int i = 0; i < n; ++i)
         if (labels[i] < 0 || labels[i] >= cfg_.num_classes)
-            throw ValueError("train_step: argument 'labels' holds " + std::to_string(labels[i]) + " at " +
+            throw ValueError(std::string(op) + ": argument 'labels' holds " + std::to_string(labels[i]) + " at " +
                              std::to_string(i) + ", outside [0, " + std::to_string(cfg_.num_classes) + ")");
-    auto imgs = upload_images(images, n);
-    Tensor host_labels = Tensor::empty({n}, DType::i32, Device{});
-    std::memcpy(host_labels.raw(), labels, sizeof(int32_t) * n);
-    Tensor dev_labels = devices_[0].is_cpu() ? host_labels : host_labels.to(devices_[0]);
+    Tensor host = Tensor::empty({n}, DType::i32, Device{});
+    std::memcpy(host.raw(), labels, sizeof(int32_t) * n);
+    return devices_[0].is_cpu() ? host : host.to(devices_[0]);
+}
+
+void Net::run_step(const std::function<void()>& issue) {
     sched_->begin_step(trace);
     try {
-        issue_forward(imgs, /*train=*/true);
-        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
-        issue_backward(lr);
+        issue();
     } catch (...) {
+        // Drain what was already issued before reporting, so no stream or worker still uses the buffers.
         try { sched_->finish_step(); } catch (...) {}
         throw;
     }
     sched_->finish_step();
-    step += 1;
+}
+
+StepResult Net::summarize(int n) const {
     Tensor loss = loss_.to(Device{}), rank = rank_.to(Device{});
     StepResult r;
     r.n = n;
-    double sum = 0;
+    double sum = 0;  // in sample order, so the mean is deterministic
     for (int i = 0; i < n; ++i) {
         sum += loss.data<float>()[i];
         r.top1 += rank.data<int32_t>()[i] < 1;
@@ -398,53 +406,41 @@ StepResult Net::train_step(const float* images, const int32_t* labels, int n, fl
     }
     r.loss = sum / n;
     return r;
+}
+
+StepResult Net::train_step(const float* images, const int32_t* labels, int n, float lr) {
+    if (n < 1) throw ValueError("train_step: argument 'images' holds no images");
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step: argument 'lr' must be finite and >= 0");
+    Tensor dev_labels = upload_labels("train_step", labels, n);
+    auto imgs = upload_images(images, n);
+    run_step([&] {
+        issue_forward(imgs, /*train=*/true);
+        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
+        issue_backward(lr);
+    });
+    step += 1;
+    return summarize(n);
 }
 
 Tensor Net::forward(const float* images, int n, bool probs) {
     if (n < 1) throw ValueError("forward: argument 'images' holds no images");
     auto imgs = upload_images(images, n);
-    sched_->begin_step(trace);
-    try {
+    run_step([&] {
         issue_forward(imgs, /*train=*/false);
         if (probs) sched_->run(0, "softmax.fprop", [this] { probs_ = ops::softmax_forward(logits_); });
-    } catch (...) {
-        try { sched_->finish_step(); } catch (...) {}
-        throw;
-    }
-    sched_->finish_step();
+    });
     return (probs ? probs_ : logits_).to(Device{});
 }
 
 StepResult Net::evaluate(const float* images, const int32_t* labels, int n) {
     if (n < 1) throw ValueError("evaluate: argument 'images' holds no images");
-    for (int i = 0; i < n; ++i)
-        if (labels[i] < 0 || labels[i] >= cfg_.num_classes)
-            throw ValueError("evaluate: argument 'labels' holds " + std::to_string(labels[i]) + ", outside [0, " +
-                             std::to_string(cfg_.num_classes) + ")");
+    Tensor dev_labels = upload_labels("evaluate", labels, n);
     auto imgs = upload_images(images, n);
-    Tensor host_labels = Tensor::empty({n}, DType::i32, Device{});
-    std::memcpy(host_labels.raw(), labels, sizeof(int32_t) * n);
-    Tensor dev_labels = devices_[0].is_cpu() ? host_labels : host_labels.to(devices_[0]);
-    sched_->begin_step(trace);
-    try {
+    run_step([&] {
         issue_forward(imgs, /*train=*/false);
         issue_loss(dev_labels, 1.0f, /*backward=*/false);
-    } catch (...) {
-        try { sched_->finish_step(); } catch (...) {}
-        throw;
-    }
-    sched_->finish_step();
-    Tensor loss = loss_.to(Device{}), rank = rank_.to(Device{});
-    StepResult r;
-    r.n = n;
-    double sum = 0;
-    for (int i = 0; i < n; ++i) {
-        sum += loss.data<float>()[i];
-        r.top1 += rank.data<int32_t>()[i] < 1;
-        r.top5 += rank.data<int32_t>()[i] < 5;
-    }
-    r.loss = sum / n;
-    return r;
+    });
+    return summarize(n);
 }
 
 std::vector<std::pair<std::string, Tensor>> Net::state() const {

@@ -1,6 +1,7 @@
 // The 2012 two-tower AlexNet: its layer table (placement as data), parameters, and one whole training
 // step (forward, backward, SGD) issued through the Scheduler.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -59,12 +60,17 @@ public:
     std::vector<std::pair<std::string, Tensor>> state() const;  // parameters then momentum, on their devices
     void load_state(const std::map<std::string, Tensor>& host_tensors);  // names and shapes checked
 
+    // The (seed, offset) of the dropout mask of `layer` in `tower` at `step`: mask element i keeps its
+    // unit iff philox_u32(seed, offset + i) >= dropout_threshold(p), as ops::dropout_forward draws it.
+    std::pair<uint64_t, uint64_t> dropout_key(int64_t step, int layer, int tower) const;
+
     const NetConfig& config() const { return cfg_; }
     const std::vector<LayerSpec>& layers() const { return layers_; }
     const Scheduler& scheduler() const { return *sched_; }
     std::vector<Device> devices() const { return devices_; }
     int64_t step = 0;
     uint64_t seed() const { return seed_; }
+    void set_seed(uint64_t s) { seed_ = s; }  // keys the dropout masks from now on (init is done)
     bool trace = false;
 
 private:
@@ -88,6 +94,10 @@ private:
     void issue_loss(const Tensor& labels, float scale, bool backward);
     void issue_backward(float lr);
     std::vector<Tensor> upload_images(const float* images, int n);
+    Tensor upload_labels(const char* op, const int32_t* labels, int n) const;  // range-checked on the host
+    // Begins a step, issues it, waits for every tower; on an error drains the towers, then rethrows.
+    void run_step(const std::function<void()>& issue);
+    StepResult summarize(int n) const;  // mean loss and top-1/top-5 hits of the last loss computation
     std::string edge_name(int layer) const;
 
     NetConfig cfg_;

@@ -265,6 +265,30 @@ void cuda_empty_cache() {
 #endif
 }
 
+void cuda_reset_peak_stats() {
+    CudaPool& p = pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    p.stats.peak_bytes_in_use = p.stats.bytes_in_use;
+}
+
+DeviceProperties cuda_device_properties(int index) {
+    DeviceProperties d;
+#ifdef ALEXNET_WITH_CUDA
+    if (index < 0 || index >= cuda_device_count())
+        throw ValueError("cuda_device_properties: argument 'index': no CUDA device " + std::to_string(index));
+    cudaDeviceProp p{};
+    cuda_check(cudaGetDeviceProperties(&p, index), "cuda_device_properties");
+    d.name = p.name;
+    d.sm_count = p.multiProcessorCount;
+    d.major = p.major;
+    d.minor = p.minor;
+    d.total_memory = static_cast<int64_t>(p.totalGlobalMem);
+#else
+    throw ValueError("cuda_device_properties: alexnet_cuda was built without CUDA");
+#endif
+    return d;
+}
+
 // ------------------------------------------------------------------------------------------------------
 // Tensor
 

@@ -94,6 +94,14 @@ struct AllocatorStats {
 };
 AllocatorStats cuda_allocator_stats();
 void cuda_empty_cache();
+void cuda_reset_peak_stats();  // peak_bytes_in_use := bytes_in_use
+
+struct DeviceProperties {
+    std::string name;
+    int sm_count = 0, major = 0, minor = 0;
+    int64_t total_memory = 0;
+};
+DeviceProperties cuda_device_properties(int index);
 
 // --- CUDA runtime helpers (valid in builds without CUDA: they answer "no") --------------------------
 bool built_with_cuda();

@@ -1,12 +1,79 @@
-// STUB (replaced in this session): cuda backend of the lrn family.
-#include <stdexcept>
-#include "ops.h"
+// CUDA backend of local response normalization across channels (NCHW). One thread per element: planes
+// (n, c) over blockIdx.y, pixels over x threads (coalesced), each thread reading its channel window at
+// stride H*W. Windowed sums run in ascending channel order with rounded intrinsics (no FMA contraction),
+// as the CPU evaluates them.
+#include "common.cuh"
 
 namespace ax {
 namespace cuda {
+namespace {
 
-void lrn_forward(const LrnParams& p, const float* x, float* y, float* scale, void* stream) { throw std::runtime_error("lrn_forward: not implemented yet"); }
-void lrn_backward(const LrnParams& p, const float* dy, const float* x, const float* y, const float* scale, float* dx, void* stream) { throw std::runtime_error("lrn_backward: not implemented yet"); }
+// scale = k + alpha * sum_{j in window(c)} x[j]^2 ; y = x * scale^-beta.
+__global__ void __launch_bounds__(kThreads1d)
+    lrn_forward_kernel(int64_t planes, int C, int HW, int half, float k, float alpha, float neg_beta,
+                       const float* __restrict__ x, float* __restrict__ y, float* __restrict__ scale) {
+    for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
+        const int c = static_cast<int>(pl % C);
+        const int j0 = max(0, c - half), j1 = min(C - 1, c + half);
+        const float* xc = x + pl * HW;  // this (n, c) plane; channel j is at offset (j - c) * HW
+        for (int64_t i = global_thread_id(); i < HW; i += global_thread_count()) {
+            float sum = 0.0f;
+            for (int j = j0; j <= j1; ++j) {
+                const float v = xc[static_cast<int64_t>(j - c) * HW + i];
+                sum = __fadd_rn(sum, __fmul_rn(v, v));
+            }
+            const float sc = __fadd_rn(k, __fmul_rn(alpha, sum));
+            const int64_t o = pl * HW + i;
+            scale[o] = sc;
+            y[o] = __fmul_rn(xc[i], powf(sc, neg_beta));
+        }
+    }
+}
+
+// dx[c] = dy[c] * scale[c]^-beta - (2 alpha beta) * x[c] * sum_{j: c in window(j)} dy[j] y[j] / scale[j];
+// the window is symmetric, so {j : c in window(j)} = window(c).
+__global__ void __launch_bounds__(kThreads1d)
+    lrn_backward_kernel(int64_t planes, int C, int HW, int half, float neg_beta, float coef,
+                        const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ y,
+                        const float* __restrict__ scale, float* __restrict__ dx) {
+    for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
+        const int c = static_cast<int>(pl % C);
+        const int j0 = max(0, c - half), j1 = min(C - 1, c + half);
+        const int64_t base = pl * HW;
+        for (int64_t i = global_thread_id(); i < HW; i += global_thread_count()) {
+            float acc = 0.0f;
+            for (int j = j0; j <= j1; ++j) {
+                const int64_t o = base + static_cast<int64_t>(j - c) * HW + i;
+                acc = __fadd_rn(acc, __fdiv_rn(__fmul_rn(dy[o], y[o]), scale[o]));
+            }
+            const int64_t o = base + i;
+            const float direct = __fmul_rn(dy[o], powf(scale[o], neg_beta));
+            dx[o] = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
+        }
+    }
+}
+
+}  // namespace
+
+void lrn_forward(const LrnParams& p, const float* x, float* y, float* scale, void* stream) {
+    const int64_t planes = static_cast<int64_t>(p.N) * p.C, HW = static_cast<int64_t>(p.H) * p.W;
+    if (planes * HW == 0) return;
+    require(HW <= 0x7fffffff, "lrn_forward", "image plane too large");
+    lrn_forward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(
+        planes, p.C, static_cast<int>(HW), p.size / 2, p.k, p.alpha, -p.beta, x, y, scale);
+    AX_LAUNCH_CHECK("lrn_forward");
+}
+
+void lrn_backward(const LrnParams& p, const float* dy, const float* x, const float* y, const float* scale, float* dx,
+                  void* stream) {
+    const int64_t planes = static_cast<int64_t>(p.N) * p.C, HW = static_cast<int64_t>(p.H) * p.W;
+    if (planes * HW == 0) return;
+    require(HW <= 0x7fffffff, "lrn_backward", "image plane too large");
+    const float coef = 2.0f * p.alpha * p.beta;
+    lrn_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(
+        planes, p.C, static_cast<int>(HW), p.size / 2, -p.beta, coef, dy, x, y, scale, dx);
+    AX_LAUNCH_CHECK("lrn_backward");
+}
 
 }  // namespace cuda
 }  // namespace ax

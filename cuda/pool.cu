@@ -1,12 +1,92 @@
-// STUB (replaced in this session): cuda backend of the pool family.
-#include <stdexcept>
-#include "ops.h"
+// CUDA backend of overlapping max-pooling (NCHW). Planes (n, c) over blockIdx.y, output (forward) or
+// input (backward) pixels over x threads. The backward is a gather, not a scatter: each input element
+// visits the windows that contain it in row-major (p, q) order and adds dy where argmax points at it,
+// the same additions in the same order as the CPU's scatter, with no atomics.
+#include "common.cuh"
 
 namespace ax {
 namespace cuda {
+namespace {
 
-void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* argmax, void* stream) { throw std::runtime_error("maxpool_forward: not implemented yet"); }
-void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx, void* stream) { throw std::runtime_error("maxpool_backward: not implemented yet"); }
+// y = max over the window (padding never wins: only in-bounds elements are scanned, and every window
+// has one); argmax = flat h*W+w of the first maximum in row-major window order (strict >).
+__global__ void __launch_bounds__(kThreads1d)
+    maxpool_forward_kernel(int64_t planes, PoolParams p, const float* __restrict__ x, float* __restrict__ y,
+                           int32_t* __restrict__ argmax) {
+    const int PQ = p.P * p.Q;
+    const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+    for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
+        const float* xp = x + pl * HW;
+        for (int64_t i = global_thread_id(); i < PQ; i += global_thread_count()) {
+            const int op = static_cast<int>(i) / p.Q, oq = static_cast<int>(i) - op * p.Q;
+            const int hs = op * p.stride_h - p.pad_h, ws = oq * p.stride_w - p.pad_w;
+            float best = 0.0f;
+            int arg = -1;
+            for (int r = 0; r < p.window_h; ++r) {
+                const int h = hs + r;
+                if (h < 0 || h >= p.H) continue;
+                for (int s = 0; s < p.window_w; ++s) {
+                    const int w = ws + s;
+                    if (w < 0 || w >= p.W) continue;
+                    const float v = xp[h * p.W + w];
+                    if (arg < 0 || v > best) {
+                        best = v;
+                        arg = h * p.W + w;
+                    }
+                }
+            }
+            y[pl * PQ + i] = best;
+            argmax[pl * PQ + i] = arg;
+        }
+    }
+}
+
+// dx[h, w] = sum over windows (p, q) containing (h, w), row-major, of dy[p, q] where argmax[p, q] == h*W+w.
+// Window p covers rows p*sh - ph .. p*sh - ph + wh - 1, so p runs from ceil((h+ph-wh+1)/sh) (or 0) to
+// min(P-1, floor((h+ph)/sh)); likewise q.
+__global__ void __launch_bounds__(kThreads1d)
+    maxpool_backward_kernel(int64_t planes, PoolParams p, const float* __restrict__ dy,
+                            const int32_t* __restrict__ argmax, float* __restrict__ dx) {
+    const int PQ = p.P * p.Q;
+    const int HW = p.H * p.W;
+    for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
+        const float* dyp = dy + pl * PQ;
+        const int32_t* ap = argmax + pl * PQ;
+        for (int64_t i = global_thread_id(); i < HW; i += global_thread_count()) {
+            const int h = static_cast<int>(i) / p.W, w = static_cast<int>(i) - h * p.W;
+            const int hp = h + p.pad_h, wp = w + p.pad_w;
+            const int p0 = hp < p.window_h ? 0 : (hp - p.window_h) / p.stride_h + 1;
+            const int p1 = min(p.P - 1, hp / p.stride_h);
+            const int q0 = wp < p.window_w ? 0 : (wp - p.window_w) / p.stride_w + 1;
+            const int q1 = min(p.Q - 1, wp / p.stride_w);
+            float acc = 0.0f;
+            for (int op = p0; op <= p1; ++op)
+                for (int oq = q0; oq <= q1; ++oq) {
+                    const int o = op * p.Q + oq;
+                    if (ap[o] == static_cast<int>(i)) acc = __fadd_rn(acc, dyp[o]);
+                }
+            dx[pl * HW + i] = acc;
+        }
+    }
+}
+
+}  // namespace
+
+void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* argmax, void* stream) {
+    const int64_t planes = static_cast<int64_t>(p.N) * p.C, PQ = static_cast<int64_t>(p.P) * p.Q;
+    if (planes * PQ == 0) return;
+    require(static_cast<int64_t>(p.H) * p.W <= 0x7fffffff, "maxpool_forward", "image plane too large for int32 argmax");
+    maxpool_forward_kernel<<<plane_grid(planes, PQ), kThreads1d, 0, as_stream(stream)>>>(planes, p, x, y, argmax);
+    AX_LAUNCH_CHECK("maxpool_forward");
+}
+
+void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx, void* stream) {
+    const int64_t planes = static_cast<int64_t>(p.N) * p.C, HW = static_cast<int64_t>(p.H) * p.W;
+    if (planes * HW == 0) return;
+    require(HW <= 0x7fffffff, "maxpool_backward", "image plane too large for int32 argmax");
+    maxpool_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(planes, p, dy, argmax, dx);
+    AX_LAUNCH_CHECK("maxpool_backward");
+}
 
 }  // namespace cuda
 }  // namespace ax

@@ -1,0 +1,323 @@
+"""The two-tower Net and its scheduler against a NumPy reference network, across placements."""
+import json
+
+import numpy as np
+import pytest
+
+import alexnet_cuda as ax
+import reference_net
+
+
+def small_config(**kw):
+    """Every layer kind at a size a test can afford: 2 towers, LRN, overlapping pooling, dropout."""
+    base = dict(input_size=32, num_classes=6, conv1={"kernel": 5, "stride": 2, "padding": 2},
+                channels=(8, 12, 16, 12, 8), fc=(16, 12), weight_decay=0.0)
+    base.update(kw)
+    return ax.alexnet_config(**base)
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def batch(rng, cfg, n):
+    x = rng.standard_normal((n, cfg["in_channels"], cfg["input_size"], cfg["input_size"])).astype(np.float32)
+    y = rng.integers(0, cfg["num_classes"], n).astype(np.int32)
+    return x, y
+
+
+def well_conditioned_batch(rng, net, n, with_dropout=True):
+    """A fresh random batch whose float64 reference step stays clear of ReLU/max-pool kinks (where float32
+    rounding may pick the other side and the gradient jumps); redraws the rare one that does not."""
+    for _ in range(50):
+        x, y = batch(rng, net.config, n)
+        ref = reference_net.step(net, x, y, with_dropout)
+        if ref["margin"] > 1e-6:
+            return x, y, ref
+    raise AssertionError("no well-conditioned batch in 50 draws")
+
+
+def params_only(state):
+    return {k: v for k, v in state.items() if not k.startswith(("momentum/", "meta/"))}
+
+
+@pytest.mark.parametrize("devices", ["cpu", ("cpu", "cpu"), pytest.param(("cuda:0", "cuda:0"), marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("cfg_kw", [{}, {"towers": 1, "channels": (8, 12, 16, 12, 8)},
+                                    {"overlap_pool": False, "lrn": False, "drop_layers": ("conv3",)}],
+                         ids=["paper", "one-tower", "ablations"])
+def test_step_matches_numpy_reference(rng, devices, cfg_kw):
+    cfg = small_config(**cfg_kw)
+    if cfg["towers"] == 1 and isinstance(devices, tuple):
+        devices = devices[:1]
+    net = ax.Net(cfg, devices=devices, seed=int(rng.integers(1 << 31)))
+    net.step = int(rng.integers(0, 1000))
+    x, y, ref = well_conditioned_batch(rng, net, 5)
+    before = params_only(net.state_dict())
+    out = net.train_step(x, y, lr=1.0)
+    assert out["n"] == 5
+    assert abs(out["loss"] - ref["loss"]) <= 1e-4 * abs(ref["loss"])
+    assert out["top1"] == int((ref["rank"] < 1).sum())
+    assert out["top5"] == int((ref["rank"] < 5).sum())
+    after = net.state_dict()
+    # With lr = 1, zero momentum and no weight decay, the new momentum is exactly -grad.
+    for name, g in ref["grads"].items():
+        v = after["momentum/" + name]
+        assert np.all(np.isfinite(v)), name
+        assert rel_err(-v, g) < 1e-4, (name, rel_err(-v, g))
+        np.testing.assert_array_equal(after[name], (before[name] + v).astype(np.float32))
+
+
+def test_inference_forward_matches_reference(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=3)
+    x, y, ref = well_conditioned_batch(rng, net, 4, with_dropout=False)
+    logits = net.forward(x)
+    assert logits.shape == (4, cfg["num_classes"])
+    assert rel_err(logits, ref["logits"]) < 1e-4
+    probs = net.forward(x, probs=True)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    ev = net.evaluate(x, y)
+    assert abs(ev["loss"] - ref["loss"]) <= 1e-4 * ref["loss"]
+    assert net.step == 0, "inference must not advance the step"
+
+
+def _train(net, rng_seed, steps, cfg):
+    rng = np.random.default_rng(rng_seed)
+    losses = []
+    for _ in range(steps):
+        x, y = batch(rng, cfg, 6)
+        losses.append(net.train_step(x, y, lr=0.05)["loss"])
+    return losses
+
+
+def test_two_cpu_workers_equal_one_cpu_bit_for_bit(rng):
+    cfg = small_config(weight_decay=0.0005)
+    seed = int(rng.integers(1 << 31))
+    a = ax.Net(cfg, devices=("cpu", "cpu"), seed=seed)
+    b = ax.Net(cfg, devices="cpu", seed=seed)
+    assert len(set(a.executors())) == 2 and len(set(b.executors())) == 1
+    la, lb = _train(a, seed, 4, cfg), _train(b, seed, 4, cfg)
+    assert la == lb
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+@pytest.mark.cuda
+def test_two_towers_on_one_gpu_equal_single_gpu_bit_for_bit(rng):
+    cfg = small_config(weight_decay=0.0005)
+    seed = int(rng.integers(1 << 31))
+    a = ax.Net(cfg, devices=("cuda:0", "cuda:0"), seed=seed)
+    b = ax.Net(cfg, devices="cuda:0", seed=seed)
+    assert _train(a, seed, 4, cfg) == _train(b, seed, 4, cfg)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+@pytest.mark.cuda
+def test_cuda_equals_cpu_within_tolerance(rng):
+    cfg = small_config(weight_decay=0.0005)
+    seed = int(rng.integers(1 << 31))
+    a = ax.Net(cfg, devices=("cuda:0", "cuda:0"), seed=seed)
+    b = ax.Net(cfg, devices=("cpu", "cpu"), seed=seed)
+    la, lb = _train(a, seed, 3, cfg), _train(b, seed, 3, cfg)
+    np.testing.assert_allclose(la, lb, rtol=1e-3)
+    sa, sb = params_only(a.state_dict()), params_only(b.state_dict())
+    for k in sa:
+        assert rel_err(sa[k], sb[k].astype(np.float64)) < 1e-4, k
+
+
+def test_cross_tower_bytes_match_the_papers_edges(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=1)
+    n = 7
+    x, y = batch(rng, cfg, n)
+    net.train_step(x, y, lr=0.01)
+    edges = net.last_step_stats()["edge_bytes"]
+    T = cfg["towers"]
+    f = 4  # float32
+
+    # Shapes from the config alone (not from the net's own layer table).
+    def out(size, k, s, p):
+        return (size + 2 * p - k) // s + 1
+
+    c1 = cfg["conv1"]
+    hw1 = out(out(cfg["input_size"], c1["kernel"], c1["stride"], c1["padding"]), 3, 2, 0)  # conv1 + pool
+    hw2 = out(hw1, 3, 2, 0)  # conv2 keeps the size (5x5, pad 2), then pool
+    hw5 = out(hw2, 3, 2, 0)  # conv3..5 keep it, pool after conv5
+    per_tower = {
+        "conv2": cfg["channels"][1] // T * hw2 * hw2,
+        "conv5": cfg["channels"][4] // T * hw5 * hw5,
+        "fc6": cfg["fc"][0] // T,
+        "fc7": cfg["fc"][1] // T,
+        "fc8": cfg["num_classes"] // T,
+    }
+
+    # Each cross layer gathers every other tower's output (forward) and sends the matching gradient
+    # slice back (backward): 2 * T * (T-1) copies of one tower's output.
+    def tower_out_bytes(name):
+        return n * per_tower[name] * f
+
+    expected = {
+        "conv2->conv3": 2 * T * (T - 1) * tower_out_bytes("conv2"),
+        "conv5->fc6": 2 * T * (T - 1) * tower_out_bytes("conv5"),
+        "fc6->fc7": 2 * T * (T - 1) * tower_out_bytes("fc6"),
+        "fc7->fc8": 2 * T * (T - 1) * tower_out_bytes("fc7"),
+        # logits of the other tower to tower 0 and their gradient back (the fc8 500/500 split)
+        "fc8->loss": 2 * (T - 1) * tower_out_bytes("fc8"),
+    }
+    assert {k: v for k, v in edges.items() if v} == expected
+
+
+def test_single_device_moves_the_same_bytes(rng):
+    cfg = small_config()
+    x, y = batch(rng, cfg, 3)
+    a = ax.Net(cfg, devices=("cpu", "cpu"), seed=2)
+    b = ax.Net(cfg, devices="cpu", seed=2)
+    a.train_step(x, y, 0.01)
+    b.train_step(x, y, 0.01)
+    assert a.last_step_stats()["edge_bytes"] == b.last_step_stats()["edge_bytes"]
+
+
+def test_trace_is_chrome_json_with_both_towers(rng, tmp_path):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=4)
+    net.set_tracing(True)
+    x, y = batch(rng, cfg, 4)
+    net.train_step(x, y, 0.01)
+    path = tmp_path / "trace.json"
+    stats = net.write_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    assert {e["tid"] for e in events} == {"tower 0", "tower 1"}
+    assert any(e["name"] == "conv3.fprop" for e in events) and any(e["name"] == "fc6.wgrad" for e in events)
+    assert all(e["dur"] >= 0 for e in events)
+    assert 0.0 <= stats["overlap"]["overlap"] <= 1.0
+
+
+def test_state_dict_round_trip(rng):
+    cfg = small_config()
+    a = ax.Net(cfg, devices=("cpu", "cpu"), seed=5)
+    x, y = batch(rng, cfg, 4)
+    a.train_step(x, y, 0.01)
+    b = ax.Net(cfg, devices="cpu", seed=99)
+    b.load_state_dict(a.state_dict())
+    assert b.step == a.step == 1 and b.seed == a.seed == 5
+    np.testing.assert_array_equal(a.forward(x), b.forward(x))
+    assert a.train_step(x, y, 0.01)["loss"] == b.train_step(x, y, 0.01)["loss"]
+    bad = a.state_dict()
+    bad["fc6.t0.weight"] = bad["fc6.t0.weight"][:, :-1]
+    with pytest.raises(ValueError, match="fc6.t0.weight"):
+        b.load_state_dict(bad)
+    missing = a.state_dict()
+    del missing["conv1.t1.bias"]
+    with pytest.raises(ValueError, match="conv1.t1.bias"):
+        b.load_state_dict(missing)
+
+
+def test_paper_net_has_the_papers_size():
+    net = ax.Net(ax.alexnet_config(), devices="cpu", seed=0)
+    n = sum(v.size for k, v in params_only(net.state_dict()).items())
+    assert n == 60_965_224  # ALEXNET.md: 60.97 M
+    sizes = {L["name"]: (L["in_c"], L["out_c"], L["out_hw"], L["pooled_hw"]) for L in net.layers()}
+    assert sizes["conv1"] == (3, 48, 55, 27)
+    assert sizes["conv3"] == (256, 192, 13, 13)
+    assert sizes["conv5"] == (192, 128, 13, 6)
+    assert sizes["fc6"][:2] == (9216, 2048) and sizes["fc8"][:2] == (4096, 500)
+    sd = net.state_dict()
+    w = sd["conv2.t1.weight"]
+    assert abs(w.std() - 0.01) < 0.0005 and abs(w.mean()) < 0.0005  # N(0, 0.01^2)
+    for name, value in [("conv1", 0), ("conv2", 1), ("conv3", 0), ("conv4", 1), ("conv5", 1), ("fc6", 1), ("fc7", 1), ("fc8", 0)]:
+        assert np.all(sd[f"{name}.t0.bias"] == value), name
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"channels": (9, 12, 16, 12, 8)}, "not divisible by the 2 towers"),
+    ({"num_classes": 7}, "num_classes"),
+    ({"input_size": 6}, "input too small"),
+    ({"drop_layers": ("conv5",)}, "drop_layers"),
+    ({"towers": 0}, "towers"),
+])
+def test_bad_configs_raise_clearly(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ax.Net(small_config(**kw), devices="cpu")
+
+
+def test_bad_devices_raise_clearly():
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        ax.Net(small_config(), devices=("cpu", "gpu0"))
+    with pytest.raises(ValueError, match="2 tower"):
+        ax.Net(small_config(), devices=("cpu", "cpu", "cpu"))
+    with pytest.raises(ValueError, match="cuda:9"):
+        ax.Net(small_config(), devices=("cuda:9", "cuda:9"))
+    with pytest.raises(ValueError, match="unknown key"):
+        ax.Net({"widths": 3})
+
+
+@pytest.mark.cuda
+def test_missing_gpu_index_raises():
+    with pytest.raises(ValueError, match="does not exist"):
+        ax.Net(small_config(), devices=("cuda:0", f"cuda:{ax.cuda_device_count()}"))
+
+
+def test_bad_batches_raise_clearly(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices="cpu")
+    x, y = batch(rng, cfg, 3)
+    with pytest.raises(ValueError, match="labels"):
+        net.train_step(x, np.array([0, 1, 99], np.int32), 0.01)
+    with pytest.raises(ValueError, match="images"):
+        net.train_step(x[:, :, :-1], y, 0.01)
+    with pytest.raises(TypeError, match="float32"):
+        net.train_step(x.astype(np.float64), y, 0.01)
+    with pytest.raises(ValueError, match="lr"):
+        net.train_step(x, y, float("nan"))
+
+
+def test_tiny_net_learns_a_synthetic_task():
+    """A few hundred CPU steps on a learnable task: loss falls and accuracy ends far above chance."""
+    cfg = small_config(num_classes=4, input_size=16, conv1={"kernel": 3, "stride": 1, "padding": 1},
+                       channels=(8, 8, 12, 8, 8), fc=(64, 64), dropout=0.5, weight_decay=0.0005,
+                       init_std=0.2)  # the paper's 0.01 starves a net this narrow of signal
+    rng = np.random.default_rng(0)
+    templates = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+
+    def draw(n):
+        y = rng.integers(0, 4, n).astype(np.int32)
+        x = templates[y] + 0.5 * rng.standard_normal((n, 3, 16, 16)).astype(np.float32)
+        return x, y
+
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=0)
+    losses = [net.train_step(*draw(32), lr=0.01)["loss"] for _ in range(300)]
+    x, y = draw(256)
+    ev = net.evaluate(x, y)
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    assert ev["top1"] / ev["n"] > 0.8  # chance is 0.25
+
+
+def test_two_cpu_workers_overlap_and_one_device_does_not(rng):
+    """Each tower's ops run on its own worker: their op intervals interleave in time. One device runs the
+    towers in turn, so its intervals never overlap."""
+    cfg = ax.tiny_config()
+    x, y = batch(rng, cfg, 16)
+    overlaps = {}
+    for devices in [("cpu", "cpu"), "cpu"]:
+        net = ax.Net(cfg, devices=devices, seed=1)
+        net.set_tracing(True)
+        net.train_step(x, y, 0.01)
+        overlaps[devices] = net.last_step_stats()["overlap"]["overlap"]
+    assert overlaps[("cpu", "cpu")] > 0.2
+    assert overlaps["cpu"] == 0.0
+
+
+@pytest.mark.cuda
+def test_steady_state_training_step_never_calls_cudamalloc(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cuda:0", "cuda:0"), seed=0)
+    x, y = batch(rng, cfg, 8)
+    for _ in range(2):
+        net.train_step(x, y, 0.01)
+    before = ax.cuda_allocator_stats()["device_mallocs"]
+    for _ in range(3):
+        net.train_step(x, y, 0.01)
+    assert ax.cuda_allocator_stats()["device_mallocs"] == before
