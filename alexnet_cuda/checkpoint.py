@@ -15,6 +15,7 @@ import numpy as np
 
 FORMAT = "alexnet_cuda-checkpoint"
 VERSION = 1
+SUBDIR = "checkpoints"  # runs/<run>/checkpoints/ckpt_<step>.npz
 _NAME = re.compile(r"^ckpt_(\d{9,})\.npz$")
 _TMP_PREFIX = ".ckpt-"
 _META_KEY = "__meta__"
@@ -118,8 +119,16 @@ def load_checkpoint(path):
     return meta, net_state, extra
 
 
+def checkpoint_dir(run):
+    """Where a run folder keeps its checkpoints."""
+    return os.path.join(run, SUBDIR)
+
+
 def list_checkpoints(folder):
-    """Checkpoint files in `folder` (by name: ckpt_<step>.npz), oldest step first."""
+    """Checkpoint files (by name: ckpt_<step>.npz), oldest step first, in `folder` or, for a run folder,
+    in its checkpoints/ subfolder."""
+    if os.path.isdir(os.path.join(folder, SUBDIR)):
+        folder = os.path.join(folder, SUBDIR)
     try:
         names = os.listdir(folder)
     except FileNotFoundError:

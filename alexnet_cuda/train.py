@@ -9,8 +9,8 @@ Defaults are the paper's (config.TRAIN_DEFAULTS / NET_DEFAULTS): batch 128, lr 0
 the validation top-1 error has not improved for --patience epochs (at most three times), momentum 0.9,
 weight decay 0.0005, 90 epochs; every one can be changed by a flag, network keys with --set KEY=VALUE.
 
-The run folder (--out, default runs/<timestamp>) receives ckpt_<step>.npz checkpoints (atomic, the last
---keep kept), metrics.jsonl and metrics.csv (one row per epoch), metrics.png (loss and top-1/top-5
+The run folder (--out, default runs/<timestamp>) receives checkpoints/ckpt_<step>.npz (atomic, the
+last --keep kept), metrics.jsonl and metrics.csv (one row per epoch), metrics.png (loss and top-1/top-5
 curves, redrawn every epoch when matplotlib is importable), steps.csv (loss per step, every --log-every
 steps) and args.json. --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
 its losses equal an uninterrupted run's bit for bit. Ctrl-C writes a checkpoint and says how to resume;
@@ -29,8 +29,8 @@ import threading
 import time
 
 from . import config as axconfig
-from .checkpoint import (atomic_write, checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, remove_stale_temporaries, save_checkpoint)
+from .checkpoint import (SUBDIR, atomic_write, checkpoint_dir, checkpoint_name, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .cli import (EXIT_INTERRUPTED, EXIT_NONFINITE, CliError, OneLineParser, devices_str, nonneg_float,
                   nonneg_int, parse_devices, positive_float, positive_int, run_main, unit_interval)
 from .progress import progress_bar
@@ -329,7 +329,8 @@ class Run:
             self._use_checkpoint_statistics(meta, extra)
             cfg = net_config(meta["config"])
             devices = parse_devices(args.devices or meta["devices"], cfg["towers"])
-            self.out = args.out or os.path.dirname(os.path.abspath(resume))
+            folder = os.path.dirname(os.path.abspath(resume))
+            self.out = args.out or (os.path.dirname(folder) if os.path.basename(folder) == SUBDIR else folder)
             self.state = meta["state"]
             if "lr" in explicit:
                 self.state["lr"] = explicit["lr"]
@@ -365,8 +366,9 @@ class Run:
         if t["crop"] > self.data.size:
             raise ValueError(f"crop {t['crop']} is larger than the stored {self.data.size}x{self.data.size} images")
         self.t, self.cfg, self.devices = t, cfg, devices
-        os.makedirs(self.out, exist_ok=True)
-        remove_stale_temporaries(self.out)
+        self.ckpt_dir = checkpoint_dir(self.out)
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        remove_stale_temporaries(self.ckpt_dir)
         self.loader = TrainLoader(self.data, t["batch_size"], t["crop"], seed=t["seed"], pca_std=t["pca_std"],
                                   flip=t["flip"], lighting=t["lighting"], prefetch_depth=t["prefetch"],
                                   threads=t["loader_threads"])
@@ -410,7 +412,7 @@ class Run:
         """Resuming from an older checkpoint: newer ones in the run folder belong to the abandoned
         continuation; rename them so they are never picked up by --resume auto or pruned in its place."""
         here = os.path.abspath(resume)
-        paths = [os.path.abspath(p) for p in list_checkpoints(self.out)]
+        paths = [os.path.abspath(p) for p in list_checkpoints(self.ckpt_dir)]
         if here in paths:
             for p in paths[paths.index(here) + 1:]:
                 os.replace(p, os.path.join(os.path.dirname(p), "abandoned_" + os.path.basename(p)))
@@ -426,9 +428,9 @@ class Run:
                 "state": self.state, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save(self):
-        path = os.path.join(self.out, checkpoint_name(self.net.step))
+        path = os.path.join(self.ckpt_dir, checkpoint_name(self.net.step))
         save_checkpoint(path, self.net.state_dict(), self.meta(), {"mean": self.data.mean})
-        prune_checkpoints(self.out, self.t["keep"])
+        prune_checkpoints(self.ckpt_dir, self.t["keep"])
         self.last_checkpoint = os.path.abspath(path)
         return path
 

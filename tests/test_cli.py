@@ -58,7 +58,8 @@ def uninterrupted(dataset, tmp_path_factory):
 
 def test_uninterrupted_run_files(uninterrupted):
     files = set(os.listdir(uninterrupted))
-    assert {"metrics.jsonl", "metrics.csv", "steps.csv", "args.json", ck.checkpoint_name(14)} <= files
+    assert {"metrics.jsonl", "metrics.csv", "steps.csv", "args.json", "checkpoints"} <= files
+    assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == [ck.checkpoint_name(s) for s in (7, 14)]
     if _has_matplotlib():
         assert "metrics.png" in files
     rows = _epochs(uninterrupted)
@@ -79,8 +80,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(dataset, uninterrupted, tmp_pat
     assert rc == 0 and "final val top-1 error" in o
     assert _losses(out) == _losses(uninterrupted)
     assert _epochs(out) == _epochs(uninterrupted)
-    a = ck.load_checkpoint(os.path.join(uninterrupted, ck.checkpoint_name(14)))[1]
-    b = ck.load_checkpoint(os.path.join(out, ck.checkpoint_name(14)))[1]
+    a = ck.load_checkpoint(os.path.join(uninterrupted, "checkpoints", ck.checkpoint_name(14)))[1]
+    b = ck.load_checkpoint(os.path.join(out, "checkpoints", ck.checkpoint_name(14)))[1]
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert len(ck.list_checkpoints(out)) <= 3
@@ -99,7 +100,7 @@ def test_keyboard_interrupt_writes_checkpoint_and_resume_is_exact(dataset, unint
     monkeypatch.setattr(ax.Net, "train_step", interrupted_at_step_5)
     rc, o, e = _train(["--data", dataset[0], "--out", out, "--epochs", "2", "--devices", "cpu", *SMALL], capsys)
     assert rc == 130 and "Traceback" not in e
-    path = os.path.join(out, ck.checkpoint_name(5))
+    path = os.path.join(out, "checkpoints", ck.checkpoint_name(5))
     assert f"resume with: python -m alexnet_cuda.train --resume {path}" in e
     monkeypatch.setattr(ax.Net, "train_step", real)
     rc, o, e = _train(["--resume", path, "--no-progress"], capsys)
@@ -124,7 +125,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path, 
     assert rc == 3
     lines = e.strip().splitlines()
     assert len(lines) == 1 and "loss became nan" in lines[0] and "step 6" in lines[0]
-    good = os.path.join(out, ck.checkpoint_name(4))
+    good = os.path.join(out, "checkpoints", ck.checkpoint_name(4))
     assert good in lines[0]
     assert [os.path.basename(p) for p in ck.list_checkpoints(out)] == [ck.checkpoint_name(s) for s in (2, 4)]
     assert ck.load_checkpoint(good)[0]["state"]["step"] == 4
@@ -246,7 +247,7 @@ def test_train_bad_arguments_give_one_line(dataset, tmp_path, capsys, case):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("alexnet_cuda.train: error: ") and expect in lines[0]
-    assert not os.path.exists(os.path.join(str(tmp_path / "run"), ck.checkpoint_name(1)))
+    assert not ck.list_checkpoints(str(tmp_path / "run"))
 
 
 def test_cuda_device_without_cuda_is_one_line(dataset, tmp_path, capsys):
