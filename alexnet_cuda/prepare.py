@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 
+from .checkpoint import fsync_dir
 from .cli import CliError, OneLineParser, nonneg_int, positive_int, run_main
 from .progress import progress_bar
 
@@ -208,19 +209,6 @@ def _fsync_write(path, write):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 _progress_queue = None
@@ -490,7 +478,7 @@ def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, 
                "empty_classes": report["empty_classes"], "no_training_images": no_images,
                "seconds": round(time.monotonic() - t0, 1)}
     write_json(COMPLETE, summary)
-    _fsync_dir(dst)
+    fsync_dir(dst)
     return summary
 
 
