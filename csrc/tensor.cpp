@@ -82,7 +82,10 @@ static int probe_device_count(std::string* reason) {
         cudaGetLastError();
         if (reason) {
             if (e == cudaErrorNoDevice) *reason = "no CUDA device is present";
-            else if (e == cudaErrorInsufficientDriver) *reason = "no usable NVIDIA driver (" + std::string(cudaGetErrorString(e)) + ")";
+            else if (e == cudaErrorInsufficientDriver)
+                // The static runtime says this both when libcuda is absent and when it is too old.
+                *reason = "no NVIDIA driver found, or one older than this build's CUDA " + std::to_string(CUDART_VERSION / 1000) +
+                          " runtime needs (" + std::string(cudaGetErrorString(e)) + ")";
             else *reason = std::string("the CUDA runtime could not start: ") + cudaGetErrorString(e);
         }
         return 0;

@@ -175,3 +175,16 @@ def test_paper_shapes_and_flop_counts():
     assert abs(macs / 1e6 - 724.3) < 0.5
     params = sum(int(np.prod(shape)) for _, shape in harness.parameter_shapes(cfg))
     assert abs(params / 1e6 - 60.97) < 0.01
+
+
+def test_trace_step_smoke(tmp_path):
+    import trace_step
+
+    summary = trace_step.main(["--smoke", "--out", str(tmp_path)])
+    assert summary["ops_traced"] > 50
+    assert 0.0 <= summary["overlap"] <= 1.0
+    assert set(summary["edge_bytes"]) == {"conv2->conv3", "conv5->fc6", "fc6->fc7", "fc7->fc8", "fc8->loss"}
+    traces = list(tmp_path.glob("*_trace.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert {e["tid"] for e in events} == {"tower 0", "tower 1"}

@@ -1,0 +1,669 @@
+"""Train AlexNet: python -m alexnet_cuda.train [--data DST] [--devices cuda:0,cuda:1] [...]
+
+With no --data it trains the tiny AlexNet (config.tiny_config, init_std 0.03) on a small built-in image set
+(alexnet_cuda.synthetic: 10 classes, 3000 train / 500 val images, generated once into a cache folder,
+prepared at 40x40, crop 32) for 8 epochs of batch 32 at lr 0.005 and prints the final validation errors:
+the first command of the README (about 1.5 minutes on two CPU cores, ~18% top-1 error, chance 90%).
+
+Defaults are the paper's (config.TRAIN_DEFAULTS / NET_DEFAULTS): batch 128, lr 0.01 divided by 10 when
+the validation top-1 error has not improved for --patience epochs (at most three times), momentum 0.9,
+weight decay 0.0005, 90 epochs; every one can be changed by a flag, network keys with --set KEY=VALUE.
+
+The run folder (--out, default runs/<timestamp>) receives checkpoints/ckpt_<step>.npz (atomic, the
+last --keep kept), metrics.jsonl and metrics.csv (one row per epoch), metrics.png (loss and top-1/top-5
+curves, redrawn every epoch when matplotlib is importable), steps.csv (loss per step, every --log-every
+steps) and args.json. --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
+its losses equal an uninterrupted run's bit for bit. Ctrl-C writes a checkpoint and says how to resume;
+a non-finite loss stops the run without saving the bad state.
+"""
+import argparse
+import ast
+import csv
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+from . import config as axconfig
+from .checkpoint import (SUBDIR, atomic_write, checkpoint_dir, checkpoint_name, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
+from .cli import (EXIT_INTERRUPTED, EXIT_NONFINITE, CliError, OneLineParser, devices_str, nonneg_float,
+                  nonneg_int, parse_devices, positive_float, positive_int, run_main, unit_interval)
+from .progress import progress_bar
+
+# Training-loop settings that are not the paper's numbers (those are in config.TRAIN_DEFAULTS).
+LOOP_DEFAULTS = {
+    "patience": 2,  # epochs without a better validation top-1 error before the lr is divided
+    "seed": 0,
+    "lighting": "std",  # lambda_i of the PCA lighting: sqrt(eigenvalue) (see data.py)
+    "flip": True,
+    "keep": 3,  # checkpoints kept
+    "checkpoint_every": 0,  # steps between mid-epoch checkpoints (0: only at the end of each epoch)
+    "log_every": 10,  # steps between rows of steps.csv
+    "max_steps": 0,  # stop after this many steps in all (0: no limit)
+    "prefetch": 3,  # batches prepared ahead in background threads
+    "loader_threads": max(1, min(6, (os.cpu_count() or 2) // 2)),  # threads building them (~900 img/s each
+    # at 224 from 256 on one core of this machine; the augment op releases the GIL)
+    "net": "alexnet",
+}
+
+# The built-in demo: the tiny AlexNet (config.tiny_config, whose init std is 0.03) on the generated
+# 10-class set (size 40, crop 32). The paper's lr 0.01 leaves this small net at chance for many epochs;
+# a smaller lr gets it well above chance in a few CPU minutes.
+DEMO_DEFAULTS = {"net": "tiny", "crop": 32, "image_size": 40, "epochs": 8, "batch_size": 32, "lr": 0.005,
+                 "patience": 2}
+DEMO_DATA = {"seed": 0, "size": 40, "train_per_class": 300, "val_per_class": 50}
+
+# What a resumed run may change (the rest would break exact continuation and is refused).
+# --max-steps is a limit of the invocation that gives it: it is not carried over.
+RESUME_MUTABLE = {"epochs", "lr", "patience", "lr_reductions", "lr_factor", "keep", "checkpoint_every",
+                  "log_every", "max_steps", "prefetch", "loader_threads"}
+
+METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_top1_err", "train_top5_err", "val_loss",
+                 "val_top1_err", "val_top5_err", "epoch_seconds", "images_per_s", "time"]
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def build_parser():
+    p = OneLineParser(prog="python -m alexnet_cuda.train", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = axconfig.TRAIN_DEFAULTS
+    n = axconfig.NET_DEFAULTS
+    p.add_argument("--data", help="prepared folder (python -m alexnet_cuda.prepare); omitted: the built-in demo")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
+                   help="continue from a checkpoint file, a run folder's newest checkpoint, or (auto) the newest "
+                        "in --out (a fresh start if it has none) or in the newest run under runs/")
+    p.add_argument("--devices", help="cpu, cuda:N, or one per tower: cuda:0,cuda:1 / cpu,cpu "
+                                     "(default: a GPU per tower, else both towers on cuda:0, else cpu,cpu)")
+    p.add_argument("--net", choices=("alexnet", "tiny"), help="network: the paper's (default) or the tiny "
+                   "32x32 one (the demo's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="network config override, e.g. --set dropout=0.3 --set 'drop_layers=(\"conv3\",)'")
+    p.add_argument("--batch-size", type=positive_int, help=f"images per step (default {d['batch_size']})")
+    p.add_argument("--lr", type=positive_float, help=f"learning rate (default {d['lr']})")
+    p.add_argument("--momentum", type=unit_interval, help=f"(default {n['momentum']})")
+    p.add_argument("--weight-decay", type=nonneg_float, help=f"(default {n['weight_decay']})")
+    p.add_argument("--epochs", type=positive_int, help=f"(default {d['epochs']})")
+    p.add_argument("--lr-factor", type=_factor, help=f"lr multiplier on a plateau (default {d['lr_factor']})")
+    p.add_argument("--lr-reductions", type=nonneg_int, help=f"at most this many (default {d['lr_reductions']})")
+    p.add_argument("--patience", type=positive_int, help="epochs without a better validation top-1 error "
+                   f"before the lr is reduced (default {LOOP_DEFAULTS['patience']})")
+    p.add_argument("--crop", type=positive_int, help=f"training crop = network input size (default {d['crop']})")
+    p.add_argument("--pca-std", type=nonneg_float, help=f"std of the lighting alphas; 0: none (default {d['pca_std']})")
+    p.add_argument("--lighting", choices=("std", "eigenvalue"), help="lambda_i in the lighting formula: "
+                   "sqrt of the eigenvalue (default) or the eigenvalue itself")
+    p.add_argument("--no-flip", dest="flip", action="store_const", const=False, help="no horizontal flips")
+    p.add_argument("--seed", type=nonneg_int, help="data order, augmentation, init and dropout (default 0)")
+    p.add_argument("--keep", type=positive_int, help="checkpoints kept (default 3)")
+    p.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints within an epoch "
+                   "(default 0: at the end of each epoch only)")
+    p.add_argument("--log-every", type=positive_int, help="steps between rows of steps.csv (default 10)")
+    p.add_argument("--max-steps", type=nonneg_int, help="stop (with a checkpoint) after this many steps in all")
+    p.add_argument("--prefetch", type=nonneg_int, help="batches prepared ahead (default 3; 0: none)")
+    p.add_argument("--loader-threads", type=nonneg_int, help="threads preparing them (default: half the CPUs, "
+                   "at most 6)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _factor(text):
+    v = float(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return v
+
+
+def _parse_sets(items):
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        key, text = item.split("=", 1)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        out[key.strip()] = value
+    return out
+
+
+_TRAIN_KEYS = ("batch_size", "lr", "epochs", "lr_factor", "lr_reductions", "patience", "crop", "pca_std",
+               "lighting", "flip", "seed", "keep", "checkpoint_every", "log_every", "max_steps", "prefetch",
+               "loader_threads", "net")
+
+
+def _explicit(args):
+    """Training settings given on the command line (None = not given)."""
+    return {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k, None) is not None}
+
+
+def _net_overrides(args):
+    o = _parse_sets(args.set)
+    if args.momentum is not None:
+        o["momentum"] = args.momentum
+    if args.weight_decay is not None:
+        o["weight_decay"] = args.weight_decay
+    return o
+
+
+# ---- run folder files ---------------------------------------------------------------------------------
+
+def _write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_metrics(out, history):
+    """metrics.jsonl and metrics.csv from the whole history (rewritten, so a resumed run's files hold
+    exactly its history)."""
+    _write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for h in history:
+        w.writerow({k: ("" if h.get(k) is None else h.get(k)) for k in METRIC_FIELDS})
+    _write_text(os.path.join(out, "metrics.csv"), buf.getvalue())
+
+
+_plot_notice = []
+
+
+def plot_metrics(out, history, log):
+    """metrics.png: loss and top-1/top-5 error per epoch (train and validation)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001 - no matplotlib (or a broken one): no plot, said once
+        if not _plot_notice:
+            _plot_notice.append(1)
+            log("matplotlib is not importable: no metrics.png (pip install matplotlib)")
+        return
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    if any(h.get("val_loss") is not None for h in history):
+        a1.plot(ep, [h.get("val_loss") for h in history], "o-", label="val")
+    a1.set_xlabel("epoch"), a1.set_ylabel("loss"), a1.set_title("cross-entropy loss"), a1.legend()
+    for split, style in (("train", "--"), ("val", "-")):
+        for k, color in (("top1", "C0"), ("top5", "C1")):
+            vals = [h.get(f"{split}_{k}_err") for h in history]
+            if any(v is not None for v in vals):
+                a2.plot(ep, [None if v is None else 100 * v for v in vals], style, color=color, marker="o",
+                        label=f"{split} {k.replace('top', 'top-')}")
+    a2.set_xlabel("epoch"), a2.set_ylabel("error (%)"), a2.set_title("top-1 / top-5 error"), a2.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write(os.path.join(out, "metrics.png"), lambda f: f.write(buf.getvalue()))
+
+
+class StepLog:
+    """steps.csv: step, epoch, batch, loss (exact repr), top1, top5, n, lr."""
+
+    HEADER = "step,epoch,batch,loss,top1,top5,n,lr\n"
+
+    def __init__(self, path, keep_upto=None):
+        self.path = path
+        rows = []
+        if keep_upto is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f.readlines()[1:]:
+                    try:
+                        if int(line.split(",", 1)[0]) <= keep_upto:
+                            rows.append(line if line.endswith("\n") else line + "\n")
+                    except ValueError:
+                        continue
+        _write_text(path, self.HEADER + "".join(rows))
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, step, epoch, batch, r, lr):
+        self.f.write(f"{step},{epoch},{batch},{float(r['loss'])!r},{int(r['top1'])},{int(r['top5'])},{int(r['n'])},{lr!r}\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+# ---- setup ------------------------------------------------------------------------------------------------
+
+def _new_run_dir(args):
+    if args.out:
+        return args.out
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    out, i = base, 1
+    while os.path.exists(out):
+        i += 1
+        out = f"{base}-{i}"
+    return out
+
+
+def _find_resume(args, log):
+    """-> checkpoint path, or None for a fresh start (--resume auto with an --out that has none)."""
+    spec = args.resume
+    if spec == "auto":
+        if args.out:
+            path = latest_checkpoint(args.out, warn=log)
+            if path is None:
+                log(f"--resume auto: no checkpoint in {args.out} yet, starting a new run there")
+            return path
+        runs = []
+        if os.path.isdir("runs"):
+            for name in os.listdir("runs"):
+                cks = list_checkpoints(os.path.join("runs", name))
+                if cks:
+                    runs.append((os.path.getmtime(cks[-1]), os.path.join("runs", name)))
+        for _, folder in sorted(runs, reverse=True):
+            path = latest_checkpoint(folder, warn=log)
+            if path:
+                return path
+        raise ValueError("--resume auto: no checkpoint found under runs/ (give --out RUN or a checkpoint path)")
+    if os.path.isdir(spec):
+        path = latest_checkpoint(spec, warn=log)
+        if path is None:
+            raise ValueError(f"--resume {spec}: no checkpoint in that folder")
+        return path
+    if not os.path.exists(spec):
+        raise ValueError(f"--resume {spec}: no such checkpoint")
+    return spec
+
+
+def _validate(t):
+    if t["batch_size"] < 1:
+        raise ValueError(f"batch size must be positive, got {t['batch_size']}")
+    if not (t["lr"] > 0 and math.isfinite(t["lr"])):
+        raise ValueError(f"lr must be positive, got {t['lr']}")
+    if not 0 < t["lr_factor"] < 1:
+        raise ValueError(f"lr factor must be in (0, 1), got {t['lr_factor']}")
+    for k in ("epochs", "patience", "keep", "log_every"):
+        if t[k] < 1:
+            raise ValueError(f"{k.replace('_', ' ')} must be positive, got {t[k]}")
+    for k in ("lr_reductions", "checkpoint_every", "max_steps", "prefetch", "loader_threads", "seed"):
+        if t[k] < 0:
+            raise ValueError(f"{k.replace('_', ' ')} must be >= 0, got {t[k]}")
+    if not t["pca_std"] >= 0:
+        raise ValueError(f"pca std must be >= 0, got {t['pca_std']}")
+
+
+class Run:
+    """Everything one training run needs; run() drives it."""
+
+    def __init__(self, args, log, say):
+        from .data import EvalLoader, PreparedData, TrainLoader
+        from .evaluate import build_net, net_config, open_data
+
+        self.log, self.say = log, say
+        self.progress = not args.no_progress
+        resume = _find_resume(args, log) if args.resume else None
+        explicit = _explicit(args)
+        net_over = _net_overrides(args)
+        if resume:
+            meta, net_state, extra = load_checkpoint(resume)
+            t = {**LOOP_DEFAULTS, **meta["train"]}
+            t["max_steps"] = 0
+            for k, v in explicit.items():
+                if k in RESUME_MUTABLE:
+                    t[k] = v
+                elif v != t.get(k):
+                    raise ValueError(f"--{k.replace('_', '-')} cannot change on --resume (the checkpoint has "
+                                     f"{t.get(k)!r}); start a new run instead")
+            if net_over:
+                raise ValueError("network settings (--set, --momentum, --weight-decay) cannot change on --resume")
+            _validate(t)
+            self.data = open_data(meta, args.data, log)
+            self._use_checkpoint_statistics(meta, extra)
+            cfg = net_config(meta["config"])
+            devices = parse_devices(args.devices or meta["devices"], cfg["towers"])
+            folder = os.path.dirname(os.path.abspath(resume))
+            self.out = args.out or (os.path.dirname(folder) if os.path.basename(folder) == SUBDIR else folder)
+            self.state = meta["state"]
+            if "lr" in explicit:
+                self.state["lr"] = explicit["lr"]
+            self.demo = meta["data"].get("demo")
+        else:
+            self.demo = None if args.data else dict(DEMO_DATA)
+            t = {**axconfig.TRAIN_DEFAULTS, **LOOP_DEFAULTS, **({} if args.data else DEMO_DEFAULTS), **explicit}
+            _validate(t)
+            base = axconfig.tiny_config() if t["net"] == "tiny" else axconfig.alexnet_config()
+            cfg = axconfig.alexnet_config(**{**base, "input_size": t["crop"], **net_over})  # checked before the data
+            devices = parse_devices(args.devices, cfg["towers"])
+            self.out = _new_run_dir(args)
+            if list_checkpoints(self.out):
+                raise ValueError(f"run folder {self.out} already has checkpoints: continue it with --resume auto "
+                                 "--out " + self.out + " or choose another --out")
+            if args.data:
+                self.data = PreparedData(args.data)
+            else:
+                from .synthetic import ensure_demo_data
+
+                log("no --data: training the tiny AlexNet on the built-in demo image set")
+                self.data = PreparedData(ensure_demo_data(**self.demo, log=log, progress=self.progress))
+            cfg = axconfig.alexnet_config(**{**base, "num_classes": self.data.num_classes, "input_size": t["crop"],
+                                             **net_over})
+            if cfg["num_classes"] != self.data.num_classes:
+                raise ValueError(f"num_classes {cfg['num_classes']} does not match the data's {self.data.num_classes}")
+            if cfg["input_size"] != t["crop"]:
+                raise ValueError(f"the network's input_size {cfg['input_size']} must equal --crop {t['crop']}")
+            self.state = {"epoch": 0, "batch": 0, "step": 0, "lr": t["lr"], "reductions": 0, "best": None,
+                          "bad_epochs": 0, "history": [], "acc": _new_acc()}
+        if t["crop"] > self.data.size:
+            raise ValueError(f"crop {t['crop']} is larger than the stored {self.data.size}x{self.data.size} images")
+        self.t, self.cfg, self.devices = t, cfg, devices
+        self.ckpt_dir = checkpoint_dir(self.out)
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        remove_stale_temporaries(self.ckpt_dir)
+        self.loader = TrainLoader(self.data, t["batch_size"], t["crop"], seed=t["seed"], pca_std=t["pca_std"],
+                                  flip=t["flip"], lighting=t["lighting"], prefetch_depth=t["prefetch"],
+                                  threads=t["loader_threads"])
+        self.val_loader = (EvalLoader(self.data, t["batch_size"], t["crop"], split="val", mode="center")
+                           if self.data.has_split("val") else None)
+        if self.val_loader is None:
+            log("the data has no validation split: the lr schedule follows the training top-1 error")
+        self.net = build_net(cfg, devices, t["seed"])
+        self.last_checkpoint = None
+        if resume:
+            self.net.load_state_dict(net_state)
+            if int(self.net.step) != int(self.state["step"]):
+                raise ValueError(f"{resume}: the net is at step {self.net.step} but the run state at "
+                                 f"{self.state['step']}")
+            self.last_checkpoint = os.path.abspath(resume)
+            self._abandon_newer(resume)
+            log(f"resuming {resume}: epoch {self.state['epoch'] + 1}, batch {self.state['batch']}, "
+                f"step {self.state['step']}, lr {self.state['lr']:g}")
+        self.steplog = StepLog(os.path.join(self.out, "steps.csv"), keep_upto=self.state["step"] if resume else None)
+        write_metrics(self.out, self.state["history"])
+        _write_text(os.path.join(self.out, "args.json"),
+                    json.dumps({"train": t, "config": _jsonable(cfg), "devices": devices_str(devices),
+                                "data": self.data.root}, indent=1))
+
+    def _use_checkpoint_statistics(self, meta, extra):
+        """Continue with the mean image and PCA the run started with, even if the data folder was prepared
+        again since (same classes and size, checked by open_data)."""
+        import numpy as np
+
+        d = meta["data"]
+        mean = np.ascontiguousarray(extra["mean"], np.float32)
+        if not np.array_equal(mean, self.data.mean) or d["pca_eigenvalues"] != self.data.pca_eigenvalues.tolist():
+            self.log(f"note: {self.data.root} has another mean image or PCA than the checkpoint; continuing with "
+                     "the checkpoint's")
+        self.data.mean = mean
+        self.data.pca_eigenvalues = np.asarray(d["pca_eigenvalues"], np.float64)
+        self.data.pca_eigenvectors = np.asarray(d["pca_eigenvectors"], np.float64)
+        self.data.pca_std = np.asarray(d["pca_std"], np.float64)
+
+    def _abandon_newer(self, resume):
+        """Resuming from an older checkpoint: newer ones in the run folder belong to the abandoned
+        continuation; rename them so they are never picked up by --resume auto or pruned in its place."""
+        here = os.path.abspath(resume)
+        paths = [os.path.abspath(p) for p in list_checkpoints(self.ckpt_dir)]
+        if here in paths:
+            for p in paths[paths.index(here) + 1:]:
+                os.replace(p, os.path.join(os.path.dirname(p), "abandoned_" + os.path.basename(p)))
+                self.log(f"renamed the newer checkpoint {p} (from the abandoned continuation) to abandoned_*")
+
+    # ---- checkpoints ----
+
+    def meta(self):
+        data = self.data.summary()
+        data["demo"] = self.demo
+        return {"config": _jsonable(self.cfg), "train": self.t, "devices": devices_str(self.devices),
+                "classes": self.data.classes, "data": data, "crop": self.t["crop"], "step": int(self.net.step),
+                "state": self.state, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def save(self):
+        path = os.path.join(self.ckpt_dir, checkpoint_name(self.net.step))
+        save_checkpoint(path, self.net.state_dict(), self.meta(), {"mean": self.data.mean})
+        prune_checkpoints(self.ckpt_dir, self.t["keep"])
+        self.last_checkpoint = os.path.abspath(path)
+        return path
+
+    # ---- the loop ----
+
+    def run(self):
+        t, st = self.t, self.state
+        interrupted = _SigintFlag()
+        bpe = self.loader.batches_per_epoch
+        if t["max_steps"] and st["step"] >= t["max_steps"]:
+            self.say(f"already at step {st['step']} (--max-steps {t['max_steps']}); nothing to do")
+            self.steplog.close()
+            return 0
+        if st["epoch"] >= t["epochs"]:
+            self.say(f"this run has already finished its {t['epochs']} epochs (raise --epochs to go on)")
+            self.steplog.close()
+            self._final_report()
+            return 0
+        try:
+            with interrupted:
+                while st["epoch"] < t["epochs"]:
+                    e = st["epoch"]
+                    if st["batch"] < bpe and self._train_epoch(e, bpe, interrupted) == "max_steps":
+                        return 0
+                    self._end_epoch(e, interrupted)
+        except KeyboardInterrupt:
+            return self._on_interrupt()
+        except NonFiniteLoss as err:
+            self.say_err(str(err))
+            return EXIT_NONFINITE
+        finally:
+            self.steplog.close()
+        self._final_report()
+        return 0
+
+    def say_err(self, msg):
+        print(f"alexnet_cuda.train: error: {msg}", file=sys.stderr)
+
+    def _train_epoch(self, e, bpe, interrupted):
+        t, st, net = self.t, self.state, self.net
+        acc = st["acc"]
+        bar = progress_bar(bpe, desc=f"epoch {e + 1}/{t['epochs']}", unit="batch", initial=st["batch"],
+                           disable=not self.progress)
+        t0, n0 = time.monotonic(), acc["n"]
+        it = self.loader.epoch(e, st["batch"])
+        t_prev = t0
+        try:
+            for b, x, y in it:
+                r = net.train_step(x, y, st["lr"])
+                loss = float(r["loss"])
+                if not math.isfinite(loss):
+                    where = f"epoch {e + 1}, batch {b} (step {int(net.step)})"
+                    keep = (f"the last good checkpoint {self.last_checkpoint} is intact; continue from it with "
+                            f"--resume {self.last_checkpoint} and, e.g., a lower --lr" if self.last_checkpoint
+                            else "no checkpoint was written in this run")
+                    raise NonFiniteLoss(f"the loss became {loss} at {where}; stopped without saving this state: {keep}")
+                k = int(r["n"])
+                acc["loss_sum"] += loss * k
+                acc["top1"] += int(r["top1"])
+                acc["top5"] += int(r["top5"])
+                acc["n"] += k
+                now = time.monotonic()
+                acc["seconds"] += now - t_prev  # wall time, waiting for data included
+                t_prev = now
+                st["batch"] = b + 1
+                st["step"] = int(net.step)
+                if st["step"] % t["log_every"] == 0:
+                    self.steplog.write(st["step"], e, b, r, st["lr"])
+                bar.update(1)
+                elapsed = time.monotonic() - t0
+                if elapsed > 0:
+                    bar.set_postfix_str(f"loss {acc['loss_sum'] / acc['n']:.4f} lr {st['lr']:g} "
+                                        f"{(acc['n'] - n0) / elapsed:.0f} img/s", refresh=False)
+                if interrupted():
+                    raise KeyboardInterrupt
+                if t["max_steps"] and st["step"] >= t["max_steps"]:
+                    bar.close()
+                    path = self.save()
+                    self.say(f"stopped at step {st['step']} (--max-steps); checkpoint {path}")
+                    self._print_last()
+                    return "max_steps"
+                if t["checkpoint_every"] and st["step"] % t["checkpoint_every"] == 0 and st["batch"] < bpe:
+                    self.save()
+        finally:
+            it.close()
+            bar.close()
+        return None
+
+    def _end_epoch(self, e, interrupted):
+        t, st = self.t, self.state
+        val = None
+        if self.val_loader is not None:
+            from .evaluate import evaluate_center
+
+            bar = progress_bar(len(self.val_loader), desc="validate", unit="batch", disable=not self.progress)
+            try:
+                val = evaluate_center(self.net, self.val_loader, bar, interrupted)
+            finally:
+                bar.close()
+        acc = st["acc"]
+        n = max(1, acc["n"])
+        rec = {"epoch": e + 1, "step": int(self.net.step), "lr": st["lr"], "train_loss": acc["loss_sum"] / n,
+               "train_top1_err": 1 - acc["top1"] / n, "train_top5_err": 1 - acc["top5"] / n,
+               "val_loss": val["loss"] if val else None, "val_top1_err": val["top1_err"] if val else None,
+               "val_top5_err": val["top5_err"] if val else None, "epoch_seconds": round(acc["seconds"], 3),
+               "images_per_s": round(acc["n"] / acc["seconds"], 1) if acc["seconds"] > 0 else None,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        # The schedule (plateau of the validation top-1 error; the training error if there is no val split).
+        err = rec["val_top1_err"] if val else rec["train_top1_err"]
+        note = ""
+        best, bad, reductions, lr = st["best"], st["bad_epochs"], st["reductions"], st["lr"]
+        if best is None or err < best:
+            best, bad = err, 0
+        else:
+            bad += 1
+            if bad >= t["patience"] and reductions < t["lr_reductions"]:
+                lr, reductions, bad = lr * t["lr_factor"], reductions + 1, 0
+                note = f"; no improvement for {t['patience']} epoch(s): lr -> {lr:g}"
+        # Commit the epoch in one go (an interrupt before this line repeats the validation on resume).
+        st.update(history=st["history"] + [rec], best=best, bad_epochs=bad, reductions=reductions, lr=lr,
+                  epoch=e + 1, batch=0, acc=_new_acc())
+        self.say(_epoch_line(rec, t["epochs"]) + note)
+        write_metrics(self.out, st["history"])
+        plot_metrics(self.out, st["history"], self.log)
+        self.save()
+
+    def _on_interrupt(self):
+        st = self.state
+        if int(self.net.step) != int(st["step"]):
+            where = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+            self.say_err(f"interrupted in the middle of a step; nothing saved ({where})")
+            return EXIT_INTERRUPTED
+        try:
+            path = self.save()
+        except BaseException as e:  # noqa: BLE001 - a second Ctrl-C or a full disk: say so, keep the old one
+            self.say_err(f"interrupted; writing the checkpoint failed ({type(e).__name__}: {e}); "
+                         f"the last checkpoint is {self.last_checkpoint}")
+            return EXIT_INTERRUPTED
+        print(f"\ninterrupted at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']}); checkpoint "
+              f"{path}\nresume with: python -m alexnet_cuda.train --resume {path}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+    def _print_last(self):
+        h = self.state["history"]
+        if h and h[-1].get("val_top1_err") is not None:
+            r = h[-1]
+            self.say(f"val after epoch {r['epoch']}: top-1 error {100 * r['val_top1_err']:.2f}%, "
+                     f"top-5 error {100 * r['val_top5_err']:.2f}%")
+
+    def _final_report(self):
+        h = self.state["history"]
+        if not h:
+            return
+        r = h[-1]
+        chance1 = 1 - 1 / self.data.num_classes
+        chance5 = max(0.0, 1 - min(5, self.data.num_classes) / self.data.num_classes)
+        parts = [f"finished {r['epoch']} epochs ({r['step']} steps) in {self.out}"]
+        if r.get("val_top1_err") is not None:
+            parts.append(f"final val top-1 error {100 * r['val_top1_err']:.2f}%, top-5 error "
+                         f"{100 * r['val_top5_err']:.2f}% (center crop; chance {100 * chance1:.0f}% / "
+                         f"{100 * chance5:.0f}%)")
+        else:
+            parts.append(f"final train top-1 error {100 * r['train_top1_err']:.2f}%")
+        parts.append(f"checkpoint {self.last_checkpoint}")
+        self.say("; ".join(parts))
+
+
+def _new_acc():
+    return {"loss_sum": 0.0, "top1": 0, "top5": 0, "n": 0, "seconds": 0.0}
+
+
+def _epoch_line(r, epochs):
+    s = (f"epoch {r['epoch']}/{epochs}: train loss {r['train_loss']:.4f}, top-1 err {100 * r['train_top1_err']:.2f}%"
+         f", top-5 err {100 * r['train_top5_err']:.2f}%")
+    if r.get("val_loss") is not None:
+        s += (f" | val loss {r['val_loss']:.4f}, top-1 err {100 * r['val_top1_err']:.2f}%, top-5 err "
+              f"{100 * r['val_top5_err']:.2f}%")
+    s += f" | lr {r['lr']:g}"
+    if r.get("images_per_s"):
+        s += f", {r['images_per_s']:.0f} img/s"
+    return s
+
+
+def _jsonable(cfg):
+    return json.loads(json.dumps(cfg))
+
+
+class _SigintFlag:
+    """Within the block, the first Ctrl-C only raises a flag (the loop checks it between steps, so a
+    checkpoint is always of a whole step); a second one interrupts at once."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __call__(self):
+        return self.hit
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\nCtrl-C: stopping after this step to write a checkpoint (press again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._old = signal.signal(signal.SIGINT, self._handler)
+            except (ValueError, OSError):
+                self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def main(argv=None):
+    return run_main("alexnet_cuda.train", _main, argv)
+
+
+def _main(argv):
+    args = build_parser().parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    try:
+        run = Run(args, log, say)
+    except KeyboardInterrupt:
+        raise CliError("interrupted during setup; nothing to resume yet", code=EXIT_INTERRUPTED) from None
+    say(f"run folder {run.out}; devices {devices_str(run.devices)}; {len(run.loader.split)} training images, "
+        f"{run.loader.batches_per_epoch} batches of {run.t['batch_size']} per epoch; "
+        f"{run.data.num_classes} classes; crop {run.t['crop']} of {run.data.size}")
+    return run.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
