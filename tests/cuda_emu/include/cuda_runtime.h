@@ -77,6 +77,7 @@ inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
 // ---- runtime API (synchronous: every "async" call completes before it returns) ----------------------
+#define CUDART_VERSION 13000  // the toolkit the real build targets (nvcc 13)
 typedef struct CUstream_st* cudaStream_t;
 typedef struct CUevent_st* cudaEvent_t;
 enum cudaError_t {
