@@ -90,17 +90,21 @@ def _train(net, rng_seed, steps, cfg):
     return losses
 
 
+def assert_trains_identically(a, b, seed, cfg):
+    """Same losses and the same parameters and momentum, bit for bit, after a few steps."""
+    assert _train(a, seed, 4, cfg) == _train(b, seed, 4, cfg)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
 def test_two_cpu_workers_equal_one_cpu_bit_for_bit(rng):
     cfg = small_config(weight_decay=0.0005)
     seed = int(rng.integers(1 << 31))
     a = ax.Net(cfg, devices=("cpu", "cpu"), seed=seed)
     b = ax.Net(cfg, devices="cpu", seed=seed)
     assert len(set(a.executors())) == 2 and len(set(b.executors())) == 1
-    la, lb = _train(a, seed, 4, cfg), _train(b, seed, 4, cfg)
-    assert la == lb
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in sa:
-        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    assert_trains_identically(a, b, seed, cfg)
 
 
 @pytest.mark.cuda
@@ -109,10 +113,7 @@ def test_two_towers_on_one_gpu_equal_single_gpu_bit_for_bit(rng):
     seed = int(rng.integers(1 << 31))
     a = ax.Net(cfg, devices=("cuda:0", "cuda:0"), seed=seed)
     b = ax.Net(cfg, devices="cuda:0", seed=seed)
-    assert _train(a, seed, 4, cfg) == _train(b, seed, 4, cfg)
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in sa:
-        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    assert_trains_identically(a, b, seed, cfg)
 
 
 @pytest.mark.cuda
