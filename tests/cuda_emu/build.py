@@ -7,12 +7,13 @@
    and sanitizer messages pointing at the original files and lines.
 2. patches a copy of csrc/tensor.cpp so device blocks are allocated at their exact size (the caching
    allocator rounds sizes up, which would hide overruns from AddressSanitizer).
-3. compiles those with csrc/ops.cpp, csrc/cpu/*.cpp, emu.cpp and driver.cpp with g++ and links `driver`.
+3. compiles those with csrc/ops.cpp, csrc/scheduler.cpp, csrc/net.cpp, csrc/cpu/*.cpp, emu.cpp, runtime.cpp and
+   driver.cpp with g++ and links `driver` (no pybind11: csrc/bindings.cpp is not built).
 
 Every rewrite checks that it found what it expects and stops with a clear message otherwise, so a change
 in the sources can never make the build silently test something else.
 
-    python tests/cuda_emu/build.py [--sanitize] [--out DIR] [--cuda-dir DIR] [--jobs N]
+    python tests/cuda_emu/build.py [--sanitize] [--out DIR] [--cuda-dir DIR] [--csrc-dir DIR] [--jobs N]
 
 prints the driver's path (cached under build/cuda_emu/ by a hash of every input).
 """
@@ -168,6 +169,11 @@ def generate(cuda_dir, csrc_dir, gen_dir):
     return units, tensor
 
 
+# csrc/ sources linked as they are (tensor.cpp is patched above; bindings.cpp, the pybind11 module, is left
+# out): the ops front end and the scheduler + Net, whose CUDA branch runs on the emulated runtime.
+HOST_SOURCES = ["ops.cpp", "scheduler.cpp", "net.cpp"]
+
+
 # ---- compiling ------------------------------------------------------------------------------------------
 
 def have_fma():
@@ -205,7 +211,7 @@ def source_set(cuda_dir, csrc_dir):
     cuda_dir, csrc_dir = Path(cuda_dir), Path(csrc_dir)
     inputs = sorted(cuda_dir.glob("*.cu")) + sorted(cuda_dir.glob("*.cuh"))
     inputs += sorted(csrc_dir.glob("*.h")) + sorted((csrc_dir / "cpu").glob("*"))
-    inputs += [csrc_dir / "tensor.cpp", csrc_dir / "ops.cpp"]
+    inputs += [csrc_dir / "tensor.cpp"] + [csrc_dir / f for f in HOST_SOURCES]
     inputs += sorted(p for p in HERE.rglob("*") if p.is_file() and p.suffix in (".py", ".cpp", ".h"))
     return inputs
 
@@ -230,7 +236,8 @@ def prepare(out_dir, cuda_dir, csrc_dir, sanitize):
     cuda_units, tensor = generate(cuda_dir, csrc_dir, gen)
     host_flags, device_flags = flags(sanitize)
     inc = ["-I" + str(gen), "-I" + str(csrc_dir)]
-    host_units = [HERE / "emu.cpp", HERE / "driver.cpp", tensor, Path(csrc_dir) / "ops.cpp"]
+    host_units = [HERE / "emu.cpp", HERE / "runtime.cpp", HERE / "driver.cpp", tensor]
+    host_units += [Path(csrc_dir) / f for f in HOST_SOURCES]
     host_units += sorted((Path(csrc_dir) / "cpu").glob("*.cpp"))
     compiles, objs = [], []
     for src, fl in [(u, host_flags) for u in host_units] + [(u, device_flags) for u in cuda_units]:
@@ -312,10 +319,11 @@ def main():
     ap.add_argument("--sanitize", action="store_true", help="AddressSanitizer + UndefinedBehaviorSanitizer build")
     ap.add_argument("--out", help="cache root (default: build/cuda_emu in the repository)")
     ap.add_argument("--cuda-dir", help="CUDA sources to emulate (default: cuda/), e.g. a mutated copy")
+    ap.add_argument("--csrc-dir", help="host sources to build (default: csrc/), e.g. a mutated copy")
     ap.add_argument("--jobs", type=int, help="parallel compiles (default: all cores)")
     a = ap.parse_args()
     try:
-        print(build(a.sanitize, a.out, a.cuda_dir, None, a.jobs))
+        print(build(a.sanitize, a.out, a.cuda_dir, a.csrc_dir, a.jobs))
     except BuildError as e:
         sys.exit(f"build.py: {e}")
 

@@ -17,11 +17,13 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "cuda_runtime.h"
+#include "net.h"
 #include "ops.h"
 #include "philox.h"
 #include "tensor.h"
@@ -701,6 +703,314 @@ void group_gridstride() {
     cuda_empty_cache();
 }
 
+// ---- the scheduler and Net on emulated streams ------------------------------------------------------
+// The real csrc/scheduler.cpp (CudaExecutor: non-blocking streams, events between towers, timing events,
+// stream synchronization) and csrc/net.cpp drive a small two-tower AlexNet on the emulated device. Work runs
+// when issued, so results alone cannot show a missing event: the runtime's vector clocks check every
+// buffer a launch or copy touches for accesses from two streams with no happens-before edge between them.
+
+constexpr int kNetSteps = 4, kNetWarmup = 2, kNetBatch = 5;
+constexpr float kNetLr = 0.05f;
+
+NetConfig small_net_config() {
+    NetConfig c;
+    c.input_size = 32;
+    c.num_classes = 6;
+    c.conv1_kernel = 5;
+    c.conv1_stride = 2;
+    c.conv1_padding = 2;
+    c.channels = {8, 12, 16, 12, 8};
+    c.fc = {16, 12};
+    c.dropout = 0.5f;
+    c.weight_decay = 0.0005f;
+    return c;
+}
+
+struct NetInputs {
+    uint64_t seed;
+    int64_t step0;
+    std::vector<std::vector<float>> x;
+    std::vector<std::vector<int32_t>> y;
+    std::vector<float> x_eval;
+    std::vector<int32_t> y_eval;
+};
+
+struct NetRun {
+    std::vector<double> losses;
+    std::vector<int64_t> hits;  // top1, top5 per step
+    std::vector<std::map<std::string, int64_t>> edges;  // per training step
+    std::vector<std::pair<std::string, std::vector<float>>> state;
+    std::vector<float> logits, probs;
+    StepResult eval;
+    std::vector<TimelineEntry> timeline;  // of the traced (last) training step
+    std::vector<std::string> executors;
+    int64_t mallocs_warm = 0, mallocs_end = 0;
+    emu::RuntimeStats rt;  // runtime calls made by this run
+    std::vector<std::string> races;
+};
+
+NetRun run_net(const NetConfig& cfg, const NetInputs& in, const std::vector<Device>& devs, bool shared) {
+    NetRun r;
+    emu::clear_race_reports();
+    const emu::RuntimeStats rt0 = emu::runtime_stats();
+    {
+        Net net(cfg, devs, shared, in.seed);
+        net.step = in.step0;
+        for (int t = 0; t < cfg.towers; ++t) r.executors.push_back(net.scheduler().executor_name(t));
+        for (int s = 0; s < kNetSteps; ++s) {
+            net.trace = s == kNetSteps - 1;
+            const StepResult sr = net.train_step(in.x[s].data(), in.y[s].data(), kNetBatch, kNetLr);
+            r.losses.push_back(sr.loss);
+            r.hits.push_back(sr.top1);
+            r.hits.push_back(sr.top5);
+            r.edges.push_back(net.scheduler().edge_bytes());
+            if (s == kNetWarmup - 1) r.mallocs_warm = cuda_allocator_stats().device_mallocs;
+        }
+        r.mallocs_end = cuda_allocator_stats().device_mallocs;
+        r.timeline = net.scheduler().timeline();
+        net.trace = false;
+        r.logits = down<float>(net.forward(in.x_eval.data(), kNetBatch, false));
+        r.probs = down<float>(net.forward(in.x_eval.data(), kNetBatch, true));
+        r.eval = net.evaluate(in.x_eval.data(), in.y_eval.data(), kNetBatch);
+        for (const auto& kv : net.state()) r.state.push_back({kv.first, down<float>(kv.second)});
+    }  // the executors synchronize and destroy their streams here
+    const emu::RuntimeStats& rt1 = emu::runtime_stats();
+    r.rt.streams_created = rt1.streams_created - rt0.streams_created;
+    r.rt.streams_destroyed = rt1.streams_destroyed - rt0.streams_destroyed;
+    r.rt.event_records = rt1.event_records - rt0.event_records;
+    r.rt.stream_waits = rt1.stream_waits - rt0.stream_waits;
+    r.rt.cross_stream_waits = rt1.cross_stream_waits - rt0.cross_stream_waits;
+    r.rt.elapsed_queries = rt1.elapsed_queries - rt0.elapsed_queries;
+    r.rt.calls_created_streams = rt1.calls_created_streams - rt0.calls_created_streams;
+    r.races = emu::race_reports();
+    return r;
+}
+
+double rel_err(const std::vector<float>& a, const std::vector<float>& ref, bool* finite = nullptr) {
+    double num = 0, den = 0;
+    bool fin = a.size() == ref.size();
+    for (size_t i = 0; i < a.size() && i < ref.size(); ++i) {
+        fin = fin && std::isfinite(a[i]) && std::isfinite(ref[i]);
+        num += (double(a[i]) - ref[i]) * (double(a[i]) - ref[i]);
+        den += double(ref[i]) * ref[i];
+    }
+    if (finite) *finite = fin;
+    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+uint64_t state_crc(const NetRun& r) {
+    uint64_t h = fnv1a(r.losses.data(), r.losses.size() * sizeof(double));
+    for (const auto& kv : r.state) h ^= fnv1a(kv.second.data(), kv.second.size() * sizeof(float)) * 31;
+    return h;
+}
+
+// The edges that cross towers and their bytes per training step, from the config alone (as test_net.py).
+std::map<std::string, int64_t> expected_edges(const NetConfig& c, int n) {
+    auto out = [](int size, int k, int s, int p) { return (size + 2 * p - k) / s + 1; };
+    const int T = c.towers;
+    const int hw1 = out(out(c.input_size, c.conv1_kernel, c.conv1_stride, c.conv1_padding), 3, 2, 0);
+    const int hw2 = out(hw1, 3, 2, 0), hw5 = out(hw2, 3, 2, 0);
+    auto bytes = [&](int64_t per_tower) { return int64_t(n) * per_tower * 4; };
+    const int64_t cross = 2 * T * (T - 1);
+    return {{"conv2->conv3", cross * bytes(c.channels[1] / T * hw2 * hw2)},
+            {"conv5->fc6", cross * bytes(c.channels[4] / T * hw5 * hw5)},
+            {"fc6->fc7", cross * bytes(c.fc[0] / T)},
+            {"fc7->fc8", cross * bytes(c.fc[1] / T)},
+            {"fc8->loss", 2 * (T - 1) * bytes(c.num_classes / T)}};
+}
+
+std::string edges_str(const std::map<std::string, int64_t>& e) {
+    std::string s;
+    for (const auto& kv : e) s += fmt("%s%s=%" PRId64, s.empty() ? "" : " ", kv.first.c_str(), kv.second);
+    return s;
+}
+
+// The race check itself must be able to fail: a buffer written on one stream and read on another, first
+// without and then with an event between them.
+void test_race_detector() {
+    cudaStream_t a = nullptr, b = nullptr;
+    cuda_check(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking), "driver");
+    cuda_check(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), "driver");
+    const Tensor x = host_tensor({1000}, randv(1000)).to(GPU);
+    cudaDeviceSynchronize();
+    for (bool with_event : {false, true}) {
+        emu::clear_race_reports();
+        Tensor y, z;
+        {
+            StreamGuard g(0, a);
+            y = ops::relu_forward(x);
+        }
+        cudaEvent_t e = nullptr;
+        if (with_event) {
+            cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "driver");
+            cuda_check(cudaEventRecord(e, a), "driver");
+            cuda_check(cudaStreamWaitEvent(b, e, 0), "driver");
+        }
+        {
+            StreamGuard g(0, b);
+            z = ops::relu_forward(y);
+        }
+        cudaDeviceSynchronize();
+        if (e) cudaEventDestroy(e);
+        const size_t n = emu::race_reports().size();
+        if (with_event)
+            check_true("race check: stream b reads stream a's output after an event", n == 0,
+                       fmt("%zu race reports%s%s", n, n ? ", first: " : "", n ? emu::race_reports()[0].c_str() : ""));
+        else
+            check_true("race check: stream b reads stream a's output with no event", n >= 1,
+                       fmt("%zu race reports (at least 1 expected)%s%s", n, n ? ", first: " : "",
+                           n ? emu::race_reports()[0].c_str() : ""));
+    }
+    emu::clear_race_reports();
+    cudaStreamDestroy(a);
+    cudaStreamDestroy(b);
+    float ms = 0;
+    cudaEvent_t t0 = nullptr, t1 = nullptr;
+    cudaEventCreateWithFlags(&t0, cudaEventDisableTiming);
+    cudaEventCreate(&t1);
+    cudaEventRecord(t0);
+    cudaEventRecord(t1);
+    const cudaError_t timing_off = cudaEventElapsedTime(&ms, t0, t1);
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+    check_true("stream and event handles are checked", cudaStreamSynchronize(a) == cudaErrorInvalidResourceHandle &&
+                                                          timing_off == cudaErrorInvalidResourceHandle,
+               "a destroyed stream and a timing query on a cudaEventDisableTiming event are errors");
+}
+
+void group_net() {
+    emu::set_race_tracking(true);
+    test_race_detector();
+
+    const NetConfig cfg = small_net_config();
+    NetInputs in;
+    in.seed = rng() & 0x7fffffff;
+    in.step0 = static_cast<int64_t>(rng() % 1000);
+    const int64_t img = int64_t(kNetBatch) * cfg.in_channels * cfg.input_size * cfg.input_size;
+    auto labels = [&] {
+        std::vector<int32_t> y(kNetBatch);
+        for (auto& v : y) v = static_cast<int32_t>(rng() % cfg.num_classes);
+        return y;
+    };
+    for (int s = 0; s < kNetSteps; ++s) {
+        in.x.push_back(randv(img, -2.f, 2.f));
+        in.y.push_back(labels());
+    }
+    in.x_eval = randv(img, -2.f, 2.f);
+    in.y_eval = labels();
+
+    const NetRun cpu = run_net(cfg, in, {HOST, HOST}, false);
+    const NetRun two = run_net(cfg, in, {GPU, GPU}, false);   // one non-blocking stream per tower
+    const NetRun one = run_net(cfg, in, {GPU, GPU}, true);    // both towers on one stream, in turn
+    const NetRun* emu_runs[2] = {&two, &one};
+    const char* emu_names[2] = {"cuda:0 two streams", "cuda:0 shared stream"};
+
+    // Placement on one device does not change a single bit.
+    {
+        size_t differ = two.state.size() == one.state.size() ? 0 : 1;
+        std::string first;
+        for (size_t i = 0; i < two.state.size() && i < one.state.size(); ++i)
+            if (two.state[i].first != one.state[i].first || two.state[i].second != one.state[i].second) {
+                if (!differ) first = two.state[i].first;
+                ++differ;
+            }
+        const bool same_loss = memcmp(two.losses.data(), one.losses.data(), sizeof(double) * kNetSteps) == 0 &&
+                               two.hits == one.hits;
+        report(differ == 0 && same_loss && two.state.size() == 64, state_crc(two),
+               "net: two streams == shared stream, losses and every parameter and momentum",
+               fmt("bit-exact, %zu of %zu tensors differ%s%s, losses %s", differ, two.state.size(),
+                   first.empty() ? "" : " first: ", first.c_str(), same_loss ? "equal" : "DIFFER"));
+        check_true("net: two streams == shared stream, forward logits and probabilities",
+                   two.logits == one.logits && two.probs == one.probs && !two.logits.empty(),
+                   fmt("bit-exact, n=%zu", two.logits.size()));
+    }
+    for (int k = 0; k < 2; ++k) {
+        const NetRun& g = *emu_runs[k];
+        const std::string who = emu_names[k];
+        // Against the CPU backend's two worker threads (DESIGN.md: 1e-4 for whole-net results).
+        double worst = 0;
+        bool finite = true;
+        for (int s = 0; s < kNetSteps; ++s) {
+            finite = finite && std::isfinite(g.losses[s]);
+            worst = std::max(worst, std::fabs(g.losses[s] - cpu.losses[s]) / std::fabs(cpu.losses[s]));
+        }
+        report(finite && worst < 1e-4, fnv1a(g.losses.data(), sizeof(double) * kNetSteps),
+               "net: " + who + " losses vs cpu", fmt("worst rel %.3g over %d steps (tol 1e-4), step %d loss %.6f",
+                                                     worst, kNetSteps, kNetSteps, g.losses.back()));
+        if (k == 0) {
+            // Per tensor: parameters (1e-4) and momentum, the sum of the steps' gradients (1e-3: a ReLU or
+            // max-pool decision at a float32 rounding tie may route one gradient element differently).
+            for (size_t i = 0; i < g.state.size(); ++i) {
+                const bool mom = g.state[i].first.rfind("momentum/", 0) == 0;
+                const double tol = mom ? 1e-3 : 1e-4;
+                bool fin = false;
+                const double e = rel_err(g.state[i].second, cpu.state[i].second, &fin);
+                report(fin && e < tol && g.state[i].first == cpu.state[i].first,
+                       fnv1a(g.state[i].second.data(), g.state[i].second.size() * sizeof(float)),
+                       "net: " + who + " " + g.state[i].first + " vs cpu",
+                       fmt("rel %.3g (tol %.0e, n=%zu)%s", e, tol, g.state[i].second.size(), fin ? "" : " NON-FINITE"));
+            }
+            bool f1 = false, f2 = false;
+            const double el = rel_err(g.logits, cpu.logits, &f1), ep = rel_err(g.probs, cpu.probs, &f2);
+            report(f1 && f2 && el < 1e-4 && ep < 1e-4, fnv1a(g.logits.data(), g.logits.size() * sizeof(float)),
+                   "net: " + who + " forward logits and probabilities vs cpu",
+                   fmt("rel %.3g / %.3g (tol 1e-4, n=%zu)", el, ep, g.logits.size()));
+            const double eloss = std::fabs(g.eval.loss - cpu.eval.loss) / std::fabs(cpu.eval.loss);
+            check_true("net: " + who + " evaluate vs cpu",
+                       std::isfinite(g.eval.loss) && eloss < 1e-4 && g.eval.top1 == cpu.eval.top1 &&
+                           g.eval.top5 == cpu.eval.top5 && g.eval.n == kNetBatch,
+                       fmt("loss rel %.3g (tol 1e-4), top1 %" PRId64 "/%" PRId64 ", top5 %" PRId64 "/%" PRId64, eloss,
+                           g.eval.top1, cpu.eval.top1, g.eval.top5, cpu.eval.top5));
+        }
+        check_true("net: " + who + " cross-tower bytes per step == cpu", g.edges == cpu.edges,
+                   "last step " + edges_str(g.edges.back()));
+        // The traced step: entries of both towers on the device, each with end >= start >= 0.
+        bool towers[2] = {false, false}, ordered = !g.timeline.empty();
+        for (const auto& e : g.timeline) {
+            if (e.tower >= 0 && e.tower < 2) towers[e.tower] = true;
+            ordered = ordered && e.start_us >= 0 && e.end_us >= e.start_us && e.device == "cuda:0";
+        }
+        check_true("net: " + who + " traced step timeline", towers[0] && towers[1] && ordered,
+                   fmt("%zu entries, tower 0 %s, tower 1 %s, every entry on cuda:0 with end >= start >= 0: %s",
+                       g.timeline.size(), towers[0] ? "yes" : "NO", towers[1] ? "yes" : "NO", ordered ? "yes" : "NO"));
+        check_true("net: " + who + " steady-state steps allocate no device memory",
+                   g.mallocs_end == g.mallocs_warm && g.mallocs_warm > 0,
+                   fmt("device_mallocs %" PRId64 " after %d warm-up steps, %" PRId64 " after %d steps", g.mallocs_warm,
+                       kNetWarmup, g.mallocs_end, kNetSteps));
+        check_true("net: " + who + " no unordered cross-stream access", g.races.empty(),
+                   fmt("%zu race reports%s%s", g.races.size(), g.races.empty() ? "" : ", first: ",
+                       g.races.empty() ? "" : g.races[0].c_str()));
+    }
+    {
+        const auto want = expected_edges(cfg, kNetBatch);
+        bool ok = true;
+        for (const auto& step : cpu.edges) {
+            std::map<std::string, int64_t> nonzero;
+            for (const auto& kv : step)
+                if (kv.second) nonzero.insert(kv);
+            ok = ok && nonzero == want;
+        }
+        check_true("net: cross-tower bytes on exactly the paper's edges", ok,
+                   "expected " + edges_str(want) + ", cpu last step " + edges_str(cpu.edges.back()));
+    }
+    // How the runs used the runtime: two live streams that wait on each other's events, or one stream with
+    // no waits; timing events only in the traced step; every stream destroyed with its net.
+    check_true("net: two-stream run synchronizes the towers with events",
+               two.executors.size() == 2 && two.executors[0] != two.executors[1] && two.rt.streams_created == 2 &&
+                   two.rt.streams_destroyed == 2 && two.rt.cross_stream_waits > 0 &&
+                   two.rt.cross_stream_waits == two.rt.stream_waits && two.rt.elapsed_queries > 0,
+               fmt("executors '%s' / '%s', streams %lld created %lld destroyed, %lld cross-stream waits of %lld, "
+                   "%lld elapsed-time queries",
+                   two.executors[0].c_str(), two.executors[1].c_str(), two.rt.streams_created,
+                   two.rt.streams_destroyed, two.rt.cross_stream_waits, two.rt.stream_waits, two.rt.elapsed_queries));
+    check_true("net: shared-stream run needs no events between towers",
+               one.executors.size() == 2 && one.executors[0] == one.executors[1] && one.rt.streams_created == 1 &&
+                   one.rt.streams_destroyed == 1 && one.rt.stream_waits == 0 && one.rt.elapsed_queries > 0,
+               fmt("executor '%s', %lld streams, %lld waits", one.executors[0].c_str(), one.rt.streams_created,
+                   one.rt.stream_waits));
+    emu::set_race_tracking(false);
+}
+
 struct Group {
     const char* name;
     void (*run)();
@@ -710,7 +1020,7 @@ const Group kGroups[] = {
     {"lrn", group_lrn},           {"pool", group_pool},               {"softmax", group_softmax},
     {"augment", group_augment},   {"conv", group_conv},               {"conv_alexnet", group_conv_alexnet},
     {"conv_bigtile", group_conv_bigtile}, {"linear", group_linear},   {"linear_bigtile", group_linear_bigtile},
-    {"gridstride", group_gridstride},
+    {"gridstride", group_gridstride}, {"net", group_net},
 };
 
 int usage() {

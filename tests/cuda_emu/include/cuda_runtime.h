@@ -15,6 +15,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -76,7 +78,12 @@ inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
 inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
-// ---- runtime API (synchronous: every "async" call completes before it returns) ----------------------
+// ---- runtime API (runtime.cpp) -------------------------------------------------------------------------
+// One emulated device (0). Every call and launch runs to completion when issued, in issue order: a valid
+// serialization of CUDA's stream semantics. Streams and events are real handles (checked on every use);
+// vector clocks per stream follow the happens-before edges CUDA guarantees (stream order, event record /
+// cudaStreamWaitEvent, the legacy default stream, host synchronization), and with race tracking on
+// every kernel argument and copy that touches device memory is checked against them (emu::race_reports).
 #define CUDART_VERSION 13000  // the toolkit the real build targets (nvcc 13)
 typedef struct CUstream_st* cudaStream_t;
 typedef struct CUevent_st* cudaEvent_t;
@@ -87,6 +94,9 @@ enum cudaError_t {
     cudaErrorInvalidConfiguration = 9,
     cudaErrorInsufficientDriver = 35,
     cudaErrorNoDevice = 100,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorNotReady = 600,
     cudaErrorPeerAccessAlreadyEnabled = 704,
 };
 typedef cudaError_t cudaError;
@@ -97,6 +107,11 @@ enum cudaMemcpyKind {
     cudaMemcpyDeviceToDevice = 3,
     cudaMemcpyDefault = 4
 };
+#define cudaStreamDefault 0x00u
+#define cudaStreamNonBlocking 0x01u
+#define cudaEventDefault 0x00u
+#define cudaEventBlockingSync 0x01u
+#define cudaEventDisableTiming 0x02u
 struct cudaDeviceProp {
     char name[256];
     int multiProcessorCount, major, minor;
@@ -113,50 +128,84 @@ inline cudaError_t cudaGetLastError() {
     return e;
 }
 inline cudaError_t cudaPeekAtLastError() { return emu::last_error; }
-inline const char* cudaGetErrorString(cudaError_t e) {
-    switch (e) {
-        case cudaSuccess: return "no error";
-        case cudaErrorInvalidValue: return "invalid argument";
-        case cudaErrorMemoryAllocation: return "out of memory";
-        case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-        default: return "emulated CUDA error";
-    }
-}
+const char* cudaGetErrorString(cudaError_t e);
 // Exact-size blocks (no slack), so AddressSanitizer sees every byte past the end of a buffer.
-inline cudaError_t cudaMalloc(void** p, size_t n) {
-    if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorMemoryAllocation;
-    return cudaSuccess;
-}
+cudaError_t cudaMalloc(void** p, size_t n);
 template <class T>
 inline cudaError_t cudaMalloc(T** p, size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
-inline cudaError_t cudaFree(void* p) { free(p); return cudaSuccess; }
-inline cudaError_t cudaMemset(void* p, int v, size_t n) { memset(p, v, n); return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) { memset(p, v, n); return cudaSuccess; }
-inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { memcpy(d, s, n); return cudaSuccess; }
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t = nullptr) {
-    memcpy(d, s, n);
-    return cudaSuccess;
+cudaError_t cudaFree(void* p);  // synchronizes the device, as CUDA's does
+cudaError_t cudaMemset(void* p, int v, size_t n);
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s = nullptr);
+cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind kind);
+cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t st = nullptr);
+cudaError_t cudaMemcpyPeerAsync(void* d, int dd, const void* s, int sd, size_t n, cudaStream_t st = nullptr);
+cudaError_t cudaStreamCreate(cudaStream_t* s);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaStreamQuery(cudaStream_t s);
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
+cudaError_t cudaEventCreate(cudaEvent_t* e);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventQuery(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end);
+cudaError_t cudaDeviceSynchronize();
+cudaError_t cudaGetDevice(int* d);
+cudaError_t cudaSetDevice(int d);
+cudaError_t cudaGetDeviceCount(int* n);
+cudaError_t cudaDeviceCanAccessPeer(int* can, int device, int peer);
+cudaError_t cudaDeviceEnablePeerAccess(int peer, unsigned flags);
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device);
+
+namespace emu {
+// ---- stream bookkeeping and the happens-before race check (runtime.cpp) ----
+// Agent ids: 0 = the legacy default stream, 1 = the host, 2.. = created streams (never reused).
+int stream_begin(cudaStream_t s, const char* what);  // validates s, applies implicit ordering; returns its agent
+void stream_end(int agent);                          // advances the agent's clock past the op
+enum class Access : uint8_t { read, write, unknown };
+struct AccessList {
+    struct Item {
+        const void* ptr;
+        Access kind;
+        std::vector<unsigned char> before;  // unknown: the allocation's bytes before the launch
+    };
+    std::vector<Item> items;
+    void add(const void* p, Access k);
+    void snapshot();  // unknown items: copy their allocations
+    void resolve();   // unknown items: write if the bytes changed, else read
+};
+bool race_tracking();
+void set_race_tracking(bool on);
+void record_accesses(int agent, const AccessList& acc, const char* op, const char* file, int line);
+const std::vector<std::string>& race_reports();
+void clear_race_reports();
+bool is_device_pointer(const void* p);
+struct RuntimeStats {
+    long long streams_created = 0, streams_destroyed = 0, event_records = 0, stream_waits = 0,
+              cross_stream_waits = 0, stream_syncs = 0, device_syncs = 0, elapsed_queries = 0;
+    long long calls_default_stream = 0, calls_created_streams = 0;  // launches, copies, memsets, records, waits
+};
+const RuntimeStats& runtime_stats();
+
+template <class T>
+inline void collect_access(AccessList& acc, const T& arg) {
+    if constexpr (std::is_pointer<T>::value) {
+        acc.add(static_cast<const void*>(arg),
+                std::is_const<typename std::remove_pointer<T>::type>::value ? Access::read : Access::write);
+    } else if constexpr (std::is_class<T>::value && std::is_trivially_copyable<T>::value) {
+        // A parameter struct (the GEMM operands): its pointer fields are found by value; whether the kernel
+        // wrote through one is decided by comparing the allocation's bytes before and after the launch.
+        for (size_t o = 0; o + sizeof(void*) <= sizeof(T); o += alignof(void*)) {
+            const void* p;
+            memcpy(&p, reinterpret_cast<const unsigned char*>(&arg) + o, sizeof p);
+            if (is_device_pointer(p)) acc.add(p, Access::unknown);
+        }
+    }
 }
-inline cudaError_t cudaMemcpyPeerAsync(void* d, int, const void* s, int, size_t n, cudaStream_t = nullptr) {
-    memcpy(d, s, n);
-    return cudaSuccess;
-}
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
-inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
-inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
-inline cudaError_t cudaDeviceCanAccessPeer(int* c, int, int) { *c = 0; return cudaSuccess; }
-inline cudaError_t cudaDeviceEnablePeerAccess(int, unsigned) { return cudaSuccess; }
-inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
-    memset(p, 0, sizeof *p);
-    strcpy(p->name, "CPU fiber emulator");
-    p->multiProcessorCount = 132;
-    p->major = 9;
-    p->minor = 0;
-    p->totalGlobalMem = size_t(16) << 30;
-    return cudaSuccess;
-}
+}  // namespace emu
 
 // ---- launches and barriers (emu.cpp) ------------------------------------------------------------------
 namespace emu {
@@ -200,9 +249,11 @@ inline void shared_block_init(void* p, size_t n, uint64_t& seen) {
 struct Cfg {
     dim3 grid, block;
     size_t smem;
+    cudaStream_t stream;
     const char *name = "", *file = "";
     int line = 0;
-    Cfg(dim3 g, dim3 b, size_t shared_bytes = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(shared_bytes) {}
+    Cfg(dim3 g, dim3 b, size_t shared_bytes = 0, cudaStream_t s = nullptr)
+        : grid(g), block(b), smem(shared_bytes), stream(s) {}
     Cfg& at(const char* kernel_name, const char* f, int l) {
         name = kernel_name;
         file = f;
@@ -213,7 +264,18 @@ struct Cfg {
     void run(F kernel, Args... args) {
         auto bound = [&]() { kernel(args...); };  // `kernel` takes them by value: a copy per thread
         using B = decltype(bound);
-        launch(name, file, line, grid, block, smem, [](void* p) { (*static_cast<B*>(p))(); }, &bound);
+        const int agent = stream_begin(stream, name);
+        if (!race_tracking()) {
+            launch(name, file, line, grid, block, smem, [](void* p) { (*static_cast<B*>(p))(); }, &bound);
+        } else {
+            AccessList acc;
+            (collect_access(acc, args), ...);
+            acc.snapshot();
+            launch(name, file, line, grid, block, smem, [](void* p) { (*static_cast<B*>(p))(); }, &bound);
+            acc.resolve();
+            record_accesses(agent, acc, name, file, line);
+        }
+        stream_end(agent);
     }
 };
 
