@@ -10,6 +10,8 @@ Runs (all in parallel, after building both variants into build/cuda_emu/, cached
   plain build, forward thread order     every group                      (test_emulated_group)
   plain build, reverse and shuffled     every group but gridstride       (test_result_independent_of_thread_order)
   ASan+UBSan build, forward             every group but gridstride       (test_emulated_group_sanitized)
+The `net` group runs the real scheduler (CudaExecutor: streams, events) and Net on the emulated device
+against the CPU workers, with the runtime's happens-before race check on (test_scheduler_cuda_path).
 Each run must exit 0, report exactly the expected number of checks and none failing; together the plain runs
 must reach every `<<<>>>` launch statement in cuda/ (test_every_launch_site_is_exercised). The rewriter is
 unit-tested too, including that it refuses what it cannot handle. The input seed is fresh per session
@@ -49,6 +51,7 @@ EXPECTED_CHECKS = {
     "linear": 28,
     "linear_bigtile": 8,
     "gridstride": 10,
+    "net": 84,
 }
 GROUPS = list(EXPECTED_CHECKS)
 # gridstride launches ~140 M emulated threads over 16 M-element buffers: plain build, one order only.
@@ -188,6 +191,20 @@ def test_every_launch_site_is_exercised(emu_runs):
         ran |= {m.group(1) for m in map(SITE_RE.match, runs[("plain", "forward", group)].stdout.splitlines()) if m}
     missing = sorted(expected - ran)
     assert not missing, "launch sites no emulated check reaches:\n" + "\n".join(missing)
+
+
+def test_scheduler_cuda_path(emu_runs):
+    # The net group runs csrc/scheduler.cpp's CudaExecutor and csrc/net.cpp on emulated streams. Beyond
+    # passing in full, it must have exercised what it is there for: the race check proved it can fail, the
+    # two-stream run waited on events between the towers and showed no unordered cross-stream access.
+    checks = check_run(emu_runs, "plain", "forward", "net")
+    names = {name for _, _, name, _ in checks}
+    for needed in ("race check, stream b reads stream a's output with no event",
+                   "net cuda:0 two streams no unordered cross-stream access",
+                   "net two-stream run synchronizes the towers with events",
+                   "net two streams == shared stream, losses and every parameter and momentum",
+                   "net cross-tower bytes on exactly the paper's edges"):
+        assert needed in names, f"net group no longer checks {needed!r}"
 
 
 @pytest.mark.parametrize("order", ORDERS)

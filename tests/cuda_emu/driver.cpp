@@ -747,13 +747,14 @@ struct NetRun {
     int64_t mallocs_warm = 0, mallocs_end = 0;
     emu::RuntimeStats rt;  // runtime calls made by this run
     std::vector<std::string> races;
+    std::string error;  // the run threw: no result to compare
 };
 
 NetRun run_net(const NetConfig& cfg, const NetInputs& in, const std::vector<Device>& devs, bool shared) {
     NetRun r;
     emu::clear_race_reports();
     const emu::RuntimeStats rt0 = emu::runtime_stats();
-    {
+    try {
         Net net(cfg, devs, shared, in.seed);
         net.step = in.step0;
         for (int t = 0; t < cfg.towers; ++t) r.executors.push_back(net.scheduler().executor_name(t));
@@ -773,7 +774,9 @@ NetRun run_net(const NetConfig& cfg, const NetInputs& in, const std::vector<Devi
         r.probs = down<float>(net.forward(in.x_eval.data(), kNetBatch, true));
         r.eval = net.evaluate(in.x_eval.data(), in.y_eval.data(), kNetBatch);
         for (const auto& kv : net.state()) r.state.push_back({kv.first, down<float>(kv.second)});
-    }  // the executors synchronize and destroy their streams here
+    } catch (const std::exception& e) {  // the executors synchronize and destroy their streams on the way out
+        r.error = e.what();
+    }
     const emu::RuntimeStats& rt1 = emu::runtime_stats();
     r.rt.streams_created = rt1.streams_created - rt0.streams_created;
     r.rt.streams_destroyed = rt1.streams_destroyed - rt0.streams_destroyed;
@@ -854,10 +857,10 @@ void test_race_detector() {
         if (e) cudaEventDestroy(e);
         const size_t n = emu::race_reports().size();
         if (with_event)
-            check_true("race check: stream b reads stream a's output after an event", n == 0,
+            check_true("race check, stream b reads stream a's output after an event", n == 0,
                        fmt("%zu race reports%s%s", n, n ? ", first: " : "", n ? emu::race_reports()[0].c_str() : ""));
         else
-            check_true("race check: stream b reads stream a's output with no event", n >= 1,
+            check_true("race check, stream b reads stream a's output with no event", n >= 1,
                        fmt("%zu race reports (at least 1 expected)%s%s", n, n ? ", first: " : "",
                            n ? emu::race_reports()[0].c_str() : ""));
     }
@@ -903,10 +906,20 @@ void group_net() {
     const NetRun two = run_net(cfg, in, {GPU, GPU}, false);   // one non-blocking stream per tower
     const NetRun one = run_net(cfg, in, {GPU, GPU}, true);    // both towers on one stream, in turn
     const NetRun* emu_runs[2] = {&two, &one};
+    // A run that threw fails the checks that need it (and the group's check count) instead of aborting
+    // the others: the emulated runs' own checks still report, e.g. when only the CPU workers break.
+    auto usable = [&](std::initializer_list<const NetRun*> runs, const std::string& name) {
+        for (const NetRun* r : runs)
+            if (!r->error.empty()) {
+                report(false, 0, name, "a run threw: " + r->error);
+                return false;
+            }
+        return true;
+    };
     const char* emu_names[2] = {"cuda:0 two streams", "cuda:0 shared stream"};
 
     // Placement on one device does not change a single bit.
-    {
+    if (usable({&two, &one}, "net two streams == shared stream")) {
         size_t differ = two.state.size() == one.state.size() ? 0 : 1;
         std::string first;
         for (size_t i = 0; i < two.state.size() && i < one.state.size(); ++i)
@@ -917,71 +930,74 @@ void group_net() {
         const bool same_loss = memcmp(two.losses.data(), one.losses.data(), sizeof(double) * kNetSteps) == 0 &&
                                two.hits == one.hits;
         report(differ == 0 && same_loss && two.state.size() == 64, state_crc(two),
-               "net: two streams == shared stream, losses and every parameter and momentum",
+               "net two streams == shared stream, losses and every parameter and momentum",
                fmt("bit-exact, %zu of %zu tensors differ%s%s, losses %s", differ, two.state.size(),
                    first.empty() ? "" : " first: ", first.c_str(), same_loss ? "equal" : "DIFFER"));
-        check_true("net: two streams == shared stream, forward logits and probabilities",
+        check_true("net two streams == shared stream, forward logits and probabilities",
                    two.logits == one.logits && two.probs == one.probs && !two.logits.empty(),
                    fmt("bit-exact, n=%zu", two.logits.size()));
     }
     for (int k = 0; k < 2; ++k) {
         const NetRun& g = *emu_runs[k];
         const std::string who = emu_names[k];
-        // Against the CPU backend's two worker threads (DESIGN.md: 1e-4 for whole-net results).
-        double worst = 0;
-        bool finite = true;
-        for (int s = 0; s < kNetSteps; ++s) {
-            finite = finite && std::isfinite(g.losses[s]);
-            worst = std::max(worst, std::fabs(g.losses[s] - cpu.losses[s]) / std::fabs(cpu.losses[s]));
-        }
-        report(finite && worst < 1e-4, fnv1a(g.losses.data(), sizeof(double) * kNetSteps),
-               "net: " + who + " losses vs cpu", fmt("worst rel %.3g over %d steps (tol 1e-4), step %d loss %.6f",
-                                                     worst, kNetSteps, kNetSteps, g.losses.back()));
-        if (k == 0) {
-            // Per tensor: parameters (1e-4) and momentum, the sum of the steps' gradients (1e-3: a ReLU or
-            // max-pool decision at a float32 rounding tie may route one gradient element differently).
-            for (size_t i = 0; i < g.state.size(); ++i) {
-                const bool mom = g.state[i].first.rfind("momentum/", 0) == 0;
-                const double tol = mom ? 1e-3 : 1e-4;
-                bool fin = false;
-                const double e = rel_err(g.state[i].second, cpu.state[i].second, &fin);
-                report(fin && e < tol && g.state[i].first == cpu.state[i].first,
-                       fnv1a(g.state[i].second.data(), g.state[i].second.size() * sizeof(float)),
-                       "net: " + who + " " + g.state[i].first + " vs cpu",
-                       fmt("rel %.3g (tol %.0e, n=%zu)%s", e, tol, g.state[i].second.size(), fin ? "" : " NON-FINITE"));
+        if (!usable({&g}, "net " + who + " runs")) continue;
+        if (usable({&cpu}, "net " + who + " vs cpu")) {
+            // Against the CPU backend's two worker threads (DESIGN.md: 1e-4 for whole-net results).
+            double worst = 0;
+            bool finite = true;
+            for (int s = 0; s < kNetSteps; ++s) {
+                finite = finite && std::isfinite(g.losses[s]);
+                worst = std::max(worst, std::fabs(g.losses[s] - cpu.losses[s]) / std::fabs(cpu.losses[s]));
             }
-            bool f1 = false, f2 = false;
-            const double el = rel_err(g.logits, cpu.logits, &f1), ep = rel_err(g.probs, cpu.probs, &f2);
-            report(f1 && f2 && el < 1e-4 && ep < 1e-4, fnv1a(g.logits.data(), g.logits.size() * sizeof(float)),
-                   "net: " + who + " forward logits and probabilities vs cpu",
-                   fmt("rel %.3g / %.3g (tol 1e-4, n=%zu)", el, ep, g.logits.size()));
-            const double eloss = std::fabs(g.eval.loss - cpu.eval.loss) / std::fabs(cpu.eval.loss);
-            check_true("net: " + who + " evaluate vs cpu",
-                       std::isfinite(g.eval.loss) && eloss < 1e-4 && g.eval.top1 == cpu.eval.top1 &&
-                           g.eval.top5 == cpu.eval.top5 && g.eval.n == kNetBatch,
-                       fmt("loss rel %.3g (tol 1e-4), top1 %" PRId64 "/%" PRId64 ", top5 %" PRId64 "/%" PRId64, eloss,
-                           g.eval.top1, cpu.eval.top1, g.eval.top5, cpu.eval.top5));
+            report(finite && worst < 1e-4, fnv1a(g.losses.data(), sizeof(double) * kNetSteps),
+                   "net " + who + " losses vs cpu", fmt("worst rel %.3g over %d steps (tol 1e-4), step %d loss %.6f",
+                                                         worst, kNetSteps, kNetSteps, g.losses.back()));
+            if (k == 0) {
+                // Per tensor: parameters (1e-4) and momentum, the sum of the steps' gradients (1e-3: a ReLU or
+                // max-pool decision at a float32 rounding tie may route one gradient element differently).
+                for (size_t i = 0; i < g.state.size(); ++i) {
+                    const bool mom = g.state[i].first.rfind("momentum/", 0) == 0;
+                    const double tol = mom ? 1e-3 : 1e-4;
+                    bool fin = false;
+                    const double e = rel_err(g.state[i].second, cpu.state[i].second, &fin);
+                    report(fin && e < tol && g.state[i].first == cpu.state[i].first,
+                           fnv1a(g.state[i].second.data(), g.state[i].second.size() * sizeof(float)),
+                           "net " + who + " " + g.state[i].first + " vs cpu",
+                           fmt("rel %.3g (tol %.0e, n=%zu)%s", e, tol, g.state[i].second.size(), fin ? "" : " NON-FINITE"));
+                }
+                bool f1 = false, f2 = false;
+                const double el = rel_err(g.logits, cpu.logits, &f1), ep = rel_err(g.probs, cpu.probs, &f2);
+                report(f1 && f2 && el < 1e-4 && ep < 1e-4, fnv1a(g.logits.data(), g.logits.size() * sizeof(float)),
+                       "net " + who + " forward logits and probabilities vs cpu",
+                       fmt("rel %.3g / %.3g (tol 1e-4, n=%zu)", el, ep, g.logits.size()));
+                const double eloss = std::fabs(g.eval.loss - cpu.eval.loss) / std::fabs(cpu.eval.loss);
+                check_true("net " + who + " evaluate vs cpu",
+                           std::isfinite(g.eval.loss) && eloss < 1e-4 && g.eval.top1 == cpu.eval.top1 &&
+                               g.eval.top5 == cpu.eval.top5 && g.eval.n == kNetBatch,
+                           fmt("loss rel %.3g (tol 1e-4), top1 %" PRId64 "/%" PRId64 ", top5 %" PRId64 "/%" PRId64, eloss,
+                               g.eval.top1, cpu.eval.top1, g.eval.top5, cpu.eval.top5));
+            }
+            check_true("net " + who + " cross-tower bytes per step == cpu", g.edges == cpu.edges,
+                       "last step " + edges_str(g.edges.back()));
         }
-        check_true("net: " + who + " cross-tower bytes per step == cpu", g.edges == cpu.edges,
-                   "last step " + edges_str(g.edges.back()));
         // The traced step: entries of both towers on the device, each with end >= start >= 0.
         bool towers[2] = {false, false}, ordered = !g.timeline.empty();
         for (const auto& e : g.timeline) {
             if (e.tower >= 0 && e.tower < 2) towers[e.tower] = true;
             ordered = ordered && e.start_us >= 0 && e.end_us >= e.start_us && e.device == "cuda:0";
         }
-        check_true("net: " + who + " traced step timeline", towers[0] && towers[1] && ordered,
+        check_true("net " + who + " traced step timeline", towers[0] && towers[1] && ordered,
                    fmt("%zu entries, tower 0 %s, tower 1 %s, every entry on cuda:0 with end >= start >= 0: %s",
                        g.timeline.size(), towers[0] ? "yes" : "NO", towers[1] ? "yes" : "NO", ordered ? "yes" : "NO"));
-        check_true("net: " + who + " steady-state steps allocate no device memory",
+        check_true("net " + who + " steady-state steps allocate no device memory",
                    g.mallocs_end == g.mallocs_warm && g.mallocs_warm > 0,
                    fmt("device_mallocs %" PRId64 " after %d warm-up steps, %" PRId64 " after %d steps", g.mallocs_warm,
                        kNetWarmup, g.mallocs_end, kNetSteps));
-        check_true("net: " + who + " no unordered cross-stream access", g.races.empty(),
+        check_true("net " + who + " no unordered cross-stream access", g.races.empty(),
                    fmt("%zu race reports%s%s", g.races.size(), g.races.empty() ? "" : ", first: ",
                        g.races.empty() ? "" : g.races[0].c_str()));
     }
-    {
+    if (usable({&cpu}, "net cross-tower bytes on exactly the paper's edges")) {
         const auto want = expected_edges(cfg, kNetBatch);
         bool ok = true;
         for (const auto& step : cpu.edges) {
@@ -990,24 +1006,28 @@ void group_net() {
                 if (kv.second) nonzero.insert(kv);
             ok = ok && nonzero == want;
         }
-        check_true("net: cross-tower bytes on exactly the paper's edges", ok,
+        check_true("net cross-tower bytes on exactly the paper's edges", ok,
                    "expected " + edges_str(want) + ", cpu last step " + edges_str(cpu.edges.back()));
     }
     // How the runs used the runtime: two live streams that wait on each other's events, or one stream with
     // no waits; timing events only in the traced step; every stream destroyed with its net.
-    check_true("net: two-stream run synchronizes the towers with events",
-               two.executors.size() == 2 && two.executors[0] != two.executors[1] && two.rt.streams_created == 2 &&
-                   two.rt.streams_destroyed == 2 && two.rt.cross_stream_waits > 0 &&
-                   two.rt.cross_stream_waits == two.rt.stream_waits && two.rt.elapsed_queries > 0,
-               fmt("executors '%s' / '%s', streams %lld created %lld destroyed, %lld cross-stream waits of %lld, "
-                   "%lld elapsed-time queries",
-                   two.executors[0].c_str(), two.executors[1].c_str(), two.rt.streams_created,
-                   two.rt.streams_destroyed, two.rt.cross_stream_waits, two.rt.stream_waits, two.rt.elapsed_queries));
-    check_true("net: shared-stream run needs no events between towers",
-               one.executors.size() == 2 && one.executors[0] == one.executors[1] && one.rt.streams_created == 1 &&
-                   one.rt.streams_destroyed == 1 && one.rt.stream_waits == 0 && one.rt.elapsed_queries > 0,
-               fmt("executor '%s', %lld streams, %lld waits", one.executors[0].c_str(), one.rt.streams_created,
-                   one.rt.stream_waits));
+    if (usable({&two, &one}, "net runtime use")) {
+        check_true("net two-stream run synchronizes the towers with events",
+                   two.executors.size() == 2 && two.executors[0] != two.executors[1] && two.rt.streams_created == 2 &&
+                       two.rt.streams_destroyed == 2 && two.rt.cross_stream_waits > 0 &&
+                       two.rt.cross_stream_waits == two.rt.stream_waits && two.rt.elapsed_queries > 0,
+                   fmt("executors '%s' / '%s', streams %lld created %lld destroyed, %lld cross-stream waits of %lld, "
+                       "%lld elapsed-time queries",
+                       two.executors[0].c_str(), two.executors[1].c_str(), two.rt.streams_created,
+                       two.rt.streams_destroyed, two.rt.cross_stream_waits, two.rt.stream_waits, two.rt.elapsed_queries));
+    }
+    if (usable({&two, &one}, "net runtime use")) {
+        check_true("net shared-stream run needs no events between towers",
+                   one.executors.size() == 2 && one.executors[0] == one.executors[1] && one.rt.streams_created == 1 &&
+                       one.rt.streams_destroyed == 1 && one.rt.stream_waits == 0 && one.rt.elapsed_queries > 0,
+                   fmt("executor '%s', %lld streams, %lld waits", one.executors[0].c_str(), one.rt.streams_created,
+                       one.rt.stream_waits));
+    }
     emu::set_race_tracking(false);
 }
 

@@ -80,12 +80,13 @@ const char* agent_name(int a, char* buf, size_t n) {
 
 void race(const char* kind, const Alloc& al, uintptr_t base, const Epoch& prior, int a, const char* op,
           const char* file, int line) {
-    char b1[32], b2[32], msg[512];
+    char b1[32], b2[32], where[300] = "", msg[900];
+    if (file) snprintf(where, sizeof where, " (%s:%d)", file, line);
     snprintf(msg, sizeof msg,
-             "%s race on device buffer %#zx (%zu bytes): %s on %s (%s:%d) is not ordered after %s on %s "
+             "%s race on device buffer %#zx (%zu bytes): %s on %s%s is not ordered after %s on %s "
              "(no event/stream wait or host synchronization between them)",
-             kind, static_cast<size_t>(base), al.bytes, op, agent_name(a, b1, sizeof b1), file ? file : "?", line,
-             prior.op, agent_name(prior.agent, b2, sizeof b2));
+             kind, static_cast<size_t>(base), al.bytes, op, agent_name(a, b1, sizeof b1), where, prior.op,
+             agent_name(prior.agent, b2, sizeof b2));
     if (g_races.size() < 1000) g_races.push_back(msg);
 }
 

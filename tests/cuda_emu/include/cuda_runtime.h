@@ -3,7 +3,8 @@
 // Each launch runs its blocks one after another; a block's threads are fibers on one OS thread
 // (emu.cpp), switched only at __syncthreads and warp shuffles, which are real barriers here. `static`
 // stands in for __shared__ (blocks never overlap); build.py re-poisons every __shared__ array with 0xFF
-// bytes (NaN) when a block first reaches its declaration. Device memory is host memory.
+// bytes (NaN) when a block first reaches its declaration. Device memory is host memory; the runtime API
+// (runtime.cpp) runs every call when issued and tracks stream ordering for a happens-before race check.
 // What this cannot show: real-GPU memory ordering, timing, occupancy, register limits, the GPU's math
 // library accuracy or nvcc's own FMA contraction choices. See tests/cuda_emu/README.md.
 #pragma once
