@@ -34,7 +34,6 @@ void check_same_device(const char* op, const char* arg0, const Tensor& t0, const
 
 void check_shape(const char* op, const char* arg, const Tensor& t, const std::vector<int64_t>& want) {
     if (t.shape() != want) {
-        Tensor probe;
         std::ostringstream o;
         o << "(";
         for (size_t i = 0; i < want.size(); ++i) o << (i ? ", " : "") << want[i];

@@ -53,10 +53,11 @@ public:
         if (!ce) throw std::logic_error("scheduler: a CPU worker cannot wait on a CUDA event");
         push(Task{Task::Wait, "", -1, nullptr, ce});
     }
-    void begin_step(bool) override {
+    void begin_step(bool trace) override {
         std::lock_guard<std::mutex> l(m_);
         error_ = nullptr;
         entries_.clear();
+        trace_ = trace;
         t0_ = Clock::now();
     }
     std::exception_ptr finish(std::vector<TimelineEntry>& timeline) override {
@@ -103,9 +104,10 @@ private:
                 }
                 const auto end = Clock::now();
                 std::lock_guard<std::mutex> l(m_);
-                entries_.push_back({t.op, t.tower, "cpu",
-                                    std::chrono::duration<double, std::micro>(start - t0_).count(),
-                                    std::chrono::duration<double, std::micro>(end - t0_).count()});
+                if (trace_)  // like the CUDA executor: time ops only when the step is traced
+                    entries_.push_back({t.op, t.tower, "cpu",
+                                        std::chrono::duration<double, std::micro>(start - t0_).count(),
+                                        std::chrono::duration<double, std::micro>(end - t0_).count()});
             }
             {
                 std::lock_guard<std::mutex> l(m_);
@@ -123,7 +125,7 @@ private:
     std::mutex m_;
     std::condition_variable cv_, done_cv_;
     std::deque<Task> queue_;
-    bool stop_ = false, busy_ = false;
+    bool stop_ = false, busy_ = false, trace_ = false;
     std::exception_ptr error_;
     std::vector<TimelineEntry> entries_;
     Clock::time_point t0_ = Clock::now();
