@@ -148,25 +148,36 @@ class Net:
         return s
 
 
-def _union_length(intervals):
-    total, end = 0.0, -float("inf")
+def _merged(intervals):
+    """The disjoint intervals covering the same time, in order."""
+    out = []
     for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
 
 
 def tower_overlap(timeline):
-    """busy time per tower, their union, and overlap = (sum of busy - union) / min(busy): 1.0 when the
-    shorter tower ran entirely while the other was busy, 0.0 when they ran strictly in turn."""
+    """busy time per tower, their union, and overlap = (time in which two or more towers were busy) /
+    min(busy): 1.0 when the shorter tower ran entirely while another was busy, 0.0 when they ran strictly
+    in turn. The overlapped time is swept directly, not taken as a difference of sums, so towers that
+    only take turns give exactly 0."""
     towers = sorted({e["tower"] for e in timeline if e["tower"] >= 0})
-    busy = {t: _union_length([(e["start_us"], e["end_us"]) for e in timeline if e["tower"] == t]) for t in towers}
-    union = _union_length([(e["start_us"], e["end_us"]) for e in timeline if e["tower"] >= 0])
+    per_tower = {t: _merged([(e["start_us"], e["end_us"]) for e in timeline if e["tower"] == t]) for t in towers}
+    busy = {t: sum(b - a for a, b in iv) for t, iv in per_tower.items()}
+    union = sum(b - a for a, b in _merged([iv for ivs in per_tower.values() for iv in ivs]))
+    # Sweep the towers' interval ends; at equal times an end comes before a start (touching is no overlap).
+    edges = sorted((x, d) for ivs in per_tower.values() for a, b in ivs for x, d in ((a, 1), (b, -1)))
+    both, active, last = 0.0, 0, None
+    for x, d in edges:
+        if active >= 2:
+            both += x - last
+        active += d
+        last = x
     shortest = min(busy.values()) if busy else 0.0
-    overlap = (sum(busy.values()) - union) / shortest if shortest > 0 and len(busy) > 1 else 0.0
-    overlap = min(max(overlap, 0.0), 1.0)  # the interval sums round; the ratio is a fraction by definition
+    overlap = min(both / shortest, 1.0) if shortest > 0 and len(busy) > 1 else 0.0
     return {"busy_us": busy, "union_us": union, "overlap": overlap}
 
 
