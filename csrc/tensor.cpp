@@ -160,8 +160,20 @@ struct CudaPool {
     // so a later kernel on another stream can never overwrite memory still being read.
     std::map<std::tuple<int, void*, size_t>, std::vector<void*>> free_blocks;
     std::map<void*, std::pair<int, size_t>> all_blocks;  // ptr -> (device, rounded size)
+    std::map<void*, size_t> direct_blocks;               // ptr -> exact size, when caching is off
     AllocatorStats stats;
 };
+
+// ALEXNET_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own cudaMalloc of its exact size and frees it with
+// cudaFree: compute-sanitizer's memcheck sees only cudaMalloc boundaries, so an overrun into the rounded-up
+// tail of a cached block, or into a recycled block, is invisible to it with the cache on.
+bool caching_disabled() {
+    static const bool off = [] {
+        const char* v = std::getenv("ALEXNET_NO_CUDA_MEMORY_CACHING");
+        return v && *v && std::string(v) != "0";
+    }();
+    return off;
+}
 CudaPool& pool() {
     static CudaPool* p = new CudaPool();  // leaked on purpose: outlives tensors freed at interpreter exit
     return *p;
@@ -196,9 +208,23 @@ Storage::Storage(size_t nbytes, Device dev) : bytes(nbytes), device(dev) {
     }
 #ifdef ALEXNET_WITH_CUDA
     stream = current_stream(dev.index);
-    const size_t rounded = round_block(nbytes);
     CudaPool& p = pool();
-    {
+    if (caching_disabled()) {
+        DeviceGuard g(dev);
+        const size_t exact = std::max<size_t>(nbytes, 1);
+        cudaError_t e = cudaMalloc(&ptr, exact);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            throw std::runtime_error("alloc: CUDA error: " + std::string(cudaGetErrorString(e)) + " (asked for " +
+                                     std::to_string(nbytes) + " bytes on " + dev.str() + ", caching off)");
+        }
+        std::lock_guard<std::mutex> lock(p.m);
+        p.direct_blocks[ptr] = exact;
+        p.stats.device_mallocs++;
+        p.stats.bytes_in_use += static_cast<int64_t>(exact);
+        p.stats.peak_bytes_in_use = std::max(p.stats.peak_bytes_in_use, p.stats.bytes_in_use);
+    } else {
+        const size_t rounded = round_block(nbytes);
         std::lock_guard<std::mutex> lock(p.m);
         auto it = p.free_blocks.find({dev.index, stream, rounded});
         if (it != p.free_blocks.end() && !it->second.empty()) {
@@ -244,7 +270,15 @@ Storage::~Storage() {
     CudaPool& p = pool();
     std::lock_guard<std::mutex> lock(p.m);
     auto b = p.all_blocks.find(ptr);
-    if (b == p.all_blocks.end()) return;
+    if (b == p.all_blocks.end()) {
+        auto d = p.direct_blocks.find(ptr);
+        if (d == p.direct_blocks.end()) return;
+        p.stats.bytes_in_use -= static_cast<int64_t>(d->second);
+        p.direct_blocks.erase(d);
+        DeviceGuard g(device);
+        cudaFree(ptr);  // waits for the work still using the block, so no later kernel can see it reused
+        return;
+    }
     const size_t rounded = b->second.second;
     p.free_blocks[{device.index, stream, rounded}].push_back(ptr);
     p.stats.bytes_in_use -= static_cast<int64_t>(rounded);
