@@ -177,6 +177,15 @@ PYBIND11_MODULE(_C, m) {
     m.def("from_numpy", &from_numpy, py::arg("array"), py::arg("device") = "cpu",
           "Copy a C-contiguous float32, uint8 or int32 NumPy array to a Tensor on `device`.");
     m.def("built_with_cuda", &built_with_cuda, "True if the CUDA backend was compiled into this build.");
+    m.def("_arch_list_covers", &arch_list_covers, py::arg("archs"), py::arg("compute_capability"),
+          "Whether a CMake CUDA architecture list has code for a GPU of this compute capability (e.g. 86).");
+    m.def("_cuda_archs_built", [] {
+#ifdef ALEXNET_CUDA_ARCHS_BUILT
+        return std::string(ALEXNET_CUDA_ARCHS_BUILT);
+#else
+        return std::string();
+#endif
+    }, "The CUDA architectures this build was compiled for (empty without CUDA).");
     m.def("cuda_available", &cuda_available, "True if the CUDA backend is built and a GPU with a driver is present.");
     m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
           "Why CUDA is unavailable (built without CUDA, no driver, no device); '' when it is available.");

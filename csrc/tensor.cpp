@@ -63,6 +63,30 @@ Device Device::parse(const std::string& s, const char* op, const char* arg) {
     return Device{CUDA, index};
 }
 
+bool arch_list_covers(const std::string& list, int cc) {
+    size_t pos = 0;
+    while (pos <= list.size()) {
+        size_t end = list.find_first_of(",;", pos);
+        if (end == std::string::npos) end = list.size();
+        std::string e = list.substr(pos, end - pos);
+        pos = end + 1;
+        if (e.empty()) continue;
+        size_t i = 0;
+        int v = 0;
+        while (i < e.size() && e[i] >= '0' && e[i] <= '9' && v < 100000) v = v * 10 + (e[i++] - '0');
+        if (i == 0) return true;  // "native", "all", "all-major": CMake chose for this machine; trust it
+        std::string rest = e.substr(i);
+        const bool specific = !rest.empty() && (rest[0] == 'a' || rest[0] == 'f');  // sm_90a: that chip only
+        if (specific) rest = rest.substr(1);
+        const bool sass = rest != "-virtual", ptx = rest != "-real";
+        // SASS runs on the same major version at an equal or higher minor; PTX is compiled by the driver for
+        // any equal or newer GPU.
+        if (sass && (specific ? v == cc : (v / 10 == cc / 10 && v <= cc))) return true;
+        if (ptx && !specific && v <= cc) return true;
+    }
+    return false;
+}
+
 // ------------------------------------------------------------------------------------------------------
 // CUDA runtime helpers
 
@@ -70,7 +94,13 @@ Device Device::parse(const std::string& s, const char* op, const char* arg) {
 void cuda_check(int err, const char* op) {
     if (err != cudaSuccess) {
         cudaGetLastError();  // clear a sticky-free error so the next op starts clean
-        throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(static_cast<cudaError_t>(err)));
+        std::string hint;
+#ifdef ALEXNET_CUDA_ARCHS_BUILT
+        if (err == cudaErrorNoKernelImageForDevice)
+            hint = std::string(" (this build's architectures: ") + ALEXNET_CUDA_ARCHS_BUILT +
+                   "; rebuild with ALEXNET_CUDA_ARCHS=<your GPU's compute capability, e.g. 86>)";
+#endif
+        throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(static_cast<cudaError_t>(err)) + hint);
     }
 }
 bool built_with_cuda() { return true; }
@@ -93,14 +123,36 @@ static int probe_device_count(std::string* reason) {
     if (n == 0 && reason) *reason = "no CUDA device is present";
     return n;
 }
+// "" when this build holds code device `index` can run, else why not and how to rebuild. Without this check
+// cuda_available() says True on a GPU the build has no code for, and the first kernel fails instead.
+static std::string missing_kernel_image(int index) {
+#ifdef ALEXNET_CUDA_ARCHS_BUILT
+    cudaDeviceProp p{};
+    if (cudaGetDeviceProperties(&p, index) != cudaSuccess) {
+        cudaGetLastError();
+        return "";
+    }
+    const int cc = p.major * 10 + p.minor;
+    if (arch_list_covers(ALEXNET_CUDA_ARCHS_BUILT, cc)) return "";
+    return std::string("this build has no kernel image for ") + p.name + " (compute capability " +
+           std::to_string(p.major) + "." + std::to_string(p.minor) + "; built for " + ALEXNET_CUDA_ARCHS_BUILT +
+           "): rebuild with ALEXNET_CUDA_ARCHS=" + std::to_string(cc) + " pip install -e .";
+#else
+    (void)index;
+    return "";
+#endif
+}
 int cuda_device_count() {
     static int n = probe_device_count(nullptr);
     return n;
 }
-bool cuda_available() { return cuda_device_count() > 0; }
+bool cuda_available() {
+    static bool ok = cuda_device_count() > 0 && missing_kernel_image(0).empty();
+    return ok;
+}
 std::string cuda_unavailable_reason() {
     std::string reason;
-    if (probe_device_count(&reason) > 0) return "";
+    if (probe_device_count(&reason) > 0) return missing_kernel_image(0);
     return reason;
 }
 void cuda_synchronize(Device d) {

@@ -108,6 +108,10 @@ bool built_with_cuda();
 bool cuda_available();
 std::string cuda_unavailable_reason();  // "" when available
 int cuda_device_count();
+// Whether a CMake architecture list ("75;80-real;90a-real", or comma-separated) holds code that a GPU of
+// compute capability `cc` (e.g. 86) can run: SASS of its major version at an equal or lower minor, or PTX of
+// an equal or lower version.
+bool arch_list_covers(const std::string& list, int cc);
 // Thread-local current stream per device (nullptr = legacy default stream); ops launch on it.
 void* current_stream(int device_index);
 void set_current_stream(int device_index, void* stream);
