@@ -21,9 +21,10 @@ turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48,
 reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
 is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices.
 
-Occupancy (as CUDA's occupancy calculator for sm_90): registers are allocated per warp in units of 256 and
-checked per SM sub-partition (4 x 16 K registers: warps/partition = floor(16384 / ceil(32 r / 256) * 256)); static
-shared memory + 1 KB reserved per block out of 228 KB; at most 2048 threads and 32 blocks per SM.
+Occupancy (as cuda_occupancy.h computes it for sm_90): registers are allocated per warp in units of 256 and
+checked per SM sub-partition (4 x 16 K registers: warps/partition = floor(16384 / (ceil(32 r / 256) * 256))); shared
+memory per block = static + 1 KB reserved, rounded up to 128 B, out of 228 KB; at most 2048 threads and 32 blocks
+per SM.
 
 The GEMM formula. With B blocks, b = blocks/SM from occupancy, w = padded FLOPs of one block (2 BM BN k-slice,
 k rounded up to the 8-deep k-step; tile fill = useful / padded FLOPs), R = 66.9 TFLOP/s / 132 per SM and s = the
@@ -93,6 +94,8 @@ SUBPARTITIONS = 4
 REG_UNIT = 256                # registers allocated per warp in units of 256
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED = 1024          # per block, reserved by the driver
+SMEM_UNIT = 128               # shared-memory allocation granularity
+SMEM_PER_BLOCK_OPTIN = 227 * 1024
 MAX_THREADS_SM = 2048
 MAX_BLOCKS_SM = 32
 
@@ -108,8 +111,8 @@ class ModelError(Exception):
 
 
 def blocks_per_sm(threads: int, regs: int, smem: int) -> int:
-    """Resident blocks per SM on sm_90, as cuda_occupancy.h computes them (regs per thread, static + dynamic
-    shared memory per block in bytes)."""
+    """Resident blocks per SM on sm_90, as cuda_occupancy.h computes them for a default launch (regs per thread,
+    static + dynamic shared memory per block in bytes). 0 when the block cannot launch at all."""
     if threads < 1 or threads > 1024:
         raise ValueError(f"blocks_per_sm: argument 'threads' must be in [1, 1024], got {threads}")
     if regs < 0 or regs > 255:
@@ -117,13 +120,18 @@ def blocks_per_sm(threads: int, regs: int, smem: int) -> int:
     if smem < 0:
         raise ValueError(f"blocks_per_sm: argument 'smem' must be >= 0, got {smem}")
     warps = -(-threads // 32)
-    lim_threads = MAX_THREADS_SM // (warps * 32)
-    lim = min(MAX_BLOCKS_SM, lim_threads)
+    lim = min(MAX_BLOCKS_SM, MAX_THREADS_SM // (warps * 32))
     if regs > 0:
         per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
+        # The launch check rounds the block's warps up to whole sub-partitions; warps then fit per sub-partition.
+        if per_warp * -(-warps // SUBPARTITIONS) * SUBPARTITIONS > REGS_PER_SM:
+            return 0
         warps_per_part = (REGS_PER_SM // SUBPARTITIONS) // per_warp
         lim = min(lim, (warps_per_part * SUBPARTITIONS) // warps)
-    lim = min(lim, SMEM_PER_SM // (smem + SMEM_RESERVED))
+    alloc = -(-(smem + SMEM_RESERVED) // SMEM_UNIT) * SMEM_UNIT
+    if smem > SMEM_PER_BLOCK_OPTIN:
+        return 0
+    lim = min(lim, SMEM_PER_SM // alloc)
     return lim
 
 
@@ -479,7 +487,6 @@ class Model:
             eta = min(1.0, k * (GEMM_THREADS // 32) / WARPS_HIDE)
             t += k * w / (SM_RATE * share * eta)
             left -= k
-        ideal = useful / (PEAK_FP32 * share)
         t_mem = bytes_ / self.bw
         bound = "FFMA issue" if t >= t_mem else "memory"
         ms = (max(t, t_mem) + LAUNCH_GAP_US * 1e-6) * 1e3
@@ -488,13 +495,12 @@ class Model:
             spill += f" ({info.loop_local} in loop)"
         p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.tile}" + (f" splitK{g.splits}" if g.splits > 1 else ""),
                  B, bps, B / (bps * SMS), info.ffma_share if self.sass else None, spill, useful, bytes_,
-                 useful / padded, (padded / B * B / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
+                 useful / padded, (padded / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
         out = [p]
         if g.splits > 1:
             total = M * N * Z
             out.append(self.stream(layer, pass_ + " reduce", "splitk_reduce", (g.splits + 1) * total * 4.0,
                                    grid=min(cdiv(total, THREADS_1D), MAX_BLOCKS_1D), threads=THREADS_1D))
-        _ = ideal
         return out
 
     def stream(self, layer: str, pass_: str, kernel: str, bytes_: float, grid: int, threads: int = THREADS_1D,
@@ -795,8 +801,9 @@ def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, K
           f"{'FFMA':>6} {'fill':>5} {'wave':>5} {'spills':<16} {'bound':<18} {'x':>2} {'ms':>8}"
     lines += [hdr, "-" * len(hdr)]
     for p in passes:
-        lines.append(f"{p.layer:<6} {p.pass_[:34]:<34} {p.kernel:<17} {p.tile:<15} {p.grid:>6} {p.bps:>4} "
-                     f"{p.waves:>6.2f} {_f(p.ffma_share, '.0%'):>6} {_f(p.fill, '.0%'):>5} "
+        grid, bps, waves = (f"{p.grid}", f"{p.bps}", f"{p.waves:.2f}") if p.grid else ("-", "-", "-")
+        lines.append(f"{p.layer:<6} {p.pass_[:34]:<34} {p.kernel:<17} {p.tile:<15} {grid:>6} {bps:>4} "
+                     f"{waves:>6} {_f(p.ffma_share, '.0%'):>6} {_f(p.fill, '.0%'):>5} "
                      f"{_f(p.wave_eff, '.0%'):>5} {p.spills:<16} {p.bound[:18]:<18} {p.count:>2} "
                      f"{p.ms * p.count:>8.3f}")
     lines.append("")
@@ -857,7 +864,8 @@ def run_model(args) -> Tuple[str, dict]:
     host = host_passes(m, cfg, N)
     step_ms = sum(p.ms * p.count for p in passes if p.in_step)
     commit = git_commit()
-    cmp_rows = comparison(docs, commit, bench_predictions(m, cfg, N), step_ms)
+    bench = bench_predictions(m, cfg, N)
+    cmp_rows = comparison(docs, commit, bench, step_ms)
     used = []
     for op in GEMM_OPS:
         for t in (128, 64):
@@ -871,6 +879,7 @@ def run_model(args) -> Tuple[str, dict]:
                               launch_gap_us=LAUNCH_GAP_US, warps_hide=WARPS_HIDE, half_threads=HALF_THREADS),
                notes=notes, kernels={lbl: dataclasses.asdict(k) | {"ffma_share": k.ffma_share} for lbl, k in used},
                passes=[dataclasses.asdict(p) for p in passes], outside_step=[dataclasses.asdict(p) for p in host],
+               bench_cases_ms={f"{op} {pass_}": ms for (op, pass_), ms in bench.items()},
                comparison=cmp_rows, predicted_step_ms=step_ms)
     return text, doc
 
