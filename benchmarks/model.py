@@ -277,7 +277,8 @@ def source_hash(repo: Path, nvcc_version: str) -> str:
     return h.hexdigest()[:16]
 
 
-def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print) -> Tuple[Dict[str, KernelInfo], List[str]]:
+def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
+                    sass: bool = True) -> Tuple[Dict[str, KernelInfo], List[str]]:
     """Compile (or read from the cache) every cuda/*.cu; returns {mangled name: KernelInfo} and notes."""
     notes: List[str] = []
     nvcc = find_tool("nvcc")
@@ -303,7 +304,7 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "sources.hash").write_text(source_hash(repo, "") + "\n")
     (out / "nvcc.version").write_text(ver + "\n")
-    cuobjdump = find_tool("cuobjdump")
+    cuobjdump = find_tool("cuobjdump") if sass else None
     if not cuobjdump:
         notes.append("SASS tools absent (pip install nvidia-cuda-cuobjdump): ptxas only; FFMA share taken as 1, "
                      "so every GEMM time is a LOWER BOUND")
@@ -703,7 +704,7 @@ def gpu_results(results: Path) -> List[dict]:
         if isinstance(d, dict) and "rows" in d and d.get("mode") == "full":
             dev = str((d.get("device") or {}).get("name", ""))
             if "cpu" not in dev.lower():
-                d["_path"] = str(p.relative_to(results.parent.parent) if p.is_relative_to(results.parent.parent) else p)
+                d["_path"] = str(p.relative_to(REPO) if p.resolve().is_relative_to(REPO) else p)
                 docs.append(d)
     return docs
 
@@ -749,7 +750,53 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
     return out
 
 
-def comparison(docs: List[dict], commit: str, bench: Dict[Tuple[str, str], float], step_ms: float) -> List[dict]:
+def _dims(shape: str) -> List[int]:
+    m = re.search(r"\d+(?:x\d+)+", shape)
+    return [int(v) for v in m.group(0).split("x")] if m else []
+
+
+def bench_memory_prediction(m: "Model", row: dict) -> Optional[float]:
+    """Predicted ms of a memory-bound benchmark row (bench_elementwise, bench_lrn_pool, bench_softmax,
+    bench_loader) from its byte count and the grid its launcher makes for the row's shape; None if unknown."""
+    fam, op, pas, by = row.get("family"), str(row.get("op", "")), row.get("pass_"), row.get("bytes")
+    d = _dims(str(row.get("shape", "")))
+    if not by or not d:
+        return None
+    n = math.prod(d)
+    if fam == "elementwise" and op.startswith("relu"):
+        k = "relu_fwd" if pas == "forward" else "relu_bwd"
+        return m.stream("", "", k, by, grid_1d(cdiv(n, 4))).ms
+    if fam == "elementwise" and op.startswith("dropout"):
+        return m.stream("", "", "dropout_fwd" if pas == "forward" else "dropout_bwd", by, grid_1d(n)).ms
+    if fam == "elementwise" and op.startswith("sgd"):
+        tensors = int(str(row["shape"]).split()[0])
+        return m.stream("", "", "sgd", by, MAX_BLOCKS_1D, launches=tensors).ms
+    if fam == "lrn_pool" and op.startswith("lrn") and len(d) == 4:
+        g, a = plane_grid(d[0] * d[1], d[2] * d[3])
+        return m.stream("", "", "lrn_fwd" if pas == "forward" else "lrn_bwd", by, g, active=a).ms
+    mp = re.match(r"maxpool (\d+)/(\d+)", op)
+    if fam == "lrn_pool" and mp and len(d) == 4:
+        w, st = int(mp.group(1)), int(mp.group(2))
+        if pas == "forward":  # shape: the input
+            g, a = plane_grid(d[0] * d[1], ((d[2] - w) // st + 1) ** 2)
+        else:                 # shape: the output; the grid covers the input
+            g, a = plane_grid(d[0] * d[1], ((d[2] - 1) * st + w) ** 2)
+        return m.stream("", "", "pool_fwd" if pas == "forward" else "pool_bwd", by, g, active=a).ms
+    if fam == "softmax" and len(d) == 2:
+        if pas == "forward":
+            return m.stream("", "", "softmax_xent_fwd", by, d[0]).ms
+        g, a = plane_grid(d[0], d[1])
+        return m.stream("", "", "softmax_xent_bwd", by, g, active=a).ms
+    if fam == "loader" and op == "augment_batch":
+        out = _dims(str(row["shape"]).split("->")[-1])
+        if len(out) == 4:
+            g, a = plane_grid(out[0] * out[1], out[2] * out[3])
+            return m.stream("", "", "augment", by, g, active=a).ms
+    return None
+
+
+def comparison(docs: List[dict], commit: str, bench: Dict[Tuple[str, str], float], step_ms: float,
+               m: Optional["Model"] = None) -> List[dict]:
     rows = []
     for d in docs:
         if str(d.get("commit", "")).replace("-dirty", "") != commit.replace("-dirty", ""):
@@ -762,7 +809,7 @@ def comparison(docs: List[dict], commit: str, bench: Dict[Tuple[str, str], float
             elif r.get("family") == "train_step" and r.get("pass_") == "vs PyTorch eager":
                 pred = step_ms
             else:
-                pred = None
+                pred = bench_memory_prediction(m, r) if m is not None else None
             if pred is not None:
                 rows.append(dict(op=r["op"], pass_=r["pass_"], predicted_ms=pred, measured_ms=r["our_ms"],
                                  error=(pred - r["our_ms"]) / r["our_ms"], source=d["_path"]))
@@ -833,10 +880,12 @@ def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, K
     lines.append("")
     if cmp_rows:
         lines.append("Measured (GPU run of the same commit) vs predicted")
-        lines.append(f"{'op':<12} {'pass':<18} {'predicted ms':>12} {'measured ms':>12} {'error':>8}")
+        lines.append(f"{'op':<34} {'pass':<18} {'predicted ms':>12} {'measured ms':>12} {'error':>8}")
         for r in cmp_rows:
-            lines.append(f"{r['op']:<12} {r['pass_']:<18} {r['predicted_ms']:>12.3f} {r['measured_ms']:>12.3f} "
+            lines.append(f"{r['op'][:34]:<34} {r['pass_']:<18} {r['predicted_ms']:>12.3f} {r['measured_ms']:>12.3f} "
                          f"{r['error']:>+8.0%}")
+        lines.append("error = (predicted - measured) / measured; conv/fc rows at the benchmarks' merged shapes "
+                     "(groups = towers), so they are not the per-tower passes above")
     else:
         lines.append("Measured: no GPU run of this commit under benchmarks/results/ (nothing to compare)")
     lines.append("")
@@ -853,10 +902,9 @@ def run_model(args) -> Tuple[str, dict]:
         cfg = dict(input_size=224, in_channels=3, num_classes=1000, towers=2,
                    conv1=dict(kernel=11, stride=4, padding=2), channels=(96, 256, 384, 384, 256), fc=(4096, 4096),
                    lrn=True, overlap_pool=True, dropout=0.5, drop_layers=())
-    kernels, notes = compile_kernels(REPO, log=lambda s: print(s, file=sys.stderr))
+    kernels, notes = compile_kernels(REPO, log=lambda s: print(s, file=sys.stderr), sass=not args.no_sass)
     sass = any(k.loop_ffma is not None for k in kernels.values())
-    results = REPO / "benchmarks" / "results"
-    docs = gpu_results(results)
+    docs = gpu_results(Path(args.results))
     bw, bw_label = measured_bandwidth(docs, args.gpu)
     m = Model(kernels, bw, sass)
     N = args.batch
@@ -865,7 +913,7 @@ def run_model(args) -> Tuple[str, dict]:
     step_ms = sum(p.ms * p.count for p in passes if p.in_step)
     commit = git_commit()
     bench = bench_predictions(m, cfg, N)
-    cmp_rows = comparison(docs, commit, bench, step_ms)
+    cmp_rows = comparison(docs, commit, bench, step_ms, m)
     used = []
     for op in GEMM_OPS:
         for t in (128, 64):
@@ -889,7 +937,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", choices=sorted(COPY_BW), default="h200", help="whose copy bandwidth (default h200)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--no-write", action="store_true", help="print only; write nothing under benchmarks/results/")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where to write the results")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"),
+                    help="where to look for GPU runs (measured copy ceiling, per-pass times to compare)")
+    ap.add_argument("--no-sass", action="store_true", help="ptxas only, as when cuobjdump is absent")
     args = ap.parse_args(argv)
     if args.batch < 1:
         print("model: --batch must be >= 1", file=sys.stderr)
