@@ -460,6 +460,7 @@ class Pass:
     ms: float = 0.0
     in_step: bool = True
     count: int = 1         # how many times the step runs it (both towers)
+    op: str = ""           # the scheduler op it runs in (the name a traced step records, csrc/net.cpp)
 
 
 class Model:
@@ -666,6 +667,63 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             add(m.copy(name, "d_in: copy to the other tower", (T - 1) * part * f))
             add(m.stream(name, "d_in: sum", "add", (T - 1) * 12 * part, grid_1d(cdiv(part, 4)), launches=T - 1))
     return P
+
+
+_SCHED_OPS = [  # pass name prefix -> scheduler op (csrc/net.cpp); {l} the layer, {p} the one before it
+    ("gather: copy", "copy {p}->{l}"), ("gather: concat", "{l}.gather"), ("forward", "{l}.fprop"),
+    ("relu forward", "{l}.relu"), ("lrn forward", "{l}.lrn"), ("pool forward", "{l}.pool"),
+    ("dropout forward", "{l}.dropout"), ("dropout backward", "{l}.bprop_epilogue"),
+    ("pool backward", "{l}.bprop_epilogue"), ("lrn backward", "{l}.bprop_epilogue"),
+    ("relu backward", "{l}.bprop_epilogue"), ("grad-weight", "{l}.wgrad"), ("grad-bias", "{l}.wgrad"),
+    ("grad-input", "{l}.dgrad"), ("sgd", "{l}.sgd"), ("d_in: slice", "{l}.d_in.split"),
+    ("d_in: copy", "copy {p}->{l}"), ("d_in: sum", "{l}.d_in.sum"),
+    ("logits: copy", "copy fc8->loss"), ("logits: concat", "logits.gather"),
+    ("softmax-xent forward", "softmax_xent.fprop"), ("softmax-xent backward", "softmax_xent.bprop"),
+    ("dlogits: slice", "logits.split"), ("dlogits: copy", "copy fc8->loss"),
+]
+
+
+def name_sched_ops(passes: List[Pass], cfg: dict) -> None:
+    names = [l["name"] for l in tower_layers(cfg)]
+    prev = {n: (names[i - 1] if i else "input") for i, n in enumerate(names)}
+    for p in passes:
+        for prefix, fmt in _SCHED_OPS:
+            if p.pass_.startswith(prefix):
+                p.op = fmt.format(l=p.layer, p=prev.get(p.layer, ""))
+                break
+
+
+def trace_comparison(results: Path, commit: str, passes: List[Pass], step_ms: float) -> List[dict]:
+    """Per scheduler op of a traced step (benchmarks/trace_step.py: <gpu>_<date>_trace_summary.json with the
+    commit, beside its Chrome trace): measured ms summed over both towers vs the passes predicted in it."""
+    rows: List[dict] = []
+    for sp in sorted(results.glob("*_trace_summary.json")) if results.is_dir() else []:
+        try:
+            summ = json.loads(sp.read_text())
+            if str(summ.get("commit", "")).replace("-dirty", "") != commit.replace("-dirty", ""):
+                continue
+            if str(summ.get("device", "cpu")).lower() == "cpu" or summ.get("config") != "paper":
+                continue
+            trace = json.loads(sp.with_name(sp.name.replace("_trace_summary.json", "_trace.json")).read_text())
+        except (OSError, ValueError):
+            continue
+        meas: Dict[str, float] = {}
+        for e in trace.get("traceEvents", []):
+            meas[e["name"]] = meas.get(e["name"], 0.0) + float(e.get("dur", 0.0)) / 1e3
+        pred: Dict[str, float] = {}
+        for p in passes:
+            if p.in_step and p.op:
+                pred[p.op] = pred.get(p.op, 0.0) + p.ms * p.count
+        src = str(sp.relative_to(REPO) if sp.resolve().is_relative_to(REPO) else sp)
+        for op, ms in pred.items():
+            if op in meas and meas[op] > 0:
+                rows.append(dict(op=op, pass_="traced op", predicted_ms=ms, measured_ms=meas[op],
+                                 error=(ms - meas[op]) / meas[op], source=src))
+        for key, label in (("union_busy_ms", "traced GPU busy"), ("step_wall_ms", "traced step wall")):
+            if summ.get(key):
+                rows.append(dict(op="step", pass_=label, predicted_ms=step_ms, measured_ms=summ[key],
+                                 error=(step_ms - summ[key]) / summ[key], source=src))
+    return rows
 
 
 def host_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
@@ -884,8 +942,10 @@ def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, K
         for r in cmp_rows:
             lines.append(f"{r['op'][:34]:<34} {r['pass_']:<18} {r['predicted_ms']:>12.3f} {r['measured_ms']:>12.3f} "
                          f"{r['error']:>+8.0%}")
-        lines.append("error = (predicted - measured) / measured; conv/fc rows at the benchmarks' merged shapes "
-                     "(groups = towers), so they are not the per-tower passes above")
+        lines.append("error = (predicted - measured) / measured. Benchmark rows: conv/fc at the benchmarks' merged "
+                     "shapes (groups = towers), not the per-tower passes above; train_step is timed by the host clock, "
+                     "so it includes the host path the model leaves out. Traced ops: a step of trace_step.py, both "
+                     "towers summed.")
     else:
         lines.append("Measured: no GPU run of this commit under benchmarks/results/ (nothing to compare)")
     lines.append("")
@@ -910,10 +970,12 @@ def run_model(args) -> Tuple[str, dict]:
     N = args.batch
     passes = step_passes(m, cfg, N)
     host = host_passes(m, cfg, N)
+    name_sched_ops(passes, cfg)
     step_ms = sum(p.ms * p.count for p in passes if p.in_step)
     commit = git_commit()
     bench = bench_predictions(m, cfg, N)
-    cmp_rows = comparison(docs, commit, bench, step_ms, m)
+    cmp_rows = comparison(docs, commit, bench, step_ms, m) + trace_comparison(Path(args.results), commit, passes,
+                                                                             step_ms)
     used = []
     for op in GEMM_OPS:
         for t in (128, 64):

@@ -266,3 +266,19 @@ def test_memory_rows_at_bandwidth_and_parallelism():
     want = (8 * n_out + 4 * n_in) / 4.0e12 + 2e-6
     assert M.bench_memory_prediction(m, row) == pytest.approx(want * 1e3, rel=1e-12)
     assert M.bench_memory_prediction(m, dict(family="elementwise", op="mystery", pass_="x", shape="4x4", bytes=64)) is None
+
+
+def test_trace_comparison_sums_both_towers(tmp_path):
+    import json
+    summ = dict(commit="abc", device="NVIDIA H200", config="paper", union_busy_ms=30.0, step_wall_ms=50.0)
+    (tmp_path / "H200_2026-01-01_trace_summary.json").write_text(json.dumps(summ))
+    ev = [dict(name="conv2.dgrad", dur=1500.0), dict(name="conv2.dgrad", dur=1700.0),
+          dict(name="conv2.input", dur=3.0)]
+    (tmp_path / "H200_2026-01-01_trace.json").write_text(json.dumps(dict(traceEvents=ev)))
+    p = M.Pass("conv2", "grad-input", "conv_dgrad", ms=1.6, count=2, op="conv2.dgrad")
+    rows = M.trace_comparison(tmp_path, "abc-dirty", [p], 25.0)
+    assert [(r["op"], r["pass_"]) for r in rows] == [("conv2.dgrad", "traced op"), ("step", "traced GPU busy"),
+                                                    ("step", "traced step wall")]
+    assert rows[0]["measured_ms"] == pytest.approx(3.2) and rows[0]["error"] == pytest.approx(0.0)
+    assert rows[1]["error"] == pytest.approx(25.0 / 30.0 - 1) and rows[2]["measured_ms"] == 50.0
+    assert M.trace_comparison(tmp_path, "other", [p], 25.0) == []
