@@ -3,6 +3,8 @@
     python benchmarks/model.py                 # compile (or read the cache), predict, write results
     python benchmarks/model.py --no-write      # print only
     python benchmarks/model.py --gpu h100      # H100 SXM copy bandwidth instead of H200's
+    python benchmarks/model.py --no-sass       # ptxas only (what happens without cuobjdump)
+    python benchmarks/model.py --results DIR   # where to look for GPU runs to compare with (default results/)
 
 What it reads. Every cuda/*.cu is compiled for sm_90 with the flags CMakeLists.txt uses (-O3
 --expt-relaxed-constexpr -I csrc -I cuda -DALEXNET_WITH_CUDA=1) to a cubin, with `-Xptxas -v`; the report gives
@@ -45,6 +47,12 @@ needs about half the GPU's thread slots busy to keep HBM saturated (the conv bia
 channel, gets 48 blocks for conv1). BW is the measured copy ceiling of a committed GPU result in
 benchmarks/results/ (copy_GBps of a run on an H100/H200) when one exists, else the named constant below. Launch
 gap: consecutive kernels on one stream start about LAUNCH_GAP_US apart even when queued ahead.
+
+Measured beside predicted, when benchmarks/results/ (or --results) holds GPU runs of the commit read (the
+-dirty mark ignored): every conv/fc row of bench_conv/bench_gemm (predicted at the benchmarks' merged shapes,
+groups = towers), the memory-bound rows of bench_elementwise/bench_lrn_pool/bench_softmax/bench_loader (their
+bytes and launch grids), the train_step row, and each scheduler op of a traced step (trace_step.py's
+*_trace_summary.json and its Chrome trace, both towers summed) with the step's GPU-busy and wall time.
 
 Not modelled (so the prediction is optimistic there): the instruction cost of LRN (powf and five divisions per
 element backward) and pooling windows, which can exceed their memory time; L2 hits (bytes are HBM bytes); the
@@ -262,6 +270,13 @@ def find_tool(name: str) -> Optional[str]:
     return None
 
 
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: an interrupted run must not leave a truncated report in the cache."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _run(cmd: List[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
 
@@ -319,14 +334,14 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
                       str(src.relative_to(repo)), "-o", str(cubin)], repo)
             if r.returncode != 0:
                 raise ModelError(f"model: nvcc failed on {src.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-            rep.write_text(r.stderr + r.stdout)
+            _write(rep, r.stderr + r.stdout)
         info = parse_ptxas(rep.read_text(), src.name)
         if cuobjdump:
             if not sass.is_file():
                 r = _run([cuobjdump, "-sass", str(cubin)], repo)
                 if r.returncode != 0:
                     raise ModelError(f"model: cuobjdump failed on {cubin.name}: {r.stderr.strip()[:200]}")
-                sass.write_text(r.stdout)
+                _write(sass, r.stdout)
             for fname, instrs in parse_sass(sass.read_text()).items():
                 if fname in info:
                     ml = main_loop(instrs)
