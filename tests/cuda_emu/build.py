@@ -15,7 +15,8 @@ in the sources can never make the build silently test something else.
 
     python tests/cuda_emu/build.py [--sanitize] [--out DIR] [--cuda-dir DIR] [--csrc-dir DIR] [--jobs N]
 
-prints the driver's path (cached under build/cuda_emu/ by a hash of every input).
+prints the driver's path (cached under build/cuda_emu/ by a hash of every input). relink_tensor() builds a
+variant of a finished plain build with another csrc/tensor.cpp in seconds (the staged-copy mutation test).
 """
 import argparse
 import concurrent.futures
