@@ -488,10 +488,30 @@ void Tensor::copy_from(const Tensor& src) {
             }
             cuda_check(cudaMemcpyPeerAsync(raw(), dd.index, src.raw(), sd.index, n, s), "copy");
         } else {
-            // No peer path: stage through the host, in order on the destination's stream.
-            Tensor host = src.to(Device{});
+            // No peer path: stage through the host. The device-to-host leg must run on a stream of the
+            // source device, and that stream (this thread's current one there, usually the legacy default
+            // stream) is not ordered after whoever produced `src`: a non-blocking stream of another tower
+            // may still be writing it. As in the branches above, the caller orders the copy by ordering the
+            // destination's current stream `s` after the producer (Scheduler::transfer waits on the
+            // producer's event there), so an event recorded on `s` and waited for on the source side
+            // carries that ordering across devices without copy_from having to know the producing stream.
+            cudaEvent_t ready = nullptr;
+            cuda_check(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "copy");
+            struct EventGuard {
+                cudaEvent_t e;
+                ~EventGuard() { cudaEventDestroy(e); }  // safe once waited on: CUDA frees it when it completes
+            } ready_guard{ready};
+            cuda_check(cudaEventRecord(ready, s), "copy");
+            Tensor host = empty(shape_, dtype_, Device{});
+            {
+                DeviceGuard gs(sd);
+                auto ss = static_cast<cudaStream_t>(current_stream(sd.index));
+                cuda_check(cudaStreamWaitEvent(ss, ready, 0), "copy");
+                cuda_check(cudaMemcpyAsync(host.raw(), src.raw(), n, cudaMemcpyDeviceToHost, ss), "copy");
+                cuda_check(cudaStreamSynchronize(ss), "copy");
+            }
             cuda_check(cudaMemcpyAsync(raw(), host.raw(), n, cudaMemcpyHostToDevice, s), "copy");
-            cuda_check(cudaStreamSynchronize(s), "copy");
+            cuda_check(cudaStreamSynchronize(s), "copy");  // the host buffer goes away when we return
         }
     }
 #else

@@ -70,7 +70,9 @@ public:
     Tensor view(const std::vector<int64_t>& shape) const;
     // A copy on `device` (peer copy between GPUs, staged through the host where peers cannot see each other).
     Tensor to(Device device) const;
-    // Copies `src` (same shape and dtype, any device) into this tensor.
+    // Copies `src` (same shape and dtype, any device) into this tensor. A copy into a CUDA tensor runs after
+    // whatever the destination device's current stream is ordered after, also when staged through the host
+    // from another device: to copy a tensor another stream produces, make that stream wait on it first.
     void copy_from(const Tensor& src);
     void fill_zero();
 
