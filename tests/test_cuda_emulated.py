@@ -249,6 +249,31 @@ def test_two_device_race_check_catches_unordered_staged_copy(emu_runs, tmp_path)
     assert m and int(m.group(1)) > 0, f"unexpected race report: {detail}"
 
 
+def test_uncached_allocations_for_memcheck(emu_runs):
+    """ALEXNET_NO_CUDA_MEMORY_CACHING=1 (what the GPU check's memcheck step sets) gives every tensor its own
+    cudaMalloc and cudaFree: the net must still compute the same bits, race-free, and the only checks that notice
+    are the ones that count cudaMalloc calls in steady state; the op groups pass as they are (ASan build, where a
+    freed block read later is an error)."""
+    runs, build_errors, exes = emu_runs
+    for variant, groups in (("plain", ["net"]), ("sanitize" if SANITIZE else "plain", ["conv", "linear", "pool"])):
+        if variant in build_errors:
+            pytest.fail(build_errors[variant])
+        cmd = [str(exes[variant]), "--seed", str(SEED), *groups]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                           env=dict(os.environ, ALEXNET_NO_CUDA_MEMORY_CACHING="1"))
+        run = Run(f"{variant} (caching off)", "forward", "+".join(groups), cmd)
+        run.stdout = p.stdout
+        checks, _ = parse(run)
+        assert len(checks) == sum(EXPECTED_CHECKS[g] for g in groups), f"{run.describe()}\n{p.stderr[-2000:]}"
+        failed = sorted(name for status, _, name, _ in checks if status != "ok")
+        if groups == ["net"]:
+            assert p.returncode == 1 and failed and all(
+                n.endswith("steady-state steps allocate no device memory") for n in failed), (
+                f"with caching off only the malloc-count checks may fail: {failed}")
+        else:
+            assert p.returncode == 0 and not failed, f"{run.describe()}: {failed}\n{p.stderr[-2000:]}"
+
+
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("group", ORDER_GROUPS)
 def test_result_independent_of_thread_order(emu_runs, group, order):
