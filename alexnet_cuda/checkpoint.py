@@ -368,14 +368,16 @@ def _str(where, v):
 
 
 def _dict(where, v, allowed, required=()):
+    """where: the key path ('' for the metadata document itself)."""
+    name = f"'{where}' " if where else ""
     if not isinstance(v, dict):
-        raise _Bad(f"'{where}' must be an object, got {_short(v)}")
-    unknown = sorted(set(v) - set(allowed))
+        raise _Bad(f"{name}must be an object, got {_short(v)}")
+    unknown = sorted(set(map(str, v)) - set(allowed))
     if unknown:
-        raise _Bad(f"'{where}' has unknown key(s) {', '.join(map(repr, unknown[:5]))}")
+        raise _Bad(f"{name}has unknown key(s) {', '.join(map(repr, unknown[:5]))}")
     missing = [k for k in required if k not in v]
     if missing:
-        raise _Bad(f"'{where}' is missing {', '.join(map(repr, missing))}")
+        raise _Bad(f"{name}is missing {', '.join(map(repr, missing))}")
     return v
 
 
@@ -429,7 +431,7 @@ def validate_meta(path, meta):
     from .config import alexnet_config
 
     try:
-        _dict("metadata", meta, _META_REQUIRED + _META_OPTIONAL, _META_REQUIRED)
+        _dict("", meta, _META_REQUIRED + _META_OPTIONAL, _META_REQUIRED)
         cfg = meta["config"]
         if not isinstance(cfg, dict):
             raise _Bad(f"'config' must be an object, got {_short(cfg)}")
@@ -522,7 +524,7 @@ def load_latest(folder, warn=None):
         except CheckpointError as e:
             skipped.append(path)
             if warn:
-                warn(f"skipping damaged checkpoint {path} ({e})")
+                warn(f"skipping a damaged checkpoint: {e}")
             continue
         if skipped and warn:
             warn(f"using the newest good checkpoint {path} instead")
