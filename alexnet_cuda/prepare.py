@@ -655,8 +655,9 @@ def _run_pool(tasks, workers, bar, finished):
                     result = fut.result()
                 except BrokenProcessPool:
                     raise CliError(f"a decoding worker process died (killed by a signal, e.g. the out-of-memory "
-                                   f"killer) while {split} shard {k} was pending; the finished shards are kept: "
-                                   "rerun the same command, with fewer --workers if memory is short") from None
+                                   f"killer); {len(pending) + 1} shard(s) from {split} shard {k} on are not finished, "
+                                   "the finished ones are kept: rerun the same command, with fewer --workers if "
+                                   "memory is short") from None
                 finished(result)
         drain()
         ex.shutdown(wait=True)
