@@ -27,7 +27,9 @@ AUGMENT_STREAM = 1  # Generator key (seed, AUGMENT_STREAM, epoch, batch): offset
 
 
 class PreparedData:
-    """A finished prepared folder: classes, mean image (float32 (3, S, S), 0..255), PCA, splits."""
+    """A finished prepared folder: classes, mean image (float32 (3, S, S), 0..255), PCA, splits. What it
+    reads is checked (ValueError naming the folder): meta.json's fields, file names that stay in the folder,
+    a finite mean image of the right shape, integer labels within the class list."""
 
     def __init__(self, root):
         from .prepare import COMPLETE, FORMAT, VERSION
