@@ -1,4 +1,4 @@
-"""Every default in one place, from ../shared/ALEXNET.md (the paper). Override any of them from Python or
+"""Every default in one place, from docs/ALEXNET.md (the paper). Override any of them from Python or
 the command line; nothing else in the package hard-codes these numbers.
 
 alexnet_config() checks every value's type and range (ValueError naming the key): configs also arrive from
