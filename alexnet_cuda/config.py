@@ -1,8 +1,5 @@
 """Every default in one place, from docs/ALEXNET.md (the paper). Override any of them from Python or
-the command line; nothing else in the package hard-codes these numbers.
-
-alexnet_config() checks every value's type and range (ValueError naming the key): configs also arrive from
-the command line (--set) and from checkpoint files, and nothing unchecked may reach the C++ net."""
+the command line; nothing else in the package hard-codes these numbers."""
 import copy
 import math
 import numbers
@@ -77,7 +74,10 @@ def _sizes(key, v, n):
 
 
 def validate_config(cfg):
-    """Check a full config dict (every key present, nothing else); returns it normalised (tuples, floats)."""
+    """Configs also arrive from the command line (--set) and from checkpoint files, and nothing unchecked may
+    reach the C++ net: every value's type and range is checked here (ValueError naming the key).
+
+    Check a full config dict (every key present, nothing else); returns it normalised (tuples, floats)."""
     unknown = set(cfg) - set(NET_DEFAULTS)
     missing = set(NET_DEFAULTS) - set(cfg)
     if unknown or missing:
