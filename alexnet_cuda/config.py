@@ -23,6 +23,9 @@ NET_DEFAULTS = {
     "drop_layers": (),  # any of "conv2", "conv3", "conv4": the paper's ablations
     "momentum": 0.9,
     "weight_decay": 0.0005,
+    # The paper's rule names the weights; Krizhevsky's cuda-convnet decays no bias. Set it to weight_decay to
+    # decay biases too (what this project did before the option existed).
+    "bias_weight_decay": 0.0,
     "init_std": 0.01,
 }
 
@@ -78,6 +81,9 @@ def validate_config(cfg):
     reach the C++ net: every value's type and range is checked here (ValueError naming the key).
 
     Check a full config dict (every key present, nothing else); returns it normalised (tuples, floats)."""
+    if "bias_weight_decay" not in cfg and "weight_decay" in cfg:
+        # A config saved before the key existed: its run decayed biases like weights; resume it that way.
+        cfg = dict(cfg, bias_weight_decay=cfg["weight_decay"])
     unknown = set(cfg) - set(NET_DEFAULTS)
     missing = set(NET_DEFAULTS) - set(cfg)
     if unknown or missing:
@@ -101,6 +107,7 @@ def validate_config(cfg):
     out["dropout"] = _num("dropout", cfg["dropout"], 0.0, 1.0, hi_open=True)
     out["momentum"] = _num("momentum", cfg["momentum"], 0.0, 1.0, hi_open=True)
     out["weight_decay"] = _num("weight_decay", cfg["weight_decay"], 0.0)
+    out["bias_weight_decay"] = _num("bias_weight_decay", cfg["bias_weight_decay"], 0.0)
     out["init_std"] = _num("init_std", cfg["init_std"], 0.0, lo_open=True)
     drop = cfg["drop_layers"]
     if not isinstance(drop, (list, tuple)) or any(d not in DROPPABLE for d in drop):

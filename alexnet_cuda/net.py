@@ -81,6 +81,12 @@ class Net:
         """Inference (no dropout): logits, or softmax probabilities, as (N, num_classes) float32."""
         return self._net.forward(self._images(images, "forward"), bool(probs))
 
+    def features(self, images, layer="fc7"):
+        """Inference (no dropout): the output of the named layer ("conv1".."conv5" after their ReLU, LRN and
+        pooling, "fc6"/"fc7" after ReLU, "fc8" the logits), both towers' parts concatenated in tower order:
+        (N, C, H, W) or (N, F) float32. fc7 is the 4096-d space of the paper's Figure 4."""
+        return self._net.features(self._images(images, "features"), str(layer))
+
     def evaluate(self, images, labels):
         """Inference loss and top-1/top-5 hits: dict(loss, top1, top5, n)."""
         return self._net.evaluate(self._images(images, "evaluate"), self._labels(labels, "evaluate"))

@@ -108,6 +108,7 @@ NetConfig config_from_dict(const py::dict& d) {
     c.drop_layers = cfg_get<std::vector<std::string>>(d, "drop_layers");
     c.momentum = cfg_get<float>(d, "momentum");
     c.weight_decay = cfg_get<float>(d, "weight_decay");
+    c.bias_weight_decay = cfg_get<float>(d, "bias_weight_decay");
     c.init_std = cfg_get<float>(d, "init_std");
     return c;
 }
@@ -366,6 +367,18 @@ PYBIND11_MODULE(_C, m) {
             },
             py::arg("images"), py::arg("probs") = false)
         .def(
+            "features",
+            [](Net& net, const f32_array& images, const std::string& layer) {
+                const int n = check_images(net, images, "features");
+                Tensor out;
+                {
+                    py::gil_scoped_release nogil;
+                    out = net.features(images.data(), n, layer);
+                }
+                return to_numpy(out);
+            },
+            py::arg("images"), py::arg("layer"))
+        .def(
             "evaluate",
             [](Net& net, const f32_array& images, const i32_array& labels) {
                 const int n = check_images(net, images, "evaluate");
@@ -438,6 +451,8 @@ PYBIND11_MODULE(_C, m) {
                      d["relu"] = L.relu;
                      d["lrn"] = L.lrn;
                      d["pool"] = L.pool;
+                     d["pool_extra"] = L.pool_extra;
+                     d["pool_mid_hw"] = L.pool_mid_hw;
                      d["dropout"] = L.dropout;
                      d["bias_init"] = L.bias_init;
                      out.append(d);
