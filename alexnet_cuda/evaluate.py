@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .cli import OneLineParser, default_devices, nonneg_int, parse_devices, positive_int, run_main
+from .cli import OneLineParser, add_devices_argument, default_devices, nonneg_int, parse_devices, positive_int, run_main
 from .progress import progress_bar
 
 
@@ -123,7 +123,7 @@ def _main(argv):
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file, or a run folder (its newest checkpoint)")
     p.add_argument("--data", help="prepared folder (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
-    p.add_argument("--devices", help="cpu, cuda:N, or one per tower (default: a GPU per tower, else cuda:0 for both, else cpu,cpu)")
+    add_devices_argument(p)
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--limit", type=nonneg_int, default=None, help="evaluate only the first N images")
     p.add_argument("--no-ten-crop", action="store_true", help="center crop only")

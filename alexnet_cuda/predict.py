@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from .cli import OneLineParser, positive_int, run_main
+from .cli import OneLineParser, add_devices_argument, positive_int, run_main
 
 
 def main(argv=None):
@@ -28,7 +28,7 @@ def _main(argv):
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     p.add_argument("--top", type=positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--ten-crop", action="store_true", help="average the ten views (corners, center, mirrored)")
-    p.add_argument("--devices", help="cpu, cuda:N, or one per tower (default: a GPU per tower, else cuda:0 for both, else cpu,cpu)")
+    add_devices_argument(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     a = p.parse_args(argv)
     if not os.path.exists(a.checkpoint):

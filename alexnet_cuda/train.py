@@ -38,7 +38,7 @@ import time
 from . import config as axconfig
 from .checkpoint import (SUBDIR, CheckpointError, atomic_write, checkpoint_dir, checkpoint_name, list_checkpoints,
                          load_checkpoint, load_latest, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
-from .cli import (EXIT_INTERRUPTED, EXIT_NONFINITE, CliError, OneLineParser, devices_str, nonneg_float,
+from .cli import (EXIT_INTERRUPTED, EXIT_NONFINITE, CliError, OneLineParser, add_devices_argument, devices_str, nonneg_float,
                   nonneg_int, parse_devices, positive_float, positive_int, run_main, seed_int, unit_interval)
 from .progress import progress_bar
 
@@ -90,8 +90,7 @@ def build_parser():
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
                    help="continue from a checkpoint file, a run folder's newest checkpoint, or (auto) the newest "
                         "in --out (a fresh start if it has none) or in the newest run under runs/")
-    p.add_argument("--devices", help="cpu, cuda:N, or one per tower: cuda:0,cuda:1 / cpu,cpu "
-                                     "(default: a GPU per tower, else both towers on cuda:0, else cpu,cpu)")
+    add_devices_argument(p)
     p.add_argument("--net", choices=("alexnet", "tiny"), help="network: the paper's (default) or the tiny "
                    "32x32 one (the demo's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
