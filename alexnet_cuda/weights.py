@@ -339,6 +339,26 @@ def load_weights_for(path, cfg=None, warn=None):
     return weights, use, classes
 
 
+def load_finetune_source(path, fallback_cfg, warn=None):
+    """(weights in our keys, the source's config or None, its classes or None) for train --finetune. A
+    safetensors file without our metadata is read with `fallback_cfg` (the run's --net/--set) and the class
+    count of its fc8 ('classifier.6.weight')."""
+    weights, cfg, classes = load_weights_file(path, warn)
+    if str(path).endswith(".safetensors") and not os.path.isdir(path):
+        use = cfg
+        if use is None:
+            from .config import alexnet_config
+
+            fc8 = weights.get(f"{TORCH_NAMES['fc8']}.weight")
+            n = int(fc8.shape[0]) if fc8 is not None and fc8.ndim == 2 else fallback_cfg["num_classes"]
+            try:
+                use = alexnet_config(**{**fallback_cfg, "num_classes": n})
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+        weights = resolve_torch(path, weights, use)
+    return weights, cfg, classes
+
+
 def export_weights(src, out, warn=None):
     """Write the parameters of `src` (checkpoint, run folder, weights file) to `out`: .safetensors
     (PyTorch-style keys, config and classes in the metadata) or .npz (weights only)."""
