@@ -369,6 +369,12 @@ def _remove_empty(folders):
             pass
 
 
+def _with_preset(cfg, preset):
+    """The network config with --preset applied last (to --net and --set), checked."""
+    cfg = axconfig.alexnet_config(**cfg)
+    return axconfig.alexnet_config(**{**cfg, **axconfig.preset_overrides(preset, cfg)}) if preset else cfg
+
+
 def _validate(t):
     if t["batch_size"] < 1:
         raise ValueError(f"batch size must be positive, got {t['batch_size']}")
@@ -436,9 +442,7 @@ class Run:
                     base = finetune[1]  # the source's network; the data sets the class count below
                     if "crop" not in explicit:
                         t["crop"] = base["input_size"]
-            if t["preset"]:
-                base = axconfig.alexnet_config(**{**base, **axconfig.preset_overrides(t["preset"], base)})
-            cfg = axconfig.alexnet_config(**{**base, "input_size": t["crop"], **net_over})  # checked before the data
+            cfg = _with_preset({**base, "input_size": t["crop"], **net_over}, t["preset"])  # checked before the data
             devices = parse_devices(args.devices, cfg["towers"])
             self.out = _new_run_dir(args)
             if list_checkpoints(self.out) and not args.overwrite:
@@ -452,8 +456,8 @@ class Run:
 
                 log("no --data: training the tiny AlexNet on the built-in demo image set")
                 self.data = PreparedData(ensure_demo_data(**self.demo, log=log, progress=self.progress))
-            cfg = axconfig.alexnet_config(**{**base, "num_classes": self.data.num_classes, "input_size": t["crop"],
-                                             **net_over})
+            cfg = _with_preset({**base, "num_classes": self.data.num_classes, "input_size": t["crop"], **net_over},
+                               t["preset"])
             if cfg["num_classes"] != self.data.num_classes:
                 raise ValueError(f"num_classes {cfg['num_classes']} does not match the data's {self.data.num_classes}")
             if cfg["input_size"] != t["crop"]:
