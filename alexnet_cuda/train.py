@@ -3,16 +3,23 @@
 With no --data it trains the tiny AlexNet (config.tiny_config, init_std 0.03) on a small built-in image set
 (alexnet_cuda.synthetic: 10 classes, 3000 train / 500 val images, generated once into a cache folder,
 prepared at 40x40, crop 32) for 8 epochs of batch 32 at lr 0.005 and prints the final validation errors:
-the first command of the README (about 1.5 minutes on two CPU cores, ~18% top-1 error, chance 90%).
+the first command of the README (~18% top-1 error, chance 90%; its time is stated in the README).
 
 Defaults are the paper's (config.TRAIN_DEFAULTS / NET_DEFAULTS): batch 128, lr 0.01 divided by 10 when
 the validation top-1 error has not improved for --patience epochs (at most three times), momentum 0.9,
 weight decay 0.0005, 90 epochs; every one can be changed by a flag, network keys with --set KEY=VALUE.
 
 The run folder (--out, default runs/<timestamp>) receives checkpoints/ckpt_<step>.npz (atomic, the
-last --keep kept), metrics.jsonl and metrics.csv (one row per epoch), metrics.png (loss and top-1/top-5
-curves, redrawn every epoch when matplotlib is importable), steps.csv (loss per step, every --log-every
-steps) and args.json. --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
+last --keep kept, and always the best: the epoch with the lowest validation top-1 error), metrics.jsonl and
+metrics.csv (one row per epoch), metrics.png (loss, top-1/top-5 error and the learning rate, redrawn every
+epoch when matplotlib is importable), steps.csv (one row every --log-every steps) and args.json. Both CSVs
+count epochs from 1 and give errors as fractions (steps.csv: step, epoch, batch (from 1 within the epoch),
+loss, top1_err, top5_err, n, lr).
+
+--preset NAME trains one of the paper's ablations (config.PRESETS; docs/ALEXNET.md has their expected
+effects). --finetune SRC starts a new run from SRC's weights (see README "Weights, fine-tuning"): SRC's
+network and crop, the data's class count, fc8 re-initialised unless SRC names exactly the data's classes,
+momentum zero. --trace PATH writes the Chrome trace of the first step the command runs. --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
 its losses equal an uninterrupted run's bit for bit. Every checkpoint is fully checked when loaded (CRC of
 every byte, dtypes, shapes, values, metadata); --resume auto and a run folder as --resume take the newest
 checkpoint that passes, saying on stderr which damaged ones were skipped. Ctrl-C writes a checkpoint and

@@ -3,7 +3,7 @@
     python benchmarks/retrieval.py CKPT [--data DST] [--queries 5] [--neighbours 6] [--out retrieval.png]
 
 fc7 activations (alexnet_cuda.features.FeatureExtractor: the net's own ops, no dropout) of the central crop of
-every training image (or the first --limit) and of the first --queries validation images; for each query the
+every training image (or the first --limit) and of --queries validation images spread evenly over the split; for each query the
 --neighbours training images with the smallest Euclidean distance between the fc7 vectors. Writes a PNG (one
 row per query: the query, then its neighbours nearest first) and, with --json, the indices, labels and
 distances; prints how many neighbours share the query's class (chance is 1 / number of classes)."""
@@ -73,7 +73,8 @@ def main(argv=None):
     augment = Augmenter(extra["mean"], int(meta["crop"]))
     ext = FeatureExtractor(net)
     n_train = len(train) if not a.limit else min(a.limit, len(train))
-    q_idx = np.arange(min(a.queries, len(val)))
+    # spread over the split (prepared splits are in class order), so the queries show several classes
+    q_idx = np.unique(np.linspace(0, len(val) - 1, max(1, min(a.queries, len(val)))).round().astype(int))
     base = fc7(ext, train, augment, np.arange(n_train), a.batch_size)
     query = fc7(ext, val, augment, q_idx, a.batch_size)
     order, dist = nearest(query, base, min(a.neighbours, n_train))
