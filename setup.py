@@ -96,6 +96,8 @@ if __name__ == "__main__":
                 "alexnet-prepare = alexnet_cuda.prepare:main",
                 "alexnet-evaluate = alexnet_cuda.evaluate:main",
                 "alexnet-predict = alexnet_cuda.predict:main",
+                "alexnet-features = alexnet_cuda.features:main",
+                "alexnet-weights = alexnet_cuda.weights:main",
             ]
         },
         install_requires=["numpy", "pillow"],

@@ -1,5 +1,6 @@
-"""`python -m alexnet_cuda COMMAND ...`: one entry point for the four tools (also installed as the console
-scripts alexnet-train, alexnet-prepare, alexnet-evaluate and alexnet-predict)."""
+"""`python -m alexnet_cuda COMMAND ...`: one entry point for the tools (also installed as the console
+scripts alexnet-train, alexnet-prepare, alexnet-evaluate, alexnet-predict, alexnet-features and
+alexnet-weights)."""
 import importlib
 import sys
 
@@ -10,6 +11,8 @@ COMMANDS = {
     "prepare": "turn an ImageFolder-shaped tree into the prepared shards train reads",
     "evaluate": "top-1/top-5 error of a checkpoint on a prepared set",
     "predict": "classify image files with a checkpoint",
+    "features": "a layer's activations for image files, or conv1's filters as a PNG",
+    "weights": "export weights (weights-only .npz, PyTorch-style .safetensors) or check a weights file",
 }
 
 

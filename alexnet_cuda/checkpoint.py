@@ -395,7 +395,7 @@ def _floats(where, v, shape):
 
 
 def _train_checks():
-    from .config import TRAIN_DEFAULTS
+    from .config import PRESETS, TRAIN_DEFAULTS
     from .train import LOOP_DEFAULTS
 
     pos, nonneg = (lambda w, v: _int(w, v, 1)), (lambda w, v: _int(w, v, 0))
@@ -408,6 +408,8 @@ def _train_checks():
               "pca_std": lambda w, v: _num(w, v, 0),
               "lighting": lambda w, v: _choice(w, v, ("std", "eigenvalue")),
               "net": lambda w, v: _choice(w, v, ("alexnet", "tiny")),
+              "preset": lambda w, v: v if v is None else _choice(w, v, tuple(PRESETS)),
+              "finetune": lambda w, v: v if v is None else _str(w, v),
               "flip": _boolean}
     assert set(checks) == set(TRAIN_DEFAULTS) | set(LOOP_DEFAULTS), "checkpoint: train keys out of date"
     return checks
@@ -553,10 +555,13 @@ def remove_stale_temporaries(folder):
                 pass
 
 
-def prune_checkpoints(folder, keep):
-    """Keep the newest `keep` checkpoints (by step), delete the rest."""
+def prune_checkpoints(folder, keep, protect=()):
+    """Keep the newest `keep` checkpoints (by step), delete the rest, except the file names in `protect`
+    (the trainer protects its best checkpoint, which --keep therefore never deletes)."""
     paths = list_checkpoints(folder)
     for p in paths[:max(0, len(paths) - keep)]:
+        if os.path.basename(p) in protect:
+            continue
         try:
             os.remove(p)
         except OSError:

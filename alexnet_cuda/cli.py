@@ -22,7 +22,15 @@ class CliError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse prints a usage block before its error; here the error is one line naming the tool."""
+    """argparse prints a usage block before its error; here the error is one line naming the tool. Every
+    tool built on it answers --version."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from ._version import __version__
+
+        self.add_argument("--version", action="version", version=f"alexnet_cuda {__version__}",
+                          help="print the version and exit")
 
     def error(self, message):
         name = self.prog[len("python -m "):] if self.prog.startswith("python -m ") else self.prog
@@ -126,6 +134,17 @@ def parse_devices(spec, towers=2):
             if p.startswith("cuda") and int(p.split(":")[1]) >= count:
                 raise ValueError(f"--devices: {p} does not exist (this machine has {count} CUDA device(s))")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+DEVICES_HELP = ("cpu, cuda:N, or one per tower: cuda:0,cuda:1 / cpu,cpu (default: a GPU per tower, else both "
+                "towers on cuda:0, else cpu,cpu)")
+
+
+def add_devices_argument(parser, help=DEVICES_HELP):
+    """--devices, the one documented spelling; --device is accepted as the same option (the benchmarks'
+    spelling), so either works in every tool."""
+    parser.add_argument("--devices", dest="devices", help=help)
+    parser.add_argument("--device", dest="devices", help=argparse.SUPPRESS)
 
 
 def default_devices(towers=2):

@@ -135,6 +135,39 @@ def alexnet_config(**overrides):
     return validate_config(cfg)
 
 
+# The paper's ablations (section 4 and its footnote 3; docs/ALEXNET.md lists what the paper reports), as
+# network presets applied on top of the base network (train --preset NAME). Each: (what it changes, the
+# paper's measured effect, which is what to expect when the preset is trained the paper's way).
+PRESETS = {
+    "no-lrn": ("no local response normalisation after conv1 and conv2",
+               "the paper: LRN lowers the top-1 and top-5 error rates by 1.4% and 1.2%; expect that much worse"),
+    "no-overlap-pool": ("2x2 max-pooling at stride 2 instead of 3x3 at stride 2",
+                        "the paper: overlapping pooling lowers top-1/top-5 error by 0.4%/0.3%; expect that much worse"),
+    "no-conv4": ("conv4 removed (conv5 reads conv3)",
+                 "the paper: removing any middle conv layer costs about 2% top-1. conv4 is the one removed because "
+                 "it carries no LRN, pooling or cross-tower edge, so only the layer goes"),
+    "one-tower": ("one tower with half the kernels of conv1..conv4 (conv5 and the fc layers at full width, as the "
+                  "paper's footnote 3 says)",
+                  "the paper: the two-GPU net has 1.7% lower top-1 and 1.2% lower top-5 error than this one"),
+}
+
+
+def preset_overrides(name, base):
+    """The config keys preset `name` changes, computed from the base network `base` (a full config)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (one of: {', '.join(PRESETS)})")
+    if name == "no-lrn":
+        return {"lrn": False}
+    if name == "no-overlap-pool":
+        return {"overlap_pool": False}
+    if name == "no-conv4":
+        return {"drop_layers": tuple(sorted(set(base["drop_layers"]) | {"conv4"}))}
+    ch = tuple(base["channels"])
+    if any(c % 2 for c in ch[:4]):
+        raise ValueError(f"preset one-tower: conv1..conv4 widths {ch[:4]} must be even to halve them")
+    return {"towers": 1, "channels": tuple(c // 2 for c in ch[:4]) + (ch[4],)}
+
+
 def tiny_config(**overrides):
     """A small AlexNet-shaped net (same layers, towers, LRN, overlapping pooling, dropout) for 32x32
     inputs: what CI trains on the CPU and the built-in demo uses."""

@@ -1,18 +1,23 @@
-"""Evaluate a checkpoint: python -m alexnet_cuda.evaluate CKPT [--data DST] [--split val]
+"""Evaluate a checkpoint: python -m alexnet_cuda.evaluate CKPT [CKPT ...] [--data DST] [--split val]
 
 Prints top-1 and top-5 error with the center crop and with the paper's ten crops (four corners, center
 and their mirrors; softmax outputs averaged). CKPT may be a checkpoint file or a run folder (its newest
 checkpoint that loads; damaged newer ones are skipped with a note on stderr). The checkpoint is fully
 checked before use (see alexnet_cuda.checkpoint): a damaged or crafted file is one line on stderr and exit
 status 1. The data folder defaults to the one the checkpoint was trained on; the mean image and crop size
-come from the checkpoint."""
+come from the checkpoint.
+
+Several CKPTs evaluate an ensemble, as the paper's 5- and 7-CNN results: every net sees the same images (each
+with its own mean image and crop), their softmax outputs are averaged (over the nets, and over the ten views
+with ten crops), and each member's errors are printed before the ensemble's. The members must have the same
+class list and be trained on data of the same stored size."""
 import os
 import sys
 
 import numpy as np
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .cli import OneLineParser, default_devices, nonneg_int, parse_devices, positive_int, run_main
+from .cli import OneLineParser, add_devices_argument, default_devices, nonneg_int, parse_devices, positive_int, run_main
 from .progress import progress_bar
 
 
@@ -107,6 +112,44 @@ def evaluate_ten_crop(net, loader, bar=None):
     return {"top1_err": 1 - top1 / n, "top5_err": 1 - top5 / n, "n": n}
 
 
+def evaluate_ensemble(members, loader, ten_crop=True, bar=None):
+    """members: [(net, Augmenter)]; loader: an EvalLoader in 'raw' mode. -> {'members': [{'center': errs,
+    'ten_crop': errs}], 'ensemble': {...}} with errs = dict(top1_err, top5_err, n): softmax outputs averaged
+    over the members (and over the ten views for 'ten_crop')."""
+    from .data import average_ten_crops, topk_hits
+
+    modes = ("center", "ten_crop") if ten_crop else ("center",)
+    hits = {(who, m): [0, 0] for who in list(range(len(members))) + ["ensemble"] for m in modes}
+    n = 0
+    for imgs, y in loader:
+        total = {m: 0.0 for m in modes}
+        for i, (net, aug) in enumerate(members):
+            probs = {"center": np.asarray(net.forward(aug.center(imgs), probs=True), np.float64)}
+            if ten_crop:
+                probs["ten_crop"] = average_ten_crops([net.forward(v, probs=True) for v in aug.ten_crops(imgs)])
+            for m in modes:
+                h = hits[(i, m)]
+                h[0] += topk_hits(probs[m], y, 1)
+                h[1] += topk_hits(probs[m], y, 5)
+                total[m] = total[m] + probs[m]
+        for m in modes:
+            avg = total[m] / len(members)
+            h = hits[("ensemble", m)]
+            h[0] += topk_hits(avg, y, 1)
+            h[1] += topk_hits(avg, y, 5)
+        n += len(y)
+        if bar is not None:
+            bar.update(1)
+    if n == 0:
+        raise ValueError("no images to evaluate")
+
+    def errs(who):
+        return {m: {"top1_err": 1 - hits[(who, m)][0] / n, "top5_err": 1 - hits[(who, m)][1] / n, "n": n}
+                for m in modes}
+
+    return {"members": [errs(i) for i in range(len(members))], "ensemble": errs("ensemble")}
+
+
 def _note(message):
     print(f"alexnet_cuda.evaluate: {message}", file=sys.stderr)
 
@@ -120,17 +163,22 @@ def _main(argv):
 
     p = OneLineParser(prog="python -m alexnet_cuda.evaluate",
                       description="Top-1/top-5 error of a checkpoint, center crop and ten crops.")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file, or a run folder (its newest checkpoint)")
-    p.add_argument("--data", help="prepared folder (default: the one the checkpoint was trained on)")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="+", help="checkpoint file, or a run folder (its newest "
+                   "checkpoint); several: an ensemble (softmax outputs averaged)")
+    p.add_argument("--data", help="prepared folder (default: the one the (first) checkpoint was trained on)")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
-    p.add_argument("--devices", help="cpu, cuda:N, or one per tower (default: a GPU per tower, else cuda:0 for both, else cpu,cpu)")
+    add_devices_argument(p)
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--limit", type=nonneg_int, default=None, help="evaluate only the first N images")
     p.add_argument("--no-ten-crop", action="store_true", help="center crop only")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if not os.path.exists(a.checkpoint):
-        raise ValueError(f"checkpoint {a.checkpoint} does not exist")
+    for c in a.checkpoint:
+        if not os.path.exists(c):
+            raise ValueError(f"checkpoint {c} does not exist")
+    if len(a.checkpoint) > 1:
+        return _ensemble(a)
+    a.checkpoint = a.checkpoint[0]
     net, meta, extra = net_from_checkpoint(a.checkpoint, a.devices, warn=_note)
     data = open_data(meta, a.data)
     crop = int(meta["crop"])
@@ -154,6 +202,46 @@ def _main(argv):
           f"(loss {c['loss']:.4f})")
     if t is not None:
         print(f"10 crops:    top-1 error {100 * t['top1_err']:.2f}%, top-5 error {100 * t['top5_err']:.2f}%")
+    return 0
+
+
+def _ensemble(a):
+    from .data import Augmenter, EvalLoader
+
+    members, metas = [], []
+    for path in a.checkpoint:
+        net, meta, extra = net_from_checkpoint(path, a.devices, warn=_note)
+        if metas:
+            first = metas[0]
+            if list(meta["classes"]) != list(first["classes"]):
+                raise ValueError(f"{meta['path']} has other classes than {first['path']}: an ensemble averages "
+                                 "the same classes")
+            if int(meta["data"]["size"]) != int(first["data"]["size"]):
+                raise ValueError(f"{meta['path']} was trained on {meta['data']['size']}-pixel images, "
+                                 f"{first['path']} on {first['data']['size']}")
+        members.append((net, Augmenter(extra["mean"], int(meta["crop"]))))
+        metas.append(meta)
+    data = open_data(metas[0], a.data)
+    loader = EvalLoader(data, a.batch_size, int(metas[0]["crop"]), split=a.split, mode="raw",
+                        limit=a.limit if a.limit else None)
+    print(f"ensemble of {len(members)} checkpoints, {a.split}: {loader.n} images")
+    bar = progress_bar(len(loader), desc="evaluate", unit="batch", disable=a.no_progress)
+    try:
+        r = evaluate_ensemble(members, loader, ten_crop=not a.no_ten_crop, bar=bar)
+    finally:
+        bar.close()
+
+    def line(name, e):
+        s = f"{name}: center crop top-1 error {100 * e['center']['top1_err']:.2f}%, top-5 error " \
+            f"{100 * e['center']['top5_err']:.2f}%"
+        if "ten_crop" in e:
+            s += f"; 10 crops top-1 error {100 * e['ten_crop']['top1_err']:.2f}%, top-5 error " \
+                 f"{100 * e['ten_crop']['top5_err']:.2f}%"
+        return s
+
+    for meta, e in zip(metas, r["members"]):
+        print(line(f"member {meta['path']}", e))
+    print(line(f"ensemble ({len(members)} nets, softmax averaged)", r["ensemble"]))
     return 0
 
 

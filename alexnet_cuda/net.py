@@ -135,6 +135,43 @@ class Net:
         shapes.update({"momentum/" + k: v for k, v in list(shapes.items())})
         return shapes
 
+    def parameter_shapes(self):
+        """{parameter key: shape} (weights and biases only, no momentum)."""
+        return {k: v for k, v in self.state_shapes().items() if not k.startswith("momentum/")}
+
+    def weights(self):
+        """The parameters only ('conv1.t0.weight', ...): no momentum, no step or seed (what save_weights writes)."""
+        return {k: v for k, v in self._net.state() if not k.startswith("momentum/")}
+
+    def load_weights(self, weights):
+        """Load parameters only (a weights-only file, an exported or fine-tuning source): every parameter key
+        exactly once, checked as in load_state_dict; the momentum buffers are set to zero, as at the start of
+        a run. The step and seed are left as they are."""
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"load_weights: argument 'weights' must be a dict, got {type(weights).__name__}")
+        shapes = self.parameter_shapes()
+        for k in weights:
+            if not isinstance(k, str):
+                raise TypeError(f"load_weights: keys must be strings, got {k!r}"[:200])
+        extra = sorted(set(weights) - set(shapes))
+        if extra:
+            why = " (momentum is not loaded by load_weights: use load_state_dict)" if extra[0].startswith(
+                ("momentum/", "meta/")) else ""
+            raise ValueError(f"load_weights: unexpected entry '{extra[0]}'{why}"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        missing = [k for k in shapes if k not in weights]
+        if missing:
+            raise ValueError(f"load_weights: missing '{missing[0]}'"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        checked = {}
+        for k, shape in shapes.items():
+            try:
+                checked[k] = _float32_param(k, weights[k], shape)
+            except (ValueError, TypeError) as e:
+                raise type(e)(str(e).replace("load_state_dict:", "load_weights:", 1)) from None
+            checked["momentum/" + k] = np.zeros(shape, np.float32)
+        self._net.load_state(checked)
+
     def load_state_dict(self, state):
         """Load a state_dict (as state_dict() gives). Every entry is checked here before anything reaches
         C++: the keys are exactly the net's, each parameter is a floating-point array of the shape the config

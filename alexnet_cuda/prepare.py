@@ -257,6 +257,27 @@ def read_label_file(path, count, classes, label_order=None):
     return labels
 
 
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def _refuse_ilsvrc_sorted_order(val_labels, classes):
+    """ILSVRC-2012's ground-truth file holds integers that count the devkit's ILSVRC2012_ID order, not the
+    sorted wnids; read in sorted order they are wrong for almost every image (validation error near 99.9%).
+    With wnid class folders, integer labels and no --val-label-order, refuse and say what to pass."""
+    if not classes or not all(_WNID.match(c) for c in classes):
+        return
+    with _open_text(val_labels, "label file") as f:
+        first = next((line.split()[0] for line in f if line.strip()), "")
+    if not re.fullmatch(r"[+-]?\d+", first):
+        return  # labels given as wnids: no order needed
+    raise ValueError(
+        f"--val-labels {val_labels} holds integer labels and the classes are ImageNet wnids: ILSVRC-2012's "
+        "ground truth counts in the devkit's ILSVRC2012_ID order, not in sorted-wnid order, so pass "
+        "--val-label-order FILE with the wnids one per line in ILSVRC2012_ID order (1..1000, the 'WNID' of the "
+        "synsets in the devkit's data/meta.mat), or write the labels as wnids; if the integers really count the "
+        "sorted class folders, pass --val-label-order with the sorted folder names")
+
+
 def scan_source(src, train_dir="train", val_dir="val", val_labels=None, val_label_order=None,
                 follow_external=False):
     """-> classes, {split: [(relative path, label)]}, report dict (empty classes, ignored files)."""
@@ -307,6 +328,8 @@ def scan_source(src, train_dir="train", val_dir="val", val_labels=None, val_labe
         if not val_labels:
             raise ValueError(f"{vdir} holds images without class folders: give their labels with --val-labels FILE")
         order = None
+        if not val_label_order:
+            _refuse_ilsvrc_sorted_order(val_labels, classes)
         if val_label_order:
             with _open_text(val_label_order, "label order file") as f:
                 order = [line.split()[0] for line in f if line.strip()]

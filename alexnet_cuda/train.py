@@ -3,16 +3,23 @@
 With no --data it trains the tiny AlexNet (config.tiny_config, init_std 0.03) on a small built-in image set
 (alexnet_cuda.synthetic: 10 classes, 3000 train / 500 val images, generated once into a cache folder,
 prepared at 40x40, crop 32) for 8 epochs of batch 32 at lr 0.005 and prints the final validation errors:
-the first command of the README (about 1.5 minutes on two CPU cores, ~18% top-1 error, chance 90%).
+the first command of the README (~18% top-1 error, chance 90%; its time is stated in the README).
 
 Defaults are the paper's (config.TRAIN_DEFAULTS / NET_DEFAULTS): batch 128, lr 0.01 divided by 10 when
 the validation top-1 error has not improved for --patience epochs (at most three times), momentum 0.9,
 weight decay 0.0005, 90 epochs; every one can be changed by a flag, network keys with --set KEY=VALUE.
 
 The run folder (--out, default runs/<timestamp>) receives checkpoints/ckpt_<step>.npz (atomic, the
-last --keep kept), metrics.jsonl and metrics.csv (one row per epoch), metrics.png (loss and top-1/top-5
-curves, redrawn every epoch when matplotlib is importable), steps.csv (loss per step, every --log-every
-steps) and args.json. --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
+last --keep kept, and always the best: the epoch with the lowest validation top-1 error), metrics.jsonl and
+metrics.csv (one row per epoch), metrics.png (loss, top-1/top-5 error and the learning rate, redrawn every
+epoch when matplotlib is importable), steps.csv (one row every --log-every steps) and args.json. Both CSVs
+count epochs from 1 and give errors as fractions (steps.csv: step, epoch, batch (from 1 within the epoch),
+loss, top1_err, top5_err, n, lr).
+
+--preset NAME trains one of the paper's ablations (config.PRESETS; docs/ALEXNET.md has their expected
+effects). --finetune SRC starts a new run from SRC's weights (see README "Weights, fine-tuning"): SRC's
+network and crop, the data's class count, fc8 re-initialised unless SRC names exactly the data's classes,
+momentum zero. --trace PATH writes the Chrome trace of the first step the command runs. --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
 its losses equal an uninterrupted run's bit for bit. Every checkpoint is fully checked when loaded (CRC of
 every byte, dtypes, shapes, values, metadata); --resume auto and a run folder as --resume take the newest
 checkpoint that passes, saying on stderr which damaged ones were skipped. Ctrl-C writes a checkpoint and
@@ -38,7 +45,7 @@ import time
 from . import config as axconfig
 from .checkpoint import (SUBDIR, CheckpointError, atomic_write, checkpoint_dir, checkpoint_name, list_checkpoints,
                          load_checkpoint, load_latest, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
-from .cli import (EXIT_INTERRUPTED, EXIT_NONFINITE, CliError, OneLineParser, devices_str, nonneg_float,
+from .cli import (EXIT_INTERRUPTED, EXIT_NONFINITE, CliError, OneLineParser, add_devices_argument, devices_str, nonneg_float,
                   nonneg_int, parse_devices, positive_float, positive_int, run_main, seed_int, unit_interval)
 from .progress import progress_bar
 
@@ -56,6 +63,8 @@ LOOP_DEFAULTS = {
     "loader_threads": max(1, min(6, (os.cpu_count() or 2) // 2)),  # threads building them (~900 img/s each
     # at 224 from 256 on one core of this machine; the augment op releases the GIL)
     "net": "alexnet",
+    "preset": None,  # one of config.PRESETS: the paper's ablations
+    "finetune": None,  # the weights source a fine-tuning run started from
 }
 
 # The built-in demo: the tiny AlexNet (config.tiny_config, whose init std is 0.03) on the generated
@@ -90,10 +99,18 @@ def build_parser():
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
                    help="continue from a checkpoint file, a run folder's newest checkpoint, or (auto) the newest "
                         "in --out (a fresh start if it has none) or in the newest run under runs/")
-    p.add_argument("--devices", help="cpu, cuda:N, or one per tower: cuda:0,cuda:1 / cpu,cpu "
-                                     "(default: a GPU per tower, else both towers on cuda:0, else cpu,cpu)")
+    add_devices_argument(p)
     p.add_argument("--net", choices=("alexnet", "tiny"), help="network: the paper's (default) or the tiny "
                    "32x32 one (the demo's)")
+    p.add_argument("--preset", choices=tuple(axconfig.PRESETS), help="one of the paper's ablations, applied to "
+                   "--net: " + "; ".join(f"{k}: {v[0]}" for k, v in axconfig.PRESETS.items())
+                   + " (docs/ALEXNET.md has each one's expected effect)")
+    p.add_argument("--finetune", metavar="SRC", help="start from the weights of SRC (a checkpoint, run folder, "
+                   "weights .npz or .safetensors) on --data, with fresh momentum and schedule; the network is "
+                   "SRC's (its config, crop) with the data's number of classes; fc8 is re-initialised (the "
+                   "paper's init) unless SRC names exactly the data's classes")
+    p.add_argument("--trace", metavar="PATH", help="write the Chrome trace (Perfetto) of the first step this "
+                   "command runs to PATH")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="network config override, e.g. --set dropout=0.3 --set 'drop_layers=(\"conv3\",)'")
     p.add_argument("--batch-size", type=positive_int, help=f"images per step (default {d['batch_size']})")
@@ -147,7 +164,7 @@ def _parse_sets(items):
 
 _TRAIN_KEYS = ("batch_size", "lr", "epochs", "lr_factor", "lr_reductions", "patience", "crop", "pca_std",
                "lighting", "flip", "seed", "keep", "checkpoint_every", "log_every", "max_steps", "prefetch",
-               "loader_threads", "net")
+               "loader_threads", "net", "preset", "finetune")
 
 
 def _explicit(args):
@@ -186,7 +203,8 @@ _plot_notice = []
 
 
 def plot_metrics(out, history, log):
-    """metrics.png: loss and top-1/top-5 error per epoch (train and validation)."""
+    """metrics.png: loss, top-1/top-5 error (train and validation) and the learning rate, per epoch. Every
+    curve has its own colour and a legend entry (train dashed, validation solid)."""
     try:
         import matplotlib
 
@@ -198,21 +216,26 @@ def plot_metrics(out, history, log):
             log("matplotlib is not importable: no metrics.png (pip install matplotlib)")
         return
     ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o--", color="C0", label="train")
     if any(h.get("val_loss") is not None for h in history):
-        a1.plot(ep, [h.get("val_loss") for h in history], "o-", label="val")
+        a1.plot(ep, [h.get("val_loss") for h in history], "o-", color="C1", label="validation")
     a1.set_xlabel("epoch"), a1.set_ylabel("loss"), a1.set_title("cross-entropy loss"), a1.legend()
-    for split, style in (("train", "--"), ("val", "-")):
-        for k, color in (("top1", "C0"), ("top5", "C1")):
-            vals = [h.get(f"{split}_{k}_err") for h in history]
-            if any(v is not None for v in vals):
-                a2.plot(ep, [None if v is None else 100 * v for v in vals], style, color=color, marker="o",
-                        label=f"{split} {k.replace('top', 'top-')}")
+    colours = {("train", "top1"): "C0", ("train", "top5"): "C2", ("val", "top1"): "C1", ("val", "top5"): "C3"}
+    for (split, k), color in colours.items():
+        vals = [h.get(f"{split}_{k}_err") for h in history]
+        if any(v is not None for v in vals):
+            a2.plot(ep, [None if v is None else 100 * v for v in vals], "--" if split == "train" else "-",
+                    color=color, marker="o",
+                    label=f"{'train' if split == 'train' else 'validation'} {k.replace('top', 'top-')}")
     a2.set_xlabel("epoch"), a2.set_ylabel("error (%)"), a2.set_title("top-1 / top-5 error"), a2.legend()
+    a3.step(ep, [h["lr"] for h in history], "o-", where="post", color="C4", label="learning rate")
+    a3.set_yscale("log")
+    a3.set_xlabel("epoch"), a3.set_ylabel("learning rate"), a3.set_title("learning rate (during the epoch)")
+    a3.legend()
     from matplotlib.ticker import MaxNLocator
 
-    for a in (a1, a2):
+    for a in (a1, a2, a3):
         a.grid(alpha=0.3)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
@@ -223,9 +246,11 @@ def plot_metrics(out, history, log):
 
 
 class StepLog:
-    """steps.csv: step, epoch, batch, loss (exact repr), top1, top5, n, lr."""
+    """steps.csv, in metrics.csv's units: step (steps done), epoch (1-based, as in metrics.csv), batch
+    (1-based within the epoch), loss (exact repr), top1_err and top5_err (fractions of the batch, as
+    metrics.csv's errors), n (images in the batch), lr."""
 
-    HEADER = "step,epoch,batch,loss,top1,top5,n,lr\n"
+    HEADER = "step,epoch,batch,loss,top1_err,top5_err,n,lr\n"
 
     def __init__(self, path, keep_upto=None):
         self.path = path
@@ -242,7 +267,10 @@ class StepLog:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, step, epoch, batch, r, lr):
-        self.f.write(f"{step},{epoch},{batch},{float(r['loss'])!r},{int(r['top1'])},{int(r['top5'])},{int(r['n'])},{lr!r}\n")
+        """epoch, batch: 0-based indices (written 1-based)."""
+        n = int(r["n"])
+        e1, e5 = 1 - int(r["top1"]) / n, 1 - int(r["top5"]) / n
+        self.f.write(f"{step},{epoch + 1},{batch + 1},{float(r['loss'])!r},{e1!r},{e5!r},{n},{lr!r}\n")
         self.f.flush()
 
     def close(self):
@@ -348,6 +376,12 @@ def _remove_empty(folders):
             pass
 
 
+def _with_preset(cfg, preset):
+    """The network config with --preset applied last (to --net and --set), checked."""
+    cfg = axconfig.alexnet_config(**cfg)
+    return axconfig.alexnet_config(**{**cfg, **axconfig.preset_overrides(preset, cfg)}) if preset else cfg
+
+
 def _validate(t):
     if t["batch_size"] < 1:
         raise ValueError(f"batch size must be positive, got {t['batch_size']}")
@@ -406,7 +440,16 @@ class Run:
             t = {**axconfig.TRAIN_DEFAULTS, **LOOP_DEFAULTS, **({} if args.data else DEMO_DEFAULTS), **explicit}
             _validate(t)
             base = axconfig.tiny_config() if t["net"] == "tiny" else axconfig.alexnet_config()
-            cfg = axconfig.alexnet_config(**{**base, "input_size": t["crop"], **net_over})  # checked before the data
+            finetune = None
+            if t["finetune"]:
+                from .weights import load_finetune_source
+
+                finetune = load_finetune_source(t["finetune"], base, warn=log)
+                if finetune[1] is not None:
+                    base = finetune[1]  # the source's network; the data sets the class count below
+                    if "crop" not in explicit:
+                        t["crop"] = base["input_size"]
+            cfg = _with_preset({**base, "input_size": t["crop"], **net_over}, t["preset"])  # checked before the data
             devices = parse_devices(args.devices, cfg["towers"])
             self.out = _new_run_dir(args)
             if list_checkpoints(self.out) and not args.overwrite:
@@ -420,8 +463,8 @@ class Run:
 
                 log("no --data: training the tiny AlexNet on the built-in demo image set")
                 self.data = PreparedData(ensure_demo_data(**self.demo, log=log, progress=self.progress))
-            cfg = axconfig.alexnet_config(**{**base, "num_classes": self.data.num_classes, "input_size": t["crop"],
-                                             **net_over})
+            cfg = _with_preset({**base, "num_classes": self.data.num_classes, "input_size": t["crop"], **net_over},
+                               t["preset"])
             if cfg["num_classes"] != self.data.num_classes:
                 raise ValueError(f"num_classes {cfg['num_classes']} does not match the data's {self.data.num_classes}")
             if cfg["input_size"] != t["crop"]:
@@ -441,6 +484,9 @@ class Run:
             log("the data has no validation split: the lr schedule follows the training top-1 error")
         self.net = build_net(cfg, devices, t["seed"])
         self.last_checkpoint = None
+        self.trace_path = args.trace
+        if not resume and t["finetune"]:
+            self._start_from(t["finetune"], *finetune)
         if resume:
             try:
                 self.net.load_state_dict(net_state)
@@ -472,6 +518,30 @@ class Run:
                 self.steplog.close()
             _remove_empty(created)
             raise
+
+    def _start_from(self, path, weights, src_cfg, classes):
+        """--finetune: every parameter from the source, shapes checked against this net; fc8 keeps the new
+        net's paper initialisation (N(0, init_std^2) weights, zero biases, from --seed) unless the source names
+        exactly the data's classes. The momentum starts at zero."""
+        new = self.net.weights()
+        reinit = classes is None or list(classes) != list(self.data.classes)
+        extra = sorted(set(weights) - set(new))
+        if extra:
+            raise ValueError(f"--finetune {path}: the source has '{extra[0]}', which this net lacks (give the "
+                             "source's --net/--set/--preset)")
+        for k in new:
+            if reinit and k.startswith("fc8."):
+                continue
+            if k not in weights:
+                raise ValueError(f"--finetune {path}: the source has no '{k}' (give the source's --net/--set/--preset)")
+            if weights[k].shape != new[k].shape:
+                raise ValueError(f"--finetune {path}: '{k}' has shape {weights[k].shape} in the source, this net "
+                                 f"needs {new[k].shape} (give the source's --net/--set/--preset/--crop)")
+            new[k] = weights[k]
+        self.net.load_weights(new)
+        self.log(f"fine-tuning from {path}: " + (
+            f"fc8 re-initialised for {self.data.num_classes} classes (N(0, {self.cfg['init_std']:g}^2) weights, zero "
+            "biases)" if reinit else "same classes, fc8 kept") + "; momentum zero")
 
     def _use_checkpoint_statistics(self, meta, extra):
         """Continue with the mean image and PCA the run started with, even if the data folder was prepared
@@ -510,9 +580,18 @@ class Run:
     def save(self):
         path = os.path.join(self.ckpt_dir, checkpoint_name(self.net.step))
         save_checkpoint(path, self.net.state_dict(), self.meta(), {"mean": self.data.mean})
-        prune_checkpoints(self.ckpt_dir, self.t["keep"])
+        best = self.best_step()
+        prune_checkpoints(self.ckpt_dir, self.t["keep"], protect=() if best is None else (checkpoint_name(best),))
         self.last_checkpoint = os.path.abspath(path)
         return path
+
+    def best_step(self):
+        """The step of the end-of-epoch checkpoint with the lowest top-1 error the schedule follows
+        (validation, else training); the first such epoch, as the schedule counts improvements."""
+        h = self.state["history"]
+        key = "val_top1_err" if any(r.get("val_top1_err") is not None for r in h) else "train_top1_err"
+        scored = [(r[key], i) for i, r in enumerate(h) if r.get(key) is not None]
+        return h[min(scored)[1]]["step"] if scored else None
 
     # ---- the loop ----
 
@@ -559,7 +638,15 @@ class Run:
         t_prev = t0
         try:
             for b, x, y in it:
+                if self.trace_path:
+                    net.set_tracing(True)
                 r = net.train_step(x, y, st["lr"])
+                if self.trace_path:
+                    net.set_tracing(False)
+                    net.write_trace(self.trace_path)
+                    self.log(f"wrote the Chrome trace of step {int(net.step)} to {self.trace_path} (open it in "
+                             "Perfetto or chrome://tracing)")
+                    self.trace_path = None
                 loss = float(r["loss"])
                 if not math.isfinite(loss):
                     where = f"epoch {e + 1}, batch {b} (step {int(net.step)})"

@@ -35,6 +35,10 @@ import numpy as np
 import harness as H
 from harness import ax, f64
 
+# Our tower parameters concatenated along the output dimension (the merged single-device layers): the same
+# mapping `python -m alexnet_cuda.weights export` uses for PyTorch-style files.
+from alexnet_cuda.weights import merge_towers as merged_weights  # noqa: E402
+
 LR = 0.01
 TOL_FORWARD = H.TOL_REDUCTION
 # A whole backward pass on each side, compared with each other. Looser than an op's tolerance because float32
@@ -79,16 +83,6 @@ def reference_forward(R, cfg: dict, sd: dict, x: np.ndarray) -> np.ndarray:
     for name in ("fc6", "fc7"):
         flat = np.concatenate([R.relu_forward(R.linear_forward(flat, *wb(name, t))) for t in range(T)], 1)
     return np.concatenate([R.linear_forward(flat, *wb("fc8", t)) for t in range(T)], 1)
-
-
-def merged_weights(cfg: dict, sd: dict) -> dict:
-    """Our tower parameters concatenated along the output dimension: the merged single-device layers."""
-    T = cfg["towers"]
-    out = {}
-    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
-        for kind in ("weight", "bias"):
-            out[f"{name}.{kind}"] = np.concatenate([sd[f"{name}.t{t}.{kind}"] for t in range(T)], 0)
-    return out
 
 
 def torch_model(torch, cfg: dict):

@@ -587,7 +587,10 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true",
                    help="CPU backend, tiny config, batch 4: correctness only, no timing claims, writes only with --out")
-    p.add_argument("--device", default=None, help="cuda:N (default when a GPU is present) or cpu")
+    # --devices is the spelling every tool documents (train, evaluate, predict); --device is the same option.
+    p.add_argument("--devices", dest="device", default=None, help="cuda:N (default when a GPU is present) or cpu: "
+                   "both towers run on it")
+    p.add_argument("--device", dest="device", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=None, help="batch size (default 128; 2 in smoke mode)")
     p.add_argument("--config", choices=("paper", "tiny"), default=None,
                    help="network shapes (default paper; tiny in smoke)")
@@ -605,9 +608,9 @@ def make_context(args, need_ceilings: bool = True) -> Context:
     smoke = args.smoke
     device = args.device or ("cpu" if smoke or not ax.cuda_available() else "cuda:0")
     if smoke and device != "cpu":
-        raise SystemExit("--smoke runs the CPU backend; drop --device or use --device cpu")
+        raise SystemExit("--smoke runs the CPU backend; drop --devices or use --devices cpu")
     if not smoke and device == "cpu" and args.device is None:
-        raise SystemExit(f"no GPU to benchmark ({ax.cuda_unavailable_reason()}); use --smoke, or --device cpu "
+        raise SystemExit(f"no GPU to benchmark ({ax.cuda_unavailable_reason()}); use --smoke, or --devices cpu "
                          "to time the CPU backend")
     config_name = args.config or ("tiny" if smoke else "paper")
     ctx = Context(

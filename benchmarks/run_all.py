@@ -38,7 +38,7 @@ FAMILIES = {
 def train_step_in_subprocess(args, ctx) -> dict:
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_step_") as out:
         cmd = [sys.executable, os.path.join(H.BENCH_DIR, "bench_train_step.py"), "--out", out, "--no-plot",
-               "--device", ctx.device, "--batch", str(ctx.batch), "--config", ctx.config_name, "--seed", str(ctx.seed)]
+               "--devices", ctx.device, "--batch", str(ctx.batch), "--config", ctx.config_name, "--seed", str(ctx.seed)]
         for flag, value in (("--steps", args.steps), ("--warmup-steps", args.warmup_steps)):
             if value is not None:
                 cmd += [flag, str(value)]

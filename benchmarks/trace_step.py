@@ -24,6 +24,7 @@ from alexnet_cuda.net import write_chrome_trace
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", default=None, help="scheduler placement (default cuda:0,cuda:0; --smoke: cpu,cpu)")
+    p.add_argument("--device", dest="devices", help=argparse.SUPPRESS)  # the same option, as in every tool
     p.add_argument("--batch", type=int, default=None, help="images per step (default 128; --smoke: 16)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny net on two CPU workers; writes only under --out")

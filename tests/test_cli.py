@@ -294,3 +294,192 @@ def test_bad_arguments_at_the_process_boundary(tmp_path):
         assert r.returncode != 0
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert not os.path.exists(env["ALEXNET_CUDA_CACHE"])  # arguments are checked before any data is made
+
+
+# ---- issue 12: steps.csv units, the best checkpoint, trace, presets, fine-tuning, features, ensembles -----
+
+def test_steps_csv_uses_metrics_csv_units(uninterrupted):
+    """1-based epochs and errors as fractions, as metrics.csv: with --log-every 1 the image-weighted mean of an
+    epoch's step errors is that epoch's training error in metrics.csv."""
+    lines = _losses(uninterrupted).splitlines()
+    assert lines[0] == "step,epoch,batch,loss,top1_err,top5_err,n,lr"
+    rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+    assert [int(r["epoch"]) for r in rows] == [1] * 7 + [2] * 7
+    assert [int(r["batch"]) for r in rows] == list(range(1, 8)) * 2
+    for e, rec in zip((1, 2), _epochs(uninterrupted)):
+        mine = [r for r in rows if int(r["epoch"]) == e]
+        n = sum(int(r["n"]) for r in mine)
+        assert all(0 <= float(r["top1_err"]) <= float(r["top5_err"]) * 0 + 1 for r in mine)
+        err = sum(float(r["top1_err"]) * int(r["n"]) for r in mine) / n
+        assert abs(err - rec["train_top1_err"]) < 1e-9
+
+
+def test_keep_never_deletes_the_best_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for s in (10, 20, 30, 40, 50):
+        (folder / ck.checkpoint_name(s)).write_bytes(b"x")
+    ck.prune_checkpoints(str(folder), 2, protect=(ck.checkpoint_name(20),))
+    assert sorted(os.listdir(folder)) == [ck.checkpoint_name(s) for s in (20, 40, 50)]
+    hist = [{"step": 10, "val_top1_err": 0.5}, {"step": 20, "val_top1_err": 0.3}, {"step": 30, "val_top1_err": 0.3},
+            {"step": 40, "val_top1_err": 0.4}]
+    assert train.Run.best_step(SimpleNamespace(state={"history": hist})) == 20
+    hist = [{"step": 10, "train_top1_err": 0.2, "val_top1_err": None}, {"step": 20, "train_top1_err": 0.1}]
+    assert train.Run.best_step(SimpleNamespace(state={"history": hist})) == 20
+
+
+def test_keep_one_keeps_the_best_epoch_in_a_run(dataset, tmp_path, capsys, monkeypatch):
+    """The validation error is made to be best at epoch 1; with --keep 1 its checkpoint survives epoch 3."""
+    out = str(tmp_path / "K")
+    real = evaluate.evaluate_center
+    calls = []
+
+    def scripted(net, loader, bar=None, interrupted=None):
+        r = real(net, loader, bar, interrupted)
+        calls.append(1)
+        return {**r, "top1_err": 0.1 if len(calls) == 1 else 0.9}
+
+    monkeypatch.setattr(evaluate, "evaluate_center", scripted)
+    rc, o, e = _train(["--data", dataset[0], "--out", out, "--epochs", "3", "--keep", "1", "--devices", "cpu",
+                       *SMALL], capsys)
+    assert rc == 0, e
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [ck.checkpoint_name(7), ck.checkpoint_name(21)]
+
+
+def test_train_trace_and_preset(dataset, tmp_path, capsys):
+    out, trace = str(tmp_path / "T"), str(tmp_path / "step.json")
+    rc, o, e = _train(["--data", dataset[0], "--out", out, "--devices", "cpu", "--max-steps", "2",
+                       "--preset", "one-tower", "--trace", trace, *SMALL], capsys)
+    assert rc == 0, e
+    assert f"to {trace}" in e
+    events = json.load(open(trace))["traceEvents"]
+    assert {"conv1.fprop", "fc8.sgd"} <= {ev["name"] for ev in events} and all(ev["dur"] >= 0 for ev in events)
+    meta = ck.load_checkpoint(out)[0]
+    assert meta["config"]["towers"] == 1 and list(meta["config"]["channels"]) == [8, 16, 16, 16, 16]
+    assert meta["train"]["preset"] == "one-tower"
+    rc, o, e = _train(["--resume", out, "--preset", "no-lrn", "--no-progress"], capsys)
+    assert rc == 1 and "--preset cannot change on --resume" in e
+
+
+def _dataset4(tmp_path):
+    from alexnet_cuda.synthetic import CLASSES
+
+    make_synthetic(str(tmp_path / "src4"), seed=2, train_per_class=4, val_per_class=1, classes=CLASSES[:4])
+    prepare(str(tmp_path / "src4"), str(tmp_path / "data4"), size=36, shard_size=32, workers=0, progress=False)
+    return str(tmp_path / "data4")
+
+
+def test_finetune_with_another_class_count(dataset, uninterrupted, tmp_path, capsys):
+    """From a checkpoint of the 10-class run to 4 classes: conv1..fc7 start as the source's, fc8 as a fresh net's
+    paper init (the run's seed); the lr is so small that one step leaves every weight as it was. From the same
+    source through a safetensors export, and onto the same classes (fc8 kept)."""
+    data4 = _dataset4(tmp_path)
+    src = os.path.join(uninterrupted, "checkpoints", ck.checkpoint_name(14))
+    src_w = ck.load_checkpoint(src)[1]
+    st = str(tmp_path / "src.safetensors")
+    from alexnet_cuda import weights as W
+
+    W.export_weights(src, st)
+    for i, source in enumerate((src, st)):
+        out = str(tmp_path / f"F{i}")
+        rc, o, e = _train(["--finetune", source, "--data", data4, "--out", out, "--devices", "cpu", "--max-steps",
+                           "1", "--lr", "1e-30", "--batch-size", "8", "--no-progress", "--seed", "5"], capsys)
+        assert rc == 0, e
+        assert "fc8 re-initialised for 4 classes" in e
+        meta, state, _ = ck.load_checkpoint(out)
+        assert meta["config"]["num_classes"] == 4 and meta["train"]["finetune"] == source
+        for k, v in state.items():
+            if k.startswith(("conv", "fc6", "fc7")):
+                np.testing.assert_array_equal(v, src_w[k])
+        fresh = ax.Net(meta["config"], devices="cpu", seed=5).weights()
+        for k in ("fc8.t0.weight", "fc8.t1.bias"):  # zero biases move by lr * gradient ~ 1e-31
+            np.testing.assert_allclose(state[k], fresh[k], rtol=1e-6, atol=1e-20)
+    out = str(tmp_path / "same")
+    rc, o, e = _train(["--finetune", src, "--data", dataset[0], "--out", out, "--devices", "cpu", "--max-steps", "1",
+                       "--lr", "1e-30", "--batch-size", "8", "--no-progress"], capsys)
+    assert rc == 0 and "same classes, fc8 kept" in e
+    np.testing.assert_array_equal(ck.load_checkpoint(out)[1]["fc8.t0.weight"], src_w["fc8.t0.weight"])
+    rc, o, e = _train(["--finetune", src, "--data", data4, "--out", str(tmp_path / "bad"), "--devices", "cpu",
+                       "--set", "fc=(64,64)", "--batch-size", "8", "--no-progress"], capsys)
+    assert rc == 1 and "'fc6.t0.weight' has shape" in e and len(e.strip().splitlines()) == 1
+
+
+def test_features_cli_filters_and_retrieval(dataset, uninterrupted, tmp_path):
+    from PIL import Image
+
+    from alexnet_cuda.data import Augmenter
+    from alexnet_cuda.features import FeatureExtractor
+    from alexnet_cuda.prepare import load_image
+
+    data, src = dataset
+    feats, png = str(tmp_path / "f.npz"), str(tmp_path / "filters.png")
+    r = _cli("features", uninterrupted, os.path.join(src, "val"), "--out", feats, "--layer", "fc7", "--filters", png,
+             "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    z = np.load(feats)
+    assert z["features"].shape == (20, 32) and len(z["paths"]) == 20
+    net, meta, extra = evaluate.net_from_checkpoint(uninterrupted, "cpu")
+    x = Augmenter(extra["mean"], 32).center(load_image(str(z["paths"][3]), 36)[None])
+    np.testing.assert_allclose(z["features"][3], FeatureExtractor(net)(x)["fc7"][0], rtol=1e-6, atol=1e-6)
+    assert Image.open(png).size[0] > 0
+    js = str(tmp_path / "nn.json")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "retrieval.py"), uninterrupted, "--queries",
+                        "3", "--neighbours", "4", "--out", str(tmp_path / "nn.png"), "--json", js, "--devices", "cpu"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.load(open(js))
+    assert len(doc) == 3 and all(len(q["neighbours"]) == 4 for q in doc)
+    for q in doc:
+        d = [n["distance"] for n in q["neighbours"]]
+        assert d == sorted(d)
+    assert Image.open(str(tmp_path / "nn.png")).size == (4 + 5 * (36 + 4) + 8, 4 + 3 * (36 + 4))
+
+
+def test_predict_folders_and_json(dataset, uninterrupted, tmp_path, capsys):
+    data, src = dataset
+    out = str(tmp_path / "p.json")
+    rc = predict.main([uninterrupted, os.path.join(src, "val", "disk"), os.path.join(src, "val", "ring"),
+                       "--json", out, "--device", "cpu", "--top", "3"])
+    printed, err = capsys.readouterr()
+    assert rc == 0, err
+    doc = json.load(open(out))
+    assert [r["path"] for r in doc["results"]] == sorted(
+        os.path.join(src, "val", c, f) for c in ("disk", "ring") for f in os.listdir(os.path.join(src, "val", c)))
+    assert doc["errors"] == [] and all(len(r["top"]) == 3 for r in doc["results"])
+    first = doc["results"][0]
+    for t in first["top"]:
+        assert f"{100 * t['prob']:6.2f}%  {t['class']}" in printed
+    probs = [t["prob"] for t in first["top"]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_evaluate_ensemble_averages_softmax(dataset, uninterrupted, capsys):
+    from alexnet_cuda.data import EvalLoader, topk_hits
+
+    a, b = (os.path.join(uninterrupted, "checkpoints", ck.checkpoint_name(s)) for s in (7, 14))
+    rc = evaluate.main([a, b, "--device", "cpu", "--no-progress", "--no-ten-crop"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    nets = [evaluate.net_from_checkpoint(p, "cpu") for p in (a, b)]
+    data = evaluate.open_data(nets[0][1])
+    data.mean = nets[0][2]["mean"]
+    probs, labels = [], []
+    for x, y in EvalLoader(data, 16, 32):
+        probs.append(np.mean([np.asarray(n.forward(x, probs=True), np.float64) for n, _, _ in nets], 0))
+        labels.append(y)
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    e1, e5 = 1 - topk_hits(p, y, 1) / len(y), 1 - topk_hits(p, y, 5) / len(y)
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("ensemble (2 nets, softmax averaged)")
+    assert f"top-1 error {100 * e1:.2f}%, top-5 error {100 * e5:.2f}%" in last
+    assert len(out.strip().splitlines()) == 4
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate", "predict", "prepare", "features", "weights"])
+def test_every_tool_answers_version(tool):
+    from alexnet_cuda import __version__
+
+    r = _cli(tool, "--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"alexnet_cuda {__version__}", r.stderr

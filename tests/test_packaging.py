@@ -92,4 +92,7 @@ def test_one_version_and_the_entry_points():
     p = subprocess.run([sys.executable, "-m", "alexnet_cuda", "evaluate", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0 and "checkpoint" in p.stdout.lower()
-    assert set(entry.COMMANDS) == {"train", "prepare", "evaluate", "predict"}
+    assert set(entry.COMMANDS) == {"train", "prepare", "evaluate", "predict", "features", "weights"}
+    scripts = {line.split("=")[1].strip().split(":")[0].rsplit(".", 1)[1]
+               for line in open(os.path.join(ROOT, "setup.py")) if "= alexnet_cuda." in line}
+    assert scripts == set(entry.COMMANDS)

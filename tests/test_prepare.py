@@ -245,3 +245,35 @@ def test_bad_arguments_one_line(tmp_path, capsys, case):
     out, err = capsys.readouterr()
     assert rc not in (0, None)
     assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err
+
+
+def test_ilsvrc_integer_labels_without_their_order_are_refused(tmp_path, capsys):
+    """wnid class folders + integer ground truth + no --val-label-order: the labels would be read in sorted
+    order (wrong for ILSVRC-2012), so prepare refuses and names --val-label-order; with it, or with wnid
+    labels, the same tree prepares."""
+    wnids = ("n01440764", "n01443537", "n01484850")
+    src = _tree(tmp_path / "src", train=2, val=0, classes=("disk", "ring", "triangle"))
+    for old, new in zip(("disk", "ring", "triangle"), wnids):
+        os.rename(os.path.join(src, "train", old), os.path.join(src, "train", new))
+    val = os.path.join(src, "val")
+    os.makedirs(val)
+    true = [2, 0, 1]
+    for i, c in enumerate(true):
+        Image.fromarray(np.full((14, 14, 3), 60 * (c + 1), np.uint8)).save(os.path.join(val, f"v_{i:03d}.JPEG"))
+    ids = tmp_path / "gt.txt"
+    ids.write_text("".join(f"{c + 1}\n" for c in true))
+    rc, out, err = _run([src, str(tmp_path / "a"), "--size", "8", "--workers", "0", "--val-labels", str(ids)], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--val-label-order FILE" in err and "ILSVRC2012_ID" in err
+    assert not os.path.exists(tmp_path / "a" / "COMPLETE")
+    order = tmp_path / "order.txt"
+    order.write_text("".join(w + "\n" for w in wnids))
+    rc, out, err = _run([src, str(tmp_path / "b"), "--size", "8", "--workers", "0", "--val-labels", str(ids),
+                         "--val-label-order", str(order)], capsys)
+    assert rc == 0, err
+    assert _read_split(str(tmp_path / "b"), "val")[1].tolist() == true
+    names = tmp_path / "names.txt"
+    names.write_text("".join(wnids[c] + "\n" for c in true))
+    rc, out, err = _run([src, str(tmp_path / "c"), "--size", "8", "--workers", "0", "--val-labels", str(names)], capsys)
+    assert rc == 0, err
+    assert _read_split(str(tmp_path / "c"), "val")[1].tolist() == true
