@@ -143,9 +143,13 @@ PRESETS = {
                "the paper: LRN lowers the top-1 and top-5 error rates by 1.4% and 1.2%; expect that much worse"),
     "no-overlap-pool": ("2x2 max-pooling at stride 2 instead of 3x3 at stride 2",
                         "the paper: overlapping pooling lowers top-1/top-5 error by 0.4%/0.3%; expect that much worse"),
+    "no-conv2": ("conv2's convolution, ReLU and LRN removed; its pooling kept (conv3 reads conv1, pooled twice)",
+                 "the paper: removing any middle conv layer costs about 2% top-1"),
+    "no-conv3": ("conv3 removed (conv4 reads both towers' conv2: the cross-tower edge moves up)",
+                 "the paper: removing any middle conv layer costs about 2% top-1"),
     "no-conv4": ("conv4 removed (conv5 reads conv3)",
-                 "the paper: removing any middle conv layer costs about 2% top-1. conv4 is the one removed because "
-                 "it carries no LRN, pooling or cross-tower edge, so only the layer goes"),
+                 "the paper: removing any middle conv layer costs about 2% top-1; conv4 carries no LRN, pooling or "
+                 "cross-tower edge, so only the layer goes"),
     "one-tower": ("one tower with half the kernels of conv1..conv4 (conv5 and the fc layers at full width, as the "
                   "paper's footnote 3 says)",
                   "the paper: the two-GPU net has 1.7% lower top-1 and 1.2% lower top-5 error than this one"),
@@ -160,8 +164,8 @@ def preset_overrides(name, base):
         return {"lrn": False}
     if name == "no-overlap-pool":
         return {"overlap_pool": False}
-    if name == "no-conv4":
-        return {"drop_layers": tuple(sorted(set(base["drop_layers"]) | {"conv4"}))}
+    if name in ("no-conv2", "no-conv3", "no-conv4"):
+        return {"drop_layers": tuple(sorted(set(base["drop_layers"]) | {name[3:]}))}
     ch = tuple(base["channels"])
     if any(c % 2 for c in ch[:4]):
         raise ValueError(f"preset one-tower: conv1..conv4 widths {ch[:4]} must be even to halve them")

@@ -3,14 +3,10 @@
     python -m alexnet_cuda.features CKPT IMAGE|FOLDER... --layer fc7 --out feats.npz
     python -m alexnet_cuda.features CKPT --filters conv1.png
 
-The C++ Net returns only logits or probabilities, so `FeatureExtractor` runs the same forward pass in
-Python from the net's parameters with the library's own ops (`alexnet_cuda.ops`, on the device you pick):
-the layer table (Net.layers()) drives it exactly as csrc/net.cpp's issue_forward does (each tower's
-convolution, ReLU, LRN and pooling; the cross-tower gathers; no dropout, as at inference). Its fc8 output is
-the net's logits (tests/test_features.py checks it against Net.forward). A layer's activation is the output
-it passes on (after its ReLU, LRN and pooling), with the towers' halves concatenated in tower order:
-conv1..conv5 give (N, C, H, W), fc6 and fc7 (N, width), fc8 the logits. The extractor takes a copy of the
-parameters when it is made; make a new one after more training.
+`FeatureExtractor` asks the net itself (`Net.features`: the C++ forward pass on the net's devices, no
+dropout, as at inference) for the output a layer passes on (after its ReLU, LRN and pooling), with the
+towers' halves concatenated in tower order: conv1..conv5 give (N, C, H, W), fc6 and fc7 (N, width), fc8 the
+logits (tests/test_features.py checks fc8 against Net.forward and every layer against the reference).
 
 The images of the CLI are preprocessed as `predict` does (shorter side to the checkpoint's stored size,
 central square, mean image subtracted, the central crop). The .npz holds 'features' (N, ...) float32 and
@@ -28,75 +24,29 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tif
 
 
 class FeatureExtractor:
-    """extractor(images float32 (N, C, S, S), layers=("fc7",)) -> {layer: float32 array}."""
+    """extractor(images float32 (N, C, S, S), layers=("fc7",)) -> {layer: float32 array}, from the net's
+    current parameters on its own devices (Net.features: the C++ forward pass, no dropout)."""
 
-    def __init__(self, net, device=None):
-        import alexnet_cuda as ax
-
-        self.ax = ax
-        self.cfg = net.config
-        self.layers = net.layers()
-        self.names = [L["name"] for L in self.layers]
-        self.device = device or net.devices[0]
-        T = self.cfg["towers"]
-        w = net.weights()
-        self.params = [[(ax.from_numpy(np.ascontiguousarray(w[f"{L['name']}.t{t}.weight"]), self.device),
-                         ax.from_numpy(np.ascontiguousarray(w[f"{L['name']}.t{t}.bias"]), self.device))
-                        for L in self.layers] for t in range(T)]
+    def __init__(self, net):
+        self.net = net
+        self.names = [L["name"] for L in net.layers()]
 
     def __call__(self, images, layers=("fc7",)):
-        ops, T = self.ax.ops, self.cfg["towers"]
         if isinstance(layers, str):
             layers = (layers,)
         unknown = [n for n in layers if n not in self.names]
         if unknown:
             raise ValueError(f"features: unknown layer {unknown[0]!r} (this net has {', '.join(self.names)})")
         x = np.asarray(images)
-        S, C = self.cfg["input_size"], self.cfg["in_channels"]
+        S, C = self.net.config["input_size"], self.net.config["in_channels"]
         if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (C, S, S) or x.shape[0] < 1:
             raise ValueError(f"features: argument 'images' must be float32 (N, {C}, {S}, {S}), got {x.dtype} {x.shape}")
-        want, last = set(layers), max(self.names.index(n) for n in layers)
-        c = self.cfg
-        pool_w = 3 if c["overlap_pool"] else 2
-        img = self.ax.from_numpy(np.ascontiguousarray(x), self.device)
-        outs, found = [img] * T, {}
-        for li, L in enumerate(self.layers[:last + 1]):
-            new = []
-            for t in range(T):
-                if li == 0:
-                    inp = outs[t]
-                elif L["cross"]:
-                    inp = ops.concat_channels([self._flat(o, L) for o in outs])
-                else:
-                    inp = self._flat(outs[t], L)
-                wt, b = self.params[t][li]
-                if L["kind"] == "conv":
-                    a = ops.conv2d_forward(inp, wt, b, stride=L["stride"], padding=L["pad"])
-                else:
-                    a = ops.linear_forward(inp, wt, b)
-                if L["relu"]:
-                    a = ops.relu_forward(a)
-                if L["lrn"]:
-                    a = ops.lrn_forward(a, c["lrn_size"], c["lrn_k"], c["lrn_alpha"], c["lrn_beta"])[0]
-                if L["pool"]:
-                    a = ops.maxpool_forward(a, pool_w, 2, 0)[0]
-                new.append(a)
-            outs = new
-            if L["name"] in want:
-                found[L["name"]] = np.concatenate([o.numpy() for o in outs], axis=1)
-        return {n: found[n] for n in layers}
-
-    def _flat(self, t, L):
-        """A conv output entering an fc layer is flattened per image (channel-major), as the C++ view does."""
-        if L["kind"] == "fc" and len(t.shape) == 4:
-            a = t.numpy()
-            return self.ax.from_numpy(np.ascontiguousarray(a.reshape(a.shape[0], -1)), self.device)
-        return t
+        return {n: self.net.features(x, n) for n in layers}
 
 
-def layer_activations(net, images, layers=("fc7",), device=None):
-    """One-off helper: FeatureExtractor(net, device)(images, layers)."""
-    return FeatureExtractor(net, device)(images, layers)
+def layer_activations(net, images, layers=("fc7",)):
+    """One-off helper: FeatureExtractor(net)(images, layers)."""
+    return FeatureExtractor(net)(images, layers)
 
 
 def image_files(paths):

@@ -2,7 +2,7 @@
 
     python benchmarks/retrieval.py CKPT [--data DST] [--queries 5] [--neighbours 6] [--out retrieval.png]
 
-fc7 activations (alexnet_cuda.features.FeatureExtractor: the net's own ops, no dropout) of the central crop of
+fc7 activations (Net.features: the net's own forward pass, no dropout) of the central crop of
 every training image (or the first --limit) and of --queries validation images spread evenly over the split; for each query the
 --neighbours training images with the smallest Euclidean distance between the fc7 vectors. Writes a PNG (one
 row per query: the query, then its neighbours nearest first) and, with --json, the indices, labels and
