@@ -1,5 +1,5 @@
-"""Layer activations through alexnet_cuda.features (the net's forward replayed from its parameters with the
-library's own forward pass), for the paper's net and each ablation preset, and the Figure 3 filter image."""
+"""Layer activations through alexnet_cuda.features (Net.features: the net's own C++ forward pass, no dropout),
+for the paper's net and each ablation preset, and the Figure 3 filter image."""
 import numpy as np
 import pytest
 
