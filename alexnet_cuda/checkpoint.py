@@ -210,17 +210,21 @@ def _read_member(path, zf, info, key):
     return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
 
 
-def _as_float32(path, key, arr):
-    """Finite values that fit float32 -> native float32 C-contiguous; anything else a CheckpointError."""
+def finite_float32(arr, what, error=ValueError):
+    """A floating-point array of finite values that fit float32 -> native float32 C-contiguous; anything else
+    raises `error` naming `what` (a float64 1e300 must not turn into inf on the way in)."""
     if not np.isfinite(arr).all():
         bad = np.count_nonzero(~np.isfinite(arr))
-        raise CheckpointError(f"{path}: array '{key}' holds {bad} non-finite value(s) (NaN or inf)")
+        raise error(f"{what} holds {bad} non-finite value(s) (NaN or inf)")
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():
-        raise CheckpointError(f"{path}: array '{key}' holds values beyond float32's range (largest magnitude "
-                              f"{float(np.abs(arr).max()):g})")
+        raise error(f"{what} holds values beyond float32's range (largest magnitude {float(np.abs(arr).max()):g})")
     return out
+
+
+def _as_float32(path, key, arr):
+    return finite_float32(arr, f"{path}: array '{key}'", CheckpointError)
 
 
 def _read_zip(path):

@@ -49,6 +49,25 @@ def layer_activations(net, images, layers=("fc7",)):
     return FeatureExtractor(net)(images, layers)
 
 
+def image_batches(files, size, batch_size, prog, errors):
+    """Yields (paths, uint8 images (n, size, size, 3)) for each batch of `files` that could be read; a file that
+    cannot is reported on stderr as one line and appended to `errors` as {path, error}, and the rest go on."""
+    from .prepare import load_image
+
+    for start in range(0, len(files), batch_size):
+        paths, imgs = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                imgs.append(load_image(path, size))
+                paths.append(path)
+            except Exception as e:  # noqa: BLE001 - one bad file is reported, the rest go on
+                msg = " ".join(str(e).split()) or type(e).__name__
+                errors.append({"path": path, "error": msg})
+                print(f"{prog}: error: cannot read {path}: {msg}", file=sys.stderr)
+        if imgs:
+            yield paths, np.stack(imgs)
+
+
 def image_files(paths):
     """Files named on the command line, with folders expanded to the image files under them (sorted, hidden
     entries skipped, symlinked folders not entered)."""
@@ -116,7 +135,6 @@ def _main(argv):
     from .cli import OneLineParser, add_devices_argument, positive_int
     from .data import Augmenter
     from .evaluate import net_from_checkpoint
-    from .prepare import load_image
 
     p = OneLineParser(prog="python -m alexnet_cuda.features",
                       description="A layer's activations for image files, or conv1's filters as a PNG (Figure 3).")
@@ -150,27 +168,16 @@ def _main(argv):
         raise ValueError(f"--layer {a.layer!r}: this net has {', '.join(ext.names)}")
     size, crop = int(meta["data"]["size"]), int(meta["crop"])
     augment = Augmenter(extra["mean"], crop)
-    files = image_files(a.images)
-    feats, paths, failed = [], [], 0
-    for start in range(0, len(files), a.batch_size):
-        imgs, ok = [], []
-        for path in files[start:start + a.batch_size]:
-            try:
-                imgs.append(load_image(path, size))
-                ok.append(path)
-            except Exception as e:  # noqa: BLE001 - one bad file is reported, the rest go on
-                failed += 1
-                print(f"alexnet_cuda.features: error: cannot read {path}: "
-                      f"{' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        if imgs:
-            feats.append(ext(augment.center(np.stack(imgs)), (a.layer,))[a.layer])
-            paths += ok
+    feats, paths, errors = [], [], []
+    for ok, batch in image_batches(image_files(a.images), size, a.batch_size, "alexnet_cuda.features", errors):
+        feats.append(ext(augment.center(batch), (a.layer,))[a.layer])
+        paths += ok
     if not feats:
         raise ValueError("no image could be read")
     out = np.concatenate(feats, 0)
     atomic_write(a.out, lambda f: np.savez(f, features=out, paths=np.array(paths)))
     print(f"wrote {a.out}: {a.layer} of {len(paths)} image(s), shape {out.shape}")
-    return 1 if failed else 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -243,14 +243,9 @@ def _float32_param(key, value, shape):
         raise TypeError(f"load_state_dict: '{key}' has dtype {_dtype_name(a.dtype)}; expected floating point")
     if a.shape != tuple(shape):
         raise ValueError(f"load_state_dict: '{key}' has shape {a.shape}, the net has {tuple(shape)}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"load_state_dict: '{key}' holds {np.count_nonzero(~np.isfinite(a))} non-finite value(s)")
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(out).all():
-        raise ValueError(f"load_state_dict: '{key}' holds values beyond float32's range (largest magnitude "
-                         f"{float(np.abs(a).max()):g})")
-    return out
+    from .checkpoint import finite_float32
+
+    return finite_float32(a, f"load_state_dict: '{key}'")
 
 
 def _int_scalar(key, value, hi):

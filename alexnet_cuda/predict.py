@@ -27,8 +27,7 @@ def _main(argv):
     from .checkpoint import atomic_write
     from .data import Augmenter, average_ten_crops
     from .evaluate import net_from_checkpoint
-    from .features import image_files
-    from .prepare import load_image
+    from .features import image_batches, image_files
 
     p = OneLineParser(prog="python -m alexnet_cuda.predict", description="Top classes of images under a checkpoint.")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file, or a run folder (its newest checkpoint)")
@@ -51,21 +50,8 @@ def _main(argv):
         raise ValueError(f"{a.checkpoint} holds no mean image")
     augment = Augmenter(extra["mean"], crop)
     top = min(a.top, len(classes))
-    files = image_files(a.images)
     results, errors = [], []
-    for start in range(0, len(files), a.batch_size):
-        paths, imgs = [], []
-        for path in files[start:start + a.batch_size]:
-            try:
-                imgs.append(load_image(path, size))
-                paths.append(path)
-            except Exception as e:  # noqa: BLE001 - one bad file is reported, the rest go on
-                msg = ' '.join(str(e).split()) or type(e).__name__
-                errors.append({"path": path, "error": msg})
-                print(f"alexnet_cuda.predict: error: cannot read {path}: {msg}", file=sys.stderr)
-        if not imgs:
-            continue
-        batch = np.stack(imgs)
+    for paths, batch in image_batches(image_files(a.images), size, a.batch_size, "alexnet_cuda.predict", errors):
         if a.ten_crop:
             probs = average_ten_crops([net.forward(v, probs=True) for v in augment.ten_crops(batch)])
         else:
