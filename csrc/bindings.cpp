@@ -243,7 +243,9 @@ std::vector<int32_t> labels_arg(const py::handle& obj, int n, int classes, const
     std::vector<int32_t> out(static_cast<size_t>(n));
     if (n == 0) return out;
     py::module_ np = py::module_::import("numpy");
-    py::object bad = np.attr("flatnonzero")((a < py::int_(0)) | (a >= py::int_(classes)));
+    // NumPy compares any integer dtype with a Python int exactly (pybind11's `<` would ask for one bool).
+    py::object bad = np.attr("flatnonzero")(
+        np.attr("logical_or")(np.attr("less")(a, py::int_(0)), np.attr("greater_equal")(a, py::int_(classes))));
     if (py::len(bad) > 0) {
         const py::object i = bad[py::int_(0)];
         throw ValueError(where(op, "labels") + "holds " + std::string(py::str(a[i])) + " at " +
