@@ -85,9 +85,11 @@ inline void check_elements(const char* op, const char* arg, const std::vector<in
     if (!over) return;
     const std::string tail = " with 2^31 or more elements (zero-size dimensions counted as 1); the kernels index "
                              "elements with 32-bit integers";
-    if (output)
-        throw ValueError(std::string(op) + ": output '" + output + "' would have shape " + shape_str(shape) + tail +
-                         " (check argument(s) " + arg + ")");
+    if (output) {  // `arg` lists the arguments, quoted: "'input_hw'" or "'x', 'w', 'stride', 'padding'"
+        const bool many = std::string(arg).find(',') != std::string::npos;
+        throw ValueError(std::string(op) + ": argument" + (many ? "s " : " ") + arg + (many ? " give" : " gives") +
+                         " output '" + output + "' the shape " + shape_str(shape) + tail);
+    }
     throw ValueError(where(op, arg) + "has shape " + shape_str(shape) + tail);
 }
 
