@@ -560,14 +560,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("p") = 0.5, py::arg("seed") = 0, py::arg("offset") = 0, "Returns (y, mask).");
     o.def(
         "dropout_backward",
-        [](obj dy, obj mask, obj p) {
+        [](obj dy, obj mask, obj p, obj check_mask) {
             const char* op = "dropout_backward";
             const Tensor tdy = tensor_arg(dy, op, "dy"), tm = tensor_arg(mask, op, "mask");
             const float fp = float_arg(p, op, "p");
+            if (!py::isinstance<py::bool_>(check_mask))
+                throw TypeError(where(op, "check_mask") + "must be a bool, got " + type_name(check_mask));
+            const bool check = check_mask.cast<bool>();
             py::gil_scoped_release r;
-            return ops::dropout_backward(tdy, tm, fp, /*check_mask=*/true);
+            return ops::dropout_backward(tdy, tm, fp, check);
         },
-        py::arg("dy"), py::arg("mask"), py::arg("p") = 0.5, "The mask must hold only 0 and 1.");
+        py::arg("dy"), py::arg("mask"), py::arg("p") = 0.5, py::arg("check_mask") = true,
+        "The mask must hold only 0 and 1 (checked on the host unless check_mask=False, for a mask straight "
+        "from dropout_forward: the check copies a device mask to the host and synchronizes).");
 
     o.def(
         "softmax_cross_entropy_forward",

@@ -105,9 +105,10 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
 // Inverted dropout: returns (y, mask uint8); y = x * mask / (1 - p). Element i's draw is
 // philox(seed, offset + i), so any backend, any launch shape, draws the same mask.
 std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t seed, uint64_t offset);
-// The mask must hold only 0 and 1 (as dropout_forward makes it): any other byte raises ValueError naming
-// 'mask', rather than being read as "keep". `check_mask` copies a device mask to the host for that check;
-// the Net passes false for the masks it drew itself.
+// Contract (validated, not guessed): the mask holds only 0 and 1, as dropout_forward makes it; any other
+// byte raises ValueError naming 'mask'. The check reads the mask on the host (a device mask is copied and
+// the stream synchronized), so callers passing a mask straight from dropout_forward may skip it with
+// check_mask = false (the Net does; Python: check_mask=False); unchecked, both backends keep where the byte is nonzero.
 Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask = true);
 
 // Softmax + cross-entropy on logits (N,C) and int32 labels (N). Returns (loss (N) per sample,
