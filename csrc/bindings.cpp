@@ -8,6 +8,7 @@
 #include <cstring>
 #include <optional>
 #include <sstream>
+#include <type_traits>
 
 #include "checked.h"
 #include "net.h"
@@ -181,11 +182,34 @@ py::array to_numpy(const Tensor& t) {
 template <typename T>
 T cfg_get(const py::dict& d, const char* key) {
     if (!d.contains(key)) throw ValueError(std::string("Net: config is missing '") + key + "'");
-    try {
-        return d[key].cast<T>();
-    } catch (const py::cast_error&) {
-        throw TypeError(std::string("Net: config entry '") + key + "' has the wrong type (" +
-                        std::string(py::str(py::type::of(d[key]))) + ")");
+    const py::object v = d[key];
+    const std::string arg = std::string("config['") + key + "']";
+    // Numbers go through the checked converters: an int beyond int32 or a NaN is named, not mis-typed.
+    if constexpr (std::is_same_v<T, int>) {
+        return int_arg(v, "Net", arg.c_str());
+    } else if constexpr (std::is_same_v<T, float>) {
+        const float f = float_arg(v, "Net", arg.c_str());
+        if (!std::isfinite(f)) throw ValueError(where("Net", arg.c_str()) + "must be finite (and fit a float32)");
+        return f;
+    } else if constexpr (std::is_same_v<T, bool>) {
+        if (py::isinstance<py::bool_>(v) || is_numpy_number(v, "bool_")) return v.cast<bool>();
+        if (py::isinstance<py::int_>(v) || is_numpy_number(v, "integer")) {  // 0 and 1, as a config file may spell them
+            const int64_t i = int64_arg(v, "Net", arg.c_str());
+            if (i == 0 || i == 1) return i == 1;
+        }
+        throw TypeError(where("Net", arg.c_str()) + "must be a bool, got " + std::string(py::repr(v)));
+    } else if constexpr (std::is_same_v<T, std::vector<int>>) {
+        if (py::isinstance<py::str>(v) || !py::isinstance<py::sequence>(v))
+            throw TypeError(where("Net", arg.c_str()) + "must be a list of ints, got " + type_name(v));
+        std::vector<int> out;
+        for (auto item : py::reinterpret_borrow<py::sequence>(v)) out.push_back(int_arg(item, "Net", arg.c_str()));
+        return out;
+    } else {
+        try {
+            return v.cast<T>();
+        } catch (const py::cast_error&) {
+            throw TypeError(std::string("Net: config entry '") + key + "' has the wrong type (" + type_name(v) + ")");
+        }
     }
 }
 
@@ -664,7 +688,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("images"), py::arg("offsets"), py::arg("flips"), py::arg("light"), py::arg("mean"), py::arg("crop"));
 
     py::class_<Net>(m, "Net", "The two-tower AlexNet in C++ (use alexnet_cuda.Net, the Python front, instead).")
-        .def(py::init([](const py::dict& cfg, const std::vector<std::string>& devices, bool shared, uint64_t seed) {
+        .def(py::init([](const py::dict& cfg, const std::vector<std::string>& devices, bool shared, const py::object& seed_obj) {
+                 const uint64_t seed = uint64_arg(seed_obj, "Net", "seed");
                  std::vector<Device> devs;
                  for (const auto& s : devices) devs.push_back(Device::parse(s, "Net", "devices"));
                  NetConfig c = config_from_dict(cfg);
@@ -740,9 +765,16 @@ PYBIND11_MODULE(_C, m) {
             py::arg("state"))
         .def("dropout_key", &Net::dropout_key, py::arg("step"), py::arg("layer"), py::arg("tower"),
              "(seed, offset) of a dropout mask, as ops.dropout_forward takes them.")
-        .def_readwrite("step", &Net::step)
+        .def_property(
+            "step", [](const Net& net) { return net.step; },
+            [](Net& net, const py::object& v) {
+                const int64_t step = int64_arg(v, "Net", "step");
+                if (step < 0) throw ValueError("Net: argument 'step' must be >= 0, got " + std::to_string(step));
+                net.step = step;
+            })
         .def_readwrite("trace", &Net::trace)
-        .def_property("seed", &Net::seed, &Net::set_seed)
+        .def_property("seed", &Net::seed,
+                      [](Net& net, const py::object& v) { net.set_seed(uint64_arg(v, "Net", "seed")); })
         .def_property_readonly("devices",
                                [](const Net& net) {
                                    std::vector<std::string> s;

@@ -419,7 +419,7 @@ def test_net_labels_are_range_checked_in_their_own_dtype(labels, exc, pattern):
 def test_net_rejects_non_finite_init_std_and_config_floats():
     for key, value in (("init_std", float("nan")), ("init_std", float("inf")), ("momentum", float("nan")),
                        ("weight_decay", float("inf")), ("lrn_k", float("nan"))):
-        with pytest.raises(ValueError, match=rf"Net: {key}"):
+        with pytest.raises(ValueError, match=rf"Net: .*{key}.*finite"):
             ax.Net(ax.tiny_config(**{key: value}), devices="cpu")
 
 
@@ -452,3 +452,19 @@ def test_load_state_dict_converts_other_real_dtypes_exactly():
     got = net.state_dict()
     assert np.array_equal(got["conv1.t0.weight"], w.astype(np.float32))
     assert np.array_equal(got["conv1.t0.bias"], np.arange(got["conv1.t0.bias"].size, dtype=np.float32))
+
+
+def test_net_config_sizes_step_and_seed_are_range_checked():
+    with pytest.raises(ValueError, match=r"Net: argument 'config\['input_size'\]' is 1099511627776, outside the int32"):
+        ax.Net(ax.tiny_config(input_size=2**40), devices="cpu")
+    with pytest.raises(ValueError, match=r"Net: conv1 convolution: the padded input .* beyond 2\^31-1"):
+        ax.Net(ax.tiny_config(conv1=dict(kernel=5, stride=1, padding=2**31 - 1)), devices="cpu")
+    with pytest.raises(ValueError, match=r"Net: .*fc6 weight.*2\^31 or more elements"):
+        ax.Net(ax.tiny_config(fc=[2**30, 2]), devices="cpu")
+    with pytest.raises(ValueError, match=r"Net: argument 'seed' is -1"):
+        ax.Net(ax.tiny_config(), devices="cpu", seed=-1)
+    net = _tiny_net()
+    with pytest.raises(ValueError, match=r"Net: argument 'step' must be >= 0"):
+        net.step = -1
+    with pytest.raises(ValueError, match=r"Net: argument 'seed' is 18446744073709551616"):
+        net._net.seed = 2**64  # the core setter (load_state_dict sets it from meta/seed)
