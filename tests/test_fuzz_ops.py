@@ -73,3 +73,60 @@ def test_known_bad_calls(call, outcome, pattern):
     r = fuzz_ops.run_calls([dict(call, id=0, meta={}, seed=1)])[0]
     assert r["outcome"] == outcome, r
     assert re.match(pattern, r.get("detail", "")), r
+
+
+_ARRAY_CHILD = r"""
+import json, sys
+import numpy as np, alexnet_cuda as ax
+rng = np.random.default_rng(int(sys.argv[1]))
+dtypes = ["<f4", ">f4", "<f8", "<f2", "u1", "i1", "<i4", ">i4", "<i8", "<u8", "?", "<c8", "<c16", "U3", "S3", "O",
+          "V4", [("a", "<f4")], [("a", "<f4"), ("b", "u1")], "<M8[s]", "<m8[s]", ("<f4", (2,))]
+net = ax.Net(ax.tiny_config(), devices="cpu", seed=0)
+base = net.state_dict()
+key = "conv1.t0.bias"
+out = []
+for i in range(int(sys.argv[2])):
+    dt = dtypes[int(rng.integers(len(dtypes)))]
+    shape = [tuple(int(d) for d in rng.integers(0, 4, int(rng.integers(0, 4)))), base[key].shape][int(rng.integers(2))]
+    a = np.zeros(shape, dtype=dt)
+    if a.dtype.kind in "fiu" and a.size:
+        a[...] = rng.integers(-3, 4, a.shape)
+    if rng.random() < 0.3 and a.ndim >= 1 and a.shape[-1] > 1:
+        a = a[..., ::2]  # not contiguous
+    try:
+        t = ax.from_numpy(a)
+        ok = t.numpy().dtype == a.dtype and np.array_equal(t.numpy(), a)
+        out.append(["from_numpy", str(a.dtype), "ok" if ok else "WRONG"])
+    except (TypeError, ValueError) as e:
+        out.append(["from_numpy", str(a.dtype), "rejected" if str(e).startswith("from_numpy: argument") else "BAD " + str(e)])
+    sd = dict(base)
+    sd[key] = a
+    try:
+        net.load_state_dict(sd)
+        got = net.state_dict()[key]
+        ok = a.shape == got.shape and np.array_equal(got, a.astype(np.float32))
+        out.append(["load_state_dict", str(a.dtype), "ok" if ok else "WRONG"])
+    except (TypeError, ValueError) as e:
+        good = str(e).startswith("load_state_dict: entry '" + key + "'")
+        out.append(["load_state_dict", str(a.dtype), "rejected" if good else "BAD " + str(e)])
+print(json.dumps(out))
+"""
+
+
+def test_arrays_of_every_dtype_are_converted_exactly_or_refused():
+    """from_numpy and load_state_dict given arrays of every NumPy dtype kind (strings, bytes, objects,
+    structured, complex, datetime, other byte order, non-contiguous, zero-size): each is refused with a
+    named error or converted exactly, in a child process (these used to crash the interpreter)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _ARRAY_CHILD, str(SEED), "300"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, f"exit status {p.returncode}: {p.stderr[-2000:]}"
+    results = json.loads(p.stdout)
+    bad = [r for r in results if r[2] not in ("ok", "rejected")]
+    assert not bad, bad[:10]
+    # Both answers occur for both entry points, and a valid float32 state entry always loads.
+    assert {("from_numpy", "ok"), ("from_numpy", "rejected"), ("load_state_dict", "ok"),
+            ("load_state_dict", "rejected")} <= {(r[0], r[2]) for r in results}
+    assert all(r[2] == "rejected" for r in results if r[1] in ("<U3", "|S3", "object", "complex64"))
