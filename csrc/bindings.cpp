@@ -27,8 +27,9 @@ std::string where(const char* op, const char* arg) { return std::string(op) + ":
 std::string type_name(const py::handle& v) { return py::str(py::type::of(v).attr("__name__")); }
 
 bool is_numpy_number(const py::handle& v, const char* kind) {
-    static py::object np = py::module_::import("numpy");
-    return py::isinstance(v, np.attr(kind));
+    // Leaked on purpose: a static py::object would be released after the interpreter is finalized.
+    static py::object* np = new py::object(py::module_::import("numpy"));
+    return py::isinstance(v, np->attr(kind));
 }
 
 // A Python or NumPy integer (not a bool) as int64, or TypeError/ValueError naming op and arg.

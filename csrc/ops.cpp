@@ -189,10 +189,6 @@ Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, i
     auto p = conv_params(op, x.size(0), C, x.size(2), x.size(3), dy.size(1), C / groups, R, S, sh, sw, ph, pw, groups);
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
     Tensor dw = new_output(op, "dw", "'dy', 'kernel'", {p.K, p.C / groups, p.R, p.S}, DType::f32, x);
-    if (p.N == 0) {  // an empty batch: the sum over it is zero (no backend sees a zero-length reduction)
-        dw.fill_zero();
-        return dw;
-    }
     AX_DISPATCH(x.device(), conv2d_backward_weight, p, x.data<float>(), dy.data<float>(), dw.data<float>());
     return dw;
 }
@@ -204,11 +200,7 @@ Tensor conv2d_backward_bias(const Tensor& dy) {
     p.N = dim_int(op, "dy", dy, 0); p.K = dim_int(op, "dy", dy, 1);
     p.P = dim_int(op, "dy", dy, 2); p.Q = dim_int(op, "dy", dy, 3);
     Tensor db = new_output(op, "db", "'dy'", {p.K}, DType::f32, dy);
-    if (db.numel() == 0) return db;
-    if (dy.numel() == 0) {
-        db.fill_zero();
-        return db;
-    }
+    if (db.numel() == 0) return db;  // an empty dy with K > 0 still reaches the backend: db is zeros there
     AX_DISPATCH(dy.device(), conv2d_backward_bias, p, dy.data<float>(), db.data<float>());
     return db;
 }
@@ -266,10 +258,6 @@ Tensor linear_backward_weight(const Tensor& x, const Tensor& dy) {
         throw ValueError(arg_prefix(op, "dy") + "has batch " + std::to_string(dy.size(0)) + " but x has " +
                          std::to_string(p.N));
     Tensor dw = new_output(op, "dw", "'x', 'dy'", {p.O, p.I}, DType::f32, x);
-    if (p.N == 0) {
-        dw.fill_zero();
-        return dw;
-    }
     AX_DISPATCH(x.device(), linear_backward_weight, p, x.data<float>(), dy.data<float>(), dw.data<float>());
     return dw;
 }
@@ -280,10 +268,6 @@ Tensor linear_backward_bias(const Tensor& dy) {
     LinearParams p{dim_int(op, "dy", dy, 0), 0, dim_int(op, "dy", dy, 1)};
     Tensor db = new_output(op, "db", "'dy'", {p.O}, DType::f32, dy);
     if (db.numel() == 0) return db;
-    if (p.N == 0) {
-        db.fill_zero();
-        return db;
-    }
     AX_DISPATCH(dy.device(), linear_backward_bias, p, dy.data<float>(), db.data<float>());
     return db;
 }

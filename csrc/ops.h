@@ -10,7 +10,7 @@
 // than 2^31 elements (zero-size dimensions counted as 1), every padded extent H + 2*pad is below 2^31, and
 // all of it is computed in overflow-checked 64-bit arithmetic, because the CUDA kernels index with int32.
 // A size beyond that raises ValueError naming the op and the argument, before anything is allocated.
-// Empty batches (N = 0) are allowed and give empty outputs (or zero gradients for weights and biases);
+// Empty batches (N = 0) are allowed: empty outputs launch nothing, weight and bias gradients come out zero;
 // a zero-size spatial or channel dimension is rejected where it would leave nothing to compute from
 // (conv x's C, H, W and w's dims; linear w's dims; pooling's H, W, since an empty plane has no maximum).
 // Failure to allocate an output raises MemoryError naming the op.
