@@ -281,8 +281,8 @@ std::vector<int32_t> labels_arg(const py::handle& obj, int n, int classes, const
     return out;
 }
 
-// One state-dict entry as a host float32 tensor of the shape `want`. The dtype is checked first (a real
-// array only: float or integer, not str, bytes, object, structured or complex), then the shape, and only
+// One state-dict entry as a host float32 tensor of the shape `want`. The dtype is checked first (floating
+// point only: not str, bytes, object, structured, complex, bool or integer), then the shape, and only
 // then is the buffer read, through NumPy's own conversion to exactly the dtype being read. Values must be
 // finite in float32: a float64 beyond float32's range is an error, not inf.
 Tensor state_entry(const std::string& name, const py::handle& obj, const std::vector<int64_t>& want) {
@@ -290,9 +290,8 @@ Tensor state_entry(const std::string& name, const py::handle& obj, const std::ve
     if (!py::isinstance<py::array>(obj))
         throw TypeError(where_ + "must be a numpy.ndarray, got " + type_name(obj));
     py::array a = py::reinterpret_borrow<py::array>(obj);
-    const char k = a.dtype().kind();
-    if (a.dtype().has_fields() || (k != 'f' && k != 'i' && k != 'u'))
-        throw TypeError(where_ + "has dtype " + dtype_str(a) + "; expected a float or integer array");
+    if (a.dtype().has_fields() || a.dtype().kind() != 'f')
+        throw TypeError(where_ + "has dtype " + dtype_str(a) + "; expected a floating-point array");
     const std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
     if (shape != want)
         throw ValueError(where_ + "has shape " + checked::shape_str(shape) + ", the net has " + checked::shape_str(want));

@@ -315,13 +315,23 @@ CHILD_CASES = [
      r"RAISED ValueError slice_channels: argument 'c1' is 18446744073709551616"),
 ]
 for _dt in ("'<U3'", "'S3'", "[('a', '<f4'), ('b', '<i8')]", "object"):
+    _name = _dt.strip(chr(39))[:6]
+    # Through the Python front (which checks entries itself) and straight into the core, whose own checks
+    # are what keeps a crafted checkpoint from reaching memory as the wrong type.
     CHILD_CASES.append((
-        f"load_state_dict_dtype_{_dt.strip(chr(39))[:6]}",
+        f"load_state_dict_dtype_{_name}",
         "net = ax.Net(ax.tiny_config(), devices='cpu', seed=0)\n"
         "sd = net.state_dict(); k = 'conv1.t0.weight'\n"
         f"sd[k] = np.zeros(sd[k].shape, {_dt})\n"
         "expect(TypeError, lambda: net.load_state_dict(sd))",
-        r"RAISED TypeError load_state_dict: entry 'conv1.t0.weight' has dtype .*expected a float or integer array"))
+        r"RAISED TypeError load_state_dict: .*'conv1.t0.weight' has dtype "))
+    CHILD_CASES.append((
+        f"core_load_state_dtype_{_name}",
+        "net = ax.Net(ax.tiny_config(), devices='cpu', seed=0)\n"
+        "sd = dict(net._net.state()); k = 'conv1.t0.weight'\n"
+        f"sd[k] = np.zeros(sd[k].shape, {_dt})\n"
+        "expect(TypeError, lambda: net._net.load_state(sd))",
+        r"RAISED TypeError load_state_dict: entry 'conv1.t0.weight' has dtype .*expected a floating-point array"))
 
 
 def _run_child(code):
@@ -416,55 +426,70 @@ def test_net_labels_are_range_checked_in_their_own_dtype(labels, exc, pattern):
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing was trained
 
 
+def _core_net(**over):
+    """The C++ Net built from a config dict directly (the Python front validates configs too; this checks
+    that the core does not rely on it)."""
+    cfg = dict(ax.tiny_config())
+    cfg.update(over)
+    return ax._C.Net(cfg, ["cpu", "cpu"], False, 0)
+
+
 def test_net_rejects_non_finite_init_std_and_config_floats():
     for key, value in (("init_std", float("nan")), ("init_std", float("inf")), ("momentum", float("nan")),
-                       ("weight_decay", float("inf")), ("lrn_k", float("nan"))):
+                       ("weight_decay", float("inf")), ("lrn_k", float("nan")), ("init_std", 1e300)):
         with pytest.raises(ValueError, match=rf"Net: .*{key}.*finite"):
-            ax.Net(ax.tiny_config(**{key: value}), devices="cpu")
+            _core_net(**{key: value})
+    with pytest.raises(ValueError, match=r"Net: init_std must be finite and >= 0, got -1"):
+        _core_net(init_std=-1.0)
 
 
 @pytest.mark.parametrize("make,exc,pattern", [
-    (lambda s: np.full(s, 1e300), ValueError, r"entry 'conv1.t0.weight' holds 1e\+300 at flat index 0, which is not"),
-    (lambda s: np.full(s, np.nan, np.float32), ValueError, r"entry 'conv1.t0.weight' holds nan"),
-    (lambda s: np.zeros(s, np.complex64), TypeError, r"entry 'conv1.t0.weight' has dtype complex64"),
-    (lambda s: np.zeros(s, bool), TypeError, r"entry 'conv1.t0.weight' has dtype bool"),
-    (lambda s: np.zeros(s[:-1], np.float32), ValueError, r"entry 'conv1.t0.weight' has shape .*, the net has"),
-    (lambda s: [[0.0]], TypeError, r"entry 'conv1.t0.weight' must be a numpy.ndarray"),
+    (lambda s: np.full(s, 1e300), ValueError, r"holds 1e\+300 at flat index 0, which is not a finite float32"),
+    (lambda s: np.full(s, np.nan, np.float32), ValueError, r"holds nan at flat index 0"),
+    (lambda s: np.zeros(s, np.complex64), TypeError, r"has dtype complex64"),
+    (lambda s: np.zeros(s, bool), TypeError, r"has dtype bool"),
+    (lambda s: np.zeros(s, np.int32), TypeError, r"has dtype int32"),
+    (lambda s: np.zeros(s[:-1], np.float32), ValueError, r"has shape .*, the net has"),
+    (lambda s: [[0.0]], TypeError, r"must be a numpy.ndarray"),
 ])
-def test_load_state_dict_rejects_bad_arrays_before_reading_them(make, exc, pattern):
+def test_core_load_state_rejects_bad_arrays_before_reading_them(make, exc, pattern):
     net = _tiny_net()
-    sd = net.state_dict()
+    sd = dict(net._net.state())
     before = sd["conv1.t0.weight"].copy()
     sd["conv1.t0.weight"] = make(before.shape)
-    with pytest.raises(exc, match=pattern):
-        net.load_state_dict(sd)
-    assert np.array_equal(net.state_dict()["conv1.t0.weight"], before)  # nothing was loaded
+    with pytest.raises(exc, match=r"load_state_dict: entry 'conv1.t0.weight' " + pattern):
+        net._net.load_state(sd)
+    assert np.array_equal(dict(net._net.state())["conv1.t0.weight"], before)  # nothing was loaded
+    sd = dict(net._net.state())
+    sd[7] = sd.pop("conv1.t0.weight")
+    with pytest.raises(TypeError, match=r"load_state_dict: key 7 is not a str"):
+        net._net.load_state(sd)
 
 
-def test_load_state_dict_converts_other_real_dtypes_exactly():
+def test_core_load_state_converts_other_float_dtypes_exactly():
     net = _tiny_net()
-    sd = net.state_dict()
+    sd = dict(net._net.state())
     rng = np.random.default_rng(5)
-    w = rng.standard_normal(sd["conv1.t0.weight"].shape)
-    sd["conv1.t0.weight"] = w  # float64
-    sd["conv1.t0.bias"] = np.arange(sd["conv1.t0.bias"].size, dtype=np.int16)
-    net.load_state_dict(sd)
-    got = net.state_dict()
+    w = rng.standard_normal(sd["conv1.t0.weight"].shape)  # float64
+    b = rng.standard_normal(sd["conv1.t0.bias"].shape).astype(">f2")  # half, other byte order
+    sd["conv1.t0.weight"], sd["conv1.t0.bias"] = w, b
+    net._net.load_state(sd)
+    got = dict(net._net.state())
     assert np.array_equal(got["conv1.t0.weight"], w.astype(np.float32))
-    assert np.array_equal(got["conv1.t0.bias"], np.arange(got["conv1.t0.bias"].size, dtype=np.float32))
+    assert np.array_equal(got["conv1.t0.bias"], b.astype(np.float32))
 
 
 def test_net_config_sizes_step_and_seed_are_range_checked():
     with pytest.raises(ValueError, match=r"Net: argument 'config\['input_size'\]' is 1099511627776, outside the int32"):
-        ax.Net(ax.tiny_config(input_size=2**40), devices="cpu")
+        _core_net(input_size=2**40)
     with pytest.raises(ValueError, match=r"Net: conv1 convolution: the padded input .* beyond 2\^31-1"):
-        ax.Net(ax.tiny_config(conv1=dict(kernel=5, stride=1, padding=2**31 - 1)), devices="cpu")
+        _core_net(conv1=dict(kernel=5, stride=1, padding=2**31 - 1))
     with pytest.raises(ValueError, match=r"Net: .*fc6 weight.*2\^31 or more elements"):
-        ax.Net(ax.tiny_config(fc=[2**30, 2]), devices="cpu")
+        _core_net(fc=[2**30, 2])
     with pytest.raises(ValueError, match=r"Net: argument 'seed' is -1"):
-        ax.Net(ax.tiny_config(), devices="cpu", seed=-1)
+        ax._C.Net(dict(ax.tiny_config()), ["cpu", "cpu"], False, -1)
     net = _tiny_net()
     with pytest.raises(ValueError, match=r"Net: argument 'step' must be >= 0"):
-        net.step = -1
+        net._net.step = -1
     with pytest.raises(ValueError, match=r"Net: argument 'seed' is 18446744073709551616"):
-        net._net.seed = 2**64  # the core setter (load_state_dict sets it from meta/seed)
+        net._net.seed = 2**64
