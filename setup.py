@@ -2,10 +2,13 @@
 
 Environment:
   ALEXNET_CUDA        AUTO (default: build the CUDA backend when nvcc is found), ON (fail without nvcc), OFF
-  ALEXNET_CUDA_ARCHS  CMake CUDA architectures, default "90" (Hopper SASS + PTX)
+  ALEXNET_CUDA_ARCHS  CMake CUDA architectures, e.g. "86" or "80;90"; else CMake's CUDAARCHS; else SASS for
+                      the common GPUs this nvcc supports (sm_75 ... sm_120) and PTX for sm_75
   CMAKE_BUILD_PARALLEL_LEVEL  compile jobs (default: all cores)
 """
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,23 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# One version, in alexnet_cuda/_version.py (read as text: the package cannot be imported before it is built).
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "alexnet_cuda" / "_version.py").read_text()).group(1)
+
+
+def drop_stale_cmake_cache(build_temp: Path) -> None:
+    """A CMakeCache.txt left by an earlier build whose tools are gone (pip's isolated build environment, with
+    its cmake and ninja, is deleted after each build) makes the next configure fail: start that cache afresh."""
+    cache = build_temp / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    tools = re.findall(r"^(?:CMAKE_MAKE_PROGRAM|CMAKE_COMMAND|CMAKE_CXX_COMPILER|CMAKE_CUDA_COMPILER):[A-Z]+=(.+)$",
+                       cache.read_text(errors="replace"), re.M)
+    if all(Path(t.strip()).exists() for t in tools if t.strip() and not t.strip().endswith("-NOTFOUND")):
+        return
+    print(f"setup.py: {cache} names tools that no longer exist (an earlier isolated build): reconfiguring")
+    cache.unlink()
+    shutil.rmtree(build_temp / "CMakeFiles", ignore_errors=True)
 
 
 class CMakeExtension(Extension):
@@ -28,6 +48,7 @@ class CMakeBuild(build_ext):
         extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_temp = Path(self.build_temp) / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
+        drop_stale_cmake_cache(build_temp)
         cuda = os.environ.get("ALEXNET_CUDA", "AUTO").upper()
         if cuda not in ("AUTO", "ON", "OFF"):
             raise SystemExit(f"setup.py: ALEXNET_CUDA must be AUTO, ON or OFF, got {cuda!r}")
@@ -50,19 +71,41 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", "."], cwd=build_temp, check=True, env=env)
 
 
-setup(
-    name="alexnet_cuda",
-    version="0.1.0",
-    description="From-scratch CUDA kernels and a two-tower model-parallel trainer for the 2012 AlexNet",
-    packages=["alexnet_cuda"],
-    python_requires=">=3.9",
-    install_requires=["numpy", "pillow"],
-    extras_require={
-        "test": ["pytest"],
-        "progress": ["tqdm"],
-        "plot": ["matplotlib"],
-    },
-    ext_modules=[CMakeExtension("alexnet_cuda._C")],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+# Guarded so that tests can import drop_stale_cmake_cache; pip and `python setup.py` run this file as __main__.
+if __name__ == "__main__":
+    setup(
+        name="alexnet_cuda",
+        version=VERSION,
+        description="From-scratch CUDA kernels and a two-tower model-parallel trainer for the 2012 AlexNet",
+        long_description=(ROOT / "README.md").read_text(),
+        long_description_content_type="text/markdown",
+        license="MIT",
+        license_files=["LICENSE"],
+        classifiers=[
+            "Programming Language :: Python :: 3",
+            "Programming Language :: C++",
+            "Environment :: GPU :: NVIDIA CUDA",
+            "Operating System :: POSIX :: Linux",
+            "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        ],
+        packages=["alexnet_cuda"],
+        python_requires=">=3.9",
+        entry_points={
+            "console_scripts": [
+                "alexnet-train = alexnet_cuda.train:main",
+                "alexnet-prepare = alexnet_cuda.prepare:main",
+                "alexnet-evaluate = alexnet_cuda.evaluate:main",
+                "alexnet-predict = alexnet_cuda.predict:main",
+            ]
+        },
+        install_requires=["numpy", "pillow"],
+        extras_require={
+            # cuobjdump reads the SASS for benchmarks/model.py (its tests skip the SASS check without it)
+            "test": ["pytest", "nvidia-cuda-cuobjdump; platform_system == 'Linux'"],
+            "progress": ["tqdm"],
+            "plot": ["matplotlib"],
+        },
+        ext_modules=[CMakeExtension("alexnet_cuda._C")],
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )

@@ -23,4 +23,4 @@ from ._C import (  # noqa: F401
 from .config import NET_DEFAULTS, TRAIN_DEFAULTS, alexnet_config, tiny_config  # noqa: E402,F401
 from .net import Net  # noqa: E402,F401
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401

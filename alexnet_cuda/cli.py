@@ -1,5 +1,5 @@
 """Shared command-line plumbing: an argument parser whose errors are one line, a main() wrapper that turns
-ValueError/OSError into one line on stderr and a non-zero exit (never a traceback), and device parsing.
+ValueError/TypeError/OSError (the library's errors for bad input) into one line on stderr and a non-zero exit (never a traceback), and device parsing.
 
 Set ALEXNET_CUDA_TRACEBACK=1 to get the full traceback instead (for debugging the tools themselves)."""
 import argparse
@@ -39,7 +39,7 @@ def run_main(prog, fn, argv=None):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.code
-    except (ValueError, OSError) as e:
+    except (ValueError, TypeError, OSError) as e:
         if debug:
             raise
         msg = str(e) or type(e).__name__
@@ -65,6 +65,16 @@ def nonneg_int(text):
     v = int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+MAX_SEED = 2 ** 64 - 1  # the net keys its dropout masks with a uint64 seed
+
+
+def seed_int(text):
+    v = int(text)
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED} (64 bits), got {text}")
     return v
 
 

@@ -27,7 +27,9 @@ AUGMENT_STREAM = 1  # Generator key (seed, AUGMENT_STREAM, epoch, batch): offset
 
 
 class PreparedData:
-    """A finished prepared folder: classes, mean image (float32 (3, S, S), 0..255), PCA, splits."""
+    """A finished prepared folder: classes, mean image (float32 (3, S, S), 0..255), PCA, splits. What it
+    reads is checked (ValueError naming the folder): meta.json's fields, file names that stay in the folder,
+    a finite mean image of the right shape, integer labels within the class list."""
 
     def __init__(self, root):
         from .prepare import COMPLETE, FORMAT, VERSION
@@ -45,18 +47,41 @@ class PreparedData:
                 self.classes = list(json.load(f))
         except (OSError, ValueError) as e:
             raise ValueError(f"{root}: cannot read its metadata ({e})") from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(f"{root}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            ver = meta.get("version") if isinstance(meta, dict) else None
+            raise ValueError(f"{root}: unknown format {fmt!r} version {ver!r}")
         self.meta = meta
-        self.size = int(meta["size"])
-        self.mean = np.ascontiguousarray(np.load(os.path.join(root, meta["mean"])), dtype=np.float32)
+        try:
+            self._load(root, meta)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a damaged or crafted meta.json
+            raise ValueError(f"{root}: malformed meta.json ({type(e).__name__}: {e})"[:300]) from None
+
+    def _load(self, root, meta):
+        from .prepare import MAX_SIZE
+
+        size = meta["size"]
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_SIZE:
+            raise ValueError(f"{root}: meta.json size must be an integer in 1..{MAX_SIZE}, got {size!r}"[:200])
+        self.size = size
+        self.mean = np.ascontiguousarray(np.load(_inside(root, meta["mean"])), dtype=np.float32)
         if self.mean.shape != (3, self.size, self.size):
             raise ValueError(f"{root}: mean image has shape {self.mean.shape}, expected (3, {self.size}, {self.size})")
+        if not np.isfinite(self.mean).all():
+            raise ValueError(f"{root}: mean image holds non-finite values")
         pca = meta["pca"]
         self.pca_eigenvalues = np.asarray(pca["eigenvalues"], np.float64)
         self.pca_eigenvectors = np.asarray(pca["eigenvectors"], np.float64)  # column i is p_i
         self.pca_std = np.asarray(pca["std"], np.float64)
+        if self.pca_eigenvalues.shape != (3,) or self.pca_eigenvectors.shape != (3, 3) or self.pca_std.shape != (3,) \
+                or not all(np.isfinite(a).all() for a in (self.pca_eigenvalues, self.pca_eigenvectors, self.pca_std)):
+            raise ValueError(f"{root}: meta.json pca must hold 3 finite eigenvalues, a 3x3 eigenvector matrix "
+                             "and 3 standard deviations")
         self.splits = {name: Split(root, shards, self.size) for name, shards in meta["shards"].items()}
+        for name, split in self.splits.items():
+            if len(split) and (split.labels.min() < 0 or split.labels.max() >= len(self.classes)):
+                raise ValueError(f"{root}: the {name} labels must be in 0..{len(self.classes) - 1} (one per class in "
+                                 f"classes.json), found {int(split.labels.min())}..{int(split.labels.max())}")
 
     @property
     def num_classes(self):
@@ -105,6 +130,13 @@ def _open_file_budget():
         return 256
 
 
+def _inside(root, name):
+    """A file named by meta.json: a plain name in the prepared folder (no path may lead out of it)."""
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        raise ValueError(f"{root}: meta.json names the file {name!r}; expected a plain file name in the folder"[:200])
+    return os.path.join(root, name)
+
+
 class Split:
     """The images of one split as memory-mapped shards; images(indices) gathers uint8 (n, S, S, 3).
     Shards are mapped on first use and kept mapped (least recently used ones are closed beyond the
@@ -117,13 +149,19 @@ class Split:
         self._paths, starts, labels = [], [], []
         total = 0
         for sh in shards:
-            n = int(sh["count"])
+            n = sh["count"]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"{root}: meta.json shard count must be an integer >= 0, got {n!r}"[:200])
             if n == 0:
                 continue
-            lab = np.load(os.path.join(root, sh["labels"]))
+            lab = np.load(_inside(root, sh["labels"]))
+            if lab.dtype.kind not in "iu":
+                raise ValueError(f"{root}: {sh['labels']} holds {lab.dtype} labels, expected integers")
+            if lab.size and (int(lab.min()) < 0 or int(lab.max()) > 2 ** 31 - 1):  # before the int32 cast wraps them
+                raise ValueError(f"{root}: {sh['labels']} holds labels outside 0..{2 ** 31 - 1}")
             if lab.shape != (n,):
                 raise ValueError(f"{root}: {sh['labels']} has shape {lab.shape}, expected ({n},)")
-            self._paths.append((os.path.join(root, sh["images"]), n))
+            self._paths.append((_inside(root, sh["images"]), n))
             starts.append(total)
             labels.append(lab.astype(np.int32))
             total += n

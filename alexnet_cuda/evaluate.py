@@ -2,14 +2,16 @@
 
 Prints top-1 and top-5 error with the center crop and with the paper's ten crops (four corners, center
 and their mirrors; softmax outputs averaged). CKPT may be a checkpoint file or a run folder (its newest
-checkpoint). The data folder defaults to the one the checkpoint was trained on; the mean image and crop
-size come from the checkpoint."""
+checkpoint that loads; damaged newer ones are skipped with a note on stderr). The checkpoint is fully
+checked before use (see alexnet_cuda.checkpoint): a damaged or crafted file is one line on stderr and exit
+status 1. The data folder defaults to the one the checkpoint was trained on; the mean image and crop size
+come from the checkpoint."""
 import os
 import sys
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .cli import OneLineParser, default_devices, nonneg_int, parse_devices, positive_int, run_main
 from .progress import progress_bar
 
@@ -34,14 +36,18 @@ def build_net(cfg, devices, seed):
     return net_class()(cfg, devices=devices, seed=int(seed))
 
 
-def net_from_checkpoint(path, devices=None):
+def net_from_checkpoint(path, devices=None, warn=None):
     """(net with the checkpoint's parameters, meta, extra arrays). devices: a --devices string or None
-    (None: the best this machine has)."""
-    meta, state, extra = load_checkpoint(path)
+    (None: the best this machine has). warn: told about damaged checkpoints skipped in a run folder.
+    CheckpointError (naming the file) if the file, its metadata or its arrays do not pass the checks."""
+    meta, state, extra = load_checkpoint(path, warn=warn)
     cfg = net_config(meta["config"])
     dev = parse_devices(devices, cfg["towers"]) if devices else default_devices(cfg["towers"])
     net = build_net(cfg, dev, meta["train"]["seed"])
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{meta['path']}: {e}") from None
     return net, meta, extra
 
 
@@ -101,6 +107,10 @@ def evaluate_ten_crop(net, loader, bar=None):
     return {"top1_err": 1 - top1 / n, "top5_err": 1 - top5 / n, "n": n}
 
 
+def _note(message):
+    print(f"alexnet_cuda.evaluate: {message}", file=sys.stderr)
+
+
 def main(argv=None):
     return run_main("alexnet_cuda.evaluate", _main, argv)
 
@@ -121,7 +131,7 @@ def _main(argv):
     a = p.parse_args(argv)
     if not os.path.exists(a.checkpoint):
         raise ValueError(f"checkpoint {a.checkpoint} does not exist")
-    net, meta, extra = net_from_checkpoint(a.checkpoint, a.devices)
+    net, meta, extra = net_from_checkpoint(a.checkpoint, a.devices, warn=_note)
     data = open_data(meta, a.data)
     crop = int(meta["crop"])
     if "mean" in extra:

@@ -1,6 +1,8 @@
 """The Python front of the C++ two-tower AlexNet (csrc/net.cpp): config handling, device specs, state
 dicts for checkpoints, and the step timeline as a Chrome trace."""
 import json
+import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -49,6 +51,8 @@ class Net:
         towers = self.config["towers"]
         if not isinstance(towers, int) or towers < 1:
             raise ValueError(f"Net: config 'towers' must be a positive int, got {towers!r}")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= int(seed) < 2 ** 64:
+            raise ValueError(f"Net: argument 'seed' must be an integer in 0..{2 ** 64 - 1}, got {seed!r}"[:200])
         self.devices, self.shared = parse_devices(devices, towers)
         cfg = dict(self.config)
         cfg["channels"] = list(cfg["channels"])
@@ -78,6 +82,12 @@ class Net:
     def forward(self, images, probs=False):
         """Inference (no dropout): logits, or softmax probabilities, as (N, num_classes) float32."""
         return self._net.forward(self._images(images, "forward"), bool(probs))
+
+    def features(self, images, layer="fc7"):
+        """Inference (no dropout): the output of the named layer ("conv1".."conv5" after their ReLU, LRN and
+        pooling, "fc6"/"fc7" after ReLU, "fc8" the logits), both towers' parts concatenated in tower order:
+        (N, C, H, W) or (N, F) float32. fc7 is the 4096-d space of the paper's Figure 4."""
+        return self._net.features(self._images(images, "features"), str(layer))
 
     def evaluate(self, images, labels):
         """Inference loss and top-1/top-5 hits: dict(loss, top1, top5, n)."""
@@ -116,15 +126,48 @@ class Net:
         d["meta/seed"] = np.array(self.seed, dtype=np.uint64)
         return d
 
+    def state_shapes(self):
+        """{state_dict key: shape} for every parameter and momentum the config implies (no copies made)."""
+        shapes = {}
+        for L in self.layers():
+            w = (L["out_c"], L["in_c"], L["kernel"], L["kernel"]) if L["kind"] == "conv" else (L["out_c"], L["in_c"])
+            for t in range(self.config["towers"]):
+                shapes[f"{L['name']}.t{t}.weight"] = w
+                shapes[f"{L['name']}.t{t}.bias"] = (L["out_c"],)
+        shapes.update({"momentum/" + k: v for k, v in list(shapes.items())})
+        return shapes
+
     def load_state_dict(self, state):
+        """Load a state_dict (as state_dict() gives). Every entry is checked here before anything reaches
+        C++: the keys are exactly the net's, each parameter is a floating-point array of the shape the config
+        implies with finite values that fit float32 (float64 beyond float32's range is refused, never turned
+        into inf; str, bytes, object, structured and complex arrays are refused); 'meta/step' and 'meta/seed'
+        are non-negative integer scalars. ValueError/TypeError name the entry."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict: argument 'state' must be a dict, got {type(state).__name__}")
         state = dict(state)
         step = state.pop("meta/step", None)
         seed = state.pop("meta/seed", None)
-        self._net.load_state(state)
+        step = None if step is None else _int_scalar("meta/step", step, 2 ** 63 - 1)
+        seed = None if seed is None else _int_scalar("meta/seed", seed, 2 ** 64 - 1)
+        shapes = self.state_shapes()
+        for k in state:
+            if not isinstance(k, str):
+                raise TypeError(f"load_state_dict: keys must be strings, got {k!r}")
+        unexpected = sorted(set(state) - set(shapes))
+        if unexpected:
+            raise ValueError(f"load_state_dict: unexpected entry '{unexpected[0]}'"
+                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        missing = [k for k in shapes if k not in state]
+        if missing:
+            raise ValueError(f"load_state_dict: missing '{missing[0]}'"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        checked = {k: _float32_param(k, state[k], shapes[k]) for k in shapes}
+        self._net.load_state(checked)
         if step is not None:
-            self.step = int(np.asarray(step))
+            self.step = step
         if seed is not None:
-            self._net.seed = int(np.asarray(seed))
+            self._net.seed = seed
 
     # --- scheduler introspection -------------------------------------------------------------------
     def set_tracing(self, on):
@@ -148,6 +191,44 @@ class Net:
             raise ValueError("write_trace: the last step has no timeline; call set_tracing(True) before the step")
         write_chrome_trace(s["timeline"], path, self.executors())
         return s
+
+
+_KINDS = {"U": "str", "S": "bytes", "O": "object", "V": "structured/void", "c": "complex", "b": "bool",
+          "M": "datetime", "m": "timedelta", "i": "integer", "u": "unsigned integer", "f": "floating point"}
+
+
+def _dtype_name(dtype):
+    kind = "structured/void" if dtype.fields is not None or dtype.subdtype is not None else _KINDS.get(dtype.kind, dtype.kind)
+    return f"{dtype} ({kind})"
+
+
+def _float32_param(key, value, shape):
+    a = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if a.dtype.kind != "f" or a.dtype.fields is not None or a.dtype.subdtype is not None:
+        raise TypeError(f"load_state_dict: '{key}' has dtype {_dtype_name(a.dtype)}; expected floating point")
+    if a.shape != tuple(shape):
+        raise ValueError(f"load_state_dict: '{key}' has shape {a.shape}, the net has {tuple(shape)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"load_state_dict: '{key}' holds {np.count_nonzero(~np.isfinite(a))} non-finite value(s)")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise ValueError(f"load_state_dict: '{key}' holds values beyond float32's range (largest magnitude "
+                         f"{float(np.abs(a).max()):g})")
+    return out
+
+
+def _int_scalar(key, value, hi):
+    if isinstance(value, np.ndarray):
+        if value.shape != () or value.dtype.kind not in "iu":
+            raise TypeError(f"load_state_dict: '{key}' must be an integer scalar, got dtype "
+                            f"{_dtype_name(value.dtype)} and shape {value.shape}")
+        value = value.item()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"load_state_dict: '{key}' must be an integer, got {value!r}"[:200])
+    if not 0 <= int(value) <= hi:
+        raise ValueError(f"load_state_dict: '{key}' must be in 0..{hi}, got {int(value)}")
+    return int(value)
 
 
 def _merged(intervals):

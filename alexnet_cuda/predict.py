@@ -3,7 +3,9 @@
 Each image is preprocessed like the training data (shorter side rescaled to the stored size, central
 square, mean image subtracted) and its central crop x crop patch is classified (--ten-crop: the paper's
 ten views, softmax averaged). Prints the top classes with their probabilities per image. An unreadable
-image is reported on stderr and the others are still classified; the exit status is then 1."""
+image, or a path that is not a regular file (a FIFO or device is refused, never read from), is reported on
+stderr and the others are still classified; the exit status is then 1. The checkpoint is fully checked
+first (alexnet_cuda.checkpoint): its class list must name exactly as many classes as the net has outputs."""
 import os
 import sys
 
@@ -31,8 +33,11 @@ def _main(argv):
     a = p.parse_args(argv)
     if not os.path.exists(a.checkpoint):
         raise ValueError(f"checkpoint {a.checkpoint} does not exist")
-    net, meta, extra = net_from_checkpoint(a.checkpoint, a.devices)
+    net, meta, extra = net_from_checkpoint(
+        a.checkpoint, a.devices, warn=lambda m: print(f"alexnet_cuda.predict: {m}", file=sys.stderr))
     classes = list(meta["classes"])
+    if len(classes) != net.config["num_classes"]:  # checked on load; never print misaligned names
+        raise ValueError(f"{meta['path']}: names {len(classes)} classes for {net.config['num_classes']} outputs")
     size, crop = int(meta["data"]["size"]), int(meta["crop"])
     if "mean" not in extra:
         raise ValueError(f"{a.checkpoint} holds no mean image")

@@ -30,18 +30,37 @@ float64, which is exact below 2**53, and the shard sums are combined as Python i
 Interrupted runs resume: rerun the same command and finished shards are kept. A finished DST is never
 overwritten unless --force is given. Unreadable or corrupt files are skipped, counted, and listed in
 report.json and in the summary line; they never stop the run.
+
+Hostile trees:
+- Walking never loops and never leaves SRC: a symlink is followed only if it resolves inside SRC (a class
+  folder, or SRC/train itself, that links outside is an error; a file or folder inside a class that links
+  outside is skipped and listed in report.json), unless --follow-external-symlinks asks for it. A folder
+  reached a second time (a symlink loop, or two links to it) is skipped and listed. FIFOs, devices and
+  sockets are skipped and listed, never opened.
+- Memory per image is bounded: an image over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS,
+  ~89 million pixels) is refused as unreadable; one so elongated that rescaling its shorter side would make
+  the intermediate image more than MAX_RESIZE_FACTOR (16) times size x size pixels is resampled straight
+  from the source region that maps to the central crop (PIL's resize box), so a 1x8000 PNG costs kilobytes,
+  not gigabytes (pixels may then differ by one level from the full-resize path that normal images take).
+- --size is at most MAX_SIZE (2048) and a shard at most MAX_SHARD_BYTES (1 GiB: shard size x size^2 x 3),
+  both said in the error.
+- A decoding worker that dies (killed by a signal, e.g. the out-of-memory killer) stops the run with an
+  error (finished shards are kept), never a hang.
 """
 import hashlib
+import io
 import json
 import os
 import re
 import signal
+import stat
 import sys
 import time
+import warnings
 
 import numpy as np
 
-from .checkpoint import fsync_dir
+from .checkpoint import fsync_dir, open_regular_file
 from .cli import CliError, OneLineParser, nonneg_int, positive_int, run_main
 from .progress import progress_bar
 
@@ -50,6 +69,10 @@ VERSION = 1
 COMPLETE = "COMPLETE"
 PLAN = "plan.json"
 SPLITS = ("train", "val")
+MAX_SIZE = 2048
+MAX_SHARD_BYTES = 2 ** 30
+MAX_RESIZE_FACTOR = 16
+EXTERNAL_FLAG = "--follow-external-symlinks"
 _OURS = re.compile(r"^((train|val)_\d{5,}(_labels\.npy|_stats\.npz|\.npy)|plan\.json|meta\.json|classes\.json|"
                    r"mean\.npy|report\.json|COMPLETE)(\.tmp)?$")
 
@@ -58,14 +81,18 @@ _OURS = re.compile(r"^((train|val)_\d{5,}(_labels\.npy|_stats\.npz|\.npy)|plan\.
 
 def load_image(path, size):
     """Decode an image file to RGB, rescale its shorter side to `size` (bilinear, antialiased) and crop the
-    central size x size patch: uint8 (size, size, 3). Raises on an unreadable or corrupt file."""
+    central size x size patch: uint8 (size, size, 3). Raises on an unreadable or corrupt file, on a path that
+    is not a regular file (never blocking on a FIFO) and on an image over PIL's decompression-bomb limit."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        # JPEG: let the decoder downscale by a power of two while staying >= size on both sides (fast).
-        im.draft("RGB", (size, size))
-        im = im.convert("RGB")
-        return resize_center_crop(im, size)
+    with open_regular_file(path, "image") as f, warnings.catch_warnings():
+        # Above MAX_IMAGE_PIXELS PIL only warns (up to twice that): refuse instead of decoding it.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(f) as im:
+            # JPEG: let the decoder downscale by a power of two while staying >= size on both sides (fast).
+            im.draft("RGB", (size, size))
+            im = im.convert("RGB")
+            return resize_center_crop(im, size)
 
 
 def resize_center_crop(im, size):
@@ -77,10 +104,16 @@ def resize_center_crop(im, size):
         raise ValueError(f"empty image ({w}x{h})")
     scale = size / min(w, h)
     nw, nh = max(size, int(round(w * scale))), max(size, int(round(h * scale)))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
-    im = im.crop((left, top, left + size, top + size))
+    if (nw, nh) != (w, h) and nw * nh > MAX_RESIZE_FACTOR * size * size:
+        # Extreme aspect ratio: resample only the source region that maps to the central crop, so memory
+        # stays size x size (the full intermediate of a 1x8000 image at 256 would be 256 x 2,048,000).
+        box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+        im = im.resize((size, size), Image.BILINEAR, box=box)
+    else:
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.BILINEAR)
+        im = im.crop((left, top, left + size, top + size))
     arr = np.asarray(im, dtype=np.uint8)
     if arr.shape != (size, size, 3):
         raise ValueError(f"decoded to an unexpected shape {arr.shape}")
@@ -89,15 +122,97 @@ def resize_center_crop(im, size):
 
 # ---- scanning the source tree ------------------------------------------------------------------------
 
-def _files_under(folder, rel_to):
-    """Every non-hidden file below `folder`, sorted, as paths relative to `rel_to`; hidden ones separately."""
-    files, hidden = [], []
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            rel = os.path.relpath(os.path.join(root, name), rel_to)
-            (hidden if name.startswith(".") else files).append(rel)
-    return files, hidden
+class _Walker:
+    """Lists a split's files without loops and without leaving SRC (unless follow_external): every symlink
+    is resolved and checked, every folder is entered once (by device and inode), and only regular files
+    are listed. What it skips goes to `ignored` as {"path", "reason"} for report.json."""
+
+    def __init__(self, src, follow_external=False):
+        self.src = src
+        self.real = os.path.realpath(src)
+        self.follow_external = follow_external
+        self.visited = set()
+        self.ignored = []
+
+    def rel(self, path):
+        return os.path.relpath(path, self.src)
+
+    def outside(self, path):
+        """The resolved target if `path` resolves outside SRC (and that is not allowed), else None."""
+        real = os.path.realpath(path)
+        if self.follow_external or os.path.commonpath([self.real, real]) == self.real:
+            return None
+        return real
+
+    def skip(self, path, reason):
+        self.ignored.append({"path": self.rel(path), "reason": reason})
+
+    def files_under(self, folder):
+        """Every non-hidden regular file below `folder`, sorted as os.walk lists them (a folder's files,
+        then its subfolders in name order), as paths relative to SRC; hidden files go to `ignored`."""
+        files = []
+        stack = [folder]
+        while stack:
+            d = stack.pop()
+            try:
+                st = os.stat(d)
+            except OSError as e:
+                self.skip(d, f"unreadable folder ({e.strerror})")
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in self.visited:
+                self.skip(d, "folder already visited (a symlink loop or a second link to it)")
+                continue
+            self.visited.add(key)
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError as e:
+                self.skip(d, f"unreadable folder ({e.strerror})")
+                continue
+            subdirs = []
+            for e in entries:
+                kind = self.kind(e)
+                if kind == "dir":
+                    if not e.name.startswith("."):
+                        subdirs.append(e.path)
+                elif e.name.startswith("."):
+                    self.skip(e.path, "hidden file")
+                elif kind == "file":
+                    files.append(self.rel(e.path))
+                elif kind is not None:
+                    self.skip(e.path, kind)
+            stack.extend(reversed(subdirs))
+        return files
+
+    def kind(self, entry):
+        """'dir', 'file', None (skipped and already reported) or the reason to skip it."""
+        path = entry.path
+        if entry.is_symlink():
+            if not os.path.exists(path):
+                return "broken symlink"
+            real = self.outside(path)
+            if real is not None:
+                if not entry.name.startswith("."):
+                    self.skip(path, f"symlink leaving the source tree (to {real}; {EXTERNAL_FLAG} follows it)")
+                return None
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            return f"unreadable ({e.strerror})"
+        if stat.S_ISDIR(mode):
+            return "dir"
+        if stat.S_ISREG(mode):
+            return "file"
+        return "not a regular file"
+
+    def folder(self, path, what):
+        """A class or split folder must stay inside SRC (else an error naming the flag)."""
+        if os.path.islink(path):
+            real = self.outside(path)
+            if real is not None:
+                raise ValueError(f"{what} {path} is a symlink to {real}, outside the source tree {self.src}; "
+                                 f"pass {EXTERNAL_FLAG} to follow it")
+        return path
 
 
 def _subdirs(folder):
@@ -108,13 +223,17 @@ def _loose_files(folder):
     return sorted(e.name for e in os.scandir(folder) if not e.is_dir() and not e.name.startswith("."))
 
 
+def _open_text(path, what):
+    return io.TextIOWrapper(open_regular_file(path, what), encoding="utf-8")
+
+
 def read_label_file(path, count, classes, label_order=None):
     """Labels for `count` images (sorted file-name order): one per line, an integer (1-based, into
     `label_order` if given, else into the sorted class list) or a class name."""
     order = label_order if label_order is not None else classes
     index = {c: i for i, c in enumerate(classes)}
     labels = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path, "label file") as f:
         for lineno, line in enumerate(f, 1):
             token = line.strip()
             if not token:
@@ -138,13 +257,16 @@ def read_label_file(path, count, classes, label_order=None):
     return labels
 
 
-def scan_source(src, train_dir="train", val_dir="val", val_labels=None, val_label_order=None):
+def scan_source(src, train_dir="train", val_dir="val", val_labels=None, val_label_order=None,
+                follow_external=False):
     """-> classes, {split: [(relative path, label)]}, report dict (empty classes, ignored files)."""
     if not os.path.isdir(src):
         raise ValueError(f"source folder {src} does not exist")
+    walker = _Walker(src, follow_external)
     tdir = os.path.join(src, train_dir)
     if not os.path.isdir(tdir):
         raise ValueError(f"{tdir} not found: SRC must hold {train_dir}/<class>/<image> (an ImageFolder tree)")
+    walker.folder(tdir, "the training folder")
     classes = _subdirs(tdir)
     if not classes:
         raise ValueError(f"{tdir} has no class folders: expected {train_dir}/<class>/<image>")
@@ -153,17 +275,19 @@ def scan_source(src, train_dir="train", val_dir="val", val_labels=None, val_labe
         report["ignored"].append({"path": os.path.join(train_dir, name), "reason": "not in a class folder"})
     splits = {"train": []}
     for label, c in enumerate(classes):
-        files, hidden = _files_under(os.path.join(tdir, c), src)
-        report["ignored"] += [{"path": h, "reason": "hidden file"} for h in hidden]
+        files = walker.files_under(walker.folder(os.path.join(tdir, c), "class folder"))
         if not files:
             report["empty_classes"].append(c)
         splits["train"] += [(f, label) for f in files]
 
     vdir = os.path.join(src, val_dir)
+    walker.visited = set()  # a folder may serve both splits; loops are per split
     if not os.path.isdir(vdir):
         if val_labels:
             raise ValueError(f"--val-labels given but {vdir} does not exist")
+        report["ignored"] += walker.ignored
         return classes, splits, report
+    walker.folder(vdir, "the validation folder")
     index = {c: i for i, c in enumerate(classes)}
     vclasses = _subdirs(vdir)
     loose = _loose_files(vdir)
@@ -175,8 +299,7 @@ def scan_source(src, train_dir="train", val_dir="val", val_labels=None, val_labe
             raise ValueError(f"{vdir} has class folder(s) not among the training classes: {', '.join(unknown[:5])}")
         splits["val"] = []
         for c in vclasses:
-            files, hidden = _files_under(os.path.join(vdir, c), src)
-            report["ignored"] += [{"path": h, "reason": "hidden file"} for h in hidden]
+            files = walker.files_under(walker.folder(os.path.join(vdir, c), "class folder"))
             splits["val"] += [(f, index[c]) for f in files]
         for name in loose:
             report["ignored"].append({"path": os.path.join(val_dir, name), "reason": "not in a class folder"})
@@ -185,12 +308,22 @@ def scan_source(src, train_dir="train", val_dir="val", val_labels=None, val_labe
             raise ValueError(f"{vdir} holds images without class folders: give their labels with --val-labels FILE")
         order = None
         if val_label_order:
-            with open(val_label_order, encoding="utf-8") as f:
+            with _open_text(val_label_order, "label order file") as f:
                 order = [line.split()[0] for line in f if line.strip()]
         labels = read_label_file(val_labels, len(loose), classes, order)
-        splits["val"] = [(os.path.join(val_dir, n), lab) for n, lab in zip(loose, labels)]
+        # The labels count every loose entry; entries that are no image file are dropped with their label.
+        splits["val"] = []
+        wanted = set(loose)
+        entries = sorted((e for e in os.scandir(vdir) if e.name in wanted), key=lambda e: e.name)
+        for e, lab in zip(entries, labels):
+            kind = walker.kind(e)
+            if kind == "file":
+                splits["val"].append((os.path.join(val_dir, e.name), lab))
+            elif kind is not None:
+                walker.skip(e.path, kind)
     elif val_labels:
         raise ValueError(f"--val-labels given but {vdir} is empty")
+    report["ignored"] += walker.ignored
     return classes, splits, report
 
 
@@ -358,10 +491,16 @@ class PixelTotals:
 
 
 def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, val_label_order=None,
-            train_dir="train", val_dir="val", force=False, progress=True, log=print):
+            train_dir="train", val_dir="val", force=False, progress=True, log=print, follow_external_symlinks=False):
     """Prepare SRC into DST (see the module docstring); returns the summary dict. ValueError on bad input."""
     if size < 1 or shard_size < 1:
         raise ValueError("size and shard size must be positive")
+    if size > MAX_SIZE:
+        raise ValueError(f"--size {size} is above the limit of {MAX_SIZE} (the paper uses 256)")
+    if shard_size * size * size * 3 > MAX_SHARD_BYTES:
+        raise ValueError(f"--shard-size {shard_size} at --size {size} makes shards of {shard_size * size * size * 3} "
+                         f"bytes, above the limit of {MAX_SHARD_BYTES}: use --shard-size "
+                         f"{max(1, MAX_SHARD_BYTES // (size * size * 3))} or less")
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     src, dst = os.path.abspath(src), os.path.abspath(dst)
@@ -377,7 +516,8 @@ def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, 
         if any(not n.startswith(".") for n in os.listdir(dst)):
             raise ValueError(f"{dst} is not empty and holds no preparation; choose a new folder (or --force)")
 
-    classes, splits, report = scan_source(src, train_dir, val_dir, val_labels, val_label_order)
+    classes, splits, report = scan_source(src, train_dir, val_dir, val_labels, val_label_order,
+                                          follow_external_symlinks)
     plan = _make_plan(classes, splits, size, shard_size)
     os.makedirs(dst, exist_ok=True)
     plan_path = os.path.join(dst, PLAN)
@@ -476,6 +616,8 @@ def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, 
     write_json("meta.json", meta)
     summary = {"counts": counts, "classes": len(classes), "skipped": len(failures),
                "empty_classes": report["empty_classes"], "no_training_images": no_images,
+               "external_links": sum(i["reason"].startswith("symlink leaving") for i in report["ignored"]),
+               "revisited": sum(i["reason"].startswith("folder already visited") for i in report["ignored"]),
                "seconds": round(time.monotonic() - t0, 1)}
     write_json(COMPLETE, summary)
     fsync_dir(dst)
@@ -483,37 +625,60 @@ def prepare(src, dst, size=256, shard_size=1024, workers=None, val_labels=None, 
 
 
 def _run_pool(tasks, workers, bar, finished):
+    """The shards on a process pool. concurrent.futures, not multiprocessing.Pool: when a worker dies (the
+    OOM killer, a SIGKILL) Pool silently replaces it and waits forever for the lost task, while
+    ProcessPoolExecutor fails every pending task with BrokenProcessPool, which is reported here."""
     import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context()
-    queue = ctx.Queue()
-    pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(queue,))
-    try:
-        pending = [pool.apply_async(process_shard, (t,)) for t in tasks]
-        while pending:
-            try:
-                while True:
-                    bar.update(queue.get(timeout=0.1))
-            except Exception:  # noqa: BLE001 - queue.Empty: nothing new
-                pass
-            still = []
-            for r in pending:
-                if r.ready():
-                    finished(r.get())
-                else:
-                    still.append(r)
-            pending = still
+    ticks = ctx.Queue()
+    ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(ticks,))
+
+    def drain():
         try:
             while True:
-                bar.update(queue.get_nowait())
-        except Exception:  # noqa: BLE001
+                bar.update(ticks.get_nowait())
+        except (queue_mod.Empty, OSError, ValueError):
             pass
-        pool.close()
+
+    try:
+        pending = {ex.submit(process_shard, t): t for t in tasks}
+        while pending:
+            done, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+            drain()
+            for fut in done:
+                split, k = pending.pop(fut)[2:4]
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    raise CliError(f"a decoding worker process died (killed by a signal, e.g. the out-of-memory "
+                                   f"killer); {len(pending) + 1} shard(s) from {split} shard {k} on are not finished, "
+                                   "the finished ones are kept: rerun the same command, with fewer --workers if "
+                                   "memory is short") from None
+                finished(result)
+        drain()
+        ex.shutdown(wait=True)
     except BaseException:
-        pool.terminate()
+        # Stop at once: the workers ignore SIGINT, and shutdown() alone would let each finish its shard.
+        procs = list((getattr(ex, "_processes", None) or {}).values())
+        ex.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            try:
+                proc.terminate()
+            except (OSError, ValueError, AttributeError):
+                pass
+        for proc in procs:
+            try:
+                proc.join(5)
+            except (OSError, ValueError, AssertionError, AttributeError):
+                pass
         raise
     finally:
-        pool.join()
+        ticks.close()
+        ticks.join_thread()
 
 
 def summary_line(dst, s):
@@ -523,6 +688,11 @@ def summary_line(dst, s):
     if s["empty_classes"]:
         names = ", ".join(s["empty_classes"][:5]) + (" ..." if len(s["empty_classes"]) > 5 else "")
         parts.append(f"{len(s['empty_classes'])} empty class folder(s) kept: {names}")
+    if s.get("external_links"):
+        parts.append(f"ignored {s['external_links']} symlink(s) leading out of the source tree ({EXTERNAL_FLAG} "
+                     "follows them)")
+    if s.get("revisited"):
+        parts.append(f"skipped {s['revisited']} folder(s) reached a second time (symlink loops)")
     extra = [c for c in s["no_training_images"] if c not in s["empty_classes"]]
     if extra:
         parts.append(f"{len(extra)} class(es) with no readable training image: {', '.join(extra[:5])}")
@@ -540,7 +710,7 @@ def _main(argv):
     p.add_argument("src", metavar="SRC", help="source tree with train/<class>/<image> (and optionally val/)")
     p.add_argument("dst", metavar="DST", help="output folder")
     p.add_argument("--size", type=positive_int, default=256, help="shorter side rescaled to this, then the "
-                   "central SIZE x SIZE crop is kept (default 256)")
+                   f"central SIZE x SIZE crop is kept (default 256, at most {MAX_SIZE})")
     p.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard file (default 1024)")
     p.add_argument("--workers", type=nonneg_int, default=None,
                    help="decoding processes (default min(8, CPUs); 0 or 1 = in this process)")
@@ -553,11 +723,14 @@ def _main(argv):
     p.add_argument("--train-dir", default="train", help="name of the training folder in SRC (default train)")
     p.add_argument("--val-dir", default="val", help="name of the validation folder in SRC (default val)")
     p.add_argument("--force", action="store_true", help="overwrite a finished (or different) preparation in DST")
+    p.add_argument(EXTERNAL_FLAG, action="store_true", help="follow symlinks that lead out of SRC (by default "
+                   "they are skipped and listed in report.json; a class folder linking out is an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     s = prepare(a.src, a.dst, size=a.size, shard_size=a.shard_size, workers=a.workers, val_labels=a.val_labels,
                 val_label_order=a.val_label_order, train_dir=a.train_dir, val_dir=a.val_dir, force=a.force,
-                progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))
+                progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr),
+                follow_external_symlinks=a.follow_external_symlinks)
     print(summary_line(a.dst, s))
     return 0
 

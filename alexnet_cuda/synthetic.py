@@ -6,7 +6,9 @@ information, shapes are rotated and scaled, every image is noisy and JPEG-compre
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 import numpy as np
@@ -123,14 +125,60 @@ def cache_dir():
     return os.path.join(base, "alexnet_cuda")
 
 
+_TMP = re.compile(r"^\.synthetic-.*?\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[^-]+$")
+
+
+def _tmp_prefix(tag):
+    """Temporary folders carry the host and pid of their maker: a later run can tell an abandoned one
+    (its maker is gone) from one another live process is still filling."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+    return f".{tag}.tmp-{host}-{os.getpid()}-"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(base, log=None):
+    """Remove the temporary folders that killed runs left in the cache: only ours by name, only made on
+    this host, only when their maker's pid is gone. Returns how many were removed."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    host = _tmp_prefix("x").split("-")[1]
+    removed = 0
+    for name in names:
+        m = _TMP.match(name)
+        path = os.path.join(base, name)
+        if not m or m.group("host") != host or _pid_alive(int(m.group("pid"))):
+            continue
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed += 1
+    if removed and log:
+        log(f"removed {removed} temporary folder(s) left in {base} by interrupted runs")
+    return removed
+
+
 def ensure_demo_data(base=None, seed=0, size=40, train_per_class=300, val_per_class=50, log=print, progress=True):
     """Generate (once) and prepare (once) the demo set under `base` (default cache_dir()); returns the
     prepared folder. Each stage is built in a temporary folder and renamed into place, so a finished
-    folder is always whole and concurrent runs never see a half-written one."""
+    folder is always whole and concurrent runs never see a half-written one. Temporary folders of runs
+    that were killed (their pid gone) are removed on the next call."""
     from .prepare import COMPLETE, prepare
 
     base = base or cache_dir()
     os.makedirs(base, exist_ok=True)
+    remove_stale_temporaries(base, log)
     tag = f"synthetic-v{VERSION}-s{seed}-{train_per_class}x{val_per_class}"
     images = os.path.join(base, tag)
     prepared = os.path.join(base, f"{tag}-prepared{size}")
@@ -139,7 +187,7 @@ def ensure_demo_data(base=None, seed=0, size=40, train_per_class=300, val_per_cl
     if not os.path.exists(os.path.join(images, "DONE")):
         log(f"generating the built-in demo images ({len(CLASSES)} classes, {train_per_class} train + "
             f"{val_per_class} val per class) in {images}")
-        tmp = tempfile.mkdtemp(prefix=f".{tag}-", dir=base)
+        tmp = tempfile.mkdtemp(prefix=_tmp_prefix(tag), dir=base)
         try:
             make_synthetic(tmp, seed, train_per_class, val_per_class)
             with open(os.path.join(tmp, "DONE"), "w") as f:
@@ -147,7 +195,7 @@ def ensure_demo_data(base=None, seed=0, size=40, train_per_class=300, val_per_cl
             _rename_into_place(tmp, images, "DONE")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=f".{tag}-prepared-", dir=base)
+    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(f"{tag}-prepared{size}"), dir=base)
     try:
         prepare(images, tmp, size=size, shard_size=1024, workers=min(2, os.cpu_count() or 1), force=True,
                 progress=progress, log=log)

@@ -13,8 +13,14 @@ The run folder (--out, default runs/<timestamp>) receives checkpoints/ckpt_<step
 last --keep kept), metrics.jsonl and metrics.csv (one row per epoch), metrics.png (loss and top-1/top-5
 curves, redrawn every epoch when matplotlib is importable), steps.csv (loss per step, every --log-every
 steps) and args.json. --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
-its losses equal an uninterrupted run's bit for bit. Ctrl-C writes a checkpoint and says how to resume;
-a non-finite loss stops the run without saving the bad state.
+its losses equal an uninterrupted run's bit for bit. Every checkpoint is fully checked when loaded (CRC of
+every byte, dtypes, shapes, values, metadata); --resume auto and a run folder as --resume take the newest
+checkpoint that passes, saying on stderr which damaged ones were skipped. Ctrl-C writes a checkpoint and
+says how to resume; a non-finite loss stops the run without saving the bad state.
+
+A new run refuses an --out folder that is not empty (continue it with --resume auto --out RUN, or pass
+--overwrite to replace the previous run's files there: its checkpoints, metrics, steps.csv, args.json;
+other files are left alone). A run that fails while setting up leaves no folder behind.
 """
 import argparse
 import ast
@@ -23,16 +29,17 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
 
 from . import config as axconfig
-from .checkpoint import (SUBDIR, atomic_write, checkpoint_dir, checkpoint_name, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
+from .checkpoint import (SUBDIR, CheckpointError, atomic_write, checkpoint_dir, checkpoint_name, list_checkpoints,
+                         load_checkpoint, load_latest, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .cli import (EXIT_INTERRUPTED, EXIT_NONFINITE, CliError, OneLineParser, devices_str, nonneg_float,
-                  nonneg_int, parse_devices, positive_float, positive_int, run_main, unit_interval)
+                  nonneg_int, parse_devices, positive_float, positive_int, run_main, seed_int, unit_interval)
 from .progress import progress_bar
 
 # Training-loop settings that are not the paper's numbers (those are in config.TRAIN_DEFAULTS).
@@ -77,7 +84,9 @@ def build_parser():
     d = axconfig.TRAIN_DEFAULTS
     n = axconfig.NET_DEFAULTS
     p.add_argument("--data", help="prepared folder (python -m alexnet_cuda.prepare); omitted: the built-in demo")
-    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>); a new run refuses one that is not empty")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out, deleting the "
+                   "previous run's checkpoints, metrics, steps.csv and args.json there (other files are kept)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
                    help="continue from a checkpoint file, a run folder's newest checkpoint, or (auto) the newest "
                         "in --out (a fresh start if it has none) or in the newest run under runs/")
@@ -101,7 +110,8 @@ def build_parser():
     p.add_argument("--lighting", choices=("std", "eigenvalue"), help="lambda_i in the lighting formula: "
                    "sqrt of the eigenvalue (default) or the eigenvalue itself")
     p.add_argument("--no-flip", dest="flip", action="store_const", const=False, help="no horizontal flips")
-    p.add_argument("--seed", type=nonneg_int, help="data order, augmentation, init and dropout (default 0)")
+    p.add_argument("--seed", type=seed_int, help="data order, augmentation, init and dropout, 0..2^64-1 "
+                   "(default 0)")
     p.add_argument("--keep", type=positive_int, help="checkpoints kept (default 3)")
     p.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints within an epoch "
                    "(default 0: at the end of each epoch only)")
@@ -129,8 +139,8 @@ def _parse_sets(items):
         key, text = item.split("=", 1)
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            value = text  # a bare word: the config check says what it should have been
         out[key.strip()] = value
     return out
 
@@ -253,14 +263,19 @@ def _new_run_dir(args):
 
 
 def _find_resume(args, log):
-    """-> checkpoint path, or None for a fresh start (--resume auto with an --out that has none)."""
+    """-> (path, meta, net_state, extra) of the checkpoint to continue from, fully checked, or None for a
+    fresh start (--resume auto with an --out that has no checkpoint). A folder means its newest checkpoint
+    that loads: damaged newer ones are skipped, and log() says so."""
     spec = args.resume
     if spec == "auto":
         if args.out:
-            path = latest_checkpoint(args.out, warn=log)
-            if path is None:
+            found = load_latest(args.out, warn=log)
+            if found is None:
+                if list_checkpoints(args.out):
+                    raise ValueError(f"--resume auto: no checkpoint in {args.out} loads (all damaged, see above); "
+                                     "give a checkpoint path or another --out")
                 log(f"--resume auto: no checkpoint in {args.out} yet, starting a new run there")
-            return path
+            return found
         runs = []
         if os.path.isdir("runs"):
             for name in os.listdir("runs"):
@@ -268,18 +283,69 @@ def _find_resume(args, log):
                 if cks:
                     runs.append((os.path.getmtime(cks[-1]), os.path.join("runs", name)))
         for _, folder in sorted(runs, reverse=True):
-            path = latest_checkpoint(folder, warn=log)
-            if path:
-                return path
-        raise ValueError("--resume auto: no checkpoint found under runs/ (give --out RUN or a checkpoint path)")
+            found = load_latest(folder, warn=log)
+            if found:
+                return found
+        raise ValueError("--resume auto: no loadable checkpoint found under runs/ (give --out RUN or a checkpoint path)")
     if os.path.isdir(spec):
-        path = latest_checkpoint(spec, warn=log)
-        if path is None:
-            raise ValueError(f"--resume {spec}: no checkpoint in that folder")
-        return path
-    if not os.path.exists(spec):
+        found = load_latest(spec, warn=log)
+        if found is None:
+            raise ValueError(f"--resume {spec}: no loadable checkpoint in that folder")
+        return found
+    if not os.path.lexists(spec):
         raise ValueError(f"--resume {spec}: no such checkpoint")
-    return spec
+    return (spec, *load_checkpoint(spec))
+
+
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "metrics.png", "steps.csv", "args.json")
+
+
+def _check_out(out, args):
+    """A new run's folder: absent, empty, or (asked for with --overwrite / --resume auto) a previous run's."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not (args.overwrite or args.resume):
+        raise ValueError(f"run folder {out} is not empty: continue it with --resume auto --out {out}, choose another "
+                         "--out, or pass --overwrite to replace its run files")
+
+
+def _clear_previous_run(out, log):
+    """--overwrite: remove the files a previous run wrote in `out` (never anything else)."""
+    removed = 0
+    ck = checkpoint_dir(out)
+    names = [os.path.join(ck, n) for n in (os.listdir(ck) if os.path.isdir(ck) else [])
+             if re.match(r"^(abandoned_)?ckpt_\d{9,}\.npz$|^\.ckpt-.*\.tmp$", n)]
+    names += [os.path.join(out, n) for n in RUN_FILES]
+    for path in names:
+        try:
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    if removed:
+        log(f"--overwrite: removed {removed} file(s) of the previous run in {out}")
+
+
+def _make_dirs(path):
+    """os.makedirs, returning the folders it created (deepest last) so a failed setup can remove them."""
+    created = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        created.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    os.makedirs(path, exist_ok=True)
+    return created[::-1]
+
+
+def _remove_empty(folders):
+    for d in reversed(folders):
+        try:
+            os.rmdir(d)  # only ever succeeds on an empty folder
+        except OSError:
+            pass
 
 
 def _validate(t):
@@ -308,11 +374,12 @@ class Run:
 
         self.log, self.say = log, say
         self.progress = not args.no_progress
-        resume = _find_resume(args, log) if args.resume else None
         explicit = _explicit(args)
         net_over = _net_overrides(args)
+        found = _find_resume(args, log) if args.resume else None
+        resume = found[0] if found else None
         if resume:
-            meta, net_state, extra = load_checkpoint(resume)
+            meta, net_state, extra = found[1:]
             t = {**LOOP_DEFAULTS, **meta["train"]}
             t["max_steps"] = 0
             for k, v in explicit.items():
@@ -327,7 +394,7 @@ class Run:
             self.data = open_data(meta, args.data, log)
             self._use_checkpoint_statistics(meta, extra)
             cfg = net_config(meta["config"])
-            devices = parse_devices(args.devices or meta["devices"], cfg["towers"])
+            devices = parse_devices(args.devices or meta.get("devices"), cfg["towers"])
             folder = os.path.dirname(os.path.abspath(resume))
             self.out = args.out or (os.path.dirname(folder) if os.path.basename(folder) == SUBDIR else folder)
             self.state = meta["state"]
@@ -342,9 +409,10 @@ class Run:
             cfg = axconfig.alexnet_config(**{**base, "input_size": t["crop"], **net_over})  # checked before the data
             devices = parse_devices(args.devices, cfg["towers"])
             self.out = _new_run_dir(args)
-            if list_checkpoints(self.out):
+            if list_checkpoints(self.out) and not args.overwrite:
                 raise ValueError(f"run folder {self.out} already has checkpoints: continue it with --resume auto "
-                                 "--out " + self.out + " or choose another --out")
+                                 f"--out {self.out}, choose another --out, or pass --overwrite")
+            _check_out(self.out, args)
             if args.data:
                 self.data = PreparedData(args.data)
             else:
@@ -364,8 +432,6 @@ class Run:
             raise ValueError(f"crop {t['crop']} is larger than the stored {self.data.size}x{self.data.size} images")
         self.t, self.cfg, self.devices = t, cfg, devices
         self.ckpt_dir = checkpoint_dir(self.out)
-        os.makedirs(self.ckpt_dir, exist_ok=True)
-        remove_stale_temporaries(self.ckpt_dir)
         self.loader = TrainLoader(self.data, t["batch_size"], t["crop"], seed=t["seed"], pca_std=t["pca_std"],
                                   flip=t["flip"], lighting=t["lighting"], prefetch_depth=t["prefetch"],
                                   threads=t["loader_threads"])
@@ -376,19 +442,36 @@ class Run:
         self.net = build_net(cfg, devices, t["seed"])
         self.last_checkpoint = None
         if resume:
-            self.net.load_state_dict(net_state)
+            try:
+                self.net.load_state_dict(net_state)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{resume}: {e}") from None
             if int(self.net.step) != int(self.state["step"]):
                 raise ValueError(f"{resume}: the net is at step {self.net.step} but the run state at "
                                  f"{self.state['step']}")
             self.last_checkpoint = os.path.abspath(resume)
-            self._abandon_newer(resume)
-            log(f"resuming {resume}: epoch {self.state['epoch'] + 1}, batch {self.state['batch']}, "
-                f"step {self.state['step']}, lr {self.state['lr']:g}")
-        self.steplog = StepLog(os.path.join(self.out, "steps.csv"), keep_upto=self.state["step"] if resume else None)
-        write_metrics(self.out, self.state["history"])
-        _write_text(os.path.join(self.out, "args.json"),
-                    json.dumps({"train": t, "config": _jsonable(cfg), "devices": devices_str(devices),
-                                "data": self.data.root}, indent=1))
+        # Nothing is written before this point, so a setup that fails above leaves the file system as it was;
+        # folders made from here on are removed again if the setup still fails while they are empty.
+        created = _make_dirs(self.ckpt_dir)
+        try:
+            if resume:
+                self._abandon_newer(resume)
+                log(f"resuming {resume}: epoch {self.state['epoch'] + 1}, batch {self.state['batch']}, "
+                    f"step {self.state['step']}, lr {self.state['lr']:g}")
+            elif args.overwrite:
+                _clear_previous_run(self.out, log)
+            remove_stale_temporaries(self.ckpt_dir)
+            self.steplog = StepLog(os.path.join(self.out, "steps.csv"),
+                                   keep_upto=self.state["step"] if resume else None)
+            write_metrics(self.out, self.state["history"])
+            _write_text(os.path.join(self.out, "args.json"),
+                        json.dumps({"train": t, "config": _jsonable(cfg), "devices": devices_str(devices),
+                                    "data": self.data.root}, indent=1))
+        except BaseException:
+            if getattr(self, "steplog", None) is not None:
+                self.steplog.close()
+            _remove_empty(created)
+            raise
 
     def _use_checkpoint_statistics(self, meta, extra):
         """Continue with the mean image and PCA the run started with, even if the data folder was prepared

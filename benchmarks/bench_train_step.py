@@ -140,12 +140,19 @@ def load_weights(torch, model, merged: dict):
             p.copy_(torch.from_numpy(merged[name]))
 
 
+def param_groups(model, cfg):
+    """Weights decay by weight_decay, biases by bias_weight_decay, as our net does."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": cfg["weight_decay"]},
+            {"params": [p for p in params if p.dim() == 1], "weight_decay": cfg["bias_weight_decay"]}]
+
+
 def torch_sgd(torch, model, cfg):
-    kw = dict(lr=LR, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    kw = dict(lr=LR, momentum=cfg["momentum"])
     try:
-        return torch.optim.SGD(model.parameters(), fused=True, **kw), "fused"
+        return torch.optim.SGD(param_groups(model, cfg), fused=True, **kw), "fused"
     except Exception:
-        return torch.optim.SGD(model.parameters(), foreach=True, **kw), "foreach"
+        return torch.optim.SGD(param_groups(model, cfg), foreach=True, **kw), "foreach"
 
 
 def make_torch_step(torch, model, opt, device):
@@ -179,7 +186,7 @@ def update_check(ctx: H.Context, images: np.ndarray, labels: np.ndarray) -> dict
     del net
     model = torch_model(torch, cfg).to(ctx.torch_device)
     load_weights(torch, model, before)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=LR, momentum=cfg["momentum"])
     make_torch_step(torch, model, opt, ctx.torch_device)(images, labels)
     theirs = {n: H.to_np(p) - before[n] for n, p in model.named_parameters()}
     ours = {n: after[n] - before[n] for n in theirs}

@@ -236,6 +236,7 @@ NetConfig config_from_dict(const py::dict& d) {
     c.drop_layers = cfg_get<std::vector<std::string>>(d, "drop_layers");
     c.momentum = cfg_get<float>(d, "momentum");
     c.weight_decay = cfg_get<float>(d, "weight_decay");
+    c.bias_weight_decay = cfg_get<float>(d, "bias_weight_decay");
     c.init_std = cfg_get<float>(d, "init_std");
     return c;
 }
@@ -378,6 +379,15 @@ PYBIND11_MODULE(_C, m) {
           py::arg("array"), py::arg("device") = "cpu",
           "Copy a C-contiguous float32, uint8 or int32 NumPy array to a Tensor on `device`.");
     m.def("built_with_cuda", &built_with_cuda, "True if the CUDA backend was compiled into this build.");
+    m.def("_arch_list_covers", &arch_list_covers, py::arg("archs"), py::arg("compute_capability"),
+          "Whether a CMake CUDA architecture list has code for a GPU of this compute capability (e.g. 86).");
+    m.def("_cuda_archs_built", [] {
+#ifdef ALEXNET_CUDA_ARCHS_BUILT
+        return std::string(ALEXNET_CUDA_ARCHS_BUILT);
+#else
+        return std::string();
+#endif
+    }, "The CUDA architectures this build was compiled for (empty without CUDA).");
     m.def("cuda_available", &cuda_available, "True if the CUDA backend is built and a GPU with a driver is present.");
     m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
           "Why CUDA is unavailable (built without CUDA, no driver, no device); '' when it is available.");
@@ -724,6 +734,18 @@ PYBIND11_MODULE(_C, m) {
             },
             py::arg("images"), py::arg("probs") = false)
         .def(
+            "features",
+            [](Net& net, const py::object& images, const std::string& layer) {
+                const auto img = images_arg(net, images, "features");
+                Tensor out;
+                {
+                    py::gil_scoped_release nogil;
+                    out = net.features(static_cast<const float*>(img.first.data()), img.second, layer);
+                }
+                return to_numpy(out);
+            },
+            py::arg("images"), py::arg("layer"))
+        .def(
             "evaluate",
             [](Net& net, const py::object& images, const py::object& labels) {
                 const auto img = images_arg(net, images, "evaluate");
@@ -806,6 +828,8 @@ PYBIND11_MODULE(_C, m) {
                      d["relu"] = L.relu;
                      d["lrn"] = L.lrn;
                      d["pool"] = L.pool;
+                     d["pool_extra"] = L.pool_extra;
+                     d["pool_mid_hw"] = L.pool_mid_hw;
                      d["dropout"] = L.dropout;
                      d["bias_init"] = L.bias_init;
                      out.append(d);

@@ -86,6 +86,8 @@ void Net::build_layers() {
     if (!(cfg_.momentum >= 0.f && cfg_.momentum < 1.f)) config_error("momentum must be in [0, 1)");
     if (!(std::isfinite(cfg_.weight_decay) && cfg_.weight_decay >= 0.f))
         config_error("weight_decay must be finite and >= 0");
+    if (!(std::isfinite(cfg_.bias_weight_decay) && cfg_.bias_weight_decay >= 0.f))
+        config_error("bias_weight_decay must be finite and >= 0");
     if (cfg_.lrn) {
         if (!(std::isfinite(cfg_.lrn_k) && cfg_.lrn_k > 0.f)) config_error("lrn_k must be finite and > 0");
         if (!(std::isfinite(cfg_.lrn_alpha) && cfg_.lrn_alpha >= 0.f)) config_error("lrn_alpha must be finite and >= 0");
@@ -111,8 +113,18 @@ void Net::build_layers() {
     bool pending_cross = false;
     for (int i = 0; i < 5; ++i) {
         if (drop.count(conv_names[i])) {
-            // A removed layer takes its LRN and pooling with it; its cross-tower input moves to the next layer.
+            // A removed layer takes its convolution, ReLU and LRN with it; its cross-tower input moves to the
+            // next layer. Its pooling stays, as a second pool of the layer below, so the layers above see the
+            // same sizes (without it, dropping conv2 makes fc6 read 43,264 inputs instead of 9,216).
             pending_cross = pending_cross || rows[i].cross;
+            if (rows[i].pool && !layers_.empty()) {
+                LayerSpec& below = layers_.back();
+                below.pool_extra = true;
+                below.pool_mid_hw = below.pooled_hw;
+                below.pooled_hw = out_size(conv_names[i], "max-pooling (kept from the removed layer)", hw, pool_w,
+                                           pool_s, 0);
+                hw = below.pooled_hw;
+            }
             continue;
         }
         LayerSpec L;
@@ -277,6 +289,14 @@ void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
                 });
                 cur = &s.pool_y;
             }
+            if (L.pool_extra) {
+                sched_->run(t, L.name + ".pool_extra", [&s, cur, pool_w] {
+                    auto r = ops::maxpool_forward(*cur, pool_w, pool_w, 2, 2, 0, 0);
+                    s.pool2_y = r.first;
+                    s.pool2_arg = r.second;
+                });
+                cur = &s.pool2_y;
+            }
             if (L.dropout && train) {
                 const float p_drop = cfg_.dropout;
                 const auto key = dropout_key(step, L.index, t);
@@ -328,7 +348,7 @@ void Net::issue_loss(const Tensor& labels, float scale, bool backward) {
 void Net::issue_backward(float lr) {
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
-    const float momentum = cfg_.momentum, wd = cfg_.weight_decay;
+    const float momentum = cfg_.momentum, wd = cfg_.weight_decay, bias_wd = cfg_.bias_weight_decay;
     for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
         const LayerSpec& L = layers_[l];
         for (int t = 0; t < T; ++t) {
@@ -340,6 +360,8 @@ void Net::issue_backward(float lr) {
             sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c] {
                 Tensor g = s.d_out;
                 if (s.drop_mask.defined()) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false);
+                if (L.pool_extra)
+                    g = ops::maxpool_backward(g, s.pool2_arg, L.pool_mid_hw, L.pool_mid_hw, pool_w, pool_w, 2, 2, 0, 0);
                 if (L.pool)
                     g = ops::maxpool_backward(g, s.pool_arg, L.out_hw, L.out_hw, pool_w, pool_w, 2, 2, 0, 0);
                 if (L.lrn) g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta);
@@ -363,9 +385,9 @@ void Net::issue_backward(float lr) {
                 });
                 if (l > 0) sched_->run(t, L.name + ".dgrad", [&s, &p] { s.d_in = ops::linear_backward_input(s.d_out, p.w); });
             }
-            sched_->run(t, L.name + ".sgd", [&s, &p, lr, momentum, wd] {
+            sched_->run(t, L.name + ".sgd", [&s, &p, lr, momentum, wd, bias_wd] {
                 ops::sgd_update(p.w, s.dw, p.vw, lr, momentum, wd);
-                ops::sgd_update(p.b, s.db, p.vb, lr, momentum, wd);
+                ops::sgd_update(p.b, s.db, p.vb, lr, momentum, bias_wd);
             });
         }
         if (l == 0) break;
@@ -460,6 +482,22 @@ Tensor Net::forward(const float* images, int n, bool probs) {
         if (probs) sched_->run(0, "softmax.fprop", [this] { probs_ = ops::softmax_forward(logits_); });
     });
     return (probs ? probs_ : logits_).to(Device{});
+}
+
+Tensor Net::features(const float* images, int n, const std::string& layer) {
+    int l = -1;
+    std::string names;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+        if (layers_[i].name == layer) l = static_cast<int>(i);
+        names += (i ? ", " : "") + layers_[i].name;
+    }
+    if (l < 0) throw ValueError("features: argument 'layer': no layer '" + layer + "' in this net (" + names + ")");
+    if (n < 1) throw ValueError("features: argument 'images' holds no images");
+    auto imgs = upload_images(images, n);
+    run_step([&] { issue_forward(imgs, /*train=*/false); });
+    std::vector<Tensor> parts;
+    for (int t = 0; t < cfg_.towers; ++t) parts.push_back(st_[t][l].out.to(Device{}));
+    return parts.size() == 1 ? parts[0] : ops::concat_channels(parts);
 }
 
 StepResult Net::evaluate(const float* images, const int32_t* labels, int n) {

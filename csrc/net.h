@@ -25,6 +25,8 @@ struct NetConfig {
     float dropout = 0.5f;
     std::vector<std::string> drop_layers;
     float momentum = 0.9f, weight_decay = 0.0005f, init_std = 0.01f;
+    // Weight decay of the biases: none, as in Krizhevsky's cuda-convnet (the paper's rule names the weights).
+    float bias_weight_decay = 0.f;
 };
 
 // One row of the layer table. `cross` marks a layer whose input is gathered from every tower (a
@@ -38,6 +40,10 @@ struct LayerSpec {
     int kernel = 1, stride = 1, pad = 0;
     int in_hw = 1, out_hw = 1, pooled_hw = 1;  // conv: input, conv output, after pooling
     bool relu = true, lrn = false, pool = false, dropout = false;
+    // A second max-pool after `pool`: the pooling of a removed conv layer (the conv2 ablation), kept so that
+    // removing a layer removes only its convolution. Runs out_hw -> pool_mid_hw -> pooled_hw.
+    bool pool_extra = false;
+    int pool_mid_hw = 0;
     float bias_init = 0.f;
     int index = 0;  // position in the table (dropout RNG key)
 };
@@ -56,6 +62,9 @@ public:
     // Inference (no dropout). Returns logits or probabilities (n, num_classes) on the host.
     Tensor forward(const float* images, int n, bool probs);
     StepResult evaluate(const float* images, const int32_t* labels, int n);
+    // Inference (no dropout); the output of layer `layer` (after its ReLU, LRN and pooling) with every tower's
+    // part concatenated along channels/features in tower order: (n, C, H, W) or (n, F), on the host.
+    Tensor features(const float* images, int n, const std::string& layer);
 
     std::vector<std::pair<std::string, Tensor>> state() const;  // parameters then momentum, on their devices
     void load_state(const std::map<std::string, Tensor>& host_tensors);  // names and shapes checked
@@ -81,7 +90,7 @@ private:
     // reused while another stream may still read it).
     struct LayerState {
         std::vector<Tensor> recv;  // the inputs gathered from each tower (cross layers), on this device
-        Tensor in, z, a, lrn_y, lrn_scale, pool_y, pool_arg, drop_mask, out;
+        Tensor in, z, a, lrn_y, lrn_scale, pool_y, pool_arg, pool2_y, pool2_arg, drop_mask, out;
         Tensor flat_in;                  // fc input as (N, features)
         std::vector<Tensor> d_in_part;   // slices of d_in for each source tower, moved to that tower
         std::vector<Tensor> d_out_recv;  // d_out contributions received from each consuming tower

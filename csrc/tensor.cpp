@@ -65,6 +65,30 @@ Device Device::parse(const std::string& s, const char* op, const char* arg) {
     return Device{CUDA, index};
 }
 
+bool arch_list_covers(const std::string& list, int cc) {
+    size_t pos = 0;
+    while (pos <= list.size()) {
+        size_t end = list.find_first_of(",;", pos);
+        if (end == std::string::npos) end = list.size();
+        std::string e = list.substr(pos, end - pos);
+        pos = end + 1;
+        if (e.empty()) continue;
+        size_t i = 0;
+        int v = 0;
+        while (i < e.size() && e[i] >= '0' && e[i] <= '9' && v < 100000) v = v * 10 + (e[i++] - '0');
+        if (i == 0) return true;  // "native", "all", "all-major": CMake chose for this machine; trust it
+        std::string rest = e.substr(i);
+        const bool specific = !rest.empty() && (rest[0] == 'a' || rest[0] == 'f');  // sm_90a: that chip only
+        if (specific) rest = rest.substr(1);
+        const bool sass = rest != "-virtual", ptx = rest != "-real";
+        // SASS runs on the same major version at an equal or higher minor; PTX is compiled by the driver for
+        // any equal or newer GPU.
+        if (sass && (specific ? v == cc : (v / 10 == cc / 10 && v <= cc))) return true;
+        if (ptx && !specific && v <= cc) return true;
+    }
+    return false;
+}
+
 // ------------------------------------------------------------------------------------------------------
 // CUDA runtime helpers
 
@@ -72,7 +96,13 @@ Device Device::parse(const std::string& s, const char* op, const char* arg) {
 void cuda_check(int err, const char* op) {
     if (err != cudaSuccess) {
         cudaGetLastError();  // clear a sticky-free error so the next op starts clean
-        throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(static_cast<cudaError_t>(err)));
+        std::string hint;
+#ifdef ALEXNET_CUDA_ARCHS_BUILT
+        if (err == cudaErrorNoKernelImageForDevice)
+            hint = std::string(" (this build's architectures: ") + ALEXNET_CUDA_ARCHS_BUILT +
+                   "; rebuild with ALEXNET_CUDA_ARCHS=<your GPU's compute capability, e.g. 86>)";
+#endif
+        throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(static_cast<cudaError_t>(err)) + hint);
     }
 }
 bool built_with_cuda() { return true; }
@@ -95,14 +125,36 @@ static int probe_device_count(std::string* reason) {
     if (n == 0 && reason) *reason = "no CUDA device is present";
     return n;
 }
+// "" when this build holds code device `index` can run, else why not and how to rebuild. Without this check
+// cuda_available() says True on a GPU the build has no code for, and the first kernel fails instead.
+static std::string missing_kernel_image(int index) {
+#ifdef ALEXNET_CUDA_ARCHS_BUILT
+    cudaDeviceProp p{};
+    if (cudaGetDeviceProperties(&p, index) != cudaSuccess) {
+        cudaGetLastError();
+        return "";
+    }
+    const int cc = p.major * 10 + p.minor;
+    if (arch_list_covers(ALEXNET_CUDA_ARCHS_BUILT, cc)) return "";
+    return std::string("this build has no kernel image for ") + p.name + " (compute capability " +
+           std::to_string(p.major) + "." + std::to_string(p.minor) + "; built for " + ALEXNET_CUDA_ARCHS_BUILT +
+           "): rebuild with ALEXNET_CUDA_ARCHS=" + std::to_string(cc) + " pip install -e .";
+#else
+    (void)index;
+    return "";
+#endif
+}
 int cuda_device_count() {
     static int n = probe_device_count(nullptr);
     return n;
 }
-bool cuda_available() { return cuda_device_count() > 0; }
+bool cuda_available() {
+    static bool ok = cuda_device_count() > 0 && missing_kernel_image(0).empty();
+    return ok;
+}
 std::string cuda_unavailable_reason() {
     std::string reason;
-    if (probe_device_count(&reason) > 0) return "";
+    if (probe_device_count(&reason) > 0) return missing_kernel_image(0);
     return reason;
 }
 void cuda_synchronize(Device d) {
@@ -162,8 +214,20 @@ struct CudaPool {
     // so a later kernel on another stream can never overwrite memory still being read.
     std::map<std::tuple<int, void*, size_t>, std::vector<void*>> free_blocks;
     std::map<void*, std::pair<int, size_t>> all_blocks;  // ptr -> (device, rounded size)
+    std::map<void*, size_t> direct_blocks;               // ptr -> exact size, when caching is off
     AllocatorStats stats;
 };
+
+// ALEXNET_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own cudaMalloc of its exact size and frees it with
+// cudaFree: compute-sanitizer's memcheck sees only cudaMalloc boundaries, so an overrun into the rounded-up
+// tail of a cached block, or into a recycled block, is invisible to it with the cache on.
+bool caching_disabled() {
+    static const bool off = [] {
+        const char* v = std::getenv("ALEXNET_NO_CUDA_MEMORY_CACHING");
+        return v && *v && std::string(v) != "0";
+    }();
+    return off;
+}
 CudaPool& pool() {
     static CudaPool* p = new CudaPool();  // leaked on purpose: outlives tensors freed at interpreter exit
     return *p;
@@ -198,9 +262,23 @@ Storage::Storage(size_t nbytes, Device dev) : bytes(nbytes), device(dev) {
     }
 #ifdef ALEXNET_WITH_CUDA
     stream = current_stream(dev.index);
-    const size_t rounded = round_block(nbytes);
     CudaPool& p = pool();
-    {
+    if (caching_disabled()) {
+        DeviceGuard g(dev);
+        const size_t exact = std::max<size_t>(nbytes, 1);
+        cudaError_t e = cudaMalloc(&ptr, exact);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            throw std::runtime_error("alloc: CUDA error: " + std::string(cudaGetErrorString(e)) + " (asked for " +
+                                     std::to_string(nbytes) + " bytes on " + dev.str() + ", caching off)");
+        }
+        std::lock_guard<std::mutex> lock(p.m);
+        p.direct_blocks[ptr] = exact;
+        p.stats.device_mallocs++;
+        p.stats.bytes_in_use += static_cast<int64_t>(exact);
+        p.stats.peak_bytes_in_use = std::max(p.stats.peak_bytes_in_use, p.stats.bytes_in_use);
+    } else {
+        const size_t rounded = round_block(nbytes);
         std::lock_guard<std::mutex> lock(p.m);
         auto it = p.free_blocks.find({dev.index, stream, rounded});
         if (it != p.free_blocks.end() && !it->second.empty()) {
@@ -246,7 +324,15 @@ Storage::~Storage() {
     CudaPool& p = pool();
     std::lock_guard<std::mutex> lock(p.m);
     auto b = p.all_blocks.find(ptr);
-    if (b == p.all_blocks.end()) return;
+    if (b == p.all_blocks.end()) {
+        auto d = p.direct_blocks.find(ptr);
+        if (d == p.direct_blocks.end()) return;
+        p.stats.bytes_in_use -= static_cast<int64_t>(d->second);
+        p.direct_blocks.erase(d);
+        DeviceGuard g(device);
+        cudaFree(ptr);  // waits for the work still using the block, so no later kernel can see it reused
+        return;
+    }
     const size_t rounded = b->second.second;
     p.free_blocks[{device.index, stream, rounded}].push_back(ptr);
     p.stats.bytes_in_use -= static_cast<int64_t>(rounded);
@@ -410,10 +496,30 @@ void Tensor::copy_from(const Tensor& src) {
             }
             cuda_check(cudaMemcpyPeerAsync(raw(), dd.index, src.raw(), sd.index, n, s), "copy");
         } else {
-            // No peer path: stage through the host, in order on the destination's stream.
-            Tensor host = src.to(Device{});
+            // No peer path: stage through the host. The device-to-host leg must run on a stream of the
+            // source device, and that stream (this thread's current one there, usually the legacy default
+            // stream) is not ordered after whoever produced `src`: a non-blocking stream of another tower
+            // may still be writing it. As in the branches above, the caller orders the copy by ordering the
+            // destination's current stream `s` after the producer (Scheduler::transfer waits on the
+            // producer's event there), so an event recorded on `s` and waited for on the source side
+            // carries that ordering across devices without copy_from having to know the producing stream.
+            cudaEvent_t ready = nullptr;
+            cuda_check(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "copy");
+            struct EventGuard {
+                cudaEvent_t e;
+                ~EventGuard() { cudaEventDestroy(e); }  // safe once waited on: CUDA frees it when it completes
+            } ready_guard{ready};
+            cuda_check(cudaEventRecord(ready, s), "copy");
+            Tensor host = empty(shape_, dtype_, Device{});
+            {
+                DeviceGuard gs(sd);
+                auto ss = static_cast<cudaStream_t>(current_stream(sd.index));
+                cuda_check(cudaStreamWaitEvent(ss, ready, 0), "copy");
+                cuda_check(cudaMemcpyAsync(host.raw(), src.raw(), n, cudaMemcpyDeviceToHost, ss), "copy");
+                cuda_check(cudaStreamSynchronize(ss), "copy");
+            }
             cuda_check(cudaMemcpyAsync(raw(), host.raw(), n, cudaMemcpyHostToDevice, s), "copy");
-            cuda_check(cudaStreamSynchronize(s), "copy");
+            cuda_check(cudaStreamSynchronize(s), "copy");  // the host buffer goes away when we return
         }
     }
 #else

@@ -76,7 +76,9 @@ public:
     Tensor view(const std::vector<int64_t>& shape) const;
     // A copy on `device` (peer copy between GPUs, staged through the host where peers cannot see each other).
     Tensor to(Device device) const;
-    // Copies `src` (same shape and dtype, any device) into this tensor.
+    // Copies `src` (same shape and dtype, any device) into this tensor. A copy into a CUDA tensor runs after
+    // whatever the destination device's current stream is ordered after, also when staged through the host
+    // from another device: to copy a tensor another stream produces, make that stream wait on it first.
     void copy_from(const Tensor& src);
     void fill_zero();
 
@@ -114,6 +116,10 @@ bool built_with_cuda();
 bool cuda_available();
 std::string cuda_unavailable_reason();  // "" when available
 int cuda_device_count();
+// Whether a CMake architecture list ("75;80-real;90a-real", or comma-separated) holds code that a GPU of
+// compute capability `cc` (e.g. 86) can run: SASS of its major version at an equal or lower minor, or PTX of
+// an equal or lower version.
+bool arch_list_covers(const std::string& list, int cc);
 // Thread-local current stream per device (nullptr = legacy default stream); ops launch on it.
 void* current_stream(int device_index);
 void set_current_stream(int device_index, void* stream);

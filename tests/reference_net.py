@@ -20,7 +20,7 @@ def _relu_margin(z):
     return float(a.min() / max(a.max(), 1e-300)) if a.size else 1.0
 
 
-def _pool_margin(x, window, stride):
+def _pool_margin(x, window, stride, exact_ties_ok=False):
     """The smallest gap between a window's maximum and its runner-up, relative to the layer's scale: a
     float32 net and this float64 one pick different arg-maxes only where the gap is at rounding level."""
     win = np.lib.stride_tricks.sliding_window_view(x, (window, window), axis=(2, 3))[:, :, ::stride, ::stride]
@@ -28,6 +28,10 @@ def _pool_margin(x, window, stride):
     gap = top2[..., 1] - top2[..., 0]
     # A window whose maximum is an exact 0 (all ReLU-clipped) ties in both precisions alike.
     gap = gap[top2[..., 1] != 0]
+    if exact_ties_ok:
+        # Pooling an overlapping pool's output: neighbouring windows share their maximum, so exact copies tie
+        # in both precisions alike and the first-index rule picks the same one.
+        gap = gap[gap != 0]
     return float(gap.min() / max(np.abs(x).max(), 1e-300)) if gap.size else 1.0
 
 
@@ -70,6 +74,10 @@ def step(net, images, labels, with_dropout=True):
                 margin = min(margin, _pool_margin(cur, pool, 2))
                 c["pool_in_hw"] = cur.shape[2:]
                 cur, c["argmax"] = R.maxpool_forward(cur, pool, 2, 0)
+            if L["pool_extra"]:  # the pooling of a removed layer above, kept
+                margin = min(margin, _pool_margin(cur, pool, 2, exact_ties_ok=True))
+                c["pool2_in_hw"] = cur.shape[2:]
+                cur, c["argmax2"] = R.maxpool_forward(cur, pool, 2, 0)
             if L["dropout"] and with_dropout:
                 seed, offset = net.dropout_key(net.step, li, t)
                 cur, c["mask"] = R.dropout_forward(cur, cfg["dropout"], seed, offset)
@@ -93,6 +101,8 @@ def step(net, images, labels, with_dropout=True):
             g = d_outs[t].reshape(c["out"].shape)
             if "mask" in c:
                 g = R.dropout_backward(g, c["mask"], cfg["dropout"])
+            if L["pool_extra"]:
+                g = R.maxpool_backward(g, c["argmax2"], c["pool2_in_hw"], pool, 2, 0)
             if L["pool"]:
                 g = R.maxpool_backward(g, c["argmax"], c["pool_in_hw"], pool, 2, 0)
             if L["lrn"]:
@@ -118,4 +128,7 @@ def step(net, images, labels, with_dropout=True):
                       for t in range(T)]
         else:
             d_outs = [d.reshape(prev_shape) for d in d_ins]
-    return {"loss": float(loss.mean()), "logits": logits, "grads": grads, "rank": rank, "margin": margin}
+    features = {L["name"]: (R.concat_channels([c["out"] for c in caches[li]]) if T > 1 else caches[li][0]["out"])
+                for li, L in enumerate(layers)}
+    return {"loss": float(loss.mean()), "logits": logits, "grads": grads, "rank": rank, "margin": margin,
+            "features": features}

@@ -10,8 +10,10 @@ Runs (all in parallel, after building both variants into build/cuda_emu/, cached
   plain build, forward thread order     every group                      (test_emulated_group)
   plain build, reverse and shuffled     every group but gridstride       (test_result_independent_of_thread_order)
   ASan+UBSan build, forward             every group but gridstride       (test_emulated_group_sanitized)
-The `net` group runs the real scheduler (CudaExecutor: streams, events) and Net on the emulated device
-against the CPU workers, with the runtime's happens-before race check on (test_scheduler_cuda_path).
+The `net` group runs the real scheduler (CudaExecutor: streams, events) and Net on the emulated devices
+(one, and two without peer access) against the CPU workers, with the runtime's happens-before race check
+on (test_scheduler_cuda_path); a mutated csrc/tensor.cpp shows that check catches an unordered host-staged
+cross-device copy (test_two_device_race_check_catches_unordered_staged_copy).
 Each run must exit 0, report exactly the expected number of checks and none failing; together the plain runs
 must reach every `<<<>>>` launch statement in cuda/ (test_every_launch_site_is_exercised). The rewriter is
 unit-tested too, including that it refuses what it cannot handle. The input seed is fresh per session
@@ -51,7 +53,7 @@ EXPECTED_CHECKS = {
     "linear": 28,
     "linear_bigtile": 8,
     "gridstride": 10,
-    "net": 84,
+    "net": 94,
 }
 GROUPS = list(EXPECTED_CHECKS)
 # gridstride launches ~140 M emulated threads over 16 M-element buffers: plain build, one order only.
@@ -196,15 +198,80 @@ def test_every_launch_site_is_exercised(emu_runs):
 def test_scheduler_cuda_path(emu_runs):
     # The net group runs csrc/scheduler.cpp's CudaExecutor and csrc/net.cpp on emulated streams. Beyond
     # passing in full, it must have exercised what it is there for: the race check proved it can fail, the
-    # two-stream run waited on events between the towers and showed no unordered cross-stream access.
+    # two-stream run waited on events between the towers and showed no unordered cross-stream access, and
+    # so did the run with a tower on each of two devices without peer access.
     checks = check_run(emu_runs, "plain", "forward", "net")
     names = {name for _, _, name, _ in checks}
     for needed in ("race check, stream b reads stream a's output with no event",
                    "net cuda:0 two streams no unordered cross-stream access",
                    "net two-stream run synchronizes the towers with events",
                    "net two streams == shared stream, losses and every parameter and momentum",
-                   "net cross-tower bytes on exactly the paper's edges"):
+                   "net cross-tower bytes on exactly the paper's edges",
+                   "race check, a legacy default stream is ordered after the blocking streams of its own device only",
+                   "net cuda:0,cuda:1 == cuda:0 two streams, losses and every parameter and momentum",
+                   "net cuda:0,cuda:1 no unordered cross-stream access",
+                   "net two-device run has a stream per device, cross-device event waits, no peer access and no event leak"):
         assert needed in names, f"net group no longer checks {needed!r}"
+
+
+STAGED_WAIT = 'cuda_check(cudaStreamWaitEvent(ss, ready, 0), "copy");'
+
+
+def test_two_device_race_check_catches_unordered_staged_copy(emu_runs, tmp_path):
+    # Mutation check: without the event wait in Tensor::copy_from's host-staged branch (the code before the
+    # fix), the device-to-host leg runs on the source device's legacy stream unordered after the producing
+    # tower's non-blocking stream. The serialized run still computes the right numbers, so exactly one check
+    # may fail: the two-device run's race check. Only tensor.cpp is recompiled (a few seconds).
+    runs, build_errors, exes = emu_runs
+    if "plain" in build_errors:
+        pytest.fail(build_errors["plain"])
+    src = (ROOT / "csrc" / "tensor.cpp").read_text()
+    assert src.count(STAGED_WAIT) == 1, f"csrc/tensor.cpp no longer holds {STAGED_WAIT!r}: update this mutation"
+    mutated = tmp_path / "tensor.cpp"
+    mutated.write_text(src.replace(STAGED_WAIT, "/* mutation: no wait for the producer */"))
+    try:
+        exe = emu_build.relink_tensor(exes["plain"], mutated, tmp_path / "build")
+    except emu_build.BuildError as e:
+        pytest.fail(f"building the mutated driver failed: {e}")
+    cmd = [str(exe), "--seed", str(SEED), "net"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    run = Run("plain (tensor.cpp mutated)", "forward", "net", cmd)
+    run.stdout = p.stdout
+    checks, _ = parse(run)
+    failed = [(name, detail) for status, _, name, detail in checks if status != "ok"]
+    assert p.returncode == 1 and len(checks) == EXPECTED_CHECKS["net"], (
+        f"mutated run: exit {p.returncode}, {len(checks)} checks\n{p.stderr[-2000:]}")
+    assert [name for name, _ in failed] == ["net cuda:0,cuda:1 no unordered cross-stream access"], (
+        f"without the staged copy's event wait, expected only the two-device race check to fail, got {failed}")
+    detail = failed[0][1]
+    m = re.match(r"(\d+) race reports, first: read-after-write race .* cudaMemcpyAsync on the legacy default "
+                 r"stream of cuda:\d", detail)
+    assert m and int(m.group(1)) > 0, f"unexpected race report: {detail}"
+
+
+def test_uncached_allocations_for_memcheck(emu_runs):
+    """ALEXNET_NO_CUDA_MEMORY_CACHING=1 (what the GPU check's memcheck step sets) gives every tensor its own
+    cudaMalloc and cudaFree: the net must still compute the same bits, race-free, and the only checks that notice
+    are the ones that count cudaMalloc calls in steady state; the op groups pass as they are (ASan build, where a
+    freed block read later is an error)."""
+    runs, build_errors, exes = emu_runs
+    for variant, groups in (("plain", ["net"]), ("sanitize" if SANITIZE else "plain", ["conv", "linear", "pool"])):
+        if variant in build_errors:
+            pytest.fail(build_errors[variant])
+        cmd = [str(exes[variant]), "--seed", str(SEED), *groups]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                           env=dict(os.environ, ALEXNET_NO_CUDA_MEMORY_CACHING="1"))
+        run = Run(f"{variant} (caching off)", "forward", "+".join(groups), cmd)
+        run.stdout = p.stdout
+        checks, _ = parse(run)
+        assert len(checks) == sum(EXPECTED_CHECKS[g] for g in groups), f"{run.describe()}\n{p.stderr[-2000:]}"
+        failed = sorted(name for status, _, name, _ in checks if status != "ok")
+        if groups == ["net"]:
+            assert p.returncode == 1 and failed and all(
+                n.endswith("steady-state steps allocate no device memory") for n in failed), (
+                f"with caching off only the malloc-count checks may fail: {failed}")
+        else:
+            assert p.returncode == 0 and not failed, f"{run.describe()}: {failed}\n{p.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("order", ORDERS)

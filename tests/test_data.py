@@ -1,5 +1,6 @@
 """The loader: crops, flips, PCA lighting and mean subtraction against NumPy; seeded, resumable order
 and draws; the ten crops' positions; prefetching."""
+import os
 import threading
 
 import numpy as np
@@ -244,3 +245,32 @@ def test_loader_argument_errors(prepared):
         prepared.split("test")
     with pytest.raises(ValueError, match="not a finished prepared folder"):
         D.PreparedData(prepared.root + "/..")
+
+
+def test_crafted_prepared_folder_is_refused(prepared, tmp_path):
+    """A prepared folder is input too: labels out of range (also ones that an int32 cast would wrap into
+    range), file names leading out of the folder, and a malformed meta.json give one ValueError each."""
+    import json
+    import shutil
+
+    root = str(tmp_path / "p")
+    shutil.copytree(prepared.root, root)
+    meta = json.load(open(os.path.join(root, "meta.json")))
+    labels = os.path.join(root, meta["shards"]["train"][0]["labels"])
+    good = np.load(labels)
+    for bad, expect in ((good.astype(np.int64) + 2 ** 32, "outside 0..2147483647"),
+                        (np.full_like(good, prepared.num_classes), "labels must be in 0.."),
+                        (good.astype(np.float32), "expected integers")):
+        np.save(labels, bad)
+        with pytest.raises(ValueError, match=expect):
+            D.PreparedData(root)
+    np.save(labels, good)
+    D.PreparedData(root)
+    for change, expect in ((lambda m: m.update(mean="../../etc/passwd"), "plain file name"),
+                           (lambda m: m.pop("pca"), "malformed meta.json"),
+                           (lambda m: m.update(size="36"), "size must be an integer")):
+        m = json.loads(json.dumps(meta))
+        change(m)
+        json.dump(m, open(os.path.join(root, "meta.json"), "w"))
+        with pytest.raises(ValueError, match=expect):
+            D.PreparedData(root)

@@ -43,8 +43,9 @@ def params_only(state):
 
 @pytest.mark.parametrize("devices", ["cpu", ("cpu", "cpu"), pytest.param(("cuda:0", "cuda:0"), marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("cfg_kw", [{}, {"towers": 1, "channels": (8, 12, 16, 12, 8)},
-                                    {"overlap_pool": False, "lrn": False, "drop_layers": ("conv3",)}],
-                         ids=["paper", "one-tower", "ablations"])
+                                    {"overlap_pool": False, "lrn": False, "drop_layers": ("conv3",)},
+                                    {"drop_layers": ("conv2",)}],
+                         ids=["paper", "one-tower", "ablations", "no-conv2"])
 def test_step_matches_numpy_reference(rng, devices, cfg_kw):
     cfg = small_config(**cfg_kw)
     if cfg["towers"] == 1 and isinstance(devices, tuple):
@@ -214,6 +215,57 @@ def test_state_dict_round_trip(rng):
     del missing["conv1.t1.bias"]
     with pytest.raises(ValueError, match="conv1.t1.bias"):
         b.load_state_dict(missing)
+
+
+def test_conv2_ablation_removes_only_the_convolution():
+    """Dropping conv2 keeps its pooling (as a second pool after conv1), so conv3 reads conv1's 96 channels at
+    13x13 and fc6 still reads 256 x 6 x 6 = 9,216 inputs; the parameter count falls by conv2's weights and the
+    part of conv3's that read conv2's extra channels, counted here from the paper's shapes."""
+    net = ax.Net(ax.alexnet_config(drop_layers=("conv2",)), devices="cpu", seed=0)
+    sizes = {L["name"]: (L["in_c"], L["out_c"], L["pooled_hw"]) for L in net.layers()}
+    assert "conv2" not in sizes
+    assert sizes["conv1"] == (3, 48, 13) and sizes["conv3"] == (96, 192, 13) and sizes["fc6"][0] == 9216
+    conv2 = 256 * 48 * 5 * 5 + 256
+    conv3_lost = 384 * (256 - 96) * 3 * 3
+    n = sum(v.size for k, v in params_only(net.state_dict()).items())
+    assert n == 60_965_224 - conv2 - conv3_lost
+
+
+@pytest.mark.parametrize("bias_wd", [0.0, 0.0005])
+def test_weight_decay_of_weights_and_biases(rng, bias_wd):
+    """One step at lr 1 and momentum 0: momentum = -(decay * param + grad), with the weights' decay on weights
+    and bias_weight_decay (default 0, as cuda-convnet) on biases."""
+    cfg = small_config(weight_decay=0.003, bias_weight_decay=bias_wd, momentum=0.0)
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=int(rng.integers(1 << 31)))
+    x, y, ref = well_conditioned_batch(rng, net, 4)
+    before = params_only(net.state_dict())
+    net.train_step(x, y, lr=1.0)
+    after = net.state_dict()
+    for name, g in ref["grads"].items():
+        decay = 0.003 if name.endswith(".weight") else bias_wd
+        want = -(decay * before[name].astype(np.float64) + g)
+        assert rel_err(after["momentum/" + name], want) < 1e-4, name
+
+
+def test_bias_decay_defaults_to_none_and_old_configs_keep_theirs():
+    assert ax.alexnet_config()["bias_weight_decay"] == 0.0
+    old = {k: v for k, v in ax.alexnet_config(weight_decay=0.001).items() if k != "bias_weight_decay"}
+    from alexnet_cuda.config import validate_config
+    assert validate_config(old)["bias_weight_decay"] == 0.001  # saved before the option: biases were decayed
+
+
+@pytest.mark.parametrize("devices", ["cpu", ("cpu", "cpu")])
+def test_features_of_every_layer_match_the_reference(rng, devices):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=devices, seed=int(rng.integers(1 << 31)))
+    x, y, ref = well_conditioned_batch(rng, net, 3, with_dropout=False)
+    for L in net.layers():
+        got = net.features(x, L["name"])
+        want = ref["features"][L["name"]]
+        assert got.shape == want.shape, L["name"]
+        assert rel_err(got, want) < 1e-4, L["name"]
+    with pytest.raises(ValueError, match="features: argument 'layer': no layer 'conv9'.*conv1, conv2"):
+        net.features(x, "conv9")
 
 
 def test_paper_net_has_the_papers_size():

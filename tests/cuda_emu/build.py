@@ -15,7 +15,8 @@ in the sources can never make the build silently test something else.
 
     python tests/cuda_emu/build.py [--sanitize] [--out DIR] [--cuda-dir DIR] [--csrc-dir DIR] [--jobs N]
 
-prints the driver's path (cached under build/cuda_emu/ by a hash of every input).
+prints the driver's path (cached under build/cuda_emu/ by a hash of every input). relink_tensor() builds a
+variant of a finished plain build with another csrc/tensor.cpp in seconds (the staged-copy mutation test).
 """
 import argparse
 import concurrent.futures
@@ -303,6 +304,33 @@ def build_all(variants, out_root=None, cuda_dir=None, csrc_dir=None, jobs=None):
         for tmp in tmps:
             shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def relink_tensor(base_driver, tensor_src, out_dir):
+    """A driver like the finished plain build `base_driver` but with csrc/tensor.cpp taken from `tensor_src`
+    (a mutation check of the host copy path): only that unit is compiled (patched as in generate()) and
+    linked with the base build's other objects, a few seconds instead of a full build. Everything else,
+    including the headers tensor.cpp includes, is what the base build used. Returns the driver's path."""
+    base = Path(base_driver).resolve().parent
+    if not base.name.startswith("plain-") or not (base / "obj" / "gen_tensor_exact_alloc.cpp.o").is_file():
+        raise BuildError(f"{base}: not a finished plain build (relink_tensor needs its obj/ and gen/)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensor_src = Path(tensor_src).resolve()
+    unit = out_dir / "tensor_exact_alloc.cpp"
+    unit.write_text(f'#line 1 "{tensor_src}"\n' + patch_tensor_source(tensor_src.read_text()))
+    obj = out_dir / "tensor_exact_alloc.o"
+    host_flags, _ = flags(False)
+    cmd = [compiler(), *host_flags, "-I" + str(base / "gen"), "-I" + str(REPO / "csrc"), "-c", str(unit), "-o", str(obj)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BuildError(f"compiling {tensor_src} failed:\n{r.stderr[-6000:]}")
+    others = sorted(str(o) for o in (base / "obj").glob("*.o") if o.name != "gen_tensor_exact_alloc.cpp.o")
+    exe = out_dir / "driver"
+    r = subprocess.run([compiler(), *host_flags, *others, str(obj), "-o", str(exe)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BuildError(f"linking failed:\n{r.stderr[-6000:]}")
+    return exe
 
 
 def build(sanitize=False, out_root=None, cuda_dir=None, csrc_dir=None, jobs=None):

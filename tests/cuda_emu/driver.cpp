@@ -34,6 +34,7 @@ namespace {
 
 constexpr double kElementwise = 1e-5, kReduction = 1e-4;
 const Device GPU{Device::CUDA, 0};
+const Device GPU1{Device::CUDA, 1};  // the second emulated device (no peer access): only the net group uses it
 const Device HOST{};
 
 std::mt19937_64 rng;
@@ -744,7 +745,9 @@ struct NetRun {
     StepResult eval;
     std::vector<TimelineEntry> timeline;  // of the traced (last) training step
     std::vector<std::string> executors;
+    std::vector<Device> devices;  // per tower
     int64_t mallocs_warm = 0, mallocs_end = 0;
+    long long events_leaked = 0;  // events alive after the net is gone that were not before it
     emu::RuntimeStats rt;  // runtime calls made by this run
     std::vector<std::string> races;
     std::string error;  // the run threw: no result to compare
@@ -752,8 +755,10 @@ struct NetRun {
 
 NetRun run_net(const NetConfig& cfg, const NetInputs& in, const std::vector<Device>& devs, bool shared) {
     NetRun r;
+    r.devices = devs;
     emu::clear_race_reports();
     const emu::RuntimeStats rt0 = emu::runtime_stats();
+    const size_t events0 = emu::live_events();
     try {
         Net net(cfg, devs, shared, in.seed);
         net.step = in.step0;
@@ -783,6 +788,11 @@ NetRun run_net(const NetConfig& cfg, const NetInputs& in, const std::vector<Devi
     r.rt.event_records = rt1.event_records - rt0.event_records;
     r.rt.stream_waits = rt1.stream_waits - rt0.stream_waits;
     r.rt.cross_stream_waits = rt1.cross_stream_waits - rt0.cross_stream_waits;
+    r.rt.cross_device_waits = rt1.cross_device_waits - rt0.cross_device_waits;
+    r.rt.peer_queries = rt1.peer_queries - rt0.peer_queries;
+    for (int d = 0; d < emu::kDeviceCount; ++d)
+        r.rt.calls_per_device[d] = rt1.calls_per_device[d] - rt0.calls_per_device[d];
+    r.events_leaked = static_cast<long long>(emu::live_events()) - static_cast<long long>(events0);
     r.rt.elapsed_queries = rt1.elapsed_queries - rt0.elapsed_queries;
     r.rt.calls_created_streams = rt1.calls_created_streams - rt0.calls_created_streams;
     r.races = emu::race_reports();
@@ -864,6 +874,79 @@ void test_race_detector() {
                        fmt("%zu race reports (at least 1 expected)%s%s", n, n ? ", first: " : "",
                            n ? emu::race_reports()[0].c_str() : ""));
     }
+    // Each device's legacy default stream is ordered with the blocking streams of its own device only: a
+    // device-to-host copy on the legacy stream of cuda:0 after a blocking cuda:0 stream wrote the buffer is
+    // ordered, the same copy on the legacy stream of cuda:1 is not.
+    {
+        cudaStream_t blocking = nullptr;
+        cuda_check(cudaStreamCreate(&blocking), "driver");
+        std::vector<float> h(1000);
+        size_t reports[2] = {0, 0};
+        for (int dev : {0, 1}) {
+            emu::clear_race_reports();
+            Tensor y;
+            {
+                StreamGuard g(0, blocking);
+                y = ops::relu_forward(x);
+            }
+            cuda_check(cudaSetDevice(dev), "driver");
+            cuda_check(cudaMemcpyAsync(h.data(), y.raw(), y.nbytes(), cudaMemcpyDeviceToHost, nullptr), "driver");
+            cuda_check(cudaStreamSynchronize(nullptr), "driver");
+            cuda_check(cudaSetDevice(0), "driver");
+            cudaDeviceSynchronize();
+            reports[dev] = emu::race_reports().size();
+        }
+        check_true("race check, a legacy default stream is ordered after the blocking streams of its own device only",
+                   reports[0] == 0 && reports[1] >= 1,
+                   fmt("%zu race reports on cuda:0's legacy stream (0 expected), %zu on cuda:1's (at least 1)",
+                       reports[0], reports[1]));
+        cudaStreamDestroy(blocking);
+    }
+    // CUDA's device rules: a launch on another device's stream fails, an event records only on its own
+    // device's streams but any stream may wait on it, and these two devices have no peer access.
+    {
+        cudaStream_t s1 = nullptr;
+        cudaEvent_t e0 = nullptr;
+        cuda_check(cudaSetDevice(1), "driver");
+        cuda_check(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking), "driver");
+        cuda_check(cudaSetDevice(0), "driver");
+        cuda_check(cudaEventCreateWithFlags(&e0, cudaEventDisableTiming), "driver");
+        bool launch_failed = false;
+        try {
+            StreamGuard g(0, s1);
+            ops::relu_forward(x);
+        } catch (const std::runtime_error&) {
+            launch_failed = true;
+        }
+        const cudaError_t rec_other = cudaEventRecord(e0, s1), rec_own = cudaEventRecord(e0, nullptr);
+        const cudaError_t wait_other = cudaStreamWaitEvent(s1, e0, 0);
+        int can = -1;
+        const cudaError_t query = cudaDeviceCanAccessPeer(&can, 0, 1);
+        const cudaError_t enable = cudaDeviceEnablePeerAccess(1, 0);
+        void* p1 = nullptr;
+        cuda_check(cudaSetDevice(1), "driver");
+        cuda_check(cudaMalloc(&p1, 64), "driver");
+        cuda_check(cudaSetDevice(0), "driver");
+        const cudaError_t peer_copy = cudaMemcpyPeerAsync(p1, 1, x.raw(), 0, 64, nullptr);
+        const cudaError_t d2d_copy = cudaMemcpyAsync(p1, x.raw(), 64, cudaMemcpyDeviceToDevice, nullptr);
+        cudaDeviceSynchronize();
+        cudaFree(p1);
+        cudaEventDestroy(e0);
+        cudaStreamDestroy(s1);
+        int count = 0;
+        cudaGetDeviceCount(&count);
+        check_true("two emulated devices follow CUDA's device rules, without peer access",
+                   count == 2 && launch_failed && rec_other == cudaErrorInvalidResourceHandle && rec_own == cudaSuccess &&
+                       wait_other == cudaSuccess && query == cudaSuccess && can == 0 &&
+                       enable == cudaErrorPeerAccessUnsupported && peer_copy == cudaErrorPeerAccessUnsupported &&
+                       d2d_copy == cudaErrorPeerAccessUnsupported,
+                   fmt("%d devices; launch on another device's stream %s; event record on another device's stream: "
+                       "%s, on its own: %s; cross-device wait: %s; can access peer %d; enable peer access: %s; peer "
+                       "copy: %s; device-to-device copy across devices: %s",
+                       count, launch_failed ? "fails" : "RUNS", cudaGetErrorString(rec_other),
+                       cudaGetErrorString(rec_own), cudaGetErrorString(wait_other), can, cudaGetErrorString(enable),
+                       cudaGetErrorString(peer_copy), cudaGetErrorString(d2d_copy)));
+    }
     emu::clear_race_reports();
     cudaStreamDestroy(a);
     cudaStreamDestroy(b);
@@ -905,7 +988,9 @@ void group_net() {
     const NetRun cpu = run_net(cfg, in, {HOST, HOST}, false);
     const NetRun two = run_net(cfg, in, {GPU, GPU}, false);   // one non-blocking stream per tower
     const NetRun one = run_net(cfg, in, {GPU, GPU}, true);    // both towers on one stream, in turn
-    const NetRun* emu_runs[2] = {&two, &one};
+    // A tower per device, no peer access: every cross-tower copy is staged through the host (copy_from).
+    const NetRun dev2 = run_net(cfg, in, {GPU, GPU1}, false);
+    const NetRun* emu_runs[3] = {&two, &one, &dev2};
     // A run that threw fails the checks that need it (and the group's check count) instead of aborting
     // the others: the emulated runs' own checks still report, e.g. when only the CPU workers break.
     auto usable = [&](std::initializer_list<const NetRun*> runs, const std::string& name) {
@@ -916,7 +1001,7 @@ void group_net() {
             }
         return true;
     };
-    const char* emu_names[2] = {"cuda:0 two streams", "cuda:0 shared stream"};
+    const char* emu_names[3] = {"cuda:0 two streams", "cuda:0 shared stream", "cuda:0,cuda:1"};
 
     // Placement on one device does not change a single bit.
     if (usable({&two, &one}, "net two streams == shared stream")) {
@@ -937,7 +1022,27 @@ void group_net() {
                    two.logits == one.logits && two.probs == one.probs && !two.logits.empty(),
                    fmt("bit-exact, n=%zu", two.logits.size()));
     }
-    for (int k = 0; k < 2; ++k) {
+    // Nor does a tower per device: the staged copies move the same bytes.
+    if (usable({&two, &dev2}, "net cuda:0,cuda:1 == cuda:0 two streams")) {
+        size_t differ = two.state.size() == dev2.state.size() ? 0 : 1;
+        std::string first;
+        for (size_t i = 0; i < two.state.size() && i < dev2.state.size(); ++i)
+            if (two.state[i].first != dev2.state[i].first || two.state[i].second != dev2.state[i].second) {
+                if (!differ) first = two.state[i].first;
+                ++differ;
+            }
+        const bool same_loss = memcmp(two.losses.data(), dev2.losses.data(), sizeof(double) * kNetSteps) == 0 &&
+                               two.hits == dev2.hits && two.eval.loss == dev2.eval.loss &&
+                               two.eval.top1 == dev2.eval.top1 && two.eval.top5 == dev2.eval.top5;
+        report(differ == 0 && same_loss && dev2.state.size() == 64, state_crc(dev2),
+               "net cuda:0,cuda:1 == cuda:0 two streams, losses and every parameter and momentum",
+               fmt("bit-exact, %zu of %zu tensors differ%s%s, losses and evaluate %s", differ, dev2.state.size(),
+                   first.empty() ? "" : " first: ", first.c_str(), same_loss ? "equal" : "DIFFER"));
+        check_true("net cuda:0,cuda:1 == cuda:0 two streams, forward logits and probabilities",
+                   two.logits == dev2.logits && two.probs == dev2.probs && !dev2.logits.empty(),
+                   fmt("bit-exact, n=%zu", dev2.logits.size()));
+    }
+    for (int k = 0; k < 3; ++k) {
         const NetRun& g = *emu_runs[k];
         const std::string who = emu_names[k];
         if (!usable({&g}, "net " + who + " runs")) continue;
@@ -980,15 +1085,19 @@ void group_net() {
             check_true("net " + who + " cross-tower bytes per step == cpu", g.edges == cpu.edges,
                        "last step " + edges_str(g.edges.back()));
         }
-        // The traced step: entries of both towers on the device, each with end >= start >= 0.
+        // The traced step: entries of both towers, each on its tower's device, with end >= start >= 0.
         bool towers[2] = {false, false}, ordered = !g.timeline.empty();
         for (const auto& e : g.timeline) {
-            if (e.tower >= 0 && e.tower < 2) towers[e.tower] = true;
-            ordered = ordered && e.start_us >= 0 && e.end_us >= e.start_us && e.device == "cuda:0";
+            const bool known = e.tower >= 0 && e.tower < 2;
+            if (known) towers[e.tower] = true;
+            ordered = ordered && known && e.start_us >= 0 && e.end_us >= e.start_us &&
+                      e.device == g.devices[e.tower].str();
         }
         check_true("net " + who + " traced step timeline", towers[0] && towers[1] && ordered,
-                   fmt("%zu entries, tower 0 %s, tower 1 %s, every entry on cuda:0 with end >= start >= 0: %s",
-                       g.timeline.size(), towers[0] ? "yes" : "NO", towers[1] ? "yes" : "NO", ordered ? "yes" : "NO"));
+                   fmt("%zu entries, tower 0 %s, tower 1 %s, every entry on its tower's device (%s, %s) with end >= "
+                       "start >= 0: %s",
+                       g.timeline.size(), towers[0] ? "yes" : "NO", towers[1] ? "yes" : "NO",
+                       g.devices[0].str().c_str(), g.devices[1].str().c_str(), ordered ? "yes" : "NO"));
         check_true("net " + who + " steady-state steps allocate no device memory",
                    g.mallocs_end == g.mallocs_warm && g.mallocs_warm > 0,
                    fmt("device_mallocs %" PRId64 " after %d warm-up steps, %" PRId64 " after %d steps", g.mallocs_warm,
@@ -1027,6 +1136,23 @@ void group_net() {
                        one.rt.streams_destroyed == 1 && one.rt.stream_waits == 0 && one.rt.elapsed_queries > 0,
                    fmt("executor '%s', %lld streams, %lld waits", one.executors[0].c_str(), one.rt.streams_created,
                        one.rt.stream_waits));
+    }
+    // A stream per device; the towers order each other across devices with events (the scheduler's, and the
+    // staged copy's own), peer access was asked for and refused, no event outlives the net.
+    if (usable({&dev2}, "net runtime use")) {
+        const auto& r = dev2.rt;
+        check_true("net two-device run has a stream per device, cross-device event waits, no peer access and no event leak",
+                   dev2.executors.size() == 2 && dev2.executors[0].rfind("cuda:0 ", 0) == 0 &&
+                       dev2.executors[1].rfind("cuda:1 ", 0) == 0 && r.streams_created == 2 &&
+                       r.streams_destroyed == 2 && r.calls_per_device[0] > 0 && r.calls_per_device[1] > 0 &&
+                       r.cross_device_waits > 0 && r.cross_stream_waits == r.stream_waits && r.peer_queries > 0 &&
+                       dev2.events_leaked == 0,
+                   fmt("executors '%s' / '%s', streams %lld created %lld destroyed, calls on cuda:0 %lld / cuda:1 %lld, "
+                       "%lld cross-device waits, %lld cross-stream waits of %lld, %lld peer-access queries, "
+                       "%lld events leaked",
+                       dev2.executors[0].c_str(), dev2.executors[1].c_str(), r.streams_created, r.streams_destroyed,
+                       r.calls_per_device[0], r.calls_per_device[1], r.cross_device_waits, r.cross_stream_waits,
+                       r.stream_waits, r.peer_queries, dev2.events_leaked));
     }
     emu::set_race_tracking(false);
 }

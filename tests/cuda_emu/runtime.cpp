@@ -1,12 +1,17 @@
-// The emulated CUDA runtime (include/cuda_runtime.h): one device, memory on the host heap, and streams and
-// events as checked handles. Work runs to completion when it is issued, in issue order, which is one valid
-// serialization of what CUDA allows; what this file adds is the ordering CUDA *guarantees*, as vector
-// clocks: per stream (agent) a clock advanced by each op, joined by cudaStreamWaitEvent (the event's
-// clock at record time), by the legacy default stream's implicit barriers against blocking streams, and
-// into the host's clock by stream/event/device synchronization (work issued afterwards inherits it).
+// The emulated CUDA runtime (include/cuda_runtime.h): two devices without peer access, memory on the host
+// heap, and streams and events as checked handles. Work runs to completion when it is issued, in issue
+// order, which is one valid serialization of what CUDA allows; what this file adds is the ordering CUDA
+// *guarantees*, as vector clocks: per stream (agent) a clock advanced by each op, joined by
+// cudaStreamWaitEvent (the event's clock at record time, from any device), by each device's legacy default
+// stream's implicit barriers against the blocking streams of *that* device, and into the host's clock by
+// stream/event/device synchronization (work issued afterwards inherits it).
 // With race tracking on, every device allocation a launch or copy touches is checked, FastTrack style,
 // against its last writer and the readers since: two accesses from different streams, one a write, with no
 // happens-before edge between them would be a race on a GPU even though the serialized run here was fine.
+// The device rules follow the CUDA programming guide's "Stream and Event Behavior": the current device is
+// per host thread; a kernel launch fails on a stream of another device, a copy does not; an event records
+// only on a stream of its own device, but any stream may wait on it. A kernel that touches another
+// device's memory is an emulator error (no peer access: a real GPU faults).
 // Not thread-safe, like the fiber scheduler: one host thread issues all CUDA work.
 #include <chrono>
 #include <map>
@@ -16,10 +21,12 @@
 
 struct CUstream_st {
     int agent;
+    int device;
     bool nonblocking;
 };
 struct CUevent_st {
     unsigned flags;
+    int device;                    // current device at creation: it records only on that device's streams
     bool recorded = false;
     int agent = -1;                // stream it was last recorded on
     std::vector<uint64_t> clock;   // that stream's clock at the record
@@ -30,19 +37,32 @@ namespace emu {
 
 namespace {
 
-constexpr int kDefaultStream = 0, kHost = 1;
+// Agents: the host, each device's legacy default stream, then created streams (never reused).
+constexpr int kHost = 0;
+constexpr int legacy_agent(int device) { return 1 + device; }
+constexpr int kFirstCreated = 1 + kDeviceCount;
 using Clock = std::vector<uint64_t>;
 
 struct Agent {
     Clock clock;
-    bool live = true, nonblocking = false;
+    int device = -1;  // -1: the host
+    bool live = true, nonblocking = false, legacy = false;
 };
-std::vector<Agent> g_agents(2);
+std::vector<Agent> initial_agents() {
+    std::vector<Agent> v(kFirstCreated);
+    for (int d = 0; d < kDeviceCount; ++d) {
+        v[legacy_agent(d)].device = d;
+        v[legacy_agent(d)].legacy = true;
+    }
+    return v;
+}
+std::vector<Agent> g_agents = initial_agents();
 std::set<CUstream_st*> g_streams;
 std::set<CUevent_st*> g_events;
 RuntimeStats g_rt;
 bool g_tracking = false;
 std::vector<std::string> g_races;
+thread_local int t_device = 0;  // cudaSetDevice: per host thread, as in CUDA
 
 struct Epoch {
     int agent = -1;
@@ -51,6 +71,7 @@ struct Epoch {
 };
 struct Alloc {
     size_t bytes;
+    int device;
     Epoch write;                    // last writer
     std::map<int, Epoch> reads;     // readers since, per agent
 };
@@ -62,9 +83,11 @@ void join(Clock& into, const Clock& from) {
     for (size_t i = 0; i < from.size(); ++i) into[i] = std::max(into[i], from[i]);
 }
 Agent& agent(int a) { return g_agents[a]; }
+bool valid_device(int d) { return d >= 0 && d < kDeviceCount; }
 
+// A null stream is the legacy default stream of the calling thread's current device.
 int agent_of(cudaStream_t s, const char* what) {
-    if (!s) return kDefaultStream;
+    if (!s) return legacy_agent(t_device);
     if (!g_streams.count(s)) fail("%s: stream %p is not a live stream (destroyed, or never created)", what, (void*)s);
     return s->agent;
 }
@@ -73,19 +96,22 @@ int agent_of(cudaStream_t s, const char* what) {
 bool ordered(const Epoch& e, int a) { return e.agent < 0 || e.agent == a || at(agent(a).clock, e.agent) > e.at; }
 
 const char* agent_name(int a, char* buf, size_t n) {
-    if (a == kDefaultStream) return "the default stream";
-    snprintf(buf, n, "stream #%d", a - 1);
+    if (a == kHost) return "the host";
+    if (agent(a).legacy)
+        snprintf(buf, n, "the legacy default stream of cuda:%d", agent(a).device);
+    else
+        snprintf(buf, n, "stream #%d of cuda:%d", a - kFirstCreated, agent(a).device);
     return buf;
 }
 
 void race(const char* kind, const Alloc& al, uintptr_t base, const Epoch& prior, int a, const char* op,
           const char* file, int line) {
-    char b1[32], b2[32], where[300] = "", msg[900];
+    char b1[64], b2[64], where[300] = "", msg[1000];
     if (file) snprintf(where, sizeof where, " (%s:%d)", file, line);
     snprintf(msg, sizeof msg,
-             "%s race on device buffer %#zx (%zu bytes): %s on %s%s is not ordered after %s on %s "
+             "%s race on device buffer %#zx (%zu bytes, cuda:%d): %s on %s%s is not ordered after %s on %s "
              "(no event/stream wait or host synchronization between them)",
-             kind, static_cast<size_t>(base), al.bytes, op, agent_name(a, b1, sizeof b1), where, prior.op,
+             kind, static_cast<size_t>(base), al.bytes, al.device, op, agent_name(a, b1, sizeof b1), where, prior.op,
              agent_name(prior.agent, b2, sizeof b2));
     if (g_races.size() < 1000) g_races.push_back(msg);
 }
@@ -118,21 +144,27 @@ void access(int a, const void* p, bool write, const char* op, const char* file, 
 
 // Host-side synchronization: the host now knows everything `c` knew.
 void host_learns(const Clock& c) { join(agent(kHost).clock, c); }
-void host_syncs_all() {
-    for (size_t a = 0; a < g_agents.size(); ++a) host_learns(g_agents[a].clock);
+// Everything issued to device `d` so far is done (cudaDeviceSynchronize on it, cudaFree of its memory).
+void host_syncs_device(int d) {
+    for (size_t a = 0; a < g_agents.size(); ++a)
+        if (g_agents[a].device == d) host_learns(g_agents[a].clock);
 }
 
 bool is_device(const void* p) { return find_alloc(p) != nullptr; }
 
-// A copy between two buffers on stream st: direction checked against the kind, accesses tracked.
+// A copy between two buffers on stream st: direction checked against the kind, accesses tracked. With no
+// peer access, a device-to-device copy between two devices is refused: real CUDA would stage it inside
+// the driver, but the code under test must take its own staged path (copy_from), so that path is what runs.
 cudaError_t copy(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t st, const char* what) {
     if (n == 0) return cudaSuccess;
-    const bool dd = is_device(d), sd = is_device(s);
+    const Alloc *da = find_alloc(d), *sa = find_alloc(s);
+    const bool dd = da != nullptr, sd = sa != nullptr;
     const bool ok = kind == cudaMemcpyDefault || (kind == cudaMemcpyHostToDevice && dd && !sd) ||
                     (kind == cudaMemcpyDeviceToHost && !dd && sd) || (kind == cudaMemcpyDeviceToDevice && dd && sd) ||
                     (kind == cudaMemcpyHostToHost && !dd && !sd);
     if (!ok) return cudaErrorInvalidValue;  // a pointer on the wrong side for `kind`
-    const int a = stream_begin(st, what);
+    if (dd && sd && da->device != sa->device) return cudaErrorPeerAccessUnsupported;
+    const int a = stream_begin(st, what);  // a stream of any device may carry a copy (CUDA allows it)
     memcpy(d, s, n);
     if (g_tracking) {
         access(a, s, false, what, nullptr, 0);
@@ -148,15 +180,18 @@ int stream_begin(cudaStream_t s, const char* what) {
     const int a = agent_of(s, what);
     Agent& me = agent(a);
     join(me.clock, agent(kHost).clock);  // whatever the host has seen complete precedes what it issues now
-    // The legacy default stream waits for every blocking stream, and they wait for it.
-    if (a == kDefaultStream) {
-        for (size_t b = 2; b < g_agents.size(); ++b)
-            if (g_agents[b].live && !g_agents[b].nonblocking) join(agent(kDefaultStream).clock, g_agents[b].clock);
+    // A device's legacy default stream waits for every blocking stream of that device, and they wait for
+    // it; streams of other devices, and non-blocking streams, are not ordered by it.
+    if (me.legacy) {
+        for (size_t b = kFirstCreated; b < g_agents.size(); ++b)
+            if (g_agents[b].live && !g_agents[b].nonblocking && g_agents[b].device == me.device)
+                join(me.clock, g_agents[b].clock);
         ++g_rt.calls_default_stream;
     } else {
-        if (!me.nonblocking) join(me.clock, agent(kDefaultStream).clock);
+        if (!me.nonblocking) join(me.clock, agent(legacy_agent(me.device)).clock);
         ++g_rt.calls_created_streams;
     }
+    ++g_rt.calls_per_device[me.device];
     return a;
 }
 
@@ -164,6 +199,12 @@ void stream_end(int a) {
     Clock& c = agent(a).clock;
     if (c.size() <= static_cast<size_t>(a)) c.resize(a + 1, 0);
     ++c[a];
+}
+
+int launch_begin(cudaStream_t s, const char* name) {
+    const int a = agent_of(s, name);
+    if (agent(a).device != t_device) return -1;  // CUDA: a launch fails on a stream of another device
+    return stream_begin(s, name);
 }
 
 void AccessList::add(const void* p, Access k) {
@@ -189,6 +230,15 @@ void AccessList::resolve() {
             it.before.clear();
         }
 }
+void AccessList::check_device(int a, const char* kernel, const char* file, int line) const {
+    for (const auto& it : items) {
+        const Alloc* al = find_alloc(it.ptr);
+        if (al && al->device != agent(a).device)
+            fail("%s:%d: kernel %s on cuda:%d is passed %p, memory of cuda:%d: the emulated devices have no peer "
+                 "access (a real GPU faults)",
+                 file, line, kernel, agent(a).device, it.ptr, al->device);
+    }
+}
 
 bool race_tracking() { return g_tracking; }
 void set_race_tracking(bool on) { g_tracking = on; }
@@ -199,6 +249,7 @@ const std::vector<std::string>& race_reports() { return g_races; }
 void clear_race_reports() { g_races.clear(); }
 bool is_device_pointer(const void* p) { return is_device(p); }
 const RuntimeStats& runtime_stats() { return g_rt; }
+size_t live_events() { return g_events.size(); }
 
 }  // namespace emu
 
@@ -213,20 +264,21 @@ const char* cudaGetErrorString(cudaError_t e) {
         case cudaErrorInvalidDevice: return "invalid device ordinal";
         case cudaErrorInvalidResourceHandle: return "invalid resource handle";
         case cudaErrorNotReady: return "device not ready";
+        case cudaErrorPeerAccessUnsupported: return "peer access is not supported between these two devices";
         default: return "emulated CUDA error";
     }
 }
 
 cudaError_t cudaMalloc(void** p, size_t n) {
     if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorMemoryAllocation;
-    g_allocs[reinterpret_cast<uintptr_t>(*p)] = Alloc{n ? n : 1, {}, {}};
+    g_allocs[reinterpret_cast<uintptr_t>(*p)] = Alloc{n ? n : 1, t_device, {}, {}};
     return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
     if (!p) return cudaSuccess;
     auto it = g_allocs.find(reinterpret_cast<uintptr_t>(p));
     if (it == g_allocs.end()) return cudaErrorInvalidValue;
-    host_syncs_all();  // cudaFree synchronizes the device
+    host_syncs_device(it->second.device);  // cudaFree synchronizes the memory's device (no more is assumed)
     g_allocs.erase(it);
     free(p);
     return cudaSuccess;
@@ -242,7 +294,7 @@ cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s) {
 }
 cudaError_t cudaMemset(void* p, int v, size_t n) {
     const cudaError_t e = cudaMemsetAsync(p, v, n, nullptr);
-    host_learns(agent(kDefaultStream).clock);
+    host_learns(agent(legacy_agent(t_device)).clock);
     return e;
 }
 cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t st) {
@@ -250,21 +302,26 @@ cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kin
 }
 cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
     const cudaError_t e = copy(d, s, n, kind, nullptr, "cudaMemcpy");
-    host_learns(agent(kDefaultStream).clock);
+    host_learns(agent(legacy_agent(t_device)).clock);
     return e;
 }
+// Within one device a plain device-to-device copy; between the two emulated devices refused, as in copy().
 cudaError_t cudaMemcpyPeerAsync(void* d, int dd, const void* s, int sd, size_t n, cudaStream_t st) {
-    if (dd != 0 || sd != 0) return cudaErrorInvalidDevice;
+    if (!valid_device(dd) || !valid_device(sd)) return cudaErrorInvalidDevice;
+    const Alloc *da = find_alloc(d), *sa = find_alloc(s);
+    if (n && (!da || !sa || da->device != dd || sa->device != sd)) return cudaErrorInvalidValue;
+    if (dd != sd) return cudaErrorPeerAccessUnsupported;
     return copy(d, s, n, cudaMemcpyDeviceToDevice, st, "cudaMemcpyPeerAsync");
 }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
     if (!s || (flags & ~cudaStreamNonBlocking)) return cudaErrorInvalidValue;
     Agent a;
+    a.device = t_device;
     a.nonblocking = flags & cudaStreamNonBlocking;
     a.clock = agent(kHost).clock;  // a new stream starts after what the host has seen
     g_agents.push_back(a);
-    *s = new CUstream_st{static_cast<int>(g_agents.size()) - 1, a.nonblocking};
+    *s = new CUstream_st{static_cast<int>(g_agents.size()) - 1, t_device, a.nonblocking};
     g_streams.insert(*s);
     ++g_rt.streams_created;
     return cudaSuccess;
@@ -280,8 +337,8 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     if (s && !g_streams.count(s)) return cudaErrorInvalidResourceHandle;
-    const int a = s ? s->agent : kDefaultStream;
-    if (a == kDefaultStream) stream_begin(nullptr, "cudaStreamSynchronize");  // its implicit barriers
+    const int a = s ? s->agent : legacy_agent(t_device);
+    if (agent(a).legacy) stream_begin(nullptr, "cudaStreamSynchronize");  // its implicit barriers
     host_learns(agent(a).clock);
     ++g_rt.stream_syncs;
     return cudaSuccess;
@@ -290,6 +347,7 @@ cudaError_t cudaStreamQuery(cudaStream_t s) {
     if (s && !g_streams.count(s)) return cudaErrorInvalidResourceHandle;
     return cudaSuccess;  // all issued work is done
 }
+// The stream and the event may belong to different devices: this is how CUDA orders work across devices.
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
     if (flags != 0 || !g_events.count(e)) return cudaErrorInvalidResourceHandle;
     const int a = stream_begin(s, "cudaStreamWaitEvent");
@@ -297,13 +355,14 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
     if (e->recorded) {  // waiting on a never-recorded event is a no-op in CUDA
         join(agent(a).clock, e->clock);
         if (e->agent != a) ++g_rt.cross_stream_waits;
+        if (agent(e->agent).device != agent(a).device) ++g_rt.cross_device_waits;
     }
     return cudaSuccess;
 }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
     if (!e || (flags & ~(cudaEventBlockingSync | cudaEventDisableTiming))) return cudaErrorInvalidValue;
-    *e = new CUevent_st{flags};
+    *e = new CUevent_st{flags, t_device};
     g_events.insert(*e);
     return cudaSuccess;
 }
@@ -316,6 +375,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     if (!g_events.count(e)) return cudaErrorInvalidResourceHandle;
+    if (agent(agent_of(s, "cudaEventRecord")).device != e->device) return cudaErrorInvalidResourceHandle;
     const int a = stream_begin(s, "cudaEventRecord");
     e->recorded = true;
     e->agent = a;
@@ -336,39 +396,44 @@ cudaError_t cudaEventQuery(cudaEvent_t e) {
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
     if (!ms || !g_events.count(start) || !g_events.count(end)) return cudaErrorInvalidResourceHandle;
     if ((start->flags | end->flags) & cudaEventDisableTiming) return cudaErrorInvalidResourceHandle;
-    if (!start->recorded || !end->recorded) return cudaErrorInvalidResourceHandle;
+    if (!start->recorded || !end->recorded || start->device != end->device) return cudaErrorInvalidResourceHandle;
     ++g_rt.elapsed_queries;
     // Host clock between the two records: work ran when issued, so this is the time it took to issue and run.
     *ms = std::chrono::duration<float, std::milli>(end->when - start->when).count();
     return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize() {
-    host_syncs_all();
+cudaError_t cudaDeviceSynchronize() {  // the current device only
+    host_syncs_device(t_device);
     ++g_rt.device_syncs;
     return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* d) {
-    *d = 0;
+    *d = t_device;
     return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+cudaError_t cudaSetDevice(int d) {
+    if (!valid_device(d)) return cudaErrorInvalidDevice;
+    t_device = d;
+    return cudaSuccess;
+}
 cudaError_t cudaGetDeviceCount(int* n) {
-    *n = 1;
+    *n = kDeviceCount;
     return cudaSuccess;
 }
 cudaError_t cudaDeviceCanAccessPeer(int* c, int d, int peer) {
-    if (d != 0 || peer != 0) return cudaErrorInvalidDevice;
-    *c = 0;  // a device is never its own peer
+    if (!valid_device(d) || !valid_device(peer)) return cudaErrorInvalidDevice;
+    *c = 0;  // no peer access between the emulated devices (and a device is never its own peer)
+    ++g_rt.peer_queries;
     return cudaSuccess;
 }
 cudaError_t cudaDeviceEnablePeerAccess(int peer, unsigned flags) {
     if (flags != 0) return cudaErrorInvalidValue;
-    (void)peer;
-    return cudaErrorInvalidDevice;  // no second device to reach (and a device is not its own peer)
+    if (!valid_device(peer) || peer == t_device) return cudaErrorInvalidDevice;
+    return cudaErrorPeerAccessUnsupported;
 }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
-    if (d != 0) return cudaErrorInvalidDevice;
+    if (!valid_device(d)) return cudaErrorInvalidDevice;
     memset(p, 0, sizeof *p);
     strcpy(p->name, "CPU fiber emulator");
     p->multiProcessorCount = 132;

@@ -4,7 +4,8 @@
 // (emu.cpp), switched only at __syncthreads and warp shuffles, which are real barriers here. `static`
 // stands in for __shared__ (blocks never overlap); build.py re-poisons every __shared__ array with 0xFF
 // bytes (NaN) when a block first reaches its declaration. Device memory is host memory; the runtime API
-// (runtime.cpp) runs every call when issued and tracks stream ordering for a happens-before race check.
+// (runtime.cpp) emulates two devices without peer access, runs every call when issued and tracks stream
+// ordering for a happens-before race check.
 // What this cannot show: real-GPU memory ordering, timing, occupancy, register limits, the GPU's math
 // library accuracy or nvcc's own FMA contraction choices. See tests/cuda_emu/README.md.
 #pragma once
@@ -80,11 +81,14 @@ inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
 // ---- runtime API (runtime.cpp) -------------------------------------------------------------------------
-// One emulated device (0). Every call and launch runs to completion when issued, in issue order: a valid
+// Two emulated devices (0 and 1) without peer access: cudaDeviceCanAccessPeer says 0, and enabling peer
+// access or copying between them fails (cudaErrorPeerAccessUnsupported), so cross-device copies take the
+// code's own host-staged path. The current device is per host thread; each device has its own legacy
+// default stream. Every call and launch runs to completion when issued, in issue order: a valid
 // serialization of CUDA's stream semantics. Streams and events are real handles (checked on every use);
 // vector clocks per stream follow the happens-before edges CUDA guarantees (stream order, event record /
-// cudaStreamWaitEvent, the legacy default stream, host synchronization), and with race tracking on
-// every kernel argument and copy that touches device memory is checked against them (emu::race_reports).
+// cudaStreamWaitEvent, each device's legacy default stream, host synchronization), and with race tracking
+// on every kernel argument and copy that touches device memory is checked against them (emu::race_reports).
 #define CUDART_VERSION 13000  // the toolkit the real build targets (nvcc 13)
 typedef struct CUstream_st* cudaStream_t;
 typedef struct CUevent_st* cudaEvent_t;
@@ -98,6 +102,7 @@ enum cudaError_t {
     cudaErrorInvalidDevice = 101,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorNotReady = 600,
+    cudaErrorPeerAccessUnsupported = 217,
     cudaErrorPeerAccessAlreadyEnabled = 704,
 };
 typedef cudaError_t cudaError;
@@ -121,6 +126,7 @@ struct cudaDeviceProp {
 
 namespace emu {
 extern cudaError_t last_error;
+constexpr int kDeviceCount = 2;
 }  // namespace emu
 
 inline cudaError_t cudaGetLastError() {
@@ -134,7 +140,7 @@ const char* cudaGetErrorString(cudaError_t e);
 cudaError_t cudaMalloc(void** p, size_t n);
 template <class T>
 inline cudaError_t cudaMalloc(T** p, size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
-cudaError_t cudaFree(void* p);  // synchronizes the device, as CUDA's does
+cudaError_t cudaFree(void* p);  // synchronizes the memory's device, as CUDA's does
 cudaError_t cudaMemset(void* p, int v, size_t n);
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s = nullptr);
 cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind kind);
@@ -163,9 +169,11 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device);
 
 namespace emu {
 // ---- stream bookkeeping and the happens-before race check (runtime.cpp) ----
-// Agent ids: 0 = the legacy default stream, 1 = the host, 2.. = created streams (never reused).
+// Agent ids: 0 = the host, 1..kDeviceCount = each device's legacy default stream, then created streams
+// (never reused).
 int stream_begin(cudaStream_t s, const char* what);  // validates s, applies implicit ordering; returns its agent
 void stream_end(int agent);                          // advances the agent's clock past the op
+int launch_begin(cudaStream_t s, const char* kernel);  // stream_begin for a launch; -1: s is on another device
 enum class Access : uint8_t { read, write, unknown };
 struct AccessList {
     struct Item {
@@ -177,6 +185,8 @@ struct AccessList {
     void add(const void* p, Access k);
     void snapshot();  // unknown items: copy their allocations
     void resolve();   // unknown items: write if the bytes changed, else read
+    // Every pointer on the launching agent's device, else an emulator error (no peer access).
+    void check_device(int agent, const char* kernel, const char* file, int line) const;
 };
 bool race_tracking();
 void set_race_tracking(bool on);
@@ -186,10 +196,13 @@ void clear_race_reports();
 bool is_device_pointer(const void* p);
 struct RuntimeStats {
     long long streams_created = 0, streams_destroyed = 0, event_records = 0, stream_waits = 0,
-              cross_stream_waits = 0, stream_syncs = 0, device_syncs = 0, elapsed_queries = 0;
+              cross_stream_waits = 0, cross_device_waits = 0, stream_syncs = 0, device_syncs = 0,
+              elapsed_queries = 0, peer_queries = 0;
     long long calls_default_stream = 0, calls_created_streams = 0;  // launches, copies, memsets, records, waits
+    long long calls_per_device[kDeviceCount] = {};                  // the same, by the stream's device
 };
 const RuntimeStats& runtime_stats();
+size_t live_events();  // created and not yet destroyed
 
 template <class T>
 inline void collect_access(AccessList& acc, const T& arg) {
@@ -265,12 +278,17 @@ struct Cfg {
     void run(F kernel, Args... args) {
         auto bound = [&]() { kernel(args...); };  // `kernel` takes them by value: a copy per thread
         using B = decltype(bound);
-        const int agent = stream_begin(stream, name);
+        const int agent = launch_begin(stream, name);
+        if (agent < 0) {  // a stream of another device: the launch fails, as in CUDA
+            last_error = cudaErrorInvalidResourceHandle;
+            return;
+        }
+        AccessList acc;
+        (collect_access(acc, args), ...);
+        acc.check_device(agent, name, file, line);
         if (!race_tracking()) {
             launch(name, file, line, grid, block, smem, [](void* p) { (*static_cast<B*>(p))(); }, &bound);
         } else {
-            AccessList acc;
-            (collect_access(acc, args), ...);
             acc.snapshot();
             launch(name, file, line, grid, block, smem, [](void* p) { (*static_cast<B*>(p))(); }, &bound);
             acc.resolve();

@@ -1,0 +1,1042 @@
+"""A performance model of one AlexNet training step (FP32, batch 128) on an H100/H200 that runs without a GPU.
+
+    python benchmarks/model.py                 # compile (or read the cache), predict, write results
+    python benchmarks/model.py --no-write      # print only
+    python benchmarks/model.py --gpu h100      # H100 SXM copy bandwidth instead of H200's
+    python benchmarks/model.py --no-sass       # ptxas only (what happens without cuobjdump)
+    python benchmarks/model.py --results DIR   # where to look for GPU runs to compare with (default results/)
+
+What it reads. Every cuda/*.cu is compiled for sm_90 with the flags CMakeLists.txt uses (-O3
+--expt-relaxed-constexpr -I csrc -I cuda -DALEXNET_WITH_CUDA=1) to a cubin, with `-Xptxas -v`; the report gives
+each kernel's registers, spill stores/loads, stack and static shared memory. cuobjdump (pip wheel
+nvidia-cuda-cuobjdump) disassembles the cubin; a loop is a backward branch, and a GEMM kernel's main loop is the
+innermost loop holding the most FFMA: its FFMA share = FFMA / all instructions of that loop body (static count,
+one pass through the body; the k-loop is one basic-block chain apart from the `more` guards). Outputs are cached
+under build/model/<hash of sources, flags and nvcc version>/. Without the SASS tools the model runs on ptxas
+alone: the FFMA share is then taken as 1 and every GEMM time is a lower bound (the output says so).
+
+Which kernel runs. Each pass of the step is mapped to the kernel and tile its launcher in cuda/*.cu picks for that
+shape: use_big_tiles (128x128 when M > 64, N > 64 and the tiles alone give >= 264 blocks, else 64x64),
+choose_split_k (64x64 grad-weight and linear GEMMs with < 132 tiles and Kr > 512 are cut into slices of >= 256
+so that about 264 blocks run, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
+turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48, conv2 48->128, conv3 256->192
+reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
+is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices.
+
+Occupancy (as cuda_occupancy.h computes it for sm_90): registers are allocated per warp in units of 256 and
+checked per SM sub-partition (4 x 16 K registers: warps/partition = floor(16384 / (ceil(32 r / 256) * 256))); shared
+memory per block = static + 1 KB reserved, rounded up to 128 B, out of 228 KB; at most 2048 threads and 32 blocks
+per SM.
+
+The GEMM formula. With B blocks, b = blocks/SM from occupancy, w = padded FLOPs of one block (2 BM BN k-slice,
+k rounded up to the 8-deep k-step; tile fill = useful / padded FLOPs), R = 66.9 TFLOP/s / 132 per SM and s = the
+main loop's FFMA share, the busiest SM runs n = ceil(B / 132) blocks in rounds of up to b at once, and
+
+    t_compute = sum over rounds of  k * w / (R * s * eta(k)),   eta(k) = min(1, 8 k / 16)
+
+i.e. one FFMA issues per clock per scheduler, so the share caps the fraction of peak; latency is hidden once 16
+warps (two 256-thread blocks, 4 per scheduler) are resident, and a round with fewer warps issues proportionally
+less (a lone block in a tail round costs as much as two). For 128x128 tiles (b = 2) this is exactly the usual wave
+quantisation factor ceil(waves) / waves with waves = B / (2 * 132); 64x64 tiles (b = 3) lose only on tails of one
+block. Altogether t_compute = FLOPs / (peak x s x tile fill x wave efficiency). A GEMM pass takes
+max(t_compute, its operand and result bytes / bandwidth) + launch gap.
+
+Memory-bound kernels: t = bytes / (BW x parallelism) + launch gap, where bytes are the fewest the op must move
+(as benchmarks/README.md counts them) and parallelism = min(1, resident active threads / (132 x 1024)): a kernel
+needs about half the GPU's thread slots busy to keep HBM saturated (the conv bias gradient, one 256-thread block per
+channel, gets 48 blocks for conv1). BW is the measured copy ceiling of a committed GPU result in
+benchmarks/results/ (copy_GBps of a run on an H100/H200) when one exists, else the named constant below. Launch
+gap: consecutive kernels on one stream start about LAUNCH_GAP_US apart even when queued ahead.
+
+Measured beside predicted, when benchmarks/results/ (or --results) holds GPU runs of the commit read (the
+-dirty mark ignored): every conv/fc row of bench_conv/bench_gemm (predicted at the benchmarks' merged shapes,
+groups = towers), the memory-bound rows of bench_elementwise/bench_lrn_pool/bench_softmax/bench_loader (their
+bytes and launch grids), the train_step row, and each scheduler op of a traced step (trace_step.py's
+*_trace_summary.json and its Chrome trace, both towers summed) with the step's GPU-busy and wall time.
+
+Not modelled (so the prediction is optimistic there): the instruction cost of LRN (powf and five divisions per
+element backward) and pooling windows, which can exceed their memory time; L2 hits (bytes are HBM bytes); the
+latency of local-memory spills beyond their instruction slots; host time (upload of the pageable float32 batch,
+CPU augmentation) which the issue counts separately; overlap of the two towers (one executor runs them in turn).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---- the machine ------------------------------------------------------------------------------------------
+SMS = 132                     # H100 SXM5 and H200: 132 SMs
+PEAK_FP32 = 66.9e12           # FLOP/s: 132 SMs x 128 FP32 lanes x 2 x 1.98 GHz boost (NVIDIA's H100 SXM figure)
+SM_RATE = PEAK_FP32 / SMS
+# Copy bandwidth (bytes read + written per second) when no committed GPU run has measured it. H200: 4.8 TB/s HBM3e,
+# of which a device-to-device copy reaches about 4.0 TB/s (~83%, the fraction STREAM-class copies get on H100);
+# H100 SXM: 3.35 TB/s HBM3 -> about 3.0 TB/s measured-class copy.
+COPY_BW = {"h200": 4.0e12, "h100": 3.0e12}
+LAUNCH_GAP_US = 2.0           # kernel-to-kernel gap on one stream (launch + ramp-up/drain), per launch
+WARPS_HIDE = 16               # resident warps per SM at which the GEMM main loop issues at full rate
+HALF_THREADS = SMS * 1024     # resident threads at which a streaming kernel saturates HBM
+
+# ---- the launchers' constants (cuda/common.cuh) -------------------------------------------------------------
+TARGET_BLOCKS = 264
+BK = 8
+GEMM_THREADS = 256
+THREADS_1D = 256
+MAX_BLOCKS_1D = 65536
+
+# ---- sm_90 occupancy limits ---------------------------------------------------------------------------------
+REGS_PER_SM = 65536
+SUBPARTITIONS = 4
+REG_UNIT = 256                # registers allocated per warp in units of 256
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED = 1024          # per block, reserved by the driver
+SMEM_UNIT = 128               # shared-memory allocation granularity
+SMEM_PER_BLOCK_OPTIN = 227 * 1024
+MAX_THREADS_SM = 2048
+MAX_BLOCKS_SM = 32
+
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-I", "csrc", "-I", "cuda", "-DALEXNET_WITH_CUDA=1"]
+
+
+class ModelError(Exception):
+    """A failure the CLI reports in one line."""
+
+
+# =============================================================================================================
+# Occupancy
+
+
+def blocks_per_sm(threads: int, regs: int, smem: int) -> int:
+    """Resident blocks per SM on sm_90, as cuda_occupancy.h computes them for a default launch (regs per thread,
+    static + dynamic shared memory per block in bytes). 0 when the block cannot launch at all."""
+    if threads < 1 or threads > 1024:
+        raise ValueError(f"blocks_per_sm: argument 'threads' must be in [1, 1024], got {threads}")
+    if regs < 0 or regs > 255:
+        raise ValueError(f"blocks_per_sm: argument 'regs' must be in [0, 255], got {regs}")
+    if smem < 0:
+        raise ValueError(f"blocks_per_sm: argument 'smem' must be >= 0, got {smem}")
+    warps = -(-threads // 32)
+    lim = min(MAX_BLOCKS_SM, MAX_THREADS_SM // (warps * 32))
+    if regs > 0:
+        per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
+        # The launch check rounds the block's warps up to whole sub-partitions; warps then fit per sub-partition.
+        if per_warp * -(-warps // SUBPARTITIONS) * SUBPARTITIONS > REGS_PER_SM:
+            return 0
+        warps_per_part = (REGS_PER_SM // SUBPARTITIONS) // per_warp
+        lim = min(lim, (warps_per_part * SUBPARTITIONS) // warps)
+    alloc = -(-(smem + SMEM_RESERVED) // SMEM_UNIT) * SMEM_UNIT
+    if smem > SMEM_PER_BLOCK_OPTIN:
+        return 0
+    lim = min(lim, SMEM_PER_SM // alloc)
+    return lim
+
+
+# =============================================================================================================
+# ptxas and SASS
+
+
+@dataclasses.dataclass
+class KernelInfo:
+    name: str                  # mangled
+    file: str
+    regs: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    stack: int = 0
+    smem: int = 0
+    # main loop (from SASS); None without the SASS tools
+    loop_ffma: Optional[int] = None
+    loop_instr: Optional[int] = None
+    loop_local: Optional[int] = None   # LDL/STL in the main loop (spill traffic per iteration)
+
+    @property
+    def ffma_share(self) -> Optional[float]:
+        if self.loop_ffma is None or not self.loop_instr:
+            return None
+        return self.loop_ffma / self.loop_instr
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_PROPS = re.compile(r"Function properties for (\S+)")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas(text: str, file: str = "") -> Dict[str, KernelInfo]:
+    """Per entry function: registers, spills, stack and static shared memory from `ptxas -v` output."""
+    out: Dict[str, KernelInfo] = {}
+    cur: Optional[KernelInfo] = None
+    for line in text.splitlines():
+        m = _PTXAS_ENTRY.search(line)
+        if m:
+            cur = out.setdefault(m.group(1), KernelInfo(m.group(1), file))
+            continue
+        m = _PTXAS_PROPS.search(line)
+        if m:
+            cur = out.setdefault(m.group(1), KernelInfo(m.group(1), file))
+            continue
+        if cur is None:
+            continue
+        m = _PTXAS_SPILL.search(line)
+        if m:
+            cur.stack, cur.spill_stores, cur.spill_loads = (int(g) for g in m.groups())
+        m = _PTXAS_USED.search(line)
+        if m:
+            cur.regs = int(m.group(1))
+            s = _PTXAS_SMEM.search(line)
+            cur.smem = int(s.group(1)) if s else 0
+    return out
+
+
+_SASS_FUNC = re.compile(r"^\s*Function : (\S+)", re.M)
+_SASS_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_SASS_BRA = re.compile(r"\bBRA\s+(?:\S+\s+)?`?\(?(0x[0-9a-f]+)")
+
+
+def _opcode(text: str) -> str:
+    t = re.sub(r"^@!?U?P[T0-9]+\s+", "", text.strip())
+    return t.split()[0].split(".")[0] if t else ""
+
+
+def sass_loops(instrs: List[Tuple[int, str]]) -> List[dict]:
+    """Loops of one function's SASS (address, text) list: each backward branch closes the body [target, branch].
+    Returns the innermost ones (containing no other loop) with their FFMA, instruction and LDL/STL counts."""
+    spans = []
+    for addr, text in instrs:
+        m = _SASS_BRA.search(text)
+        if m:
+            tgt = int(m.group(1), 16)
+            if tgt < addr:
+                spans.append((tgt, addr))
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    loops = []
+    for lo, hi in inner:
+        ops = [_opcode(t) for a, t in instrs if lo <= a <= hi]
+        ops = [o for o in ops if o and o != "NOP"]
+        loops.append(dict(start=lo, end=hi, instr=len(ops), ffma=sum(o == "FFMA" for o in ops),
+                          local=sum(o in ("LDL", "STL") for o in ops)))
+    return loops
+
+
+def parse_sass(text: str) -> Dict[str, List[Tuple[int, str]]]:
+    """cuobjdump -sass output -> {mangled function name: [(address, instruction text)]}."""
+    funcs: Dict[str, List[Tuple[int, str]]] = {}
+    heads = list(_SASS_FUNC.finditer(text))
+    for i, h in enumerate(heads):
+        body = text[h.end(): heads[i + 1].start() if i + 1 < len(heads) else len(text)]
+        funcs[h.group(1)] = [(int(m.group(1), 16), m.group(2).strip()) for m in _SASS_INSTR.finditer(body)]
+    return funcs
+
+
+def main_loop(instrs: List[Tuple[int, str]]) -> Optional[dict]:
+    """The innermost loop with the most FFMA (ties: the longer body); None for a loop-free function."""
+    loops = sass_loops(instrs)
+    if not loops:
+        return None
+    return max(loops, key=lambda l: (l["ffma"], l["instr"]))
+
+
+# =============================================================================================================
+# Compilation (cached)
+
+
+def find_tool(name: str) -> Optional[str]:
+    """A CUDA binary tool: $NAME (upper case), PATH, or the bin/ of an installed nvidia-cuda-* pip wheel."""
+    env = os.environ.get(name.upper())
+    if env and Path(env).is_file():
+        return env
+    p = shutil.which(name)
+    if p:
+        return p
+    for base in sys.path:
+        nv = Path(base) / "nvidia"
+        if nv.is_dir():
+            for cand in sorted(nv.glob(f"*/bin/{name}")) + sorted(nv.glob(f"bin/{name}")):
+                if cand.is_file() and os.access(cand, os.X_OK):
+                    return str(cand)
+    return None
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: an interrupted run must not leave a truncated report in the cache."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _run(cmd: List[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def source_hash(repo: Path, nvcc_version: str) -> str:
+    h = hashlib.sha256()
+    h.update(nvcc_version.encode())
+    h.update(" ".join(NVCC_FLAGS).encode())
+    for p in sorted(list((repo / "cuda").glob("*")) + list((repo / "csrc").glob("*.h"))):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
+                    sass: bool = True) -> Tuple[Dict[str, KernelInfo], List[str]]:
+    """Compile (or read from the cache) every cuda/*.cu; returns {mangled name: KernelInfo} and notes."""
+    notes: List[str] = []
+    nvcc = find_tool("nvcc")
+    cache = cache or repo / "build" / "model"
+    sources = sorted((repo / "cuda").glob("*.cu"))
+    if not sources:
+        raise ModelError(f"model: no cuda/*.cu under {repo}")
+    if nvcc:
+        ver = _run([nvcc, "--version"], repo).stdout.strip().splitlines()[-1]
+        out = cache / source_hash(repo, ver)
+    else:
+        # No compiler: read a cache built from these very sources by any nvcc (the hash covers the version, so
+        # look for a directory whose recorded source hash matches).
+        want = source_hash(repo, "")
+        out = None
+        for d in sorted(cache.glob("*")) if cache.is_dir() else []:
+            if (d / "sources.hash").is_file() and (d / "sources.hash").read_text().strip() == want:
+                out = d
+        if out is None:
+            raise ModelError("model: nvcc is not on PATH and build/model/ holds no compiled output of these sources")
+        notes.append(f"nvcc absent: read the compiled kernels cached in {out.relative_to(repo)}")
+        ver = (out / "nvcc.version").read_text().strip()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sources.hash").write_text(source_hash(repo, "") + "\n")
+    (out / "nvcc.version").write_text(ver + "\n")
+    cuobjdump = find_tool("cuobjdump") if sass else None
+    if not cuobjdump:
+        notes.append("SASS tools absent (pip install nvidia-cuda-cuobjdump): ptxas only; FFMA share taken as 1, "
+                     "so every GEMM time is a LOWER BOUND")
+    kernels: Dict[str, KernelInfo] = {}
+    for src in sources:
+        cubin, rep, sass = out / f"{src.stem}.cubin", out / f"{src.stem}.ptxas.txt", out / f"{src.stem}.sass"
+        if not (cubin.is_file() and rep.is_file()):
+            if not nvcc:
+                raise ModelError(f"model: {cubin} missing from the cache and nvcc is absent")
+            log(f"compiling {src.relative_to(repo)} for sm_90 ...")
+            r = _run([nvcc, "-cubin", "-arch=sm_90", *NVCC_FLAGS, "-Xptxas", "-v",
+                      str(src.relative_to(repo)), "-o", str(cubin)], repo)
+            if r.returncode != 0:
+                raise ModelError(f"model: nvcc failed on {src.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            _write(rep, r.stderr + r.stdout)
+        info = parse_ptxas(rep.read_text(), src.name)
+        if cuobjdump:
+            if not sass.is_file():
+                r = _run([cuobjdump, "-sass", str(cubin)], repo)
+                if r.returncode != 0:
+                    raise ModelError(f"model: cuobjdump failed on {cubin.name}: {r.stderr.strip()[:200]}")
+                _write(sass, r.stdout)
+            for fname, instrs in parse_sass(sass.read_text()).items():
+                if fname in info:
+                    ml = main_loop(instrs)
+                    if ml:
+                        info[fname].loop_ffma, info[fname].loop_instr = ml["ffma"], ml["instr"]
+                        info[fname].loop_local = ml["local"]
+        for k, v in info.items():
+            kernels[f"{src.name}:{k}"] = v
+    notes.append(f"kernels: {ver}, sm_90, cache {out.relative_to(repo) if out.is_relative_to(repo) else out}")
+    return kernels, notes
+
+
+# Readable names of the kernels the passes use: (file, substring of the mangled name).
+GEMM_OPS = {
+    "conv_fwd": ("conv.cu", "7ConvFwd"),
+    "conv_dgrad": ("conv.cu", "12ConvBwdInput"),
+    "conv_wgrad": ("conv.cu", "13ConvBwdWeight"),
+    "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
+    "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
+    "linear_wgrad": ("gemm.cu", "StridedGemmILb0ELb0E"),
+}
+KERNELS = {
+    "splitk_reduce": ("gemm.cu", "splitk_reduce_kernel"),
+    "conv_bias_grad": ("conv.cu", "conv2d_backward_bias_kernel"),
+    "linear_bias_grad": ("gemm.cu", "linear_backward_bias_kernel"),
+    "relu_fwd": ("relu.cu", "relu_forward_kernel"),
+    "relu_bwd": ("relu.cu", "relu_backward_kernel"),
+    "lrn_fwd": ("lrn.cu", "lrn_forward_kernel"),
+    "lrn_bwd": ("lrn.cu", "lrn_backward_kernel"),
+    "pool_fwd": ("pool.cu", "maxpool_forward_kernel"),
+    "pool_bwd": ("pool.cu", "maxpool_backward_kernel"),
+    "dropout_fwd": ("dropout.cu", "dropout_forward_kernel"),
+    "dropout_bwd": ("dropout.cu", "dropout_backward_kernel"),
+    "softmax_xent_fwd": ("softmax.cu", "softmax_rows_kernelILb1E"),
+    "softmax_xent_bwd": ("softmax.cu", "softmax_xent_backward_kernel"),
+    "sgd": ("sgd.cu", "sgd_update_kernel"),
+    "insert": ("tensor_ops.cu", "channel_copy_kernelI6float4Lb1E"),
+    "extract": ("tensor_ops.cu", "channel_copy_kernelI6float4Lb0E"),
+    "add": ("tensor_ops.cu", "add_kernel"),
+    "augment": ("augment.cu", "augment_batch_kernel"),
+}
+
+
+def find_kernel(kernels: Dict[str, KernelInfo], file: str, *subs: str) -> KernelInfo:
+    hits = [v for k, v in kernels.items() if k.startswith(file + ":") and all(s in k for s in subs)]
+    if len(hits) != 1:
+        raise ModelError(f"model: expected one kernel in {file} matching {subs}, found {len(hits)} "
+                         "(did a kernel's name change? update GEMM_OPS/KERNELS in benchmarks/model.py)")
+    return hits[0]
+
+
+def gemm_kernel(kernels, op: str, tile: int) -> KernelInfo:
+    file, sub = GEMM_OPS[op]
+    return find_kernel(kernels, file, f"GemmCfgILi{tile}ELi{tile}E", sub)
+
+
+# =============================================================================================================
+# The launchers' choices (cuda/common.cuh, conv.cu, gemm.cu), in Python
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemm_tiles(M: int, N: int, t: int) -> int:
+    return cdiv(M, t) * cdiv(N, t)
+
+
+def use_big_tiles(M: int, N: int, Z: int) -> bool:
+    return M > 64 and N > 64 and gemm_tiles(M, N, 128) * Z >= TARGET_BLOCKS
+
+
+def choose_split_k(blocks: int, Kr: int) -> Tuple[int, int]:
+    """(slices, chunk) as choose_split_k returns them."""
+    splits = 1
+    if blocks < TARGET_BLOCKS // 2 and Kr > 512:
+        want = cdiv(TARGET_BLOCKS, blocks)
+        splits = max(1, min(want, Kr // 256, 64))
+    c = cdiv(cdiv(Kr, splits), 8) * 8
+    c = max(c, 8)
+    return (cdiv(Kr, c) if Kr > 0 else 1), c
+
+
+@dataclasses.dataclass
+class GemmLaunch:
+    op: str
+    M: int
+    N: int
+    K: int
+    Z: int            # groups (slices of the problem, each M x N x K)
+    tile: int
+    splits: int
+    chunk: int
+
+    @property
+    def blocks(self) -> int:
+        return gemm_tiles(self.M, self.N, self.tile) * self.Z * self.splits
+
+
+def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1) -> GemmLaunch:
+    """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K."""
+    if use_big_tiles(M, N, Z):
+        return GemmLaunch(op, M, N, K, Z, 128, 1, K)
+    if op in ("conv_fwd", "conv_dgrad"):
+        return GemmLaunch(op, M, N, K, Z, 64, 1, K)
+    splits, chunk = choose_split_k(gemm_tiles(M, N, 64) * Z, K)
+    return GemmLaunch(op, M, N, K, Z, 64, splits, chunk)
+
+
+# =============================================================================================================
+# Prediction
+
+
+@dataclasses.dataclass
+class Pass:
+    layer: str
+    pass_: str
+    kernel: str
+    launches: int = 1
+    tile: str = ""
+    grid: int = 0
+    bps: int = 0           # blocks per SM
+    waves: float = 0.0
+    ffma_share: Optional[float] = None
+    spills: str = ""
+    flops: float = 0.0
+    bytes: float = 0.0
+    fill: Optional[float] = None
+    wave_eff: Optional[float] = None
+    bound: str = ""
+    ms: float = 0.0
+    in_step: bool = True
+    count: int = 1         # how many times the step runs it (both towers)
+    op: str = ""           # the scheduler op it runs in (the name a traced step records, csrc/net.cpp)
+
+
+class Model:
+    def __init__(self, kernels: Dict[str, KernelInfo], bw: float, sass: bool):
+        self.k = kernels
+        self.bw = bw
+        self.sass = sass
+
+    def gemm(self, layer: str, pass_: str, op: str, M: int, N: int, K: int, Z: int = 1,
+             bytes_: float = 0.0) -> List[Pass]:
+        g = plan_gemm(op, M, N, K, Z)
+        info = gemm_kernel(self.k, op, g.tile)
+        bps = blocks_per_sm(GEMM_THREADS, info.regs, info.smem)
+        share = info.ffma_share if (self.sass and info.ffma_share) else 1.0
+        B = g.blocks
+        tiles_mn = cdiv(M, g.tile) * g.tile * cdiv(N, g.tile) * g.tile
+        kpad = sum(cdiv(min(g.chunk, K - s * g.chunk), BK) * BK for s in range(g.splits))
+        padded = 2.0 * tiles_mn * kpad * Z
+        useful = 2.0 * M * N * K * Z
+        w = padded / B
+        n = cdiv(B, SMS)
+        t = 0.0
+        left = n
+        while left > 0:
+            k = min(left, bps)
+            eta = min(1.0, k * (GEMM_THREADS // 32) / WARPS_HIDE)
+            t += k * w / (SM_RATE * share * eta)
+            left -= k
+        t_mem = bytes_ / self.bw
+        bound = "FFMA issue" if t >= t_mem else "memory"
+        ms = (max(t, t_mem) + LAUNCH_GAP_US * 1e-6) * 1e3
+        spill = f"{info.spill_stores}/{info.spill_loads}"
+        if info.loop_local:
+            spill += f" ({info.loop_local} in loop)"
+        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.tile}" + (f" splitK{g.splits}" if g.splits > 1 else ""),
+                 B, bps, B / (bps * SMS), info.ffma_share if self.sass else None, spill, useful, bytes_,
+                 useful / padded, (padded / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
+        out = [p]
+        if g.splits > 1:
+            total = M * N * Z
+            out.append(self.stream(layer, pass_ + " reduce", "splitk_reduce", (g.splits + 1) * total * 4.0,
+                                   grid=min(cdiv(total, THREADS_1D), MAX_BLOCKS_1D), threads=THREADS_1D))
+        return out
+
+    def stream(self, layer: str, pass_: str, kernel: str, bytes_: float, grid: int, threads: int = THREADS_1D,
+               active: Optional[int] = None, launches: int = 1) -> Pass:
+        """A memory-bound kernel: `bytes_` at the copy bandwidth, derated when too few threads are resident."""
+        info = find_kernel(self.k, *KERNELS[kernel])
+        bps = blocks_per_sm(threads, info.regs, info.smem)
+        resident_blocks = min(grid, bps * SMS)
+        act = threads if active is None else active
+        par = min(1.0, resident_blocks * act / HALF_THREADS)
+        t = bytes_ / (self.bw * par) + launches * LAUNCH_GAP_US * 1e-6
+        return Pass(layer, pass_, kernel, launches, "", grid, bps, grid / (bps * SMS), None,
+                    f"{info.spill_stores}/{info.spill_loads}", 0.0, bytes_, None, None,
+                    f"memory ({par:.0%} par.)" if par < 1 else "memory", t * 1e3)
+
+    def copy(self, layer: str, pass_: str, bytes_: float) -> Pass:
+        """A device-to-device cudaMemcpy of bytes_ (read + write)."""
+        return Pass(layer, pass_, "memcpy D2D", 1, "", 0, 0, 0.0, None, "", 0.0, 2 * bytes_, None, None, "memory",
+                    (2 * bytes_ / self.bw + LAUNCH_GAP_US * 1e-6) * 1e3)
+
+
+def plane_grid(planes: int, inner: int, threads: int = THREADS_1D) -> Tuple[int, int]:
+    """(blocks, active threads per block) of plane_grid (common.cuh)."""
+    gy = max(1, min(planes, 65535))
+    gx = cdiv(inner, threads)
+    cap = cdiv(MAX_BLOCKS_1D, gy)
+    gx = max(1, min(gx, cap))
+    return gx * gy, min(threads, cdiv(inner, gx))
+
+
+def grid_1d(n: int) -> int:
+    return max(1, min(cdiv(n, THREADS_1D), MAX_BLOCKS_1D))
+
+
+def tower_layers(cfg: dict) -> List[dict]:
+    """The per-tower layer table of csrc/net.cpp (Net::build_layers) for `cfg` (alexnet_cuda.config keys)."""
+    T = cfg["towers"]
+    pool_w = 3 if cfg["overlap_pool"] else 2
+    c1 = cfg["conv1"]
+    rows = [(c1["kernel"], c1["padding"], c1["stride"], False, True, True), (5, 2, 1, False, True, True),
+            (3, 1, 1, True, False, False), (3, 1, 1, False, False, False), (3, 1, 1, False, False, True)]
+    out, hw, c_own = [], cfg["input_size"], cfg["in_channels"]
+    for i, (k, pad, stride, cross, lrn, pool) in enumerate(rows):
+        name = f"conv{i + 1}"
+        if name in cfg.get("drop_layers", ()):
+            raise ModelError("model: drop_layers ablations are not modelled")
+        cross = cross and T > 1
+        in_c = c_own * T if cross else c_own
+        out_c = cfg["channels"][i] // T
+        o = (hw + 2 * pad - k) // stride + 1
+        po = (o - pool_w) // 2 + 1 if pool else o
+        out.append(dict(name=name, conv=True, cross=cross, in_c=in_c, out_c=out_c, k=k, pad=pad, stride=stride,
+                        in_hw=hw, out_hw=o, pooled_hw=po, lrn=lrn and cfg["lrn"], pool=pool, relu=True,
+                        dropout=False))
+        hw, c_own = po, out_c
+    feats = c_own * hw * hw
+    for i, o in enumerate([cfg["fc"][0] // T, cfg["fc"][1] // T, cfg["num_classes"] // T]):
+        out.append(dict(name=f"fc{6 + i}", conv=False, cross=T > 1, in_c=feats * T, out_c=o, relu=i < 2,
+                        dropout=i < 2 and cfg["dropout"] > 0, lrn=False, pool=False))
+        feats = o
+    return out
+
+
+def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
+    """Every pass of one training step (one tower's; `count` = towers), in issue order."""
+    T = cfg["towers"]
+    L = tower_layers(cfg)
+    P: List[Pass] = []
+    f = 4.0
+
+    def add(ps, count=T):
+        for p in ps if isinstance(ps, list) else [ps]:
+            p.count = count
+            P.append(p)
+
+    def out_elems(l):
+        return N * l["out_c"] * (l["pooled_hw"] ** 2 if l["conv"] else 1)
+
+    for i, l in enumerate(L):
+        name = l["name"]
+        if l["cross"]:
+            part = out_elems(L[i - 1])
+            add(m.copy(name, "gather: copy from the other tower", (T - 1) * part * f))
+            inner = L[i - 1]["pooled_hw"] ** 2 if L[i - 1]["conv"] else 1
+            g, a = plane_grid(N, cdiv(L[i - 1]["out_c"] * inner, 4))
+            add(m.stream(name, "gather: concat", "insert", T * 2 * part * f, g, active=a, launches=T))
+        if l["conv"]:
+            PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
+            Kr = l["in_c"] * l["k"] ** 2
+            x_b, y_b, w_b = N * l["in_c"] * HW * f, N * l["out_c"] * PQ * f, l["out_c"] * Kr * f
+            add(m.gemm(name, "forward", "conv_fwd", l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b))
+            z = N * l["out_c"] * PQ
+        else:
+            x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
+            add(m.gemm(name, "forward", "linear_fwd", N, l["out_c"], l["in_c"], 1, x_b + y_b + w_b))
+            z = N * l["out_c"]
+        if l["relu"]:
+            add(m.stream(name, "relu forward", "relu_fwd", 8 * z, grid_1d(cdiv(z, 4))))
+        if l["lrn"]:
+            g, a = plane_grid(N * l["out_c"], PQ)
+            add(m.stream(name, "lrn forward", "lrn_fwd", 12 * z, g, active=a))
+        if l["pool"]:
+            po = N * l["out_c"] * l["pooled_hw"] ** 2
+            g, a = plane_grid(N * l["out_c"], l["pooled_hw"] ** 2)
+            add(m.stream(name, "pool forward", "pool_fwd", 4 * z + 8 * po, g, active=a))
+        if l["dropout"]:
+            add(m.stream(name, "dropout forward", "dropout_fwd", 9 * z, grid_1d(z)))
+
+    classes = cfg["num_classes"]
+    lg = N * classes
+    if T > 1:
+        add(m.copy("loss", "logits: copy fc8 to tower 0", (T - 1) * lg / T * f), 1)
+        g, a = plane_grid(N, cdiv(classes // T, 4))
+        add(m.stream("loss", "logits: concat", "insert", 2 * lg * f, g, active=a, launches=T), 1)
+    add(m.stream("loss", "softmax-xent forward", "softmax_xent_fwd", 2 * lg * f, N), 1)
+    g, a = plane_grid(N, classes)
+    add(m.stream("loss", "softmax-xent backward", "softmax_xent_bwd", 2 * lg * f, g, active=a), 1)
+    if T > 1:
+        g, a = plane_grid(N, cdiv(classes // T, 4))
+        add(m.stream("loss", "dlogits: slice", "extract", 2 * lg * f, g, active=a, launches=T), 1)
+        add(m.copy("loss", "dlogits: copy to tower 1", (T - 1) * lg / T * f), 1)
+
+    for i in range(len(L) - 1, -1, -1):
+        l = L[i]
+        name = l["name"]
+        z = N * l["out_c"] * (l["out_hw"] ** 2 if l["conv"] else 1)
+        if l["dropout"]:
+            add(m.stream(name, "dropout backward", "dropout_bwd", 9 * z, grid_1d(z)))
+        if l["pool"]:
+            po = N * l["out_c"] * l["pooled_hw"] ** 2
+            g, a = plane_grid(N * l["out_c"], l["out_hw"] ** 2)
+            add(m.stream(name, "pool backward", "pool_bwd", 8 * po + 4 * z, g, active=a))
+        if l["lrn"]:
+            g, a = plane_grid(N * l["out_c"], l["out_hw"] ** 2)
+            add(m.stream(name, "lrn backward", "lrn_bwd", 20 * z, g, active=a))
+        if l["relu"]:
+            add(m.stream(name, "relu backward", "relu_bwd", 12 * z, grid_1d(cdiv(z, 4))))
+        if l["conv"]:
+            PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
+            Kr = l["in_c"] * l["k"] ** 2
+            x_b, y_b, w_b = N * l["in_c"] * HW * f, z * f, l["out_c"] * Kr * f
+            add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b))
+            add(m.stream(name, "grad-bias", "conv_bias_grad", z * f, l["out_c"]))
+            if i > 0:
+                add(m.gemm(name, "grad-input", "conv_dgrad", l["in_c"], N * HW, l["out_c"] * l["k"] ** 2, 1,
+                           x_b + y_b + w_b))
+            nw = l["out_c"] * Kr
+        else:
+            x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
+            add(m.gemm(name, "grad-weight", "linear_wgrad", l["out_c"], l["in_c"], N, 1, x_b + y_b + w_b))
+            add(m.stream(name, "grad-bias", "linear_bias_grad", z * f, cdiv(l["out_c"], 32)))
+            add(m.gemm(name, "grad-input", "linear_dgrad", N, l["in_c"], l["out_c"], 1, x_b + y_b + w_b))
+            nw = l["out_c"] * l["in_c"]
+        add(m.stream(name, "sgd weight", "sgd", 20 * nw, grid_1d(cdiv(nw, 4))))
+        add(m.stream(name, "sgd bias", "sgd", 20 * l["out_c"], grid_1d(cdiv(l["out_c"], 4))))
+        if i > 0 and l["cross"]:
+            prev = L[i - 1]
+            inner = prev["pooled_hw"] ** 2 if prev["conv"] else 1
+            part = N * prev["out_c"] * inner
+            g, a = plane_grid(N, cdiv(prev["out_c"] * inner, 4))
+            add(m.stream(name, "d_in: slice", "extract", T * 2 * part * f, g, active=a, launches=T))
+            add(m.copy(name, "d_in: copy to the other tower", (T - 1) * part * f))
+            add(m.stream(name, "d_in: sum", "add", (T - 1) * 12 * part, grid_1d(cdiv(part, 4)), launches=T - 1))
+    return P
+
+
+_SCHED_OPS = [  # pass name prefix -> scheduler op (csrc/net.cpp); {l} the layer, {p} the one before it
+    ("gather: copy", "copy {p}->{l}"), ("gather: concat", "{l}.gather"), ("forward", "{l}.fprop"),
+    ("relu forward", "{l}.relu"), ("lrn forward", "{l}.lrn"), ("pool forward", "{l}.pool"),
+    ("dropout forward", "{l}.dropout"), ("dropout backward", "{l}.bprop_epilogue"),
+    ("pool backward", "{l}.bprop_epilogue"), ("lrn backward", "{l}.bprop_epilogue"),
+    ("relu backward", "{l}.bprop_epilogue"), ("grad-weight", "{l}.wgrad"), ("grad-bias", "{l}.wgrad"),
+    ("grad-input", "{l}.dgrad"), ("sgd", "{l}.sgd"), ("d_in: slice", "{l}.d_in.split"),
+    ("d_in: copy", "copy {p}->{l}"), ("d_in: sum", "{l}.d_in.sum"),
+    ("logits: copy", "copy fc8->loss"), ("logits: concat", "logits.gather"),
+    ("softmax-xent forward", "softmax_xent.fprop"), ("softmax-xent backward", "softmax_xent.bprop"),
+    ("dlogits: slice", "logits.split"), ("dlogits: copy", "copy fc8->loss"),
+]
+
+
+def name_sched_ops(passes: List[Pass], cfg: dict) -> None:
+    names = [l["name"] for l in tower_layers(cfg)]
+    prev = {n: (names[i - 1] if i else "input") for i, n in enumerate(names)}
+    for p in passes:
+        for prefix, fmt in _SCHED_OPS:
+            if p.pass_.startswith(prefix):
+                p.op = fmt.format(l=p.layer, p=prev.get(p.layer, ""))
+                break
+
+
+def trace_comparison(results: Path, commit: str, passes: List[Pass], step_ms: float) -> List[dict]:
+    """Per scheduler op of a traced step (benchmarks/trace_step.py: <gpu>_<date>_trace_summary.json with the
+    commit, beside its Chrome trace): measured ms summed over both towers vs the passes predicted in it."""
+    rows: List[dict] = []
+    for sp in sorted(results.glob("*_trace_summary.json")) if results.is_dir() else []:
+        try:
+            summ = json.loads(sp.read_text())
+            if str(summ.get("commit", "")).replace("-dirty", "") != commit.replace("-dirty", ""):
+                continue
+            if str(summ.get("device", "cpu")).lower() == "cpu" or summ.get("config") != "paper":
+                continue
+            trace = json.loads(sp.with_name(sp.name.replace("_trace_summary.json", "_trace.json")).read_text())
+        except (OSError, ValueError):
+            continue
+        meas: Dict[str, float] = {}
+        for e in trace.get("traceEvents", []):
+            meas[e["name"]] = meas.get(e["name"], 0.0) + float(e.get("dur", 0.0)) / 1e3
+        pred: Dict[str, float] = {}
+        for p in passes:
+            if p.in_step and p.op:
+                pred[p.op] = pred.get(p.op, 0.0) + p.ms * p.count
+        src = str(sp.relative_to(REPO) if sp.resolve().is_relative_to(REPO) else sp)
+        for op, ms in pred.items():
+            if op in meas and meas[op] > 0:
+                rows.append(dict(op=op, pass_="traced op", predicted_ms=ms, measured_ms=meas[op],
+                                 error=(ms - meas[op]) / meas[op], source=src))
+        for key, label in (("union_busy_ms", "traced GPU busy"), ("step_wall_ms", "traced step wall")):
+            if summ.get(key):
+                rows.append(dict(op="step", pass_=label, predicted_ms=step_ms, measured_ms=summ[key],
+                                 error=(step_ms - summ[key]) / summ[key], source=src))
+    return rows
+
+
+def host_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
+    """Work outside the GPU step today (listed, not summed): the loader's augmentation as the CUDA kernel would do it."""
+    S, crop = 256, cfg["input_size"]
+    g, a = plane_grid(N * 3, crop * crop)
+    p = m.stream("input", "augment_batch (GPU kernel; the loader augments on the CPU today)", "augment",
+                 N * S * S * 3 + N * 3 * crop * crop * 8.0, g, active=a)
+    p.in_step = False
+    return [p]
+
+
+# =============================================================================================================
+# Measured results (benchmarks/results/*.json of a GPU run)
+
+
+def git_commit(repo: Path = REPO) -> str:
+    try:
+        head = _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo).stdout.strip()
+        return head + ("-dirty" if dirty else "") if head else "unknown"
+    except Exception:
+        return "unknown (not a git checkout)"
+
+
+def gpu_results(results: Path) -> List[dict]:
+    """Benchmark documents from GPU runs (not this model's own output)."""
+    docs = []
+    for p in sorted(results.glob("*.json")) if results.is_dir() else []:
+        if p.name.startswith("model_"):
+            continue
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and "rows" in d and d.get("mode") == "full":
+            dev = str((d.get("device") or {}).get("name", ""))
+            if "cpu" not in dev.lower():
+                d["_path"] = str(p.relative_to(REPO) if p.resolve().is_relative_to(REPO) else p)
+                docs.append(d)
+    return docs
+
+
+def measured_bandwidth(docs: List[dict], gpu: str) -> Tuple[float, str]:
+    """The copy ceiling a committed H100/H200 run measured, else the named constant."""
+    for d in sorted(docs, key=lambda d: d.get("created", ""), reverse=True):
+        name = str(d.get("device", {}).get("name", ""))
+        bw = (d.get("ceilings") or {}).get("copy_GBps")
+        if bw and gpu.upper() in name.upper():
+            return bw * 1e9, f"measured copy ceiling {bw:.0f} GB/s ({name}, {d['_path']})"
+    return COPY_BW[gpu], (f"constant COPY_BW['{gpu}'] = {COPY_BW[gpu] / 1e12:.1f} TB/s (no committed {gpu.upper()} "
+                          "run holds a measured copy ceiling)")
+
+
+def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], float]:
+    """Predicted ms of the benchmark cases (bench_conv/bench_gemm: the merged single-GPU shapes, groups=towers)."""
+    T = cfg["towers"]
+    out: Dict[Tuple[str, str], float] = {}
+    L = tower_layers(cfg)
+    for l in L:
+        if l["conv"]:
+            # conv1 (every tower reads the whole image) and conv3 (reads both towers) merge into one ungrouped
+            # conv; conv2/4/5 into groups=towers, each group a tower's own shapes.
+            grp = 1 if l["cross"] or l["name"] == "conv1" else T
+            Cg, Kg, Kt = l["in_c"], (l["out_c"] * T if grp == 1 else l["out_c"]), l["out_c"] * T
+            PQ, HW, R2 = l["out_hw"] ** 2, l["in_hw"] ** 2, l["k"] ** 2
+            fw = m.gemm(l["name"], "forward", "conv_fwd", Kg, N * PQ, Cg * R2, grp)
+            dg = m.gemm(l["name"], "grad-input", "conv_dgrad", Cg, N * HW, Kg * R2, grp)
+            wg = m.gemm(l["name"], "grad-weight", "conv_wgrad", Kg, Cg * R2, N * PQ, grp)
+            bb = m.stream(l["name"], "grad-bias", "conv_bias_grad", N * Kt * PQ * 4.0, Kt)
+            for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), ([bb], "grad-bias")):
+                out[(l["name"], pname)] = sum(p.ms for p in ps)
+        else:
+            O = l["out_c"] * T
+            I = l["in_c"]
+            fw = m.gemm(l["name"], "forward", "linear_fwd", N, O, I)
+            dg = m.gemm(l["name"], "grad-input", "linear_dgrad", N, I, O)
+            wg = m.gemm(l["name"], "grad-weight", "linear_wgrad", O, I, N)
+            bb = m.stream(l["name"], "grad-bias", "linear_bias_grad", N * O * 4.0, cdiv(O, 32))
+            for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), ([bb], "grad-bias")):
+                out[(l["name"], pname)] = sum(p.ms for p in ps)
+    return out
+
+
+def _dims(shape: str) -> List[int]:
+    m = re.search(r"\d+(?:x\d+)+", shape)
+    return [int(v) for v in m.group(0).split("x")] if m else []
+
+
+def bench_memory_prediction(m: "Model", row: dict) -> Optional[float]:
+    """Predicted ms of a memory-bound benchmark row (bench_elementwise, bench_lrn_pool, bench_softmax,
+    bench_loader) from its byte count and the grid its launcher makes for the row's shape; None if unknown."""
+    fam, op, pas, by = row.get("family"), str(row.get("op", "")), row.get("pass_"), row.get("bytes")
+    d = _dims(str(row.get("shape", "")))
+    if not by or not d:
+        return None
+    n = math.prod(d)
+    if fam == "elementwise" and op.startswith("relu"):
+        k = "relu_fwd" if pas == "forward" else "relu_bwd"
+        return m.stream("", "", k, by, grid_1d(cdiv(n, 4))).ms
+    if fam == "elementwise" and op.startswith("dropout"):
+        return m.stream("", "", "dropout_fwd" if pas == "forward" else "dropout_bwd", by, grid_1d(n)).ms
+    if fam == "elementwise" and op.startswith("sgd"):
+        tensors = int(str(row["shape"]).split()[0])
+        return m.stream("", "", "sgd", by, MAX_BLOCKS_1D, launches=tensors).ms
+    if fam == "lrn_pool" and op.startswith("lrn") and len(d) == 4:
+        g, a = plane_grid(d[0] * d[1], d[2] * d[3])
+        return m.stream("", "", "lrn_fwd" if pas == "forward" else "lrn_bwd", by, g, active=a).ms
+    mp = re.match(r"maxpool (\d+)/(\d+)", op)
+    if fam == "lrn_pool" and mp and len(d) == 4:
+        w, st = int(mp.group(1)), int(mp.group(2))
+        if pas == "forward":  # shape: the input
+            g, a = plane_grid(d[0] * d[1], ((d[2] - w) // st + 1) ** 2)
+        else:                 # shape: the output; the grid covers the input
+            g, a = plane_grid(d[0] * d[1], ((d[2] - 1) * st + w) ** 2)
+        return m.stream("", "", "pool_fwd" if pas == "forward" else "pool_bwd", by, g, active=a).ms
+    if fam == "softmax" and len(d) == 2:
+        if pas == "forward":
+            return m.stream("", "", "softmax_xent_fwd", by, d[0]).ms
+        g, a = plane_grid(d[0], d[1])
+        return m.stream("", "", "softmax_xent_bwd", by, g, active=a).ms
+    if fam == "loader" and op == "augment_batch":
+        out = _dims(str(row["shape"]).split("->")[-1])
+        if len(out) == 4:
+            g, a = plane_grid(out[0] * out[1], out[2] * out[3])
+            return m.stream("", "", "augment", by, g, active=a).ms
+    return None
+
+
+def comparison(docs: List[dict], commit: str, bench: Dict[Tuple[str, str], float], step_ms: float,
+               m: Optional["Model"] = None) -> List[dict]:
+    rows = []
+    for d in docs:
+        if str(d.get("commit", "")).replace("-dirty", "") != commit.replace("-dirty", ""):
+            continue
+        for r in d["rows"]:
+            if r.get("our_ms") is None:
+                continue
+            if r.get("family") in ("conv", "gemm"):
+                pred = bench.get((r["op"], r["pass_"]))
+            elif r.get("family") == "train_step" and r.get("pass_") == "vs PyTorch eager":
+                pred = step_ms
+            else:
+                pred = bench_memory_prediction(m, r) if m is not None else None
+            if pred is not None:
+                rows.append(dict(op=r["op"], pass_=r["pass_"], predicted_ms=pred, measured_ms=r["our_ms"],
+                                 error=(pred - r["our_ms"]) / r["our_ms"], source=d["_path"]))
+    return rows
+
+
+# =============================================================================================================
+# Report
+
+
+def _f(v, spec, none="-"):
+    return none if v is None else format(v, spec)
+
+
+def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, KernelInfo]], meta: dict,
+           cmp_rows: List[dict]) -> str:
+    lines = [f"Performance model of one training step: {meta['config']} net, batch {meta['batch']}, FP32, "
+             f"{meta['gpu_label']}", f"commit read: {meta['commit']}",
+             f"peak FP32 {PEAK_FP32 / 1e12:.1f} TFLOP/s on {SMS} SMs; bandwidth: {meta['bw_label']}; "
+             f"launch gap {LAUNCH_GAP_US} us per kernel"]
+    lines += [f"note: {n}" for n in meta["notes"]]
+    lines.append("")
+    lines.append("Kernels (ptxas: registers, spill stores/loads in bytes, stack, static smem; SASS main loop)")
+    hdr = f"{'kernel':<22} {'tile':>7} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>6} {'blk/SM':>6} " \
+          f"{'loop FFMA':>9} {'loop instr':>10} {'FFMA share':>10} {'LDL/STL':>7}"
+    lines += [hdr, "-" * len(hdr)]
+    for label, k in kernels_used:
+        name, _, tile = label.partition("@")
+        thr = GEMM_THREADS
+        lines.append(f"{name:<22} {tile:>7} {k.regs:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} {k.stack:>5} "
+                     f"{k.smem:>6} {blocks_per_sm(thr, k.regs, k.smem):>6} {_f(k.loop_ffma, 'd'):>9} "
+                     f"{_f(k.loop_instr, 'd'):>10} {_f(k.ffma_share, '.1%'):>10} {_f(k.loop_local, 'd'):>7}")
+    lines.append("")
+    lines.append("Passes (one tower's launch; x = times per step; ms = all of them)")
+    hdr = f"{'layer':<6} {'pass':<34} {'kernel':<17} {'tile':<15} {'grid':>6} {'b/SM':>4} {'waves':>6} " \
+          f"{'FFMA':>6} {'fill':>5} {'wave':>5} {'spills':<16} {'bound':<18} {'x':>2} {'ms':>8}"
+    lines += [hdr, "-" * len(hdr)]
+    for p in passes:
+        grid, bps, waves = (f"{p.grid}", f"{p.bps}", f"{p.waves:.2f}") if p.grid else ("-", "-", "-")
+        lines.append(f"{p.layer:<6} {p.pass_[:34]:<34} {p.kernel:<17} {p.tile:<15} {grid:>6} {bps:>4} "
+                     f"{waves:>6} {_f(p.ffma_share, '.0%'):>6} {_f(p.fill, '.0%'):>5} "
+                     f"{_f(p.wave_eff, '.0%'):>5} {p.spills:<16} {p.bound[:18]:<18} {p.count:>2} "
+                     f"{p.ms * p.count:>8.3f}")
+    lines.append("")
+    lines.append("Per layer (ms per step, both towers)")
+    order, tot = [], {}
+    for p in passes:
+        if p.layer not in tot:
+            order.append(p.layer)
+            tot[p.layer] = {"gemm": 0.0, "other": 0.0}
+        tot[p.layer]["gemm" if p.flops else "other"] += p.ms * p.count
+    lines.append(f"{'layer':<6} {'GEMM':>8} {'other':>8} {'total':>8}")
+    for n in order:
+        t = tot[n]
+        lines.append(f"{n:<6} {t['gemm']:>8.3f} {t['other']:>8.3f} {t['gemm'] + t['other']:>8.3f}")
+    g = sum(t["gemm"] for t in tot.values())
+    o = sum(t["other"] for t in tot.values())
+    lines.append(f"{'all':<6} {g:>8.3f} {o:>8.3f} {g + o:>8.3f}")
+    flops = sum(p.flops * p.count for p in passes)
+    lines.append(f"GEMM FLOPs per step {flops / 1e12:.3f} TFLOP: floor at peak {flops / PEAK_FP32 * 1e3:.2f} ms; "
+                 f"GEMM passes predicted at {flops / (g * 1e-3) / 1e12:.1f} TFLOP/s "
+                 f"({flops / (g * 1e-3) / PEAK_FP32:.0%} of peak)")
+    lines.append(f"kernel launches per step: {sum(p.launches * p.count for p in passes)}")
+    lines.append("")
+    lines.append("Outside the GPU step (not summed)")
+    for p in host:
+        lines.append(f"{p.layer:<6} {p.pass_:<60} {p.ms:>8.3f} ms")
+    lines.append("")
+    if cmp_rows:
+        lines.append("Measured (GPU run of the same commit) vs predicted")
+        lines.append(f"{'op':<34} {'pass':<18} {'predicted ms':>12} {'measured ms':>12} {'error':>8}")
+        for r in cmp_rows:
+            lines.append(f"{r['op'][:34]:<34} {r['pass_']:<18} {r['predicted_ms']:>12.3f} {r['measured_ms']:>12.3f} "
+                         f"{r['error']:>+8.0%}")
+        lines.append("error = (predicted - measured) / measured. Benchmark rows: conv/fc at the benchmarks' merged "
+                     "shapes (groups = towers), not the per-tower passes above; train_step is timed by the host clock, "
+                     "so it includes the host path the model leaves out. Traced ops: a step of trace_step.py, both "
+                     "towers summed.")
+    else:
+        lines.append("Measured: no GPU run of this commit under benchmarks/results/ (nothing to compare)")
+    lines.append("")
+    lines.append(f"predicted step: {meta['step_ms']:.2f} ms (FP32, batch 128, H100/H200)")
+    return "\n".join(lines) + "\n"
+
+
+def run_model(args) -> Tuple[str, dict]:
+    sys.path.insert(0, str(REPO))
+    try:
+        from alexnet_cuda.config import alexnet_config  # noqa: E402  (pure Python, no extension needed)
+        cfg = alexnet_config()
+    except Exception:  # the package's __init__ may need the built extension; the paper's table is fixed anyway
+        cfg = dict(input_size=224, in_channels=3, num_classes=1000, towers=2,
+                   conv1=dict(kernel=11, stride=4, padding=2), channels=(96, 256, 384, 384, 256), fc=(4096, 4096),
+                   lrn=True, overlap_pool=True, dropout=0.5, drop_layers=())
+    kernels, notes = compile_kernels(REPO, log=lambda s: print(s, file=sys.stderr), sass=not args.no_sass)
+    sass = any(k.loop_ffma is not None for k in kernels.values())
+    docs = gpu_results(Path(args.results))
+    bw, bw_label = measured_bandwidth(docs, args.gpu)
+    m = Model(kernels, bw, sass)
+    N = args.batch
+    passes = step_passes(m, cfg, N)
+    host = host_passes(m, cfg, N)
+    name_sched_ops(passes, cfg)
+    step_ms = sum(p.ms * p.count for p in passes if p.in_step)
+    commit = git_commit()
+    bench = bench_predictions(m, cfg, N)
+    cmp_rows = comparison(docs, commit, bench, step_ms, m) + trace_comparison(Path(args.results), commit, passes,
+                                                                             step_ms)
+    used = []
+    for op in GEMM_OPS:
+        for t in (128, 64):
+            used.append((f"{op}@{t}x{t}", gemm_kernel(kernels, op, t)))
+    meta = dict(config="paper", batch=N, gpu_label={"h200": "H200 (H100 SXM compute)", "h100": "H100 SXM"}[args.gpu],
+                commit=commit, bw_label=bw_label, notes=notes, step_ms=step_ms)
+    text = render(passes, host, used, meta, cmp_rows)
+    doc = dict(schema=1, script="model", created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               commit=commit, gpu=args.gpu, batch=N, config="paper", sass=sass,
+               constants=dict(sms=SMS, peak_fp32=PEAK_FP32, bandwidth=bw, bandwidth_label=bw_label,
+                              launch_gap_us=LAUNCH_GAP_US, warps_hide=WARPS_HIDE, half_threads=HALF_THREADS),
+               notes=notes, kernels={lbl: dataclasses.asdict(k) | {"ffma_share": k.ffma_share} for lbl, k in used},
+               passes=[dataclasses.asdict(p) for p in passes], outside_step=[dataclasses.asdict(p) for p in host],
+               bench_cases_ms={f"{op} {pass_}": ms for (op, pass_), ms in bench.items()},
+               comparison=cmp_rows, predicted_step_ms=step_ms)
+    return text, doc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpu", choices=sorted(COPY_BW), default="h200", help="whose copy bandwidth (default h200)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--no-write", action="store_true", help="print only; write nothing under benchmarks/results/")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where to write the results")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"),
+                    help="where to look for GPU runs (measured copy ceiling, per-pass times to compare)")
+    ap.add_argument("--no-sass", action="store_true", help="ptxas only, as when cuobjdump is absent")
+    args = ap.parse_args(argv)
+    if args.batch < 1:
+        print("model: --batch must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        text, doc = run_model(args)
+    except (ModelError, OSError, subprocess.SubprocessError) as e:
+        print(str(e).splitlines()[0] if str(e) else type(e).__name__, file=sys.stderr)
+        return 1
+    if not args.no_write:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"model_{doc['created'][:10]}_{doc['commit'][:7]}{'-dirty' if doc['commit'].endswith('-dirty') else ''}"
+        (out / f"{stem}.txt").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+        print(f"wrote {out / stem}.txt and .json", file=sys.stderr)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
