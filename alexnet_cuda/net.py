@@ -71,7 +71,9 @@ class Net:
         a = np.asarray(labels)
         if not np.issubdtype(a.dtype, np.integer):
             raise TypeError(f"{op}: argument 'labels' must hold integers, got {a.dtype}")
-        return np.ascontiguousarray(a, dtype=np.int32)
+        # Passed in its own integer dtype: the core checks the range [0, classes) before narrowing to int32,
+        # so 2**32 + 1 is an error rather than class 1.
+        return a
 
     def train_step(self, images, labels, lr):
         """Forward (dropout on), backward and the SGD update. Returns dict(loss, top1, top5, n)."""

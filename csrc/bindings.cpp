@@ -3,8 +3,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cfloat>
+#include <cmath>
 #include <cstring>
+#include <optional>
+#include <sstream>
+#include <type_traits>
 
+#include "checked.h"
 #include "net.h"
 #include "ops.h"
 #include "tensor.h"
@@ -14,23 +20,140 @@ using namespace ax;
 
 namespace {
 
-DType dtype_from_numpy(const py::array& a, const char* op) {
-    const py::dtype dt = a.dtype();
-    if (dt.is(py::dtype::of<float>())) return DType::f32;
-    if (dt.is(py::dtype::of<uint8_t>())) return DType::u8;
-    if (dt.is(py::dtype::of<int32_t>())) return DType::i32;
-    throw TypeError(std::string(op) + ": argument 'array' has dtype " + std::string(py::str(dt)) +
-                    "; expected float32, uint8 or int32 (convert with array.astype)");
+// ---- arguments from Python: every conversion checks kind and range first and names the op and argument ----
+
+std::string where(const char* op, const char* arg) { return std::string(op) + ": argument '" + arg + "' "; }
+
+std::string type_name(const py::handle& v) { return py::str(py::type::of(v).attr("__name__")); }
+
+bool is_numpy_number(const py::handle& v, const char* kind) {
+    // Leaked on purpose: a static py::object would be released after the interpreter is finalized.
+    static py::object* np = new py::object(py::module_::import("numpy"));
+    return py::isinstance(v, np->attr(kind));
 }
 
-Tensor from_numpy(const py::array& a, const std::string& device) {
+// A Python or NumPy integer (not a bool) as int64, or TypeError/ValueError naming op and arg.
+int64_t int64_arg(const py::handle& v, const char* op, const char* arg) {
+    if (py::isinstance<py::bool_>(v) || is_numpy_number(v, "bool_") ||
+        !(py::isinstance<py::int_>(v) || is_numpy_number(v, "integer")))
+        throw TypeError(where(op, arg) + "must be an int, got " + type_name(v));
+    py::int_ i = py::reinterpret_steal<py::int_>(PyNumber_Index(v.ptr()));
+    if (!i) throw py::error_already_set();
+    int overflow = 0;
+    const long long r = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+    if (overflow) throw ValueError(where(op, arg) + "is " + std::string(py::str(i)) + ", outside the 64-bit range");
+    return r;
+}
+
+// An int that must fit the int32 the ops take (their own checks then apply the op's range).
+int int_arg(const py::handle& v, const char* op, const char* arg) {
+    const int64_t r = int64_arg(v, op, arg);
+    if (r < INT32_MIN || r > INT32_MAX)
+        throw ValueError(where(op, arg) + "is " + std::to_string(r) + ", outside the int32 range [-2^31, 2^31-1]");
+    return static_cast<int>(r);
+}
+
+uint64_t uint64_arg(const py::handle& v, const char* op, const char* arg) {
+    if (py::isinstance<py::bool_>(v) || is_numpy_number(v, "bool_") ||
+        !(py::isinstance<py::int_>(v) || is_numpy_number(v, "integer")))
+        throw TypeError(where(op, arg) + "must be an int, got " + type_name(v));
+    py::int_ i = py::reinterpret_steal<py::int_>(PyNumber_Index(v.ptr()));
+    if (!i) throw py::error_already_set();
+    const unsigned long long r = PyLong_AsUnsignedLongLong(i.ptr());
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        throw ValueError(where(op, arg) + "is " + std::string(py::str(i)) + ", outside [0, 2^64-1]");
+    }
+    return r;
+}
+
+// A real number (Python int or float, NumPy integer or floating; not a bool, str or complex) as float32.
+// Range and finiteness are the op's to check (a double beyond float32 becomes inf, which they reject).
+float float_arg(const py::handle& v, const char* op, const char* arg) {
+    if (py::isinstance<py::bool_>(v) || is_numpy_number(v, "bool_") ||
+        !(py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v) || is_numpy_number(v, "integer") ||
+          is_numpy_number(v, "floating")))
+        throw TypeError(where(op, arg) + "must be a real number, got " + type_name(v));
+    const double d = PyFloat_AsDouble(v.ptr());
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        throw ValueError(where(op, arg) + "is out of range for a float");
+    }
+    return static_cast<float>(d);
+}
+
+// An int or a pair of ints, e.g. stride=4 or stride=(4, 4); raises TypeError naming op and arg.
+std::pair<int, int> pair_arg(const py::handle& v, const char* op, const char* arg) {
+    if (py::isinstance<py::int_>(v) || is_numpy_number(v, "integer")) {
+        const int i = int_arg(v, op, arg);
+        return {i, i};
+    }
+    if (!py::isinstance<py::str>(v) && !py::isinstance<py::bytes>(v) && py::isinstance<py::sequence>(v)) {
+        auto s = py::reinterpret_borrow<py::sequence>(v);
+        if (s.size() == 2) return {int_arg(s[0], op, arg), int_arg(s[1], op, arg)};
+    }
+    throw TypeError(where(op, arg) + "must be an int or a pair of ints");
+}
+
+Tensor tensor_arg(const py::handle& v, const char* op, const char* arg) {
+    if (!py::isinstance<Tensor>(v))
+        throw TypeError(where(op, arg) + "must be an alexnet_cuda Tensor, got " + type_name(v) +
+                        (py::isinstance<py::array>(v) ? " (convert with alexnet_cuda.from_numpy)" : ""));
+    return v.cast<Tensor>();
+}
+
+std::optional<Tensor> opt_tensor_arg(const py::handle& v, const char* op, const char* arg) {
+    if (v.is_none()) return std::nullopt;
+    return tensor_arg(v, op, arg);
+}
+
+// ---- arrays -----------------------------------------------------------------------------------------
+// An array's buffer is read only after its dtype is known to hold exactly the bytes we read: never through
+// a cast that may fail (py::array_t::ensure returns a null array for, e.g., a string or structured array,
+// which is what crashed load_state_dict), and never reinterpreting a buffer of another item size.
+
+bool native_order(const py::dtype& dt) {
+    const char b = dt.byteorder();
+    static const bool little = py::module_::import("sys").attr("byteorder").cast<std::string>() == "little";
+    return b == '=' || b == '|' || (b == '<' && little) || (b == '>' && !little);
+}
+
+// The DType whose bytes `dt` holds exactly (kind, size and byte order), or nothing.
+std::optional<DType> exact_dtype(const py::dtype& dt) {
+    if (dt.has_fields() || !native_order(dt)) return std::nullopt;
+    const char k = dt.kind();
+    const auto n = dt.itemsize();
+    if (k == 'f' && n == 4) return DType::f32;
+    if (k == 'u' && n == 1) return DType::u8;
+    if (k == 'i' && n == 4) return DType::i32;
+    return std::nullopt;
+}
+
+py::array array_arg(const py::handle& v, const char* op, const char* arg) {
+    if (!py::isinstance<py::array>(v))
+        throw TypeError(where(op, arg) + "must be a numpy.ndarray, got " + type_name(v));
+    return py::reinterpret_borrow<py::array>(v);
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()); }
+
+Tensor from_numpy(const py::handle& obj, const py::handle& device_obj) {
     const char* op = "from_numpy";
-    const DType dt = dtype_from_numpy(a, op);
+    py::array a = array_arg(obj, op, "array");
+    const auto dt = exact_dtype(a.dtype());
+    if (!dt)
+        throw TypeError(where(op, "array") + "has dtype " + dtype_str(a) +
+                        "; expected float32, uint8 or int32 in native byte order (convert with array.astype)");
     if (!(a.flags() & py::array::c_style))
-        throw ValueError(std::string(op) + ": argument 'array' is not C-contiguous (use numpy.ascontiguousarray)");
-    const Device dev = Device::parse(device, op, "device");
+        throw ValueError(where(op, "array") + "is not C-contiguous (use numpy.ascontiguousarray)");
+    if (!py::isinstance<py::str>(device_obj))
+        throw TypeError(where(op, "device") + "must be a str, got " + type_name(device_obj));
+    const Device dev = Device::parse(device_obj.cast<std::string>(), op, "device");
     std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
-    Tensor host = Tensor::empty(shape, dt, Device{});
+    Tensor host = Tensor::empty(shape, *dt, Device{});
+    if (host.nbytes() != static_cast<size_t>(a.nbytes()))  // cannot differ once the dtype matched; never copy past either
+        throw ValueError(where(op, "array") + "holds " + std::to_string(a.nbytes()) + " bytes, expected " +
+                         std::to_string(host.nbytes()));
     if (host.nbytes()) std::memcpy(host.raw(), a.data(), host.nbytes());
     if (dev.is_cpu()) return host;
     py::gil_scoped_release nogil;
@@ -55,34 +178,39 @@ py::array to_numpy(const Tensor& t) {
     return out;
 }
 
-}  // namespace
-
-namespace {
-
-// An int or a pair of ints, e.g. stride=4 or stride=(4, 4); raises TypeError naming op and arg.
-std::pair<int, int> pair_arg(const py::object& v, const char* op, const char* arg) {
-    if (py::isinstance<py::int_>(v) && !py::isinstance<py::bool_>(v)) {
-        const int i = v.cast<int>();
-        return {i, i};
-    }
-    if (py::isinstance<py::sequence>(v) && !py::isinstance<py::str>(v)) {
-        auto s = v.cast<py::sequence>();
-        if (s.size() == 2 && py::isinstance<py::int_>(s[0]) && py::isinstance<py::int_>(s[1]))
-            return {s[0].cast<int>(), s[1].cast<int>()};
-    }
-    throw TypeError(std::string(op) + ": argument '" + arg + "' must be an int or a pair of ints");
-}
-
 // ---- Net glue -------------------------------------------------------------------------------------
 
 template <typename T>
 T cfg_get(const py::dict& d, const char* key) {
     if (!d.contains(key)) throw ValueError(std::string("Net: config is missing '") + key + "'");
-    try {
-        return d[key].cast<T>();
-    } catch (const py::cast_error&) {
-        throw TypeError(std::string("Net: config entry '") + key + "' has the wrong type (" +
-                        std::string(py::str(py::type::of(d[key]))) + ")");
+    const py::object v = d[key];
+    const std::string arg = std::string("config['") + key + "']";
+    // Numbers go through the checked converters: an int beyond int32 or a NaN is named, not mis-typed.
+    if constexpr (std::is_same_v<T, int>) {
+        return int_arg(v, "Net", arg.c_str());
+    } else if constexpr (std::is_same_v<T, float>) {
+        const float f = float_arg(v, "Net", arg.c_str());
+        if (!std::isfinite(f)) throw ValueError(where("Net", arg.c_str()) + "must be finite (and fit a float32)");
+        return f;
+    } else if constexpr (std::is_same_v<T, bool>) {
+        if (py::isinstance<py::bool_>(v) || is_numpy_number(v, "bool_")) return v.cast<bool>();
+        if (py::isinstance<py::int_>(v) || is_numpy_number(v, "integer")) {  // 0 and 1, as a config file may spell them
+            const int64_t i = int64_arg(v, "Net", arg.c_str());
+            if (i == 0 || i == 1) return i == 1;
+        }
+        throw TypeError(where("Net", arg.c_str()) + "must be a bool, got " + std::string(py::repr(v)));
+    } else if constexpr (std::is_same_v<T, std::vector<int>>) {
+        if (py::isinstance<py::str>(v) || !py::isinstance<py::sequence>(v))
+            throw TypeError(where("Net", arg.c_str()) + "must be a list of ints, got " + type_name(v));
+        std::vector<int> out;
+        for (auto item : py::reinterpret_borrow<py::sequence>(v)) out.push_back(int_arg(item, "Net", arg.c_str()));
+        return out;
+    } else {
+        try {
+            return v.cast<T>();
+        } catch (const py::cast_error&) {
+            throw TypeError(std::string("Net: config entry '") + key + "' has the wrong type (" + type_name(v) + ")");
+        }
     }
 }
 
@@ -113,21 +241,91 @@ NetConfig config_from_dict(const py::dict& d) {
     return c;
 }
 
-using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using i32_array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
-int check_images(const Net& net, const f32_array& images, const char* op) {
+// Images for the Net: a float32 (N, C, S, S) array, exactly (no silent cast from another dtype); made
+// C-contiguous if it is not. Returns the array to read and N.
+std::pair<py::array, int> images_arg(const Net& net, const py::handle& obj, const char* op) {
+    py::array a = array_arg(obj, op, "images");
+    if (exact_dtype(a.dtype()) != DType::f32)
+        throw TypeError(where(op, "images") + "must be float32, got " + dtype_str(a));
     const auto& c = net.config();
-    if (images.ndim() != 4 || images.shape(1) != c.in_channels || images.shape(2) != c.input_size ||
-        images.shape(3) != c.input_size)
-        throw ValueError(std::string(op) + ": argument 'images' must have shape (N, " + std::to_string(c.in_channels) +
-                         ", " + std::to_string(c.input_size) + ", " + std::to_string(c.input_size) + ")");
-    return static_cast<int>(images.shape(0));
+    if (a.ndim() != 4 || a.shape(1) != c.in_channels || a.shape(2) != c.input_size || a.shape(3) != c.input_size)
+        throw ValueError(where(op, "images") + "must have shape (N, " + std::to_string(c.in_channels) + ", " +
+                         std::to_string(c.input_size) + ", " + std::to_string(c.input_size) + ")");
+    checked::check_elements(op, "images", std::vector<int64_t>(a.shape(), a.shape() + 4));
+    const int n = checked::to_int(op, "images", a.shape(0));
+    if (!(a.flags() & py::array::c_style)) a = py::module_::import("numpy").attr("ascontiguousarray")(a);
+    return {a, n};
 }
 
-void check_labels(const i32_array& labels, int n, const char* op) {
-    if (labels.ndim() != 1 || labels.shape(0) != n)
-        throw ValueError(std::string(op) + ": argument 'labels' must have shape (" + std::to_string(n) + ",)");
+// Labels for the Net: an integer array of shape (n,) whose every value is in [0, classes), checked in the
+// array's own dtype before it is narrowed to int32 (so 2^32 + 1 is an error, not class 1).
+std::vector<int32_t> labels_arg(const py::handle& obj, int n, int classes, const char* op) {
+    py::array a = array_arg(obj, op, "labels");
+    const char k = a.dtype().kind();
+    if (a.dtype().has_fields() || (k != 'i' && k != 'u'))
+        throw TypeError(where(op, "labels") + "must hold integers, got dtype " + dtype_str(a));
+    if (a.ndim() != 1 || a.shape(0) != n)
+        throw ValueError(where(op, "labels") + "must have shape (" + std::to_string(n) + ",)");
+    std::vector<int32_t> out(static_cast<size_t>(n));
+    if (n == 0) return out;
+    py::module_ np = py::module_::import("numpy");
+    // NumPy compares any integer dtype with a Python int exactly (pybind11's `<` would ask for one bool).
+    py::object bad = np.attr("flatnonzero")(
+        np.attr("logical_or")(np.attr("less")(a, py::int_(0)), np.attr("greater_equal")(a, py::int_(classes))));
+    if (py::len(bad) > 0) {
+        const py::object i = bad[py::int_(0)];
+        throw ValueError(where(op, "labels") + "holds " + std::string(py::str(a[i])) + " at " +
+                         std::string(py::str(i)) + ", outside [0, " + std::to_string(classes) + ")");
+    }
+    py::array l = np.attr("ascontiguousarray")(a, "int32");  // exact: every value is in [0, classes)
+    std::memcpy(out.data(), l.data(), sizeof(int32_t) * out.size());
+    return out;
+}
+
+// One state-dict entry as a host float32 tensor of the shape `want`. The dtype is checked first (floating
+// point only: not str, bytes, object, structured, complex, bool or integer), then the shape, and only
+// then is the buffer read, through NumPy's own conversion to exactly the dtype being read. Values must be
+// finite in float32: a float64 beyond float32's range is an error, not inf.
+Tensor state_entry(const std::string& name, const py::handle& obj, const std::vector<int64_t>& want) {
+    const std::string where_ = "load_state_dict: entry '" + name + "' ";
+    if (!py::isinstance<py::array>(obj))
+        throw TypeError(where_ + "must be a numpy.ndarray, got " + type_name(obj));
+    py::array a = py::reinterpret_borrow<py::array>(obj);
+    if (a.dtype().has_fields() || a.dtype().kind() != 'f')
+        throw TypeError(where_ + "has dtype " + dtype_str(a) + "; expected a floating-point array");
+    const std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
+    if (shape != want)
+        throw ValueError(where_ + "has shape " + checked::shape_str(shape) + ", the net has " + checked::shape_str(want));
+    Tensor t = Tensor::empty(shape, DType::f32, Device{});
+    float* dst = t.data<float>();
+    const int64_t n = t.numel();
+    py::module_ np = py::module_::import("numpy");
+    auto not_finite = [&](int64_t i, const std::string& v) {
+        return ValueError(where_ + "holds " + v + " at flat index " + std::to_string(i) +
+                          ", which is not a finite float32 (parameters and momentum must be finite)");
+    };
+    if (exact_dtype(a.dtype()) == DType::f32) {
+        py::array c = np.attr("ascontiguousarray")(a);
+        const float* src = static_cast<const float*>(c.data());
+        for (int64_t i = 0; i < n; ++i) {
+            if (!std::isfinite(src[i])) throw not_finite(i, std::to_string(src[i]));
+            dst[i] = src[i];
+        }
+    } else {
+        py::array c = np.attr("ascontiguousarray")(a, "float64");
+        if (exact_dtype(c.dtype()).has_value() || c.dtype().kind() != 'f' || c.dtype().itemsize() != 8)
+            throw TypeError(where_ + "could not be converted to float64");
+        const double* src = static_cast<const double*>(c.data());
+        for (int64_t i = 0; i < n; ++i) {
+            if (!std::isfinite(src[i]) || std::fabs(src[i]) > FLT_MAX) {
+                std::ostringstream o;
+                o << src[i];
+                throw not_finite(i, o.str());
+            }
+            dst[i] = static_cast<float>(src[i]);
+        }
+    }
+    return t;
 }
 
 py::dict result_dict(const StepResult& r) {
@@ -152,6 +350,8 @@ PYBIND11_MODULE(_C, m) {
             PyErr_SetString(PyExc_TypeError, e.what());
         } catch (const ax::ValueError& e) {
             PyErr_SetString(PyExc_ValueError, e.what());
+        } catch (const ax::OutOfMemory& e) {
+            PyErr_SetString(PyExc_MemoryError, e.what());
         }
     });
 
@@ -175,7 +375,8 @@ PYBIND11_MODULE(_C, m) {
                    "')";
         });
 
-    m.def("from_numpy", &from_numpy, py::arg("array"), py::arg("device") = "cpu",
+    m.def("from_numpy", [](const py::object& a, const py::object& device) { return from_numpy(a, device); },
+          py::arg("array"), py::arg("device") = "cpu",
           "Copy a C-contiguous float32, uint8 or int32 NumPy array to a Tensor on `device`.");
     m.def("built_with_cuda", &built_with_cuda, "True if the CUDA backend was compiled into this build.");
     m.def("_arch_list_covers", &arch_list_covers, py::arg("archs"), py::arg("compute_capability"),
@@ -220,120 +421,285 @@ PYBIND11_MODULE(_C, m) {
         py::arg("index") = 0);
 
     py::module_ o = m.def_submodule("ops", "Every op, forward and backward; see csrc/ops.h for the contracts.");
-    using opt_t = std::optional<Tensor>;
-    const auto nogil = py::call_guard<py::gil_scoped_release>();
+    // Every argument arrives as a Python object and is converted by the *_arg helpers above, so a wrong
+    // kind or an out-of-range int is a TypeError/ValueError naming the op and the argument, never a
+    // pybind11 "incompatible function arguments" or a RuntimeError from a failed cast.
+    using obj = const py::object&;
+    const auto none = py::none();
 
     o.def(
         "conv2d_forward",
-        [](const Tensor& x, const Tensor& w, const opt_t& b, py::object stride, py::object padding, int groups) {
-            auto s = pair_arg(stride, "conv2d_forward", "stride");
-            auto p = pair_arg(padding, "conv2d_forward", "padding");
+        [](obj x, obj w, obj b, obj stride, obj padding, obj groups) {
+            const char* op = "conv2d_forward";
+            const Tensor tx = tensor_arg(x, op, "x"), tw = tensor_arg(w, op, "w");
+            const auto tb = opt_tensor_arg(b, op, "b");
+            const auto s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
+            const int g = int_arg(groups, op, "groups");
             py::gil_scoped_release r;
-            return ops::conv2d_forward(x, w, b, s.first, s.second, p.first, p.second, groups);
+            return ops::conv2d_forward(tx, tw, tb, s.first, s.second, p.first, p.second, g);
         },
-        py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::arg("stride") = 1, py::arg("padding") = 0,
+        py::arg("x"), py::arg("w"), py::arg("b") = none, py::arg("stride") = 1, py::arg("padding") = 0,
         py::arg("groups") = 1);
     o.def(
         "conv2d_backward_input",
-        [](const Tensor& dy, const Tensor& w, py::object input_hw, py::object stride, py::object padding, int groups) {
-            auto hw = pair_arg(input_hw, "conv2d_backward_input", "input_hw");
-            auto s = pair_arg(stride, "conv2d_backward_input", "stride");
-            auto p = pair_arg(padding, "conv2d_backward_input", "padding");
+        [](obj dy, obj w, obj input_hw, obj stride, obj padding, obj groups) {
+            const char* op = "conv2d_backward_input";
+            const Tensor tdy = tensor_arg(dy, op, "dy"), tw = tensor_arg(w, op, "w");
+            const auto hw = pair_arg(input_hw, op, "input_hw");
+            const auto s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
+            const int g = int_arg(groups, op, "groups");
             py::gil_scoped_release r;
-            return ops::conv2d_backward_input(dy, w, hw.first, hw.second, s.first, s.second, p.first, p.second, groups);
+            return ops::conv2d_backward_input(tdy, tw, hw.first, hw.second, s.first, s.second, p.first, p.second, g);
         },
         py::arg("dy"), py::arg("w"), py::arg("input_hw"), py::arg("stride") = 1, py::arg("padding") = 0,
         py::arg("groups") = 1);
     o.def(
         "conv2d_backward_weight",
-        [](const Tensor& x, const Tensor& dy, py::object kernel, py::object stride, py::object padding, int groups) {
-            auto k = pair_arg(kernel, "conv2d_backward_weight", "kernel");
-            auto s = pair_arg(stride, "conv2d_backward_weight", "stride");
-            auto p = pair_arg(padding, "conv2d_backward_weight", "padding");
+        [](obj x, obj dy, obj kernel, obj stride, obj padding, obj groups) {
+            const char* op = "conv2d_backward_weight";
+            const Tensor tx = tensor_arg(x, op, "x"), tdy = tensor_arg(dy, op, "dy");
+            const auto k = pair_arg(kernel, op, "kernel");
+            const auto s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
+            const int g = int_arg(groups, op, "groups");
             py::gil_scoped_release r;
-            return ops::conv2d_backward_weight(x, dy, k.first, k.second, s.first, s.second, p.first, p.second, groups);
+            return ops::conv2d_backward_weight(tx, tdy, k.first, k.second, s.first, s.second, p.first, p.second, g);
         },
         py::arg("x"), py::arg("dy"), py::arg("kernel"), py::arg("stride") = 1, py::arg("padding") = 0,
         py::arg("groups") = 1);
-    o.def("conv2d_backward_bias", &ops::conv2d_backward_bias, py::arg("dy"), nogil);
+    o.def(
+        "conv2d_backward_bias",
+        [](obj dy) {
+            const Tensor t = tensor_arg(dy, "conv2d_backward_bias", "dy");
+            py::gil_scoped_release r;
+            return ops::conv2d_backward_bias(t);
+        },
+        py::arg("dy"));
 
-    o.def("linear_forward", &ops::linear_forward, py::arg("x"), py::arg("w"), py::arg("b") = py::none(), nogil);
-    o.def("linear_backward_input", &ops::linear_backward_input, py::arg("dy"), py::arg("w"), nogil);
-    o.def("linear_backward_weight", &ops::linear_backward_weight, py::arg("x"), py::arg("dy"), nogil);
-    o.def("linear_backward_bias", &ops::linear_backward_bias, py::arg("dy"), nogil);
+    o.def(
+        "linear_forward",
+        [](obj x, obj w, obj b) {
+            const char* op = "linear_forward";
+            const Tensor tx = tensor_arg(x, op, "x"), tw = tensor_arg(w, op, "w");
+            const auto tb = opt_tensor_arg(b, op, "b");
+            py::gil_scoped_release r;
+            return ops::linear_forward(tx, tw, tb);
+        },
+        py::arg("x"), py::arg("w"), py::arg("b") = none);
+    o.def(
+        "linear_backward_input",
+        [](obj dy, obj w) {
+            const char* op = "linear_backward_input";
+            const Tensor a = tensor_arg(dy, op, "dy"), b = tensor_arg(w, op, "w");
+            py::gil_scoped_release r;
+            return ops::linear_backward_input(a, b);
+        },
+        py::arg("dy"), py::arg("w"));
+    o.def(
+        "linear_backward_weight",
+        [](obj x, obj dy) {
+            const char* op = "linear_backward_weight";
+            const Tensor a = tensor_arg(x, op, "x"), b = tensor_arg(dy, op, "dy");
+            py::gil_scoped_release r;
+            return ops::linear_backward_weight(a, b);
+        },
+        py::arg("x"), py::arg("dy"));
+    o.def(
+        "linear_backward_bias",
+        [](obj dy) {
+            const Tensor t = tensor_arg(dy, "linear_backward_bias", "dy");
+            py::gil_scoped_release r;
+            return ops::linear_backward_bias(t);
+        },
+        py::arg("dy"));
 
-    o.def("relu_forward", &ops::relu_forward, py::arg("x"), nogil);
-    o.def("relu_backward", &ops::relu_backward, py::arg("dy"), py::arg("y"), nogil);
+    o.def(
+        "relu_forward",
+        [](obj x) {
+            const Tensor t = tensor_arg(x, "relu_forward", "x");
+            py::gil_scoped_release r;
+            return ops::relu_forward(t);
+        },
+        py::arg("x"));
+    o.def(
+        "relu_backward",
+        [](obj dy, obj y) {
+            const char* op = "relu_backward";
+            const Tensor a = tensor_arg(dy, op, "dy"), b = tensor_arg(y, op, "y");
+            py::gil_scoped_release r;
+            return ops::relu_backward(a, b);
+        },
+        py::arg("dy"), py::arg("y"));
 
-    o.def("lrn_forward", &ops::lrn_forward, py::arg("x"), py::arg("size") = 5, py::arg("k") = 2.0f,
-          py::arg("alpha") = 1e-4f, py::arg("beta") = 0.75f, nogil, "Returns (y, scale).");
-    o.def("lrn_backward", &ops::lrn_backward, py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("scale"),
-          py::arg("size") = 5, py::arg("k") = 2.0f, py::arg("alpha") = 1e-4f, py::arg("beta") = 0.75f, nogil);
+    o.def(
+        "lrn_forward",
+        [](obj x, obj size, obj k, obj alpha, obj beta) {
+            const char* op = "lrn_forward";
+            const Tensor t = tensor_arg(x, op, "x");
+            const int n = int_arg(size, op, "size");
+            const float fk = float_arg(k, op, "k"), fa = float_arg(alpha, op, "alpha"), fb = float_arg(beta, op, "beta");
+            py::gil_scoped_release r;
+            return ops::lrn_forward(t, n, fk, fa, fb);
+        },
+        py::arg("x"), py::arg("size") = 5, py::arg("k") = 2.0, py::arg("alpha") = 1e-4, py::arg("beta") = 0.75,
+        "Returns (y, scale).");
+    o.def(
+        "lrn_backward",
+        [](obj dy, obj x, obj y, obj scale, obj size, obj k, obj alpha, obj beta) {
+            const char* op = "lrn_backward";
+            const Tensor tdy = tensor_arg(dy, op, "dy"), tx = tensor_arg(x, op, "x"), ty = tensor_arg(y, op, "y"),
+                         ts = tensor_arg(scale, op, "scale");
+            const int n = int_arg(size, op, "size");
+            const float fk = float_arg(k, op, "k"), fa = float_arg(alpha, op, "alpha"), fb = float_arg(beta, op, "beta");
+            py::gil_scoped_release r;
+            return ops::lrn_backward(tdy, tx, ty, ts, n, fk, fa, fb);
+        },
+        py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("size") = 5, py::arg("k") = 2.0,
+        py::arg("alpha") = 1e-4, py::arg("beta") = 0.75);
 
     o.def(
         "maxpool_forward",
-        [](const Tensor& x, py::object window, py::object stride, py::object padding) {
-            auto k = pair_arg(window, "maxpool_forward", "window");
-            auto s = pair_arg(stride, "maxpool_forward", "stride");
-            auto p = pair_arg(padding, "maxpool_forward", "padding");
+        [](obj x, obj window, obj stride, obj padding) {
+            const char* op = "maxpool_forward";
+            const Tensor t = tensor_arg(x, op, "x");
+            const auto k = pair_arg(window, op, "window"), s = pair_arg(stride, op, "stride"),
+                       p = pair_arg(padding, op, "padding");
             py::gil_scoped_release r;
-            return ops::maxpool_forward(x, k.first, k.second, s.first, s.second, p.first, p.second);
+            return ops::maxpool_forward(t, k.first, k.second, s.first, s.second, p.first, p.second);
         },
         py::arg("x"), py::arg("window") = 3, py::arg("stride") = 2, py::arg("padding") = 0, "Returns (y, argmax).");
     o.def(
         "maxpool_backward",
-        [](const Tensor& dy, const Tensor& argmax, py::object input_hw, py::object window, py::object stride,
-           py::object padding) {
-            auto hw = pair_arg(input_hw, "maxpool_backward", "input_hw");
-            auto k = pair_arg(window, "maxpool_backward", "window");
-            auto s = pair_arg(stride, "maxpool_backward", "stride");
-            auto p = pair_arg(padding, "maxpool_backward", "padding");
+        [](obj dy, obj argmax, obj input_hw, obj window, obj stride, obj padding) {
+            const char* op = "maxpool_backward";
+            const Tensor tdy = tensor_arg(dy, op, "dy"), ta = tensor_arg(argmax, op, "argmax");
+            const auto hw = pair_arg(input_hw, op, "input_hw"), k = pair_arg(window, op, "window"),
+                       s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
             py::gil_scoped_release r;
-            return ops::maxpool_backward(dy, argmax, hw.first, hw.second, k.first, k.second, s.first, s.second, p.first,
+            return ops::maxpool_backward(tdy, ta, hw.first, hw.second, k.first, k.second, s.first, s.second, p.first,
                                          p.second);
         },
         py::arg("dy"), py::arg("argmax"), py::arg("input_hw"), py::arg("window") = 3, py::arg("stride") = 2,
         py::arg("padding") = 0);
 
-    o.def("dropout_forward", &ops::dropout_forward, py::arg("x"), py::arg("p") = 0.5f, py::arg("seed") = 0,
-          py::arg("offset") = 0, nogil, "Returns (y, mask).");
-    o.def("dropout_backward", &ops::dropout_backward, py::arg("dy"), py::arg("mask"), py::arg("p") = 0.5f, nogil);
+    o.def(
+        "dropout_forward",
+        [](obj x, obj p, obj seed, obj offset) {
+            const char* op = "dropout_forward";
+            const Tensor t = tensor_arg(x, op, "x");
+            const float fp = float_arg(p, op, "p");
+            const uint64_t s = uint64_arg(seed, op, "seed"), off = uint64_arg(offset, op, "offset");
+            py::gil_scoped_release r;
+            return ops::dropout_forward(t, fp, s, off);
+        },
+        py::arg("x"), py::arg("p") = 0.5, py::arg("seed") = 0, py::arg("offset") = 0, "Returns (y, mask).");
+    o.def(
+        "dropout_backward",
+        [](obj dy, obj mask, obj p, obj check_mask) {
+            const char* op = "dropout_backward";
+            const Tensor tdy = tensor_arg(dy, op, "dy"), tm = tensor_arg(mask, op, "mask");
+            const float fp = float_arg(p, op, "p");
+            if (!py::isinstance<py::bool_>(check_mask))
+                throw TypeError(where(op, "check_mask") + "must be a bool, got " + type_name(check_mask));
+            const bool check = check_mask.cast<bool>();
+            py::gil_scoped_release r;
+            return ops::dropout_backward(tdy, tm, fp, check);
+        },
+        py::arg("dy"), py::arg("mask"), py::arg("p") = 0.5, py::arg("check_mask") = true,
+        "The mask must hold only 0 and 1 (checked on the host unless check_mask=False, for a mask straight "
+        "from dropout_forward: the check copies a device mask to the host and synchronizes).");
 
     o.def(
         "softmax_cross_entropy_forward",
-        [](const Tensor& logits, const Tensor& labels) {
+        [](obj logits, obj labels) {
+            const char* op = "softmax_cross_entropy_forward";
+            const Tensor tl = tensor_arg(logits, op, "logits"), tlab = tensor_arg(labels, op, "labels");
             ops::SoftmaxXent r;
             {
                 py::gil_scoped_release g;
-                r = ops::softmax_cross_entropy_forward(logits, labels, true);
+                r = ops::softmax_cross_entropy_forward(tl, tlab, true);
             }
             return py::make_tuple(r.loss, r.probs, r.rank);
         },
         py::arg("logits"), py::arg("labels"), "Returns (loss per sample, probs, rank of the label).");
     o.def(
         "softmax_cross_entropy_backward",
-        [](const Tensor& probs, const Tensor& labels, float scale) {
-            return ops::softmax_cross_entropy_backward(probs, labels, scale, true);
+        [](obj probs, obj labels, obj scale) {
+            const char* op = "softmax_cross_entropy_backward";
+            const Tensor tp = tensor_arg(probs, op, "probs"), tlab = tensor_arg(labels, op, "labels");
+            const float s = float_arg(scale, op, "scale");
+            py::gil_scoped_release r;
+            return ops::softmax_cross_entropy_backward(tp, tlab, s, true);
         },
-        py::arg("probs"), py::arg("labels"), py::arg("scale"), nogil);
-    o.def("softmax_forward", &ops::softmax_forward, py::arg("logits"), nogil);
+        py::arg("probs"), py::arg("labels"), py::arg("scale"));
+    o.def(
+        "softmax_forward",
+        [](obj logits) {
+            const Tensor t = tensor_arg(logits, "softmax_forward", "logits");
+            py::gil_scoped_release r;
+            return ops::softmax_forward(t);
+        },
+        py::arg("logits"));
 
     o.def(
         "sgd_update",
-        [](Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum, float weight_decay) {
-            ops::sgd_update(w, dw, v, lr, momentum, weight_decay);
+        [](obj w, obj dw, obj v, obj lr, obj momentum, obj weight_decay) {
+            const char* op = "sgd_update";
+            Tensor tw = tensor_arg(w, op, "w"), tv = tensor_arg(v, op, "v");
+            const Tensor tdw = tensor_arg(dw, op, "dw");
+            const float flr = float_arg(lr, op, "lr"), fm = float_arg(momentum, op, "momentum"),
+                        fwd = float_arg(weight_decay, op, "weight_decay");
+            py::gil_scoped_release r;
+            ops::sgd_update(tw, tdw, tv, flr, fm, fwd);  // the copies share storage with the caller's tensors
         },
-        py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"), py::arg("momentum") = 0.9f,
-        py::arg("weight_decay") = 0.0005f, nogil, "In place: v = m v - wd lr w - lr dw; w += v.");
+        py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"), py::arg("momentum") = 0.9,
+        py::arg("weight_decay") = 0.0005, "In place: v = m v - wd lr w - lr dw; w += v.");
 
-    o.def("concat_channels", &ops::concat_channels, py::arg("xs"), nogil);
-    o.def("slice_channels", &ops::slice_channels, py::arg("x"), py::arg("c0"), py::arg("c1"), nogil);
-    o.def("add", &ops::add, py::arg("a"), py::arg("b"), nogil);
-    o.def("augment_batch", &ops::augment_batch, py::arg("images"), py::arg("offsets"), py::arg("flips"),
-          py::arg("light"), py::arg("mean"), py::arg("crop"), nogil);
+    o.def(
+        "concat_channels",
+        [](obj xs) {
+            const char* op = "concat_channels";
+            if (py::isinstance<py::str>(xs) || !py::isinstance<py::sequence>(xs))
+                throw TypeError(where(op, "xs") + "must be a list of Tensors, got " + type_name(xs));
+            std::vector<Tensor> ts;
+            for (auto item : py::reinterpret_borrow<py::sequence>(xs)) ts.push_back(tensor_arg(item, op, "xs"));
+            py::gil_scoped_release r;
+            return ops::concat_channels(ts);
+        },
+        py::arg("xs"));
+    o.def(
+        "slice_channels",
+        [](obj x, obj c0, obj c1) {
+            const char* op = "slice_channels";
+            const Tensor t = tensor_arg(x, op, "x");
+            const int a = int_arg(c0, op, "c0"), b = int_arg(c1, op, "c1");
+            py::gil_scoped_release r;
+            return ops::slice_channels(t, a, b);
+        },
+        py::arg("x"), py::arg("c0"), py::arg("c1"));
+    o.def(
+        "add",
+        [](obj a, obj b) {
+            const Tensor ta = tensor_arg(a, "add", "a"), tb = tensor_arg(b, "add", "b");
+            py::gil_scoped_release r;
+            return ops::add(ta, tb);
+        },
+        py::arg("a"), py::arg("b"));
+    o.def(
+        "augment_batch",
+        [](obj images, obj offsets, obj flips, obj light, obj mean, obj crop) {
+            const char* op = "augment_batch";
+            const Tensor ti = tensor_arg(images, op, "images"), to = tensor_arg(offsets, op, "offsets"),
+                         tf = tensor_arg(flips, op, "flips"), tl = tensor_arg(light, op, "light"),
+                         tm = tensor_arg(mean, op, "mean");
+            const int c = int_arg(crop, op, "crop");
+            py::gil_scoped_release r;
+            return ops::augment_batch(ti, to, tf, tl, tm, c);
+        },
+        py::arg("images"), py::arg("offsets"), py::arg("flips"), py::arg("light"), py::arg("mean"), py::arg("crop"));
 
     py::class_<Net>(m, "Net", "The two-tower AlexNet in C++ (use alexnet_cuda.Net, the Python front, instead).")
-        .def(py::init([](const py::dict& cfg, const std::vector<std::string>& devices, bool shared, uint64_t seed) {
+        .def(py::init([](const py::dict& cfg, const std::vector<std::string>& devices, bool shared, const py::object& seed_obj) {
+                 const uint64_t seed = uint64_arg(seed_obj, "Net", "seed");
                  std::vector<Device> devs;
                  for (const auto& s : devices) devs.push_back(Device::parse(s, "Net", "devices"));
                  NetConfig c = config_from_dict(cfg);
@@ -343,50 +709,51 @@ PYBIND11_MODULE(_C, m) {
              py::arg("config"), py::arg("devices"), py::arg("shared"), py::arg("seed"))
         .def(
             "train_step",
-            [](Net& net, const f32_array& images, const i32_array& labels, float lr) {
-                const int n = check_images(net, images, "train_step");
-                check_labels(labels, n, "train_step");
+            [](Net& net, const py::object& images, const py::object& labels, const py::object& lr_obj) {
+                const auto img = images_arg(net, images, "train_step");
+                const auto lab = labels_arg(labels, img.second, net.config().num_classes, "train_step");
+                const float lr = float_arg(lr_obj, "train_step", "lr");
                 StepResult r;
                 {
                     py::gil_scoped_release nogil;
-                    r = net.train_step(images.data(), labels.data(), n, lr);
+                    r = net.train_step(static_cast<const float*>(img.first.data()), lab.data(), img.second, lr);
                 }
                 return result_dict(r);
             },
             py::arg("images"), py::arg("labels"), py::arg("lr"))
         .def(
             "forward",
-            [](Net& net, const f32_array& images, bool probs) {
-                const int n = check_images(net, images, "forward");
+            [](Net& net, const py::object& images, bool probs) {
+                const auto img = images_arg(net, images, "forward");
                 Tensor out;
                 {
                     py::gil_scoped_release nogil;
-                    out = net.forward(images.data(), n, probs);
+                    out = net.forward(static_cast<const float*>(img.first.data()), img.second, probs);
                 }
                 return to_numpy(out);
             },
             py::arg("images"), py::arg("probs") = false)
         .def(
             "features",
-            [](Net& net, const f32_array& images, const std::string& layer) {
-                const int n = check_images(net, images, "features");
+            [](Net& net, const py::object& images, const std::string& layer) {
+                const auto img = images_arg(net, images, "features");
                 Tensor out;
                 {
                     py::gil_scoped_release nogil;
-                    out = net.features(images.data(), n, layer);
+                    out = net.features(static_cast<const float*>(img.first.data()), img.second, layer);
                 }
                 return to_numpy(out);
             },
             py::arg("images"), py::arg("layer"))
         .def(
             "evaluate",
-            [](Net& net, const f32_array& images, const i32_array& labels) {
-                const int n = check_images(net, images, "evaluate");
-                check_labels(labels, n, "evaluate");
+            [](Net& net, const py::object& images, const py::object& labels) {
+                const auto img = images_arg(net, images, "evaluate");
+                const auto lab = labels_arg(labels, img.second, net.config().num_classes, "evaluate");
                 StepResult r;
                 {
                     py::gil_scoped_release nogil;
-                    r = net.evaluate(images.data(), labels.data(), n);
+                    r = net.evaluate(static_cast<const float*>(img.first.data()), lab.data(), img.second);
                 }
                 return result_dict(r);
             },
@@ -399,27 +766,37 @@ PYBIND11_MODULE(_C, m) {
              })
         .def(
             "load_state",
-            [](Net& net, const py::dict& d) {
+            [](Net& net, const py::object& obj) {
+                if (!py::isinstance<py::dict>(obj))
+                    throw TypeError("load_state_dict: argument 'state' must be a dict, got " + type_name(obj));
+                const py::dict d = py::reinterpret_borrow<py::dict>(obj);
+                std::map<std::string, std::vector<int64_t>> want;
+                for (auto& kv : net.state()) want[kv.first] = kv.second.shape();
                 std::map<std::string, Tensor> host;
                 for (auto item : d) {
+                    if (!py::isinstance<py::str>(item.first))
+                        throw TypeError("load_state_dict: key " + std::string(py::repr(item.first)) + " is not a str");
                     const std::string name = item.first.cast<std::string>();
-                    py::array a = py::array::ensure(item.second);
-                    if (!a) throw TypeError("load_state_dict: entry '" + name + "' is not an array");
-                    f32_array f = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(a);
-                    std::vector<int64_t> shape(f.shape(), f.shape() + f.ndim());
-                    Tensor t = Tensor::empty(shape, DType::f32, Device{});
-                    if (t.nbytes()) std::memcpy(t.raw(), f.data(), t.nbytes());
-                    host[name] = t;
+                    auto it = want.find(name);
+                    if (it == want.end()) throw ValueError("load_state_dict: unexpected entry '" + name + "'");
+                    host[name] = state_entry(name, item.second, it->second);
                 }
                 py::gil_scoped_release nogil;
-                net.load_state(host);
+                net.load_state(host);  // checks again that every entry is present
             },
             py::arg("state"))
         .def("dropout_key", &Net::dropout_key, py::arg("step"), py::arg("layer"), py::arg("tower"),
              "(seed, offset) of a dropout mask, as ops.dropout_forward takes them.")
-        .def_readwrite("step", &Net::step)
+        .def_property(
+            "step", [](const Net& net) { return net.step; },
+            [](Net& net, const py::object& v) {
+                const int64_t step = int64_arg(v, "Net", "step");
+                if (step < 0) throw ValueError("Net: argument 'step' must be >= 0, got " + std::to_string(step));
+                net.step = step;
+            })
         .def_readwrite("trace", &Net::trace)
-        .def_property("seed", &Net::seed, &Net::set_seed)
+        .def_property("seed", &Net::seed,
+                      [](Net& net, const py::object& v) { net.set_seed(uint64_arg(v, "Net", "seed")); })
         .def_property_readonly("devices",
                                [](const Net& net) {
                                    std::vector<std::string> s;

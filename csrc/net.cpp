@@ -6,6 +6,7 @@
 #include <set>
 #include <sstream>
 
+#include "checked.h"
 #include "philox.h"
 
 namespace ax {
@@ -27,12 +28,23 @@ uint64_t hash_name(const std::string& s) {
 
 [[noreturn]] void config_error(const std::string& msg) { throw ValueError("Net: " + msg); }
 
+// In 64 bits, so a padding or input size near 2^31 cannot wrap to a window that seems to fit.
 int out_size(const std::string& layer, const char* what, int in, int k, int s, int p) {
-    if (in + 2 * p < k)
+    const int64_t padded = static_cast<int64_t>(in) + 2 * static_cast<int64_t>(p);
+    if (padded > checked::kMaxExtent)
+        config_error(layer + " " + what + ": the padded input " + std::to_string(in) + " + 2*" + std::to_string(p) +
+                     " is beyond 2^31-1");
+    if (padded < k)
         config_error("input too small: " + layer + " " + what + " window " + std::to_string(k) + " does not fit its " +
                      std::to_string(in) + "x" + std::to_string(in) + " input (padding " + std::to_string(p) +
                      "); raise input_size or shrink the layers");
-    return (in + 2 * p - k) / s + 1;
+    return static_cast<int>((padded - k) / s + 1);
+}
+
+// A size of the layer table, computed in checked 64-bit arithmetic and kept within an int32.
+int net_size(const std::string& what, int64_t v) {
+    if (v > checked::kMaxExtent) config_error(what + " is " + std::to_string(v) + ", beyond 2^31-1");
+    return static_cast<int>(v);
 }
 
 }  // namespace
@@ -68,6 +80,19 @@ void Net::build_layers() {
     if (cfg_.in_channels < 1) config_error("in_channels must be >= 1");
     if (cfg_.input_size < 1) config_error("input_size must be >= 1");
     if (!(cfg_.dropout >= 0.f && cfg_.dropout < 1.f)) config_error("dropout must be in [0, 1)");
+    // Every float of the config is checked here, so a NaN or inf never reaches the weights or an op.
+    if (!(std::isfinite(cfg_.init_std) && cfg_.init_std >= 0.f))
+        config_error("init_std must be finite and >= 0, got " + std::to_string(cfg_.init_std));
+    if (!(cfg_.momentum >= 0.f && cfg_.momentum < 1.f)) config_error("momentum must be in [0, 1)");
+    if (!(std::isfinite(cfg_.weight_decay) && cfg_.weight_decay >= 0.f))
+        config_error("weight_decay must be finite and >= 0");
+    if (!(std::isfinite(cfg_.bias_weight_decay) && cfg_.bias_weight_decay >= 0.f))
+        config_error("bias_weight_decay must be finite and >= 0");
+    if (cfg_.lrn) {
+        if (!(std::isfinite(cfg_.lrn_k) && cfg_.lrn_k > 0.f)) config_error("lrn_k must be finite and > 0");
+        if (!(std::isfinite(cfg_.lrn_alpha) && cfg_.lrn_alpha >= 0.f)) config_error("lrn_alpha must be finite and >= 0");
+        if (!(std::isfinite(cfg_.lrn_beta) && cfg_.lrn_beta >= 0.f)) config_error("lrn_beta must be finite and >= 0");
+    }
     if (cfg_.lrn && (cfg_.lrn_size < 1 || cfg_.lrn_size % 2 == 0)) config_error("lrn_size must be a positive odd number");
     if (cfg_.conv1_kernel < 1 || cfg_.conv1_stride < 1 || cfg_.conv1_padding < 0)
         config_error("conv1 needs kernel >= 1, stride >= 1, padding >= 0");
@@ -107,7 +132,7 @@ void Net::build_layers() {
         L.conv = true;
         L.cross = (rows[i].cross || pending_cross) && T > 1 && i > 0;
         pending_cross = false;
-        L.in_c = L.cross ? c_own * T : c_own;
+        L.in_c = L.cross ? net_size(L.name + " input channels", static_cast<int64_t>(c_own) * T) : c_own;
         L.out_c = cfg_.channels[i] / T;
         L.kernel = rows[i].k; L.pad = rows[i].pad; L.stride = rows[i].stride;
         L.in_hw = hw;
@@ -120,7 +145,7 @@ void Net::build_layers() {
         c_own = L.out_c;
         layers_.push_back(L);
     }
-    int features_own = c_own * hw * hw;
+    int features_own = net_size("the features entering fc6", checked::mul("Net", "config", static_cast<int64_t>(c_own) * hw, hw));
     const int fc_out[3] = {cfg_.fc[0] / T, cfg_.fc[1] / T, cfg_.num_classes / T};
     static const char* fc_names[3] = {"fc6", "fc7", "fc8"};
     for (int i = 0; i < 3; ++i) {
@@ -128,7 +153,7 @@ void Net::build_layers() {
         L.name = fc_names[i];
         L.conv = false;
         L.cross = T > 1;
-        L.in_c = features_own * T;
+        L.in_c = net_size(std::string(fc_names[i]) + " input features", static_cast<int64_t>(features_own) * T);
         L.out_c = fc_out[i];
         L.relu = i < 2;
         L.dropout = i < 2 && cfg_.dropout > 0.f;
@@ -136,7 +161,14 @@ void Net::build_layers() {
         features_own = L.out_c;
         layers_.push_back(L);
     }
-    for (size_t i = 0; i < layers_.size(); ++i) layers_[i].index = static_cast<int>(i);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+        layers_[i].index = static_cast<int>(i);
+        // The op limit on each weight (checked.h), here rather than at the first step, before any allocation.
+        const LayerSpec& L = layers_[i];
+        const std::vector<int64_t> wshape = L.conv ? std::vector<int64_t>{L.out_c, L.in_c, L.kernel, L.kernel}
+                                                   : std::vector<int64_t>{L.out_c, L.in_c};
+        checked::check_elements("Net", "config", wshape, (L.name + " weight").c_str());
+    }
 }
 
 void Net::init_params() {
@@ -327,7 +359,7 @@ void Net::issue_backward(float lr) {
             // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU.
             sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c] {
                 Tensor g = s.d_out;
-                if (s.drop_mask.defined()) g = ops::dropout_backward(g, s.drop_mask, p_drop);
+                if (s.drop_mask.defined()) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false);
                 if (L.pool_extra)
                     g = ops::maxpool_backward(g, s.pool2_arg, L.pool_mid_hw, L.pool_mid_hw, pool_w, pool_w, 2, 2, 0, 0);
                 if (L.pool)

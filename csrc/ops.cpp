@@ -3,8 +3,10 @@
 #include "ops.h"
 
 #include <cmath>
-#include <sstream>
+#include <initializer_list>
 #include <string>
+
+#include "checked.h"
 
 namespace ax {
 
@@ -17,6 +19,8 @@ namespace {
 
 std::string arg_prefix(const char* op, const char* arg) { return std::string(op) + ": argument '" + arg + "' "; }
 
+// Every tensor an op reads passes here: defined, dtype, rank, and the element limit of checked.h (so each
+// dimension also fits an int32 and every size derived below is bounded).
 void check_tensor(const char* op, const char* arg, const Tensor& t, DType dtype, int dims, const char* layout) {
     if (!t.defined()) throw ValueError(arg_prefix(op, arg) + "is an undefined tensor");
     if (t.dtype() != dtype)
@@ -24,6 +28,15 @@ void check_tensor(const char* op, const char* arg, const Tensor& t, DType dtype,
     if (dims >= 0 && t.dim() != dims)
         throw ValueError(arg_prefix(op, arg) + "must be " + std::to_string(dims) + "-D " + layout + ", got shape " +
                          t.shape_str());
+    checked::check_elements(op, arg, t.shape());
+}
+
+// Dimensions `dims` of `t` (already checked) must be >= 1; `names` spells them for the message.
+void check_nonempty(const char* op, const char* arg, const Tensor& t, std::initializer_list<int> dims,
+                    const char* names) {
+    for (int d : dims)
+        if (t.size(d) < 1)
+            throw ValueError(arg_prefix(op, arg) + "must have " + names + " >= 1, got shape " + t.shape_str());
 }
 
 void check_same_device(const char* op, const char* arg0, const Tensor& t0, const char* arg, const Tensor& t) {
@@ -33,13 +46,8 @@ void check_same_device(const char* op, const char* arg0, const Tensor& t0, const
 }
 
 void check_shape(const char* op, const char* arg, const Tensor& t, const std::vector<int64_t>& want) {
-    if (t.shape() != want) {
-        std::ostringstream o;
-        o << "(";
-        for (size_t i = 0; i < want.size(); ++i) o << (i ? ", " : "") << want[i];
-        o << (want.size() == 1 ? ",)" : ")");
-        throw ValueError(arg_prefix(op, arg) + "must have shape " + o.str() + ", got " + t.shape_str());
-    }
+    if (t.shape() != want)
+        throw ValueError(arg_prefix(op, arg) + "must have shape " + checked::shape_str(want) + ", got " + t.shape_str());
 }
 
 void check_positive(const char* op, const char* arg, int v) {
@@ -52,22 +60,20 @@ void check_finite(const char* op, const char* arg, float v) {
     if (!std::isfinite(v)) throw ValueError(arg_prefix(op, arg) + "must be finite");
 }
 
-int to_int(const char* op, const char* arg, int64_t v) {
-    if (v > 0x7fffffff) throw ValueError(arg_prefix(op, arg) + "has a dimension too large for this library (> 2^31)");
-    return static_cast<int>(v);
-}
+// A dimension of a tensor that passed check_tensor (so it is < 2^31).
+int dim_int(const char* op, const char* arg, const Tensor& t, int64_t i) { return checked::to_int(op, arg, t.size(i)); }
 
-// Output size of a sliding window; raises when the window does not fit the padded input.
-int window_out(const char* op, const char* what, int in, int window, int stride, int pad) {
-    if (in + 2 * pad < window)
-        throw ValueError(std::string(op) + ": window " + std::to_string(window) + " is larger than the padded input " +
-                         what + " " + std::to_string(in) + " + 2*" + std::to_string(pad));
-    return (in + 2 * pad - window) / stride + 1;
-}
-
-Tensor new_like_device(const std::vector<int64_t>& shape, DType dt, const Tensor& like) {
+// Output `out` of an op: its shape is checked against the element limit first (naming `args`, the arguments
+// that set its size), and a failed allocation becomes a MemoryError naming the op.
+Tensor new_output(const char* op, const char* out, const char* args, const std::vector<int64_t>& shape, DType dt,
+                  const Tensor& like) {
+    checked::check_elements(op, args, shape, out);
     DeviceGuard g(like.device());
-    return Tensor::empty(shape, dt, like.device());
+    try {
+        return Tensor::empty(shape, dt, like.device());
+    } catch (const OutOfMemory& e) {
+        throw OutOfMemory(std::string(op) + ": " + e.what());
+    }
 }
 
 }  // namespace
@@ -94,8 +100,10 @@ namespace ops {
 
 // ---- conv2d ---------------------------------------------------------------------------------------
 
-static Conv2dParams conv_params(const char* op, int N, int C, int H, int W, int K, int Cg, int R, int S, int sh,
-                                int sw, int ph, int pw, int groups) {
+// All sizes arrive as int64 (from tensors that passed check_tensor, or from int arguments); C, H, W, K,
+// R, S >= 1 are checked by the callers. The padded extents and P, Q come from checked::window_out.
+static Conv2dParams conv_params(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t Cg,
+                                int64_t R, int64_t S, int sh, int sw, int ph, int pw, int groups) {
     check_positive(op, "stride", sh);
     check_positive(op, "stride", sw);
     check_nonneg(op, "padding", ph);
@@ -111,10 +119,12 @@ static Conv2dParams conv_params(const char* op, int N, int C, int H, int W, int 
         throw ValueError(arg_prefix(op, "w") + "has " + std::to_string(Cg) + " input channels per group but x has " +
                          std::to_string(C) + " channels in " + std::to_string(groups) + " group(s)");
     Conv2dParams p{};
-    p.N = N; p.C = C; p.H = H; p.W = W; p.K = K; p.R = R; p.S = S;
+    p.N = checked::to_int(op, "x", N); p.C = checked::to_int(op, "x", C);
+    p.H = checked::to_int(op, "x", H); p.W = checked::to_int(op, "x", W);
+    p.K = checked::to_int(op, "w", K); p.R = checked::to_int(op, "w", R); p.S = checked::to_int(op, "w", S);
     p.stride_h = sh; p.stride_w = sw; p.pad_h = ph; p.pad_w = pw; p.groups = groups;
-    p.P = window_out(op, "height", H, R, sh, ph);
-    p.Q = window_out(op, "width", W, S, sw, pw);
+    p.P = checked::window_out(op, "height", "padding", H, R, sh, ph);
+    p.Q = checked::window_out(op, "width", "padding", W, S, sw, pw);
     return p;
 }
 
@@ -124,9 +134,10 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
     check_same_device(op, "x", x, "w", w);
-    auto p = conv_params(op, to_int(op, "x", x.size(0)), to_int(op, "x", x.size(1)), to_int(op, "x", x.size(2)),
-                         to_int(op, "x", x.size(3)), to_int(op, "w", w.size(0)), to_int(op, "w", w.size(1)),
-                         to_int(op, "w", w.size(2)), to_int(op, "w", w.size(3)), sh, sw, ph, pw, groups);
+    check_nonempty(op, "x", x, {1, 2, 3}, "C, H, W");
+    check_nonempty(op, "w", w, {0, 1, 2, 3}, "K, C/groups, R, S");
+    auto p = conv_params(op, x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(1), w.size(2), w.size(3),
+                         sh, sw, ph, pw, groups);
     const float* bp = nullptr;
     if (b) {
         check_tensor(op, "b", *b, DType::f32, 1, "(K,)");
@@ -134,7 +145,8 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
         check_shape(op, "b", *b, {p.K});
         bp = b->data<float>();
     }
-    Tensor y = new_like_device({p.N, p.K, p.P, p.Q}, DType::f32, x);
+    Tensor y = new_output(op, "y", "'x', 'w', 'stride', 'padding'", {p.N, p.K, p.P, p.Q}, DType::f32, x);
+    if (y.numel() == 0) return y;
     AX_DISPATCH(x.device(), conv2d_forward, p, x.data<float>(), w.data<float>(), bp, y.data<float>());
     return y;
 }
@@ -145,14 +157,17 @@ Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, in
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
     check_same_device(op, "dy", dy, "w", w);
+    check_nonempty(op, "w", w, {0, 1, 2, 3}, "K, C/groups, R, S");
     check_positive(op, "H", H);
     check_positive(op, "W", W);
     check_positive(op, "groups", groups);
-    const int K = to_int(op, "w", w.size(0)), Cg = to_int(op, "w", w.size(1));
-    auto p = conv_params(op, to_int(op, "dy", dy.size(0)), Cg * groups, H, W, K, Cg, to_int(op, "w", w.size(2)),
-                         to_int(op, "w", w.size(3)), sh, sw, ph, pw, groups);
+    const int64_t C = checked::mul(op, "groups", w.size(1), groups);
+    // dx's size is set by input_hw: check it before the window arithmetic below relies on it.
+    checked::check_elements(op, "'input_hw'", {dy.size(0), C, H, W}, "dx");
+    auto p = conv_params(op, dy.size(0), C, H, W, w.size(0), w.size(1), w.size(2), w.size(3), sh, sw, ph, pw, groups);
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
-    Tensor dx = new_like_device({p.N, p.C, p.H, p.W}, DType::f32, dy);
+    Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
+    if (dx.numel() == 0) return dx;
     AX_DISPATCH(dy.device(), conv2d_backward_input, p, dy.data<float>(), w.data<float>(), dx.data<float>());
     return dx;
 }
@@ -163,16 +178,17 @@ Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, i
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
     check_same_device(op, "x", x, "dy", dy);
+    check_nonempty(op, "x", x, {1, 2, 3}, "C, H, W");
+    check_nonempty(op, "dy", dy, {1}, "K");
     check_positive(op, "R", R);
     check_positive(op, "S", S);
     check_positive(op, "groups", groups);
-    const int C = to_int(op, "x", x.size(1));
+    const int64_t C = x.size(1);
     if (C % groups != 0)
         throw ValueError(arg_prefix(op, "groups") + "does not divide the " + std::to_string(C) + " input channels");
-    auto p = conv_params(op, to_int(op, "x", x.size(0)), C, to_int(op, "x", x.size(2)), to_int(op, "x", x.size(3)),
-                         to_int(op, "dy", dy.size(1)), C / groups, R, S, sh, sw, ph, pw, groups);
+    auto p = conv_params(op, x.size(0), C, x.size(2), x.size(3), dy.size(1), C / groups, R, S, sh, sw, ph, pw, groups);
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
-    Tensor dw = new_like_device({p.K, p.C / groups, p.R, p.S}, DType::f32, x);
+    Tensor dw = new_output(op, "dw", "'dy', 'kernel'", {p.K, p.C / groups, p.R, p.S}, DType::f32, x);
     AX_DISPATCH(x.device(), conv2d_backward_weight, p, x.data<float>(), dy.data<float>(), dw.data<float>());
     return dw;
 }
@@ -181,9 +197,10 @@ Tensor conv2d_backward_bias(const Tensor& dy) {
     const char* op = "conv2d_backward_bias";
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
     Conv2dParams p{};
-    p.N = to_int(op, "dy", dy.size(0)); p.K = to_int(op, "dy", dy.size(1));
-    p.P = to_int(op, "dy", dy.size(2)); p.Q = to_int(op, "dy", dy.size(3));
-    Tensor db = new_like_device({p.K}, DType::f32, dy);
+    p.N = dim_int(op, "dy", dy, 0); p.K = dim_int(op, "dy", dy, 1);
+    p.P = dim_int(op, "dy", dy, 2); p.Q = dim_int(op, "dy", dy, 3);
+    Tensor db = new_output(op, "db", "'dy'", {p.K}, DType::f32, dy);
+    if (db.numel() == 0) return db;  // an empty dy with K > 0 still reaches the backend: db is zeros there
     AX_DISPATCH(dy.device(), conv2d_backward_bias, p, dy.data<float>(), db.data<float>());
     return db;
 }
@@ -195,7 +212,8 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
     check_tensor(op, "x", x, DType::f32, 2, "(N, in)");
     check_tensor(op, "w", w, DType::f32, 2, "(out, in)");
     check_same_device(op, "x", x, "w", w);
-    LinearParams p{to_int(op, "x", x.size(0)), to_int(op, "x", x.size(1)), to_int(op, "w", w.size(0))};
+    check_nonempty(op, "w", w, {0, 1}, "out, in");
+    LinearParams p{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "w", w, 0)};
     if (w.size(1) != p.I)
         throw ValueError(arg_prefix(op, "w") + "has " + std::to_string(w.size(1)) + " input features but x has " +
                          std::to_string(p.I));
@@ -206,7 +224,8 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
         check_shape(op, "b", *b, {p.O});
         bp = b->data<float>();
     }
-    Tensor y = new_like_device({p.N, p.O}, DType::f32, x);
+    Tensor y = new_output(op, "y", "'x', 'w'", {p.N, p.O}, DType::f32, x);
+    if (y.numel() == 0) return y;
     AX_DISPATCH(x.device(), linear_forward, p, x.data<float>(), w.data<float>(), bp, y.data<float>());
     return y;
 }
@@ -216,11 +235,13 @@ Tensor linear_backward_input(const Tensor& dy, const Tensor& w) {
     check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
     check_tensor(op, "w", w, DType::f32, 2, "(out, in)");
     check_same_device(op, "dy", dy, "w", w);
-    LinearParams p{to_int(op, "dy", dy.size(0)), to_int(op, "w", w.size(1)), to_int(op, "w", w.size(0))};
+    check_nonempty(op, "w", w, {0, 1}, "out, in");
+    LinearParams p{dim_int(op, "dy", dy, 0), dim_int(op, "w", w, 1), dim_int(op, "w", w, 0)};
     if (dy.size(1) != p.O)
         throw ValueError(arg_prefix(op, "dy") + "has " + std::to_string(dy.size(1)) + " features but w has " +
                          std::to_string(p.O) + " outputs");
-    Tensor dx = new_like_device({p.N, p.I}, DType::f32, dy);
+    Tensor dx = new_output(op, "dx", "'dy', 'w'", {p.N, p.I}, DType::f32, dy);
+    if (dx.numel() == 0) return dx;
     AX_DISPATCH(dy.device(), linear_backward_input, p, dy.data<float>(), w.data<float>(), dx.data<float>());
     return dx;
 }
@@ -230,11 +251,13 @@ Tensor linear_backward_weight(const Tensor& x, const Tensor& dy) {
     check_tensor(op, "x", x, DType::f32, 2, "(N, in)");
     check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
     check_same_device(op, "x", x, "dy", dy);
-    LinearParams p{to_int(op, "x", x.size(0)), to_int(op, "x", x.size(1)), to_int(op, "dy", dy.size(1))};
+    check_nonempty(op, "x", x, {1}, "in");
+    check_nonempty(op, "dy", dy, {1}, "out");
+    LinearParams p{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "dy", dy, 1)};
     if (dy.size(0) != p.N)
         throw ValueError(arg_prefix(op, "dy") + "has batch " + std::to_string(dy.size(0)) + " but x has " +
                          std::to_string(p.N));
-    Tensor dw = new_like_device({p.O, p.I}, DType::f32, x);
+    Tensor dw = new_output(op, "dw", "'x', 'dy'", {p.O, p.I}, DType::f32, x);
     AX_DISPATCH(x.device(), linear_backward_weight, p, x.data<float>(), dy.data<float>(), dw.data<float>());
     return dw;
 }
@@ -242,8 +265,9 @@ Tensor linear_backward_weight(const Tensor& x, const Tensor& dy) {
 Tensor linear_backward_bias(const Tensor& dy) {
     const char* op = "linear_backward_bias";
     check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
-    LinearParams p{to_int(op, "dy", dy.size(0)), 0, to_int(op, "dy", dy.size(1))};
-    Tensor db = new_like_device({p.O}, DType::f32, dy);
+    LinearParams p{dim_int(op, "dy", dy, 0), 0, dim_int(op, "dy", dy, 1)};
+    Tensor db = new_output(op, "db", "'dy'", {p.O}, DType::f32, dy);
+    if (db.numel() == 0) return db;
     AX_DISPATCH(dy.device(), linear_backward_bias, p, dy.data<float>(), db.data<float>());
     return db;
 }
@@ -253,7 +277,8 @@ Tensor linear_backward_bias(const Tensor& dy) {
 Tensor relu_forward(const Tensor& x) {
     const char* op = "relu_forward";
     check_tensor(op, "x", x, DType::f32, -1, "");
-    Tensor y = new_like_device(x.shape(), DType::f32, x);
+    Tensor y = new_output(op, "y", "'x'", x.shape(), DType::f32, x);
+    if (y.numel() == 0) return y;
     AX_DISPATCH(x.device(), relu_forward, x.numel(), x.data<float>(), y.data<float>());
     return y;
 }
@@ -264,7 +289,8 @@ Tensor relu_backward(const Tensor& dy, const Tensor& y) {
     check_tensor(op, "y", y, DType::f32, -1, "");
     check_same_device(op, "dy", dy, "y", y);
     check_shape(op, "y", y, dy.shape());
-    Tensor dx = new_like_device(dy.shape(), DType::f32, dy);
+    Tensor dx = new_output(op, "dx", "'dy'", dy.shape(), DType::f32, dy);
+    if (dx.numel() == 0) return dx;
     AX_DISPATCH(dy.device(), relu_backward, dy.numel(), dy.data<float>(), y.data<float>(), dx.data<float>());
     return dx;
 }
@@ -281,15 +307,16 @@ static LrnParams lrn_params(const char* op, const Tensor& x, int size, float k, 
     if (k <= 0) throw ValueError(arg_prefix(op, "k") + "must be > 0");
     if (alpha < 0) throw ValueError(arg_prefix(op, "alpha") + "must be >= 0");
     if (beta < 0) throw ValueError(arg_prefix(op, "beta") + "must be >= 0");
-    return LrnParams{to_int(op, "x", x.size(0)), to_int(op, "x", x.size(1)), to_int(op, "x", x.size(2)),
-                     to_int(op, "x", x.size(3)), size, k, alpha, beta};
+    return LrnParams{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "x", x, 2), dim_int(op, "x", x, 3),
+                     size, k, alpha, beta};
 }
 
 std::pair<Tensor, Tensor> lrn_forward(const Tensor& x, int size, float k, float alpha, float beta) {
     const char* op = "lrn_forward";
     auto p = lrn_params(op, x, size, k, alpha, beta);
-    Tensor y = new_like_device(x.shape(), DType::f32, x);
-    Tensor scale = new_like_device(x.shape(), DType::f32, x);
+    Tensor y = new_output(op, "y", "'x'", x.shape(), DType::f32, x);
+    Tensor scale = new_output(op, "scale", "'x'", x.shape(), DType::f32, x);
+    if (y.numel() == 0) return {y, scale};
     AX_DISPATCH(x.device(), lrn_forward, p, x.data<float>(), y.data<float>(), scale.data<float>());
     return {y, scale};
 }
@@ -307,7 +334,8 @@ Tensor lrn_backward(const Tensor& dy, const Tensor& x, const Tensor& y, const Te
     check_shape(op, "dy", dy, x.shape());
     check_shape(op, "y", y, x.shape());
     check_shape(op, "scale", scale, x.shape());
-    Tensor dx = new_like_device(x.shape(), DType::f32, x);
+    Tensor dx = new_output(op, "dx", "'x'", x.shape(), DType::f32, x);
+    if (dx.numel() == 0) return dx;
     AX_DISPATCH(x.device(), lrn_backward, p, dy.data<float>(), x.data<float>(), y.data<float>(), scale.data<float>(),
                 dx.data<float>());
     return dx;
@@ -315,8 +343,10 @@ Tensor lrn_backward(const Tensor& dy, const Tensor& x, const Tensor& y, const Te
 
 // ---- max-pooling ----------------------------------------------------------------------------------
 
-static PoolParams pool_params(const char* op, int N, int C, int H, int W, int wh, int ww, int sh, int sw, int ph,
-                              int pw) {
+// H, W >= 1 (checked by the callers): with pad < window that puts at least one real element in every
+// window, so no window has to invent a maximum.
+static PoolParams pool_params(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, int wh, int ww, int sh,
+                              int sw, int ph, int pw) {
     check_positive(op, "window", wh);
     check_positive(op, "window", ww);
     check_positive(op, "stride", sh);
@@ -327,20 +357,22 @@ static PoolParams pool_params(const char* op, int N, int C, int H, int W, int wh
         throw ValueError(arg_prefix(op, "padding") + "must be smaller than the window (a window of padding only has "
                          "no maximum)");
     PoolParams p{};
-    p.N = N; p.C = C; p.H = H; p.W = W;
+    p.N = checked::to_int(op, "x", N); p.C = checked::to_int(op, "x", C);
+    p.H = checked::to_int(op, "x", H); p.W = checked::to_int(op, "x", W);
     p.window_h = wh; p.window_w = ww; p.stride_h = sh; p.stride_w = sw; p.pad_h = ph; p.pad_w = pw;
-    p.P = window_out(op, "height", H, wh, sh, ph);
-    p.Q = window_out(op, "width", W, ww, sw, pw);
+    p.P = checked::window_out(op, "height", "padding", H, wh, sh, ph);
+    p.Q = checked::window_out(op, "width", "padding", W, ww, sw, pw);
     return p;
 }
 
 std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int wh, int ww, int sh, int sw, int ph, int pw) {
     const char* op = "maxpool_forward";
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
-    auto p = pool_params(op, to_int(op, "x", x.size(0)), to_int(op, "x", x.size(1)), to_int(op, "x", x.size(2)),
-                         to_int(op, "x", x.size(3)), wh, ww, sh, sw, ph, pw);
-    Tensor y = new_like_device({p.N, p.C, p.P, p.Q}, DType::f32, x);
-    Tensor am = new_like_device({p.N, p.C, p.P, p.Q}, DType::i32, x);
+    check_nonempty(op, "x", x, {2, 3}, "H, W (an empty plane has no maximum)");
+    auto p = pool_params(op, x.size(0), x.size(1), x.size(2), x.size(3), wh, ww, sh, sw, ph, pw);
+    Tensor y = new_output(op, "y", "'x', 'window', 'stride', 'padding'", {p.N, p.C, p.P, p.Q}, DType::f32, x);
+    Tensor am = new_output(op, "argmax", "'x', 'window', 'stride', 'padding'", {p.N, p.C, p.P, p.Q}, DType::i32, x);
+    if (y.numel() == 0) return {y, am};
     AX_DISPATCH(x.device(), maxpool_forward, p, x.data<float>(), y.data<float>(), am.data<int32_t>());
     return {y, am};
 }
@@ -353,10 +385,13 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
     check_same_device(op, "dy", dy, "argmax", argmax);
     check_positive(op, "H", H);
     check_positive(op, "W", W);
-    auto p = pool_params(op, to_int(op, "dy", dy.size(0)), to_int(op, "dy", dy.size(1)), H, W, wh, ww, sh, sw, ph, pw);
+    // dx's size is set by input_hw: check it before anything is derived from it.
+    checked::check_elements(op, "'input_hw'", {dy.size(0), dy.size(1), H, W}, "dx");
+    auto p = pool_params(op, dy.size(0), dy.size(1), H, W, wh, ww, sh, sw, ph, pw);
     check_shape(op, "dy", dy, {p.N, p.C, p.P, p.Q});
     check_shape(op, "argmax", argmax, dy.shape());
-    Tensor dx = new_like_device({p.N, p.C, p.H, p.W}, DType::f32, dy);
+    Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
+    if (dx.numel() == 0) return dx;
     AX_DISPATCH(dy.device(), maxpool_backward, p, dy.data<float>(), argmax.data<int32_t>(), dx.data<float>());
     return dx;
 }
@@ -371,21 +406,32 @@ std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t see
     const char* op = "dropout_forward";
     check_tensor(op, "x", x, DType::f32, -1, "");
     check_p(op, p);
-    Tensor y = new_like_device(x.shape(), DType::f32, x);
-    Tensor mask = new_like_device(x.shape(), DType::u8, x);
+    Tensor y = new_output(op, "y", "'x'", x.shape(), DType::f32, x);
+    Tensor mask = new_output(op, "mask", "'x'", x.shape(), DType::u8, x);
+    if (y.numel() == 0) return {y, mask};
     AX_DISPATCH(x.device(), dropout_forward, x.numel(), x.data<float>(), p, seed, offset, y.data<float>(),
                 mask.data<uint8_t>());
     return {y, mask};
 }
 
-Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p) {
+Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask) {
     const char* op = "dropout_backward";
     check_tensor(op, "dy", dy, DType::f32, -1, "");
     check_tensor(op, "mask", mask, DType::u8, -1, "");
     check_same_device(op, "dy", dy, "mask", mask);
     check_shape(op, "mask", mask, dy.shape());
     check_p(op, p);
-    Tensor dx = new_like_device(dy.shape(), DType::f32, dy);
+    if (check_mask && mask.numel() > 0) {
+        // The contract is a 0/1 mask (as dropout_forward makes); any other byte is an error, not a guess.
+        Tensor host = mask.device().is_cpu() ? mask : mask.to(Device{});
+        const uint8_t* m = host.data<uint8_t>();
+        for (int64_t i = 0; i < host.numel(); ++i)
+            if (m[i] > 1)
+                throw ValueError(arg_prefix(op, "mask") + "holds " + std::to_string(m[i]) + " at flat index " +
+                                 std::to_string(i) + "; a dropout mask holds only 0 and 1");
+    }
+    Tensor dx = new_output(op, "dx", "'dy'", dy.shape(), DType::f32, dy);
+    if (dx.numel() == 0) return dx;
     AX_DISPATCH(dy.device(), dropout_backward, dy.numel(), dy.data<float>(), mask.data<uint8_t>(), p,
                 dx.data<float>());
     return dx;
@@ -395,7 +441,7 @@ Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p) {
 
 static SoftmaxParams softmax_params(const char* op, const Tensor& logits, const Tensor* labels, bool check_range = true) {
     check_tensor(op, "logits", logits, DType::f32, 2, "(N, classes)");
-    SoftmaxParams p{to_int(op, "logits", logits.size(0)), to_int(op, "logits", logits.size(1))};
+    SoftmaxParams p{dim_int(op, "logits", logits, 0), dim_int(op, "logits", logits, 1)};
     if (p.C < 1) throw ValueError(arg_prefix(op, "logits") + "has no classes");
     if (labels) {
         check_tensor(op, "labels", *labels, DType::i32, 1, "(N,)");
@@ -417,9 +463,10 @@ SoftmaxXent softmax_cross_entropy_forward(const Tensor& logits, const Tensor& la
     const char* op = "softmax_cross_entropy_forward";
     auto p = softmax_params(op, logits, &labels, check_labels);
     SoftmaxXent r;
-    r.loss = new_like_device({p.N}, DType::f32, logits);
-    r.probs = new_like_device({p.N, p.C}, DType::f32, logits);
-    r.rank = new_like_device({p.N}, DType::i32, logits);
+    r.loss = new_output(op, "loss", "'logits'", {p.N}, DType::f32, logits);
+    r.probs = new_output(op, "probs", "'logits'", {p.N, p.C}, DType::f32, logits);
+    r.rank = new_output(op, "rank", "'logits'", {p.N}, DType::i32, logits);
+    if (p.N == 0) return r;
     AX_DISPATCH(logits.device(), softmax_cross_entropy_forward, p, logits.data<float>(), labels.data<int32_t>(),
                 r.loss.data<float>(), r.probs.data<float>(), r.rank.data<int32_t>());
     return r;
@@ -429,7 +476,8 @@ Tensor softmax_cross_entropy_backward(const Tensor& probs, const Tensor& labels,
     const char* op = "softmax_cross_entropy_backward";
     auto p = softmax_params(op, probs, &labels, check_labels);
     check_finite(op, "scale", scale);
-    Tensor d = new_like_device({p.N, p.C}, DType::f32, probs);
+    Tensor d = new_output(op, "dlogits", "'probs'", {p.N, p.C}, DType::f32, probs);
+    if (p.N == 0) return d;
     AX_DISPATCH(probs.device(), softmax_cross_entropy_backward, p, probs.data<float>(), labels.data<int32_t>(), scale,
                 d.data<float>());
     return d;
@@ -438,7 +486,8 @@ Tensor softmax_cross_entropy_backward(const Tensor& probs, const Tensor& labels,
 Tensor softmax_forward(const Tensor& logits) {
     const char* op = "softmax_forward";
     auto p = softmax_params(op, logits, nullptr);
-    Tensor probs = new_like_device({p.N, p.C}, DType::f32, logits);
+    Tensor probs = new_output(op, "probs", "'logits'", {p.N, p.C}, DType::f32, logits);
+    if (p.N == 0) return probs;
     AX_DISPATCH(logits.device(), softmax_forward, p, logits.data<float>(), probs.data<float>());
     return probs;
 }
@@ -458,12 +507,14 @@ void sgd_update(Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum
     if (!(momentum >= 0 && momentum < 1)) throw ValueError(arg_prefix(op, "momentum") + "must be in [0, 1)");
     if (!(weight_decay >= 0 && std::isfinite(weight_decay)))
         throw ValueError(arg_prefix(op, "weight_decay") + "must be finite and >= 0");
+    if (w.numel() == 0) return;
     AX_DISPATCH(w.device(), sgd_update, w.numel(), w.data<float>(), dw.data<float>(), v.data<float>(), lr, momentum,
                 weight_decay);
 }
 
 // ---- cross-tower plumbing -------------------------------------------------------------------------
 
+// Product of the dimensions after the channel one (tensors here passed check_tensor, so it is < 2^31).
 static int64_t inner_size(const Tensor& t) {
     int64_t n = 1;
     for (int64_t i = 2; i < t.dim(); ++i) n *= t.size(i);
@@ -485,17 +536,18 @@ Tensor concat_channels(const std::vector<Tensor>& xs) {
             if (d != 1 && x.size(d) != x0.size(d))
                 throw ValueError(arg_prefix(op, "xs") + "tensors differ outside the channel dimension: " +
                                  x0.shape_str() + " vs " + x.shape_str());
-        C += x.size(1);
+        C = checked::add(op, "xs", C, x.size(1));
     }
     std::vector<int64_t> shape = x0.shape();
     shape[1] = C;
-    Tensor y = new_like_device(shape, DType::f32, x0);
+    Tensor y = new_output(op, "y", "'xs'", shape, DType::f32, x0);
+    if (y.numel() == 0) return y;
     int c0 = 0;
-    const int N = to_int(op, "xs", x0.size(0));
+    const int N = dim_int(op, "xs", x0, 0), Cw = checked::to_int(op, "xs", C);
     for (const Tensor& x : xs) {
-        const int Cp = to_int(op, "xs", x.size(1));
-        AX_DISPATCH(x0.device(), insert_channels, N, Cp, static_cast<int>(C), c0, inner_size(x0), x.data<float>(),
-                    y.data<float>());
+        const int Cp = dim_int(op, "xs", x, 1);
+        if (Cp > 0)
+            AX_DISPATCH(x0.device(), insert_channels, N, Cp, Cw, c0, inner_size(x0), x.data<float>(), y.data<float>());
         c0 += Cp;
     }
     return y;
@@ -511,8 +563,9 @@ Tensor slice_channels(const Tensor& x, int c0, int c1) {
                          ") is empty or outside [0, " + std::to_string(x.size(1)) + ")");
     std::vector<int64_t> shape = x.shape();
     shape[1] = c1 - c0;
-    Tensor y = new_like_device(shape, DType::f32, x);
-    AX_DISPATCH(x.device(), extract_channels, to_int(op, "x", x.size(0)), c1 - c0, to_int(op, "x", x.size(1)), c0,
+    Tensor y = new_output(op, "y", "'x'", shape, DType::f32, x);
+    if (y.numel() == 0) return y;
+    AX_DISPATCH(x.device(), extract_channels, dim_int(op, "x", x, 0), c1 - c0, dim_int(op, "x", x, 1), c0,
                 inner_size(x), x.data<float>(), y.data<float>());
     return y;
 }
@@ -523,7 +576,8 @@ Tensor add(const Tensor& a, const Tensor& b) {
     check_tensor(op, "b", b, DType::f32, -1, "");
     check_same_device(op, "a", a, "b", b);
     check_shape(op, "b", b, a.shape());
-    Tensor y = new_like_device(a.shape(), DType::f32, a);
+    Tensor y = new_output(op, "y", "'a'", a.shape(), DType::f32, a);
+    if (y.numel() == 0) return y;
     AX_DISPATCH(a.device(), add, a.numel(), a.data<float>(), b.data<float>(), y.data<float>());
     return y;
 }
@@ -543,8 +597,8 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
     check_same_device(op, "images", images, "light", light);
     check_same_device(op, "images", images, "mean", mean);
     if (images.size(3) != 3) throw ValueError(arg_prefix(op, "images") + "must have 3 channels last, got " + images.shape_str());
-    AugmentParams p{to_int(op, "images", images.size(0)), to_int(op, "images", images.size(1)),
-                    to_int(op, "images", images.size(2)), crop};
+    AugmentParams p{dim_int(op, "images", images, 0), dim_int(op, "images", images, 1),
+                    dim_int(op, "images", images, 2), crop};
     check_shape(op, "offsets", offsets, {p.N, 2});
     check_shape(op, "flips", flips, {p.N});
     check_shape(op, "light", light, {p.N, 3});
@@ -553,11 +607,16 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
         throw ValueError(arg_prefix(op, "crop") + "must be in [1, min(H, W)], got " + std::to_string(crop));
     Tensor off = offsets.device().is_cpu() ? offsets : offsets.to(Device{});
     for (int n = 0; n < p.N; ++n) {
-        const int y0 = off.data<int32_t>()[2 * n], x0 = off.data<int32_t>()[2 * n + 1];
+        // In 64 bits: an int32 offset near 2^31 plus the crop must not wrap back inside the image.
+        const int64_t y0 = off.data<int32_t>()[2 * n], x0 = off.data<int32_t>()[2 * n + 1];
         if (y0 < 0 || x0 < 0 || y0 + crop > p.H || x0 + crop > p.W)
-            throw ValueError(arg_prefix(op, "offsets") + "row " + std::to_string(n) + " puts the crop outside the image");
+            throw ValueError(arg_prefix(op, "offsets") + "row " + std::to_string(n) + " = (" + std::to_string(y0) +
+                             ", " + std::to_string(x0) + ") puts the " + std::to_string(crop) + "x" +
+                             std::to_string(crop) + " crop outside the " + std::to_string(p.H) + "x" +
+                             std::to_string(p.W) + " image");
     }
-    Tensor out = new_like_device({p.N, 3, crop, crop}, DType::f32, images);
+    Tensor out = new_output(op, "out", "'images', 'crop'", {p.N, 3, crop, crop}, DType::f32, images);
+    if (out.numel() == 0) return out;
     AX_DISPATCH(images.device(), augment_batch, p, images.data<uint8_t>(), offsets.data<int32_t>(),
                 flips.data<uint8_t>(), light.data<float>(), mean.data<float>(), out.data<float>());
     return out;

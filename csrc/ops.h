@@ -5,6 +5,15 @@
 // linear weights (out, in) so y = x W^T + b. All float32 unless stated; every tensor contiguous.
 // Nothing accumulates into its output: every output is written in full (the tests poison outputs with
 // NaN first). Reductions run in a fixed order, so results are deterministic on each backend.
+//
+// Sizes (checked.h, the one place size arithmetic is done): every tensor an op reads or writes holds fewer
+// than 2^31 elements (zero-size dimensions counted as 1), every padded extent H + 2*pad is below 2^31, and
+// all of it is computed in overflow-checked 64-bit arithmetic, because the CUDA kernels index with int32.
+// A size beyond that raises ValueError naming the op and the argument, before anything is allocated.
+// Empty batches (N = 0) are allowed: empty outputs launch nothing, weight and bias gradients come out zero;
+// a zero-size spatial or channel dimension is rejected where it would leave nothing to compute from
+// (conv x's C, H, W and w's dims; linear w's dims; pooling's H, W, since an empty plane has no maximum).
+// Failure to allocate an output raises MemoryError naming the op.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -96,7 +105,11 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
 // Inverted dropout: returns (y, mask uint8); y = x * mask / (1 - p). Element i's draw is
 // philox(seed, offset + i), so any backend, any launch shape, draws the same mask.
 std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t seed, uint64_t offset);
-Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p);
+// Contract (validated, not guessed): the mask holds only 0 and 1, as dropout_forward makes it; any other
+// byte raises ValueError naming 'mask'. The check reads the mask on the host (a device mask is copied and
+// the stream synchronized), so callers passing a mask straight from dropout_forward may skip it with
+// check_mask = false (the Net does; Python: check_mask=False); unchecked, both backends keep where the byte is nonzero.
+Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask = true);
 
 // Softmax + cross-entropy on logits (N,C) and int32 labels (N). Returns (loss (N) per sample,
 // probs (N,C), rank int32 (N)): rank = number of classes whose logit beats the label's (ties go to the
@@ -118,6 +131,7 @@ Tensor concat_channels(const std::vector<Tensor>& xs);
 Tensor slice_channels(const Tensor& x, int c0, int c1);
 Tensor add(const Tensor& a, const Tensor& b);
 
+// Offsets are checked (in 64 bits, so y0 + crop cannot wrap) to keep every crop inside its image.
 // Random crop, mirror, PCA lighting and mean subtraction of a uint8 batch (N,H,W,3) into float32
 // (N,3,crop,crop): out[n,c,y,x] = img[n, y0+y, xs, c] - mean[c, y0+y, xs] + light[n,c] with
 // xs = x0 + (flip ? crop-1-x : x); offsets int32 (N,2) = (y0, x0), flips uint8 (N), light float32 (N,3),

@@ -2,6 +2,8 @@
 // step after the first never calls cudaMalloc).
 #include "tensor.h"
 
+#include "checked.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -398,11 +400,15 @@ std::string Tensor::shape_str() const {
 
 Tensor Tensor::empty(const std::vector<int64_t>& shape, DType dtype, Device device) {
     Tensor t;
-    for (int64_t s : shape)
-        if (s < 0) throw ValueError("empty: negative dimension in shape");
+    const size_t bytes = checked::nbytes("empty", "shape", shape, dtype_size(dtype));
     t.shape_ = shape;
     t.dtype_ = dtype;
-    t.storage_ = std::make_shared<Storage>(t.nbytes(), device);
+    try {
+        t.storage_ = std::make_shared<Storage>(bytes, device);
+    } catch (const std::bad_alloc&) {
+        throw OutOfMemory("cannot allocate " + std::to_string(bytes) + " bytes for a " + dtype_name(dtype) + " tensor of shape " +
+                          checked::shape_str(shape) + " on " + device.str());
+    }
     return t;
 }
 
@@ -413,9 +419,11 @@ Tensor Tensor::zeros(const std::vector<int64_t>& shape, DType dtype, Device devi
 }
 
 Tensor Tensor::view(const std::vector<int64_t>& shape) const {
+    if (checked::numel("view", "shape", shape) != numel())
+        throw ValueError("view: shape " + checked::shape_str(shape) + " has a different number of elements than " +
+                         shape_str());
     Tensor t = *this;
     t.shape_ = shape;
-    if (t.numel() != numel()) throw ValueError("view: shape has a different number of elements");
     return t;
 }
 

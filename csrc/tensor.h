@@ -36,6 +36,11 @@ struct TypeError : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
 
+// Thrown when an allocation fails; bindings map it to Python's MemoryError (with the op and the size).
+struct OutOfMemory : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 // One allocation; returned to the caching allocator's pool (keyed by device and stream) when freed.
 struct Storage {
     void* ptr = nullptr;
@@ -51,6 +56,7 @@ struct Storage {
 class Tensor {
 public:
     Tensor() = default;
+    // Element and byte counts are overflow-checked (ValueError); a failed allocation raises OutOfMemory.
     static Tensor empty(const std::vector<int64_t>& shape, DType dtype, Device device);
     static Tensor zeros(const std::vector<int64_t>& shape, DType dtype, Device device);
 
@@ -58,7 +64,7 @@ public:
     const std::vector<int64_t>& shape() const { return shape_; }
     int64_t dim() const { return static_cast<int64_t>(shape_.size()); }
     int64_t size(int64_t i) const { return shape_.at(i < 0 ? i + dim() : i); }
-    int64_t numel() const;
+    int64_t numel() const;  // shape_ passed empty()'s checked product, so this cannot overflow
     size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
     DType dtype() const { return dtype_; }
     Device device() const { return storage_ ? storage_->device : Device{}; }

@@ -266,3 +266,230 @@ def test_errors_leave_the_library_usable():
 def test_tensors_on_different_devices_are_rejected(op, call):
     with pytest.raises(ValueError, match=rf"{op}.*(is on|device)"):
         call()
+
+
+# ---- issue 10: hostile sizes, contents and arrays -------------------------------------------------------
+# The calls that used to crash the interpreter (int32 overflow in size arithmetic, an unchecked array
+# cast) each run in a child process, so a regression fails one test instead of killing the test run.
+
+_CHILD_PRELUDE = """
+import numpy as np, alexnet_cuda as ax
+ops = ax.ops
+t = lambda shape, dt=np.float32: ax.from_numpy(np.ones(shape, dt))
+def expect(exc, call):
+    try:
+        r = call()
+    except exc as e:
+        print("RAISED", type(e).__name__, str(e).replace(chr(10), " "))
+    else:
+        print("RETURNED", r)
+"""
+
+CHILD_CASES = [
+    # (id, code calling expect(...), regex the child's one line of output must match)
+    ("conv_bwd_input_hw_2e30", "expect(ValueError, lambda: ops.conv2d_backward_input(t((1, 1, 1, 1)), t((1, 1, 1, 1)), "
+     "(2**30, 2**30)))", r"RAISED ValueError conv2d_backward_input: .*'input_hw'.*2\^31"),
+    ("maxpool_bwd_input_hw_2e30", "expect(ValueError, lambda: ops.maxpool_backward(t((1, 1, 1, 1)), "
+     "t((1, 1, 1, 1), np.int32), (2**30, 2**30), 1, 1, 0))", r"RAISED ValueError maxpool_backward: .*'input_hw'.*2\^31"),
+    ("maxpool_fwd_window_2e30", "expect(ValueError, lambda: ops.maxpool_forward(t((1, 1, 4, 4)), 2**30, 1, 2**30 - 1))",
+     r"RAISED ValueError maxpool_forward: argument 'padding'.*2\^31"),
+    ("maxpool_fwd_window_2e30_no_pad", "expect(ValueError, lambda: ops.maxpool_forward(t((1, 1, 4, 4)), 2**30, 1, 0))",
+     r"RAISED ValueError maxpool_forward: window 1073741824 is larger"),
+    ("augment_x0_wraps", "expect(ValueError, lambda: ops.augment_batch(t((1, 8, 8, 3), np.uint8), "
+     "ax.from_numpy(np.array([[0, 2**31 - 1]], np.int32)), t((1,), np.uint8), t((1, 3)), t((3, 8, 8)), 4))",
+     r"RAISED ValueError augment_batch: argument 'offsets' row 0 = \(0, 2147483647\)"),
+    ("conv_padding_wraps", "expect(ValueError, lambda: ops.conv2d_forward(t((1, 1, 4, 4)), t((1, 1, 1, 1)), t((1,)), "
+     "padding=2**31 - 1))", r"RAISED ValueError conv2d_forward: argument 'padding'.*beyond 2\^31-1"),
+    ("conv_output_too_large", "expect(ValueError, lambda: ops.conv2d_forward(t((1, 1, 1, 1)), t((1, 1, 1, 1)), "
+     "padding=2**29))", r"RAISED ValueError conv2d_forward: arguments 'x', 'w', 'stride', 'padding' give output 'y' the shape "
+     r"\(1, 1, 1073741825, 1073741825\) with 2\^31 or more elements"),
+    ("empty_batch_huge_plane", "expect(ValueError, lambda: ops.conv2d_backward_weight("
+     "ax.from_numpy(np.zeros((0, 1, 1, 1), np.float32)), ax.from_numpy(np.zeros((0, 1, 2**31 - 1, 4), "
+     "np.float32)), 1, padding=2**30 - 1))", r"RAISED ValueError conv2d_backward_weight: argument 'dy' has shape "
+     r"\(0, 1, 2147483647, 4\) with 2\^31 or more elements \(zero-size dimensions counted as 1\)"),
+    ("empty_dim_next_to_huge_one", "expect(ValueError, lambda: ops.relu_forward(ax.from_numpy(np.zeros((0, 2**31, 5), "
+     "np.float32))))", r"RAISED ValueError relu_forward: argument 'x' has shape \(0, 2147483648, 5\) with 2\^31"),
+    ("int_arg_beyond_int32", "expect(ValueError, lambda: ops.conv2d_forward(t((1, 1, 4, 4)), t((1, 1, 1, 1)), "
+     "stride=2**31))", r"RAISED ValueError conv2d_forward: argument 'stride' is 2147483648, outside the int32 range"),
+    ("int_arg_beyond_int64", "expect(ValueError, lambda: ops.slice_channels(t((1, 2)), 0, 2**64))",
+     r"RAISED ValueError slice_channels: argument 'c1' is 18446744073709551616"),
+]
+for _dt in ("'<U3'", "'S3'", "[('a', '<f4'), ('b', '<i8')]", "object"):
+    _name = _dt.strip(chr(39))[:6]
+    # Through the Python front (which checks entries itself) and straight into the core, whose own checks
+    # are what keeps a crafted checkpoint from reaching memory as the wrong type.
+    CHILD_CASES.append((
+        f"load_state_dict_dtype_{_name}",
+        "net = ax.Net(ax.tiny_config(), devices='cpu', seed=0)\n"
+        "sd = net.state_dict(); k = 'conv1.t0.weight'\n"
+        f"sd[k] = np.zeros(sd[k].shape, {_dt})\n"
+        "expect(TypeError, lambda: net.load_state_dict(sd))",
+        r"RAISED TypeError load_state_dict: .*'conv1.t0.weight' has dtype "))
+    CHILD_CASES.append((
+        f"core_load_state_dtype_{_name}",
+        "net = ax.Net(ax.tiny_config(), devices='cpu', seed=0)\n"
+        "sd = dict(net._net.state()); k = 'conv1.t0.weight'\n"
+        f"sd[k] = np.zeros(sd[k].shape, {_dt})\n"
+        "expect(TypeError, lambda: net._net.load_state(sd))",
+        r"RAISED TypeError load_state_dict: entry 'conv1.t0.weight' has dtype .*expected a floating-point array"))
+
+
+def _run_child(code):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _CHILD_PRELUDE + code], capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout.strip(), p.stderr.strip()[-2000:]
+
+
+@pytest.mark.parametrize("code,pattern", [c[1:] for c in CHILD_CASES], ids=[c[0] for c in CHILD_CASES])
+def test_issue10_reproducers_raise_in_a_child_process(code, pattern):
+    import re
+
+    rc, out, err = _run_child(code)
+    assert rc == 0, f"the child died (exit status {rc}): {err}"
+    assert re.match(pattern, out) and "\n" not in out, out
+
+
+def test_conv_stride_near_int32_max_matches_reference(tmp_path):
+    """A stride of 2^31-1 is valid (one output column); the CPU conv's window arithmetic used to overflow."""
+    import alexnet_cuda.reference as ref
+
+    code = ("x = np.random.default_rng(0).standard_normal((2, 3, 5, 6)).astype(np.float32)\n"
+            "w = np.random.default_rng(1).standard_normal((4, 3, 2, 3)).astype(np.float32)\n"
+            "y = ops.conv2d_forward(ax.from_numpy(x), ax.from_numpy(w), stride=(2**31 - 1, 2**31 - 1), padding=1)\n"
+            f"np.save({str(tmp_path / 'y.npy')!r}, y.numpy())")
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _CHILD_PRELUDE + code], capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    y = np.load(tmp_path / "y.npy")
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 6)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((4, 3, 2, 3)).astype(np.float32)
+    want = ref.conv2d_forward(x, w, stride=2**31 - 1, padding=1)
+    assert y.shape == want.shape == (2, 4, 1, 1)
+    assert np.linalg.norm(y - want) <= 1e-4 * np.linalg.norm(want)
+
+
+ISSUE10_CASES = [
+    ("pool_empty_plane", lambda: ops.maxpool_forward(t((1, 1, 0, 0)), 2, 1, 1), ValueError,
+     r"maxpool_forward: argument 'x' must have H, W .*>= 1"),
+    ("pool_empty_width", lambda: ops.maxpool_forward(t((2, 3, 4, 0)), 1, 1, 0), ValueError,
+     r"maxpool_forward: argument 'x'"),
+    ("dropout_mask_not_0_or_1", lambda: ops.dropout_backward(t((3,)), ax.from_numpy(np.array([1, 7, 0], np.uint8))),
+     ValueError, r"dropout_backward: argument 'mask' holds 7 at flat index 1"),
+    ("dropout_seed_negative", lambda: ops.dropout_forward(t((3,)), 0.5, -1), ValueError,
+     r"dropout_forward: argument 'seed' is -1"),
+    ("dropout_p_str", lambda: ops.dropout_forward(t((3,)), "0.5"), TypeError, r"dropout_forward: argument 'p'"),
+    ("lrn_k_complex", lambda: ops.lrn_forward(X(), 5, 1j), TypeError, r"lrn_forward: argument 'k'"),
+    ("op_given_numpy_array", lambda: ops.relu_forward(np.ones(3, np.float32)), TypeError,
+     r"relu_forward: argument 'x' must be an alexnet_cuda Tensor"),
+    ("groups_bool", lambda: ops.conv2d_forward(X(), W(), groups=True), TypeError, r"conv2d_forward: argument 'groups'"),
+    ("concat_not_a_list", lambda: ops.concat_channels(X()), TypeError, r"concat_channels: argument 'xs'"),
+    ("from_numpy_list", lambda: ax.from_numpy([1.0, 2.0]), TypeError, r"from_numpy: argument 'array'"),
+    ("from_numpy_big_endian", lambda: ax.from_numpy(np.zeros(3, ">f4")), TypeError, r"from_numpy: argument 'array'"),
+    ("from_numpy_structured", lambda: ax.from_numpy(np.zeros(3, [("a", "<f4")])), TypeError,
+     r"from_numpy: argument 'array'"),
+]
+
+
+@pytest.mark.parametrize("call,exc,pattern", [c[1:] for c in ISSUE10_CASES], ids=[c[0] for c in ISSUE10_CASES])
+def test_issue10_bad_values_raise(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def _tiny_net():
+    return ax.Net(ax.tiny_config(), devices="cpu", seed=0)
+
+
+def _net_batch(net, n=2):
+    c = net.config
+    return np.zeros((n, c["in_channels"], c["input_size"], c["input_size"]), np.float32)
+
+
+@pytest.mark.parametrize("labels,exc,pattern", [
+    (np.array([0, 2**32 + 1], np.int64), ValueError, r"train_step: argument 'labels' holds 4294967297 at 1"),
+    (np.array([0, 2**64 - 1], np.uint64), ValueError, r"train_step: argument 'labels' holds 18446744073709551615"),
+    (np.array([0, -1], np.int8), ValueError, r"train_step: argument 'labels' holds -1 at 1"),
+    (np.array([0, 10], np.int32), ValueError, r"train_step: argument 'labels' holds 10 at 1, outside \[0, 10\)"),
+    (np.array([0.0, 1.0]), TypeError, r"train_step: argument 'labels' must hold integers"),
+])
+def test_net_labels_are_range_checked_in_their_own_dtype(labels, exc, pattern):
+    net = _tiny_net()
+    assert net.config["num_classes"] == 10
+    before = net.state_dict()
+    with pytest.raises(exc, match=pattern):
+        net.train_step(_net_batch(net), labels, 0.01)
+    after = net.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing was trained
+
+
+def _core_net(**over):
+    """The C++ Net built from a config dict directly (the Python front validates configs too; this checks
+    that the core does not rely on it)."""
+    cfg = dict(ax.tiny_config())
+    cfg.update(over)
+    return ax._C.Net(cfg, ["cpu", "cpu"], False, 0)
+
+
+def test_net_rejects_non_finite_init_std_and_config_floats():
+    for key, value in (("init_std", float("nan")), ("init_std", float("inf")), ("momentum", float("nan")),
+                       ("weight_decay", float("inf")), ("lrn_k", float("nan")), ("init_std", 1e300)):
+        with pytest.raises(ValueError, match=rf"Net: .*{key}.*finite"):
+            _core_net(**{key: value})
+    with pytest.raises(ValueError, match=r"Net: init_std must be finite and >= 0, got -1"):
+        _core_net(init_std=-1.0)
+
+
+@pytest.mark.parametrize("make,exc,pattern", [
+    (lambda s: np.full(s, 1e300), ValueError, r"holds 1e\+300 at flat index 0, which is not a finite float32"),
+    (lambda s: np.full(s, np.nan, np.float32), ValueError, r"holds nan at flat index 0"),
+    (lambda s: np.zeros(s, np.complex64), TypeError, r"has dtype complex64"),
+    (lambda s: np.zeros(s, bool), TypeError, r"has dtype bool"),
+    (lambda s: np.zeros(s, np.int32), TypeError, r"has dtype int32"),
+    (lambda s: np.zeros(s[:-1], np.float32), ValueError, r"has shape .*, the net has"),
+    (lambda s: [[0.0]], TypeError, r"must be a numpy.ndarray"),
+])
+def test_core_load_state_rejects_bad_arrays_before_reading_them(make, exc, pattern):
+    net = _tiny_net()
+    sd = dict(net._net.state())
+    before = sd["conv1.t0.weight"].copy()
+    sd["conv1.t0.weight"] = make(before.shape)
+    with pytest.raises(exc, match=r"load_state_dict: entry 'conv1.t0.weight' " + pattern):
+        net._net.load_state(sd)
+    assert np.array_equal(dict(net._net.state())["conv1.t0.weight"], before)  # nothing was loaded
+    sd = dict(net._net.state())
+    sd[7] = sd.pop("conv1.t0.weight")
+    with pytest.raises(TypeError, match=r"load_state_dict: key 7 is not a str"):
+        net._net.load_state(sd)
+
+
+def test_core_load_state_converts_other_float_dtypes_exactly():
+    net = _tiny_net()
+    sd = dict(net._net.state())
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(sd["conv1.t0.weight"].shape)  # float64
+    b = rng.standard_normal(sd["conv1.t0.bias"].shape).astype(">f2")  # half, other byte order
+    sd["conv1.t0.weight"], sd["conv1.t0.bias"] = w, b
+    net._net.load_state(sd)
+    got = dict(net._net.state())
+    assert np.array_equal(got["conv1.t0.weight"], w.astype(np.float32))
+    assert np.array_equal(got["conv1.t0.bias"], b.astype(np.float32))
+
+
+def test_net_config_sizes_step_and_seed_are_range_checked():
+    with pytest.raises(ValueError, match=r"Net: argument 'config\['input_size'\]' is 1099511627776, outside the int32"):
+        _core_net(input_size=2**40)
+    with pytest.raises(ValueError, match=r"Net: conv1 convolution: the padded input .* beyond 2\^31-1"):
+        _core_net(conv1=dict(kernel=5, stride=1, padding=2**31 - 1))
+    with pytest.raises(ValueError, match=r"Net: .*fc6 weight.*2\^31 or more elements"):
+        _core_net(fc=[2**30, 2])
+    with pytest.raises(ValueError, match=r"Net: argument 'seed' is -1"):
+        ax._C.Net(dict(ax.tiny_config()), ["cpu", "cpu"], False, -1)
+    net = _tiny_net()
+    with pytest.raises(ValueError, match=r"Net: argument 'step' must be >= 0"):
+        net._net.step = -1
+    with pytest.raises(ValueError, match=r"Net: argument 'seed' is 18446744073709551616"):
+        net._net.seed = 2**64

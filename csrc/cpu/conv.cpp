@@ -31,12 +31,13 @@ ConvDims dims(const Conv2dParams& p) {
 }
 
 // Output columns q whose input column q*stride - pad + s lies in [0, W): [lo, hi).
+// In 64 bits: -off + stride - 1 overflows an int for a stride near 2^31 (a valid stride: it just gives Q = 1).
 inline void valid_range(int Q, int W, int stride, int pad, int s, int* lo, int* hi) {
-    const int off = s - pad;  // input column of q = 0
-    int l = off >= 0 ? 0 : (-off + stride - 1) / stride;
-    int h = (W - 1 - off) < 0 ? 0 : (W - 1 - off) / stride + 1;
-    *lo = std::min(l, Q);
-    *hi = std::max(*lo, std::min(h, Q));
+    const int64_t off = static_cast<int64_t>(s) - pad;  // input column of q = 0
+    const int64_t l = off >= 0 ? 0 : (-off + stride - 1) / stride;
+    const int64_t h = (W - 1 - off) < 0 ? 0 : (W - 1 - off) / stride + 1;
+    *lo = static_cast<int>(std::min<int64_t>(l, Q));
+    *hi = static_cast<int>(std::max<int64_t>(*lo, std::min<int64_t>(h, Q)));
 }
 
 // col (Cg*R*S, P*Q) from one group of one image xg (Cg, H, W); padding reads as 0.
