@@ -569,17 +569,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("window") = 3, py::arg("stride") = 2, py::arg("padding") = 0, "Returns (y, argmax).");
     o.def(
         "maxpool_backward",
-        [](obj dy, obj argmax, obj input_hw, obj window, obj stride, obj padding) {
+        [](obj dy, obj argmax, obj input_hw, obj window, obj stride, obj padding, obj check_argmax) {
             const char* op = "maxpool_backward";
             const Tensor tdy = tensor_arg(dy, op, "dy"), ta = tensor_arg(argmax, op, "argmax");
             const auto hw = pair_arg(input_hw, op, "input_hw"), k = pair_arg(window, op, "window"),
                        s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
+            if (!py::isinstance<py::bool_>(check_argmax))
+                throw TypeError(where(op, "check_argmax") + "must be a bool, got " + type_name(check_argmax));
+            const bool check = check_argmax.cast<bool>();
             py::gil_scoped_release r;
             return ops::maxpool_backward(tdy, ta, hw.first, hw.second, k.first, k.second, s.first, s.second, p.first,
-                                         p.second);
+                                         p.second, check);
         },
         py::arg("dy"), py::arg("argmax"), py::arg("input_hw"), py::arg("window") = 3, py::arg("stride") = 2,
-        py::arg("padding") = 0);
+        py::arg("padding") = 0, py::arg("check_argmax") = true,
+        "Every argmax must lie in its output's window (checked on the host for CUDA tensors unless "
+        "check_argmax=False, for an argmax straight from maxpool_forward).");
 
     o.def(
         "dropout_forward",

@@ -361,9 +361,11 @@ void Net::issue_backward(float lr) {
                 Tensor g = s.d_out;
                 if (s.drop_mask.defined()) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false);
                 if (L.pool_extra)
-                    g = ops::maxpool_backward(g, s.pool2_arg, L.pool_mid_hw, L.pool_mid_hw, pool_w, pool_w, 2, 2, 0, 0);
+                    g = ops::maxpool_backward(g, s.pool2_arg, L.pool_mid_hw, L.pool_mid_hw, pool_w, pool_w, 2, 2, 0, 0,
+                                              /*check_argmax=*/false);
                 if (L.pool)
-                    g = ops::maxpool_backward(g, s.pool_arg, L.out_hw, L.out_hw, pool_w, pool_w, 2, 2, 0, 0);
+                    g = ops::maxpool_backward(g, s.pool_arg, L.out_hw, L.out_hw, pool_w, pool_w, 2, 2, 0, 0,
+                                              /*check_argmax=*/false);
                 if (L.lrn) g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta);
                 if (L.relu) g = ops::relu_backward(g, s.a);
                 s.d_out = g;  // now the gradient w.r.t. the pre-activation z

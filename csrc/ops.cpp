@@ -378,7 +378,7 @@ std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int wh, int ww, int s
 }
 
 Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, int wh, int ww, int sh, int sw, int ph,
-                        int pw) {
+                        int pw, bool check_argmax) {
     const char* op = "maxpool_backward";
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, C, P, Q)");
     check_tensor(op, "argmax", argmax, DType::i32, 4, "(N, C, P, Q)");
@@ -390,6 +390,22 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
     auto p = pool_params(op, dy.size(0), dy.size(1), H, W, wh, ww, sh, sw, ph, pw);
     check_shape(op, "dy", dy, {p.N, p.C, p.P, p.Q});
     check_shape(op, "argmax", argmax, dy.shape());
+    if (check_argmax && argmax.device().is_cuda() && argmax.numel() > 0) {
+        // The CPU backend raises on an argmax outside its window while it scatters; the CUDA kernel gathers and
+        // would drop such a gradient without a word, so its argmax is checked here, on the host.
+        const Tensor host = argmax.to(Device{});
+        const int32_t* a = host.data<int32_t>();
+        const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+        for (int64_t i = 0; i < host.numel(); ++i) {
+            const int pp = static_cast<int>((i / p.Q) % p.P), q = static_cast<int>(i % p.Q);
+            const int h0 = pp * p.stride_h - p.pad_h, w0 = q * p.stride_w - p.pad_w;
+            const int64_t v = a[i], h = v >= 0 ? v / p.W : -1, w = v >= 0 ? v % p.W : -1;
+            if (v < 0 || v >= HW || h < h0 || h >= h0 + p.window_h || w < w0 || w >= w0 + p.window_w)
+                throw ValueError(arg_prefix(op, "argmax") + "holds " + std::to_string(v) + " at output (" +
+                                 std::to_string(pp) + ", " + std::to_string(q) +
+                                 "), outside that output's window; pass the argmax from maxpool_forward");
+        }
+    }
     Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
     if (dx.numel() == 0) return dx;
     AX_DISPATCH(dy.device(), maxpool_backward, p, dy.data<float>(), argmax.data<int32_t>(), dx.data<float>());

@@ -99,8 +99,12 @@ Tensor lrn_backward(const Tensor& dy, const Tensor& x, const Tensor& y, const Te
 std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int window_h, int window_w, int stride_h, int stride_w,
                                           int pad_h, int pad_w);
 // dx (N,C,H,W): each input element gathers dy from the windows whose argmax it is (no atomics).
+// Every argmax must lie in its own output's window (as maxpool_forward makes them), else ValueError: the CPU
+// backend checks as it scatters; for CUDA tensors the argmax is copied to the host and checked first unless
+// check_argmax = false (the Net's own argmax; Python: check_argmax=False), since the CUDA gather would
+// silently drop the gradient of an argmax outside its window.
 Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, int window_h, int window_w,
-                        int stride_h, int stride_w, int pad_h, int pad_w);
+                        int stride_h, int stride_w, int pad_h, int pad_w, bool check_argmax = true);
 
 // Inverted dropout: returns (y, mask uint8); y = x * mask / (1 - p). Element i's draw is
 // philox(seed, offset + i), so any backend, any launch shape, draws the same mask.

@@ -44,7 +44,7 @@ EXPECTED_CHECKS = {
     "elementwise": 152,
     "plumbing": 15,
     "lrn": 15,
-    "pool": 30,
+    "pool": 31,
     "softmax": 35,
     "augment": 6,
     "conv": 28,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import alexnet_cuda as ax
+from conftest import devices
 
 ops = ax.ops
 
@@ -230,14 +231,18 @@ def test_bad_input_raises_naming_op_and_argument(call, exc, pattern):
         call()
 
 
-def test_maxpool_backward_rejects_argmax_outside_its_window():
-    """The CPU backend checks argmax values (an out-of-window index would write out of bounds)."""
+@pytest.mark.parametrize("device", devices())
+def test_maxpool_backward_rejects_argmax_outside_its_window(device):
+    """The CPU backend checks argmax values as it scatters (an out-of-window index would write out of bounds);
+    for CUDA tensors the op checks them on the host first (the gather would silently drop the gradient)."""
     am = pool_argmax().numpy()
     for bad in (-1, 81, 80):  # negative, past the plane, inside the plane but outside window (0, 0)
         a = am.copy()
         a[1, 2, 0, 0] = bad
-        with pytest.raises(ValueError, match=r"maxpool_backward.*'argmax'"):
-            ops.maxpool_backward(t((2, 6, 4, 4)), ax.from_numpy(a), (9, 9))
+        with pytest.raises(ValueError, match=r"maxpool_backward: argument 'argmax'.*outside"):
+            ops.maxpool_backward(t((2, 6, 4, 4), device=device), ax.from_numpy(a, device), (9, 9))
+    with pytest.raises(TypeError, match="maxpool_backward: argument 'check_argmax'"):
+        ops.maxpool_backward(t((2, 6, 4, 4)), ax.from_numpy(am), (9, 9), check_argmax="no")
 
 
 def test_errors_leave_the_library_usable():

@@ -579,6 +579,21 @@ void group_pool() {
     test_pool(2, 2, 7, 7, 2, 2, 1, 1, 1, 0, true);
     test_pool(1, 48, 55, 55, 3, 3, 2, 2, 0, 0, true);   // AlexNet pool1, one tower, batch 1
     test_pool(2, 128, 13, 13, 3, 3, 2, 2, 0, 0, true);  // AlexNet pool5, one tower, batch 2
+    // An argmax outside its window: the CUDA gather would drop its gradient silently, so the op checks it first.
+    const int H = 7, W = 7;
+    const Both x = both({1, 2, H, W}, randv(2 * H * W)), dy = both({1, 2, 3, 3}, randv(2 * 3 * 3));
+    const auto r = ops::maxpool_forward(x.gpu, 3, 3, 2, 2, 0, 0);
+    Tensor bad = r.second.to(Device{});
+    bad.data<int32_t>()[5] = 0;  // output (1, 2)'s window starts at (2, 4): element 0 lies outside it
+    std::string msg;
+    try {
+        ops::maxpool_backward(dy.gpu, bad.to(x.gpu.device()), H, W, 3, 3, 2, 2, 0, 0);
+    } catch (const ValueError& e) {
+        msg = e.what();
+    }
+    check_true("maxpool_backward rejects an argmax outside its window (cuda)",
+               msg.find("maxpool_backward: argument 'argmax'") == 0 && msg.find("outside that output's window") != std::string::npos,
+               msg.empty() ? "no error raised" : msg);
 }
 
 void group_softmax() {
