@@ -16,9 +16,10 @@ under build/model/<hash of sources, flags and nvcc version>/. Without the SASS t
 alone: the FFMA share is then taken as 1 and every GEMM time is a lower bound (the output says so).
 
 Which kernel runs. Each pass of the step is mapped to the kernel and tile its launcher in cuda/*.cu picks for that
-shape: use_big_tiles (128x128 when M > 64, N > 64 and the tiles alone give >= 264 blocks, else 64x64),
-choose_split_k (64x64 grad-weight and linear GEMMs with < 132 tiles and Kr > 512 are cut into slices of >= 256
-so that about 264 blocks run, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
+shape: use_big_tiles (128x128 tiles of 256 threads when M > 64, N > 64 and the tiles alone give >= 264 blocks,
+else 64x64 tiles of 64 threads; every thread owns an 8x8 micro-tile), choose_split_k (64x64 grad-weight and
+linear GEMMs with < 528 tiles and Kr > 256 are cut into slices of >= 128 so that at most 1056 blocks run, 8 per
+SM, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
 turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48, conv2 48->128, conv3 256->192
 reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
 is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices.
@@ -32,13 +33,14 @@ The GEMM formula. With B blocks, b = blocks/SM from occupancy, w = padded FLOPs 
 k rounded up to the 8-deep k-step; tile fill = useful / padded FLOPs), R = 66.9 TFLOP/s / 132 per SM and s = the
 main loop's FFMA share, the busiest SM runs n = ceil(B / 132) blocks in rounds of up to b at once, and
 
-    t_compute = sum over rounds of  k * w / (R * s * eta(k)),   eta(k) = min(1, 8 k / 16)
+    t_compute = sum over rounds of  k * w / (R * s * eta(k)),   eta(k) = min(1, warps per block x k / 16)
 
 i.e. one FFMA issues per clock per scheduler, so the share caps the fraction of peak; latency is hidden once 16
 warps (two 256-thread blocks, 4 per scheduler) are resident, and a round with fewer warps issues proportionally
 less (a lone block in a tail round costs as much as two). For 128x128 tiles (b = 2) this is exactly the usual wave
-quantisation factor ceil(waves) / waves with waves = B / (2 * 132); 64x64 tiles (b = 3) lose only on tails of one
-block. Altogether t_compute = FLOPs / (peak x s x tile fill x wave efficiency). A GEMM pass takes
+quantisation factor ceil(waves) / waves with waves = B / (2 * 132); 64x64 tiles (64 threads, b = 8) lose in
+proportion to the warps missing from a partial last round. Altogether t_compute = FLOPs / (peak x s x tile fill x
+wave efficiency). A GEMM pass takes
 max(t_compute, its operand and result bytes / bandwidth) + launch gap.
 
 Memory-bound kernels: t = bytes / (BW x parallelism) + launch gap, where bytes are the fewest the op must move
@@ -91,8 +93,14 @@ HALF_THREADS = SMS * 1024     # resident threads at which a streaming kernel sat
 
 # ---- the launchers' constants (cuda/common.cuh) -------------------------------------------------------------
 TARGET_BLOCKS = 264
+TARGET_SMALL_BLOCKS = 132 * 8   # kTargetSmallBlocks: the 64x64 tile's 64-thread blocks, 8 per SM
 BK = 8
-GEMM_THREADS = 256
+GEMM_THREADS = 256              # threads of the 128x128 tile; every tile gives each thread an 8x8 micro-tile
+
+
+def gemm_threads(tile: int) -> int:
+    """Threads per block of a tile x tile GEMM kernel (GemmCfg::kThreads: one per 8x8 micro-tile)."""
+    return (tile // 8) ** 2
 THREADS_1D = 256
 MAX_BLOCKS_1D = 65536
 
@@ -357,7 +365,7 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
 # Readable names of the kernels the passes use: (file, substring of the mangled name).
 GEMM_OPS = {
     "conv_fwd": ("conv.cu", "7ConvFwd"),
-    "conv_dgrad": ("conv.cu", "12ConvBwdInput"),
+    "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1E"),  # stride 1, as every layer with this pass
     "conv_wgrad": ("conv.cu", "13ConvBwdWeight"),
     "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
     "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
@@ -417,9 +425,9 @@ def use_big_tiles(M: int, N: int, Z: int) -> bool:
 def choose_split_k(blocks: int, Kr: int) -> Tuple[int, int]:
     """(slices, chunk) as choose_split_k returns them."""
     splits = 1
-    if blocks < TARGET_BLOCKS // 2 and Kr > 512:
-        want = cdiv(TARGET_BLOCKS, blocks)
-        splits = max(1, min(want, Kr // 256, 64))
+    if blocks < TARGET_SMALL_BLOCKS // 2 and Kr > 256:
+        want = TARGET_SMALL_BLOCKS // blocks
+        splits = max(1, min(want, Kr // 128, 256))
     c = cdiv(cdiv(Kr, splits), 8) * 8
     c = max(c, 8)
     return (cdiv(Kr, c) if Kr > 0 else 1), c
@@ -488,7 +496,8 @@ class Model:
              bytes_: float = 0.0) -> List[Pass]:
         g = plan_gemm(op, M, N, K, Z)
         info = gemm_kernel(self.k, op, g.tile)
-        bps = blocks_per_sm(GEMM_THREADS, info.regs, info.smem)
+        threads = gemm_threads(g.tile)
+        bps = blocks_per_sm(threads, info.regs, info.smem)
         share = info.ffma_share if (self.sass and info.ffma_share) else 1.0
         B = g.blocks
         tiles_mn = cdiv(M, g.tile) * g.tile * cdiv(N, g.tile) * g.tile
@@ -501,7 +510,7 @@ class Model:
         left = n
         while left > 0:
             k = min(left, bps)
-            eta = min(1.0, k * (GEMM_THREADS // 32) / WARPS_HIDE)
+            eta = min(1.0, k * (threads // 32) / WARPS_HIDE)
             t += k * w / (SM_RATE * share * eta)
             left -= k
         t_mem = bytes_ / self.bw
@@ -911,7 +920,7 @@ def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, K
     lines += [hdr, "-" * len(hdr)]
     for label, k in kernels_used:
         name, _, tile = label.partition("@")
-        thr = GEMM_THREADS
+        thr = gemm_threads(int(tile.partition("x")[0])) if tile else GEMM_THREADS
         lines.append(f"{name:<22} {tile:>7} {k.regs:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} {k.stack:>5} "
                      f"{k.smem:>6} {blocks_per_sm(thr, k.regs, k.smem):>6} {_f(k.loop_ffma, 'd'):>9} "
                      f"{_f(k.loop_instr, 'd'):>10} {_f(k.ffma_share, '.1%'):>10} {_f(k.loop_local, 'd'):>7}")

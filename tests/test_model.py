@@ -204,15 +204,18 @@ def test_plan_gemm_matches_the_launchers():
     # conv3 forward, one tower: 192 x 21632 -> 2 x 169 = 338 big tiles >= 264.
     g = M.plan_gemm("conv_fwd", 192, 128 * 169, 256 * 9)
     assert (g.tile, g.blocks) == (128, 338)
-    # fc6 forward, one tower: 128 x 2048, K = 9216: 64 small tiles < 132 -> ceil(264/64) = 5 slices of 1848.
+    # fc6 forward, one tower: 128 x 2048, K = 9216: 64 small tiles < 528 -> floor(1056/64) = 16 slices of 576.
     g = M.plan_gemm("linear_fwd", 128, 2048, 9216)
-    assert (g.tile, g.splits, g.chunk, g.blocks) == (64, 5, 1848, 320)
-    # fc8 grad-input: 128 x 4096 with K = 500 <= 512: no split, 2 x 64 = 128 blocks.
+    assert (g.tile, g.splits, g.chunk, g.blocks) == (64, 16, 576, 1024)
+    # fc8 grad-input: 128 x 4096 with K = 500: 2 x 64 = 128 tiles, at most 500 // 128 = 3 slices of 168.
     g = M.plan_gemm("linear_dgrad", 128, 4096, 500)
+    assert (g.tile, g.splits, g.chunk, g.blocks) == (64, 3, 168, 384)
+    # Too short to split (K <= 256): one slice.
+    g = M.plan_gemm("linear_dgrad", 128, 4096, 256)
     assert (g.tile, g.splits, g.blocks) == (64, 1, 128)
-    # conv1 grad-weight: 48 x 363 -> 6 tiles; K = 128*55*55 = 387200: want 44 slices, chunk 8800.
+    # conv1 grad-weight: 48 x 363 -> 6 tiles; K = 128*55*55 = 387200: want 1056/6 = 176 slices, chunk 2200.
     g = M.plan_gemm("conv_wgrad", 48, 363, 387200)
-    assert (g.tile, g.splits, g.chunk) == (64, 44, 8800)
+    assert (g.tile, g.splits, g.chunk) == (64, 176, 2200)
 
 
 def test_comparison_pairs_rows_of_the_same_commit():
