@@ -154,21 +154,50 @@ __device__ __forceinline__ int block_sum_int(int v, int* red) {
     return block_reduce<kThreads>(v, red, 0, WarpSumI{});
 }
 
+// ---- asynchronous global -> shared copies (cp.async, sm_80+) ----------------------------------------
+// cp_async4(dst, src, ok) copies one float to shared memory without a register, or writes 0 when !ok (src
+// is then not read, so it may point anywhere); cp_async_commit closes a group of this thread's copies and
+// cp_async_wait<N> waits until at most N of its groups are still in flight. A barrier is still needed
+// before other threads read what the copies wrote. Below sm_80 the copy is an ordinary load and store;
+// the CPU emulator (tests/cuda_emu) defers each group to the wait, as a GPU may.
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#elif defined(AX_EMU_CP_ASYNC)
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) { ::emu::cp_async4(dst, src, ok); }
+__device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    ::emu::cp_async_wait(N);
+}
+#else
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) { *dst = ok ? __ldg(src) : 0.0f; }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#endif
+
 // ---- the tiled GEMM main loop ------------------------------------------------------------------------
 // C (M x N) = A (M x Kr) * B (Kr x N) for each z = blockIdx.z, where A, B, C are *views* supplied by an
 // Op: plain strided matrices (linear) or implicit im2col views (convolutions). Block tile BM x BN x 8,
 // (BM/8) x (BN/8) threads, each owning an 8x8 register micro-tile made of 4x4 pieces strided by BM/2 rows
 // and BN/2 columns (so shared-memory reads are float4 and broadcast-friendly). Shared tiles are stored
-// k-major (As[k][m], Bs[k][n]), double-buffered; the next tile is fetched into registers while the
-// current one is multiplied, so there is one barrier per k-step. The k-range [kb, ke) is walked from
-// ke - nt*8 (nt = ceil((ke-kb)/8)): the first tile, loaded before the loop, is the only partial one, so
-// the loop's loads check no k bound. Every store is bounds-checked by the main loop: any M, N, Kr.
+// k-major (As[k][m], Bs[k][n]) in a 3-stage ring filled by cp.async: tile j+2 is copied while tile j is
+// multiplied, with no register staging and one barrier per k-step. The k-range [kb, ke) is walked from
+// ke - nt*8 (nt = ceil((ke-kb)/8)): the first tile is the only partial one, so the loop's copies check
+// no k bound. Every store is bounds-checked by the main loop: any M, N, Kr.
 //
 // Gather tables: an Op with kTab = true gets, for every k of the tile it fetches, an Entry that it
-// computed once per k for the whole block (entry(k, kb, ke), run by threads 0..7 for the tile after next
-// while the current one is multiplied, double-buffered in shared memory beside the operand tiles). The
-// implicit-GEMM loaders decompose k = (c, r, s) or (img, p, q) there instead of per element, so their
-// inner loop is adds, unsigned compares and loads.
+// computed once per k for the whole block (entry(k, kb, ke), run by threads 0..7 for a tile three steps
+// ahead, double-buffered in shared memory). The implicit-GEMM loaders decompose k = (c, r, s) or
+// (img, p, q) there instead of per element, so their inner loop is adds, unsigned compares and copies.
 //
 // Op interface (all __device__ const; `Th` is whatever thread<Cfg>() returns: per-thread register state):
 //   int M, N;                                  GEMM size of one z slice
@@ -180,12 +209,12 @@ __device__ __forceinline__ int block_sum_int(int v, int* red) {
 //   template <class Cfg> Th thread(int z, int m0, int n0) const;   per-thread precomputation for the
 //                                              tile at (m0, n0) (pointers, masks of rows/columns < M/N)
 //   void k_range(int z, int& kb, int& ke)      the reduction range of slice z (split-K)
-//   template <class Cfg, bool kCheck, class Th>
-//   void fetch_a(const Th&, const Entry* tab, int k0, int kb, int ke, float (&r)[Cfg::kAPerThread])
-//   ... fetch_b likewise with Cfg::kBPerThread
-//       fill the thread's elements of the tile starting at k0 (see TileMap; tab[i] is the entry of
-//       k0 + i), zero where m >= M / n >= N and, when kCheck, where k is outside [kb, ke); without
-//       kCheck the whole tile lies inside [kb, ke)
+//   template <class Cfg, bool kCheck, class Th, class Put>
+//   void fetch_a(const Th&, const Entry* tab, int k0, int kb, int ke, const Put& put)
+//   ... fetch_b likewise
+//       for each of the thread's elements i of the tile starting at k0 (see TileMap; tab[i] is the
+//       entry of k0 + i), put(i, src, ok): ok false where m >= M / n >= N and, when kCheck, where k is
+//       outside [kb, ke) (src is then not read); without kCheck the whole tile lies inside [kb, ke)
 //   template <class Th> void store(const Th&, int z, int m, int n, float v)   called for m < M, n < N only
 
 // A spatial coordinate that fails every bounds check it is added to (table entries of k outside the
@@ -199,7 +228,7 @@ struct NoEntry {
 
 template <int BM_, int BN_>
 struct GemmCfg {
-    static constexpr int BM = BM_, BN = BN_, BK = 8, TM = 8, TN = 8;
+    static constexpr int BM = BM_, BN = BN_, BK = 8, TM = 8, TN = 8, kStages = 3;
     static constexpr int kThreads = (BM / TM) * (BN / TN);
     // Blocks per SM the register budget must allow (__launch_bounds__): 16 warps per SM, which caps the
     // 8x8 micro-tile at 128 registers and hides one block's barrier stalls behind the others.
@@ -223,13 +252,20 @@ struct TileMap {
     static constexpr int kStep = kContigK ? T / BK : T / BMN;
 };
 
+// The sink an Op's fetch writes to: element i of this thread goes to d + i * kStep in the shared stage.
+template <int kStep>
+struct TilePut {
+    float* d;
+    __device__ __forceinline__ void operator()(int i, const float* src, bool ok) const { cp_async4(d + i * kStep, src, ok); }
+};
+
 template <class Cfg, class Op>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_kernel(const Op op) {
-    constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN;
-    constexpr int AP = Cfg::kAPerThread, BP = Cfg::kBPerThread, T = Cfg::kThreads;
+    constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN, T = Cfg::kThreads;
+    constexpr int S = Cfg::kStages;
     using Entry = typename Op::Entry;
-    __shared__ __align__(16) float As[2][BK][Cfg::APitch];
-    __shared__ __align__(16) float Bs[2][BK][Cfg::BPitch];
+    __shared__ __align__(16) float As[S][BK][Cfg::APitch];
+    __shared__ __align__(16) float Bs[S][BK][Cfg::BPitch];
     __shared__ __align__(16) Entry tab[2][Op::kTab ? BK : 1];
 
     const int t = threadIdx.x;
@@ -238,6 +274,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     using MapA = TileMap<BM, BK, Op::kAContigK, T>;
     using MapB = TileMap<BN, BK, Op::kBContigK, T>;
+    using PutA = TilePut<Op::kAContigK ? MapA::kStep : MapA::kStep * Cfg::APitch>;
+    using PutB = TilePut<Op::kBContigK ? MapB::kStep : MapB::kStep * Cfg::BPitch>;
+    constexpr int kAStage = BK * Cfg::APitch, kBStage = BK * Cfg::BPitch;
 
     const auto th = op.template thread<Cfg>(z, m0, n0);
     int kb = 0, ke = 0;
@@ -252,6 +291,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
     if (kb < ke) {
         const int nt = (ke - kb + BK - 1) / BK;
         int k0 = ke - nt * BK;  // the partial tile first: every tile the loop fetches is whole
+        float* const dA = &As[0][MapA::k(t, 0)][MapA::mn(t, 0)];  // this thread's element 0 in stage 0
+        float* const dB = &Bs[0][MapB::k(t, 0)][MapB::mn(t, 0)];
         if (Op::kTab) {
             if (t < BK) {
                 tab[0][t] = op.entry(k0 + t, kb, ke);
@@ -259,30 +300,39 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
             }
             __syncthreads();
         }
-        float ra[AP], rb[BP];
-        op.template fetch_a<Cfg, true>(th, tab[0], k0, kb, ke, ra);
-        op.template fetch_b<Cfg, true>(th, tab[0], k0, kb, ke, rb);
-#pragma unroll
-        for (int i = 0; i < AP; ++i) As[0][MapA::k(t, i)][MapA::mn(t, i)] = ra[i];
-#pragma unroll
-        for (int i = 0; i < BP; ++i) Bs[0][MapB::k(t, i)][MapB::mn(t, i)] = rb[i];
-        __syncthreads();
+        op.template fetch_a<Cfg, true>(th, tab[0], k0, kb, ke, PutA{dA});
+        op.template fetch_b<Cfg, true>(th, tab[0], k0, kb, ke, PutB{dB});
+        cp_async_commit();
+        if (nt > 1) {
+            op.template fetch_a<Cfg, false>(th, tab[1], k0 + BK, kb, ke, PutA{dA + kAStage});
+            op.template fetch_b<Cfg, false>(th, tab[1], k0 + BK, kb, ke, PutB{dB + kBStage});
+        }
+        cp_async_commit();
+        if (Op::kTab) {
+            __syncthreads();  // slot 0 (tile 0) has been read by every thread
+            if (t < BK) tab[0][t] = op.entry(k0 + 2 * BK + t, kb, ke);
+        }
 
-        int buf = 0;
+        int sc = 0, sn = 2;  // stages of tile j and of tile j + 2
         for (int j = 0; j < nt; ++j, k0 += BK) {
-            const bool more = j + 1 < nt;
-            if (more) {  // global loads for the next step overlap the FMAs below
-                op.template fetch_a<Cfg, false>(th, tab[buf ^ 1], k0 + BK, kb, ke, ra);
-                op.template fetch_b<Cfg, false>(th, tab[buf ^ 1], k0 + BK, kb, ke, rb);
+            cp_async_wait<1>();  // this thread's copies of tile j have landed (tile j + 1 may be in flight)
+            __syncthreads();     // everyone's have; stage sn (tile j - 1) and table slot (j+1)&1 are free
+            if (j + 2 < nt) {
+                op.template fetch_a<Cfg, false>(th, tab[j & 1], k0 + 2 * BK, kb, ke, PutA{dA + sn * kAStage});
+                op.template fetch_b<Cfg, false>(th, tab[j & 1], k0 + 2 * BK, kb, ke, PutB{dB + sn * kBStage});
             }
+            cp_async_commit();  // possibly empty: keeps one group per step for the wait above
+            if (Op::kTab && t < BK) tab[(j + 1) & 1][t] = op.entry(k0 + 3 * BK + t, kb, ke);
+            const float* const as = &As[sc][0][0];
+            const float* const bs = &Bs[sc][0][0];
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) {
                 float a[TM], b[TN];
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const float4 v = *reinterpret_cast<const float4*>(&As[buf][kk][h * (BM / 2) + ty * 4]);
+                    const float4 v = *reinterpret_cast<const float4*>(as + kk * Cfg::APitch + h * (BM / 2) + ty * 4);
                     a[4 * h] = v.x; a[4 * h + 1] = v.y; a[4 * h + 2] = v.z; a[4 * h + 3] = v.w;
-                    const float4 u = *reinterpret_cast<const float4*>(&Bs[buf][kk][h * (BN / 2) + tx * 4]);
+                    const float4 u = *reinterpret_cast<const float4*>(bs + kk * Cfg::BPitch + h * (BN / 2) + tx * 4);
                     b[4 * h] = u.x; b[4 * h + 1] = u.y; b[4 * h + 2] = u.z; b[4 * h + 3] = u.w;
                 }
 #pragma unroll
@@ -290,17 +340,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
 #pragma unroll
                     for (int jj = 0; jj < TN; ++jj) acc[i][jj] = fmaf(a[i], b[jj], acc[i][jj]);
             }
-            if (more) {  // the other buffer was last read before the previous barrier: safe to fill
-#pragma unroll
-                for (int i = 0; i < AP; ++i) As[buf ^ 1][MapA::k(t, i)][MapA::mn(t, i)] = ra[i];
-#pragma unroll
-                for (int i = 0; i < BP; ++i) Bs[buf ^ 1][MapB::k(t, i)][MapB::mn(t, i)] = rb[i];
-            }
-            // Table slot buf held this tile's entries, last read by the fetch before the previous barrier.
-            if (Op::kTab && t < BK) tab[buf][t] = op.entry(k0 + 2 * BK + t, kb, ke);
-            __syncthreads();
-            buf ^= 1;
+            sc = sc == S - 1 ? 0 : sc + 1;
+            sn = sn == S - 1 ? 0 : sn + 1;
         }
+        cp_async_wait<0>();
     }
 
 #pragma unroll

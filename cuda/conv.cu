@@ -1,9 +1,10 @@
 // CUDA backend of the conv family. The three matrix passes are implicit GEMMs on the shared tiled main
-// loop (common.cuh: 128x128 or 64x64 block tiles, 8-deep k-steps, 8x8 / 4x4 register micro-tiles,
-// double-buffered shared memory); only the operand views differ, below. Group g is blockIdx.z (wgrad:
-// z = g * splits + split). Index decomposition uses FastDiv (multiply-high), hoisted per thread where the
-// tile mapping keeps a coordinate fixed. No atomics anywhere: wgrad's split-K writes partial sums to a
-// workspace that a second kernel adds in a fixed order, and the bias gradient is one block per channel.
+// loop (common.cuh: 128x128 or 64x64 block tiles, 8-deep k-steps, 8x8 register micro-tiles, a 3-stage
+// cp.async shared-memory ring); only the operand views differ, below. Group g is blockIdx.z (wgrad:
+// z = g * splits + split). Index decomposition uses FastDiv (multiply-high), once per thread for what the
+// tile mapping keeps fixed and once per k per block in the gather tables (common.cuh) for the rest. No
+// atomics anywhere: wgrad's split-K writes partial sums to a workspace that a second kernel adds in a
+// fixed order, and the bias gradient is one block per channel.
 #include "common.cuh"
 
 namespace ax {
@@ -66,16 +67,15 @@ __device__ __forceinline__ RowsA<Cfg> rows_a(const float* base, int64_t mstride,
     for (int i = 0; i < RowsA<Cfg>::kN; ++i) a.mask |= (m + Map::kStep * i < M ? 1u : 0u) << i;
     return a;
 }
-// r[i] = A(row i, k) with the k's offset `koff` (from the table or k itself); zero outside M and, when
-// kCheck, for k = k0 + t%8 outside [kb, ke).
-template <class Cfg, bool kCheck>
-__device__ __forceinline__ void load_rows_a(const RowsA<Cfg>& a, int64_t koff, int k0, int kb, int ke,
-                                            float (&r)[Cfg::kAPerThread]) {
+// Element i = A(row i, k) with the k's offset `koff` (from the table or k itself); zero outside M and,
+// when kCheck, for k = k0 + t%8 outside [kb, ke).
+template <class Cfg, bool kCheck, class KOff, class Put>
+__device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k0, int kb, int ke, const Put& put) {
     const int k = k0 + a.kt;
     const bool kok = !kCheck || (k >= kb && k < ke);
     const float* p = a.p + koff;
 #pragma unroll
-    for (int i = 0; i < RowsA<Cfg>::kN; ++i) r[i] = (kok && ((a.mask >> i) & 1u)) ? __ldg(p + i * a.step) : 0.0f;
+    for (int i = 0; i < RowsA<Cfg>::kN; ++i) put(i, p + static_cast<int64_t>(i) * a.step, kok && ((a.mask >> i) & 1u));
 }
 
 // True when 0 <= base + d < lim (one unsigned compare; base + d never overflows: both are > -2^30).
@@ -141,18 +141,18 @@ struct ConvFwd {
         kb = 0;
         ke = g.CgRS;
     }
-    template <class Cfg, bool kCheck, class Th>
-    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, float (&r)[Cfg::kAPerThread]) const {
-        load_rows_a<Cfg, kCheck>(t.a, k0 + t.a.kt, k0, kb, ke, r);
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, const Put& put) const {
+        put_rows_a<Cfg, kCheck>(t.a, k0 + t.a.kt, k0, kb, ke, put);
     }
-    template <class Cfg, bool kCheck, class Th>
-    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, float (&r)[Cfg::kBPerThread]) const {
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, const Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
         const int kt = Map::k(threadIdx.x, 0);
 #pragma unroll
         for (int i = 0; i < Cfg::kBPerThread; ++i) {
             const Entry e = tab[kt + Map::kStep * i];
-            r[i] = (inside(t.h0, e.r, g.H) && inside(t.w0, e.s, g.W)) ? __ldg(t.xb + e.off) : 0.0f;
+            put(i, t.xb + e.off, inside(t.h0, e.r, g.H) & inside(t.w0, e.s, g.W));
         }
     }
     template <class Th>
@@ -229,31 +229,27 @@ struct ConvBwdInput {
         kb = 0;
         ke = g.Kg * g.RS;
     }
-    template <class Cfg, bool kCheck, class Th>
-    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke,
-                            float (&r)[Cfg::kAPerThread]) const {
-        load_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, r);
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, const Put& put) const {
+        put_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, put);
     }
-    template <class Cfg, bool kCheck, class Th>
-    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, float (&r)[Cfg::kBPerThread]) const {
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, const Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
         const int kt = Map::k(threadIdx.x, 0);
 #pragma unroll
         for (int i = 0; i < Cfg::kBPerThread; ++i) {
             const Entry e = tab[kt + Map::kStep * i];
-            float v = 0.0f;
             if (kUnit) {
-                if (inside(t.hp, e.r, g.P) && inside(t.wp, e.s, g.Q)) v = __ldg(t.dyb + e.boff);
+                put(i, t.dyb + e.boff, inside(t.hp, e.r, g.P) & inside(t.wp, e.s, g.Q));
             } else {
                 const int hs = t.hp - e.r, ws = t.wp - e.s;  // = p*sh, q*sw when this tap hits dy
-                if (hs >= 0 && ws >= 0) {
-                    int p, ph_rem, q, pw_rem;
-                    g.fsh.divmod(hs, p, ph_rem);
-                    g.fsw.divmod(ws, q, pw_rem);
-                    if (ph_rem == 0 && pw_rem == 0 && p < g.P && q < g.Q) v = __ldg(t.dyb + (e.boff + p * g.Q + q));
-                }
+                int p, ph_rem, q, pw_rem;
+                g.fsh.divmod(max(hs, 0), p, ph_rem);
+                g.fsw.divmod(max(ws, 0), q, pw_rem);
+                const bool ok = hs >= 0 && ws >= 0 && ph_rem == 0 && pw_rem == 0 && p < g.P && q < g.Q;
+                put(i, t.dyb + (e.boff + static_cast<int64_t>(p) * g.Q + q), ok);
             }
-            r[i] = v;
         }
     }
     template <class Th>
@@ -327,20 +323,19 @@ struct ConvBwdWeight {
         kb = split * kchunk;
         ke = min(Kr, kb + kchunk);
     }
-    template <class Cfg, bool kCheck, class Th>
-    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke,
-                            float (&r)[Cfg::kAPerThread]) const {
-        load_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, r);
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, const Put& put) const {
+        put_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, put);
     }
-    template <class Cfg, bool kCheck, class Th>
-    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, float (&r)[Cfg::kBPerThread]) const {
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, const Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
         const int kt = Map::k(threadIdx.x, 0);
         const float* p = t.xb + t.coff;
 #pragma unroll
         for (int i = 0; i < Cfg::kBPerThread; ++i) {
             const Entry e = tab[kt + Map::kStep * i];
-            r[i] = (inside(e.h0, t.roff, g.H) && inside(e.w0, t.soff, g.W)) ? __ldg(p + e.boff) : 0.0f;
+            put(i, p + e.boff, inside(e.h0, t.roff, g.H) & inside(e.w0, t.soff, g.W));
         }
     }
     template <class Th>

@@ -43,27 +43,26 @@ struct StridedGemm {
         for (int i = 0; i < E; ++i) s.mask |= (Map::mn(threadIdx.x, i) + mn0 < lim ? 1u : 0u) << i;
         return s;
     }
-    // r[i] = the i-th element of the tile at k0: zero outside M / N and, when kCheck, where its k is
-    // outside [kb, ke). Element i is at k0 + kt (k-contiguous) or k0 + kt + i * Map::kStep.
-    template <int E, bool kContig, bool kCheck>
-    __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, float (&r)[E]) {
+    // Element i of the tile at k0: not ok outside M / N and, when kCheck, where its k is outside
+    // [kb, ke). Element i is at k0 + kt (k-contiguous) or k0 + kt + i * Map::kStep.
+    template <int E, bool kContig, bool kCheck, class Put>
+    __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, const Put& put) {
         const float* p = s.p + k0 * sk;
 #pragma unroll
         for (int i = 0; i < E; ++i) {
             const int k = k0 + s.kt + (kContig ? 0 : kstep * i);
-            const bool ok = ((s.mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke));
-            r[i] = ok ? __ldg(p + i * s.step) : 0.0f;
+            put(i, p + i * s.step, ((s.mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
         }
     }
-    template <class Cfg, bool kCheck, class Th>
-    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, float (&r)[Cfg::kAPerThread]) const {
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, const Put& put) const {
         load<Cfg::kAPerThread, kAK, kCheck>(t.a, sak, TileMap<Cfg::BM, Cfg::BK, kAK, Cfg::kThreads>::kStep, k0, kb,
-                                            ke, r);
+                                            ke, put);
     }
-    template <class Cfg, bool kCheck, class Th>
-    __device__ void fetch_b(const Th& t, const Entry*, int k0, int kb, int ke, float (&r)[Cfg::kBPerThread]) const {
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry*, int k0, int kb, int ke, const Put& put) const {
         load<Cfg::kBPerThread, kBK, kCheck>(t.b, sbk, TileMap<Cfg::BN, Cfg::BK, kBK, Cfg::kThreads>::kStep, k0, kb,
-                                            ke, r);
+                                            ke, put);
     }
     template <class Th>
     __device__ void store(const Th&, int z, int m, int n, float v) const {
