@@ -210,7 +210,7 @@ __device__ __forceinline__ void cp_async_wait() {}
 //                                              tile at (m0, n0) (pointers, masks of rows/columns < M/N)
 //   void k_range(int z, int& kb, int& ke)      the reduction range of slice z (split-K)
 //   template <class Cfg, bool kCheck, class Th, class Put>
-//   void fetch_a(const Th&, const Entry* tab, int k0, int kb, int ke, const Put& put)
+//   void fetch_a(const Th&, const Entry* tab, int k0, int kb, int ke, Put& put)
 //   ... fetch_b likewise
 //       for each of the thread's elements i of the tile starting at k0 (see TileMap; tab[i] is the
 //       entry of k0 + i), put(i, src, ok): ok false where m >= M / n >= N and, when kCheck, where k is
@@ -252,12 +252,36 @@ struct TileMap {
     static constexpr int kStep = kContigK ? T / BK : T / BMN;
 };
 
-// The sink an Op's fetch writes to: element i of this thread goes to d + i * kStep in the shared stage.
-template <int kStep>
+// The sink an Op's fetch writes to: it collects the thread's E sources, and issue() copies element i to
+// d + i * kStep in the shared stage. Issuing an operand's copies back to back, after its addresses are
+// known, keeps the compiler's padding between address arithmetic and a cp.async to one run per operand.
+template <int E, int kStep>
 struct TilePut {
-    float* d;
-    __device__ __forceinline__ void operator()(int i, const float* src, bool ok) const { cp_async4(d + i * kStep, src, ok); }
+    const float* src[E];
+    bool ok[E];
+    __device__ __forceinline__ void operator()(int i, const float* s, bool o) {
+        src[i] = s;
+        ok[i] = o;
+    }
+    __device__ __forceinline__ void issue(float* d) const {
+#pragma unroll
+        for (int i = 0; i < E; ++i) cp_async4(d + i * kStep, src[i], ok[i]);
+    }
 };
+
+// Issues this thread's copies of the A and B tiles at k0 into the stage at dA / dB.
+template <class Cfg, bool kCheck, class Op, class Th>
+__device__ __forceinline__ void fetch_tile(const Op& op, const Th& th, const typename Op::Entry* tab, int k0, int kb,
+                                           int ke, float* dA, float* dB) {
+    using MapA = TileMap<Cfg::BM, Cfg::BK, Op::kAContigK, Cfg::kThreads>;
+    using MapB = TileMap<Cfg::BN, Cfg::BK, Op::kBContigK, Cfg::kThreads>;
+    TilePut<Cfg::kAPerThread, Op::kAContigK ? MapA::kStep : MapA::kStep * Cfg::APitch> pa;
+    TilePut<Cfg::kBPerThread, Op::kBContigK ? MapB::kStep : MapB::kStep * Cfg::BPitch> pb;
+    op.template fetch_a<Cfg, kCheck>(th, tab, k0, kb, ke, pa);
+    pa.issue(dA);
+    op.template fetch_b<Cfg, kCheck>(th, tab, k0, kb, ke, pb);
+    pb.issue(dB);
+}
 
 template <class Cfg, class Op>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_kernel(const Op op) {
@@ -274,8 +298,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     using MapA = TileMap<BM, BK, Op::kAContigK, T>;
     using MapB = TileMap<BN, BK, Op::kBContigK, T>;
-    using PutA = TilePut<Op::kAContigK ? MapA::kStep : MapA::kStep * Cfg::APitch>;
-    using PutB = TilePut<Op::kBContigK ? MapB::kStep : MapB::kStep * Cfg::BPitch>;
     constexpr int kAStage = BK * Cfg::APitch, kBStage = BK * Cfg::BPitch;
 
     const auto th = op.template thread<Cfg>(z, m0, n0);
@@ -300,12 +322,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
             }
             __syncthreads();
         }
-        op.template fetch_a<Cfg, true>(th, tab[0], k0, kb, ke, PutA{dA});
-        op.template fetch_b<Cfg, true>(th, tab[0], k0, kb, ke, PutB{dB});
+        fetch_tile<Cfg, true>(op, th, tab[0], k0, kb, ke, dA, dB);
         cp_async_commit();
         if (nt > 1) {
-            op.template fetch_a<Cfg, false>(th, tab[1], k0 + BK, kb, ke, PutA{dA + kAStage});
-            op.template fetch_b<Cfg, false>(th, tab[1], k0 + BK, kb, ke, PutB{dB + kBStage});
+            fetch_tile<Cfg, false>(op, th, tab[1], k0 + BK, kb, ke, dA + kAStage, dB + kBStage);
         }
         cp_async_commit();
         if (Op::kTab) {
@@ -318,8 +338,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
             cp_async_wait<1>();  // this thread's copies of tile j have landed (tile j + 1 may be in flight)
             __syncthreads();     // everyone's have; stage sn (tile j - 1) and table slot (j+1)&1 are free
             if (j + 2 < nt) {
-                op.template fetch_a<Cfg, false>(th, tab[j & 1], k0 + 2 * BK, kb, ke, PutA{dA + sn * kAStage});
-                op.template fetch_b<Cfg, false>(th, tab[j & 1], k0 + 2 * BK, kb, ke, PutB{dB + sn * kBStage});
+                fetch_tile<Cfg, false>(op, th, tab[j & 1], k0 + 2 * BK, kb, ke, dA + sn * kAStage, dB + sn * kBStage);
             }
             cp_async_commit();  // possibly empty: keeps one group per step for the wait above
             if (Op::kTab && t < BK) tab[(j + 1) & 1][t] = op.entry(k0 + 3 * BK + t, kb, ke);

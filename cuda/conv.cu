@@ -70,7 +70,7 @@ __device__ __forceinline__ RowsA<Cfg> rows_a(const float* base, int64_t mstride,
 // Element i = A(row i, k) with the k's offset `koff` (from the table or k itself); zero outside M and,
 // when kCheck, for k = k0 + t%8 outside [kb, ke).
 template <class Cfg, bool kCheck, class KOff, class Put>
-__device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k0, int kb, int ke, const Put& put) {
+__device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k0, int kb, int ke, Put& put) {
     const int k = k0 + a.kt;
     const bool kok = !kCheck || (k >= kb && k < ke);
     const float* p = a.p + koff;
@@ -142,11 +142,11 @@ struct ConvFwd {
         ke = g.CgRS;
     }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, const Put& put) const {
+    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
         put_rows_a<Cfg, kCheck>(t.a, k0 + t.a.kt, k0, kb, ke, put);
     }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, const Put& put) const {
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
         const int kt = Map::k(threadIdx.x, 0);
 #pragma unroll
@@ -230,11 +230,11 @@ struct ConvBwdInput {
         ke = g.Kg * g.RS;
     }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, const Put& put) const {
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
         put_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, put);
     }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, const Put& put) const {
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
         const int kt = Map::k(threadIdx.x, 0);
 #pragma unroll
@@ -324,11 +324,11 @@ struct ConvBwdWeight {
         ke = min(Kr, kb + kchunk);
     }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, const Put& put) const {
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
         put_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, put);
     }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, const Put& put) const {
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
         const int kt = Map::k(threadIdx.x, 0);
         const float* p = t.xb + t.coff;

@@ -46,7 +46,7 @@ struct StridedGemm {
     // Element i of the tile at k0: not ok outside M / N and, when kCheck, where its k is outside
     // [kb, ke). Element i is at k0 + kt (k-contiguous) or k0 + kt + i * Map::kStep.
     template <int E, bool kContig, bool kCheck, class Put>
-    __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, const Put& put) {
+    __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, Put& put) {
         const float* p = s.p + k0 * sk;
 #pragma unroll
         for (int i = 0; i < E; ++i) {
@@ -55,12 +55,12 @@ struct StridedGemm {
         }
     }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, const Put& put) const {
+    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
         load<Cfg::kAPerThread, kAK, kCheck>(t.a, sak, TileMap<Cfg::BM, Cfg::BK, kAK, Cfg::kThreads>::kStep, k0, kb,
                                             ke, put);
     }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_b(const Th& t, const Entry*, int k0, int kb, int ke, const Put& put) const {
+    __device__ void fetch_b(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
         load<Cfg::kBPerThread, kBK, kCheck>(t.b, sbk, TileMap<Cfg::BN, Cfg::BK, kBK, Cfg::kThreads>::kStep, k0, kb,
                                             ke, put);
     }
