@@ -237,7 +237,8 @@ struct GemmCfg {
     // +4 floats per shared row: the k-contiguous fetch pattern stores 8 k-rows x 4 columns per warp,
     // which this padding spreads over 32 distinct banks; rows stay 16-byte aligned for float4 reads.
     static constexpr int APitch = BM + 4, BPitch = BN + 4;
-    static_assert((BM == 64 || BM == 128) && (BN == 64 || BN == 128), "GemmCfg: tile sides are 64 or 128");
+    static_assert((BM == 64 || BM == 128) && (BN == 64 || BN == 128) && BM <= BN,
+                  "GemmCfg: tiles are 128x128, 64x128 or 64x64");
 };
 
 // Which element of a (BMN x BK) operand tile thread t of T fetches as its i-th element. k-contiguous: the
@@ -396,13 +397,32 @@ inline int64_t gemm_tiles(int M, int N) {
 }
 
 using GemmBig = GemmCfg<128, 128>;    // 256 threads: for problems with enough tiles to fill the GPU
-using GemmSmall = GemmCfg<64, 64>;    // 64 threads: small M or few tiles
+using GemmWide = GemmCfg<64, 128>;    // 128 threads: the convolutions' forward / grad-input when M or the
+                                      // number of 128x128 tiles fits it better (M = 48, 192, tail rounds)
+using GemmSmall = GemmCfg<64, 64>;    // 64 threads: small M or few tiles, with split-K
 
 // Blocks that keep an H100 (132 SMs) busy: a fixed number, so results do not depend on the GPU model.
 constexpr int64_t kTargetBlocks = 264;
 
 // True when the 128x128 tile already gives enough blocks without split-K and does not waste most of M.
 inline bool use_big_tiles(int M, int N, int Z) { return M > 64 && N > 64 && gemm_tiles<GemmBig>(M, N) * Z >= kTargetBlocks; }
+
+// Relative time of an M x N (x Z) GEMM on tile Cfg, for choosing between tiles: the busiest of 132 SMs runs
+// ceil(blocks / 132) blocks in rounds of up to kMinBlocks (what the registers allow); a round issues at full
+// rate once 16 warps are resident, else in proportion to its warps; each block costs its BM x BN.
+template <class Cfg>
+inline int64_t tile_cost(int M, int N, int Z) {
+    const int64_t per_sm = (gemm_tiles<Cfg>(M, N) * Z + 131) / 132;
+    const int64_t full = per_sm / Cfg::kMinBlocks, rest = per_sm % Cfg::kMinBlocks;
+    const int64_t slow = 16 / (Cfg::kThreads / 32);  // a round of fewer blocks costs this many
+    const int64_t rounds = full * Cfg::kMinBlocks + (rest > 0 ? (rest > slow ? rest : slow) : 0);
+    return rounds * Cfg::BM * Cfg::BN;
+}
+
+// Forward and grad-input convolutions (no split-K): 128x128 where it costs no more than 64x128, else 64x128.
+inline bool conv_big_tiles(int M, int N, int Z) {
+    return M > 64 && N > 64 && tile_cost<GemmBig>(M, N, Z) <= tile_cost<GemmWide>(M, N, Z);
+}
 
 // Blocks of the 64x64 tile (64 threads) that fill an H100 at the 8 per SM its register budget allows.
 constexpr int64_t kTargetSmallBlocks = 132 * GemmSmall::kMinBlocks;

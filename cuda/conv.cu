@@ -1,5 +1,5 @@
 // CUDA backend of the conv family. The three matrix passes are implicit GEMMs on the shared tiled main
-// loop (common.cuh: 128x128 or 64x64 block tiles, 8-deep k-steps, 8x8 register micro-tiles, a 3-stage
+// loop (common.cuh: 128x128, 64x128 or 64x64 block tiles, 8-deep k-steps, 8x8 register micro-tiles, a 3-stage
 // cp.async shared-memory ring); only the operand views differ, below. Group g is blockIdx.z (wgrad:
 // z = g * splits + split). Index decomposition uses FastDiv (multiply-high), once per thread for what the
 // tile mapping keeps fixed and once per k per block in the gather tables (common.cuh) for the rest. No
@@ -346,13 +346,13 @@ struct ConvBwdWeight {
     }
 };
 
-// Picks 128x128 tiles when they alone fill the GPU, else 64x64; launches over Z = groups slices.
+// Forward and grad-input: 128x128 or 64x128 tiles (conv_big_tiles); launches over Z = groups slices.
 template <class Op>
 void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
-    if (use_big_tiles(op.M, op.N, Z)) {
+    if (conv_big_tiles(op.M, op.N, Z)) {
         gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, Z), GemmBig::kThreads, 0, s>>>(op);
     } else {
-        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), GemmSmall::kThreads, 0, s>>>(op);
+        gemm_tiled_kernel<GemmWide><<<gemm_grid<GemmWide>(opname, op.M, op.N, Z), GemmWide::kThreads, 0, s>>>(op);
     }
     AX_LAUNCH_CHECK(opname);
 }
