@@ -16,9 +16,12 @@ under build/model/<hash of sources, flags and nvcc version>/. Without the SASS t
 alone: the FFMA share is then taken as 1 and every GEMM time is a lower bound (the output says so).
 
 Which kernel runs. Each pass of the step is mapped to the kernel and tile its launcher in cuda/*.cu picks for that
-shape: use_big_tiles (128x128 when M > 64, N > 64 and the tiles alone give >= 264 blocks, else 64x64),
-choose_split_k (64x64 grad-weight and linear GEMMs with < 132 tiles and Kr > 512 are cut into slices of >= 256
-so that about 264 blocks run, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
+shape (every thread owns an 8x8 micro-tile): forward and grad-input convolutions conv_big_tiles (128x128 tiles of
+256 threads when M > 64, N > 64 and tile_cost, the busiest SM's rounds as below, is no higher than for 64x128
+tiles of 128 threads, else 64x128), the other GEMMs use_big_tiles (128x128 when M > 64, N > 64 and the tiles
+alone give >= 264 blocks, else 64x64 tiles of 64 threads) and choose_split_k (64x64 grad-weight and
+linear GEMMs with < 528 tiles and Kr > 256 are cut into slices of >= 128 so that at most 1056 blocks run, 8 per
+SM, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
 turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48, conv2 48->128, conv3 256->192
 reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
 is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices.
@@ -32,13 +35,14 @@ The GEMM formula. With B blocks, b = blocks/SM from occupancy, w = padded FLOPs 
 k rounded up to the 8-deep k-step; tile fill = useful / padded FLOPs), R = 66.9 TFLOP/s / 132 per SM and s = the
 main loop's FFMA share, the busiest SM runs n = ceil(B / 132) blocks in rounds of up to b at once, and
 
-    t_compute = sum over rounds of  k * w / (R * s * eta(k)),   eta(k) = min(1, 8 k / 16)
+    t_compute = sum over rounds of  k * w / (R * s * eta(k)),   eta(k) = min(1, warps per block x k / 16)
 
 i.e. one FFMA issues per clock per scheduler, so the share caps the fraction of peak; latency is hidden once 16
 warps (two 256-thread blocks, 4 per scheduler) are resident, and a round with fewer warps issues proportionally
 less (a lone block in a tail round costs as much as two). For 128x128 tiles (b = 2) this is exactly the usual wave
-quantisation factor ceil(waves) / waves with waves = B / (2 * 132); 64x64 tiles (b = 3) lose only on tails of one
-block. Altogether t_compute = FLOPs / (peak x s x tile fill x wave efficiency). A GEMM pass takes
+quantisation factor ceil(waves) / waves with waves = B / (2 * 132); 64x64 tiles (64 threads, b = 8) lose in
+proportion to the warps missing from a partial last round. Altogether t_compute = FLOPs / (peak x s x tile fill x
+wave efficiency). A GEMM pass takes
 max(t_compute, its operand and result bytes / bandwidth) + launch gap.
 
 Memory-bound kernels: t = bytes / (BW x parallelism) + launch gap, where bytes are the fewest the op must move
@@ -91,8 +95,19 @@ HALF_THREADS = SMS * 1024     # resident threads at which a streaming kernel sat
 
 # ---- the launchers' constants (cuda/common.cuh) -------------------------------------------------------------
 TARGET_BLOCKS = 264
+TARGET_SMALL_BLOCKS = 132 * 8   # kTargetSmallBlocks: the 64x64 tile's 64-thread blocks, 8 per SM
 BK = 8
-GEMM_THREADS = 256
+GEMM_THREADS = 256              # threads of the 128x128 tile; every tile gives each thread an 8x8 micro-tile
+
+
+def gemm_threads(bm: int, bn: Optional[int] = None) -> int:
+    """Threads per block of a bm x bn GEMM kernel (GemmCfg::kThreads: one per 8x8 micro-tile)."""
+    return (bm // 8) * ((bm if bn is None else bn) // 8)
+
+
+def gemm_min_blocks(bm: int, bn: int) -> int:
+    """GemmCfg::kMinBlocks: blocks per SM the register budget is set for (16 warps)."""
+    return 512 // gemm_threads(bm, bn)
 THREADS_1D = 256
 MAX_BLOCKS_1D = 65536
 
@@ -357,7 +372,7 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
 # Readable names of the kernels the passes use: (file, substring of the mangled name).
 GEMM_OPS = {
     "conv_fwd": ("conv.cu", "7ConvFwd"),
-    "conv_dgrad": ("conv.cu", "12ConvBwdInput"),
+    "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1E"),  # stride 1, as every layer with this pass
     "conv_wgrad": ("conv.cu", "13ConvBwdWeight"),
     "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
     "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
@@ -393,9 +408,9 @@ def find_kernel(kernels: Dict[str, KernelInfo], file: str, *subs: str) -> Kernel
     return hits[0]
 
 
-def gemm_kernel(kernels, op: str, tile: int) -> KernelInfo:
+def gemm_kernel(kernels, op: str, tile: int, tile_n: Optional[int] = None) -> KernelInfo:
     file, sub = GEMM_OPS[op]
-    return find_kernel(kernels, file, f"GemmCfgILi{tile}ELi{tile}E", sub)
+    return find_kernel(kernels, file, f"GemmCfgILi{tile}ELi{tile if tile_n is None else tile_n}E", sub)
 
 
 # =============================================================================================================
@@ -406,20 +421,34 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gemm_tiles(M: int, N: int, t: int) -> int:
-    return cdiv(M, t) * cdiv(N, t)
+def gemm_tiles(M: int, N: int, t: int, tn: Optional[int] = None) -> int:
+    return cdiv(M, t) * cdiv(N, t if tn is None else tn)
 
 
 def use_big_tiles(M: int, N: int, Z: int) -> bool:
     return M > 64 and N > 64 and gemm_tiles(M, N, 128) * Z >= TARGET_BLOCKS
 
 
+def tile_cost(M: int, N: int, Z: int, bm: int, bn: int) -> int:
+    """tile_cost<Cfg> (common.cuh): rounds of the busiest SM, a round of too few warps costing as a full one."""
+    per_sm = cdiv(gemm_tiles(M, N, bm, bn) * Z, SMS)
+    b = gemm_min_blocks(bm, bn)
+    slow = 16 // (gemm_threads(bm, bn) // 32)
+    rest = per_sm % b
+    return (per_sm // b * b + (max(rest, slow) if rest else 0)) * bm * bn
+
+
+def conv_big_tiles(M: int, N: int, Z: int) -> bool:
+    """conv_big_tiles: forward / grad-input take 128x128 where it costs no more than 64x128."""
+    return M > 64 and N > 64 and tile_cost(M, N, Z, 128, 128) <= tile_cost(M, N, Z, 64, 128)
+
+
 def choose_split_k(blocks: int, Kr: int) -> Tuple[int, int]:
     """(slices, chunk) as choose_split_k returns them."""
     splits = 1
-    if blocks < TARGET_BLOCKS // 2 and Kr > 512:
-        want = cdiv(TARGET_BLOCKS, blocks)
-        splits = max(1, min(want, Kr // 256, 64))
+    if blocks < TARGET_SMALL_BLOCKS // 2 and Kr > 256:
+        want = TARGET_SMALL_BLOCKS // blocks
+        splits = max(1, min(want, Kr // 128, 256))
     c = cdiv(cdiv(Kr, splits), 8) * 8
     c = max(c, 8)
     return (cdiv(Kr, c) if Kr > 0 else 1), c
@@ -432,21 +461,27 @@ class GemmLaunch:
     N: int
     K: int
     Z: int            # groups (slices of the problem, each M x N x K)
-    tile: int
+    tile: int         # BM
     splits: int
     chunk: int
+    tile_n: int = 0   # BN (0: square)
+
+    @property
+    def bn(self) -> int:
+        return self.tile_n or self.tile
 
     @property
     def blocks(self) -> int:
-        return gemm_tiles(self.M, self.N, self.tile) * self.Z * self.splits
+        return gemm_tiles(self.M, self.N, self.tile, self.bn) * self.Z * self.splits
 
 
 def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1) -> GemmLaunch:
     """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K."""
+    if op in ("conv_fwd", "conv_dgrad"):
+        return GemmLaunch(op, M, N, K, Z, 128, 1, K) if conv_big_tiles(M, N, Z) else \
+            GemmLaunch(op, M, N, K, Z, 64, 1, K, 128)
     if use_big_tiles(M, N, Z):
         return GemmLaunch(op, M, N, K, Z, 128, 1, K)
-    if op in ("conv_fwd", "conv_dgrad"):
-        return GemmLaunch(op, M, N, K, Z, 64, 1, K)
     splits, chunk = choose_split_k(gemm_tiles(M, N, 64) * Z, K)
     return GemmLaunch(op, M, N, K, Z, 64, splits, chunk)
 
@@ -487,11 +522,12 @@ class Model:
     def gemm(self, layer: str, pass_: str, op: str, M: int, N: int, K: int, Z: int = 1,
              bytes_: float = 0.0) -> List[Pass]:
         g = plan_gemm(op, M, N, K, Z)
-        info = gemm_kernel(self.k, op, g.tile)
-        bps = blocks_per_sm(GEMM_THREADS, info.regs, info.smem)
+        info = gemm_kernel(self.k, op, g.tile, g.bn)
+        threads = gemm_threads(g.tile, g.bn)
+        bps = blocks_per_sm(threads, info.regs, info.smem)
         share = info.ffma_share if (self.sass and info.ffma_share) else 1.0
         B = g.blocks
-        tiles_mn = cdiv(M, g.tile) * g.tile * cdiv(N, g.tile) * g.tile
+        tiles_mn = cdiv(M, g.tile) * g.tile * cdiv(N, g.bn) * g.bn
         kpad = sum(cdiv(min(g.chunk, K - s * g.chunk), BK) * BK for s in range(g.splits))
         padded = 2.0 * tiles_mn * kpad * Z
         useful = 2.0 * M * N * K * Z
@@ -501,7 +537,7 @@ class Model:
         left = n
         while left > 0:
             k = min(left, bps)
-            eta = min(1.0, k * (GEMM_THREADS // 32) / WARPS_HIDE)
+            eta = min(1.0, k * (threads // 32) / WARPS_HIDE)
             t += k * w / (SM_RATE * share * eta)
             left -= k
         t_mem = bytes_ / self.bw
@@ -510,7 +546,7 @@ class Model:
         spill = f"{info.spill_stores}/{info.spill_loads}"
         if info.loop_local:
             spill += f" ({info.loop_local} in loop)"
-        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.tile}" + (f" splitK{g.splits}" if g.splits > 1 else ""),
+        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.bn}" + (f" splitK{g.splits}" if g.splits > 1 else ""),
                  B, bps, B / (bps * SMS), info.ffma_share if self.sass else None, spill, useful, bytes_,
                  useful / padded, (padded / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
         out = [p]
@@ -911,7 +947,7 @@ def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, K
     lines += [hdr, "-" * len(hdr)]
     for label, k in kernels_used:
         name, _, tile = label.partition("@")
-        thr = GEMM_THREADS
+        thr = gemm_threads(*(int(v) for v in tile.split("x"))) if tile else GEMM_THREADS
         lines.append(f"{name:<22} {tile:>7} {k.regs:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} {k.stack:>5} "
                      f"{k.smem:>6} {blocks_per_sm(thr, k.regs, k.smem):>6} {_f(k.loop_ffma, 'd'):>9} "
                      f"{_f(k.loop_instr, 'd'):>10} {_f(k.ffma_share, '.1%'):>10} {_f(k.loop_local, 'd'):>7}")
@@ -993,8 +1029,8 @@ def run_model(args) -> Tuple[str, dict]:
                                                                              step_ms)
     used = []
     for op in GEMM_OPS:
-        for t in (128, 64):
-            used.append((f"{op}@{t}x{t}", gemm_kernel(kernels, op, t)))
+        for bm, bn in ((128, 128), (64, 128) if op in ("conv_fwd", "conv_dgrad") else (64, 64)):
+            used.append((f"{op}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn)))
     meta = dict(config="paper", batch=N, gpu_label={"h200": "H200 (H100 SXM compute)", "h100": "H100 SXM"}[args.gpu],
                 commit=commit, bw_label=bw_label, notes=notes, step_ms=step_ms)
     text = render(passes, host, used, meta, cmp_rows)

@@ -154,65 +154,152 @@ __device__ __forceinline__ int block_sum_int(int v, int* red) {
     return block_reduce<kThreads>(v, red, 0, WarpSumI{});
 }
 
+// ---- asynchronous global -> shared copies (cp.async, sm_80+) ----------------------------------------
+// cp_async4(dst, src, ok) copies one float to shared memory without a register, or writes 0 when !ok (src
+// is then not read, so it may point anywhere); cp_async_commit closes a group of this thread's copies and
+// cp_async_wait<N> waits until at most N of its groups are still in flight. A barrier is still needed
+// before other threads read what the copies wrote. Below sm_80 the copy is an ordinary load and store;
+// the CPU emulator (tests/cuda_emu) defers each group to the wait, as a GPU may.
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#elif defined(AX_EMU_CP_ASYNC)
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) { ::emu::cp_async4(dst, src, ok); }
+__device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    ::emu::cp_async_wait(N);
+}
+#else
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) { *dst = ok ? __ldg(src) : 0.0f; }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#endif
+
 // ---- the tiled GEMM main loop ------------------------------------------------------------------------
 // C (M x N) = A (M x Kr) * B (Kr x N) for each z = blockIdx.z, where A, B, C are *views* supplied by an
 // Op: plain strided matrices (linear) or implicit im2col views (convolutions). Block tile BM x BN x 8,
-// 256 threads as 16 x 16, each owning a (BM/16) x (BN/16) register micro-tile made of 4x4 pieces strided
-// by 64 rows/columns (so shared-memory reads are float4 and broadcast-friendly). Shared tiles are stored
-// k-major (As[k][m], Bs[k][n]), double-buffered; the next tile is fetched into registers while the
-// current one is multiplied, so there is one barrier per k-step. Every load is bounds-checked by the Op
-// (zero outside), every store by the main loop: any M, N, Kr, no divisibility assumptions.
+// (BM/8) x (BN/8) threads, each owning an 8x8 register micro-tile made of 4x4 pieces strided by BM/2 rows
+// and BN/2 columns (so shared-memory reads are float4 and broadcast-friendly). Shared tiles are stored
+// k-major (As[k][m], Bs[k][n]) in a 3-stage ring filled by cp.async: tile j+2 is copied while tile j is
+// multiplied, with no register staging and one barrier per k-step. The k-range [kb, ke) is walked from
+// ke - nt*8 (nt = ceil((ke-kb)/8)): the first tile is the only partial one, so the loop's copies check
+// no k bound. Every store is bounds-checked by the main loop: any M, N, Kr.
+//
+// Gather tables: an Op with kTab = true gets, for every k of the tile it fetches, an Entry that it
+// computed once per k for the whole block (entry(k, kb, ke), run by threads 0..7 for a tile three steps
+// ahead, double-buffered in shared memory). The implicit-GEMM loaders decompose k = (c, r, s) or
+// (img, p, q) there instead of per element, so their inner loop is adds, unsigned compares and copies.
 //
 // Op interface (all __device__ const; `Th` is whatever thread<Cfg>() returns: per-thread register state):
 //   int M, N;                                  GEMM size of one z slice
 //   static constexpr bool kAContigK, kBContigK true: neighbouring threads fetch neighbouring k
 //                                              (the operand is contiguous along k); false: along m / n
+//   static constexpr bool kTab; struct Entry;  the gather table (Entry unused when kTab is false)
+//   Entry entry(int k, int kb, int ke)         the table entry of k; k outside [kb, ke) gets one whose
+//                                              loads all fail their bounds checks
 //   template <class Cfg> Th thread(int z, int m0, int n0) const;   per-thread precomputation for the
-//                                              tile at (m0, n0) (e.g. the im2col column this thread reads)
+//                                              tile at (m0, n0) (pointers, masks of rows/columns < M/N)
 //   void k_range(int z, int& kb, int& ke)      the reduction range of slice z (split-K)
-//   template <class Cfg, class Th> void fetch_a(const Th&, int k0, int ke, float (&r)[Cfg::kAPerThread])
-//   template <class Cfg, class Th> void fetch_b(const Th&, int k0, int ke, float (&r)[Cfg::kBPerThread])
-//       fill the thread's elements of the tile starting at k0 (see TileMap), zero where k >= ke or
-//       m >= M / n >= N
+//   template <class Cfg, bool kCheck, class Th, class Put>
+//   void fetch_a(const Th&, const Entry* tab, int k0, int kb, int ke, Put& put)
+//   ... fetch_b likewise
+//       for each of the thread's elements i of the tile starting at k0 (see TileMap; tab[i] is the
+//       entry of k0 + i), put(i, src, ok): ok false where m >= M / n >= N and, when kCheck, where k is
+//       outside [kb, ke) (src is then not read); without kCheck the whole tile lies inside [kb, ke)
 //   template <class Th> void store(const Th&, int z, int m, int n, float v)   called for m < M, n < N only
+
+// A spatial coordinate that fails every bounds check it is added to (table entries of k outside the
+// range, columns outside N); two of them still sum below 2^31.
+constexpr int kGatherInvalid = 1 << 29;
+
+// Entry type of the ops without a gather table.
+struct NoEntry {
+    int unused;
+};
 
 template <int BM_, int BN_>
 struct GemmCfg {
-    static constexpr int BM = BM_, BN = BN_, BK = 8, kThreads = 256;
-    // Blocks per SM the register budget must allow (__launch_bounds__): 2 caps the 8x8 micro-tile at 128
-    // registers, so two 128x128 blocks (16 warps) share an SM and hide each other's barrier stalls.
-    static constexpr int kMinBlocks = BM * BN >= 128 * 128 ? 2 : 3;
-    static constexpr int TM = BM / 16, TN = BN / 16;  // register micro-tile per thread
+    static constexpr int BM = BM_, BN = BN_, BK = 8, TM = 8, TN = 8, kStages = 3;
+    static constexpr int kThreads = (BM / TM) * (BN / TN);
+    // Blocks per SM the register budget must allow (__launch_bounds__): 16 warps per SM, which caps the
+    // 8x8 micro-tile at 128 registers and hides one block's barrier stalls behind the others.
+    static constexpr int kMinBlocks = 512 / kThreads;
     static constexpr int kAPerThread = BM * BK / kThreads, kBPerThread = BN * BK / kThreads;
     // +4 floats per shared row: the k-contiguous fetch pattern stores 8 k-rows x 4 columns per warp,
     // which this padding spreads over 32 distinct banks; rows stay 16-byte aligned for float4 reads.
     static constexpr int APitch = BM + 4, BPitch = BN + 4;
-    static_assert((BM == 64 || BM == 128) && (BN == 64 || BN == 128), "GemmCfg: tile sides are 64 or 128");
+    static_assert((BM == 64 || BM == 128) && (BN == 64 || BN == 128) && BM <= BN,
+                  "GemmCfg: tiles are 128x128, 64x128 or 64x64");
 };
 
-// Which element of a (BMN x BK) operand tile thread t fetches as its i-th element. k-contiguous: the 8
-// threads t..t+7 walk k (so k = t % 8 is fixed per thread, mn = t/8 + 32 i); mn-contiguous: threads walk
-// mn (mn = t % BMN fixed per thread, k = t / BMN + (256/BMN) i). Both cover the tile exactly once.
-template <int BMN, int BK, bool kContigK>
+// Which element of a (BMN x BK) operand tile thread t of T fetches as its i-th element. k-contiguous: the
+// 8 threads t..t+7 walk k (so k = t % 8 is fixed per thread, mn = t/8 + (T/8) i); mn-contiguous: threads
+// walk mn (mn = t % BMN fixed per thread, k = t / BMN + (T/BMN) i). Both cover the tile exactly once.
+template <int BMN, int BK, bool kContigK, int T>
 struct TileMap {
-    static_assert(256 % BMN == 0 && 256 % BK == 0, "TileMap: tile must divide the block");
-    __device__ __forceinline__ static int mn(int t, int i) { return kContigK ? t / BK + (256 / BK) * i : t % BMN; }
-    __device__ __forceinline__ static int k(int t, int i) { return kContigK ? t % BK : t / BMN + (256 / BMN) * i; }
+    static_assert(T % BMN == 0 && T % BK == 0 && BMN % (T / BK) == 0, "TileMap: tile must divide the block");
+    __device__ __forceinline__ static int mn(int t, int i) { return kContigK ? t / BK + (T / BK) * i : t % BMN; }
+    __device__ __forceinline__ static int k(int t, int i) { return kContigK ? t % BK : t / BMN + (T / BMN) * i; }
+    // Distance in mn (k-contiguous) or k (mn-contiguous) between a thread's consecutive elements.
+    static constexpr int kStep = kContigK ? T / BK : T / BMN;
 };
+
+// The sink an Op's fetch writes to: it collects the thread's E sources, and issue() copies element i to
+// d + i * kStep in the shared stage. Issuing an operand's copies back to back, after its addresses are
+// known, keeps the compiler's padding between address arithmetic and a cp.async to one run per operand.
+template <int E, int kStep>
+struct TilePut {
+    const float* src[E];
+    bool ok[E];
+    __device__ __forceinline__ void operator()(int i, const float* s, bool o) {
+        src[i] = s;
+        ok[i] = o;
+    }
+    __device__ __forceinline__ void issue(float* d) const {
+#pragma unroll
+        for (int i = 0; i < E; ++i) cp_async4(d + i * kStep, src[i], ok[i]);
+    }
+};
+
+// Issues this thread's copies of the A and B tiles at k0 into the stage at dA / dB.
+template <class Cfg, bool kCheck, class Op, class Th>
+__device__ __forceinline__ void fetch_tile(const Op& op, const Th& th, const typename Op::Entry* tab, int k0, int kb,
+                                           int ke, float* dA, float* dB) {
+    using MapA = TileMap<Cfg::BM, Cfg::BK, Op::kAContigK, Cfg::kThreads>;
+    using MapB = TileMap<Cfg::BN, Cfg::BK, Op::kBContigK, Cfg::kThreads>;
+    TilePut<Cfg::kAPerThread, Op::kAContigK ? MapA::kStep : MapA::kStep * Cfg::APitch> pa;
+    TilePut<Cfg::kBPerThread, Op::kBContigK ? MapB::kStep : MapB::kStep * Cfg::BPitch> pb;
+    op.template fetch_a<Cfg, kCheck>(th, tab, k0, kb, ke, pa);
+    pa.issue(dA);
+    op.template fetch_b<Cfg, kCheck>(th, tab, k0, kb, ke, pb);
+    pb.issue(dB);
+}
 
 template <class Cfg, class Op>
-__global__ void __launch_bounds__(256, Cfg::kMinBlocks) gemm_tiled_kernel(const Op op) {
-    constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN;
-    constexpr int AP = Cfg::kAPerThread, BP = Cfg::kBPerThread;
-    __shared__ __align__(16) float As[2][BK][Cfg::APitch];
-    __shared__ __align__(16) float Bs[2][BK][Cfg::BPitch];
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_kernel(const Op op) {
+    constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN, T = Cfg::kThreads;
+    constexpr int S = Cfg::kStages;
+    using Entry = typename Op::Entry;
+    __shared__ __align__(16) float As[S][BK][Cfg::APitch];
+    __shared__ __align__(16) float Bs[S][BK][Cfg::BPitch];
+    __shared__ __align__(16) Entry tab[2][Op::kTab ? BK : 1];
 
     const int t = threadIdx.x;
-    const int tx = t % 16, ty = t / 16;
+    const int tx = t % (BN / TN), ty = t / (BN / TN);
     const int z = blockIdx.z;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    using MapA = TileMap<BM, BK, Op::kAContigK>;
-    using MapB = TileMap<BN, BK, Op::kBContigK>;
+    using MapA = TileMap<BM, BK, Op::kAContigK, T>;
+    using MapB = TileMap<BN, BK, Op::kBContigK, T>;
+    constexpr int kAStage = BK * Cfg::APitch, kBStage = BK * Cfg::BPitch;
 
     const auto th = op.template thread<Cfg>(z, m0, n0);
     int kb = 0, ke = 0;
@@ -225,58 +312,67 @@ __global__ void __launch_bounds__(256, Cfg::kMinBlocks) gemm_tiled_kernel(const 
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
     if (kb < ke) {
-        float ra[AP], rb[BP];
-        op.template fetch_a<Cfg>(th, kb, ke, ra);
-        op.template fetch_b<Cfg>(th, kb, ke, rb);
-#pragma unroll
-        for (int i = 0; i < AP; ++i) As[0][MapA::k(t, i)][MapA::mn(t, i)] = ra[i];
-#pragma unroll
-        for (int i = 0; i < BP; ++i) Bs[0][MapB::k(t, i)][MapB::mn(t, i)] = rb[i];
-        __syncthreads();
-
-        int buf = 0;
-        for (int k0 = kb; k0 < ke; k0 += BK) {
-            const bool more = k0 + BK < ke;
-            if (more) {  // global loads for the next step overlap the FMAs below
-                op.template fetch_a<Cfg>(th, k0 + BK, ke, ra);
-                op.template fetch_b<Cfg>(th, k0 + BK, ke, rb);
+        const int nt = (ke - kb + BK - 1) / BK;
+        int k0 = ke - nt * BK;  // the partial tile first: every tile the loop fetches is whole
+        float* const dA = &As[0][MapA::k(t, 0)][MapA::mn(t, 0)];  // this thread's element 0 in stage 0
+        float* const dB = &Bs[0][MapB::k(t, 0)][MapB::mn(t, 0)];
+        if (Op::kTab) {
+            if (t < BK) {
+                tab[0][t] = op.entry(k0 + t, kb, ke);
+                tab[1][t] = op.entry(k0 + BK + t, kb, ke);
             }
+            __syncthreads();
+        }
+        fetch_tile<Cfg, true>(op, th, tab[0], k0, kb, ke, dA, dB);
+        cp_async_commit();
+        if (nt > 1) {
+            fetch_tile<Cfg, false>(op, th, tab[1], k0 + BK, kb, ke, dA + kAStage, dB + kBStage);
+        }
+        cp_async_commit();
+        if (Op::kTab) {
+            __syncthreads();  // slot 0 (tile 0) has been read by every thread
+            if (t < BK) tab[0][t] = op.entry(k0 + 2 * BK + t, kb, ke);
+        }
+
+        int sc = 0, sn = 2;  // stages of tile j and of tile j + 2
+        for (int j = 0; j < nt; ++j, k0 += BK) {
+            cp_async_wait<1>();  // this thread's copies of tile j have landed (tile j + 1 may be in flight)
+            __syncthreads();     // everyone's have; stage sn (tile j - 1) and table slot (j+1)&1 are free
+            if (j + 2 < nt) {
+                fetch_tile<Cfg, false>(op, th, tab[j & 1], k0 + 2 * BK, kb, ke, dA + sn * kAStage, dB + sn * kBStage);
+            }
+            cp_async_commit();  // possibly empty: keeps one group per step for the wait above
+            if (Op::kTab && t < BK) tab[(j + 1) & 1][t] = op.entry(k0 + 3 * BK + t, kb, ke);
+            const float* const as = &As[sc][0][0];
+            const float* const bs = &Bs[sc][0][0];
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) {
                 float a[TM], b[TN];
 #pragma unroll
-                for (int j = 0; j < TM / 4; ++j) {
-                    const float4 v = *reinterpret_cast<const float4*>(&As[buf][kk][j * 64 + ty * 4]);
-                    a[4 * j] = v.x; a[4 * j + 1] = v.y; a[4 * j + 2] = v.z; a[4 * j + 3] = v.w;
-                }
-#pragma unroll
-                for (int j = 0; j < TN / 4; ++j) {
-                    const float4 v = *reinterpret_cast<const float4*>(&Bs[buf][kk][j * 64 + tx * 4]);
-                    b[4 * j] = v.x; b[4 * j + 1] = v.y; b[4 * j + 2] = v.z; b[4 * j + 3] = v.w;
+                for (int h = 0; h < 2; ++h) {
+                    const float4 v = *reinterpret_cast<const float4*>(as + kk * Cfg::APitch + h * (BM / 2) + ty * 4);
+                    a[4 * h] = v.x; a[4 * h + 1] = v.y; a[4 * h + 2] = v.z; a[4 * h + 3] = v.w;
+                    const float4 u = *reinterpret_cast<const float4*>(bs + kk * Cfg::BPitch + h * (BN / 2) + tx * 4);
+                    b[4 * h] = u.x; b[4 * h + 1] = u.y; b[4 * h + 2] = u.z; b[4 * h + 3] = u.w;
                 }
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
-                    for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+                    for (int jj = 0; jj < TN; ++jj) acc[i][jj] = fmaf(a[i], b[jj], acc[i][jj]);
             }
-            if (more) {  // the other buffer was last read before the previous barrier: safe to fill
-#pragma unroll
-                for (int i = 0; i < AP; ++i) As[buf ^ 1][MapA::k(t, i)][MapA::mn(t, i)] = ra[i];
-#pragma unroll
-                for (int i = 0; i < BP; ++i) Bs[buf ^ 1][MapB::k(t, i)][MapB::mn(t, i)] = rb[i];
-            }
-            __syncthreads();
-            buf ^= 1;
+            sc = sc == S - 1 ? 0 : sc + 1;
+            sn = sn == S - 1 ? 0 : sn + 1;
         }
+        cp_async_wait<0>();
     }
 
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const int m = m0 + (i / 4) * 64 + ty * 4 + (i % 4);
+        const int m = m0 + (i / 4) * (BM / 2) + ty * 4 + (i % 4);
         if (m >= op.M) continue;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-            const int n = n0 + (j / 4) * 64 + tx * 4 + (j % 4);
+            const int n = n0 + (j / 4) * (BN / 2) + tx * 4 + (j % 4);
             if (n < op.N) op.store(th, z, m, n, acc[i][j]);
         }
     }
@@ -300,8 +396,10 @@ inline int64_t gemm_tiles(int M, int N) {
     return ((static_cast<int64_t>(M) + Cfg::BM - 1) / Cfg::BM) * ((static_cast<int64_t>(N) + Cfg::BN - 1) / Cfg::BN);
 }
 
-using GemmBig = GemmCfg<128, 128>;    // 8x8 per thread: for problems with enough tiles to fill the GPU
-using GemmSmall = GemmCfg<64, 64>;    // 4x4 per thread: small M or few tiles
+using GemmBig = GemmCfg<128, 128>;    // 256 threads: for problems with enough tiles to fill the GPU
+using GemmWide = GemmCfg<64, 128>;    // 128 threads: the convolutions' forward / grad-input when M or the
+                                      // number of 128x128 tiles fits it better (M = 48, 192, tail rounds)
+using GemmSmall = GemmCfg<64, 64>;    // 64 threads: small M or few tiles, with split-K
 
 // Blocks that keep an H100 (132 SMs) busy: a fixed number, so results do not depend on the GPU model.
 constexpr int64_t kTargetBlocks = 264;
@@ -309,16 +407,38 @@ constexpr int64_t kTargetBlocks = 264;
 // True when the 128x128 tile already gives enough blocks without split-K and does not waste most of M.
 inline bool use_big_tiles(int M, int N, int Z) { return M > 64 && N > 64 && gemm_tiles<GemmBig>(M, N) * Z >= kTargetBlocks; }
 
-// Split-K: how many slices the reduction of length Kr is cut into so that `blocks` tiles become about
-// kTargetBlocks blocks, each slice at least 256 long and a multiple of the 8-deep k-step. Returns the
-// slice length in *chunk; the slice count is ceil(Kr / chunk). Depends only on the shape: deterministic.
+// Relative time of an M x N (x Z) GEMM on tile Cfg, for choosing between tiles: the busiest of 132 SMs runs
+// ceil(blocks / 132) blocks in rounds of up to kMinBlocks (what the registers allow); a round issues at full
+// rate once 16 warps are resident, else in proportion to its warps; each block costs its BM x BN.
+template <class Cfg>
+inline int64_t tile_cost(int M, int N, int Z) {
+    const int64_t per_sm = (gemm_tiles<Cfg>(M, N) * Z + 131) / 132;
+    const int64_t full = per_sm / Cfg::kMinBlocks, rest = per_sm % Cfg::kMinBlocks;
+    const int64_t slow = 16 / (Cfg::kThreads / 32);  // a round of fewer blocks costs this many
+    const int64_t rounds = full * Cfg::kMinBlocks + (rest > 0 ? (rest > slow ? rest : slow) : 0);
+    return rounds * Cfg::BM * Cfg::BN;
+}
+
+// Forward and grad-input convolutions (no split-K): 128x128 where it costs no more than 64x128, else 64x128.
+inline bool conv_big_tiles(int M, int N, int Z) {
+    return M > 64 && N > 64 && tile_cost<GemmBig>(M, N, Z) <= tile_cost<GemmWide>(M, N, Z);
+}
+
+// Blocks of the 64x64 tile (64 threads) that fill an H100 at the 8 per SM its register budget allows.
+constexpr int64_t kTargetSmallBlocks = 132 * GemmSmall::kMinBlocks;
+
+// Split-K for the 64x64 tile: how many slices the reduction of length Kr is cut into so that `blocks`
+// tiles become at most about kTargetSmallBlocks blocks, each slice at least 128 long and a multiple of the 8-deep
+// k-step. Returns the slice length in *chunk; the slice count is ceil(Kr / chunk). Depends only on the
+// shape: deterministic.
 inline int choose_split_k(int64_t blocks, int Kr, int* chunk) {
     int splits = 1;
-    if (blocks < kTargetBlocks / 2 && Kr > 512) {
-        const int64_t want = (kTargetBlocks + blocks - 1) / blocks;
-        const int64_t most = Kr / 256;
+    if (blocks < kTargetSmallBlocks / 2 && Kr > 256) {
+        // Rounded down: one more block than the GPU holds at once would cost a whole extra round.
+        const int64_t want = kTargetSmallBlocks / blocks;
+        const int64_t most = Kr / 128;
         splits = static_cast<int>(want < most ? want : most);
-        if (splits > 64) splits = 64;
+        if (splits > 256) splits = 256;
         if (splits < 1) splits = 1;
     }
     int c = (Kr + splits - 1) / splits;

@@ -1,9 +1,10 @@
 // CUDA backend of the conv family. The three matrix passes are implicit GEMMs on the shared tiled main
-// loop (common.cuh: 128x128 or 64x64 block tiles, 8-deep k-steps, 8x8 / 4x4 register micro-tiles,
-// double-buffered shared memory); only the operand views differ, below. Group g is blockIdx.z (wgrad:
-// z = g * splits + split). Index decomposition uses FastDiv (multiply-high), hoisted per thread where the
-// tile mapping keeps a coordinate fixed. No atomics anywhere: wgrad's split-K writes partial sums to a
-// workspace that a second kernel adds in a fixed order, and the bias gradient is one block per channel.
+// loop (common.cuh: 128x128, 64x128 or 64x64 block tiles, 8-deep k-steps, 8x8 register micro-tiles, a 3-stage
+// cp.async shared-memory ring); only the operand views differ, below. Group g is blockIdx.z (wgrad:
+// z = g * splits + split). Index decomposition uses FastDiv (multiply-high), once per thread for what the
+// tile mapping keeps fixed and once per k per block in the gather tables (common.cuh) for the rest. No
+// atomics anywhere: wgrad's split-K writes partial sums to a workspace that a second kernel adds in a
+// fixed order, and the bias gradient is one block per channel.
 #include "common.cuh"
 
 namespace ax {
@@ -43,13 +44,56 @@ struct ConvGeom {
     }
 };
 
+// Per-thread state of the k-contiguous weight-like operand A(m, k) = base[m * mstride + off(k)]: rows
+// m0 + t/8 + (T/8) i, the thread's k fixed at k0 + t % 8. Shared by the three conv ops.
+template <class Cfg>
+struct RowsA {
+    static constexpr int kN = Cfg::kAPerThread;
+    const float* p;   // base + (m0 + t/8) * mstride
+    int step;         // (T/8) * mstride: from one of the thread's rows to the next
+    int kt;           // t % 8
+    unsigned mask;    // bit i: the thread's i-th row is < M
+};
+template <class Cfg>
+__device__ __forceinline__ RowsA<Cfg> rows_a(const float* base, int64_t mstride, int m0, int M) {
+    using Map = TileMap<Cfg::BM, Cfg::BK, true, Cfg::kThreads>;
+    RowsA<Cfg> a;
+    const int m = m0 + Map::mn(threadIdx.x, 0);
+    a.p = base + m * mstride;
+    a.step = static_cast<int>(Map::kStep * mstride);
+    a.kt = Map::k(threadIdx.x, 0);
+    a.mask = 0;
+#pragma unroll
+    for (int i = 0; i < RowsA<Cfg>::kN; ++i) a.mask |= (m + Map::kStep * i < M ? 1u : 0u) << i;
+    return a;
+}
+// Element i = A(row i, k) with the k's offset `koff` (from the table or k itself); zero outside M and,
+// when kCheck, for k = k0 + t%8 outside [kb, ke).
+template <class Cfg, bool kCheck, class KOff, class Put>
+__device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k0, int kb, int ke, Put& put) {
+    const int k = k0 + a.kt;
+    const bool kok = !kCheck || (k >= kb && k < ke);
+    const float* p = a.p + koff;
+#pragma unroll
+    for (int i = 0; i < RowsA<Cfg>::kN; ++i) put(i, p + static_cast<int64_t>(i) * a.step, kok && ((a.mask >> i) & 1u));
+}
+
+// True when 0 <= base + d < lim (one unsigned compare; base + d never overflows: both are > -2^30).
+__device__ __forceinline__ bool inside(int base, int d, int lim) {
+    return static_cast<unsigned>(base) + static_cast<unsigned>(d) < static_cast<unsigned>(lim);
+}
+
 // ---- forward: y[n,k,p,q] = sum_{c,r,s} w[k,c,r,s] * x[n, c, p*sh-ph+r, q*sw-pw+s] + b[k] ----------
 // GEMM per group: M = Kg (output channel), N = batch*P*Q (output pixel), Kr = Cg*R*S (c,r,s).
 // A = weights, row-major (Kg x CgRS) slice: k-contiguous. B = im2col of x, gathered on the fly: threads
-// walk output pixels (coalesced along q), each thread keeps one pixel per tile, so its image base and
-// window origin are computed once.
+// walk output pixels (coalesced along q), each thread keeps one pixel per tile (its window origin and
+// image base), and the table gives each k's tap (c*H*W + r*W + s, r, s): a load is two adds, two unsigned
+// compares and an address add.
 struct ConvFwd {
-    static constexpr bool kAContigK = true, kBContigK = false;
+    static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
+    struct Entry {
+        int off, r, s, unused;  // tap offset from the window origin; r, s (kGatherInvalid outside the range)
+    };
     int M, N;
     ConvGeom g;
     const float* x;
@@ -57,23 +101,39 @@ struct ConvFwd {
     const float* b;
     float* y;
 
+    __device__ Entry entry(int k, int kb, int ke) const {
+        Entry e{0, kGatherInvalid, kGatherInvalid, 0};
+        if (k >= kb && k < ke) {
+            int c, rs, rr, ss;
+            g.fRS.divmod(k, c, rs);
+            g.fS.divmod(rs, rr, ss);
+            e.off = c * g.HW + rr * g.W + ss;
+            e.r = rr;
+            e.s = ss;
+        }
+        return e;
+    }
+    template <class Cfg>
     struct Thread {
-        int64_t xoff;  // offset of (img, first channel of the group) in x
-        int h0, w0;    // window origin of this thread's output pixel (may be negative: padding)
-        bool valid;
+        RowsA<Cfg> a;
+        const float* xb;  // x at (img, first channel of the group, h0, w0); only dereferenced inside x
+        int h0, w0;       // window origin of this thread's output pixel (kGatherInvalid outside N)
     };
     template <class Cfg>
-    __device__ Thread thread(int z, int, int n0) const {
-        Thread t{0, 0, 0, false};
-        const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK>::mn(threadIdx.x, 0);
+    __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
+        Thread<Cfg> t;
+        t.a = rows_a<Cfg>(w + static_cast<int64_t>(z) * g.Kg * g.CgRS, g.CgRS, m0, M);
+        t.xb = x;
+        t.h0 = t.w0 = kGatherInvalid;
+        const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
         if (n < N) {
             int img, pq, p, q;
             g.fPQ.divmod(n, img, pq);
             g.fQ.divmod(pq, p, q);
-            t.xoff = (static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg) * g.HW;
             t.h0 = p * g.sh - g.ph;
             t.w0 = q * g.sw - g.pw;
-            t.valid = true;
+            t.xb = x + ((static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg) * g.HW +
+                        static_cast<int64_t>(t.h0) * g.W + t.w0);
         }
         return t;
     }
@@ -81,33 +141,18 @@ struct ConvFwd {
         kb = 0;
         ke = g.CgRS;
     }
-    template <class Cfg, class Th>
-    __device__ void fetch_a(const Th&, int k0, int ke, float (&r)[Cfg::kAPerThread]) const {
-        using Map = TileMap<Cfg::BM, Cfg::BK, kAContigK>;
-        const int m0 = blockIdx.y * Cfg::BM;
-        const int k = k0 + Map::k(threadIdx.x, 0);  // fixed per thread (k-contiguous map)
-        const int64_t row0 = static_cast<int64_t>(blockIdx.z) * g.Kg;
-#pragma unroll
-        for (int i = 0; i < Cfg::kAPerThread; ++i) {
-            const int m = m0 + Map::mn(threadIdx.x, i);
-            r[i] = (m < M && k < ke) ? __ldg(w + (row0 + m) * g.CgRS + k) : 0.0f;
-        }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
+        put_rows_a<Cfg, kCheck>(t.a, k0 + t.a.kt, k0, kb, ke, put);
     }
-    template <class Cfg, class Th>
-    __device__ void fetch_b(const Th& t, int k0, int ke, float (&r)[Cfg::kBPerThread]) const {
-        using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK>;
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
+        using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
+        const int kt = Map::k(threadIdx.x, 0);
 #pragma unroll
         for (int i = 0; i < Cfg::kBPerThread; ++i) {
-            const int k = k0 + Map::k(threadIdx.x, i);
-            float v = 0.0f;
-            if (t.valid && k < ke) {
-                int c, rs, rr, ss;
-                g.fRS.divmod(k, c, rs);
-                g.fS.divmod(rs, rr, ss);
-                const int h = t.h0 + rr, wx = t.w0 + ss;
-                if (h >= 0 && h < g.H && wx >= 0 && wx < g.W) v = __ldg(x + t.xoff + (c * g.HW + h * g.W + wx));
-            }
-            r[i] = v;
+            const Entry e = tab[kt + Map::kStep * i];
+            put(i, t.xb + e.off, inside(t.h0, e.r, g.H) & inside(t.w0, e.s, g.W));
         }
     }
     template <class Th>
@@ -124,32 +169,59 @@ struct ConvFwd {
 // over the taps where both divisions are exact and land inside dy (the transposed implicit GEMM).
 // GEMM per group: M = Cg (input channel), N = batch*H*W (input pixel), Kr = Kg*R*S (k,r,s).
 // A(c, (k,rs)) = w[k, c, rs]: k-contiguous within each run of R*S. B = gather of dy: threads walk input
-// pixels (coalesced along w), each thread keeps one pixel per tile.
+// pixels (coalesced along w), each thread keeps one pixel per tile. The table gives each k = (ko, r, s)
+// its weight offset and dy tap. kUnit (stride 1 both ways, every AlexNet layer that needs this pass): the
+// tap is dy at (h + ph - r, w + pw - s), so a load is two adds, two compares and an address add; strided,
+// the division by the stride stays per element (FastDiv).
+template <bool kUnit>
 struct ConvBwdInput {
-    static constexpr bool kAContigK = true, kBContigK = false;
+    static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
+    struct Entry {
+        int aoff;  // ko * Cg*R*S + r*S + s: the weight offset of k (row c adds c*R*S)
+        int boff;  // kUnit: ko*P*Q - r*Q - s (from the thread's (h+ph, w+pw) base); else ko*P*Q
+        int r, s;  // kUnit: -r, -s; else r, s (kGatherInvalid outside the range, either way failing)
+    };
     int M, N;
     ConvGeom g;
     const float* dy;
     const float* w;
     float* dx;
 
+    __device__ Entry entry(int k, int kb, int ke) const {
+        Entry e{0, 0, kGatherInvalid, kGatherInvalid};
+        if (k >= kb && k < ke) {
+            int ko, rs, rr, ss;
+            g.fRS.divmod(k, ko, rs);
+            g.fS.divmod(rs, rr, ss);
+            e.aoff = ko * g.CgRS + rs;
+            e.boff = kUnit ? ko * g.PQ - rr * g.Q - ss : ko * g.PQ;
+            e.r = kUnit ? -rr : rr;
+            e.s = kUnit ? -ss : ss;
+        }
+        return e;
+    }
+    template <class Cfg>
     struct Thread {
-        int64_t dyoff;  // offset of (img, first output channel of the group) in dy
-        int hp, wp;     // h + pad_h, w + pad_w of this thread's input pixel
-        bool valid;
+        RowsA<Cfg> a;
+        const float* dyb;  // kUnit: dy at (img, group's first channel, h+ph, w+pw); else at (img, channel)
+        int hp, wp;        // h + pad_h, w + pad_w of this thread's input pixel (kGatherInvalid outside N;
+                           // strided: -kGatherInvalid, which no tap reaches)
     };
     template <class Cfg>
-    __device__ Thread thread(int z, int, int n0) const {
-        Thread t{0, 0, 0, false};
-        const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK>::mn(threadIdx.x, 0);
+    __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
+        Thread<Cfg> t;
+        t.a = rows_a<Cfg>(w + static_cast<int64_t>(z) * g.Kg * g.CgRS, g.RS, m0, M);
+        t.dyb = dy;
+        t.hp = t.wp = kUnit ? kGatherInvalid : -kGatherInvalid;
+        const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
         if (n < N) {
             int img, hw, h, wx;
             g.fHW.divmod(n, img, hw);
             g.fW.divmod(hw, h, wx);
-            t.dyoff = (static_cast<int64_t>(img) * g.K + static_cast<int64_t>(z) * g.Kg) * g.PQ;
             t.hp = h + g.ph;
             t.wp = wx + g.pw;
-            t.valid = true;
+            t.dyb = dy + (static_cast<int64_t>(img) * g.K + static_cast<int64_t>(z) * g.Kg) * g.PQ +
+                    (kUnit ? static_cast<int64_t>(t.hp) * g.Q + t.wp : 0);
         }
         return t;
     }
@@ -157,41 +229,27 @@ struct ConvBwdInput {
         kb = 0;
         ke = g.Kg * g.RS;
     }
-    template <class Cfg, class Th>
-    __device__ void fetch_a(const Th&, int k0, int ke, float (&r)[Cfg::kAPerThread]) const {
-        using Map = TileMap<Cfg::BM, Cfg::BK, kAContigK>;
-        const int m0 = blockIdx.y * Cfg::BM;
-        const int k = k0 + Map::k(threadIdx.x, 0);  // fixed per thread: decompose once per k-step
-        int ko = 0, rs = 0;
-        if (k < ke) g.fRS.divmod(k, ko, rs);
-        const int64_t base = (static_cast<int64_t>(blockIdx.z) * g.Kg + ko) * g.CgRS + rs;
-#pragma unroll
-        for (int i = 0; i < Cfg::kAPerThread; ++i) {
-            const int m = m0 + Map::mn(threadIdx.x, i);
-            r[i] = (m < M && k < ke) ? __ldg(w + base + static_cast<int64_t>(m) * g.RS) : 0.0f;
-        }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        put_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, put);
     }
-    template <class Cfg, class Th>
-    __device__ void fetch_b(const Th& t, int k0, int ke, float (&r)[Cfg::kBPerThread]) const {
-        using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK>;
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
+        using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
+        const int kt = Map::k(threadIdx.x, 0);
 #pragma unroll
         for (int i = 0; i < Cfg::kBPerThread; ++i) {
-            const int k = k0 + Map::k(threadIdx.x, i);
-            float v = 0.0f;
-            if (t.valid && k < ke) {
-                int ko, rs, rr, ss;
-                g.fRS.divmod(k, ko, rs);
-                g.fS.divmod(rs, rr, ss);
-                const int hs = t.hp - rr, ws = t.wp - ss;  // = p*sh, q*sw when this tap hits dy
-                if (hs >= 0 && ws >= 0) {
-                    int p, ph_rem, q, pw_rem;
-                    g.fsh.divmod(hs, p, ph_rem);
-                    g.fsw.divmod(ws, q, pw_rem);
-                    if (ph_rem == 0 && pw_rem == 0 && p < g.P && q < g.Q)
-                        v = __ldg(dy + t.dyoff + (ko * g.PQ + p * g.Q + q));
-                }
+            const Entry e = tab[kt + Map::kStep * i];
+            if (kUnit) {
+                put(i, t.dyb + e.boff, inside(t.hp, e.r, g.P) & inside(t.wp, e.s, g.Q));
+            } else {
+                const int hs = t.hp - e.r, ws = t.wp - e.s;  // = p*sh, q*sw when this tap hits dy
+                int p, ph_rem, q, pw_rem;
+                g.fsh.divmod(max(hs, 0), p, ph_rem);
+                g.fsw.divmod(max(ws, 0), q, pw_rem);
+                const bool ok = hs >= 0 && ws >= 0 && ph_rem == 0 && pw_rem == 0 && p < g.P && q < g.Q;
+                put(i, t.dyb + (e.boff + static_cast<int64_t>(p) * g.Q + q), ok);
             }
-            r[i] = v;
         }
     }
     template <class Th>
@@ -205,40 +263,59 @@ struct ConvBwdInput {
 // ---- backward weight: dw[k,c,r,s] = sum_{n,p,q} dy[n,k,p,q] * x[n, c, p*sh-ph+r, q*sw-pw+s] ----------
 // GEMM per group: M = Kg, N = Cg*R*S, Kr = batch*P*Q, split into `splits` slices (z = g*splits + split)
 // whose partial products go to a workspace [splits][K][Cg*R*S] (or straight to dw when splits == 1).
-// Both operands are k-contiguous (k walks q): per k-step each thread decomposes its one k = (img,p,q);
-// its B columns (c,r,s) are fixed for the whole tile, so their offsets are precomputed in registers.
+// A = dy is k-contiguous (k walks q); B = im2col of x is read with threads walking its columns (c, r, s),
+// coalesced along s, each thread keeping one column per tile (offset c*H*W + r*W + s, and r, s). The table
+// gives each k = (img, p, q) its dy offset, its x offset at the window origin and the origin itself.
 struct ConvBwdWeight {
-    static constexpr bool kAContigK = true, kBContigK = true;
+    static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
+    struct Entry {
+        int64_t aoff;  // img * K*P*Q + p*Q + q
+        int64_t boff;  // img * C*H*W + h0*W + w0
+        int h0, w0;    // p*sh - ph, q*sw - pw (kGatherInvalid outside the range)
+    };
     int M, N, Kr, kchunk, splits;
     ConvGeom g;
     const float* x;
     const float* dy;
     float* out;  // dw or the workspace
 
-    template <int BP>
+    __device__ Entry entry(int k, int kb, int ke) const {
+        Entry e{0, 0, kGatherInvalid, kGatherInvalid};
+        if (k >= kb && k < ke) {
+            int img, pq, p, q;
+            g.fPQ.divmod(k, img, pq);
+            g.fQ.divmod(pq, p, q);
+            e.h0 = p * g.sh - g.ph;
+            e.w0 = q * g.sw - g.pw;
+            e.aoff = static_cast<int64_t>(img) * g.K * g.PQ + pq;
+            e.boff = static_cast<int64_t>(img) * g.C * g.HW + static_cast<int64_t>(e.h0) * g.W + e.w0;
+        }
+        return e;
+    }
+    template <class Cfg>
     struct Thread {
-        int grp, split;
-        int coff[BP];   // c*H*W of this thread's i-th B column, -1 when the column is outside N
-        int roff[BP], soff[BP];
+        RowsA<Cfg> a;
+        int split;
+        const float* xb;  // x at the group's first channel
+        int coff;         // c*H*W + r*W + s of this thread's B column (c, r, s)
+        int roff, soff;   // its r, s (kGatherInvalid when the column is outside N)
     };
     template <class Cfg>
-    __device__ Thread<Cfg::kBPerThread> thread(int z, int, int n0) const {
-        Thread<Cfg::kBPerThread> t;
-        t.grp = z / splits;
-        t.split = z - t.grp * splits;
-        using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK>;
-#pragma unroll
-        for (int i = 0; i < Cfg::kBPerThread; ++i) {
-            const int n = n0 + Map::mn(threadIdx.x, i);
-            int c = 0, rs = 0, rr = 0, ss = 0;
-            if (n < N) {
-                g.fRS.divmod(n, c, rs);
-                g.fS.divmod(rs, rr, ss);
-            }
-            t.coff[i] = n < N ? c * g.HW : -1;
-            t.roff[i] = rr;
-            t.soff[i] = ss;
+    __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
+        Thread<Cfg> t;
+        const int grp = z / splits;
+        t.split = z - grp * splits;
+        t.a = rows_a<Cfg>(dy + static_cast<int64_t>(grp) * g.Kg * g.PQ, g.PQ, m0, M);
+        t.xb = x + static_cast<int64_t>(grp) * g.Cg * g.HW;
+        const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
+        int c = 0, rs = 0, rr = kGatherInvalid, ss = kGatherInvalid;
+        if (n < N) {
+            g.fRS.divmod(n, c, rs);
+            g.fS.divmod(rs, rr, ss);
         }
+        t.coff = n < N ? c * g.HW + rr * g.W + ss : 0;
+        t.roff = rr;
+        t.soff = ss;
         return t;
     }
     __device__ void k_range(int z, int& kb, int& ke) const {
@@ -246,52 +323,36 @@ struct ConvBwdWeight {
         kb = split * kchunk;
         ke = min(Kr, kb + kchunk);
     }
-    template <class Cfg, class Th>
-    __device__ void fetch_a(const Th& t, int k0, int ke, float (&r)[Cfg::kAPerThread]) const {
-        using Map = TileMap<Cfg::BM, Cfg::BK, kAContigK>;
-        const int m0 = blockIdx.y * Cfg::BM;
-        const int k = k0 + Map::k(threadIdx.x, 0);
-        int img = 0, pq = 0;
-        if (k < ke) g.fPQ.divmod(k, img, pq);
-        const int64_t base = (static_cast<int64_t>(img) * g.K + static_cast<int64_t>(t.grp) * g.Kg) * g.PQ + pq;
-#pragma unroll
-        for (int i = 0; i < Cfg::kAPerThread; ++i) {
-            const int m = m0 + Map::mn(threadIdx.x, i);
-            r[i] = (m < M && k < ke) ? __ldg(dy + base + static_cast<int64_t>(m) * g.PQ) : 0.0f;
-        }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        put_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, put);
     }
-    template <class Cfg, class Th>
-    __device__ void fetch_b(const Th& t, int k0, int ke, float (&r)[Cfg::kBPerThread]) const {
-        const int k = k0 + TileMap<Cfg::BN, Cfg::BK, kBContigK>::k(threadIdx.x, 0);
-        const bool kvalid = k < ke;
-        int img = 0, pq = 0, p = 0, q = 0;
-        if (kvalid) {
-            g.fPQ.divmod(k, img, pq);
-            g.fQ.divmod(pq, p, q);
-        }
-        const int hb = p * g.sh - g.ph, wb = q * g.sw - g.pw;
-        const int64_t base = (static_cast<int64_t>(img) * g.C + static_cast<int64_t>(t.grp) * g.Cg) * g.HW;
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
+        using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
+        const int kt = Map::k(threadIdx.x, 0);
+        const float* p = t.xb + t.coff;
 #pragma unroll
         for (int i = 0; i < Cfg::kBPerThread; ++i) {
-            const int h = hb + t.roff[i], wx = wb + t.soff[i];
-            const bool ok = kvalid && t.coff[i] >= 0 && h >= 0 && h < g.H && wx >= 0 && wx < g.W;
-            r[i] = ok ? __ldg(x + base + (t.coff[i] + h * g.W + wx)) : 0.0f;
+            const Entry e = tab[kt + Map::kStep * i];
+            put(i, p + e.boff, inside(e.h0, t.roff, g.H) & inside(e.w0, t.soff, g.W));
         }
     }
     template <class Th>
-    __device__ void store(const Th& t, int, int m, int n, float v) const {
+    __device__ void store(const Th& t, int z, int m, int n, float v) const {
         const int64_t slice = static_cast<int64_t>(g.K) * g.CgRS;
-        out[t.split * slice + (static_cast<int64_t>(t.grp) * g.Kg + m) * g.CgRS + n] = v;
+        const int grp = z / splits;
+        out[t.split * slice + (static_cast<int64_t>(grp) * g.Kg + m) * g.CgRS + n] = v;
     }
 };
 
-// Picks 128x128 tiles when they alone fill the GPU, else 64x64; launches over Z = groups slices.
+// Forward and grad-input: 128x128 or 64x128 tiles (conv_big_tiles); launches over Z = groups slices.
 template <class Op>
 void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
-    if (use_big_tiles(op.M, op.N, Z)) {
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, Z), 256, 0, s>>>(op);
+    if (conv_big_tiles(op.M, op.N, Z)) {
+        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, Z), GemmBig::kThreads, 0, s>>>(op);
     } else {
-        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), 256, 0, s>>>(op);
+        gemm_tiled_kernel<GemmWide><<<gemm_grid<GemmWide>(opname, op.M, op.N, Z), GemmWide::kThreads, 0, s>>>(op);
     }
     AX_LAUNCH_CHECK(opname);
 }
@@ -326,10 +387,12 @@ void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const
 void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx, void* stream) {
     const char* opname = "conv2d_backward_input";
     if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
-    ConvBwdInput op{0, 0, ConvGeom(p, opname), dy, w, dx};
-    op.M = op.g.Cg;
-    op.N = p.N * op.g.HW;
-    launch_conv_gemm(opname, op, p.groups, as_stream(stream));
+    const ConvGeom g(p, opname);
+    if (g.sh == 1 && g.sw == 1) {
+        launch_conv_gemm(opname, ConvBwdInput<true>{g.Cg, p.N * g.HW, g, dy, w, dx}, p.groups, as_stream(stream));
+    } else {
+        launch_conv_gemm(opname, ConvBwdInput<false>{g.Cg, p.N * g.HW, g, dy, w, dx}, p.groups, as_stream(stream));
+    }
 }
 
 void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* dy, float* dw, void* stream) {
@@ -342,7 +405,7 @@ void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* 
     const cudaStream_t s = as_stream(stream);
     if (use_big_tiles(op.M, op.N, p.groups)) {
         op.kchunk = op.Kr > 0 ? op.Kr : 1;
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, p.groups), 256, 0, s>>>(op);
+        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, p.groups), GemmBig::kThreads, 0, s>>>(op);
         AX_LAUNCH_CHECK(opname);
         return;
     }
@@ -352,14 +415,14 @@ void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* 
     require(static_cast<int64_t>(op.splits) * p.groups <= 65535, opname, "too many groups for one launch");
     const int Z = op.splits * p.groups;
     if (op.splits == 1) {
-        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), 256, 0, s>>>(op);
+        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), GemmSmall::kThreads, 0, s>>>(op);
         AX_LAUNCH_CHECK(opname);
         return;
     }
     const int64_t total = static_cast<int64_t>(p.K) * op.g.CgRS;
     Tensor ws = workspace(opname, total * op.splits, stream);
     op.out = ws.data<float>();
-    gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), 256, 0, s>>>(op);
+    gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), GemmSmall::kThreads, 0, s>>>(op);
     AX_LAUNCH_CHECK(opname);
     splitk_reduce(opname, total, op.splits, ws.data<float>(), nullptr, 1, dw, stream);
 }

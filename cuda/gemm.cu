@@ -12,7 +12,8 @@ namespace {
 // writes its partial product to C + z*M*N; without split-K the bias (per column n, nullable) is fused.
 template <bool kAK, bool kBK>
 struct StridedGemm {
-    static constexpr bool kAContigK = kAK, kBContigK = kBK;
+    static constexpr bool kAContigK = kAK, kBContigK = kBK, kTab = false;
+    using Entry = NoEntry;
     int M, N, K, kchunk;
     const float* A;
     const float* B;
@@ -20,36 +21,70 @@ struct StridedGemm {
     const float* bias;
     int64_t sam, sak, sbk, sbn;
 
-    struct Thread {};
+    // One operand's per-thread state: the address of its first element at k = 0, the step between its
+    // elements (along mn when k-contiguous, along k otherwise) and which of them lie inside M / N.
+    struct Side {
+        const float* p;
+        int64_t step;
+        int kt;          // k of element 0 at k0 = 0
+        unsigned mask;   // bit i: element i's row / column is inside M / N
+    };
+    template <class Cfg, bool kContig, int BMN>
+    __device__ static Side side(const float* base, int64_t smn, int64_t sk, int mn0, int lim) {
+        using Map = TileMap<BMN, Cfg::BK, kContig, Cfg::kThreads>;
+        constexpr int E = BMN * Cfg::BK / Cfg::kThreads;
+        Side s;
+        const int mn = mn0 + Map::mn(threadIdx.x, 0);
+        s.kt = Map::k(threadIdx.x, 0);
+        s.p = base + mn * smn + s.kt * sk;
+        s.step = Map::kStep * (kContig ? smn : sk);
+        s.mask = 0;
+#pragma unroll
+        for (int i = 0; i < E; ++i) s.mask |= (Map::mn(threadIdx.x, i) + mn0 < lim ? 1u : 0u) << i;
+        return s;
+    }
+    // Element i of the tile at k0: not ok outside M / N and, when kCheck, where its k is outside
+    // [kb, ke). Element i is at k0 + kt (k-contiguous) or k0 + kt + i * Map::kStep.
+    template <int E, bool kContig, bool kCheck, class Put>
+    __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, Put& put) {
+        const float* p = s.p + k0 * sk;
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+            const int k = k0 + s.kt + (kContig ? 0 : kstep * i);
+            put(i, p + i * s.step, ((s.mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
+        }
+    }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
+        load<Cfg::kAPerThread, kAK, kCheck>(t.a, sak, TileMap<Cfg::BM, Cfg::BK, kAK, Cfg::kThreads>::kStep, k0, kb,
+                                            ke, put);
+    }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
+        load<Cfg::kBPerThread, kBK, kCheck>(t.b, sbk, TileMap<Cfg::BN, Cfg::BK, kBK, Cfg::kThreads>::kStep, k0, kb,
+                                            ke, put);
+    }
+    template <class Th>
+    __device__ void store(const Th&, int z, int m, int n, float v) const {
+        if (bias != nullptr) v += bias[n];
+        C[(static_cast<int64_t>(z) * M + m) * N + n] = v;
+    }
+
     template <class Cfg>
-    __device__ Thread thread(int, int, int) const { return {}; }
+    struct Thread {
+        Side a, b;
+    };
+    template <class Cfg>
+    __device__ Thread<Cfg> thread(int, int m0, int n0) const {
+        Thread<Cfg> t;
+        t.a = side<Cfg, kAK, Cfg::BM>(A, sam, sak, m0, M);
+        t.b = side<Cfg, kBK, Cfg::BN>(B, sbn, sbk, n0, N);
+        return t;
+    }
+    __device__ Entry entry(int, int, int) const { return {0}; }
     __device__ void k_range(int z, int& kb, int& ke) const {
         kb = z * kchunk;
         ke = min(K, kb + kchunk);
-    }
-    template <class Cfg>
-    __device__ void fetch_a(const Thread&, int k0, int ke, float (&r)[Cfg::kAPerThread]) const {
-        using Map = TileMap<Cfg::BM, Cfg::BK, kAContigK>;
-        const int m0 = blockIdx.y * Cfg::BM;
-#pragma unroll
-        for (int i = 0; i < Cfg::kAPerThread; ++i) {
-            const int m = m0 + Map::mn(threadIdx.x, i), k = k0 + Map::k(threadIdx.x, i);
-            r[i] = (m < M && k < ke) ? __ldg(A + m * sam + k * sak) : 0.0f;
-        }
-    }
-    template <class Cfg>
-    __device__ void fetch_b(const Thread&, int k0, int ke, float (&r)[Cfg::kBPerThread]) const {
-        using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK>;
-        const int n0 = blockIdx.x * Cfg::BN;
-#pragma unroll
-        for (int i = 0; i < Cfg::kBPerThread; ++i) {
-            const int n = n0 + Map::mn(threadIdx.x, i), k = k0 + Map::k(threadIdx.x, i);
-            r[i] = (n < N && k < ke) ? __ldg(B + k * sbk + n * sbn) : 0.0f;
-        }
-    }
-    __device__ void store(const Thread&, int z, int m, int n, float v) const {
-        if (bias != nullptr) v += bias[n];
-        C[(static_cast<int64_t>(z) * M + m) * N + n] = v;
     }
 };
 
@@ -63,7 +98,7 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const flo
         g.kchunk = g.K > 0 ? g.K : 1;
         g.C = out;
         g.bias = bias;
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, g.M, g.N, 1), 256, 0, s>>>(g);
+        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, g.M, g.N, 1), GemmBig::kThreads, 0, s>>>(g);
         AX_LAUNCH_CHECK(opname);
         return;
     }
@@ -73,7 +108,7 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const flo
     if (splits == 1) {
         g.C = out;
         g.bias = bias;
-        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, 1), 256, 0, s>>>(g);
+        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, 1), GemmSmall::kThreads, 0, s>>>(g);
         AX_LAUNCH_CHECK(opname);
         return;
     }
@@ -81,7 +116,7 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const flo
     Tensor ws = workspace(opname, mn * splits, stream);
     g.C = ws.data<float>();
     g.bias = nullptr;
-    gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, splits), 256, 0, s>>>(g);
+    gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, splits), GemmSmall::kThreads, 0, s>>>(g);
     AX_LAUNCH_CHECK(opname);
     splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, stream);
 }

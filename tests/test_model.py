@@ -198,21 +198,30 @@ def test_sass_main_loop(small_build):
 
 
 def test_plan_gemm_matches_the_launchers():
-    # conv2 grad-input, one tower: M = 48 input channels -> 64x64 tiles (M <= 64), N = 128*27*27 pixels.
+    # conv2 grad-input, one tower: M = 48 input channels -> 64x128 tiles (M <= 64), N = 128*27*27 pixels.
     g = M.plan_gemm("conv_dgrad", 48, 128 * 27 * 27, 128 * 25)
-    assert (g.tile, g.splits, g.blocks) == (64, 1, 1458)
-    # conv3 forward, one tower: 192 x 21632 -> 2 x 169 = 338 big tiles >= 264.
+    assert (g.tile, g.bn, g.splits, g.blocks) == (64, 128, 1, 729)
+    # conv3 forward, one tower: 192 x 21632. 128x128: 338 blocks, 3 per SM at most, in rounds of 2 + 1 (the
+    # lone block costs as two): 4 x 128*128; 64x128: 3 x 169 = 507 blocks, one round of 4: 4 x 64*128.
+    assert M.tile_cost(192, 128 * 169, 1, 128, 128) == 4 * 128 * 128
+    assert M.tile_cost(192, 128 * 169, 1, 64, 128) == 4 * 64 * 128
     g = M.plan_gemm("conv_fwd", 192, 128 * 169, 256 * 9)
-    assert (g.tile, g.blocks) == (128, 338)
-    # fc6 forward, one tower: 128 x 2048, K = 9216: 64 small tiles < 132 -> ceil(264/64) = 5 slices of 1848.
+    assert (g.tile, g.bn, g.blocks) == (64, 128, 507)
+    # conv2 forward: 128 x 93312 -> 729 big tiles, 6 per SM in 3 full rounds; 64x128 costs the same: big.
+    g = M.plan_gemm("conv_fwd", 128, 128 * 729, 48 * 25)
+    assert (g.tile, g.bn, g.blocks) == (128, 128, 729)
+    # fc6 forward, one tower: 128 x 2048, K = 9216: 64 small tiles < 528 -> floor(1056/64) = 16 slices of 576.
     g = M.plan_gemm("linear_fwd", 128, 2048, 9216)
-    assert (g.tile, g.splits, g.chunk, g.blocks) == (64, 5, 1848, 320)
-    # fc8 grad-input: 128 x 4096 with K = 500 <= 512: no split, 2 x 64 = 128 blocks.
+    assert (g.tile, g.splits, g.chunk, g.blocks) == (64, 16, 576, 1024)
+    # fc8 grad-input: 128 x 4096 with K = 500: 2 x 64 = 128 tiles, at most 500 // 128 = 3 slices of 168.
     g = M.plan_gemm("linear_dgrad", 128, 4096, 500)
+    assert (g.tile, g.splits, g.chunk, g.blocks) == (64, 3, 168, 384)
+    # Too short to split (K <= 256): one slice.
+    g = M.plan_gemm("linear_dgrad", 128, 4096, 256)
     assert (g.tile, g.splits, g.blocks) == (64, 1, 128)
-    # conv1 grad-weight: 48 x 363 -> 6 tiles; K = 128*55*55 = 387200: want 44 slices, chunk 8800.
+    # conv1 grad-weight: 48 x 363 -> 6 tiles; K = 128*55*55 = 387200: want 1056/6 = 176 slices, chunk 2200.
     g = M.plan_gemm("conv_wgrad", 48, 363, 387200)
-    assert (g.tile, g.splits, g.chunk) == (64, 44, 8800)
+    assert (g.tile, g.splits, g.chunk) == (64, 176, 2200)
 
 
 def test_comparison_pairs_rows_of_the_same_commit():
@@ -231,12 +240,13 @@ def test_gemm_time_is_the_wave_quantised_issue_bound():
     k = M.KernelInfo("gemm_tiled_kernel GemmCfgILi128ELi128E 7ConvFwd", "conv.cu", regs=128, smem=16896,
                      loop_ffma=256, loop_instr=512, loop_local=0)
     m = M.Model({"conv.cu:" + k.name: k}, bw=4.0e12, sass=True)
-    # conv3 forward of one tower: M = 192 in 2 row tiles (fill 192/256), N = 21632 = 169 column tiles, K = 2304.
-    (p,) = m.gemm("conv3", "forward", "conv_fwd", 192, 21632, 2304)
-    flops = 2.0 * 192 * 21632 * 2304
+    # A forward with M = 250 in 2 row tiles (fill 250/256), N = 21632 = 169 column tiles, K = 2304: 338 blocks
+    # of 128x128 cost as much as 676 of 64x128 (conv_big_tiles keeps the big ones).
+    (p,) = m.gemm("conv3", "forward", "conv_fwd", 250, 21632, 2304)
+    flops = 2.0 * 250 * 21632 * 2304
     waves = 338 / (2 * 132)
-    want = flops / (66.9e12 * 0.5 * 0.75) * (math.ceil(waves) / waves) + 2e-6
-    assert p.grid == 338 and p.bps == 2 and p.fill == pytest.approx(0.75)
+    want = flops / (66.9e12 * 0.5 * 250 / 256) * (math.ceil(waves) / waves) + 2e-6
+    assert p.grid == 338 and p.bps == 2 and p.fill == pytest.approx(250 / 256)
     assert p.ms == pytest.approx(want * 1e3, rel=1e-12)
 
 

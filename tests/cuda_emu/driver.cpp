@@ -634,7 +634,9 @@ void group_conv_alexnet() {
 }
 
 void group_conv_bigtile() {
-    // Shapes that select the 128x128 tiles (enough tiles without split-K) in each pass.
+    // Many-block shapes: 128x128 tiles (enough tiles without split-K) for forward and both weight gradients;
+    // grad-input takes the 64x128 tiles here (conv_big_tiles: 399 of them cost less than 266 big ones), with a
+    // 2-row partial tile. The AlexNet shapes at batch 2 (group conv_alexnet) take 128x128 for grad-input.
     test_conv({1, 4, 92, 92, 288, 1, 1, 1, 1, 0, 0, 4, true, FWD | WGRAD | BGRAD, "bigtile fwd"});
     test_conv({1, 130, 130, 130, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "bigtile dgrad"});
     test_conv({1, 4100, 1, 1, 1100, 1, 1, 1, 1, 0, 0, 1, false, WGRAD, "bigtile wgrad"});

@@ -300,6 +300,43 @@ struct Cfg {
 
 }  // namespace emu
 
+// ---- cp.async (the kernels' cp_async4 / cp_async_commit / cp_async_wait, common.cuh) -------------------
+// Each thread's copies are queued and performed only when a wait retires their group, in order: a read
+// of the destination before the wait (or, from another thread, before the wait and a barrier) sees the
+// poisoned or stale shared memory, as it may on a GPU. Keyed by the thread's index in its block (blocks
+// run one at a time).
+#define AX_EMU_CP_ASYNC 1
+namespace emu {
+struct AsyncCopy {
+    float* dst;
+    const float* src;  // nullptr: write 0 (the zero-fill of a copy whose source is outside the operand)
+};
+struct AsyncQueue {
+    std::vector<AsyncCopy> open;                  // issued since the last commit
+    std::vector<std::vector<AsyncCopy>> groups;   // committed, oldest first
+};
+inline AsyncQueue& async_queue() {
+    static std::vector<AsyncQueue> queues;
+    const size_t i = threadIdx_.x + static_cast<size_t>(blockDim_.x) * (threadIdx_.y + static_cast<size_t>(blockDim_.y) * threadIdx_.z);
+    if (queues.size() <= i) queues.resize(i + 1);
+    return queues[i];
+}
+inline void cp_async4(float* dst, const float* src, bool ok) { async_queue().open.push_back({dst, ok ? src : nullptr}); }
+inline void cp_async_commit() {
+    AsyncQueue& q = async_queue();
+    q.groups.push_back(std::move(q.open));
+    q.open.clear();
+}
+inline void cp_async_wait(int pending) {
+    AsyncQueue& q = async_queue();
+    const size_t keep = static_cast<size_t>(pending);
+    size_t done = 0;
+    for (; q.groups.size() - done > keep; ++done)
+        for (const AsyncCopy& c : q.groups[done]) *c.dst = c.src ? *c.src : 0.0f;
+    q.groups.erase(q.groups.begin(), q.groups.begin() + static_cast<std::ptrdiff_t>(done));
+}
+}  // namespace emu
+
 #define __syncthreads() ::emu::sync_threads(__FILE__, __LINE__)
 #define __shfl_xor_sync(mask, v, lane_mask, ...) ::emu::shfl_xor_impl((mask), (v), (lane_mask), __FILE__, __LINE__, ##__VA_ARGS__)
 
