@@ -102,8 +102,10 @@ if __name__ == "__main__":
         },
         install_requires=["numpy", "pillow"],
         extras_require={
-            # cuobjdump reads the SASS for benchmarks/model.py (its tests skip the SASS check without it)
-            "test": ["pytest", "nvidia-cuda-cuobjdump; platform_system == 'Linux'"],
+            # cuobjdump and the nvdisasm it calls read the SASS for benchmarks/model.py (5.5 MB of NVIDIA wheels;
+            # its tests skip the SASS check without them)
+            "test": ["pytest", "nvidia-cuda-cuobjdump; platform_system == 'Linux'",
+                     "nvidia-cuda-nvdisasm; platform_system == 'Linux'"],
             "progress": ["tqdm"],
             "plot": ["matplotlib"],
         },

@@ -285,6 +285,16 @@ def find_tool(name: str) -> Optional[str]:
     return None
 
 
+def sass_tool() -> Optional[Tuple[str, Dict[str, str]]]:
+    """(cuobjdump, environment to run it in) or None. cuobjdump -sass hands the disassembly to nvdisasm, which it
+    finds on PATH only: the pip wheels put the two in separate folders, so nvdisasm's goes first on PATH."""
+    cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
+    if not (cuobjdump and nvdisasm):
+        return None
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(nvdisasm).parent), os.environ.get("PATH", "")]))
+    return cuobjdump, env
+
+
 def _write(path: Path, text: str) -> None:
     """Whole or not at all: an interrupted run must not leave a truncated report in the cache."""
     tmp = path.with_name(path.name + ".tmp")
@@ -292,8 +302,8 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _run(cmd: List[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+def _run(cmd: List[str], cwd: Path, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
 
 
 def source_hash(repo: Path, nvcc_version: str) -> str:
@@ -334,10 +344,11 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
     out.mkdir(parents=True, exist_ok=True)
     (out / "sources.hash").write_text(source_hash(repo, "") + "\n")
     (out / "nvcc.version").write_text(ver + "\n")
-    cuobjdump = find_tool("cuobjdump") if sass else None
+    tool = sass_tool() if sass else None
+    cuobjdump, sass_env = tool if tool else (None, None)
     if not cuobjdump:
-        notes.append("SASS tools absent (pip install nvidia-cuda-cuobjdump): ptxas only; FFMA share taken as 1, "
-                     "so every GEMM time is a LOWER BOUND")
+        notes.append("SASS tools absent (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm): ptxas only; FFMA "
+                     "share taken as 1, so every GEMM time is a LOWER BOUND")
     kernels: Dict[str, KernelInfo] = {}
     for src in sources:
         cubin, rep, sass = out / f"{src.stem}.cubin", out / f"{src.stem}.ptxas.txt", out / f"{src.stem}.sass"
@@ -353,7 +364,7 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
         info = parse_ptxas(rep.read_text(), src.name)
         if cuobjdump:
             if not sass.is_file():
-                r = _run([cuobjdump, "-sass", str(cubin)], repo)
+                r = _run([cuobjdump, "-sass", str(cubin)], repo, sass_env)
                 if r.returncode != 0:
                     raise ModelError(f"model: cuobjdump failed on {cubin.name}: {r.stderr.strip()[:200]}")
                 _write(sass, r.stdout)

@@ -177,11 +177,12 @@ def test_ptxas_spills_parsed():
 
 def test_sass_main_loop(small_build):
     d, _ = small_build
-    cuobjdump = M.find_tool("cuobjdump")
-    if cuobjdump is None:
-        pytest.skip("cuobjdump is absent (pip install nvidia-cuda-cuobjdump)")
+    tool = M.sass_tool()
+    if tool is None:
+        pytest.skip("cuobjdump or nvdisasm is absent (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    cuobjdump, env = tool
     sass = subprocess.run([cuobjdump, "-sass", str(d / "small.cubin")], capture_output=True, text=True, check=True,
-                          timeout=60).stdout
+                          timeout=60, env=env).stdout
     funcs = M.parse_sass(sass)
     two = next(v for k, v in funcs.items() if "two_loops" in k)
     flat = next(v for k, v in funcs.items() if "straight" in k)
