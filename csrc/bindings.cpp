@@ -257,6 +257,19 @@ std::pair<py::array, int> images_arg(const Net& net, const py::handle& obj, cons
     return {a, n};
 }
 
+// An array of exactly `dt` (no silent cast) and shape `want` (-1: any size), made C-contiguous.
+py::array exact_arg(const py::handle& obj, const char* op, const char* arg, DType dt, const std::vector<int64_t>& want,
+                    const char* shape_doc) {
+    py::array a = array_arg(obj, op, arg);
+    if (exact_dtype(a.dtype()) != dt)
+        throw TypeError(where(op, arg) + "must be " + dtype_name(dt) + ", got " + dtype_str(a));
+    bool ok = a.ndim() == static_cast<py::ssize_t>(want.size());
+    for (size_t i = 0; ok && i < want.size(); ++i) ok = want[i] < 0 || a.shape(i) == want[i];
+    if (!ok) throw ValueError(where(op, arg) + "must have shape " + shape_doc);
+    if (!(a.flags() & py::array::c_style)) a = py::module_::import("numpy").attr("ascontiguousarray")(a);
+    return a;
+}
+
 // Labels for the Net: an integer array of shape (n,) whose every value is in [0, classes), checked in the
 // array's own dtype before it is narrowed to int32 (so 2^32 + 1 is an error, not class 1).
 std::vector<int32_t> labels_arg(const py::handle& obj, int n, int classes, const char* op) {
@@ -721,6 +734,42 @@ PYBIND11_MODULE(_C, m) {
                 return result_dict(r);
             },
             py::arg("images"), py::arg("labels"), py::arg("lr"))
+        .def(
+            "train_step_u8",
+            [](Net& net, const py::object& images, const py::object& offsets, const py::object& flips,
+               const py::object& light, const py::object& labels, const py::object& lr_obj) {
+                const char* op = "train_step_u8";
+                const py::array img = exact_arg(images, op, "images", DType::u8, {-1, -1, -1, 3}, "(N, H, W, 3)");
+                checked::check_elements(op, "images", std::vector<int64_t>(img.shape(), img.shape() + 4));
+                const int n = checked::to_int(op, "images", img.shape(0));
+                const int H = checked::to_int(op, "images", img.shape(1)), W = checked::to_int(op, "images", img.shape(2));
+                const std::string ns = std::to_string(n);
+                const py::array off = exact_arg(offsets, op, "offsets", DType::i32, {n, 2}, ("(" + ns + ", 2)").c_str());
+                const py::array fl = exact_arg(flips, op, "flips", DType::u8, {n}, ("(" + ns + ",)").c_str());
+                const py::array li = exact_arg(light, op, "light", DType::f32, {n, 3}, ("(" + ns + ", 3)").c_str());
+                const auto lab = labels_arg(labels, n, net.config().num_classes, op);
+                const float lr = float_arg(lr_obj, op, "lr");
+                StepResult r;
+                {
+                    py::gil_scoped_release nogil;
+                    r = net.train_step_u8(static_cast<const uint8_t*>(img.data()), n, H, W,
+                                          static_cast<const int32_t*>(off.data()), static_cast<const uint8_t*>(fl.data()),
+                                          static_cast<const float*>(li.data()), lab.data(), lr);
+                }
+                return result_dict(r);
+            },
+            py::arg("images"), py::arg("offsets"), py::arg("flips"), py::arg("light"), py::arg("labels"), py::arg("lr"))
+        .def(
+            "set_input_mean",
+            [](Net& net, const py::object& mean) {
+                const py::array m = exact_arg(mean, "set_input_mean", "mean", DType::f32, {3, -1, -1}, "(3, H, W)");
+                const int H = checked::to_int("set_input_mean", "mean", m.shape(1));
+                const int W = checked::to_int("set_input_mean", "mean", m.shape(2));
+                checked::check_elements("set_input_mean", "mean", {3, H, W});
+                net.set_input_mean(static_cast<const float*>(m.data()), H, W);
+            },
+            py::arg("mean"))
+        .def_property_readonly("has_input_mean", &Net::has_input_mean)
         .def(
             "forward",
             [](Net& net, const py::object& images, bool probs) {

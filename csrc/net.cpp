@@ -9,6 +9,10 @@
 #include "checked.h"
 #include "philox.h"
 
+#ifdef ALEXNET_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace ax {
 
 namespace {
@@ -232,7 +236,183 @@ std::vector<Tensor> Net::upload_images(const float* images, int n) {
     return per_tower;
 }
 
-void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
+// ---- the uint8 input path ----------------------------------------------------------------------------
+
+namespace {
+constexpr size_t kStagingSlots = 2;  // one being read by an upload while the host fills the other
+size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
+}  // namespace
+
+Net::HostSlot::~HostSlot() {
+#ifdef ALEXNET_WITH_CUDA
+    if (pinned) cudaFreeHost(pinned);  // waits for any copy still reading it
+#endif
+}
+
+void Net::set_input_mean(const float* mean, int H, int W) {
+    if (H < 1 || W < 1) throw ValueError("set_input_mean: argument 'mean' must have shape (3, H, W) with H, W >= 1");
+    for (int64_t i = 0; i < int64_t(3) * H * W; ++i)
+        if (!std::isfinite(mean[i]))
+            throw ValueError("set_input_mean: argument 'mean' holds a non-finite value at flat index " + std::to_string(i));
+    Tensor host = Tensor::empty({3, H, W}, DType::f32, Device{});
+    std::memcpy(host.raw(), mean, host.nbytes());
+    dev_input_.clear();
+    for (const Device& d : devices_) {
+        DeviceInput& di = dev_input_[d.str()];
+        if (!di.mean.defined()) di.mean = d.is_cpu() ? host : host.to(d);
+    }
+    mean_host_ = host;
+}
+
+// Copies the batch into the next slot of the ring, after whatever last read that slot is done (an upload
+// two steps back: complete already, as every step ends with the towers drained, but the wait keeps the
+// ring correct if the step ever stops draining).
+Net::HostSlot& Net::stage_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets, const uint8_t* flips,
+                             const float* light) {
+    if (slots_.empty())
+        for (size_t i = 0; i < kStagingSlots; ++i) slots_.push_back(std::make_unique<HostSlot>());
+    std::unique_ptr<HostSlot>& owner = slots_[next_slot_];
+    next_slot_ = (next_slot_ + 1) % slots_.size();
+    for (auto& e : owner->used) e->synchronize();
+    owner->used.clear();
+    const size_t img_bytes = static_cast<size_t>(n) * H * W * 3;
+    if (owner->n != n || owner->H != H || owner->W != W) {
+        owner = std::make_unique<HostSlot>();  // frees the old buffers (a reshaped batch: rare, not per step)
+        HostSlot& slot = *owner;
+        if (devices_[0].is_cpu()) {
+            slot.images = Tensor::empty({n, H, W, 3}, DType::u8, Device{});
+            slot.offsets = Tensor::empty({n, 2}, DType::i32, Device{});
+            slot.flips = Tensor::empty({n}, DType::u8, Device{});
+            slot.light = Tensor::empty({n, 3}, DType::f32, Device{});
+            slot.img = slot.images.data<uint8_t>();
+            slot.off = slot.offsets.data<int32_t>();
+            slot.flip = slot.flips.data<uint8_t>();
+            slot.lig = slot.light.data<float>();
+        } else {
+#ifdef ALEXNET_WITH_CUDA
+            const size_t total = align_up(img_bytes) + align_up(8 * size_t(n)) + align_up(size_t(n)) + 12 * size_t(n);
+            DeviceGuard g(devices_[0]);
+            if (cudaHostAlloc(&slot.pinned, total, cudaHostAllocDefault) != cudaSuccess) {
+                cudaGetLastError();
+                slot.pinned = nullptr;
+                throw OutOfMemory("train_step_u8: cannot pin " + std::to_string(total) + " bytes of host memory");
+            }
+            auto* p = static_cast<uint8_t*>(slot.pinned);
+            slot.img = p;
+            slot.off = reinterpret_cast<int32_t*>(p + align_up(img_bytes));
+            slot.flip = p + align_up(img_bytes) + align_up(8 * size_t(n));
+            slot.lig = reinterpret_cast<float*>(slot.flip + align_up(size_t(n)));
+#endif
+        }
+        slot.n = n; slot.H = H; slot.W = W;
+    }
+    HostSlot& slot = *owner;
+    std::memcpy(slot.img, images, img_bytes);
+    std::memcpy(slot.off, offsets, sizeof(int32_t) * 2 * n);
+    std::memcpy(slot.flip, flips, static_cast<size_t>(n));
+    std::memcpy(slot.lig, light, sizeof(float) * 3 * n);
+    return slot;
+}
+
+// Per device: the upload (CUDA: four asynchronous copies from the pinned slot on the device's upload
+// stream into buffers kept across steps), then augment_batch on the first tower there after an event
+// wait; the other towers on that device wait for that tower and share the result.
+void Net::issue_input_u8(HostSlot& slot) {
+    const int T = cfg_.towers, crop = cfg_.input_size;
+    input_.assign(T, Tensor());
+    std::map<std::string, int> first;  // device -> the tower that augments for it
+    for (int t = 0; t < T; ++t) {
+        const Device d = devices_[t];
+        auto it = first.find(d.str());
+        if (it != first.end()) {
+            const int t0 = it->second;
+            sched_->order(t0, t);
+            sched_->run(t, "input.share", [this, t, t0] { input_[t] = input_[t0]; });
+            continue;
+        }
+        first.emplace(d.str(), t);
+        DeviceInput* di = &dev_input_.at(d.str());
+        HostSlot* sl = &slot;
+        if (d.is_cpu()) {
+            sched_->run(t, "input.augment", [this, t, di, sl, crop] {
+                input_[t] = ops::augment_batch(sl->images, sl->offsets, sl->flips, sl->light, di->mean, crop);
+            });
+            slot.used.push_back(sched_->record(t));
+            continue;
+        }
+#ifdef ALEXNET_WITH_CUDA
+        sched_->upload(t, "input.upload", [di, sl, d] {
+            const int n = sl->n, H = sl->H, W = sl->W;
+            if (!di->images.defined() || di->images.shape() != std::vector<int64_t>{n, H, W, 3}) {
+                // Kept across steps: allocated on the upload stream once per batch shape.
+                di->images = Tensor::empty({n, H, W, 3}, DType::u8, d);
+                di->offsets = Tensor::empty({n, 2}, DType::i32, d);
+                di->flips = Tensor::empty({n}, DType::u8, d);
+                di->light = Tensor::empty({n, 3}, DType::f32, d);
+            }
+            auto s = static_cast<cudaStream_t>(current_stream(d.index));
+            const char* op = "train_step_u8";
+            cuda_check(cudaMemcpyAsync(di->images.raw(), sl->img, di->images.nbytes(), cudaMemcpyHostToDevice, s), op);
+            cuda_check(cudaMemcpyAsync(di->offsets.raw(), sl->off, di->offsets.nbytes(), cudaMemcpyHostToDevice, s), op);
+            cuda_check(cudaMemcpyAsync(di->flips.raw(), sl->flip, di->flips.nbytes(), cudaMemcpyHostToDevice, s), op);
+            cuda_check(cudaMemcpyAsync(di->light.raw(), sl->lig, di->light.nbytes(), cudaMemcpyHostToDevice, s), op);
+        });
+        auto uploaded = sched_->upload_done(t);
+        slot.used.push_back(uploaded);
+        sched_->wait(t, uploaded);
+        sched_->run(t, "input.augment", [this, t, di, sl, crop] {
+            // The offsets were range-checked on the host; the slot's copy spares a device-to-host read.
+            input_[t] = ops::augment_batch(di->images, di->offsets, di->flips, di->light, di->mean, crop, sl->off);
+        });
+#endif
+    }
+}
+
+StepResult Net::train_step_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets,
+                              const uint8_t* flips, const float* light, const int32_t* labels, float lr) {
+    const char* op = "train_step_u8";
+    const int crop = cfg_.input_size;
+    if (n < 1) throw ValueError("train_step_u8: argument 'images' holds no images");
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step_u8: argument 'lr' must be finite and >= 0");
+    if (cfg_.in_channels != 3)
+        throw ValueError("train_step_u8: the uint8 path makes 3-channel images; this net takes " +
+                         std::to_string(cfg_.in_channels));
+    if (!has_input_mean()) throw ValueError("train_step_u8: no mean image: call set_input_mean first");
+    if (H != mean_host_.size(1) || W != mean_host_.size(2))
+        throw ValueError("train_step_u8: argument 'images' holds " + std::to_string(H) + "x" + std::to_string(W) +
+                         " images; the mean image is " + std::to_string(mean_host_.size(1)) + "x" +
+                         std::to_string(mean_host_.size(2)));
+    if (crop > H || crop > W)
+        throw ValueError("train_step_u8: the net's " + std::to_string(crop) + "x" + std::to_string(crop) +
+                         " input does not fit the " + std::to_string(H) + "x" + std::to_string(W) + " images");
+    checked::check_elements(op, "images", {n, H, W, 3});
+    for (int i = 0; i < n; ++i) {
+        const int64_t y0 = offsets[2 * i], x0 = offsets[2 * i + 1];
+        if (y0 < 0 || x0 < 0 || y0 + crop > H || x0 + crop > W)
+            throw ValueError("train_step_u8: argument 'offsets' row " + std::to_string(i) + " = (" + std::to_string(y0) +
+                             ", " + std::to_string(x0) + ") puts the " + std::to_string(crop) + "x" +
+                             std::to_string(crop) + " crop outside the " + std::to_string(H) + "x" + std::to_string(W) +
+                             " image");
+        if (flips[i] > 1)
+            throw ValueError("train_step_u8: argument 'flips' holds " + std::to_string(flips[i]) + " at " +
+                             std::to_string(i) + "; expected 0 or 1");
+    }
+    for (int i = 0; i < 3 * n; ++i)
+        if (!std::isfinite(light[i]))
+            throw ValueError("train_step_u8: argument 'light' holds a non-finite value at flat index " + std::to_string(i));
+    Tensor dev_labels = upload_labels(op, labels, n);
+    HostSlot& slot = stage_u8(images, n, H, W, offsets, flips, light);
+    run_step([&] {
+        issue_input_u8(slot);
+        issue_forward(/*train=*/true);
+        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
+        issue_backward(lr);
+    });
+    step += 1;
+    return summarize(n);
+}
+
+void Net::issue_forward(bool train) {
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -242,8 +422,8 @@ void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
             LayerState& s = st_[t][l];
             s = LayerState();
             if (l == 0) {
-                Tensor img = images[t];
-                sched_->run(t, L.name + ".input", [&s, img] { s.in = img; });
+                // Read when the op runs: on the uint8 path an earlier op of the step makes it.
+                sched_->run(t, L.name + ".input", [this, &s, t] { s.in = input_[t]; });
             } else if (!L.cross) {
                 LayerState& prev = st_[t][l - 1];
                 sched_->run(t, L.name + ".input", [&s, &prev, &L] {
@@ -464,9 +644,9 @@ StepResult Net::train_step(const float* images, const int32_t* labels, int n, fl
     if (n < 1) throw ValueError("train_step: argument 'images' holds no images");
     if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step: argument 'lr' must be finite and >= 0");
     Tensor dev_labels = upload_labels("train_step", labels, n);
-    auto imgs = upload_images(images, n);
+    input_ = upload_images(images, n);
     run_step([&] {
-        issue_forward(imgs, /*train=*/true);
+        issue_forward(/*train=*/true);
         issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
         issue_backward(lr);
     });
@@ -476,9 +656,9 @@ StepResult Net::train_step(const float* images, const int32_t* labels, int n, fl
 
 Tensor Net::forward(const float* images, int n, bool probs) {
     if (n < 1) throw ValueError("forward: argument 'images' holds no images");
-    auto imgs = upload_images(images, n);
+    input_ = upload_images(images, n);
     run_step([&] {
-        issue_forward(imgs, /*train=*/false);
+        issue_forward(/*train=*/false);
         if (probs) sched_->run(0, "softmax.fprop", [this] { probs_ = ops::softmax_forward(logits_); });
     });
     return (probs ? probs_ : logits_).to(Device{});
@@ -493,8 +673,8 @@ Tensor Net::features(const float* images, int n, const std::string& layer) {
     }
     if (l < 0) throw ValueError("features: argument 'layer': no layer '" + layer + "' in this net (" + names + ")");
     if (n < 1) throw ValueError("features: argument 'images' holds no images");
-    auto imgs = upload_images(images, n);
-    run_step([&] { issue_forward(imgs, /*train=*/false); });
+    input_ = upload_images(images, n);
+    run_step([&] { issue_forward(/*train=*/false); });
     std::vector<Tensor> parts;
     for (int t = 0; t < cfg_.towers; ++t) parts.push_back(st_[t][l].out.to(Device{}));
     return parts.size() == 1 ? parts[0] : ops::concat_channels(parts);
@@ -503,9 +683,9 @@ Tensor Net::features(const float* images, int n, const std::string& layer) {
 StepResult Net::evaluate(const float* images, const int32_t* labels, int n) {
     if (n < 1) throw ValueError("evaluate: argument 'images' holds no images");
     Tensor dev_labels = upload_labels("evaluate", labels, n);
-    auto imgs = upload_images(images, n);
+    input_ = upload_images(images, n);
     run_step([&] {
-        issue_forward(imgs, /*train=*/false);
+        issue_forward(/*train=*/false);
         issue_loss(dev_labels, 1.0f, /*backward=*/false);
     });
     return summarize(n);

@@ -59,6 +59,17 @@ public:
     Net(const NetConfig& cfg, const std::vector<Device>& devices, bool shared, uint64_t seed);
 
     StepResult train_step(const float* images, const int32_t* labels, int n, float lr);
+    // The uint8 input path: source images uint8 (n, H, W, 3) as the prepared shards hold them, with each
+    // image's crop offsets int32 (n, 2) = (y0, x0), flips uint8 (n) and lighting float32 (n, 3). They are
+    // copied into a ring of reused host buffers (pinned on CUDA), uploaded on each device's upload stream
+    // and augmented on the device by ops::augment_batch (an input_size crop minus the mean image of
+    // set_input_mean); towers on one device share the result. The same step as train_step on the batch
+    // ops::augment_batch makes on the CPU, bit for bit.
+    StepResult train_step_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets,
+                             const uint8_t* flips, const float* light, const int32_t* labels, float lr);
+    // The mean image float32 (3, H, W) the uint8 path subtracts; copied to every tower device.
+    void set_input_mean(const float* mean, int H, int W);
+    bool has_input_mean() const { return mean_host_.defined(); }
     // Inference (no dropout). Returns logits or probabilities (n, num_classes) on the host.
     Tensor forward(const float* images, int n, bool probs);
     StepResult evaluate(const float* images, const int32_t* labels, int n);
@@ -98,8 +109,28 @@ private:
     };
     void build_layers();
     void init_params();
-    // Issues the forward of the whole net; with `train`, dropout is on and state is kept for backward.
-    void issue_forward(const std::vector<Tensor>& images_per_tower, bool train);
+    // Issues the forward of the whole net on the images input_[tower] holds when conv1 starts; with
+    // `train`, dropout is on and state is kept for backward.
+    void issue_forward(bool train);
+    // One staging buffer of the uint8 path's ring: pinned memory on CUDA, host tensors on the CPU.
+    struct HostSlot {
+        int n = 0, H = 0, W = 0;
+        void* pinned = nullptr;          // CUDA: one cudaHostAlloc block holding the four parts
+        Tensor images, offsets, flips, light;  // CPU: the four parts as host tensors
+        uint8_t* img = nullptr;
+        int32_t* off = nullptr;
+        uint8_t* flip = nullptr;
+        float* lig = nullptr;
+        std::vector<std::shared_ptr<Event>> used;  // what last read the slot: reuse waits for these
+        ~HostSlot();
+    };
+    // The uint8 batch on one device: the uploaded parts (reused across steps) and the mean image.
+    struct DeviceInput {
+        Tensor images, offsets, flips, light, mean;
+    };
+    HostSlot& stage_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets, const uint8_t* flips,
+                       const float* light);
+    void issue_input_u8(HostSlot& slot);
     void issue_loss(const Tensor& labels, float scale, bool backward);
     void issue_backward(float lr);
     std::vector<Tensor> upload_images(const float* images, int n);
@@ -118,7 +149,12 @@ private:
     std::vector<Tensor> logits_recv_;             // fc8 slices gathered on tower 0
     Tensor logits_, loss_, probs_, rank_, dlogits_;
     std::vector<Tensor> dlogits_part_, dlogits_recv_;
-    std::unique_ptr<Scheduler> sched_;
+    std::vector<Tensor> input_;                   // conv1's input per tower in the step being issued
+    std::vector<std::unique_ptr<HostSlot>> slots_;  // the uint8 path's staging ring
+    size_t next_slot_ = 0;
+    std::map<std::string, DeviceInput> dev_input_;  // by device name
+    Tensor mean_host_;
+    std::unique_ptr<Scheduler> sched_;  // last: destroyed first, so no stream outlives what it reads
 };
 
 }  // namespace ax

@@ -76,6 +76,7 @@ struct Alloc {
     std::map<int, Epoch> reads;     // readers since, per agent
 };
 std::map<uintptr_t, Alloc> g_allocs;  // base -> allocation
+std::set<void*> g_host_allocs;  // cudaHostAlloc blocks not yet freed
 
 uint64_t at(const Clock& c, int a) { return a < static_cast<int>(c.size()) ? c[a] : 0; }
 void join(Clock& into, const Clock& from) {
@@ -283,6 +284,21 @@ cudaError_t cudaFree(void* p) {
     free(p);
     return cudaSuccess;
 }
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned flags) {
+    if (!p || flags != cudaHostAllocDefault) return cudaErrorInvalidValue;
+    if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorMemoryAllocation;
+    g_host_allocs.insert(*p);
+    ++g_rt.host_allocs;
+    return cudaSuccess;
+}
+cudaError_t cudaFreeHost(void* p) {
+    if (!p) return cudaSuccess;
+    if (!g_host_allocs.erase(p)) return cudaErrorInvalidValue;
+    for (int d = 0; d < kDeviceCount; ++d) host_syncs_device(d);
+    ++g_rt.host_frees;
+    free(p);
+    return cudaSuccess;
+}
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s) {
     if (n == 0) return cudaSuccess;
     if (!is_device(p)) return cudaErrorInvalidValue;
@@ -391,6 +407,10 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
     if (!g_events.count(e)) return cudaErrorInvalidResourceHandle;
+    ++g_rt.event_queries;
+    // Work runs when issued, so every recorded event is complete; a host that saw it complete is ordered
+    // after its work, as with cudaEventSynchronize.
+    if (e->recorded) host_learns(e->clock);
     return cudaSuccess;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
