@@ -268,7 +268,7 @@ void Net::set_input_mean(const float* mean, int H, int W) {
 // two steps back: complete already, as every step ends with the towers drained, but the wait keeps the
 // ring correct if the step ever stops draining).
 Net::HostSlot& Net::stage_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets, const uint8_t* flips,
-                             const float* light) {
+                             const float* light, const int32_t* labels) {
     if (slots_.empty())
         for (size_t i = 0; i < kStagingSlots; ++i) slots_.push_back(std::make_unique<HostSlot>());
     std::unique_ptr<HostSlot>& owner = slots_[next_slot_];
@@ -284,13 +284,16 @@ Net::HostSlot& Net::stage_u8(const uint8_t* images, int n, int H, int W, const i
             slot.offsets = Tensor::empty({n, 2}, DType::i32, Device{});
             slot.flips = Tensor::empty({n}, DType::u8, Device{});
             slot.light = Tensor::empty({n, 3}, DType::f32, Device{});
+            slot.labels = Tensor::empty({n}, DType::i32, Device{});
+            slot.lab = slot.labels.data<int32_t>();
             slot.img = slot.images.data<uint8_t>();
             slot.off = slot.offsets.data<int32_t>();
             slot.flip = slot.flips.data<uint8_t>();
             slot.lig = slot.light.data<float>();
         } else {
 #ifdef ALEXNET_WITH_CUDA
-            const size_t total = align_up(img_bytes) + align_up(8 * size_t(n)) + align_up(size_t(n)) + 12 * size_t(n);
+            const size_t total =
+                align_up(img_bytes) + align_up(8 * size_t(n)) + align_up(size_t(n)) + align_up(12 * size_t(n)) + 4 * size_t(n);
             DeviceGuard g(devices_[0]);
             if (cudaHostAlloc(&slot.pinned, total, cudaHostAllocDefault) != cudaSuccess) {
                 cudaGetLastError();
@@ -302,6 +305,7 @@ Net::HostSlot& Net::stage_u8(const uint8_t* images, int n, int H, int W, const i
             slot.off = reinterpret_cast<int32_t*>(p + align_up(img_bytes));
             slot.flip = p + align_up(img_bytes) + align_up(8 * size_t(n));
             slot.lig = reinterpret_cast<float*>(slot.flip + align_up(size_t(n)));
+            slot.lab = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(slot.lig) + align_up(12 * size_t(n)));
 #endif
         }
         slot.n = n; slot.H = H; slot.W = W;
@@ -311,13 +315,14 @@ Net::HostSlot& Net::stage_u8(const uint8_t* images, int n, int H, int W, const i
     std::memcpy(slot.off, offsets, sizeof(int32_t) * 2 * n);
     std::memcpy(slot.flip, flips, static_cast<size_t>(n));
     std::memcpy(slot.lig, light, sizeof(float) * 3 * n);
+    std::memcpy(slot.lab, labels, sizeof(int32_t) * n);
     return slot;
 }
 
 // Per device: the upload (CUDA: four asynchronous copies from the pinned slot on the device's upload
 // stream into buffers kept across steps), then augment_batch on the first tower there after an event
 // wait; the other towers on that device wait for that tower and share the result.
-void Net::issue_input_u8(HostSlot& slot) {
+Tensor Net::issue_input_u8(HostSlot& slot) {
     const int T = cfg_.towers, crop = cfg_.input_size;
     input_.assign(T, Tensor());
     std::map<std::string, int> first;  // device -> the tower that augments for it
@@ -337,7 +342,7 @@ void Net::issue_input_u8(HostSlot& slot) {
             sched_->run(t, "input.augment", [this, t, di, sl, crop] {
                 input_[t] = ops::augment_batch(sl->images, sl->offsets, sl->flips, sl->light, di->mean, crop);
             });
-            slot.used.push_back(sched_->record(t));
+            // Nothing to record: the step reads the host slot itself (labels too) until it ends drained.
             continue;
         }
 #ifdef ALEXNET_WITH_CUDA
@@ -349,6 +354,7 @@ void Net::issue_input_u8(HostSlot& slot) {
                 di->offsets = Tensor::empty({n, 2}, DType::i32, d);
                 di->flips = Tensor::empty({n}, DType::u8, d);
                 di->light = Tensor::empty({n, 3}, DType::f32, d);
+                di->labels = Tensor::empty({n}, DType::i32, d);
             }
             auto s = static_cast<cudaStream_t>(current_stream(d.index));
             const char* op = "train_step_u8";
@@ -356,6 +362,7 @@ void Net::issue_input_u8(HostSlot& slot) {
             cuda_check(cudaMemcpyAsync(di->offsets.raw(), sl->off, di->offsets.nbytes(), cudaMemcpyHostToDevice, s), op);
             cuda_check(cudaMemcpyAsync(di->flips.raw(), sl->flip, di->flips.nbytes(), cudaMemcpyHostToDevice, s), op);
             cuda_check(cudaMemcpyAsync(di->light.raw(), sl->lig, di->light.nbytes(), cudaMemcpyHostToDevice, s), op);
+            cuda_check(cudaMemcpyAsync(di->labels.raw(), sl->lab, di->labels.nbytes(), cudaMemcpyHostToDevice, s), op);
         });
         auto uploaded = sched_->upload_done(t);
         slot.used.push_back(uploaded);
@@ -366,6 +373,8 @@ void Net::issue_input_u8(HostSlot& slot) {
         });
 #endif
     }
+    // Tower 0, the first on its device, augments there: its stream (where the loss runs) waited for the upload.
+    return devices_[0].is_cpu() ? slot.labels : dev_input_.at(devices_[0].str()).labels;
 }
 
 StepResult Net::train_step_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets,
@@ -400,10 +409,10 @@ StepResult Net::train_step_u8(const uint8_t* images, int n, int H, int W, const 
     for (int i = 0; i < 3 * n; ++i)
         if (!std::isfinite(light[i]))
             throw ValueError("train_step_u8: argument 'light' holds a non-finite value at flat index " + std::to_string(i));
-    Tensor dev_labels = upload_labels(op, labels, n);
-    HostSlot& slot = stage_u8(images, n, H, W, offsets, flips, light);
+    check_labels(op, labels, n);
+    HostSlot& slot = stage_u8(images, n, H, W, offsets, flips, light, labels);
     run_step([&] {
-        issue_input_u8(slot);
+        const Tensor dev_labels = issue_input_u8(slot);
         issue_forward(/*train=*/true);
         issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
         issue_backward(lr);
@@ -604,11 +613,15 @@ void Net::issue_backward(float lr) {
     }
 }
 
-Tensor Net::upload_labels(const char* op, const int32_t* labels, int n) const {
+void Net::check_labels(const char* op, const int32_t* labels, int n) const {
     for (int i = 0; i < n; ++i)
         if (labels[i] < 0 || labels[i] >= cfg_.num_classes)
             throw ValueError(std::string(op) + ": argument 'labels' holds " + std::to_string(labels[i]) + " at " +
                              std::to_string(i) + ", outside [0, " + std::to_string(cfg_.num_classes) + ")");
+}
+
+Tensor Net::upload_labels(const char* op, const int32_t* labels, int n) const {
+    check_labels(op, labels, n);
     Tensor host = Tensor::empty({n}, DType::i32, Device{});
     std::memcpy(host.raw(), labels, sizeof(int32_t) * n);
     return devices_[0].is_cpu() ? host : host.to(devices_[0]);

@@ -116,9 +116,10 @@ private:
     struct HostSlot {
         int n = 0, H = 0, W = 0;
         void* pinned = nullptr;          // CUDA: one cudaHostAlloc block holding the four parts
-        Tensor images, offsets, flips, light;  // CPU: the four parts as host tensors
+        Tensor images, offsets, flips, light, labels;  // CPU: the parts as host tensors
         uint8_t* img = nullptr;
         int32_t* off = nullptr;
+        int32_t* lab = nullptr;
         uint8_t* flip = nullptr;
         float* lig = nullptr;
         std::vector<std::shared_ptr<Event>> used;  // what last read the slot: reuse waits for these
@@ -126,11 +127,13 @@ private:
     };
     // The uint8 batch on one device: the uploaded parts (reused across steps) and the mean image.
     struct DeviceInput {
-        Tensor images, offsets, flips, light, mean;
+        Tensor images, offsets, flips, light, labels, mean;
     };
     HostSlot& stage_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets, const uint8_t* flips,
-                       const float* light);
-    void issue_input_u8(HostSlot& slot);
+                       const float* light, const int32_t* labels);
+    // Issues the upload and augmentation; returns the labels on tower 0's device.
+    Tensor issue_input_u8(HostSlot& slot);
+    void check_labels(const char* op, const int32_t* labels, int n) const;
     void issue_loss(const Tensor& labels, float scale, bool backward);
     void issue_backward(float lr);
     std::vector<Tensor> upload_images(const float* images, int n);

@@ -53,7 +53,7 @@ EXPECTED_CHECKS = {
     "linear": 28,
     "linear_bigtile": 8,
     "gridstride": 10,
-    "net": 94,
+    "net": 102,
 }
 GROUPS = list(EXPECTED_CHECKS)
 # gridstride launches ~140 M emulated threads over 16 M-element buffers: plain build, one order only.

@@ -204,6 +204,7 @@ struct RuntimeStats {
               cross_stream_waits = 0, cross_device_waits = 0, stream_syncs = 0, device_syncs = 0,
               elapsed_queries = 0, peer_queries = 0, host_allocs = 0,
               host_frees = 0, event_queries = 0;
+    long long pinned_copies = 0, pageable_copies = 0;  // host<->device copies, by the host side's memory
     long long calls_default_stream = 0, calls_created_streams = 0;  // launches, copies, memsets, records, waits
     long long calls_per_device[kDeviceCount] = {};                  // the same, by the stream's device
 };
