@@ -483,3 +483,28 @@ def test_every_tool_answers_version(tool):
 
     r = _cli(tool, "--version")
     assert r.returncode == 0 and r.stdout.strip() == f"alexnet_cuda {__version__}", r.stderr
+
+
+def test_device_side_augmentation_equals_the_loaders_bit_for_bit(dataset, uninterrupted, tmp_path, capsys,
+                                                                  monkeypatch):
+    # train.py takes the uint8 path (Net.train_step_u8) on CUDA; forced here on the CPU backend, the run
+    # must equal the loader-augmented one exactly, checkpoints included (so runs resume across the paths).
+    calls = []
+    real = ax.Net.train_step_u8
+
+    def spy(self, *a, **k):
+        calls.append(a[0].dtype)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train, "device_side_augment", lambda devices: True)
+    monkeypatch.setattr(ax.Net, "train_step_u8", spy)
+    out = str(tmp_path / "U")
+    rc, o, e = _train(["--data", dataset[0], "--out", out, "--epochs", "2", "--devices", "cpu", *SMALL], capsys)
+    assert rc == 0, e
+    assert len(calls) == 14 and set(calls) == {np.dtype(np.uint8)}
+    assert _losses(out) == _losses(uninterrupted)
+    a = ck.load_checkpoint(os.path.join(uninterrupted, "checkpoints", ck.checkpoint_name(14)))[1]
+    b = ck.load_checkpoint(os.path.join(out, "checkpoints", ck.checkpoint_name(14)))[1]
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
