@@ -83,14 +83,29 @@ class Net:
         """The mean image float32 (3, H, W) that train_step_u8 subtracts (a prepared folder's data.mean)."""
         self._net.set_input_mean(mean)
 
-    def train_step_u8(self, images, offsets, flips, light, labels, lr):
+    def train_step_u8(self, images, offsets, flips, light, labels, lr, prefetch=None):
         """train_step on a batch augmented on the towers' devices: images uint8 (N, H, W, 3), offsets int32
         (N, 2) as (y0, x0) of each input_size crop, flips uint8 (N,) of 0/1, light float32 (N, 3) (the PCA
         lighting shift), as data.TrainLoader.raw_batch gives them; the mean image comes from set_input_mean.
         The same step, bit for bit, as train_step on ops.augment_batch's CPU output for these arguments.
-        Staged in reused host buffers (pinned on CUDA) and uploaded on a stream of its own."""
+        Staged in reused host buffers (pinned on CUDA) and uploaded on a stream of its own. `prefetch`, the
+        next batch as a tuple (images, offsets, flips, light, labels), is staged and uploaded while this step
+        runs: take the step on it with train_step_prefetched."""
         return self._net.train_step_u8(images, offsets, flips, light, self._labels(labels, "train_step_u8"),
-                                       float(lr))
+                                       float(lr), self._prefetch(prefetch))
+
+    def train_step_prefetched(self, lr, prefetch=None):
+        """train_step_u8 on the batch the previous step prefetched (ValueError if it prefetched none)."""
+        return self._net.train_step_prefetched(float(lr), self._prefetch(prefetch))
+
+    def _prefetch(self, prefetch):
+        if prefetch is None:
+            return None
+        if not isinstance(prefetch, (tuple, list)) or len(prefetch) != 5:
+            raise TypeError("train_step_u8: argument 'prefetch' must be None or a tuple (images, offsets, flips, "
+                            f"light, labels), got {type(prefetch).__name__}")
+        *batch, labels = prefetch
+        return (*batch, self._labels(labels, "train_step_u8"))
 
     def forward(self, images, probs=False):
         """Inference (no dropout): logits, or softmax probabilities, as (N, num_classes) float32."""

@@ -239,7 +239,8 @@ std::vector<Tensor> Net::upload_images(const float* images, int n) {
 // ---- the uint8 input path ----------------------------------------------------------------------------
 
 namespace {
-constexpr size_t kStagingSlots = 2;  // one being read by an upload while the host fills the other
+// Two slots: the one this step reads and the one the next batch is prefetched into.
+constexpr size_t kStagingSlots = 2;
 size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
 }  // namespace
 
@@ -256,25 +257,57 @@ void Net::set_input_mean(const float* mean, int H, int W) {
             throw ValueError("set_input_mean: argument 'mean' holds a non-finite value at flat index " + std::to_string(i));
     Tensor host = Tensor::empty({3, H, W}, DType::f32, Device{});
     std::memcpy(host.raw(), mean, host.nbytes());
-    dev_input_.clear();
-    for (const Device& d : devices_) {
-        DeviceInput& di = dev_input_[d.str()];
-        if (!di.mean.defined()) di.mean = d.is_cpu() ? host : host.to(d);
-    }
+    mean_dev_.clear();
+    for (const Device& d : devices_)
+        if (!mean_dev_.count(d.str())) mean_dev_[d.str()] = d.is_cpu() ? host : host.to(d);
     mean_host_ = host;
+    prefetched_ = nullptr;  // staged against the old mean's size
 }
 
-// Copies the batch into the next slot of the ring, after whatever last read that slot is done (an upload
-// two steps back: complete already, as every step ends with the towers drained, but the wait keeps the
-// ring correct if the step ever stops draining).
-Net::HostSlot& Net::stage_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets, const uint8_t* flips,
-                             const float* light, const int32_t* labels) {
+// Everything the step will need to be true of a batch, checked on the host before anything is issued.
+void Net::check_u8(const char* op, const std::string& arg, const U8Batch& b) const {
+    const std::string pre = std::string(op) + ": argument '";
+    const int crop = cfg_.input_size, n = b.n, H = b.H, W = b.W;
+    if (n < 1) throw ValueError(pre + arg + "images' holds no images");
+    if (cfg_.in_channels != 3)
+        throw ValueError(std::string(op) + ": the uint8 path makes 3-channel images; this net takes " +
+                         std::to_string(cfg_.in_channels));
+    if (!has_input_mean()) throw ValueError(std::string(op) + ": no mean image: call set_input_mean first");
+    if (H != mean_host_.size(1) || W != mean_host_.size(2))
+        throw ValueError(pre + arg + "images' holds " + std::to_string(H) + "x" + std::to_string(W) +
+                         " images; the mean image is " + std::to_string(mean_host_.size(1)) + "x" +
+                         std::to_string(mean_host_.size(2)));
+    if (crop > H || crop > W)
+        throw ValueError(std::string(op) + ": the net's " + std::to_string(crop) + "x" + std::to_string(crop) +
+                         " input does not fit the " + std::to_string(H) + "x" + std::to_string(W) + " images");
+    checked::check_elements(op, (arg + "images").c_str(), {n, H, W, 3});
+    for (int i = 0; i < n; ++i) {
+        const int64_t y0 = b.offsets[2 * i], x0 = b.offsets[2 * i + 1];
+        if (y0 < 0 || x0 < 0 || y0 + crop > H || x0 + crop > W)
+            throw ValueError(pre + arg + "offsets' row " + std::to_string(i) + " = (" + std::to_string(y0) + ", " +
+                             std::to_string(x0) + ") puts the " + std::to_string(crop) + "x" + std::to_string(crop) +
+                             " crop outside the " + std::to_string(H) + "x" + std::to_string(W) + " image");
+        if (b.flips[i] > 1)
+            throw ValueError(pre + arg + "flips' holds " + std::to_string(b.flips[i]) + " at " + std::to_string(i) +
+                             "; expected 0 or 1");
+    }
+    for (int i = 0; i < 3 * n; ++i)
+        if (!std::isfinite(b.light[i]))
+            throw ValueError(pre + arg + "light' holds a non-finite value at flat index " + std::to_string(i));
+    check_labels(op, b.labels, n);
+}
+
+// Copies the batch into the next slot of the ring, once whatever last read that slot is done (an upload
+// two steps back: complete already, as every step ends drained, but the wait keeps the ring correct).
+Net::HostSlot& Net::stage_u8(const U8Batch& b) {
     if (slots_.empty())
         for (size_t i = 0; i < kStagingSlots; ++i) slots_.push_back(std::make_unique<HostSlot>());
     std::unique_ptr<HostSlot>& owner = slots_[next_slot_];
     next_slot_ = (next_slot_ + 1) % slots_.size();
-    for (auto& e : owner->used) e->synchronize();
-    owner->used.clear();
+    if (owner.get() == prefetched_) prefetched_ = nullptr;  // a stale prefetch (not stepped on): overwritten
+    for (auto& kv : owner->uploaded) kv.second->synchronize();
+    owner->uploaded.clear();
+    const int n = b.n, H = b.H, W = b.W;
     const size_t img_bytes = static_cast<size_t>(n) * H * W * 3;
     if (owner->n != n || owner->H != H || owner->W != W) {
         owner = std::make_unique<HostSlot>();  // frees the old buffers (a reshaped batch: rare, not per step)
@@ -285,15 +318,15 @@ Net::HostSlot& Net::stage_u8(const uint8_t* images, int n, int H, int W, const i
             slot.flips = Tensor::empty({n}, DType::u8, Device{});
             slot.light = Tensor::empty({n, 3}, DType::f32, Device{});
             slot.labels = Tensor::empty({n}, DType::i32, Device{});
-            slot.lab = slot.labels.data<int32_t>();
             slot.img = slot.images.data<uint8_t>();
             slot.off = slot.offsets.data<int32_t>();
             slot.flip = slot.flips.data<uint8_t>();
             slot.lig = slot.light.data<float>();
+            slot.lab = slot.labels.data<int32_t>();
         } else {
 #ifdef ALEXNET_WITH_CUDA
-            const size_t total =
-                align_up(img_bytes) + align_up(8 * size_t(n)) + align_up(size_t(n)) + align_up(12 * size_t(n)) + 4 * size_t(n);
+            const size_t total = align_up(img_bytes) + align_up(8 * size_t(n)) + align_up(size_t(n)) +
+                                 align_up(12 * size_t(n)) + 4 * size_t(n);
             DeviceGuard g(devices_[0]);
             if (cudaHostAlloc(&slot.pinned, total, cudaHostAllocDefault) != cudaSuccess) {
                 cudaGetLastError();
@@ -311,18 +344,55 @@ Net::HostSlot& Net::stage_u8(const uint8_t* images, int n, int H, int W, const i
         slot.n = n; slot.H = H; slot.W = W;
     }
     HostSlot& slot = *owner;
-    std::memcpy(slot.img, images, img_bytes);
-    std::memcpy(slot.off, offsets, sizeof(int32_t) * 2 * n);
-    std::memcpy(slot.flip, flips, static_cast<size_t>(n));
-    std::memcpy(slot.lig, light, sizeof(float) * 3 * n);
-    std::memcpy(slot.lab, labels, sizeof(int32_t) * n);
+    std::memcpy(slot.img, b.images, img_bytes);
+    std::memcpy(slot.off, b.offsets, sizeof(int32_t) * 2 * n);
+    std::memcpy(slot.flip, b.flips, static_cast<size_t>(n));
+    std::memcpy(slot.lig, b.light, sizeof(float) * 3 * n);
+    std::memcpy(slot.lab, b.labels, sizeof(int32_t) * n);
     return slot;
 }
 
-// Per device: the upload (CUDA: four asynchronous copies from the pinned slot on the device's upload
-// stream into buffers kept across steps), then augment_batch on the first tower there after an event
-// wait; the other towers on that device wait for that tower and share the result.
-Tensor Net::issue_input_u8(HostSlot& slot) {
+// CUDA, per device: five asynchronous copies from the pinned slot on the device's upload stream into the
+// slot's device buffers (allocated there once per batch shape), and an event after them. The CPU reads
+// the host slot itself: nothing to upload.
+void Net::issue_upload_u8(HostSlot& slot) {
+#ifdef ALEXNET_WITH_CUDA
+    std::set<std::string> done;
+    for (int t = 0; t < cfg_.towers; ++t) {
+        const Device d = devices_[t];
+        if (d.is_cpu() || !done.insert(d.str()).second) continue;
+        DeviceInput* di = &slot.dev[d.str()];
+        HostSlot* sl = &slot;
+        sched_->upload(t, "input.upload", [di, sl, d] {
+            const int n = sl->n, H = sl->H, W = sl->W;
+            if (!di->images.defined() || di->images.shape() != std::vector<int64_t>{n, H, W, 3}) {
+                di->images = Tensor::empty({n, H, W, 3}, DType::u8, d);
+                di->offsets = Tensor::empty({n, 2}, DType::i32, d);
+                di->flips = Tensor::empty({n}, DType::u8, d);
+                di->light = Tensor::empty({n, 3}, DType::f32, d);
+                di->labels = Tensor::empty({n}, DType::i32, d);
+            }
+            auto s = static_cast<cudaStream_t>(current_stream(d.index));
+            const char* op = "train_step_u8";
+            auto up = [&](const Tensor& dst, const void* src) {
+                cuda_check(cudaMemcpyAsync(dst.raw(), src, dst.nbytes(), cudaMemcpyHostToDevice, s), op);
+            };
+            up(di->images, sl->img);
+            up(di->offsets, sl->off);
+            up(di->flips, sl->flip);
+            up(di->light, sl->lig);
+            up(di->labels, sl->lab);
+        });
+        slot.uploaded[d.str()] = sched_->upload_done(t);
+    }
+#else
+    (void)slot;
+#endif
+}
+
+// Per device: augment_batch on the first tower there, after waiting for the slot's upload; the other
+// towers on that device wait for that tower and share the result.
+Tensor Net::issue_augment_u8(HostSlot& slot) {
     const int T = cfg_.towers, crop = cfg_.input_size;
     input_.assign(T, Tensor());
     std::map<std::string, int> first;  // device -> the tower that augments for it
@@ -336,87 +406,49 @@ Tensor Net::issue_input_u8(HostSlot& slot) {
             continue;
         }
         first.emplace(d.str(), t);
-        DeviceInput* di = &dev_input_.at(d.str());
+        const Tensor* mean = &mean_dev_.at(d.str());
         HostSlot* sl = &slot;
         if (d.is_cpu()) {
-            sched_->run(t, "input.augment", [this, t, di, sl, crop] {
-                input_[t] = ops::augment_batch(sl->images, sl->offsets, sl->flips, sl->light, di->mean, crop);
+            // The step reads the host slot itself (labels too) until it ends drained.
+            sched_->run(t, "input.augment", [this, t, mean, sl, crop] {
+                input_[t] = ops::augment_batch(sl->images, sl->offsets, sl->flips, sl->light, *mean, crop);
             });
-            // Nothing to record: the step reads the host slot itself (labels too) until it ends drained.
             continue;
         }
-#ifdef ALEXNET_WITH_CUDA
-        sched_->upload(t, "input.upload", [di, sl, d] {
-            const int n = sl->n, H = sl->H, W = sl->W;
-            if (!di->images.defined() || di->images.shape() != std::vector<int64_t>{n, H, W, 3}) {
-                // Kept across steps: allocated on the upload stream once per batch shape.
-                di->images = Tensor::empty({n, H, W, 3}, DType::u8, d);
-                di->offsets = Tensor::empty({n, 2}, DType::i32, d);
-                di->flips = Tensor::empty({n}, DType::u8, d);
-                di->light = Tensor::empty({n, 3}, DType::f32, d);
-                di->labels = Tensor::empty({n}, DType::i32, d);
-            }
-            auto s = static_cast<cudaStream_t>(current_stream(d.index));
-            const char* op = "train_step_u8";
-            cuda_check(cudaMemcpyAsync(di->images.raw(), sl->img, di->images.nbytes(), cudaMemcpyHostToDevice, s), op);
-            cuda_check(cudaMemcpyAsync(di->offsets.raw(), sl->off, di->offsets.nbytes(), cudaMemcpyHostToDevice, s), op);
-            cuda_check(cudaMemcpyAsync(di->flips.raw(), sl->flip, di->flips.nbytes(), cudaMemcpyHostToDevice, s), op);
-            cuda_check(cudaMemcpyAsync(di->light.raw(), sl->lig, di->light.nbytes(), cudaMemcpyHostToDevice, s), op);
-            cuda_check(cudaMemcpyAsync(di->labels.raw(), sl->lab, di->labels.nbytes(), cudaMemcpyHostToDevice, s), op);
-        });
-        auto uploaded = sched_->upload_done(t);
-        slot.used.push_back(uploaded);
-        sched_->wait(t, uploaded);
-        sched_->run(t, "input.augment", [this, t, di, sl, crop] {
+        sched_->wait(t, slot.uploaded.at(d.str()));
+        DeviceInput* di = &slot.dev.at(d.str());
+        sched_->run(t, "input.augment", [this, t, di, mean, sl, crop] {
             // The offsets were range-checked on the host; the slot's copy spares a device-to-host read.
-            input_[t] = ops::augment_batch(di->images, di->offsets, di->flips, di->light, di->mean, crop, sl->off);
+            input_[t] = ops::augment_batch(di->images, di->offsets, di->flips, di->light, *mean, crop, sl->off);
         });
-#endif
     }
     // Tower 0, the first on its device, augments there: its stream (where the loss runs) waited for the upload.
-    return devices_[0].is_cpu() ? slot.labels : dev_input_.at(devices_[0].str()).labels;
+    return devices_[0].is_cpu() ? slot.labels : slot.dev.at(devices_[0].str()).labels;
 }
 
-StepResult Net::train_step_u8(const uint8_t* images, int n, int H, int W, const int32_t* offsets,
-                              const uint8_t* flips, const float* light, const int32_t* labels, float lr) {
+StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* prefetch) {
     const char* op = "train_step_u8";
-    const int crop = cfg_.input_size;
-    if (n < 1) throw ValueError("train_step_u8: argument 'images' holds no images");
     if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step_u8: argument 'lr' must be finite and >= 0");
-    if (cfg_.in_channels != 3)
-        throw ValueError("train_step_u8: the uint8 path makes 3-channel images; this net takes " +
-                         std::to_string(cfg_.in_channels));
-    if (!has_input_mean()) throw ValueError("train_step_u8: no mean image: call set_input_mean first");
-    if (H != mean_host_.size(1) || W != mean_host_.size(2))
-        throw ValueError("train_step_u8: argument 'images' holds " + std::to_string(H) + "x" + std::to_string(W) +
-                         " images; the mean image is " + std::to_string(mean_host_.size(1)) + "x" +
-                         std::to_string(mean_host_.size(2)));
-    if (crop > H || crop > W)
-        throw ValueError("train_step_u8: the net's " + std::to_string(crop) + "x" + std::to_string(crop) +
-                         " input does not fit the " + std::to_string(H) + "x" + std::to_string(W) + " images");
-    checked::check_elements(op, "images", {n, H, W, 3});
-    for (int i = 0; i < n; ++i) {
-        const int64_t y0 = offsets[2 * i], x0 = offsets[2 * i + 1];
-        if (y0 < 0 || x0 < 0 || y0 + crop > H || x0 + crop > W)
-            throw ValueError("train_step_u8: argument 'offsets' row " + std::to_string(i) + " = (" + std::to_string(y0) +
-                             ", " + std::to_string(x0) + ") puts the " + std::to_string(crop) + "x" +
-                             std::to_string(crop) + " crop outside the " + std::to_string(H) + "x" + std::to_string(W) +
-                             " image");
-        if (flips[i] > 1)
-            throw ValueError("train_step_u8: argument 'flips' holds " + std::to_string(flips[i]) + " at " +
-                             std::to_string(i) + "; expected 0 or 1");
-    }
-    for (int i = 0; i < 3 * n; ++i)
-        if (!std::isfinite(light[i]))
-            throw ValueError("train_step_u8: argument 'light' holds a non-finite value at flat index " + std::to_string(i));
-    check_labels(op, labels, n);
-    HostSlot& slot = stage_u8(images, n, H, W, offsets, flips, light, labels);
+    if (batch) check_u8(op, "", *batch);
+    else if (!prefetched_) throw ValueError("train_step_u8: no prefetched batch: the previous step passed no 'prefetch'");
+    if (prefetch) check_u8(op, "prefetch.", *prefetch);
+    HostSlot* cur = batch ? &stage_u8(*batch) : prefetched_;
+    prefetched_ = nullptr;
+    const int n = cur->n;
+    HostSlot* next = nullptr;
     run_step([&] {
-        const Tensor dev_labels = issue_input_u8(slot);
+        if (batch) issue_upload_u8(*cur);
+        const Tensor dev_labels = issue_augment_u8(*cur);
         issue_forward(/*train=*/true);
         issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
         issue_backward(lr);
+        // The next batch: staged by the host and uploaded on the upload streams while the towers compute.
+        if (prefetch) {
+            next = &stage_u8(*prefetch);
+            issue_upload_u8(*next);
+        }
     });
+    prefetched_ = next;
     step += 1;
     return summarize(n);
 }

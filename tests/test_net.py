@@ -389,8 +389,10 @@ def u8_batch(rng, cfg, n, S):
 
 @pytest.mark.parametrize("devices", ["cpu", ("cpu", "cpu"), pytest.param(("cuda:0", "cuda:0"), marks=pytest.mark.cuda),
                                      pytest.param("cuda:0", marks=pytest.mark.cuda)])
-def test_uint8_step_equals_float_step_on_cpu_augmented_images_bit_for_bit(rng, devices):
-    # The key property of the device-side input path: augmenting on the towers' devices changes nothing.
+@pytest.mark.parametrize("prefetch", [False, True], ids=["each", "prefetched"])
+def test_uint8_step_equals_float_step_on_cpu_augmented_images_bit_for_bit(rng, devices, prefetch):
+    # The key property of the device-side input path: augmenting on the towers' devices changes nothing,
+    # also when each batch is staged and uploaded during the step before (prefetch).
     cfg = small_config(weight_decay=5e-4)
     seed = int(rng.integers(1 << 31))
     S = 40
@@ -401,12 +403,17 @@ def test_uint8_step_equals_float_step_on_cpu_augmented_images_bit_for_bit(rng, d
     a = ax.Net(cfg, devices=devices, seed=seed)
     b = ax.Net(cfg, devices=devices, seed=seed)
     b.set_input_mean(mean)
-    for step in range(4):
-        n = 5 if step < 3 else 3  # a smaller last batch reshapes the staging buffers
-        images, offsets, flips, light, labels = u8_batch(rng, cfg, n, S)
+    # A smaller fourth batch reshapes the staging buffers; the fifth restarts without a prefetch.
+    batches = [u8_batch(rng, cfg, n, S) for n in (5, 5, 5, 3, 5, 5)]
+    for k, (images, offsets, flips, light, labels) in enumerate(batches):
         ra = a.train_step(aug(images, offsets, flips, light), labels, lr=0.5)
-        rb = b.train_step_u8(images, offsets, flips, light, labels, lr=0.5)
+        nxt = batches[k + 1] if prefetch and k + 1 < len(batches) and k != 3 else None
+        if prefetch and k not in (0, 4):
+            rb = b.train_step_prefetched(0.5, prefetch=nxt)
+        else:
+            rb = b.train_step_u8(images, offsets, flips, light, labels, lr=0.5, prefetch=nxt)
         assert ra == rb
+        assert b._net.has_prefetched == (nxt is not None)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -461,6 +468,15 @@ def test_bad_uint8_batches_raise_clearly(rng):
         net.set_input_mean(np.zeros((36, 36), np.float32))
     with pytest.raises(ValueError, match="set_input_mean: argument 'mean' holds a non-finite value"):
         net.set_input_mean(np.full((3, 36, 36), np.inf, np.float32))
+    with pytest.raises(ValueError, match="train_step_u8: no prefetched batch"):
+        net.train_step_prefetched(0.1)
+    with pytest.raises(TypeError, match="train_step_u8: argument 'prefetch' must be None or a tuple"):
+        net.train_step_u8(**ok, prefetch=images)
+    with pytest.raises(ValueError, match=r"train_step_u8: argument 'prefetch.offsets' row 2 = \(0, 5\)"):
+        net.train_step_u8(**ok, prefetch=(images, bad_offsets, flips, light, labels))
+    with pytest.raises(ValueError, match="train_step_u8: argument 'prefetch.labels' holds"):
+        net.train_step_u8(**ok, prefetch=(images, offsets, flips, light, labels + 10))
     assert net.step == 0  # no bad batch took a step
-    net.train_step_u8(**ok)
-    assert net.step == 1
+    net.train_step_u8(**ok, prefetch=(images, offsets, flips, light, labels))
+    net.train_step_prefetched(0.1)
+    assert net.step == 2
