@@ -642,11 +642,19 @@ class Run:
         t0, n0 = time.monotonic(), acc["n"]
         it = self.loader.epoch(e, st["batch"], raw=self.raw_input)
         t_prev = t0
+        staged = False  # the net holds this batch already (prefetched during the step before)
         try:
-            for b, x, y in it:
+            for (b, x, y), following in _with_next(it):
                 if self.trace_path:
                     net.set_tracing(True)
-                r = net.train_step_u8(*x, y, st["lr"]) if self.raw_input else net.train_step(x, y, st["lr"])
+                if self.raw_input:
+                    # The next batch of the epoch is staged and uploaded while this step computes.
+                    nxt = (*following[1], following[2]) if following is not None else None
+                    r = (net.train_step_prefetched(st["lr"], prefetch=nxt) if staged
+                         else net.train_step_u8(*x, y, st["lr"], prefetch=nxt))
+                    staged = nxt is not None
+                else:
+                    r = net.train_step(x, y, st["lr"])
                 if self.trace_path:
                     net.set_tracing(False)
                     net.write_trace(self.trace_path)
@@ -769,6 +777,19 @@ class Run:
             parts.append(f"final train top-1 error {100 * r['train_top1_err']:.2f}%")
         parts.append(f"checkpoint {self.last_checkpoint}")
         self.say("; ".join(parts))
+
+
+def _with_next(items):
+    """Yields (item, the item after it or None)."""
+    it = iter(items)
+    cur = next(it, _END)
+    while cur is not _END:
+        nxt = next(it, _END)
+        yield cur, (None if nxt is _END else nxt)
+        cur = nxt
+
+
+_END = object()
 
 
 def device_side_augment(devices):
