@@ -7,7 +7,9 @@ a Generator keyed by (seed, e, b). So a run is repeatable, and resumable exactly
 
 The pixel work (crop, flip, mean subtraction at the source pixel, lighting) is the library op
 ax.ops.augment_batch on the CPU (contract in csrc/ops.h): out[n, c, y, x] = img[n, y0+y, xs, c]
-- mean[c, y0+y, xs] + light[n, c] with xs = x0 + (flip ? crop-1-x : x).
+- mean[c, y0+y, xs] + light[n, c] with xs = x0 + (flip ? crop-1-x : x). TrainLoader.raw_batch (and
+epoch(raw=True)) hands the uint8 images and those parameters instead, for Net.train_step_u8, which runs
+the same op on the towers' devices.
 
 PCA lighting (ALEXNET.md): add sum_i p_i * alpha_i * lambda_i to every pixel, alpha_i ~ N(0, pca_std) per
 image per use. **choice**: lambda_i is taken as sqrt(eigenvalue_i), the standard deviation of the pixel
