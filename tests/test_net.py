@@ -480,3 +480,19 @@ def test_bad_uint8_batches_raise_clearly(rng):
     net.train_step_u8(**ok, prefetch=(images, offsets, flips, light, labels))
     net.train_step_prefetched(0.1)
     assert net.step == 2
+
+
+def test_trace_puts_the_input_upload_on_its_own_row(tmp_path):
+    # A CUDA step's upload entries carry tower -1 (the device's upload stream): their own row in the trace,
+    # and no part of the towers' overlap.
+    from alexnet_cuda.net import tower_overlap, write_chrome_trace
+
+    timeline = [{"op": "input.upload", "tower": -1, "device": "cuda:0", "start_us": 0.0, "end_us": 50.0},
+                {"op": "conv1.fprop", "tower": 0, "device": "cuda:0", "start_us": 10.0, "end_us": 30.0},
+                {"op": "conv1.fprop", "tower": 1, "device": "cuda:0", "start_us": 30.0, "end_us": 40.0}]
+    path = tmp_path / "t.json"
+    write_chrome_trace(timeline, str(path))
+    tids = [e["tid"] for e in json.loads(path.read_text())["traceEvents"]]
+    assert tids == ["input upload", "tower 0", "tower 1"]
+    ov = tower_overlap(timeline)
+    assert ov["overlap"] == 0.0 and ov["busy_us"] == {0: 20.0, 1: 10.0}
