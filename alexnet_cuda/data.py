@@ -7,7 +7,9 @@ a Generator keyed by (seed, e, b). So a run is repeatable, and resumable exactly
 
 The pixel work (crop, flip, mean subtraction at the source pixel, lighting) is the library op
 ax.ops.augment_batch on the CPU (contract in csrc/ops.h): out[n, c, y, x] = img[n, y0+y, xs, c]
-- mean[c, y0+y, xs] + light[n, c] with xs = x0 + (flip ? crop-1-x : x).
+- mean[c, y0+y, xs] + light[n, c] with xs = x0 + (flip ? crop-1-x : x). TrainLoader.raw_batch (and
+epoch(raw=True)) hands the uint8 images and those parameters instead, for Net.train_step_u8, which runs
+the same op on the towers' devices.
 
 PCA lighting (ALEXNET.md): add sum_i p_i * alpha_i * lambda_i to every pixel, alpha_i ~ N(0, pca_std) per
 image per use. **choice**: lambda_i is taken as sqrt(eigenvalue_i), the standard deviation of the pixel
@@ -15,6 +17,7 @@ values along p_i in 0..255 units (meta.json pca.std), as in Krizhevsky's cuda-co
 reproductions; read literally as the variance it would shift pixels by hundreds of levels. Pass
 lighting="eigenvalue" for the literal reading, or pca_std=0 for none.
 """
+import collections
 import json
 import os
 import queue
@@ -378,6 +381,12 @@ def prefetch_map(fn, items, depth=3, workers=2):
 
 # ---- loaders -----------------------------------------------------------------------------------------------
 
+class RawBatch(collections.namedtuple("RawBatch", "images offsets flips light")):
+    """A training batch before augmentation: images uint8 (B,S,S,3), offsets int32 (B,2) as (y0, x0), flips
+    uint8 (B,), light float32 (B,3); Augmenter(images, offsets, flips, light) is the float32 batch."""
+    __slots__ = ()
+
+
 class TrainLoader:
     """The paper's training batches: random crop x crop crops, horizontal flips, PCA lighting, mean
     subtraction. Batches are whole (the last partial batch of an epoch is dropped); the order and every
@@ -419,22 +428,29 @@ class TrainLoader:
         alphas = rng.normal(0.0, 1.0, (n, 3)) * self.pca_std
         return offsets.astype(np.int32), flips.astype(np.uint8), alphas
 
-    def batch(self, epoch, batch, order=None):
-        """(images float32 (B,3,crop,crop), labels int32 (B,)) of batch `batch` of epoch `epoch`."""
+    def raw_batch(self, epoch, batch, order=None):
+        """(RawBatch, labels int32 (B,)) of batch `batch` of epoch `epoch`: the stored uint8 images and the
+        parameters batch() augments them with, for Net.train_step_u8 (the augmentation on the device)."""
         if order is None:
             order = self.order(epoch)
         idx = order[batch * self.batch_size:(batch + 1) * self.batch_size]
         offsets, flips, alphas = self.batch_params(epoch, batch, len(idx))
         light = lighting_shift(alphas, self.eigenvectors, self.magnitudes)
-        x = self.augment(self.split.images(idx), offsets, flips, light)
-        return x, self.split.labels[idx].astype(np.int32)
+        return RawBatch(self.split.images(idx), offsets, flips, light), self.split.labels[idx].astype(np.int32)
 
-    def epoch(self, epoch, start=0):
-        """Yields (batch index, images, labels) for batches start.. of `epoch`, built ahead in threads."""
+    def batch(self, epoch, batch, order=None):
+        """(images float32 (B,3,crop,crop), labels int32 (B,)) of batch `batch` of epoch `epoch`."""
+        raw, y = self.raw_batch(epoch, batch, order)
+        return self.augment(raw.images, raw.offsets, raw.flips, raw.light), y
+
+    def epoch(self, epoch, start=0, raw=False):
+        """Yields (batch index, images, labels) for batches start.. of `epoch`, built ahead in threads;
+        with raw=True the images are a RawBatch (uint8 images and their augmentation parameters)."""
         order = self.order(epoch)
+        build = self.raw_batch if raw else self.batch
 
         def make(b):
-            x, y = self.batch(epoch, b, order)
+            x, y = build(epoch, b, order)
             return b, x, y
 
         return prefetch_map(make, range(start, self.batches_per_epoch), self.prefetch_depth, self.threads)

@@ -79,6 +79,34 @@ class Net:
         """Forward (dropout on), backward and the SGD update. Returns dict(loss, top1, top5, n)."""
         return self._net.train_step(self._images(images, "train_step"), self._labels(labels, "train_step"), float(lr))
 
+    def set_input_mean(self, mean):
+        """The mean image float32 (3, H, W) that train_step_u8 subtracts (a prepared folder's data.mean)."""
+        self._net.set_input_mean(mean)
+
+    def train_step_u8(self, images, offsets, flips, light, labels, lr, prefetch=None):
+        """train_step on a batch augmented on the towers' devices: images uint8 (N, H, W, 3), offsets int32
+        (N, 2) as (y0, x0) of each input_size crop, flips uint8 (N,) of 0/1, light float32 (N, 3) (the PCA
+        lighting shift), as data.TrainLoader.raw_batch gives them; the mean image comes from set_input_mean.
+        The same step, bit for bit, as train_step on ops.augment_batch's CPU output for these arguments.
+        Staged in reused host buffers (pinned on CUDA) and uploaded on a stream of its own. `prefetch`, the
+        next batch as a tuple (images, offsets, flips, light, labels), is staged and uploaded while this step
+        runs: take the step on it with train_step_prefetched."""
+        return self._net.train_step_u8(images, offsets, flips, light, self._labels(labels, "train_step_u8"),
+                                       float(lr), self._prefetch(prefetch))
+
+    def train_step_prefetched(self, lr, prefetch=None):
+        """train_step_u8 on the batch the previous step prefetched (ValueError if it prefetched none)."""
+        return self._net.train_step_prefetched(float(lr), self._prefetch(prefetch))
+
+    def _prefetch(self, prefetch):
+        if prefetch is None:
+            return None
+        if not isinstance(prefetch, (tuple, list)) or len(prefetch) != 5:
+            raise TypeError("train_step_u8: argument 'prefetch' must be None or a tuple (images, offsets, flips, "
+                            f"light, labels), got {type(prefetch).__name__}")
+        *batch, labels = prefetch
+        return (*batch, self._labels(labels, "train_step_u8"))
+
     def forward(self, images, probs=False):
         """Inference (no dropout): logits, or softmax probabilities, as (N, num_classes) float32."""
         return self._net.forward(self._images(images, "forward"), bool(probs))
@@ -301,7 +329,8 @@ def write_chrome_trace(timeline, path, executor_names=None):
     for e in timeline:
         events.append({
             "name": e["op"], "ph": "X", "ts": e["start_us"], "dur": max(e["end_us"] - e["start_us"], 0.0),
-            "pid": e["device"], "tid": f"tower {e['tower']}", "args": {"tower": e["tower"]},
+            "pid": e["device"], "tid": f"tower {e['tower']}" if e["tower"] >= 0 else "input upload",
+            "args": {"tower": e["tower"]},
         })
     meta = {"executors": list(executor_names or [])}
     with open(path, "w") as f:

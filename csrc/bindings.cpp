@@ -257,15 +257,28 @@ std::pair<py::array, int> images_arg(const Net& net, const py::handle& obj, cons
     return {a, n};
 }
 
+// An array of exactly `dt` (no silent cast) and shape `want` (-1: any size), made C-contiguous.
+py::array exact_arg(const py::handle& obj, const char* op, const char* arg, DType dt, const std::vector<int64_t>& want,
+                    const char* shape_doc) {
+    py::array a = array_arg(obj, op, arg);
+    if (exact_dtype(a.dtype()) != dt)
+        throw TypeError(where(op, arg) + "must be " + dtype_name(dt) + ", got " + dtype_str(a));
+    bool ok = a.ndim() == static_cast<py::ssize_t>(want.size());
+    for (size_t i = 0; ok && i < want.size(); ++i) ok = want[i] < 0 || a.shape(i) == want[i];
+    if (!ok) throw ValueError(where(op, arg) + "must have shape " + shape_doc);
+    if (!(a.flags() & py::array::c_style)) a = py::module_::import("numpy").attr("ascontiguousarray")(a);
+    return a;
+}
+
 // Labels for the Net: an integer array of shape (n,) whose every value is in [0, classes), checked in the
 // array's own dtype before it is narrowed to int32 (so 2^32 + 1 is an error, not class 1).
-std::vector<int32_t> labels_arg(const py::handle& obj, int n, int classes, const char* op) {
-    py::array a = array_arg(obj, op, "labels");
+std::vector<int32_t> labels_arg(const py::handle& obj, int n, int classes, const char* op, const char* arg) {
+    py::array a = array_arg(obj, op, arg);
     const char k = a.dtype().kind();
     if (a.dtype().has_fields() || (k != 'i' && k != 'u'))
-        throw TypeError(where(op, "labels") + "must hold integers, got dtype " + dtype_str(a));
+        throw TypeError(where(op, arg) + "must hold integers, got dtype " + dtype_str(a));
     if (a.ndim() != 1 || a.shape(0) != n)
-        throw ValueError(where(op, "labels") + "must have shape (" + std::to_string(n) + ",)");
+        throw ValueError(where(op, arg) + "must have shape (" + std::to_string(n) + ",)");
     std::vector<int32_t> out(static_cast<size_t>(n));
     if (n == 0) return out;
     py::module_ np = py::module_::import("numpy");
@@ -274,13 +287,63 @@ std::vector<int32_t> labels_arg(const py::handle& obj, int n, int classes, const
         np.attr("logical_or")(np.attr("less")(a, py::int_(0)), np.attr("greater_equal")(a, py::int_(classes))));
     if (py::len(bad) > 0) {
         const py::object i = bad[py::int_(0)];
-        throw ValueError(where(op, "labels") + "holds " + std::string(py::str(a[i])) + " at " +
+        throw ValueError(where(op, arg) + "holds " + std::string(py::str(a[i])) + " at " +
                          std::string(py::str(i)) + ", outside [0, " + std::to_string(classes) + ")");
     }
     py::array l = np.attr("ascontiguousarray")(a, "int32");  // exact: every value is in [0, classes)
     std::memcpy(out.data(), l.data(), sizeof(int32_t) * out.size());
     return out;
 }
+
+// One uint8 batch for Net::train_step_u8, its arrays checked (dtype exactly, shapes) and kept alive; the
+// names in messages carry `prefix` ("prefetch." for the batch to prefetch).
+struct U8Args {
+    py::array img, off, fl, li;
+    std::vector<int32_t> lab;
+    Net::U8Batch b;
+    U8Args(const Net& net, const py::object& images, const py::object& offsets, const py::object& flips,
+           const py::object& light, const py::object& labels, const std::string& prefix) {
+        const char* op = "train_step_u8";
+        auto name = [&](const char* a) { return prefix + a; };
+        img = exact_arg(images, op, name("images").c_str(), DType::u8, {-1, -1, -1, 3}, "(N, H, W, 3)");
+        checked::check_elements(op, name("images").c_str(), std::vector<int64_t>(img.shape(), img.shape() + 4));
+        const int n = checked::to_int(op, name("images").c_str(), img.shape(0));
+        const std::string ns = std::to_string(n);
+        off = exact_arg(offsets, op, name("offsets").c_str(), DType::i32, {n, 2}, ("(" + ns + ", 2)").c_str());
+        fl = exact_arg(flips, op, name("flips").c_str(), DType::u8, {n}, ("(" + ns + ",)").c_str());
+        li = exact_arg(light, op, name("light").c_str(), DType::f32, {n, 3}, ("(" + ns + ", 3)").c_str());
+        lab = labels_arg(labels, n, net.config().num_classes, op, name("labels").c_str());
+        b.images = static_cast<const uint8_t*>(img.data());
+        b.n = n;
+        b.H = checked::to_int(op, name("images").c_str(), img.shape(1));
+        b.W = checked::to_int(op, name("images").c_str(), img.shape(2));
+        b.offsets = static_cast<const int32_t*>(off.data());
+        b.flips = static_cast<const uint8_t*>(fl.data());
+        b.light = static_cast<const float*>(li.data());
+        b.labels = lab.data();
+    }
+};
+
+py::dict result_dict(const StepResult& r);
+
+py::dict u8_step(Net& net, const U8Args* cur, const py::object& lr_obj, const py::object& prefetch) {
+    const float lr = float_arg(lr_obj, "train_step_u8", "lr");
+    std::unique_ptr<U8Args> next;
+    if (!prefetch.is_none()) {
+        if (!py::isinstance<py::tuple>(prefetch) || py::len(prefetch) != 5)
+            throw TypeError("train_step_u8: argument 'prefetch' must be None or a tuple (images, offsets, flips, light, "
+                            "labels), got " + type_name(prefetch));
+        const py::tuple p = py::reinterpret_borrow<py::tuple>(prefetch);
+        next = std::make_unique<U8Args>(net, p[0], p[1], p[2], p[3], p[4], "prefetch.");
+    }
+    StepResult r;
+    {
+        py::gil_scoped_release nogil;
+        r = net.train_step_u8(cur ? &cur->b : nullptr, lr, next ? &next->b : nullptr);
+    }
+    return result_dict(r);
+}
+
 
 // One state-dict entry as a host float32 tensor of the shape `want`. The dtype is checked first (floating
 // point only: not str, bytes, object, structured, complex, bool or integer), then the shape, and only
@@ -716,7 +779,7 @@ PYBIND11_MODULE(_C, m) {
             "train_step",
             [](Net& net, const py::object& images, const py::object& labels, const py::object& lr_obj) {
                 const auto img = images_arg(net, images, "train_step");
-                const auto lab = labels_arg(labels, img.second, net.config().num_classes, "train_step");
+                const auto lab = labels_arg(labels, img.second, net.config().num_classes, "train_step", "labels");
                 const float lr = float_arg(lr_obj, "train_step", "lr");
                 StepResult r;
                 {
@@ -726,6 +789,34 @@ PYBIND11_MODULE(_C, m) {
                 return result_dict(r);
             },
             py::arg("images"), py::arg("labels"), py::arg("lr"))
+        .def(
+            "train_step_u8",
+            [](Net& net, const py::object& images, const py::object& offsets, const py::object& flips,
+               const py::object& light, const py::object& labels, const py::object& lr_obj,
+               const py::object& prefetch) {
+                const U8Args cur(net, images, offsets, flips, light, labels, "");
+                return u8_step(net, &cur, lr_obj, prefetch);
+            },
+            py::arg("images"), py::arg("offsets"), py::arg("flips"), py::arg("light"), py::arg("labels"), py::arg("lr"),
+            py::arg("prefetch") = py::none())
+        .def(
+            "train_step_prefetched",
+            [](Net& net, const py::object& lr_obj, const py::object& prefetch) {
+                return u8_step(net, nullptr, lr_obj, prefetch);
+            },
+            py::arg("lr"), py::arg("prefetch") = py::none())
+        .def_property_readonly("has_prefetched", &Net::has_prefetched)
+        .def(
+            "set_input_mean",
+            [](Net& net, const py::object& mean) {
+                const py::array m = exact_arg(mean, "set_input_mean", "mean", DType::f32, {3, -1, -1}, "(3, H, W)");
+                const int H = checked::to_int("set_input_mean", "mean", m.shape(1));
+                const int W = checked::to_int("set_input_mean", "mean", m.shape(2));
+                checked::check_elements("set_input_mean", "mean", {3, H, W});
+                net.set_input_mean(static_cast<const float*>(m.data()), H, W);
+            },
+            py::arg("mean"))
+        .def_property_readonly("has_input_mean", &Net::has_input_mean)
         .def(
             "forward",
             [](Net& net, const py::object& images, bool probs) {
@@ -754,7 +845,7 @@ PYBIND11_MODULE(_C, m) {
             "evaluate",
             [](Net& net, const py::object& images, const py::object& labels) {
                 const auto img = images_arg(net, images, "evaluate");
-                const auto lab = labels_arg(labels, img.second, net.config().num_classes, "evaluate");
+                const auto lab = labels_arg(labels, img.second, net.config().num_classes, "evaluate", "labels");
                 StepResult r;
                 {
                     py::gil_scoped_release nogil;

@@ -9,6 +9,10 @@
 #include "checked.h"
 #include "philox.h"
 
+#ifdef ALEXNET_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace ax {
 
 namespace {
@@ -232,7 +236,224 @@ std::vector<Tensor> Net::upload_images(const float* images, int n) {
     return per_tower;
 }
 
-void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
+// ---- the uint8 input path ----------------------------------------------------------------------------
+
+namespace {
+// Two slots: the one this step reads and the one the next batch is prefetched into.
+constexpr size_t kStagingSlots = 2;
+size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
+}  // namespace
+
+Net::HostSlot::~HostSlot() {
+#ifdef ALEXNET_WITH_CUDA
+    if (pinned) cudaFreeHost(pinned);  // waits for any copy still reading it
+#endif
+}
+
+void Net::set_input_mean(const float* mean, int H, int W) {
+    if (H < 1 || W < 1) throw ValueError("set_input_mean: argument 'mean' must have shape (3, H, W) with H, W >= 1");
+    for (int64_t i = 0; i < int64_t(3) * H * W; ++i)
+        if (!std::isfinite(mean[i]))
+            throw ValueError("set_input_mean: argument 'mean' holds a non-finite value at flat index " + std::to_string(i));
+    Tensor host = Tensor::empty({3, H, W}, DType::f32, Device{});
+    std::memcpy(host.raw(), mean, host.nbytes());
+    mean_dev_.clear();
+    for (const Device& d : devices_)
+        if (!mean_dev_.count(d.str())) mean_dev_[d.str()] = d.is_cpu() ? host : host.to(d);
+    mean_host_ = host;
+    prefetched_ = nullptr;  // staged against the old mean's size
+}
+
+// Everything the step will need to be true of a batch, checked on the host before anything is issued.
+void Net::check_u8(const char* op, const std::string& arg, const U8Batch& b) const {
+    const std::string pre = std::string(op) + ": argument '";
+    const int crop = cfg_.input_size, n = b.n, H = b.H, W = b.W;
+    if (n < 1) throw ValueError(pre + arg + "images' holds no images");
+    if (cfg_.in_channels != 3)
+        throw ValueError(std::string(op) + ": the uint8 path makes 3-channel images; this net takes " +
+                         std::to_string(cfg_.in_channels));
+    if (!has_input_mean()) throw ValueError(std::string(op) + ": no mean image: call set_input_mean first");
+    if (H != mean_host_.size(1) || W != mean_host_.size(2))
+        throw ValueError(pre + arg + "images' holds " + std::to_string(H) + "x" + std::to_string(W) +
+                         " images; the mean image is " + std::to_string(mean_host_.size(1)) + "x" +
+                         std::to_string(mean_host_.size(2)));
+    if (crop > H || crop > W)
+        throw ValueError(std::string(op) + ": the net's " + std::to_string(crop) + "x" + std::to_string(crop) +
+                         " input does not fit the " + std::to_string(H) + "x" + std::to_string(W) + " images");
+    checked::check_elements(op, (arg + "images").c_str(), {n, H, W, 3});
+    for (int i = 0; i < n; ++i) {
+        const int64_t y0 = b.offsets[2 * i], x0 = b.offsets[2 * i + 1];
+        if (y0 < 0 || x0 < 0 || y0 + crop > H || x0 + crop > W)
+            throw ValueError(pre + arg + "offsets' row " + std::to_string(i) + " = (" + std::to_string(y0) + ", " +
+                             std::to_string(x0) + ") puts the " + std::to_string(crop) + "x" + std::to_string(crop) +
+                             " crop outside the " + std::to_string(H) + "x" + std::to_string(W) + " image");
+        if (b.flips[i] > 1)
+            throw ValueError(pre + arg + "flips' holds " + std::to_string(b.flips[i]) + " at " + std::to_string(i) +
+                             "; expected 0 or 1");
+    }
+    for (int i = 0; i < 3 * n; ++i)
+        if (!std::isfinite(b.light[i]))
+            throw ValueError(pre + arg + "light' holds a non-finite value at flat index " + std::to_string(i));
+    check_labels(op, b.labels, n);
+}
+
+// Copies the batch into the next slot of the ring, once whatever last read that slot is done (an upload
+// two steps back: complete already, as every step ends drained, but the wait keeps the ring correct).
+Net::HostSlot& Net::stage_u8(const U8Batch& b) {
+    if (slots_.empty())
+        for (size_t i = 0; i < kStagingSlots; ++i) slots_.push_back(std::make_unique<HostSlot>());
+    std::unique_ptr<HostSlot>& owner = slots_[next_slot_];
+    next_slot_ = (next_slot_ + 1) % slots_.size();
+    if (owner.get() == prefetched_) prefetched_ = nullptr;  // a stale prefetch (not stepped on): overwritten
+    for (auto& kv : owner->uploaded) kv.second->synchronize();
+    owner->uploaded.clear();
+    const int n = b.n, H = b.H, W = b.W;
+    const size_t img_bytes = static_cast<size_t>(n) * H * W * 3;
+    if (owner->n != n || owner->H != H || owner->W != W) {
+        owner = std::make_unique<HostSlot>();  // frees the old buffers (a reshaped batch: rare, not per step)
+        HostSlot& slot = *owner;
+        if (devices_[0].is_cpu()) {
+            slot.images = Tensor::empty({n, H, W, 3}, DType::u8, Device{});
+            slot.offsets = Tensor::empty({n, 2}, DType::i32, Device{});
+            slot.flips = Tensor::empty({n}, DType::u8, Device{});
+            slot.light = Tensor::empty({n, 3}, DType::f32, Device{});
+            slot.labels = Tensor::empty({n}, DType::i32, Device{});
+            slot.img = slot.images.data<uint8_t>();
+            slot.off = slot.offsets.data<int32_t>();
+            slot.flip = slot.flips.data<uint8_t>();
+            slot.lig = slot.light.data<float>();
+            slot.lab = slot.labels.data<int32_t>();
+        } else {
+#ifdef ALEXNET_WITH_CUDA
+            const size_t total = align_up(img_bytes) + align_up(8 * size_t(n)) + align_up(size_t(n)) +
+                                 align_up(12 * size_t(n)) + 4 * size_t(n);
+            DeviceGuard g(devices_[0]);
+            if (cudaHostAlloc(&slot.pinned, total, cudaHostAllocDefault) != cudaSuccess) {
+                cudaGetLastError();
+                slot.pinned = nullptr;
+                throw OutOfMemory("train_step_u8: cannot pin " + std::to_string(total) + " bytes of host memory");
+            }
+            auto* p = static_cast<uint8_t*>(slot.pinned);
+            slot.img = p;
+            slot.off = reinterpret_cast<int32_t*>(p + align_up(img_bytes));
+            slot.flip = p + align_up(img_bytes) + align_up(8 * size_t(n));
+            slot.lig = reinterpret_cast<float*>(slot.flip + align_up(size_t(n)));
+            slot.lab = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(slot.lig) + align_up(12 * size_t(n)));
+#endif
+        }
+        slot.n = n; slot.H = H; slot.W = W;
+    }
+    HostSlot& slot = *owner;
+    std::memcpy(slot.img, b.images, img_bytes);
+    std::memcpy(slot.off, b.offsets, sizeof(int32_t) * 2 * n);
+    std::memcpy(slot.flip, b.flips, static_cast<size_t>(n));
+    std::memcpy(slot.lig, b.light, sizeof(float) * 3 * n);
+    std::memcpy(slot.lab, b.labels, sizeof(int32_t) * n);
+    return slot;
+}
+
+// CUDA, per device: five asynchronous copies from the pinned slot on the device's upload stream into the
+// slot's device buffers (allocated there once per batch shape), and an event after them. The CPU reads
+// the host slot itself: nothing to upload.
+void Net::issue_upload_u8(HostSlot& slot) {
+#ifdef ALEXNET_WITH_CUDA
+    std::set<std::string> done;
+    for (int t = 0; t < cfg_.towers; ++t) {
+        const Device d = devices_[t];
+        if (d.is_cpu() || !done.insert(d.str()).second) continue;
+        DeviceInput* di = &slot.dev[d.str()];
+        HostSlot* sl = &slot;
+        sched_->upload(t, "input.upload", [di, sl, d] {
+            const int n = sl->n, H = sl->H, W = sl->W;
+            if (!di->images.defined() || di->images.shape() != std::vector<int64_t>{n, H, W, 3}) {
+                di->images = Tensor::empty({n, H, W, 3}, DType::u8, d);
+                di->offsets = Tensor::empty({n, 2}, DType::i32, d);
+                di->flips = Tensor::empty({n}, DType::u8, d);
+                di->light = Tensor::empty({n, 3}, DType::f32, d);
+                di->labels = Tensor::empty({n}, DType::i32, d);
+            }
+            auto s = static_cast<cudaStream_t>(current_stream(d.index));
+            const char* op = "train_step_u8";
+            auto up = [&](const Tensor& dst, const void* src) {
+                cuda_check(cudaMemcpyAsync(dst.raw(), src, dst.nbytes(), cudaMemcpyHostToDevice, s), op);
+            };
+            up(di->images, sl->img);
+            up(di->offsets, sl->off);
+            up(di->flips, sl->flip);
+            up(di->light, sl->lig);
+            up(di->labels, sl->lab);
+        });
+        slot.uploaded[d.str()] = sched_->upload_done(t);
+    }
+#else
+    (void)slot;
+#endif
+}
+
+// Per device: augment_batch on the first tower there, after waiting for the slot's upload; the other
+// towers on that device wait for that tower and share the result.
+Tensor Net::issue_augment_u8(HostSlot& slot) {
+    const int T = cfg_.towers, crop = cfg_.input_size;
+    input_.assign(T, Tensor());
+    std::map<std::string, int> first;  // device -> the tower that augments for it
+    for (int t = 0; t < T; ++t) {
+        const Device d = devices_[t];
+        auto it = first.find(d.str());
+        if (it != first.end()) {
+            const int t0 = it->second;
+            sched_->order(t0, t);
+            sched_->run(t, "input.share", [this, t, t0] { input_[t] = input_[t0]; });
+            continue;
+        }
+        first.emplace(d.str(), t);
+        const Tensor* mean = &mean_dev_.at(d.str());
+        HostSlot* sl = &slot;
+        if (d.is_cpu()) {
+            // The step reads the host slot itself (labels too) until it ends drained.
+            sched_->run(t, "input.augment", [this, t, mean, sl, crop] {
+                input_[t] = ops::augment_batch(sl->images, sl->offsets, sl->flips, sl->light, *mean, crop);
+            });
+            continue;
+        }
+        sched_->wait(t, slot.uploaded.at(d.str()));
+        DeviceInput* di = &slot.dev.at(d.str());
+        sched_->run(t, "input.augment", [this, t, di, mean, sl, crop] {
+            // The offsets were range-checked on the host; the slot's copy spares a device-to-host read.
+            input_[t] = ops::augment_batch(di->images, di->offsets, di->flips, di->light, *mean, crop, sl->off);
+        });
+    }
+    // Tower 0, the first on its device, augments there: its stream (where the loss runs) waited for the upload.
+    return devices_[0].is_cpu() ? slot.labels : slot.dev.at(devices_[0].str()).labels;
+}
+
+StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* prefetch) {
+    const char* op = "train_step_u8";
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step_u8: argument 'lr' must be finite and >= 0");
+    if (batch) check_u8(op, "", *batch);
+    else if (!prefetched_) throw ValueError("train_step_u8: no prefetched batch: the previous step passed no 'prefetch'");
+    if (prefetch) check_u8(op, "prefetch.", *prefetch);
+    HostSlot* cur = batch ? &stage_u8(*batch) : prefetched_;
+    prefetched_ = nullptr;
+    const int n = cur->n;
+    HostSlot* next = nullptr;
+    run_step([&] {
+        if (batch) issue_upload_u8(*cur);
+        const Tensor dev_labels = issue_augment_u8(*cur);
+        issue_forward(/*train=*/true);
+        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
+        issue_backward(lr);
+        // The next batch: staged by the host and uploaded on the upload streams while the towers compute.
+        if (prefetch) {
+            next = &stage_u8(*prefetch);
+            issue_upload_u8(*next);
+        }
+    });
+    prefetched_ = next;
+    step += 1;
+    return summarize(n);
+}
+
+void Net::issue_forward(bool train) {
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -242,8 +463,8 @@ void Net::issue_forward(const std::vector<Tensor>& images, bool train) {
             LayerState& s = st_[t][l];
             s = LayerState();
             if (l == 0) {
-                Tensor img = images[t];
-                sched_->run(t, L.name + ".input", [&s, img] { s.in = img; });
+                // Read when the op runs: on the uint8 path an earlier op of the step makes it.
+                sched_->run(t, L.name + ".input", [this, &s, t] { s.in = input_[t]; });
             } else if (!L.cross) {
                 LayerState& prev = st_[t][l - 1];
                 sched_->run(t, L.name + ".input", [&s, &prev, &L] {
@@ -426,11 +647,15 @@ void Net::issue_backward(float lr) {
     }
 }
 
-Tensor Net::upload_labels(const char* op, const int32_t* labels, int n) const {
+void Net::check_labels(const char* op, const int32_t* labels, int n) const {
     for (int i = 0; i < n; ++i)
         if (labels[i] < 0 || labels[i] >= cfg_.num_classes)
             throw ValueError(std::string(op) + ": argument 'labels' holds " + std::to_string(labels[i]) + " at " +
                              std::to_string(i) + ", outside [0, " + std::to_string(cfg_.num_classes) + ")");
+}
+
+Tensor Net::upload_labels(const char* op, const int32_t* labels, int n) const {
+    check_labels(op, labels, n);
     Tensor host = Tensor::empty({n}, DType::i32, Device{});
     std::memcpy(host.raw(), labels, sizeof(int32_t) * n);
     return devices_[0].is_cpu() ? host : host.to(devices_[0]);
@@ -466,9 +691,9 @@ StepResult Net::train_step(const float* images, const int32_t* labels, int n, fl
     if (n < 1) throw ValueError("train_step: argument 'images' holds no images");
     if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step: argument 'lr' must be finite and >= 0");
     Tensor dev_labels = upload_labels("train_step", labels, n);
-    auto imgs = upload_images(images, n);
+    input_ = upload_images(images, n);
     run_step([&] {
-        issue_forward(imgs, /*train=*/true);
+        issue_forward(/*train=*/true);
         issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
         issue_backward(lr);
     });
@@ -478,9 +703,9 @@ StepResult Net::train_step(const float* images, const int32_t* labels, int n, fl
 
 Tensor Net::forward(const float* images, int n, bool probs) {
     if (n < 1) throw ValueError("forward: argument 'images' holds no images");
-    auto imgs = upload_images(images, n);
+    input_ = upload_images(images, n);
     run_step([&] {
-        issue_forward(imgs, /*train=*/false);
+        issue_forward(/*train=*/false);
         if (probs) sched_->run(0, "softmax.fprop", [this] { probs_ = ops::softmax_forward(logits_); });
     });
     return (probs ? probs_ : logits_).to(Device{});
@@ -495,8 +720,8 @@ Tensor Net::features(const float* images, int n, const std::string& layer) {
     }
     if (l < 0) throw ValueError("features: argument 'layer': no layer '" + layer + "' in this net (" + names + ")");
     if (n < 1) throw ValueError("features: argument 'images' holds no images");
-    auto imgs = upload_images(images, n);
-    run_step([&] { issue_forward(imgs, /*train=*/false); });
+    input_ = upload_images(images, n);
+    run_step([&] { issue_forward(/*train=*/false); });
     std::vector<Tensor> parts;
     for (int t = 0; t < cfg_.towers; ++t) parts.push_back(st_[t][l].out.to(Device{}));
     return parts.size() == 1 ? parts[0] : ops::concat_channels(parts);
@@ -505,9 +730,9 @@ Tensor Net::features(const float* images, int n, const std::string& layer) {
 StepResult Net::evaluate(const float* images, const int32_t* labels, int n) {
     if (n < 1) throw ValueError("evaluate: argument 'images' holds no images");
     Tensor dev_labels = upload_labels("evaluate", labels, n);
-    auto imgs = upload_images(images, n);
+    input_ = upload_images(images, n);
     run_step([&] {
-        issue_forward(imgs, /*train=*/false);
+        issue_forward(/*train=*/false);
         issue_loss(dev_labels, 1.0f, /*backward=*/false);
     });
     return summarize(n);

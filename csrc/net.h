@@ -59,6 +59,28 @@ public:
     Net(const NetConfig& cfg, const std::vector<Device>& devices, bool shared, uint64_t seed);
 
     StepResult train_step(const float* images, const int32_t* labels, int n, float lr);
+    // The uint8 input path: source images uint8 (n, H, W, 3) as the prepared shards hold them, with each
+    // image's crop offsets int32 (n, 2) = (y0, x0), flips uint8 (n), lighting float32 (n, 3) and labels.
+    // They are copied into a ring of reused host buffers (pinned on CUDA), uploaded on each device's upload
+    // stream and augmented on the device by ops::augment_batch (an input_size crop minus the mean image of
+    // set_input_mean); towers on one device share the result. The same step as train_step on the batch
+    // ops::augment_batch makes on the CPU, bit for bit.
+    struct U8Batch {
+        const uint8_t* images = nullptr;
+        int n = 0, H = 0, W = 0;
+        const int32_t* offsets = nullptr;
+        const uint8_t* flips = nullptr;
+        const float* light = nullptr;
+        const int32_t* labels = nullptr;
+    };
+    // Steps on `batch`, or with batch == nullptr on the one the previous call prefetched. `prefetch`, the
+    // next batch, is staged and its upload issued while this step runs, so the next call (batch == nullptr)
+    // finds it on the device. Both are checked before anything runs.
+    StepResult train_step_u8(const U8Batch* batch, float lr, const U8Batch* prefetch = nullptr);
+    bool has_prefetched() const { return prefetched_ != nullptr; }
+    // The mean image float32 (3, H, W) the uint8 path subtracts; copied to every tower device.
+    void set_input_mean(const float* mean, int H, int W);
+    bool has_input_mean() const { return mean_host_.defined(); }
     // Inference (no dropout). Returns logits or probabilities (n, num_classes) on the host.
     Tensor forward(const float* images, int n, bool probs);
     StepResult evaluate(const float* images, const int32_t* labels, int n);
@@ -98,8 +120,34 @@ private:
     };
     void build_layers();
     void init_params();
-    // Issues the forward of the whole net; with `train`, dropout is on and state is kept for backward.
-    void issue_forward(const std::vector<Tensor>& images_per_tower, bool train);
+    // Issues the forward of the whole net on the images input_[tower] holds when conv1 starts; with
+    // `train`, dropout is on and state is kept for backward.
+    void issue_forward(bool train);
+    // The uint8 batch on one device: the uploaded parts, kept across steps (one set per ring slot).
+    struct DeviceInput {
+        Tensor images, offsets, flips, light, labels;
+    };
+    // One staging buffer of the uint8 path's ring: pinned memory on CUDA, host tensors on the CPU, and
+    // the device buffers its uploads fill.
+    struct HostSlot {
+        int n = 0, H = 0, W = 0;
+        void* pinned = nullptr;          // CUDA: one cudaHostAlloc block holding the parts
+        Tensor images, offsets, flips, light, labels;  // CPU: the parts as host tensors
+        uint8_t* img = nullptr;
+        int32_t* off = nullptr;
+        int32_t* lab = nullptr;
+        uint8_t* flip = nullptr;
+        float* lig = nullptr;
+        std::map<std::string, DeviceInput> dev;                  // by device name
+        std::map<std::string, std::shared_ptr<Event>> uploaded;  // by device name: its last upload
+        ~HostSlot();
+    };
+    void check_u8(const char* op, const std::string& arg, const U8Batch& b) const;
+    HostSlot& stage_u8(const U8Batch& b);
+    void issue_upload_u8(HostSlot& slot);
+    // Issues the augmentation (after the upload's event); returns the labels on tower 0's device.
+    Tensor issue_augment_u8(HostSlot& slot);
+    void check_labels(const char* op, const int32_t* labels, int n) const;
     void issue_loss(const Tensor& labels, float scale, bool backward);
     void issue_backward(float lr);
     std::vector<Tensor> upload_images(const float* images, int n);
@@ -118,7 +166,13 @@ private:
     std::vector<Tensor> logits_recv_;             // fc8 slices gathered on tower 0
     Tensor logits_, loss_, probs_, rank_, dlogits_;
     std::vector<Tensor> dlogits_part_, dlogits_recv_;
-    std::unique_ptr<Scheduler> sched_;
+    std::vector<Tensor> input_;                   // conv1's input per tower in the step being issued
+    std::vector<std::unique_ptr<HostSlot>> slots_;  // the uint8 path's staging ring
+    size_t next_slot_ = 0;
+    HostSlot* prefetched_ = nullptr;               // staged and uploading for the next call
+    std::map<std::string, Tensor> mean_dev_;       // the mean image by device name
+    Tensor mean_host_;
+    std::unique_ptr<Scheduler> sched_;  // last: destroyed first, so no stream outlives what it reads
 };
 
 }  // namespace ax

@@ -601,7 +601,7 @@ Tensor add(const Tensor& a, const Tensor& b) {
 // ---- augmentation ---------------------------------------------------------------------------------
 
 Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& flips, const Tensor& light,
-                     const Tensor& mean, int crop) {
+                     const Tensor& mean, int crop, const int32_t* host_offsets) {
     const char* op = "augment_batch";
     check_tensor(op, "images", images, DType::u8, 4, "(N, H, W, 3)");
     check_tensor(op, "offsets", offsets, DType::i32, 2, "(N, 2)");
@@ -621,10 +621,14 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
     check_shape(op, "mean", mean, {3, p.H, p.W});
     if (crop < 1 || crop > p.H || crop > p.W)
         throw ValueError(arg_prefix(op, "crop") + "must be in [1, min(H, W)], got " + std::to_string(crop));
-    Tensor off = offsets.device().is_cpu() ? offsets : offsets.to(Device{});
+    Tensor off;
+    if (!host_offsets) {
+        off = offsets.device().is_cpu() ? offsets : offsets.to(Device{});
+        host_offsets = off.data<int32_t>();
+    }
     for (int n = 0; n < p.N; ++n) {
         // In 64 bits: an int32 offset near 2^31 plus the crop must not wrap back inside the image.
-        const int64_t y0 = off.data<int32_t>()[2 * n], x0 = off.data<int32_t>()[2 * n + 1];
+        const int64_t y0 = host_offsets[2 * n], x0 = host_offsets[2 * n + 1];
         if (y0 < 0 || x0 < 0 || y0 + crop > p.H || x0 + crop > p.W)
             throw ValueError(arg_prefix(op, "offsets") + "row " + std::to_string(n) + " = (" + std::to_string(y0) +
                              ", " + std::to_string(x0) + ") puts the " + std::to_string(crop) + "x" +

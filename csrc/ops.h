@@ -139,9 +139,10 @@ Tensor add(const Tensor& a, const Tensor& b);
 // Random crop, mirror, PCA lighting and mean subtraction of a uint8 batch (N,H,W,3) into float32
 // (N,3,crop,crop): out[n,c,y,x] = img[n, y0+y, xs, c] - mean[c, y0+y, xs] + light[n,c] with
 // xs = x0 + (flip ? crop-1-x : x); offsets int32 (N,2) = (y0, x0), flips uint8 (N), light float32 (N,3),
-// mean float32 (3,H,W).
+// mean float32 (3,H,W). `host_offsets`, when given, is a host copy of `offsets` that the range check reads, so
+// device offsets need no device-to-host copy (which would synchronize the stream).
 Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& flips, const Tensor& light,
-                     const Tensor& mean, int crop);
+                     const Tensor& mean, int crop, const int32_t* host_offsets = nullptr);
 
 }  // namespace ops
 

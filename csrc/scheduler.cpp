@@ -27,6 +27,7 @@ struct CpuEvent : Event {
         std::unique_lock<std::mutex> l(m);
         cv.wait(l, [&] { return set; });
     }
+    void synchronize() override { block(); }
 };
 
 class CpuExecutor : public Executor {
@@ -141,11 +142,12 @@ struct CudaEvent : Event {
     ~CudaEvent() override {
         if (e) cudaEventDestroy(e);
     }
+    void synchronize() override { cuda_check(cudaEventSynchronize(e), "scheduler"); }
 };
 
 class CudaExecutor : public Executor {
 public:
-    CudaExecutor(Device d, int id) : dev_(d), id_(id) {
+    CudaExecutor(Device d, int id, std::string label = "stream") : dev_(d), id_(id), label_(std::move(label)) {
         DeviceGuard g(d);
         cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "scheduler");
     }
@@ -160,7 +162,7 @@ public:
         cudaStreamDestroy(stream_);
     }
     Device device() const override { return dev_; }
-    std::string name() const override { return dev_.str() + " stream " + std::to_string(id_); }
+    std::string name() const override { return dev_.str() + " " + label_ + " " + std::to_string(id_); }
 
     void submit(const std::string& op, int tower, std::function<void()> fn) override {
         DeviceGuard g(dev_);
@@ -230,6 +232,7 @@ private:
     };
     Device dev_;
     int id_;
+    std::string label_;
     cudaStream_t stream_ = nullptr;
     cudaEvent_t begin_ = nullptr;
     bool trace_ = false;
@@ -286,7 +289,36 @@ void Scheduler::transfer(int from, int to, const Tensor* src, Tensor* dst, const
     });
 }
 
+void Scheduler::upload(int tower, const std::string& op, std::function<void()> fn) {
+    const Device d = devices_[tower];
+    if (d.is_cpu()) {
+        run(tower, op, std::move(fn));
+        return;
+    }
+#ifdef ALEXNET_WITH_CUDA
+    auto it = upload_.find(d.str());
+    if (it == upload_.end()) {
+        auto e = std::make_shared<CudaExecutor>(d, static_cast<int>(unique_.size()), "upload stream");
+        if (in_step_) e->begin_step(trace_);
+        it = upload_.emplace(d.str(), e).first;
+        unique_.push_back(e);
+    }
+    (void)tower;
+    it->second->submit(op, -1, std::move(fn));  // tower -1: the device's input path, no tower's work
+#endif
+}
+
+std::shared_ptr<Event> Scheduler::upload_done(int tower) {
+    auto it = upload_.find(devices_[tower].str());
+    return it == upload_.end() ? exec_[tower]->record() : it->second->record();
+}
+
+void Scheduler::order(int from, int to) {
+    if (exec_[from] != exec_[to]) exec_[to]->wait(exec_[from]->record());
+}
+
 void Scheduler::begin_step(bool trace) {
+    trace_ = trace;
     edge_bytes_.clear();
     timeline_.clear();
     t0_ = std::chrono::steady_clock::now();

@@ -31,6 +31,7 @@ struct TimelineEntry {
 
 struct Event {
     virtual ~Event() = default;
+    virtual void synchronize() = 0;  // blocks the host until the work recorded before the event is done
 };
 
 class Executor {
@@ -62,6 +63,17 @@ public:
     // A tower reading its own tensor gets it without a copy.
     void transfer(int from, int to, const Tensor* src, Tensor* dst, const std::string& edge);
 
+    // The input path. `upload` runs fn on the upload executor of tower's device: on a CUDA device its own
+    // non-blocking stream (made on first use, shared by the towers on that device), so host-to-device copies
+    // do not queue behind a tower's kernels; on the CPU the tower's own executor. `upload_done` is an event
+    // after everything issued there so far; `wait` makes a tower's executor wait for an event.
+    void upload(int tower, const std::string& op, std::function<void()> fn);
+    std::shared_ptr<Event> upload_done(int tower);
+    std::shared_ptr<Event> record(int tower) { return exec_[tower]->record(); }
+    void wait(int tower, const std::shared_ptr<Event>& e) { exec_[tower]->wait(e); }
+    // Orders tower `to` after everything issued so far on tower `from` (nothing when they share an executor).
+    void order(int from, int to);
+
     void begin_step(bool trace);
     // Waits for every tower; rethrows the first error of the step.
     void finish_step();
@@ -74,7 +86,9 @@ private:
     std::vector<Device> devices_;
     bool shared_;
     std::vector<std::shared_ptr<Executor>> exec_;  // per tower (may repeat)
-    std::vector<std::shared_ptr<Executor>> unique_;
+    std::vector<std::shared_ptr<Executor>> unique_;  // every executor, the upload ones included
+    std::map<std::string, std::shared_ptr<Executor>> upload_;  // per CUDA device
+    bool trace_ = false;
     std::map<std::string, int64_t> edge_bytes_;
     std::vector<TimelineEntry> timeline_;
     std::chrono::steady_clock::time_point t0_;

@@ -53,7 +53,7 @@ EXPECTED_CHECKS = {
     "linear": 28,
     "linear_bigtile": 8,
     "gridstride": 10,
-    "net": 94,
+    "net": 104,
 }
 GROUPS = list(EXPECTED_CHECKS)
 # gridstride launches ~140 M emulated threads over 16 M-element buffers: plain build, one order only.
@@ -220,8 +220,8 @@ STAGED_WAIT = 'cuda_check(cudaStreamWaitEvent(ss, ready, 0), "copy");'
 def test_two_device_race_check_catches_unordered_staged_copy(emu_runs, tmp_path):
     # Mutation check: without the event wait in Tensor::copy_from's host-staged branch (the code before the
     # fix), the device-to-host leg runs on the source device's legacy stream unordered after the producing
-    # tower's non-blocking stream. The serialized run still computes the right numbers, so exactly one check
-    # may fail: the two-device run's race check. Only tensor.cpp is recompiled (a few seconds).
+    # tower's non-blocking stream. The serialized run still computes the right numbers, so exactly the
+    # two-device runs' race checks (float32 and uint8 input) may fail. Only tensor.cpp is recompiled (a few seconds).
     runs, build_errors, exes = emu_runs
     if "plain" in build_errors:
         pytest.fail(build_errors["plain"])
@@ -241,8 +241,9 @@ def test_two_device_race_check_catches_unordered_staged_copy(emu_runs, tmp_path)
     failed = [(name, detail) for status, _, name, detail in checks if status != "ok"]
     assert p.returncode == 1 and len(checks) == EXPECTED_CHECKS["net"], (
         f"mutated run: exit {p.returncode}, {len(checks)} checks\n{p.stderr[-2000:]}")
-    assert [name for name, _ in failed] == ["net cuda:0,cuda:1 no unordered cross-stream access"], (
-        f"without the staged copy's event wait, expected only the two-device race check to fail, got {failed}")
+    assert [name for name, _ in failed] == ["net cuda:0,cuda:1 no unordered cross-stream access",
+                                            "net uint8 path cuda:0,cuda:1 no unordered cross-stream access"], (
+        f"without the staged copy's event wait, expected only the two-device race checks to fail, got {failed}")
     detail = failed[0][1]
     m = re.match(r"(\d+) race reports, first: read-after-write race .* cudaMemcpyAsync on the legacy default "
                  r"stream of cuda:\d", detail)

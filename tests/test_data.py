@@ -274,3 +274,26 @@ def test_crafted_prepared_folder_is_refused(prepared, tmp_path):
         json.dump(m, open(os.path.join(root, "meta.json"), "w"))
         with pytest.raises(ValueError, match=expect):
             D.PreparedData(root)
+
+
+def test_raw_batches_are_what_batch_augments(prepared):
+    # The uint8 path hands the stored images and the draws; augmenting them gives batch() bit for bit.
+    loader = D.TrainLoader(prepared, batch_size=5, crop=16, seed=9, pca_std=0.1, prefetch_depth=2, threads=2)
+    order = loader.order(1)
+    raw, y = loader.raw_batch(1, 2)
+    x, y2 = loader.batch(1, 2)
+    idx = order[10:15]
+    offsets, flips, _ = loader.batch_params(1, 2, 5)
+    assert isinstance(raw, D.RawBatch)
+    assert raw.images.dtype == np.uint8 and raw.images.shape == (5, 20, 20, 3)
+    np.testing.assert_array_equal(raw.images, prepared.split("train").images(idx))
+    np.testing.assert_array_equal(raw.offsets, offsets)
+    np.testing.assert_array_equal(raw.flips, flips)
+    assert raw.offsets.dtype == np.int32 and raw.flips.dtype == np.uint8 and raw.light.dtype == np.float32
+    assert raw.light.shape == (5, 3) and np.abs(raw.light).max() > 0.1
+    np.testing.assert_array_equal(loader.augment(*raw), x)
+    np.testing.assert_array_equal(y, y2)
+    for (b1, r1, y1), (b2, x2, y3) in zip(loader.epoch(1, start=1, raw=True), loader.epoch(1, start=1)):
+        assert b1 == b2
+        np.testing.assert_array_equal(loader.augment(*r1), x2)
+        np.testing.assert_array_equal(y1, y3)

@@ -374,3 +374,125 @@ def test_steady_state_training_step_never_calls_cudamalloc(rng):
     for _ in range(3):
         net.train_step(x, y, 0.01)
     assert ax.cuda_allocator_stats()["device_mallocs"] == before
+
+
+def u8_batch(rng, cfg, n, S):
+    """uint8 (n, S, S, 3) images with in-range crop offsets, flips, lighting and labels, and a mean image."""
+    c = cfg["input_size"]
+    images = rng.integers(0, 256, (n, S, S, 3)).astype(np.uint8)
+    offsets = np.stack([rng.integers(0, S - c + 1, n), rng.integers(0, S - c + 1, n)], 1).astype(np.int32)
+    flips = rng.integers(0, 2, n).astype(np.uint8)
+    light = (rng.standard_normal((n, 3)) * 5).astype(np.float32)
+    labels = rng.integers(0, cfg["num_classes"], n).astype(np.int32)
+    return images, offsets, flips, light, labels
+
+
+@pytest.mark.parametrize("devices", ["cpu", ("cpu", "cpu"), pytest.param(("cuda:0", "cuda:0"), marks=pytest.mark.cuda),
+                                     pytest.param("cuda:0", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["each", "prefetched"])
+def test_uint8_step_equals_float_step_on_cpu_augmented_images_bit_for_bit(rng, devices, prefetch):
+    # The key property of the device-side input path: augmenting on the towers' devices changes nothing,
+    # also when each batch is staged and uploaded during the step before (prefetch).
+    cfg = small_config(weight_decay=5e-4)
+    seed = int(rng.integers(1 << 31))
+    S = 40
+    mean = (rng.random((3, S, S)) * 255).astype(np.float32)
+    from alexnet_cuda.data import Augmenter
+
+    aug = Augmenter(mean, cfg["input_size"])
+    a = ax.Net(cfg, devices=devices, seed=seed)
+    b = ax.Net(cfg, devices=devices, seed=seed)
+    b.set_input_mean(mean)
+    # A smaller fourth batch reshapes the staging buffers; the fifth restarts without a prefetch.
+    batches = [u8_batch(rng, cfg, n, S) for n in (5, 5, 5, 3, 5, 5)]
+    for k, (images, offsets, flips, light, labels) in enumerate(batches):
+        ra = a.train_step(aug(images, offsets, flips, light), labels, lr=0.5)
+        nxt = batches[k + 1] if prefetch and k + 1 < len(batches) and k != 3 else None
+        if prefetch and k not in (0, 4):
+            rb = b.train_step_prefetched(0.5, prefetch=nxt)
+        else:
+            rb = b.train_step_u8(images, offsets, flips, light, labels, lr=0.5, prefetch=nxt)
+        assert ra == rb
+        assert b._net.has_prefetched == (nxt is not None)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert np.array_equal(sa[k], sb[k]), k
+
+
+def test_uint8_step_trace_shows_the_augment(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=1)
+    net.set_input_mean(np.zeros((3, 36, 36), np.float32))
+    net.set_tracing(True)
+    images, offsets, flips, light, labels = u8_batch(rng, cfg, 4, 36)
+    net.train_step_u8(images, offsets, flips, light, labels, lr=0.1)
+    ops = [(e["op"], e["tower"]) for e in net.last_step_stats()["timeline"]]
+    assert ops.count(("input.augment", 0)) == 1  # once per device: tower 1 shares tower 0's result
+    assert ("input.share", 1) in ops
+
+
+def test_bad_uint8_batches_raise_clearly(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices="cpu", seed=0)
+    images, offsets, flips, light, labels = u8_batch(rng, cfg, 4, 36)
+    with pytest.raises(ValueError, match="train_step_u8: no mean image"):
+        net.train_step_u8(images, offsets, flips, light, labels, 0.1)
+    net.set_input_mean(np.zeros((3, 36, 36), np.float32))
+    ok = dict(images=images, offsets=offsets, flips=flips, light=light, labels=labels, lr=0.1)
+    bad_offsets = offsets.copy()
+    bad_offsets[2] = (0, 5)  # 5 + 32 > 36
+    bad_flips = flips.copy()
+    bad_flips[1] = 2
+    bad_light = light.copy()
+    bad_light[0, 1] = np.nan
+    cases = [
+        (dict(images=images.astype(np.float32)), TypeError, "'images' must be uint8"),
+        (dict(images=images[..., :2]), ValueError, r"'images' must have shape \(N, H, W, 3\)"),
+        (dict(images=images[:, :30, :30]), ValueError, "30x30 images; the mean image is 36x36"),
+        (dict(offsets=offsets.astype(np.int64)), TypeError, "'offsets' must be int32"),
+        (dict(offsets=offsets[:3]), ValueError, r"'offsets' must have shape \(4, 2\)"),
+        (dict(offsets=bad_offsets), ValueError, r"'offsets' row 2 = \(0, 5\) puts the 32x32 crop outside"),
+        (dict(offsets=-np.ones_like(offsets)), ValueError, r"'offsets' row 0 = \(-1, -1\)"),
+        (dict(flips=bad_flips), ValueError, "'flips' holds 2 at 1"),
+        (dict(flips=flips.astype(bool)), TypeError, "'flips' must be uint8"),
+        (dict(light=bad_light), ValueError, "'light' holds a non-finite value at flat index 1"),
+        (dict(light=light[:, :2]), ValueError, r"'light' must have shape \(4, 3\)"),
+        (dict(labels=labels + 10), ValueError, "'labels' holds"),
+        (dict(lr=float("nan")), ValueError, "'lr' must be finite"),
+    ]
+    for change, exc, match in cases:
+        with pytest.raises(exc, match="train_step_u8: argument " + match if match.startswith("'") else match):
+            net.train_step_u8(**{**ok, **change})
+    with pytest.raises(ValueError, match=r"set_input_mean: argument 'mean' must have shape \(3, H, W\)"):
+        net.set_input_mean(np.zeros((36, 36), np.float32))
+    with pytest.raises(ValueError, match="set_input_mean: argument 'mean' holds a non-finite value"):
+        net.set_input_mean(np.full((3, 36, 36), np.inf, np.float32))
+    with pytest.raises(ValueError, match="train_step_u8: no prefetched batch"):
+        net.train_step_prefetched(0.1)
+    with pytest.raises(TypeError, match="train_step_u8: argument 'prefetch' must be None or a tuple"):
+        net.train_step_u8(**ok, prefetch=images)
+    with pytest.raises(ValueError, match=r"train_step_u8: argument 'prefetch.offsets' row 2 = \(0, 5\)"):
+        net.train_step_u8(**ok, prefetch=(images, bad_offsets, flips, light, labels))
+    with pytest.raises(ValueError, match="train_step_u8: argument 'prefetch.labels' holds"):
+        net.train_step_u8(**ok, prefetch=(images, offsets, flips, light, labels + 10))
+    assert net.step == 0  # no bad batch took a step
+    net.train_step_u8(**ok, prefetch=(images, offsets, flips, light, labels))
+    net.train_step_prefetched(0.1)
+    assert net.step == 2
+
+
+def test_trace_puts_the_input_upload_on_its_own_row(tmp_path):
+    # A CUDA step's upload entries carry tower -1 (the device's upload stream): their own row in the trace,
+    # and no part of the towers' overlap.
+    from alexnet_cuda.net import tower_overlap, write_chrome_trace
+
+    timeline = [{"op": "input.upload", "tower": -1, "device": "cuda:0", "start_us": 0.0, "end_us": 50.0},
+                {"op": "conv1.fprop", "tower": 0, "device": "cuda:0", "start_us": 10.0, "end_us": 30.0},
+                {"op": "conv1.fprop", "tower": 1, "device": "cuda:0", "start_us": 30.0, "end_us": 40.0}]
+    path = tmp_path / "t.json"
+    write_chrome_trace(timeline, str(path))
+    tids = [e["tid"] for e in json.loads(path.read_text())["traceEvents"]]
+    assert tids == ["input upload", "tower 0", "tower 1"]
+    ov = tower_overlap(timeline)
+    assert ov["overlap"] == 0.0 and ov["busy_us"] == {0: 20.0, 1: 10.0}

@@ -816,6 +816,84 @@ NetRun run_net(const NetConfig& cfg, const NetInputs& in, const std::vector<Devi
     return r;
 }
 
+// The uint8 input path (Net::train_step_u8): the same steps from uint8 source images and their crop
+// offsets, flips and lighting, augmented on the device after an upload on the device's upload stream.
+constexpr int kNetSrc = 40;  // source image side; the net crops input_size (32) from it
+struct U8Inputs {
+    std::vector<std::vector<uint8_t>> images;  // per step (kNetBatch, kNetSrc, kNetSrc, 3)
+    std::vector<std::vector<int32_t>> offsets;
+    std::vector<std::vector<uint8_t>> flips;
+    std::vector<std::vector<float>> light;
+    std::vector<float> mean;  // (3, kNetSrc, kNetSrc)
+};
+
+struct U8Run {
+    NetRun net;
+    int64_t mallocs_steady = 0;           // cudaMalloc calls in the steps after the warm-up
+    long long host_allocs = 0, host_frees = 0, host_allocs_steady = 0;
+    long long pageable_steady = 0, pinned_steady = 0;  // host<->device copies in the steps after the warm-up
+    long long stream_syncs_steady = 0;
+};
+
+U8Run run_net_u8(const NetConfig& cfg, const NetInputs& in, const U8Inputs& u, const std::vector<Device>& devs) {
+    U8Run r;
+    r.net.devices = devs;
+    emu::clear_race_reports();
+    const emu::RuntimeStats rt0 = emu::runtime_stats();
+    emu::RuntimeStats warm{};
+    const size_t events0 = emu::live_events();
+    int64_t mallocs_warm = 0;
+    try {
+        Net net(cfg, devs, false, in.seed);
+        net.step = in.step0;
+        net.set_input_mean(u.mean.data(), kNetSrc, kNetSrc);
+        for (int t = 0; t < cfg.towers; ++t) r.net.executors.push_back(net.scheduler().executor_name(t));
+        auto batch = [&](int s) {
+            Net::U8Batch b;
+            b.images = u.images[s].data();
+            b.n = kNetBatch;
+            b.H = b.W = kNetSrc;
+            b.offsets = u.offsets[s].data();
+            b.flips = u.flips[s].data();
+            b.light = u.light[s].data();
+            b.labels = in.y[s].data();
+            return b;
+        };
+        // Step 0 takes its batch; each step prefetches the next one, so steps 1.. run on prefetched batches.
+        for (int s = 0; s < kNetSteps; ++s) {
+            net.trace = s == kNetSteps - 2;  // a step that prefetches
+            const Net::U8Batch cur = batch(s);
+            const Net::U8Batch next = batch(std::min(s + 1, kNetSteps - 1));
+            const StepResult sr = net.train_step_u8(s == 0 ? &cur : nullptr, kNetLr, s + 1 < kNetSteps ? &next : nullptr);
+            if (net.trace) r.net.timeline = net.scheduler().timeline();
+            r.net.losses.push_back(sr.loss);
+            r.net.hits.push_back(sr.top1);
+            r.net.hits.push_back(sr.top5);
+            if (s == kNetWarmup - 1) {
+                mallocs_warm = cuda_allocator_stats().device_mallocs;
+                warm = emu::runtime_stats();
+            }
+        }
+        const emu::RuntimeStats& end = emu::runtime_stats();
+        r.mallocs_steady = cuda_allocator_stats().device_mallocs - mallocs_warm;
+        r.host_allocs_steady = end.host_allocs - warm.host_allocs;
+        r.pageable_steady = end.pageable_copies - warm.pageable_copies;
+        r.pinned_steady = end.pinned_copies - warm.pinned_copies;
+        r.stream_syncs_steady = end.stream_syncs - warm.stream_syncs;
+        for (const auto& kv : net.state()) r.net.state.push_back({kv.first, down<float>(kv.second)});
+    } catch (const std::exception& e) {
+        r.net.error = e.what();
+    }
+    const emu::RuntimeStats& rt1 = emu::runtime_stats();
+    r.host_allocs = rt1.host_allocs - rt0.host_allocs;
+    r.host_frees = rt1.host_frees - rt0.host_frees;
+    r.net.rt.streams_created = rt1.streams_created - rt0.streams_created;
+    r.net.rt.streams_destroyed = rt1.streams_destroyed - rt0.streams_destroyed;
+    r.net.events_leaked = static_cast<long long>(emu::live_events()) - static_cast<long long>(events0);
+    r.net.races = emu::race_reports();
+    return r;
+}
+
 double rel_err(const std::vector<float>& a, const std::vector<float>& ref, bool* finite = nullptr) {
     double num = 0, den = 0;
     bool fin = a.size() == ref.size();
@@ -1196,6 +1274,103 @@ void group_net() {
                        dev2.executors[0].c_str(), dev2.executors[1].c_str(), r.streams_created, r.streams_destroyed,
                        r.calls_per_device[0], r.calls_per_device[1], r.cross_device_waits, r.cross_stream_waits,
                        r.stream_waits, r.peer_queries, dev2.events_leaked));
+    }
+
+    // The uint8 path: the batches of `in` as uint8 sources (values near the mean, so the augmented images
+    // stay small) with random crops, flips and lighting; the float32 path fed with ops::augment_batch's CPU
+    // output of the same is the reference, bit for bit, on one device with two streams and on two devices.
+    U8Inputs u;
+    NetInputs aug = in;  // x: the CPU-augmented images
+    {
+        const int c = cfg.input_size, S = kNetSrc;
+        u.mean.resize(size_t(3) * S * S);
+        for (auto& v : u.mean) v = 124.f + static_cast<float>(rng() % 9);
+        const Tensor mean = Tensor::empty({3, S, S}, DType::f32, HOST);
+        memcpy(mean.raw(), u.mean.data(), mean.nbytes());
+        for (int s = 0; s < kNetSteps; ++s) {
+            std::vector<uint8_t> im(size_t(kNetBatch) * S * S * 3), fl(kNetBatch);
+            std::vector<int32_t> off(2 * kNetBatch);
+            for (auto& v : im) v = static_cast<uint8_t>(124 + rng() % 9);
+            for (auto& v : off) v = static_cast<int32_t>(rng() % (S - c + 1));
+            for (auto& v : fl) v = static_cast<uint8_t>(rng() % 2);
+            std::vector<float> li = randv(3 * kNetBatch, -2.f, 2.f);
+            const Tensor ti = Tensor::empty({kNetBatch, S, S, 3}, DType::u8, HOST);
+            const Tensor to = Tensor::empty({kNetBatch, 2}, DType::i32, HOST);
+            const Tensor tf = Tensor::empty({kNetBatch}, DType::u8, HOST);
+            const Tensor tl = Tensor::empty({kNetBatch, 3}, DType::f32, HOST);
+            memcpy(ti.raw(), im.data(), ti.nbytes());
+            memcpy(to.raw(), off.data(), to.nbytes());
+            memcpy(tf.raw(), fl.data(), tf.nbytes());
+            memcpy(tl.raw(), li.data(), tl.nbytes());
+            aug.x[s] = down<float>(ops::augment_batch(ti, to, tf, tl, mean, c));
+            u.images.push_back(im);
+            u.offsets.push_back(off);
+            u.flips.push_back(fl);
+            u.light.push_back(li);
+        }
+    }
+    const NetRun ref = run_net(cfg, aug, {GPU, GPU}, false);
+    const U8Run u_two = run_net_u8(cfg, in, u, {GPU, GPU});
+    const U8Run u_dev2 = run_net_u8(cfg, in, u, {GPU, GPU1});
+    const U8Run* u_runs[2] = {&u_two, &u_dev2};
+    const char* u_names[2] = {"cuda:0 two streams", "cuda:0,cuda:1"};
+    for (int k = 0; k < 2; ++k) {
+        const U8Run& g = *u_runs[k];
+        const std::string who = std::string("net uint8 path ") + u_names[k];
+        if (!usable({&g.net, &ref}, who + " runs")) continue;
+        size_t differ = g.net.state.size() == ref.state.size() ? 0 : 1;
+        std::string first;
+        for (size_t i = 0; i < g.net.state.size() && i < ref.state.size(); ++i)
+            if (g.net.state[i].first != ref.state[i].first || g.net.state[i].second != ref.state[i].second) {
+                if (!differ) first = g.net.state[i].first;
+                ++differ;
+            }
+        const bool same_loss = memcmp(g.net.losses.data(), ref.losses.data(), sizeof(double) * kNetSteps) == 0 &&
+                               g.net.hits == ref.hits && std::isfinite(ref.losses.back());
+        report(differ == 0 && same_loss && g.net.state.size() == 64, state_crc(g.net),
+               who + " == float32 path on the CPU-augmented images, losses and every parameter and momentum",
+               fmt("bit-exact, %zu of %zu tensors differ%s%s, losses %s", differ, g.net.state.size(),
+                   first.empty() ? "" : " first: ", first.c_str(), same_loss ? "equal" : "DIFFER"));
+        check_true(who + " no unordered cross-stream access", g.net.races.empty(),
+                   fmt("%zu race reports%s%s", g.net.races.size(), g.net.races.empty() ? "" : ", first: ",
+                       g.net.races.empty() ? "" : g.net.races[0].c_str()));
+        // Steady state (steps 2 and 3: one prefetch between them): no device or pinned allocation; the
+        // prefetched batch's five uploads per device from pinned memory; the only pageable copies are the
+        // loss and ranks read back (two per step), and on two devices without peer access the cross-tower
+        // copies staged through the host (not the input path).
+        const long long steady = kNetSteps - kNetWarmup;
+        check_true(who + " steady-state steps allocate no device memory", g.mallocs_steady == 0,
+                   fmt("%" PRId64 " cudaMalloc in the %lld steps after the warm-up", g.mallocs_steady, steady));
+        check_true(who + " steady-state steps upload from reused pinned memory",
+                   g.host_allocs_steady == 0 &&
+                       (k == 0 ? g.pageable_steady == 2 * steady : g.pageable_steady > 2 * steady) &&
+                       g.pinned_steady == 5 * (k == 0 ? 1 : 2) && g.host_allocs == 2 && g.host_frees == 2,
+                   fmt("%lld cudaHostAlloc, %lld pinned / %lld pageable host<->device copies in %lld steps (pageable: "
+                       "the loss and ranks read back, staged cross-tower copies), %lld stream syncs; ring of %lld "
+                       "pinned buffers, %lld freed",
+                       g.host_allocs_steady, g.pinned_steady, g.pageable_steady, steady,
+                       g.stream_syncs_steady, g.host_allocs, g.host_frees));
+        // The traced step (a prefetched batch, prefetching the next) shows the input path: one augment per
+        // device, and the next batch's upload per device (tower -1, on its own stream) issued within the
+        // step after that device's augment.
+        int uploads = 0, augments = 0;
+        bool before = true;
+        for (const auto& e : g.net.timeline)
+            if (e.op == "input.upload") {
+                ++uploads;
+                for (const auto& a : g.net.timeline)
+                    if (a.op == "input.augment" && a.device == e.device) before = before && a.end_us <= e.start_us;
+            } else if (e.op == "input.augment") {
+                ++augments;
+            }
+        const int devices = k == 0 ? 1 : 2;
+        check_true(who + " traced step shows the upload and the augment",
+                   uploads == devices && augments == devices && before && g.net.rt.streams_created == 2 + devices &&
+                       g.net.rt.streams_destroyed == g.net.rt.streams_created && g.net.events_leaked == 0,
+                   fmt("%d uploads, %d augments on %d device(s), uploads after the augments: %s; %lld "
+                       "streams created, %lld destroyed, %lld events leaked",
+                       uploads, augments, devices, before ? "yes" : "NO", g.net.rt.streams_created,
+                       g.net.rt.streams_destroyed, g.net.events_leaked));
     }
     emu::set_race_tracking(false);
 }

@@ -76,6 +76,15 @@ struct Alloc {
     std::map<int, Epoch> reads;     // readers since, per agent
 };
 std::map<uintptr_t, Alloc> g_allocs;  // base -> allocation
+std::map<uintptr_t, size_t> g_host_allocs;  // cudaHostAlloc blocks not yet freed: base -> bytes
+
+bool is_pinned(const void* p) {
+    const auto u = reinterpret_cast<uintptr_t>(p);
+    auto it = g_host_allocs.upper_bound(u);
+    if (it == g_host_allocs.begin()) return false;
+    --it;
+    return u < it->first + it->second;
+}
 
 uint64_t at(const Clock& c, int a) { return a < static_cast<int>(c.size()) ? c[a] : 0; }
 void join(Clock& into, const Clock& from) {
@@ -164,6 +173,8 @@ cudaError_t copy(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStre
                     (kind == cudaMemcpyHostToHost && !dd && !sd);
     if (!ok) return cudaErrorInvalidValue;  // a pointer on the wrong side for `kind`
     if (dd && sd && da->device != sa->device) return cudaErrorPeerAccessUnsupported;
+    // A host side outside page-locked memory: real CUDA stages it through a driver buffer (a pageable copy).
+    if (dd != sd) ++(is_pinned(dd ? s : d) ? g_rt.pinned_copies : g_rt.pageable_copies);
     const int a = stream_begin(st, what);  // a stream of any device may carry a copy (CUDA allows it)
     memcpy(d, s, n);
     if (g_tracking) {
@@ -283,6 +294,21 @@ cudaError_t cudaFree(void* p) {
     free(p);
     return cudaSuccess;
 }
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned flags) {
+    if (!p || flags != cudaHostAllocDefault) return cudaErrorInvalidValue;
+    if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorMemoryAllocation;
+    g_host_allocs[reinterpret_cast<uintptr_t>(*p)] = n ? n : 1;
+    ++g_rt.host_allocs;
+    return cudaSuccess;
+}
+cudaError_t cudaFreeHost(void* p) {
+    if (!p) return cudaSuccess;
+    if (!g_host_allocs.erase(reinterpret_cast<uintptr_t>(p))) return cudaErrorInvalidValue;
+    for (int d = 0; d < kDeviceCount; ++d) host_syncs_device(d);
+    ++g_rt.host_frees;
+    free(p);
+    return cudaSuccess;
+}
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s) {
     if (n == 0) return cudaSuccess;
     if (!is_device(p)) return cudaErrorInvalidValue;
@@ -391,6 +417,10 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
     if (!g_events.count(e)) return cudaErrorInvalidResourceHandle;
+    ++g_rt.event_queries;
+    // Work runs when issued, so every recorded event is complete; a host that saw it complete is ordered
+    // after its work, as with cudaEventSynchronize.
+    if (e->recorded) host_learns(e->clock);
     return cudaSuccess;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {

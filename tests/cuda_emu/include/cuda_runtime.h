@@ -141,6 +141,11 @@ cudaError_t cudaMalloc(void** p, size_t n);
 template <class T>
 inline cudaError_t cudaMalloc(T** p, size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
 cudaError_t cudaFree(void* p);  // synchronizes the memory's device, as CUDA's does
+// Page-locked host memory: plain host memory here (never a device pointer), counted in RuntimeStats. Like
+// CUDA's, cudaFreeHost synchronizes every device (a copy may still read the buffer).
+#define cudaHostAllocDefault 0x00u
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned flags);
+cudaError_t cudaFreeHost(void* p);
 cudaError_t cudaMemset(void* p, int v, size_t n);
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s = nullptr);
 cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind kind);
@@ -197,7 +202,9 @@ bool is_device_pointer(const void* p);
 struct RuntimeStats {
     long long streams_created = 0, streams_destroyed = 0, event_records = 0, stream_waits = 0,
               cross_stream_waits = 0, cross_device_waits = 0, stream_syncs = 0, device_syncs = 0,
-              elapsed_queries = 0, peer_queries = 0;
+              elapsed_queries = 0, peer_queries = 0, host_allocs = 0,
+              host_frees = 0, event_queries = 0;
+    long long pinned_copies = 0, pageable_copies = 0;  // host<->device copies, by the host side's memory
     long long calls_default_stream = 0, calls_created_streams = 0;  // launches, copies, memsets, records, waits
     long long calls_per_device[kDeviceCount] = {};                  // the same, by the stream's device
 };
