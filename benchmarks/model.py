@@ -60,8 +60,8 @@ bytes and launch grids), the train_step row, and each scheduler op of a traced s
 
 Not modelled (so the prediction is optimistic there): the instruction cost of LRN (powf and five divisions per
 element backward) and pooling windows, which can exceed their memory time; L2 hits (bytes are HBM bytes); the
-latency of local-memory spills beyond their instruction slots; host time (upload of the pageable float32 batch,
-CPU augmentation) which the issue counts separately; overlap of the two towers (one executor runs them in turn).
+latency of local-memory spills beyond their instruction slots; host time and the input path (the uint8
+upload and augment_batch of Net.train_step_u8, overlapped with the previous step) which the issue counts separately; overlap of the two towers (one executor runs them in turn).
 """
 from __future__ import annotations
 
@@ -792,7 +792,7 @@ def host_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
     """Work outside the GPU step today (listed, not summed): the loader's augmentation as the CUDA kernel would do it."""
     S, crop = 256, cfg["input_size"]
     g, a = plane_grid(N * 3, crop * crop)
-    p = m.stream("input", "augment_batch (GPU kernel; the loader augments on the CPU today)", "augment",
+    p = m.stream("input", "augment_batch (GPU kernel; Net.train_step_u8 runs it per device, overlapped with the upload)", "augment",
                  N * S * S * 3 + N * 3 * crop * crop * 8.0, g, active=a)
     p.in_step = False
     return [p]
