@@ -180,25 +180,11 @@ class Net:
         if not isinstance(weights, Mapping):
             raise TypeError(f"load_weights: argument 'weights' must be a dict, got {type(weights).__name__}")
         shapes = self.parameter_shapes()
-        for k in weights:
-            if not isinstance(k, str):
-                raise TypeError(f"load_weights: keys must be strings, got {k!r}"[:200])
-        extra = sorted(set(weights) - set(shapes))
-        if extra:
-            why = " (momentum is not loaded by load_weights: use load_state_dict)" if extra[0].startswith(
-                ("momentum/", "meta/")) else ""
-            raise ValueError(f"load_weights: unexpected entry '{extra[0]}'{why}"
-                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-        missing = [k for k in shapes if k not in weights]
-        if missing:
-            raise ValueError(f"load_weights: missing '{missing[0]}'"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        _check_keys("load_weights", weights, shapes,
+                    " (momentum is not loaded by load_weights: use load_state_dict)", ("momentum/", "meta/"))
         checked = {}
         for k, shape in shapes.items():
-            try:
-                checked[k] = _float32_param(k, weights[k], shape)
-            except (ValueError, TypeError) as e:
-                raise type(e)(str(e).replace("load_state_dict:", "load_weights:", 1)) from None
+            checked[k] = _float32_param(k, weights[k], shape, "load_weights")
             checked["momentum/" + k] = np.zeros(shape, np.float32)
         self._net.load_state(checked)
 
@@ -216,17 +202,7 @@ class Net:
         step = None if step is None else _int_scalar("meta/step", step, 2 ** 63 - 1)
         seed = None if seed is None else _int_scalar("meta/seed", seed, 2 ** 64 - 1)
         shapes = self.state_shapes()
-        for k in state:
-            if not isinstance(k, str):
-                raise TypeError(f"load_state_dict: keys must be strings, got {k!r}")
-        unexpected = sorted(set(state) - set(shapes))
-        if unexpected:
-            raise ValueError(f"load_state_dict: unexpected entry '{unexpected[0]}'"
-                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-        missing = [k for k in shapes if k not in state]
-        if missing:
-            raise ValueError(f"load_state_dict: missing '{missing[0]}'"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        _check_keys("load_state_dict", state, shapes)
         checked = {k: _float32_param(k, state[k], shapes[k]) for k in shapes}
         self._net.load_state(checked)
         if step is not None:
@@ -267,15 +243,31 @@ def _dtype_name(dtype):
     return f"{dtype} ({kind})"
 
 
-def _float32_param(key, value, shape):
+def _check_keys(op, given, shapes, hint="", hint_prefixes=()):
+    """The keys of `given` are exactly those of `shapes` (strings), else one error naming the first offender;
+    `hint` is appended when the first unexpected key starts with one of `hint_prefixes`."""
+    for k in given:
+        if not isinstance(k, str):
+            raise TypeError(f"{op}: keys must be strings, got {k!r}"[:200])
+    extra = sorted(set(given) - set(shapes))
+    if extra:
+        why = hint if hint_prefixes and extra[0].startswith(hint_prefixes) else ""
+        raise ValueError(f"{op}: unexpected entry '{extra[0]}'{why}"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    missing = [k for k in shapes if k not in given]
+    if missing:
+        raise ValueError(f"{op}: missing '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def _float32_param(key, value, shape, op="load_state_dict"):
     a = value if isinstance(value, np.ndarray) else np.asarray(value)
     if a.dtype.kind != "f" or a.dtype.fields is not None or a.dtype.subdtype is not None:
-        raise TypeError(f"load_state_dict: '{key}' has dtype {_dtype_name(a.dtype)}; expected floating point")
+        raise TypeError(f"{op}: '{key}' has dtype {_dtype_name(a.dtype)}; expected floating point")
     if a.shape != tuple(shape):
-        raise ValueError(f"load_state_dict: '{key}' has shape {a.shape}, the net has {tuple(shape)}")
+        raise ValueError(f"{op}: '{key}' has shape {a.shape}, the net has {tuple(shape)}")
     from .checkpoint import finite_float32
 
-    return finite_float32(a, f"load_state_dict: '{key}'")
+    return finite_float32(a, f"{op}: '{key}'")
 
 
 def _int_scalar(key, value, hi):
