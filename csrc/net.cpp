@@ -440,7 +440,7 @@ StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* pre
         if (batch) issue_upload_u8(*cur);
         const Tensor dev_labels = issue_augment_u8(*cur);
         issue_forward(/*train=*/true);
-        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
+        issue_loss(dev_labels, loss_scale(n), /*backward=*/true);
         issue_backward(lr);
         // The next batch: staged by the host and uploaded on the upload streams while the towers compute.
         if (prefetch) {
@@ -449,11 +449,13 @@ StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* pre
         }
     });
     prefetched_ = next;
-    step += 1;
+    if (dp.defer_sgd) grads_pending_ = true;
+    else step += 1;
     return summarize(n);
 }
 
 void Net::issue_forward(bool train) {
+    grads_pending_ = false;  // the layer state holding them is about to be replaced
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -521,8 +523,11 @@ void Net::issue_forward(bool train) {
             if (L.dropout && train) {
                 const float p_drop = cfg_.dropout;
                 const auto key = dropout_key(step, L.index, t);
-                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, key] {
-                    auto r = ops::dropout_forward(*cur, p_drop, key.first, key.second);
+                const uint64_t base = static_cast<uint64_t>(dp.sample_base);
+                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, key, base] {
+                    // Element i of sample j is counter j * features + i, so with sample_base the global sample's.
+                    const uint64_t off = key.second + base * static_cast<uint64_t>(cur->numel() / cur->size(0));
+                    auto r = ops::dropout_forward(*cur, p_drop, key.first, off);
                     s.out = r.first;
                     s.drop_mask = r.second;
                 });
@@ -566,10 +571,23 @@ void Net::issue_loss(const Tensor& labels, float scale, bool backward) {
     }
 }
 
+void Net::issue_sgd(int t, int l, float lr) {
+    const float momentum = cfg_.momentum, wd = cfg_.weight_decay, bias_wd = cfg_.bias_weight_decay;
+    LayerState& s = st_[t][l];
+    Params& p = params_[t][l];
+    sched_->run(t, layers_[l].name + ".sgd", [&s, &p, lr, momentum, wd, bias_wd] {
+        ops::sgd_update(p.w, s.dw, p.vw, lr, momentum, wd);
+        ops::sgd_update(p.b, s.db, p.vb, lr, momentum, bias_wd);
+    });
+}
+
+float Net::loss_scale(int n) const {
+    return 1.0f / static_cast<float>(dp.mean_over > 0 ? dp.mean_over : n);
+}
+
 void Net::issue_backward(float lr) {
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
-    const float momentum = cfg_.momentum, wd = cfg_.weight_decay, bias_wd = cfg_.bias_weight_decay;
     for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
         const LayerSpec& L = layers_[l];
         for (int t = 0; t < T; ++t) {
@@ -608,10 +626,9 @@ void Net::issue_backward(float lr) {
                 });
                 if (l > 0) sched_->run(t, L.name + ".dgrad", [&s, &p] { s.d_in = ops::linear_backward_input(s.d_out, p.w); });
             }
-            sched_->run(t, L.name + ".sgd", [&s, &p, lr, momentum, wd, bias_wd] {
-                ops::sgd_update(p.w, s.dw, p.vw, lr, momentum, wd);
-                ops::sgd_update(p.b, s.db, p.vb, lr, momentum, bias_wd);
-            });
+            if (dp.grad_ready)
+                sched_->run(t, L.name + ".grad_ready", [this, &s, l, t] { dp.grad_ready(l, t, s.dw, s.db); });
+            if (!dp.defer_sgd) issue_sgd(t, l, lr);
         }
         if (l == 0) break;
         // d_in -> the previous layer's d_out: own tower, or a slice back to every source tower, summed there
@@ -694,10 +711,11 @@ StepResult Net::train_step(const float* images, const int32_t* labels, int n, fl
     input_ = upload_images(images, n);
     run_step([&] {
         issue_forward(/*train=*/true);
-        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
+        issue_loss(dev_labels, loss_scale(n), /*backward=*/true);
         issue_backward(lr);
     });
-    step += 1;
+    if (dp.defer_sgd) grads_pending_ = true;
+    else step += 1;
     return summarize(n);
 }
 
@@ -736,6 +754,30 @@ StepResult Net::evaluate(const float* images, const int32_t* labels, int n) {
         issue_loss(dev_labels, 1.0f, /*backward=*/false);
     });
     return summarize(n);
+}
+
+void Net::apply_sgd(float lr) {
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("apply_sgd: argument 'lr' must be finite and >= 0");
+    if (!grads_pending_)
+        throw ValueError("apply_sgd: no gradients to apply: take a step with defer_sgd set first (each once)");
+    grads_pending_ = false;
+    run_step([&] {
+        for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l)
+            for (int t = 0; t < cfg_.towers; ++t) issue_sgd(t, l, lr);
+    });
+    step += 1;
+}
+
+std::vector<std::pair<std::string, Tensor>> Net::grads() const {
+    if (!grads_pending_) throw ValueError("grads: no gradients: take a step with defer_sgd set first");
+    std::vector<std::pair<std::string, Tensor>> out;
+    for (size_t l = 0; l < layers_.size(); ++l)
+        for (int t = 0; t < cfg_.towers; ++t) {
+            const std::string base = layers_[l].name + ".t" + std::to_string(t);
+            out.push_back({base + ".weight", st_[t][l].dw});
+            out.push_back({base + ".bias", st_[t][l].db});
+        }
+    return out;
 }
 
 std::vector<std::pair<std::string, Tensor>> Net::state() const {

@@ -95,6 +95,26 @@ public:
     // unit iff philox_u32(seed, offset + i) >= dropout_threshold(p), as ops::dropout_forward draws it.
     std::pair<uint64_t, uint64_t> dropout_key(int64_t step, int layer, int tower) const;
 
+    // Data-parallel training across processes (alexnet_cuda.distributed). With defer_sgd, train_step and
+    // train_step_u8 run the forward and backward passes only: the step count stays, and every parameter's
+    // gradient is left in grads() for the caller to all-reduce; apply_sgd(lr) then updates every parameter
+    // from those gradients and counts the step. mean_over (0: the batch's own n) is the count the loss
+    // gradient is averaged over: the global batch, so that the sum over ranks is its mean. sample_base, the
+    // global index of this process's first sample, shifts the dropout counters so each sample draws the
+    // mask it would draw in one process taking the whole global batch. grad_ready(layer, tower, dw, db) is
+    // called when that layer's gradients on that tower are computed (CPU: on the tower's worker; CUDA: when issued,
+    // the gradients being ready in stream order). The defaults leave the single-process step unchanged.
+    struct DataParallel {
+        bool defer_sgd = false;
+        int64_t mean_over = 0;
+        int64_t sample_base = 0;
+        std::function<void(int, int, const Tensor&, const Tensor&)> grad_ready;  // (layer, tower, dw, db)
+    };
+    DataParallel dp;
+    void apply_sgd(float lr);
+    // The gradients of the last deferred step, named as state(): (name, gradient on the parameter's device).
+    std::vector<std::pair<std::string, Tensor>> grads() const;
+
     const NetConfig& config() const { return cfg_; }
     const std::vector<LayerSpec>& layers() const { return layers_; }
     const Scheduler& scheduler() const { return *sched_; }
@@ -150,6 +170,9 @@ private:
     void check_labels(const char* op, const int32_t* labels, int n) const;
     void issue_loss(const Tensor& labels, float scale, bool backward);
     void issue_backward(float lr);
+    void issue_sgd(int tower, int layer, float lr);  // one parameter update, from st_[tower][layer]'s gradients
+    float loss_scale(int n) const;                   // the loss gradient's 1/n (1/mean_over with dp)
+    bool grads_pending_ = false;                     // a deferred step's gradients await apply_sgd
     std::vector<Tensor> upload_images(const float* images, int n);
     Tensor upload_labels(const char* op, const int32_t* labels, int n) const;  // range-checked on the host
     // Begins a step, issues it, waits for every tower; on an error drains the towers, then rethrows.
