@@ -322,3 +322,18 @@ def test_hung_rank_times_out_with_an_error(dataset, tmp_path):
     assert p.returncode != 0
     assert "rank 0" in err and "no answer from the other ranks within 3 s" in err, err
     assert "MPI_Abort" in err
+
+
+def test_scaling_note_counts_the_papers_parameters():
+    """benchmarks/scaling.py (docs/SCALING.md's tables) against the paper's merged layer shapes (README)."""
+    shapes = [(96, 3, 11, 11), (256, 48, 5, 5), (384, 256, 3, 3), (384, 192, 3, 3), (256, 192, 3, 3),
+              (4096, 9216), (4096, 4096), (1000, 4096)]
+    total = sum(int(np.prod(s)) + s[0] for s in shapes)
+    fc = sum(int(np.prod(s)) + s[0] for s in shapes[5:])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scaling.py")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"Parameters: {total:,} ({4 * total / 1e6:.1f} MB" in r.stdout
+    assert f"fc6-fc8 hold {fc:,}" in r.stdout
+    # The 8-GPU row: a ring sends 2 * 7/8 of the gradients per GPU.
+    assert f"| 8 | NVLink | {2 * 7 / 8 * 4 * total / 1e6:.0f} |" in r.stdout
