@@ -665,7 +665,8 @@ class Run:
     def run(self):
         t, st = self.t, self.state
         # With several ranks, SIGUSR1 (which mpirun and srun forward to every rank) asks for the same stop.
-        interrupted = _SigintFlag((signal.SIGINT, signal.SIGUSR1) if self.dist.distributed else (signal.SIGINT,))
+        interrupted = _SigintFlag((signal.SIGINT, signal.SIGUSR1) if self.dist.distributed else (signal.SIGINT,),
+                                  quiet=not self.dist.is_root)
         bpe = self.loader.batches_per_epoch
         if t["max_steps"] and st["step"] >= t["max_steps"]:
             self.say(f"already at step {st['step']} (--max-steps {t['max_steps']}); nothing to do")
@@ -849,9 +850,10 @@ class Run:
             self.say_err(f"interrupted; writing the checkpoint failed ({type(e).__name__}: {e}); "
                          f"the last checkpoint is {self.last_checkpoint}")
             return EXIT_INTERRUPTED
+        launcher = f"mpirun -n {self.dist.size} " if self.dist.distributed else ""
         if self.dist.is_root:
             print(f"\ninterrupted at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']}); checkpoint "
-                  f"{path}\nresume with: python -m alexnet_cuda.train --resume {path}", file=sys.stderr)
+                  f"{path}\nresume with: {launcher}python -m alexnet_cuda.train --resume {path}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
     def _print_last(self):
@@ -937,20 +939,25 @@ class _SigintFlag:
     """Within the block, the first Ctrl-C only raises a flag (the loop checks it between steps, so a
     checkpoint is always of a whole step); a second one interrupts at once."""
 
-    def __init__(self, signals=(signal.SIGINT,)):
+    def __init__(self, signals=(signal.SIGINT,), quiet=False):
         self.hit = False
-        self._signals = signals
+        self._signals, self._quiet = signals, quiet
         self._old = {}
 
     def __call__(self):
         return self.hit
 
     def _handler(self, signum, frame):
-        if self.hit:
+        if self.hit and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.hit and not self._quiet:
+            if signum == signal.SIGINT:
+                print("\nCtrl-C: stopping after this step to write a checkpoint (press again to stop at once)",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"\n{signal.Signals(signum).name}: every rank stops after this step; rank 0 writes a "
+                      "checkpoint", file=sys.stderr, flush=True)
         self.hit = True
-        print("\nCtrl-C: stopping after this step to write a checkpoint (press again to stop at once)",
-              file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
