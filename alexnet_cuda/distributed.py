@@ -36,7 +36,8 @@ import time
 
 import numpy as np
 
-# DDP's default bucket size; ALEXNET_BUCKET_BYTES overrides it (the tests make it tiny to get many buckets).
+# DDP's default bucket size; ALEXNET_BUCKET_BYTES overrides it (the tests make it tiny to get many buckets;
+# 0 turns the overlap off: one all-reduce of every gradient after the backward pass).
 BUCKET_BYTES = int(os.environ.get("ALEXNET_BUCKET_BYTES", 25 << 20))
 DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits on the others (a checkpoint of rank 0 or the demo data included)
 
@@ -235,7 +236,7 @@ class GradientAllReduce:
         self.towers = int(net.config["towers"])
         self.layers = len(net.layers())
         self.bucket_bytes = int(bucket_bytes)
-        overlap = not self.cuda and dist.thread_level_ok and dist.distributed
+        overlap = not self.cuda and dist.thread_level_ok and dist.distributed and self.bucket_bytes > 0
         net.set_data_parallel(True, mean_over=global_batch, sample_base=dist.rank * self.local_batch,
                               grad_ready=self._grad_ready if overlap else None)
         self._overlap = overlap
@@ -342,7 +343,7 @@ class GradientAllReduce:
             self._nccl.allreduce_grads(self.net, self._comms)
             return
         if not self._overlap:
-            # One flat all-reduce after the backward pass (an MPI without thread support).
+            # One flat all-reduce after the backward pass (ALEXNET_BUCKET_BYTES=0, or an MPI without threads).
             views = [t.host_view() for _, t in self.net.grads()]
             total = sum(v.size for v in views)
             flat = np.concatenate([v.reshape(-1) for v in views]) if total else np.empty(0, np.float32)
