@@ -22,9 +22,11 @@ identical parameters throughout. The rules:
   loaded with ctypes on first use, so the build never needs it: one communicator per device, its unique id
   broadcast over MPI; the gradients are all-reduced in one NCCL group after the backward pass (no overlap
   with it yet) and before the SGD update.
-- Failure: every wait on another rank polls with a timeout (--comm-timeout), so a dead or stuck peer ends the
-  job with an error naming the rank and the operation; an error on one rank calls MPI_Abort, which ends every
-  rank (mpirun and srun report it); SIGTERM from the launcher prints which rank was stopped and why, and exits.
+- Failure: every MPI wait on another rank polls with a timeout (--comm-timeout), so a dead or stuck peer ends
+  the job with an error naming the rank and the operation; an error on one rank calls MPI_Abort, which ends
+  every rank (mpirun and srun report it); SIGTERM from the launcher prints which rank was stopped and why, and
+  exits. NCCL's all-reduce has no such timeout: there a dead rank is noticed by the launcher, which stops the
+  others (mpirun does at once; with srun use --kill-on-bad-exit).
 """
 import ctypes
 import os
@@ -156,7 +158,7 @@ class Dist:
         if self.is_root:
             try:
                 out = ("ok", fn())
-            except (ValueError, TypeError, OSError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - raised again on every rank
                 out = ("error", _portable(e))
         out = self.bcast(out, what)
         if out[0] == "error":
