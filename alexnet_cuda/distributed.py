@@ -22,11 +22,11 @@ identical parameters throughout. The rules:
   loaded with ctypes on first use, so the build never needs it: one communicator per device, its unique id
   broadcast over MPI; the gradients are all-reduced in one NCCL group after the backward pass (no overlap
   with it yet) and before the SGD update.
-- Failure: every MPI wait on another rank polls with a timeout (--comm-timeout), so a dead or stuck peer ends
-  the job with an error naming the rank and the operation; an error on one rank calls MPI_Abort, which ends
-  every rank (mpirun and srun report it); SIGTERM from the launcher prints which rank was stopped and why, and
-  exits. NCCL's all-reduce has no such timeout: there a dead rank is noticed by the launcher, which stops the
-  others (mpirun does at once; with srun use --kill-on-bad-exit).
+- Failure: every wait on another rank polls with a timeout (--comm-timeout), so a dead or stuck peer ends the
+  job with an error naming the rank and the operation (NCCL's wait also watches ncclCommGetAsyncError, and
+  aborts its communicators on either); an error on one rank calls MPI_Abort, which ends every rank (mpirun and
+  srun report it); SIGTERM from the launcher prints which rank was stopped and why, and exits. A dead rank is
+  usually noticed first by the launcher, which stops the others (mpirun at once; srun with --kill-on-bad-exit).
 """
 import ctypes
 import os
@@ -342,7 +342,7 @@ class GradientAllReduce:
         if not dist.distributed:
             return
         if self.cuda:
-            self._nccl.allreduce_grads(self.net, self._comms)
+            self._nccl.allreduce_grads(self.net, self._comms, dist.timeout, dist.rank)
             return
         if not self._overlap:
             # One flat all-reduce after the backward pass (ALEXNET_BUCKET_BYTES=0, or an MPI without threads).
@@ -413,8 +413,10 @@ class Nccl:
         lib.ncclAllReduce.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                       ctypes.c_void_p, ctypes.c_void_p]
         lib.ncclGetVersion.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        lib.ncclCommGetAsyncError.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+        lib.ncclCommAbort.argtypes = [ctypes.c_void_p]
         for f in ("ncclCommInitRank", "ncclAllReduce", "ncclGetUniqueId", "ncclGroupStart", "ncclGroupEnd",
-                  "ncclGetVersion", "ncclCommDestroy"):
+                  "ncclGetVersion", "ncclCommDestroy", "ncclCommGetAsyncError", "ncclCommAbort"):
             getattr(lib, f).restype = ctypes.c_int
 
     @classmethod
@@ -479,10 +481,41 @@ class Nccl:
         finally:
             self.check(self.lib.ncclGroupEnd(), "ncclGroupEnd")
 
-    def allreduce_grads(self, net, comms):
+    def allreduce_grads(self, net, comms, timeout=DEFAULT_TIMEOUT, rank=0):
+        """Sums every gradient of the net over the ranks, on the legacy default stream of each device (the
+        net's streams are idle between its steps), and waits for it: in a thread, so that this one can watch
+        NCCL's asynchronous errors and the timeout (then the communicators are aborted and CommError raised)."""
         from . import _C
 
         grads = net.grads()
         self.allreduce([(t.data_ptr, t.numel, comms[t.device]) for _, t in grads])
-        for d in comms:
-            _C.synchronize(d)  # the legacy default stream the sums ran on; the SGD then reads them
+        done, failed = threading.Event(), []
+
+        def wait():
+            try:
+                for d in comms:
+                    _C.synchronize(d)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                failed.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=wait, name="alexnet-nccl-wait", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.005):
+            for d, comm in comms.items():
+                res = ctypes.c_int(0)
+                self.check(self.lib.ncclCommGetAsyncError(comm, ctypes.byref(res)), "ncclCommGetAsyncError")
+                if res.value != 0:
+                    self._abort(comms)
+                    self.check(res.value, f"all-reduce on {d} (asynchronous error)")
+            if time.monotonic() > deadline:
+                self._abort(comms)
+                raise CommError(f"rank {rank}: the NCCL all-reduce of the gradients did not finish within {timeout:g} s; "
+                                "a rank died or hangs (--comm-timeout sets the limit)")
+        if failed:
+            raise failed[0]
+
+    def _abort(self, comms):
+        for comm in comms.values():
+            self.lib.ncclCommAbort(comm)

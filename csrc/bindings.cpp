@@ -482,8 +482,14 @@ PYBIND11_MODULE(_C, m) {
             return fn();
         },
         py::arg("device"), py::arg("fn"), "Call fn() with `device` the current CUDA device.");
-    m.def("synchronize", [](const std::string& device) { cuda_synchronize(Device::parse(device, "synchronize")); },
-          py::arg("device") = "cuda:0");
+    m.def(
+        "synchronize",
+        [](const std::string& device) {
+            const Device d = Device::parse(device, "synchronize");
+            py::gil_scoped_release nogil;  // so another thread can watch the wait (distributed's NCCL timeout)
+            cuda_synchronize(d);
+        },
+        py::arg("device") = "cuda:0");
     m.def("cuda_allocator_stats", []() {
         auto s = cuda_allocator_stats();
         py::dict d;

@@ -162,6 +162,68 @@ def test_missing_nccl_is_a_clear_error(monkeypatch, tmp_path):
         distributed.Nccl.load()
 
 
+class _FakeNcclLib:
+    """Stands in for libnccl.so.2 (no GPU here): records the calls; ncclCommGetAsyncError reports `async_error`."""
+
+    def __init__(self, async_error=0):
+        self.calls, self.async_error = [], async_error
+        for name in ("ncclGetErrorString", "ncclGetUniqueId", "ncclCommInitRank", "ncclAllReduce", "ncclGetVersion",
+                     "ncclCommGetAsyncError", "ncclCommAbort", "ncclGroupStart", "ncclGroupEnd", "ncclCommDestroy"):
+            setattr(self, name, self._fn(name))
+
+    def _fn(self, name):
+        lib = self
+
+        class Fn:
+            def __call__(self, *args):
+                lib.calls.append((name, args))
+                if name == "ncclGetErrorString":
+                    return b"unhandled system error"
+                if name == "ncclCommGetAsyncError":
+                    args[1]._obj.value = lib.async_error
+                return 0
+
+        return Fn()
+
+
+class _FakeTensor:
+    def __init__(self, ptr, numel, device):
+        self.data_ptr, self.numel, self.device = ptr, numel, device
+
+
+class _FakeNet:
+    def grads(self):
+        return [("conv1.t0.weight", _FakeTensor(4096, 100, "cuda:0")), ("conv1.t0.bias", _FakeTensor(8192, 4, "cuda:1"))]
+
+
+@pytest.mark.parametrize("case", ["ok", "hang", "async_error"])
+def test_nccl_gradient_allreduce_calls_waits_and_fails_cleanly(monkeypatch, case):
+    """The NCCL path's host logic without a GPU: one group of in-place float32 sums, one per gradient on its
+    device's communicator; the wait ends on completion, or with CommError and the communicators aborted when
+    it outlasts the timeout or NCCL reports an asynchronous error."""
+    lib = _FakeNcclLib(async_error=3 if case == "async_error" else 0)
+    nccl = distributed.Nccl(lib, "fake")
+    never = __import__("threading").Event()
+    monkeypatch.setattr(ax._C, "synchronize", (lambda d: never.wait(30)) if case != "ok" else (lambda d: None))
+    comms = {"cuda:0": "comm0", "cuda:1": "comm1"}
+    try:
+        if case == "ok":
+            nccl.allreduce_grads(_FakeNet(), comms, timeout=30, rank=2)
+        else:
+            with pytest.raises(distributed.CommError, match="did not finish within 0.3 s" if case == "hang"
+                               else "asynchronous error.*unhandled system error"):
+                nccl.allreduce_grads(_FakeNet(), comms, timeout=0.3, rank=2)
+    finally:
+        never.set()
+    names = [c[0] for c in lib.calls]
+    sums = [c[1] for c in lib.calls if c[0] == "ncclAllReduce"]
+    assert names[0] == "ncclGroupStart" and names[3] == "ncclGroupEnd"
+    assert [(a[0].value, a[1].value, a[2].value, a[3], a[4], a[5]) for a in sums] == [
+        (4096, 4096, 100, 7, 0, "comm0"), (8192, 8192, 4, 7, 0, "comm1")]  # in place, ncclFloat32, ncclSum
+    aborted = [c[1][0] for c in lib.calls if c[0] == "ncclCommAbort"]
+    assert aborted == ([] if case == "ok" else ["comm0", "comm1"])
+
+
 @pytest.mark.cuda
 def test_one_rank_nccl_allreduce(rng):
     """The ctypes binding end to end on one GPU: a communicator of one rank, an in-place sum (the identity
