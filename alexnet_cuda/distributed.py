@@ -511,8 +511,8 @@ class Nccl:
                     self.check(res.value, f"all-reduce on {d} (asynchronous error)")
             if time.monotonic() > deadline:
                 self._abort(comms)
-                raise CommError(f"rank {rank}: the NCCL all-reduce of the gradients did not finish within {timeout:g} s; "
-                                "a rank died or hangs (--comm-timeout sets the limit)")
+                raise CommError(f"rank {rank}: the NCCL all-reduce of the gradients did not finish within "
+                                f"{timeout:g} s; a rank died or hangs (--comm-timeout sets the limit)")
         if failed:
             raise failed[0]
 

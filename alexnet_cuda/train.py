@@ -794,7 +794,8 @@ class Run:
         sums = [0.0, 0, 0, 0]
         for x, y in self.val_loader:
             r = self.net.evaluate(x, y)
-            sums = [sums[0] + float(r["loss"]) * int(r["n"]), sums[1] + r["top1"], sums[2] + r["top5"], sums[3] + r["n"]]
+            sums = [sums[0] + float(r["loss"]) * int(r["n"]), sums[1] + r["top1"], sums[2] + r["top5"],
+                    sums[3] + r["n"]]
             bar.update(1)
         loss, top1, top5, n = self.dist.allreduce_sum(sums, "reducing the validation metrics")
         if n == 0:

@@ -106,8 +106,8 @@ def main(argv=None):
            f"One GPU, batch 128: {a.step_ms:g} ms per step (compute only), {128 / a.step_ms * 1e3:,.0f} images/s.",
            "", "**Weak scaling** (batch 128 per GPU, global batch 128 x p; 8 GPUs per node on NVLink/NVSwitch "
            f"at {a.nvlink:g} GB/s, InfiniBand at {a.ib:g} GB/s per GPU between nodes):", "",
-           "| GPUs | slowest link | sent per GPU (MB) | all-reduce (ms) | step, no overlap (ms) | step, overlapped (ms) "
-           "| efficiency | images/s |", "|---|---|---|---|---|---|---|---|"]
+           "| GPUs | slowest link | sent per GPU (MB) | all-reduce (ms) | step, no overlap (ms) "
+           "| step, overlapped (ms) | efficiency | images/s |", "|---|---|---|---|---|---|---|---|"]
     for p in (1, 2, 4, 8, 16, 32, 64):
         bw, lat = link(p, a)
         plain, over = step_times(rows, a.step_ms, 128, p, a)

@@ -3,9 +3,10 @@
 In-process: the deferred step equals the plain one bit for bit, two half batches (each with its sample_base)
 summed equal one whole batch, the loader's rank slices make up one process's batches, the launcher variables.
 Under `mpirun -n 2 --oversubscribe` (skipped, saying why, without mpirun or mpi4py; CI installs both): 2 ranks x
-batch 16 against 1 rank x batch 32, a run stopped or killed and resumed against an uninterrupted one, a killed
-or a hung rank ending the job with an error. NCCL: a missing libnccl.so.2 is a clear error; a one-rank NCCL
-all-reduce runs where there is a GPU (cuda mark).
+batch 16 against 1 rank x batch 32, a run stopped, or killed (a rank, or mpirun itself), and resumed against an
+uninterrupted one, a killed or a hung rank ending the job with an error. NCCL: a missing libnccl.so.2 is a clear
+error, the host side of the gradient all-reduce runs against a fake libnccl, and a one-rank NCCL all-reduce runs
+where there is a GPU (cuda mark).
 
 The tolerance of 2 x 16 against 1 x 32. Both compute the same function of the same images, augmentation and
 dropout masks (the ranks' masks are keyed by the global sample index); what differs is only the order of the
@@ -45,6 +46,9 @@ needs_mpi = pytest.mark.skipif(
 SMALL = ["--net", "tiny", "--crop", "32", "--log-every", "1", "--no-progress", "--devices", "cpu",
          "--set", "channels=(16,32,32,32,16)", "--set", "fc=(32,32)"]
 CFG = dict(tiny_config(), channels=(16, 32, 32, 32, 16), fc=(32, 32))
+# The runs that are stopped or killed and resumed: 10 epochs of 6 steps (100 images, batch 16), so the kill at
+# step 4-5 lands well before the end even though the poll that triggers it lags the run by a few steps.
+EPOCHS = 10
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +197,8 @@ class _FakeTensor:
 
 class _FakeNet:
     def grads(self):
-        return [("conv1.t0.weight", _FakeTensor(4096, 100, "cuda:0")), ("conv1.t0.bias", _FakeTensor(8192, 4, "cuda:1"))]
+        return [("conv1.t0.weight", _FakeTensor(4096, 100, "cuda:0")),
+                ("conv1.t0.bias", _FakeTensor(8192, 4, "cuda:1"))]
 
 
 @pytest.mark.parametrize("case", ["ok", "hang", "async_error"])
@@ -312,7 +317,7 @@ def test_overlapped_buckets_equal_one_allreduce_after_backward(dataset, tmp_path
 @pytest.fixture(scope="module")
 def uninterrupted_2(dataset, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dp2") / "A")
-    rc, _, err = _run(2, ["--data", dataset, "--batch-size", "16", "--epochs", "3", "--out", out, *SMALL])
+    rc, _, err = _run(2, ["--data", dataset, "--batch-size", "16", "--epochs", str(EPOCHS), "--out", out, *SMALL])
     assert rc == 0, err
     return out
 
@@ -320,7 +325,7 @@ def uninterrupted_2(dataset, tmp_path_factory):
 @needs_mpi
 def test_stop_and_resume_equals_uninterrupted(dataset, uninterrupted_2, tmp_path):
     out = str(tmp_path / "B")
-    base = ["--data", dataset, "--batch-size", "16", "--epochs", "3", "--out", out, *SMALL]
+    base = ["--data", dataset, "--batch-size", "16", "--epochs", str(EPOCHS), "--out", out, *SMALL]
     rc, stdout, err = _run(2, [*base, "--max-steps", "8"])  # mid-epoch: checkpoint, then stop
     assert rc == 0, err
     assert "stopped at step 8" in stdout
@@ -353,15 +358,15 @@ def _wait_for_step(run, step, deadline):
     while time.monotonic() < deadline:
         if os.path.exists(path) and any(s >= step for s, _ in _steps(run)):
             return
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise AssertionError(f"step {step} never came")
 
 
 @needs_mpi
 def test_killed_rank_ends_the_job_and_the_run_resumes_exactly(dataset, uninterrupted_2, tmp_path):
     out = str(tmp_path / "C")
-    base = ["--data", dataset, "--batch-size", "16", "--epochs", "3", "--out", out, "--checkpoint-every", "1", *SMALL]
-    p = _mpirun(2, [*base, "--epochs", "400", "--comm-timeout", "30"])
+    p = _mpirun(2, ["--data", dataset, "--batch-size", "16", "--epochs", "400", "--out", out, "--checkpoint-every", "1",
+                    "--comm-timeout", "30", *SMALL])
     deadline = time.monotonic() + 120
     victim = _rank_pid(p, 1, deadline)
     _wait_for_step(out, 5, deadline)
@@ -372,8 +377,42 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_exactly(dataset, uninterru
     assert time.monotonic() - t0 < 90
     assert "rank 0" in err or "exited on signal 9" in err, err
     # The checkpoints written before the kill are whole; the run continues from the newest, on the schedule of
-    # the original 3 epochs, and ends where the uninterrupted one ended.
-    rc, _, err = _run(2, ["--resume", "auto", "--out", out, "--data", dataset, "--epochs", "3", "--no-progress"])
+    # the uninterrupted run's epochs, and ends where it ended.
+    rc, _, err = _run(2, ["--resume", "auto", "--out", out, "--data", dataset, "--epochs", str(EPOCHS),
+                          "--no-progress"])
+    assert rc == 0, err
+    a, b = _params(uninterrupted_2), _params(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is gone too.
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@needs_mpi
+def test_killed_mpirun_leaves_no_rank_behind_and_the_run_resumes_exactly(dataset, uninterrupted_2, tmp_path):
+    out = str(tmp_path / "E")
+    p = _mpirun(2, ["--data", dataset, "--batch-size", "16", "--epochs", "400", "--out", out, "--checkpoint-every", "1",
+                    "--comm-timeout", "30", *SMALL])
+    deadline = time.monotonic() + 120
+    ranks = [_rank_pid(p, r, deadline) for r in (0, 1)]
+    _wait_for_step(out, 4, deadline)
+    p.kill()  # SIGKILL to mpirun itself
+    p.communicate(timeout=60)
+    t0 = time.monotonic()
+    while not all(_gone(pid) for pid in ranks):
+        assert time.monotonic() - t0 < 60, "ranks outlived their mpirun"
+        time.sleep(0.2)
+    rc, _, err = _run(2, ["--resume", "auto", "--out", out, "--data", dataset, "--epochs", str(EPOCHS),
+                          "--no-progress"])
     assert rc == 0, err
     a, b = _params(uninterrupted_2), _params(out)
     assert all(np.array_equal(a[k], b[k]) for k in a)
