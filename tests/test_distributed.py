@@ -337,17 +337,25 @@ def test_stop_and_resume_equals_uninterrupted(dataset, uninterrupted_2, tmp_path
 
 
 def _rank_pid(popen, rank, deadline):
-    """The pid of the given rank under this mpirun (from OMPI_COMM_WORLD_RANK in its environment)."""
+    """The pid of the given rank under this mpirun: a descendant (OpenMPI starts ranks as its children, MPICH's
+    hydra under a proxy) whose environment names that rank."""
+    names = (f"OMPI_COMM_WORLD_RANK={rank}".encode(), f"PMI_RANK={rank}".encode())
     while time.monotonic() < deadline:
+        parent = {}
         for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
             pid, ppid = map(int, line.split())
-            if ppid != popen.pid:
+            parent[pid] = ppid
+        for pid in parent:
+            p = pid
+            while p in parent and p != popen.pid and p > 1:
+                p = parent[p]
+            if p != popen.pid or pid == popen.pid:
                 continue
             try:
                 env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+            if any(n in env for n in names) and b"alexnet_cuda.train" in open(f"/proc/{pid}/cmdline", "rb").read():
                 return pid
         time.sleep(0.1)
     raise AssertionError(f"rank {rank} did not start")
