@@ -20,11 +20,14 @@ identical parameters throughout. The rules:
   PyTorch's DDP does).
 - CUDA tensors: NCCL (libnccl.so.2 from the nvidia-nccl-cu13 wheel, the system, or ALEXNET_NCCL_LIBRARY),
   loaded with ctypes on first use, so the build never needs it: one communicator per device, its unique id
-  broadcast over MPI; the gradients are all-reduced in one NCCL group after the backward pass (no overlap
-  with it yet) and before the SGD update.
+  broadcast over MPI. As the backward pass is issued, each layer's gradients are summed in place on the
+  device's upload stream, which waits for them on an event while the tower's stream goes on with the layers
+  below (as DDP's communication stream); the step ends when those sums are done, then the SGD update runs.
+  With ALEXNET_BUCKET_BYTES=0 they are summed in one NCCL group after the backward pass instead.
 - Failure: every wait on another rank polls with a timeout (--comm-timeout), so a dead or stuck peer ends the
-  job with an error naming the rank and the operation (NCCL's wait also watches ncclCommGetAsyncError, and
-  aborts its communicators on either); an error on one rank calls MPI_Abort, which ends every rank (mpirun and
+  job with an error naming the rank and the operation (NCCL's wait after the backward pass also watches
+  ncclCommGetAsyncError and aborts its communicators; the overlapped NCCL sums are waited for inside the step,
+  with no timeout, and their asynchronous errors checked after it); an error on one rank calls MPI_Abort, which ends every rank (mpirun and
   srun report it); SIGTERM from the launcher prints which rank was stopped and why, and exits. A dead rank is
   usually noticed first by the launcher, which stops the others (mpirun at once; srun with --kill-on-bad-exit).
 """
@@ -38,8 +41,8 @@ import time
 
 import numpy as np
 
-# DDP's default bucket size; ALEXNET_BUCKET_BYTES overrides it (the tests make it tiny to get many buckets;
-# 0 turns the overlap off: one all-reduce of every gradient after the backward pass).
+# DDP's default bucket size (MPI); ALEXNET_BUCKET_BYTES overrides it (the tests make it tiny to get many
+# buckets; 0 turns the overlap off, MPI and NCCL: one all-reduce of every gradient after the backward pass).
 BUCKET_BYTES = int(os.environ.get("ALEXNET_BUCKET_BYTES", 25 << 20))
 DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits on the others (a checkpoint of rank 0 or the demo data included)
 
@@ -239,8 +242,8 @@ class GradientAllReduce:
         self.layers = len(net.layers())
         self.bucket_bytes = int(bucket_bytes)
         overlap = not self.cuda and dist.thread_level_ok and dist.distributed and self.bucket_bytes > 0
-        net.set_data_parallel(True, mean_over=global_batch, sample_base=dist.rank * self.local_batch,
-                              grad_ready=self._grad_ready if overlap else None)
+        # CUDA: each layer's sums are issued on the device's upload stream as its backward pass makes them.
+        self._cuda_overlap = self.cuda and dist.distributed and self.bucket_bytes > 0
         self._overlap = overlap
         self._cond = threading.Condition()
         self._job = None
@@ -248,9 +251,17 @@ class GradientAllReduce:
         if self.cuda and dist.distributed:
             self._nccl = Nccl.load()
             self._comms = self._nccl.communicators(dist, sorted(set(net.devices)))
+        hook = self._grad_ready if overlap else self._nccl_ready if self._cuda_overlap else None
+        net.set_data_parallel(True, mean_over=global_batch, sample_base=dist.rank * self.local_batch, grad_ready=hook)
+
+    # CUDA, called on the host as the backward pass is issued, with the device's upload stream: the sums run
+    # there after the layer's gradients, while the tower's stream goes on with the layers below.
+    def _nccl_ready(self, layer, tower, dw, db, stream):
+        comm = self._comms[dw.device]
+        self._nccl.allreduce([(dw.data_ptr, dw.numel, comm), (db.data_ptr, db.numel, comm)], stream)
 
     # CPU, called by the towers' workers during backward (the GIL is taken for the call)
-    def _grad_ready(self, layer, tower, dw, db):
+    def _grad_ready(self, layer, tower, dw, db, stream=0):
         with self._cond:
             job = self._job
             if job is None:
@@ -340,6 +351,10 @@ class GradientAllReduce:
         """After the step's backward pass: waits until every gradient is summed over the ranks."""
         dist = self.dist
         if not dist.distributed:
+            return
+        if self._cuda_overlap:
+            # The step ended when its upload streams did, so the sums are done: only NCCL's errors are left.
+            self._nccl.check_async(self._comms)
             return
         if self.cuda:
             self._nccl.allreduce_grads(self.net, self._comms, dist.timeout, dist.rank)
@@ -503,18 +518,22 @@ class Nccl:
         threading.Thread(target=wait, name="alexnet-nccl-wait", daemon=True).start()
         deadline = time.monotonic() + timeout
         while not done.wait(0.005):
-            for d, comm in comms.items():
-                res = ctypes.c_int(0)
-                self.check(self.lib.ncclCommGetAsyncError(comm, ctypes.byref(res)), "ncclCommGetAsyncError")
-                if res.value != 0:
-                    self._abort(comms)
-                    self.check(res.value, f"all-reduce on {d} (asynchronous error)")
+            self.check_async(comms)
             if time.monotonic() > deadline:
                 self._abort(comms)
                 raise CommError(f"rank {rank}: the NCCL all-reduce of the gradients did not finish within "
                                 f"{timeout:g} s; a rank died or hangs (--comm-timeout sets the limit)")
         if failed:
             raise failed[0]
+
+    def check_async(self, comms):
+        """CommError (the communicators aborted) if NCCL reports an asynchronous error on any of them."""
+        for d, comm in comms.items():
+            res = ctypes.c_int(0)
+            self.check(self.lib.ncclCommGetAsyncError(comm, ctypes.byref(res)), "ncclCommGetAsyncError")
+            if res.value != 0:
+                self._abort(comms)
+                self.check(res.value, f"all-reduce on {d} (asynchronous error)")
 
     def _abort(self, comms):
         for comm in comms.values():

@@ -128,8 +128,10 @@ class Net:
         step. mean_over: the loss gradient is averaged over this many samples (0: the batch's; the global
         batch across ranks). sample_base: the global index of this batch's first sample, which keys its
         dropout masks (so a slice of a global batch draws the masks one process would). grad_ready(layer,
-        tower, dw, db): called as each layer's gradients are made (CPU: from the tower's worker thread, with
-        the GIL taken; dw, db are Tensors, see Tensor.host_view). The defaults restore the plain step."""
+        tower, dw, db, stream): called as each layer's gradients are made (CPU: from the tower's worker thread,
+        with the GIL taken, stream 0; CUDA: when issued, with the device's upload stream, which waits for the
+        gradients and which the step waits for: work issued there overlaps the rest of the backward pass). dw,
+        db are Tensors (Tensor.host_view, Tensor.data_ptr). The defaults restore the plain step."""
         self._net.set_data_parallel(bool(defer_sgd), mean_over, sample_base, grad_ready)
 
     def apply_sgd(self, lr):

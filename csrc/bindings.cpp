@@ -851,7 +851,7 @@ PYBIND11_MODULE(_C, m) {
                 net.dp.defer_sgd = defer_sgd;
                 net.dp.mean_over = m;
                 net.dp.sample_base = b;
-                using Hook = std::function<void(int, int, const Tensor&, const Tensor&)>;
+                using Hook = std::function<void(int, int, const Tensor&, const Tensor&, uintptr_t)>;
                 net.dp.grad_ready = grad_ready.is_none() ? Hook() : grad_ready.cast<Hook>();
             },
             py::arg("defer_sgd"), py::arg("mean_over"), py::arg("sample_base"), py::arg("grad_ready"))

@@ -626,8 +626,15 @@ void Net::issue_backward(float lr) {
                 });
                 if (l > 0) sched_->run(t, L.name + ".dgrad", [&s, &p] { s.d_in = ops::linear_backward_input(s.d_out, p.w); });
             }
-            if (dp.grad_ready)
-                sched_->run(t, L.name + ".grad_ready", [this, &s, l, t] { dp.grad_ready(l, t, s.dw, s.db); });
+            if (dp.grad_ready) {
+                // On the device's upload stream after an event on this tower's (the CPU: the tower's worker), so
+                // an all-reduce the hook issues overlaps the rest of this tower's backward pass.
+                sched_->upload_wait(t, sched_->record(t));
+                const int dev = devices_[t].is_cpu() ? -1 : devices_[t].index;
+                sched_->upload(t, L.name + ".grad_ready", [this, &s, l, t, dev] {
+                    dp.grad_ready(l, t, s.dw, s.db, dev < 0 ? 0 : reinterpret_cast<uintptr_t>(current_stream(dev)));
+                });
+            }
             if (!dp.defer_sgd) issue_sgd(t, l, lr);
         }
         if (l == 0) break;

@@ -101,14 +101,16 @@ public:
     // from those gradients and counts the step. mean_over (0: the batch's own n) is the count the loss
     // gradient is averaged over: the global batch, so that the sum over ranks is its mean. sample_base, the
     // global index of this process's first sample, shifts the dropout counters so each sample draws the
-    // mask it would draw in one process taking the whole global batch. grad_ready(layer, tower, dw, db) is
-    // called when that layer's gradients on that tower are computed (CPU: on the tower's worker; CUDA: when issued,
-    // the gradients being ready in stream order). The defaults leave the single-process step unchanged.
+    // mask it would draw in one process taking the whole global batch. grad_ready(layer, tower, dw, db, stream)
+    // is called when that layer's gradients on that tower are computed (CPU: on the tower's worker; CUDA: when
+    // issued, on the device's upload stream, which waits for them; the step ends when that stream is done). The defaults leave the single-process step unchanged.
     struct DataParallel {
         bool defer_sgd = false;
         int64_t mean_over = 0;
         int64_t sample_base = 0;
-        std::function<void(int, int, const Tensor&, const Tensor&)> grad_ready;  // (layer, tower, dw, db)
+        // (layer, tower, dw, db, stream): on CUDA the device's upload stream, where work issued then runs after
+        // the gradients are made without holding up the tower's own stream; 0 on the CPU.
+        std::function<void(int, int, const Tensor&, const Tensor&, uintptr_t)> grad_ready;
     };
     DataParallel dp;
     void apply_sgd(float lr);

@@ -90,7 +90,7 @@ def test_two_half_batches_summed_equal_the_whole_batch(rng):
     seen = []
     for r, net in enumerate(halves):
         net.set_data_parallel(True, mean_over=8, sample_base=4 * r,
-                              grad_ready=lambda layer, tower, dw, db: seen.append((layer, tower)))
+                              grad_ready=lambda layer, tower, dw, db, stream: seen.append((layer, tower)))
     for _ in range(2):
         whole.train_step(x, y, 0.05)
         for r, net in enumerate(halves):
@@ -241,6 +241,32 @@ def test_one_rank_nccl_allreduce(rng):
     nccl.allreduce([(t.data_ptr, t.numel, comm)])
     ax._C.synchronize("cuda:0")
     np.testing.assert_array_equal(t.numpy(), host)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("devices", ["cuda:0", "cuda:0,cuda:0"])
+@pytest.mark.parametrize("bucket_bytes", [distributed.BUCKET_BYTES, 0])
+def test_one_rank_nccl_training_equals_the_plain_step(rng, devices, bucket_bytes):
+    """The CUDA path of GradientAllReduce on one GPU as a world of one rank: NCCL's sums issued from the
+    backward pass on the upload stream (or, bucket_bytes 0, after it) leave the gradients as they are, so
+    three steps equal three plain steps bit for bit; two towers on one GPU share its communicator."""
+    import types
+
+    one = types.SimpleNamespace(rank=0, size=1, distributed=True, is_root=True, thread_level_ok=True, timeout=120.0,
+                                bcast=lambda obj, what="": obj)
+    plain = ax.Net(CFG, devices=devices, seed=11)
+    dp = ax.Net(CFG, devices=devices, seed=11)
+    sync = distributed.GradientAllReduce(one, dp, 8, bucket_bytes=bucket_bytes)
+    for _ in range(3):
+        x, y = _batch(rng, 8)
+        rp = plain.train_step(x, y, 0.02)
+        sync.start()
+        rd = dp.train_step(x, y, 0.02)
+        sync.finish()
+        dp.apply_sgd(0.02)
+        assert rp == rd
+    a, b = plain.state_dict(), dp.state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 # ---- under mpirun ----------------------------------------------------------------------------------------
