@@ -27,9 +27,10 @@ identical parameters throughout. The rules:
 - Failure: every wait on another rank polls with a timeout (--comm-timeout), so a dead or stuck peer ends the
   job with an error naming the rank and the operation (NCCL's wait after the backward pass also watches
   ncclCommGetAsyncError and aborts its communicators; the overlapped NCCL sums are waited for inside the step,
-  with no timeout, and their asynchronous errors checked after it); an error on one rank calls MPI_Abort, which ends every rank (mpirun and
-  srun report it); SIGTERM from the launcher prints which rank was stopped and why, and exits. A dead rank is
-  usually noticed first by the launcher, which stops the others (mpirun at once; srun with --kill-on-bad-exit).
+  with no timeout, and their asynchronous errors checked after it); an error on one rank calls MPI_Abort,
+  which ends every rank (mpirun and srun report it); SIGTERM from the launcher prints which rank was stopped
+  and why, and exits. A dead rank is usually noticed first by the launcher, which stops the others (mpirun at
+  once; srun with --kill-on-bad-exit).
 """
 import ctypes
 import os

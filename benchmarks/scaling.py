@@ -12,8 +12,8 @@ forward and each layer's backward in proportion to its FLOPs, and the links: NVL
 A ring all-reduce of S bytes over p GPUs sends and receives 2(p-1)/p * S per GPU in 2(p-1) steps, so it takes
 2(p-1)/p * S / B + 2(p-1) * latency on the slowest link B of the ring (the NIC once the ring leaves a node).
 "Overlapped" replays the backward pass layer by layer (fc8 first) and starts each layer's all-reduce when its
-gradients exist and the link is free (alexnet_cuda.distributed's buckets do this on the CPU path); the step
-ends when the last all-reduce (conv1's) ends. Nothing here is measured.
+gradients exist and the link is free (as alexnet_cuda.distributed issues them: MPI buckets, NCCL calls); the
+step ends when the last all-reduce (conv1's) ends. Nothing here is measured.
 """
 import argparse
 import os
