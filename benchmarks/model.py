@@ -16,12 +16,14 @@ under build/model/<hash of sources, flags and nvcc version>/. Without the SASS t
 alone: the FFMA share is then taken as 1 and every GEMM time is a lower bound (the output says so).
 
 Which kernel runs. Each pass of the step is mapped to the kernel and tile its launcher in cuda/*.cu picks for that
-shape (every thread owns an 8x8 micro-tile): forward and grad-input convolutions conv_big_tiles (128x128 tiles of
-256 threads when M > 64, N > 64 and tile_cost, the busiest SM's rounds as below, is no higher than for 64x128
-tiles of 128 threads, else 64x128), the other GEMMs use_big_tiles (128x128 when M > 64, N > 64 and the tiles
-alone give >= 264 blocks, else 64x64 tiles of 64 threads) and choose_split_k (64x64 grad-weight and
-linear GEMMs with < 528 tiles and Kr > 256 are cut into slices of >= 128 so that at most 1056 blocks run, 8 per
-SM, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
+shape (every thread owns an 8x8 micro-tile, 6x8 in the 48-row tile; 16-deep k-steps): forward and grad-input
+convolutions conv_tile (128x128 tiles of 256 threads when M > 64, N > 64 and tile_cost, the busiest SM's rounds as
+below, is no higher than for 64x128 tiles of 128 threads; else 48x128 where it costs less than 64x128, as for
+M = 48), the other GEMMs split_tile (128x128 without split-K when M > 64, N > 64 and the tiles alone give >= 264
+blocks; else 48x128 for a conv grad-weight whose M fits 48-row tiles better, 128x128 when M is a multiple of 128,
+64x128 for other conv grad-weights and 64x64 for other linear GEMMs) and choose_split_k (tiles that fill under
+half of one round of the GPU, 132 x blocks/SM, with Kr > 256 are cut into slices of >= 128 so that at most one
+round runs, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
 turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48, conv2 48->128, conv3 256->192
 reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
 is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices.
@@ -95,14 +97,13 @@ HALF_THREADS = SMS * 1024     # resident threads at which a streaming kernel sat
 
 # ---- the launchers' constants (cuda/common.cuh) -------------------------------------------------------------
 TARGET_BLOCKS = 264
-TARGET_SMALL_BLOCKS = 132 * 8   # kTargetSmallBlocks: the 64x64 tile's 64-thread blocks, 8 per SM
-BK = 8
+BK = 16
 GEMM_THREADS = 256              # threads of the 128x128 tile; every tile gives each thread an 8x8 micro-tile
 
 
 def gemm_threads(bm: int, bn: Optional[int] = None) -> int:
-    """Threads per block of a bm x bn GEMM kernel (GemmCfg::kThreads: one per 8x8 micro-tile)."""
-    return (bm // 8) * ((bm if bn is None else bn) // 8)
+    """Threads per block of a bm x bn GEMM kernel (GemmCfg::kThreads: one per 8x8 micro-tile, 6x8 when bm = 48)."""
+    return (bm // (6 if bm == 48 else 8)) * ((bm if bn is None else bn) // 8)
 
 
 def gemm_min_blocks(bm: int, bn: int) -> int:
@@ -389,6 +390,15 @@ GEMM_OPS = {
     "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
     "linear_wgrad": ("gemm.cu", "StridedGemmILb0ELb0E"),
 }
+# The tiles each GEMM kernel is instantiated with (the launchers in cuda/conv.cu, cuda/gemm.cu).
+GEMM_TILES = {
+    "conv_fwd": ((128, 128), (64, 128), (48, 128)),
+    "conv_dgrad": ((128, 128), (64, 128), (48, 128)),
+    "conv_wgrad": ((128, 128), (64, 128), (48, 128)),
+    "linear_fwd": ((128, 128), (64, 64)),
+    "linear_dgrad": ((128, 128), (64, 64)),
+    "linear_wgrad": ((128, 128), (64, 64)),
+}
 KERNELS = {
     "splitk_reduce": ("gemm.cu", "splitk_reduce_kernel"),
     "conv_bias_grad": ("conv.cu", "conv2d_backward_bias_kernel"),
@@ -440,6 +450,11 @@ def use_big_tiles(M: int, N: int, Z: int) -> bool:
     return M > 64 and N > 64 and gemm_tiles(M, N, 128) * Z >= TARGET_BLOCKS
 
 
+def narrow_fits(M: int) -> bool:
+    """narrow_fits: 48-row tiles pad M less than 64-row ones."""
+    return cdiv(M, 48) * 48 < cdiv(M, 64) * 64
+
+
 def tile_cost(M: int, N: int, Z: int, bm: int, bn: int) -> int:
     """tile_cost<Cfg> (common.cuh): rounds of the busiest SM, a round of too few warps costing as a full one."""
     per_sm = cdiv(gemm_tiles(M, N, bm, bn) * Z, SMS)
@@ -449,19 +464,36 @@ def tile_cost(M: int, N: int, Z: int, bm: int, bn: int) -> int:
     return (per_sm // b * b + (max(rest, slow) if rest else 0)) * bm * bn
 
 
-def conv_big_tiles(M: int, N: int, Z: int) -> bool:
-    """conv_big_tiles: forward / grad-input take 128x128 where it costs no more than 64x128."""
-    return M > 64 and N > 64 and tile_cost(M, N, Z, 128, 128) <= tile_cost(M, N, Z, 64, 128)
+def conv_tile(M: int, N: int, Z: int) -> Tuple[int, int]:
+    """conv_tile: forward / grad-input take 128x128 where it costs no more than 64x128, else the cheaper of
+    64x128 and 48x128 (a tie keeps 64x128). Returns (BM, BN)."""
+    wide = tile_cost(M, N, Z, 64, 128)
+    if M > 64 and N > 64 and tile_cost(M, N, Z, 128, 128) <= wide:
+        return 128, 128
+    return (48, 128) if tile_cost(M, N, Z, 48, 128) < wide else (64, 128)
 
 
-def choose_split_k(blocks: int, Kr: int) -> Tuple[int, int]:
-    """(slices, chunk) as choose_split_k returns them."""
+def split_tile(M: int, N: int, Z: int, narrow_ok: bool, other: Tuple[int, int]) -> Tuple[int, int]:
+    """split_tile: 128x128 without split-K when the tiles fill the GPU; else 48x128 where it fits M better
+    (k-contiguous A only), 128x128 for M a multiple of 128, `other` otherwise."""
+    if use_big_tiles(M, N, Z):
+        return 128, 128
+    if narrow_ok and narrow_fits(M):
+        return 48, 128
+    if M % 128 == 0:
+        return 128, 128
+    return other
+
+
+def choose_split_k(blocks: int, Kr: int, bm: int = 64, bn: int = 64) -> Tuple[int, int]:
+    """(slices, chunk) as choose_split_k<Cfg> returns them for the bm x bn tile."""
+    target = SMS * gemm_min_blocks(bm, bn)
     splits = 1
-    if blocks < TARGET_SMALL_BLOCKS // 2 and Kr > 256:
-        want = TARGET_SMALL_BLOCKS // blocks
+    if blocks < target // 2 and Kr > 256:
+        want = target // blocks
         splits = max(1, min(want, Kr // 128, 256))
-    c = cdiv(cdiv(Kr, splits), 8) * 8
-    c = max(c, 8)
+    c = cdiv(cdiv(Kr, splits), BK) * BK
+    c = max(c, BK)
     return (cdiv(Kr, c) if Kr > 0 else 1), c
 
 
@@ -489,12 +521,14 @@ class GemmLaunch:
 def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1) -> GemmLaunch:
     """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K."""
     if op in ("conv_fwd", "conv_dgrad"):
-        return GemmLaunch(op, M, N, K, Z, 128, 1, K) if conv_big_tiles(M, N, Z) else \
-            GemmLaunch(op, M, N, K, Z, 64, 1, K, 128)
-    if use_big_tiles(M, N, Z):
-        return GemmLaunch(op, M, N, K, Z, 128, 1, K)
-    splits, chunk = choose_split_k(gemm_tiles(M, N, 64) * Z, K)
-    return GemmLaunch(op, M, N, K, Z, 64, splits, chunk)
+        bm, bn = conv_tile(M, N, Z)
+        return GemmLaunch(op, M, N, K, Z, bm, 1, K, bn)
+    if op == "conv_wgrad":
+        bm, bn = split_tile(M, N, Z, True, (64, 128))
+    else:
+        bm, bn = split_tile(M, N, Z, False, (64, 64))
+    splits, chunk = choose_split_k(gemm_tiles(M, N, bm, bn) * Z, K, bm, bn)
+    return GemmLaunch(op, M, N, K, Z, bm, splits, chunk, bn)
 
 
 # =============================================================================================================
@@ -1040,7 +1074,7 @@ def run_model(args) -> Tuple[str, dict]:
                                                                              step_ms)
     used = []
     for op in GEMM_OPS:
-        for bm, bn in ((128, 128), (64, 128) if op in ("conv_fwd", "conv_dgrad") else (64, 64)):
+        for bm, bn in GEMM_TILES[op]:
             used.append((f"{op}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn)))
     meta = dict(config="paper", batch=N, gpu_label={"h200": "H200 (H100 SXM compute)", "h100": "H100 SXM"}[args.gpu],
                 commit=commit, bw_label=bw_label, notes=notes, step_ms=step_ms)

@@ -1,6 +1,6 @@
 // CUDA backend of the conv family. The three matrix passes are implicit GEMMs on the shared tiled main
-// loop (common.cuh: 128x128, 64x128 or 64x64 block tiles, 8-deep k-steps, 8x8 register micro-tiles, a 3-stage
-// cp.async shared-memory ring); only the operand views differ, below. Group g is blockIdx.z (wgrad:
+// loop (common.cuh: 128x128, 64x128 or 48x128 block tiles, 16-deep k-steps, 8x8 or 6x8 register micro-tiles, a
+// 2- or 3-stage cp.async shared-memory ring); only the operand views differ, below. Group g is blockIdx.z (wgrad:
 // z = g * splits + split). Index decomposition uses FastDiv (multiply-high), once per thread for what the
 // tile mapping keeps fixed and once per k per block in the gather tables (common.cuh) for the rest. No
 // atomics anywhere: wgrad's split-K writes partial sums to a workspace that a second kernel adds in a
@@ -346,15 +346,41 @@ struct ConvBwdWeight {
     }
 };
 
-// Forward and grad-input: 128x128 or 64x128 tiles (conv_big_tiles); launches over Z = groups slices.
+// Forward and grad-input: 128x128, 64x128 or 48x128 tiles (conv_tile); launches over Z = groups slices.
+template <class Cfg, class Op>
+void launch_tiles(const char* opname, const Op& op, int Z, cudaStream_t s) {
+    gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, op.M, op.N, Z), Cfg::kThreads, 0, s>>>(op);
+    AX_LAUNCH_CHECK(opname);
+}
 template <class Op>
 void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
-    if (conv_big_tiles(op.M, op.N, Z)) {
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, Z), GemmBig::kThreads, 0, s>>>(op);
-    } else {
-        gemm_tiled_kernel<GemmWide><<<gemm_grid<GemmWide>(opname, op.M, op.N, Z), GemmWide::kThreads, 0, s>>>(op);
+    switch (conv_tile(op.M, op.N, Z)) {
+        case Tile::Big: launch_tiles<GemmBig>(opname, op, Z, s); break;
+        case Tile::Narrow: launch_tiles<GemmNarrow>(opname, op, Z, s); break;
+        default: launch_tiles<GemmWide>(opname, op, Z, s); break;
     }
-    AX_LAUNCH_CHECK(opname);
+}
+
+// Weight gradient on tile Cfg: split-K as choose_split_k<Cfg> says, the partial sums of `splits` > 1 slices
+// in a workspace that splitk_reduce adds in slice order.
+template <class Cfg>
+void launch_conv_wgrad(const char* opname, ConvBwdWeight op, const Conv2dParams& p, float* dw, void* stream) {
+    int chunk = 0;
+    op.splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(op.M, op.N) * p.groups, op.Kr, &chunk);
+    op.kchunk = chunk;
+    require(static_cast<int64_t>(op.splits) * p.groups <= 65535, opname, "too many groups for one launch");
+    const int Z = op.splits * p.groups;
+    const cudaStream_t s = as_stream(stream);
+    if (op.splits == 1) {
+        op.out = dw;
+        launch_tiles<Cfg>(opname, op, Z, s);
+        return;
+    }
+    const int64_t total = static_cast<int64_t>(p.K) * op.g.CgRS;
+    Tensor ws = workspace(opname, total * op.splits, stream);
+    op.out = ws.data<float>();
+    launch_tiles<Cfg>(opname, op, Z, s);
+    splitk_reduce(opname, total, op.splits, ws.data<float>(), nullptr, 1, dw, stream);
 }
 
 // db[k] = sum over n, p, q of dy[n,k,p,q]: one block per channel; thread t sums pixels t, t+256, ... of
@@ -402,29 +428,11 @@ void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* 
     op.M = op.g.Kg;
     op.N = op.g.CgRS;
     op.Kr = p.N * op.g.PQ;
-    const cudaStream_t s = as_stream(stream);
-    if (use_big_tiles(op.M, op.N, p.groups)) {
-        op.kchunk = op.Kr > 0 ? op.Kr : 1;
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, p.groups), GemmBig::kThreads, 0, s>>>(op);
-        AX_LAUNCH_CHECK(opname);
-        return;
+    switch (split_tile(op.M, op.N, p.groups, true, Tile::Wide)) {
+        case Tile::Big: launch_conv_wgrad<GemmBig>(opname, op, p, dw, stream); break;
+        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, op, p, dw, stream); break;
+        default: launch_conv_wgrad<GemmWide>(opname, op, p, dw, stream); break;
     }
-    int chunk = 0;
-    op.splits = choose_split_k(gemm_tiles<GemmSmall>(op.M, op.N) * p.groups, op.Kr, &chunk);
-    op.kchunk = chunk;
-    require(static_cast<int64_t>(op.splits) * p.groups <= 65535, opname, "too many groups for one launch");
-    const int Z = op.splits * p.groups;
-    if (op.splits == 1) {
-        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), GemmSmall::kThreads, 0, s>>>(op);
-        AX_LAUNCH_CHECK(opname);
-        return;
-    }
-    const int64_t total = static_cast<int64_t>(p.K) * op.g.CgRS;
-    Tensor ws = workspace(opname, total * op.splits, stream);
-    op.out = ws.data<float>();
-    gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), GemmSmall::kThreads, 0, s>>>(op);
-    AX_LAUNCH_CHECK(opname);
-    splitk_reduce(opname, total, op.splits, ws.data<float>(), nullptr, 1, dw, stream);
 }
 
 void conv2d_backward_bias(const Conv2dParams& p, const float* dy, float* db, void* stream) {

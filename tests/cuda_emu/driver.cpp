@@ -618,6 +618,9 @@ void group_conv() {
     test_conv({2, 4, 6, 5, 4, 1, 1, 1, 1, 0, 0, 4, true, ALL, "odd"});
     test_conv({1, 2, 3, 3, 3, 3, 3, 1, 1, 2, 2, 1, true, ALL, "odd"});  // padding larger than half the window
     test_conv({2, 4, 1, 1, 6, 1, 1, 1, 1, 0, 0, 2, true, ALL, "odd"});  // 1x1 image
+    // M = 60 (out and in channels): the 64x128 tile in all three passes with a partial row tile, the weight
+    // gradient split in two (Kr = 286); the cases above take the 48x128 tile (M <= 48).
+    test_conv({2, 60, 13, 11, 60, 3, 3, 1, 1, 1, 1, 1, true, ALL, "wide tile"});
 }
 
 void group_conv_alexnet() {
@@ -647,6 +650,7 @@ void group_linear() {
     test_linear(17, 33, 65, false);
     test_linear(130, 70, 200, true);
     test_linear(5, 1000, 7, true);  // split-K in every pass
+    test_linear(128, 300, 70, true);  // M = 128 on 128x128 tiles: forward split-K, grad-input not
     test_linear(1, 1, 1, true);
     test_linear(2, 4096, 500, true);  // AlexNet fc8, one tower's half of the classes, batch 2
     test_linear(2, 4096, 2048, true);  // AlexNet fc7, one tower, batch 2 (fc6 differs only in I=9216)
