@@ -26,7 +26,10 @@ half of one round of the GPU, 132 x blocks/SM, with Kr > 256 are cut into slices
 round runs, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
 turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48, conv2 48->128, conv3 256->192
 reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
-is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices.
+is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices. The
+convolutions' three GEMM passes run as one launch for both towers (Net::pair_towers, ops::conv2d_*_pair: tower 1's
+blocks follow tower 0's in blockIdx.z; a grad-weight pair keeps one tower's tile and split-K), shown once with
+"pair" after the tile.
 
 Occupancy (as cuda_occupancy.h computes it for sm_90): registers are allocated per warp in units of 256 and
 checked per SM sub-partition (4 x 16 K registers: warps/partition = floor(16384 / (ceil(32 r / 256) * 256))); shared
@@ -34,7 +37,7 @@ memory per block = static + 1 KB reserved, rounded up to 128 B, out of 228 KB; a
 per SM.
 
 The GEMM formula. With B blocks, b = blocks/SM from occupancy, w = padded FLOPs of one block (2 BM BN k-slice,
-k rounded up to the 8-deep k-step; tile fill = useful / padded FLOPs), R = 66.9 TFLOP/s / 132 per SM and s = the
+k rounded up to the 16-deep k-step; tile fill = useful / padded FLOPs), R = 66.9 TFLOP/s / 132 per SM and s = the
 main loop's FFMA share, the busiest SM runs n = ceil(B / 132) blocks in rounds of up to b at once, and
 
     t_compute = sum over rounds of  k * w / (R * s * eta(k)),   eta(k) = min(1, warps per block x k / 16)
@@ -421,17 +424,20 @@ KERNELS = {
 }
 
 
-def find_kernel(kernels: Dict[str, KernelInfo], file: str, *subs: str) -> KernelInfo:
-    hits = [v for k, v in kernels.items() if k.startswith(file + ":") and all(s in k for s in subs)]
+def find_kernel(kernels: Dict[str, KernelInfo], file: str, *subs: str, pair: Optional[bool] = None) -> KernelInfo:
+    """The one kernel of `file` whose mangled name holds every `subs`; pair True/False: a TowerPair or not."""
+    hits = [v for k, v in kernels.items() if k.startswith(file + ":") and all(s in k for s in subs)
+            and (pair is None or ("9TowerPair" in k) == pair)]
     if len(hits) != 1:
         raise ModelError(f"model: expected one kernel in {file} matching {subs}, found {len(hits)} "
                          "(did a kernel's name change? update GEMM_OPS/KERNELS in benchmarks/model.py)")
     return hits[0]
 
 
-def gemm_kernel(kernels, op: str, tile: int, tile_n: Optional[int] = None) -> KernelInfo:
+def gemm_kernel(kernels, op: str, tile: int, tile_n: Optional[int] = None, pair: bool = False) -> KernelInfo:
+    """The GEMM kernel of `op` on the tile: both towers' launch (TowerPair) when pair, else one op's."""
     file, sub = GEMM_OPS[op]
-    return find_kernel(kernels, file, f"GemmCfgILi{tile}ELi{tile if tile_n is None else tile_n}E", sub)
+    return find_kernel(kernels, file, f"GemmCfgILi{tile}ELi{tile if tile_n is None else tile_n}E", sub, pair=pair)
 
 
 # =============================================================================================================
@@ -508,6 +514,7 @@ class GemmLaunch:
     splits: int
     chunk: int
     tile_n: int = 0   # BN (0: square)
+    towers: int = 1   # 2: both towers' problems in one launch (a TowerPair)
 
     @property
     def bn(self) -> int:
@@ -515,20 +522,21 @@ class GemmLaunch:
 
     @property
     def blocks(self) -> int:
-        return gemm_tiles(self.M, self.N, self.tile, self.bn) * self.Z * self.splits
+        return gemm_tiles(self.M, self.N, self.tile, self.bn) * self.Z * self.splits * self.towers
 
 
-def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1) -> GemmLaunch:
-    """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K."""
+def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1, towers: int = 1) -> GemmLaunch:
+    """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K; a pair of towers
+    (towers = 2) picks their tile for all its blocks, a grad-weight pair keeps one tower's tile and split-K."""
     if op in ("conv_fwd", "conv_dgrad"):
-        bm, bn = conv_tile(M, N, Z)
-        return GemmLaunch(op, M, N, K, Z, bm, 1, K, bn)
+        bm, bn = conv_tile(M, N, Z * towers)
+        return GemmLaunch(op, M, N, K, Z, bm, 1, K, bn, towers)
     if op == "conv_wgrad":
         bm, bn = split_tile(M, N, Z, True, (64, 128))
     else:
         bm, bn = split_tile(M, N, Z, False, (64, 64))
     splits, chunk = choose_split_k(gemm_tiles(M, N, bm, bn) * Z, K, bm, bn)
-    return GemmLaunch(op, M, N, K, Z, bm, splits, chunk, bn)
+    return GemmLaunch(op, M, N, K, Z, bm, splits, chunk, bn, towers)
 
 
 # =============================================================================================================
@@ -565,17 +573,19 @@ class Model:
         self.sass = sass
 
     def gemm(self, layer: str, pass_: str, op: str, M: int, N: int, K: int, Z: int = 1,
-             bytes_: float = 0.0) -> List[Pass]:
-        g = plan_gemm(op, M, N, K, Z)
-        info = gemm_kernel(self.k, op, g.tile, g.bn)
+             bytes_: float = 0.0, towers: int = 1) -> List[Pass]:
+        """One launch of an M x N x K GEMM (x Z groups) for `towers` towers at once; bytes_ are one tower's."""
+        g = plan_gemm(op, M, N, K, Z, towers)
+        bytes_ = bytes_ * towers
+        info = gemm_kernel(self.k, op, g.tile, g.bn, pair=towers > 1)
         threads = gemm_threads(g.tile, g.bn)
         bps = blocks_per_sm(threads, info.regs, info.smem)
         share = info.ffma_share if (self.sass and info.ffma_share) else 1.0
         B = g.blocks
         tiles_mn = cdiv(M, g.tile) * g.tile * cdiv(N, g.bn) * g.bn
         kpad = sum(cdiv(min(g.chunk, K - s * g.chunk), BK) * BK for s in range(g.splits))
-        padded = 2.0 * tiles_mn * kpad * Z
-        useful = 2.0 * M * N * K * Z
+        padded = 2.0 * tiles_mn * kpad * Z * towers
+        useful = 2.0 * M * N * K * Z * towers
         w = padded / B
         n = cdiv(B, SMS)
         t = 0.0
@@ -591,14 +601,16 @@ class Model:
         spill = f"{info.spill_stores}/{info.spill_loads}"
         if info.loop_local:
             spill += f" ({info.loop_local} in loop)"
-        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.bn}" + (f" splitK{g.splits}" if g.splits > 1 else ""),
+        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.bn}" + (f" splitK{g.splits}" if g.splits > 1 else "") + (" pair" if towers > 1 else ""),
                  B, bps, B / (bps * SMS), info.ffma_share if self.sass else None, spill, useful, bytes_,
                  useful / padded, (padded / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
         out = [p]
         if g.splits > 1:
             total = M * N * Z
-            out.append(self.stream(layer, pass_ + " reduce", "splitk_reduce", (g.splits + 1) * total * 4.0,
-                                   grid=min(cdiv(total, THREADS_1D), MAX_BLOCKS_1D), threads=THREADS_1D))
+            # One reduce launch per tower.
+            out.append(self.stream(layer, pass_ + " reduce", "splitk_reduce", towers * (g.splits + 1) * total * 4.0,
+                                   grid=min(cdiv(total, THREADS_1D), MAX_BLOCKS_1D), threads=THREADS_1D,
+                                   launches=towers))
         return out
 
     def stream(self, layer: str, pass_: str, kernel: str, bytes_: float, grid: int, threads: int = THREADS_1D,
@@ -689,7 +701,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
             x_b, y_b, w_b = N * l["in_c"] * HW * f, N * l["out_c"] * PQ * f, l["out_c"] * Kr * f
-            add(m.gemm(name, "forward", "conv_fwd", l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b))
+            add(m.gemm(name, "forward", "conv_fwd", l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b, towers=T), 1)
             z = N * l["out_c"] * PQ
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
@@ -740,11 +752,11 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
             x_b, y_b, w_b = N * l["in_c"] * HW * f, z * f, l["out_c"] * Kr * f
-            add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b))
+            add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b, towers=T), 1)
             add(m.stream(name, "grad-bias", "conv_bias_grad", z * f, l["out_c"]))
             if i > 0:
                 add(m.gemm(name, "grad-input", "conv_dgrad", l["in_c"], N * HW, l["out_c"] * l["k"] ** 2, 1,
-                           x_b + y_b + w_b))
+                           x_b + y_b + w_b, towers=T), 1)
             nw = l["out_c"] * Kr
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
@@ -997,7 +1009,7 @@ def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, K
                      f"{k.smem:>6} {blocks_per_sm(thr, k.regs, k.smem):>6} {_f(k.loop_ffma, 'd'):>9} "
                      f"{_f(k.loop_instr, 'd'):>10} {_f(k.ffma_share, '.1%'):>10} {_f(k.loop_local, 'd'):>7}")
     lines.append("")
-    lines.append("Passes (one tower's launch; x = times per step; ms = all of them)")
+    lines.append("Passes (one launch: one tower's, or both towers' where the tile says pair; x = times per step; ms = all of them)")
     hdr = f"{'layer':<6} {'pass':<34} {'kernel':<17} {'tile':<15} {'grid':>6} {'b/SM':>4} {'waves':>6} " \
           f"{'FFMA':>6} {'fill':>5} {'wave':>5} {'spills':<16} {'bound':<18} {'x':>2} {'ms':>8}"
     lines += [hdr, "-" * len(hdr)]
@@ -1074,8 +1086,9 @@ def run_model(args) -> Tuple[str, dict]:
                                                                              step_ms)
     used = []
     for op in GEMM_OPS:
-        for bm, bn in GEMM_TILES[op]:
-            used.append((f"{op}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn)))
+        for pair in (False, True) if op.startswith("conv_") else (False,):
+            for bm, bn in GEMM_TILES[op]:
+                used.append((f"{op}{' pair' if pair else ''}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn, pair)))
     meta = dict(config="paper", batch=N, gpu_label={"h200": "H200 (H100 SXM compute)", "h100": "H100 SXM"}[args.gpu],
                 commit=commit, bw_label=bw_label, notes=notes, step_ms=step_ms)
     text = render(passes, host, used, meta, cmp_rows)

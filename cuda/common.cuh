@@ -404,6 +404,41 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
     }
 }
 
+// Both towers' problems of one pass in one launch, when they share a device and a stream: slices z in
+// [0, zper) are tower 0's op (slice z), [zper, 2 zper) tower 1's (slice z - zper). The two ops have the same
+// geometry and differ only in their pointers, so the gather table and the fetches (which read the
+// per-thread state and the geometry) are tower 0's code; thread() and store() pick the tower. A launch twice
+// as large fills the tail round of one tower with the other's blocks. Each output element's k-sum runs in
+// the same order as in a launch of its own tower (the tile shape never changes that order, and the pair
+// keeps the single launch's split-K), so the results are bit for bit those of two launches.
+template <class Op>
+struct TowerPair {
+    static constexpr bool kAContigK = Op::kAContigK, kBContigK = Op::kBContigK, kTab = Op::kTab;
+    using Entry = typename Op::Entry;
+    int M, N, zper;
+    Op op0, op1;
+
+    __device__ Entry entry(int k, int kb, int ke) const { return op0.entry(k, kb, ke); }
+    template <class Cfg>
+    __device__ auto thread(int z, int m0, int n0) const {
+        return z < zper ? op0.template thread<Cfg>(z, m0, n0) : op1.template thread<Cfg>(z - zper, m0, n0);
+    }
+    __device__ void k_range(int z, int& kb, int& ke) const { op0.k_range(z < zper ? z : z - zper, kb, ke); }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        op0.template fetch_a<Cfg, kCheck>(t, tab, k0, kb, ke, put);
+    }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        op0.template fetch_b<Cfg, kCheck>(t, tab, k0, kb, ke, put);
+    }
+    template <class Th>
+    __device__ void store(const Th& t, int z, int m, int n, float v) const {
+        if (z < zper) op0.store(t, z, m, n, v);
+        else op1.store(t, z - zper, m, n, v);
+    }
+};
+
 constexpr int64_t kMaxGemmDim = 0x7fffffffll - 1024;
 
 // Tiles of BM x BN over an M x N problem with Z slices: the grid, checked against CUDA's limits.

@@ -361,26 +361,56 @@ void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
     }
 }
 
-// Weight gradient on tile Cfg: split-K as choose_split_k<Cfg> says, the partial sums of `splits` > 1 slices
-// in a workspace that splitk_reduce adds in slice order.
+// Weight gradient of n = 1 or 2 towers (ops[i] -> dw[i], the same shapes) on tile Cfg: split-K as
+// choose_split_k<Cfg> says for one tower (a pair keeps that split, so its bits are the single launch's), the
+// partial sums of `splits` > 1 slices in a workspace that splitk_reduce adds in slice order, per tower.
 template <class Cfg>
-void launch_conv_wgrad(const char* opname, ConvBwdWeight op, const Conv2dParams& p, float* dw, void* stream) {
+void launch_conv_wgrad(const char* opname, ConvBwdWeight* ops, int n, const Conv2dParams& p, float* const* dw,
+                       void* stream) {
     int chunk = 0;
-    op.splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(op.M, op.N) * p.groups, op.Kr, &chunk);
-    op.kchunk = chunk;
-    require(static_cast<int64_t>(op.splits) * p.groups <= 65535, opname, "too many groups for one launch");
-    const int Z = op.splits * p.groups;
-    const cudaStream_t s = as_stream(stream);
-    if (op.splits == 1) {
-        op.out = dw;
-        launch_tiles<Cfg>(opname, op, Z, s);
-        return;
+    const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(ops[0].M, ops[0].N) * p.groups, ops[0].Kr, &chunk);
+    const int zper = splits * p.groups;
+    require(static_cast<int64_t>(zper) * n <= 65535, opname, "too many groups for one launch");
+    const int64_t total = static_cast<int64_t>(p.K) * ops[0].g.CgRS;
+    Tensor ws;
+    if (splits > 1) ws = workspace(opname, total * splits * n, stream);
+    for (int i = 0; i < n; ++i) {
+        ops[i].splits = splits;
+        ops[i].kchunk = chunk;
+        ops[i].out = splits == 1 ? dw[i] : ws.data<float>() + i * total * splits;
     }
-    const int64_t total = static_cast<int64_t>(p.K) * op.g.CgRS;
-    Tensor ws = workspace(opname, total * op.splits, stream);
-    op.out = ws.data<float>();
-    launch_tiles<Cfg>(opname, op, Z, s);
-    splitk_reduce(opname, total, op.splits, ws.data<float>(), nullptr, 1, dw, stream);
+    const cudaStream_t s = as_stream(stream);
+    if (n == 1) {
+        launch_tiles<Cfg>(opname, ops[0], zper, s);
+    } else {
+        launch_tiles<Cfg>(opname, TowerPair<ConvBwdWeight>{ops[0].M, ops[0].N, zper, ops[0], ops[1]}, 2 * zper, s);
+    }
+    if (splits > 1)
+        for (int i = 0; i < n; ++i)
+            splitk_reduce(opname, total, splits, ws.data<float>() + i * total * splits, nullptr, 1, dw[i], stream);
+}
+
+// The n towers' weight gradients (x[i], dy[i] -> dw[i]) on the tile split_tile picks for one tower.
+void conv_wgrad(const Conv2dParams& p, int n, const float* const* x, const float* const* dy, float* const* dw,
+                void* stream) {
+    const char* opname = "conv2d_backward_weight";
+    if (static_cast<int64_t>(p.K) * (p.C / p.groups) * p.R * p.S == 0) return;
+    const ConvGeom g(p, opname);
+    const int last = n > 1 ? 1 : 0;
+    ConvBwdWeight ops[2] = {ConvBwdWeight{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[0], dy[0], dw[0]},
+                            ConvBwdWeight{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[last], dy[last], dw[last]}};
+    switch (split_tile(g.Kg, g.CgRS, p.groups, true, Tile::Wide)) {
+        case Tile::Big: launch_conv_wgrad<GemmBig>(opname, ops, n, p, dw, stream); break;
+        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, stream); break;
+        default: launch_conv_wgrad<GemmWide>(opname, ops, n, p, dw, stream); break;
+    }
+}
+
+// A pair of ops on one stream: tower 1's slices follow tower 0's in blockIdx.z.
+template <class Op>
+void launch_conv_pair(const char* opname, const Op& op0, const Op& op1, int groups, cudaStream_t s) {
+    require(2 * static_cast<int64_t>(groups) <= 65535, opname, "too many groups for one launch");
+    launch_conv_gemm(opname, TowerPair<Op>{op0.M, op0.N, groups, op0, op1}, 2 * groups, s);
 }
 
 // db[k] = sum over n, p, q of dy[n,k,p,q]: one block per channel; thread t sums pixels t, t+256, ... of
@@ -422,17 +452,35 @@ void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* 
 }
 
 void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* dy, float* dw, void* stream) {
-    const char* opname = "conv2d_backward_weight";
-    if (static_cast<int64_t>(p.K) * (p.C / p.groups) * p.R * p.S == 0) return;
-    ConvBwdWeight op{0, 0, 0, 0, 1, ConvGeom(p, opname), x, dy, dw};
-    op.M = op.g.Kg;
-    op.N = op.g.CgRS;
-    op.Kr = p.N * op.g.PQ;
-    switch (split_tile(op.M, op.N, p.groups, true, Tile::Wide)) {
-        case Tile::Big: launch_conv_wgrad<GemmBig>(opname, op, p, dw, stream); break;
-        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, op, p, dw, stream); break;
-        default: launch_conv_wgrad<GemmWide>(opname, op, p, dw, stream); break;
+    conv_wgrad(p, 1, &x, &dy, &dw, stream);
+}
+
+void conv2d_forward_pair(const Conv2dParams& p, const float* const x[2], const float* const w[2],
+                         const float* const b[2], float* const y[2], void* stream) {
+    const char* opname = "conv2d_forward";
+    if (static_cast<int64_t>(p.N) * p.K * p.P * p.Q == 0) return;
+    const ConvGeom g(p, opname);
+    const ConvFwd op0{g.Kg, p.N * g.PQ, g, x[0], w[0], b[0], y[0]}, op1{g.Kg, p.N * g.PQ, g, x[1], w[1], b[1], y[1]};
+    launch_conv_pair(opname, op0, op1, p.groups, as_stream(stream));
+}
+
+void conv2d_backward_input_pair(const Conv2dParams& p, const float* const dy[2], const float* const w[2],
+                                float* const dx[2], void* stream) {
+    const char* opname = "conv2d_backward_input";
+    if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
+    const ConvGeom g(p, opname);
+    if (g.sh == 1 && g.sw == 1) {
+        launch_conv_pair(opname, ConvBwdInput<true>{g.Cg, p.N * g.HW, g, dy[0], w[0], dx[0]},
+                         ConvBwdInput<true>{g.Cg, p.N * g.HW, g, dy[1], w[1], dx[1]}, p.groups, as_stream(stream));
+    } else {
+        launch_conv_pair(opname, ConvBwdInput<false>{g.Cg, p.N * g.HW, g, dy[0], w[0], dx[0]},
+                         ConvBwdInput<false>{g.Cg, p.N * g.HW, g, dy[1], w[1], dx[1]}, p.groups, as_stream(stream));
     }
+}
+
+void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
+                                 float* const dw[2], void* stream) {
+    conv_wgrad(p, 2, x, dy, dw, stream);
 }
 
 void conv2d_backward_bias(const Conv2dParams& p, const float* dy, float* db, void* stream) {

@@ -50,6 +50,7 @@ EXPECTED_CHECKS = {
     "conv": 32,
     "conv_alexnet": 23,
     "conv_bigtile": 5,
+    "conv_pair": 49,
     "linear": 32,
     "linear_bigtile": 8,
     "gridstride": 10,

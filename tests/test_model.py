@@ -236,6 +236,13 @@ def test_plan_gemm_matches_the_launchers():
     # conv3 grad-weight: M = 192 -> 64x128 tiles (3 x 18 = 54), 528/54 = 9 slices.
     g = M.plan_gemm("conv_wgrad", 192, 2304, 128 * 169)
     assert (g.tile, g.bn, g.splits) == (64, 128, 9)
+    # Both towers in one launch: conv2 grad-input's 2 x 729 blocks of 48x128 (12 per SM in three full rounds);
+    # conv2 grad-weight keeps one tower's 128x128 tile and 26 slices, twice the blocks.
+    g = M.plan_gemm("conv_dgrad", 48, 128 * 27 * 27, 128 * 25, 1, towers=2)
+    assert (g.tile, g.bn, g.splits, g.blocks) == (48, 128, 1, 1458)
+    one = M.plan_gemm("conv_wgrad", 128, 1200, 128 * 729)
+    two = M.plan_gemm("conv_wgrad", 128, 1200, 128 * 729, 1, towers=2)
+    assert (one.tile, one.splits, one.blocks) == (128, 26, 260) and (two.tile, two.splits, two.blocks) == (128, 26, 520)
 
 
 def test_comparison_pairs_rows_of_the_same_commit():

@@ -221,6 +221,46 @@ void test_conv(const ConvCase& c) {
     if (c.passes & BGRAD) check_rel("conv2d_backward_bias " + name, ops::conv2d_backward_bias(tdy), db, kReduction);
 }
 
+// Both towers in one launch (ops::conv2d_*_pair, what Net issues when the towers share a device and a stream):
+// bit for bit the two single calls, on CUDA and on the CPU backend. The single calls are checked against float64
+// in test_conv; a pair may take another tile than a single call (twice the blocks), which must not change a bit.
+void check_same_bits(const std::string& name, const Tensor& pair_out, const Tensor& single_out) {
+    const Tensor a = pair_out.to(Device{}), b = single_out.to(Device{});
+    const bool ok = a.shape() == b.shape() && a.numel() > 0 &&
+                    memcmp(a.data<float>(), b.data<float>(), size_t(a.numel()) * sizeof(float)) == 0;
+    report(ok, 0, name, fmt("bit-exact, n=%lld", (long long)a.numel()));
+}
+
+void test_conv_pair(const ConvCase& c) {
+    const int P = (c.H + 2 * c.ph - c.R) / c.sh + 1, Q = (c.W + 2 * c.pw - c.S) / c.sw + 1;
+    const int Cg = c.C / c.g;
+    const std::string name = fmt("%s N%d C%d %dx%d K%d %dx%d s%d,%d p%d,%d g%d", c.label, c.N, c.C, c.H, c.W, c.K,
+                                 c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
+    for (const Device dev : {GPU, Device{}}) {
+        ops::TensorPair x, w, dy;
+        std::array<std::optional<Tensor>, 2> b;
+        for (int t = 0; t < 2; ++t) {
+            x[t] = host_tensor({c.N, c.C, c.H, c.W}, randv(size_t(c.N) * c.C * c.H * c.W)).to(dev);
+            w[t] = host_tensor({c.K, Cg, c.R, c.S}, randv(size_t(c.K) * Cg * c.R * c.S)).to(dev);
+            b[t] = host_tensor({c.K}, randv(c.K)).to(dev);
+            dy[t] = host_tensor({c.N, c.K, P, Q}, randv(size_t(c.N) * c.K * P * Q)).to(dev);
+        }
+        const std::string nm = name + (dev.is_cpu() ? " (cpu)" : " (cuda)");
+        const auto y = ops::conv2d_forward_pair(x, w, b, c.sh, c.sw, c.ph, c.pw, c.g);
+        const auto dx = ops::conv2d_backward_input_pair(dy, w, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g);
+        const auto dw = ops::conv2d_backward_weight_pair(x, dy, c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
+        for (int t = 0; t < 2; ++t) {
+            const std::string tn = fmt(" tower %d ", t) + nm;
+            check_same_bits("conv2d_forward_pair == single" + tn, y[t],
+                            ops::conv2d_forward(x[t], w[t], b[t], c.sh, c.sw, c.ph, c.pw, c.g));
+            check_same_bits("conv2d_backward_input_pair == single" + tn, dx[t],
+                            ops::conv2d_backward_input(dy[t], w[t], c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g));
+            check_same_bits("conv2d_backward_weight_pair == single" + tn, dw[t],
+                            ops::conv2d_backward_weight(x[t], dy[t], c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g));
+        }
+    }
+}
+
 // ---- linear ------------------------------------------------------------------------------------------
 
 void test_linear(int N, int I, int O, bool bias) {
@@ -621,6 +661,27 @@ void group_conv() {
     // M = 60 (out and in channels): the 64x128 tile in all three passes with a partial row tile, the weight
     // gradient split in two (Kr = 286); the cases above take the 48x128 tile (M <= 48).
     test_conv({2, 60, 13, 11, 60, 3, 3, 1, 1, 1, 1, 1, true, ALL, "wide tile"});
+}
+
+void group_conv_pair() {
+    // 48x128 tiles with partial row and column tiles, the weight gradient split in two (Kr = 338).
+    test_conv_pair({2, 6, 13, 13, 40, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair"});
+    test_conv_pair({1, 8, 7, 7, 12, 3, 3, 1, 1, 1, 1, 2, true, ALL, "pair groups"});
+    test_conv_pair({2, 4, 11, 11, 6, 3, 3, 2, 2, 1, 1, 1, true, ALL, "pair strided"});
+    // M = 130, N = 8542: one tower takes 128x128 tiles, the pair's twice as many blocks 48x128.
+    test_conv_pair({1, 2, 2, 4271, 130, 1, 1, 1, 1, 0, 0, 1, true, ALL, "pair tile differs"});
+    // A pair whose towers differ in shape, or in device, is refused naming the op.
+    const Tensor x0 = host_tensor({1, 2, 5, 5}, randv(50)).to(GPU), x1 = host_tensor({1, 2, 5, 6}, randv(60)).to(GPU);
+    const Tensor w = host_tensor({3, 2, 3, 3}, randv(54)).to(GPU);
+    std::string msg;
+    try {
+        ops::conv2d_forward_pair({x0, x1}, {w, w}, {std::nullopt, std::nullopt}, 1, 1, 1, 1, 1);
+    } catch (const ValueError& e) {
+        msg = e.what();
+    }
+    check_true("conv2d_forward_pair rejects towers of different shapes",
+               msg.find("conv2d_forward_pair: argument 'x'") == 0 && msg.find("differs from tower 0") != std::string::npos,
+               msg.empty() ? "no error raised" : msg);
 }
 
 void group_conv_alexnet() {
@@ -1387,6 +1448,7 @@ const Group kGroups[] = {
     {"zero", group_zero},         {"elementwise", group_elementwise}, {"plumbing", group_plumbing},
     {"lrn", group_lrn},           {"pool", group_pool},               {"softmax", group_softmax},
     {"augment", group_augment},   {"conv", group_conv},               {"conv_alexnet", group_conv_alexnet},
+    {"conv_pair", group_conv_pair},
     {"conv_bigtile", group_conv_bigtile}, {"linear", group_linear},   {"linear_bigtile", group_linear_bigtile},
     {"gridstride", group_gridstride}, {"net", group_net},
 };
