@@ -461,22 +461,29 @@ def narrow_fits(M: int) -> bool:
     return cdiv(M, 48) * 48 < cdiv(M, 64) * 64
 
 
+def loop_cost(bm: int, bn: int) -> int:
+    """GemmCfg::kLoopCost: main-loop instructions per 100 FFMA the launchers assume for the tile."""
+    return 121 if bm == 128 else (135 if bm == 48 else (128 if bn == 128 else 125))
+
+
 def tile_cost(M: int, N: int, Z: int, bm: int, bn: int) -> int:
-    """tile_cost<Cfg> (common.cuh): rounds of the busiest SM, a round of too few warps costing as a full one."""
+    """tile_cost<Cfg> (common.cuh): rounds of the busiest SM, a round of too few warps costing as a full one,
+    times the block's FFMA at loop_cost issue slots per 100."""
     per_sm = cdiv(gemm_tiles(M, N, bm, bn) * Z, SMS)
     b = gemm_min_blocks(bm, bn)
     slow = 16 // (gemm_threads(bm, bn) // 32)
     rest = per_sm % b
-    return (per_sm // b * b + (max(rest, slow) if rest else 0)) * bm * bn
+    return (per_sm // b * b + (max(rest, slow) if rest else 0)) * bm * bn * loop_cost(bm, bn)
 
 
 def conv_tile(M: int, N: int, Z: int) -> Tuple[int, int]:
-    """conv_tile: forward / grad-input take 128x128 where it costs no more than 64x128, else the cheaper of
-    64x128 and 48x128 (a tie keeps 64x128). Returns (BM, BN)."""
-    wide = tile_cost(M, N, Z, 64, 128)
-    if M > 64 and N > 64 and tile_cost(M, N, Z, 128, 128) <= wide:
+    """conv_tile: the cheapest of 128x128 (M > 64, N > 64 only), 64x128 and 48x128 by tile_cost, a tie going to
+    the larger tile. Returns (BM, BN)."""
+    big = tile_cost(M, N, Z, 128, 128) if M > 64 and N > 64 else math.inf
+    wide, narrow = tile_cost(M, N, Z, 64, 128), tile_cost(M, N, Z, 48, 128)
+    if big <= wide and big <= narrow:
         return 128, 128
-    return (48, 128) if tile_cost(M, N, Z, 48, 128) < wide else (64, 128)
+    return (64, 128) if wide <= narrow else (48, 128)
 
 
 def split_tile(M: int, N: int, Z: int, narrow_ok: bool, other: Tuple[int, int]) -> Tuple[int, int]:

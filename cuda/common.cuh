@@ -240,6 +240,10 @@ struct GemmCfg {
     // +4 floats per shared row: the k-contiguous fetch pattern stores k-rows x few columns per warp, which
     // this padding spreads over the banks; rows stay 16-byte aligned for float4 reads.
     static constexpr int APitch = BM + 4, BPitch = BN + 4;
+    // Main-loop instructions per 100 FFMA (the loads, gathers and bookkeeping around them), as the SASS of
+    // the convolutions' loops shows them (benchmarks/model.py): what one FFMA of this tile costs in issue
+    // slots, relative to the others, when tile_cost compares tiles.
+    static constexpr int kLoopCost = BM == 128 ? 121 : (TM == 6 ? 135 : (BN == 128 ? 128 : 125));
     static_assert(((TM == 8 && (BM == 64 || BM == 128)) || (TM == 6 && BM == 48)) && (BN == 64 || BN == 128) &&
                       BM <= BN && (kStages == 2 || kStages == 3),
                   "GemmCfg: tiles are 128x128, 64x128, 64x64 (8x8 micro-tiles) or 48x128, 48x64 (6x8)");
@@ -475,22 +479,24 @@ inline bool narrow_fits(int M) { return (M + 47) / 48 * 48 < (M + 63) / 64 * 64;
 
 // Relative time of an M x N (x Z) GEMM on tile Cfg, for choosing between tiles: the busiest of 132 SMs runs
 // ceil(blocks / 132) blocks in rounds of up to kMinBlocks (what the registers allow); a round issues at full
-// rate once 16 warps are resident, else in proportion to its warps; each block costs its BM x BN.
+// rate once 16 warps are resident, else in proportion to its warps; each block costs its BM x BN FFMA at
+// kLoopCost issue slots per 100.
 template <class Cfg>
 inline int64_t tile_cost(int M, int N, int Z) {
     const int64_t per_sm = (gemm_tiles<Cfg>(M, N) * Z + 131) / 132;
     const int64_t full = per_sm / Cfg::kMinBlocks, rest = per_sm % Cfg::kMinBlocks;
     const int64_t slow = 16 / (Cfg::kThreads / 32);  // a round of fewer blocks costs this many
     const int64_t rounds = full * Cfg::kMinBlocks + (rest > 0 ? (rest > slow ? rest : slow) : 0);
-    return rounds * Cfg::BM * Cfg::BN;
+    return rounds * Cfg::BM * Cfg::BN * Cfg::kLoopCost;
 }
 
-// Forward and grad-input convolutions (no split-K): 128x128 where it costs no more than 64x128; else the
-// cheaper of 64x128 and 48x128 (a tie keeps 64x128, whose 8x8 micro-tile issues fewer loads per FFMA).
+// Forward and grad-input convolutions (no split-K): the cheapest of 128x128, 64x128 and 48x128 by tile_cost
+// (128x128 only for M > 64, N > 64); a tie goes to the larger tile.
 inline Tile conv_tile(int M, int N, int Z) {
-    const int64_t wide = tile_cost<GemmWide>(M, N, Z);
-    if (M > 64 && N > 64 && tile_cost<GemmBig>(M, N, Z) <= wide) return Tile::Big;
-    return tile_cost<GemmNarrow>(M, N, Z) < wide ? Tile::Narrow : Tile::Wide;
+    const int64_t big = M > 64 && N > 64 ? tile_cost<GemmBig>(M, N, Z) : INT64_MAX;
+    const int64_t wide = tile_cost<GemmWide>(M, N, Z), narrow = tile_cost<GemmNarrow>(M, N, Z);
+    if (big <= wide && big <= narrow) return Tile::Big;
+    return wide <= narrow ? Tile::Wide : Tile::Narrow;
 }
 
 // Split-K GEMMs (weight gradients, linear layers): 128x128 without split-K when that gives enough blocks;

@@ -49,7 +49,7 @@ EXPECTED_CHECKS = {
     "augment": 6,
     "conv": 32,
     "conv_alexnet": 23,
-    "conv_bigtile": 5,
+    "conv_bigtile": 9,
     "conv_pair": 49,
     "linear": 32,
     "linear_bigtile": 8,

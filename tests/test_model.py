@@ -206,10 +206,15 @@ def test_plan_gemm_matches_the_launchers():
     assert M.gemm_threads(48, 128) == 128 and M.gemm_threads(64, 128) == 128 and M.gemm_threads(128, 128) == 256
     # conv3 forward, one tower: 192 x 21632. 128x128: 338 blocks, 3 per SM at most, in rounds of 2 + 1 (the
     # lone block costs as two): 4 x 128*128; 64x128: 3 x 169 = 507 blocks, one round of 4: 4 x 64*128;
-    # 48x128: 4 x 169 = 676 blocks, 6 per SM in a round of 4 and one of 2 that costs as 4: 8 x 48*128.
-    assert M.tile_cost(192, 128 * 169, 1, 128, 128) == 4 * 128 * 128
-    assert M.tile_cost(192, 128 * 169, 1, 64, 128) == 4 * 64 * 128
-    assert M.tile_cost(192, 128 * 169, 1, 48, 128) == 8 * 48 * 128
+    # 48x128: 4 x 169 = 676 blocks, 6 per SM in a round of 4 and one of 2 that costs as 4: 8 x 48*128; each
+    # weighed by its loop's issue slots per 100 FFMA.
+    assert M.tile_cost(192, 128 * 169, 1, 128, 128) == 4 * 128 * 128 * 121
+    assert M.tile_cost(192, 128 * 169, 1, 64, 128) == 4 * 64 * 128 * 128
+    assert M.tile_cost(192, 128 * 169, 1, 48, 128) == 8 * 48 * 128 * 135
+    # conv5 forward, both towers: 128 x 21632 x 2. 338 big blocks in rounds of 2, 2, 2 (the last one short)
+    # cost more than 3 x 169 x 2 = 1014 of 48x128 in two full rounds of 4 each, despite the narrower tile's
+    # costlier loop.
+    assert M.conv_tile(128, 128 * 169, 2) == (48, 128)
     g = M.plan_gemm("conv_fwd", 192, 128 * 169, 256 * 9)
     assert (g.tile, g.bn, g.blocks) == (64, 128, 507)
     # conv2 forward: 128 x 93312 -> 729 big tiles, 6 per SM in 3 full rounds; 64x128 costs the same: big.
@@ -261,13 +266,14 @@ def test_gemm_time_is_the_wave_quantised_issue_bound():
     k = M.KernelInfo("gemm_tiled_kernel GemmCfgILi128ELi128E 7ConvFwd", "conv.cu", regs=128, smem=16896,
                      loop_ffma=256, loop_instr=512, loop_local=0)
     m = M.Model({"conv.cu:" + k.name: k}, bw=4.0e12, sass=True)
-    # A forward with M = 250 in 2 row tiles (fill 250/256), N = 21632 = 169 column tiles, K = 2304: 338 blocks
-    # of 128x128 cost as much as 676 of 64x128 (conv_tile keeps the big ones).
-    (p,) = m.gemm("conv3", "forward", "conv_fwd", 250, 21632, 2304)
-    flops = 2.0 * 250 * 21632 * 2304
-    waves = 338 / (2 * 132)
+    # A forward with M = 250 in 2 row tiles (fill 250/256), N = 22656 = 177 column tiles, K = 2304: 354 blocks
+    # of 128x128 cost less than 708 of 64x128 or 1062 of 48x128 (conv_tile keeps the big ones).
+    assert M.conv_tile(250, 22656, 1) == (128, 128)
+    (p,) = m.gemm("conv3", "forward", "conv_fwd", 250, 22656, 2304)
+    flops = 2.0 * 250 * 22656 * 2304
+    waves = 354 / (2 * 132)
     want = flops / (66.9e12 * 0.5 * 250 / 256) * (math.ceil(waves) / waves) + 2e-6
-    assert p.grid == 338 and p.bps == 2 and p.fill == pytest.approx(250 / 256)
+    assert p.grid == 354 and p.bps == 2 and p.fill == pytest.approx(250 / 256)
     assert p.ms == pytest.approx(want * 1e3, rel=1e-12)
 
 

@@ -658,8 +658,8 @@ void group_conv() {
     test_conv({2, 4, 6, 5, 4, 1, 1, 1, 1, 0, 0, 4, true, ALL, "odd"});
     test_conv({1, 2, 3, 3, 3, 3, 3, 1, 1, 2, 2, 1, true, ALL, "odd"});  // padding larger than half the window
     test_conv({2, 4, 1, 1, 6, 1, 1, 1, 1, 0, 0, 2, true, ALL, "odd"});  // 1x1 image
-    // M = 60 (out and in channels): the 64x128 tile in all three passes with a partial row tile, the weight
-    // gradient split in two (Kr = 286); the cases above take the 48x128 tile (M <= 48).
+    // M = 60 (out and in channels): the weight gradient on 64x128 tiles with a partial row tile, split in two
+    // (Kr = 286); forward and grad-input take 48x128 here (group conv_bigtile has 64x128 for them).
     test_conv({2, 60, 13, 11, 60, 3, 3, 1, 1, 1, 1, 1, true, ALL, "wide tile"});
 }
 
@@ -668,8 +668,8 @@ void group_conv_pair() {
     test_conv_pair({2, 6, 13, 13, 40, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair"});
     test_conv_pair({1, 8, 7, 7, 12, 3, 3, 1, 1, 1, 1, 2, true, ALL, "pair groups"});
     test_conv_pair({2, 4, 11, 11, 6, 3, 3, 2, 2, 1, 1, 1, true, ALL, "pair strided"});
-    // M = 130, N = 8542: one tower takes 128x128 tiles, the pair's twice as many blocks 48x128.
-    test_conv_pair({1, 2, 2, 4271, 130, 1, 1, 1, 1, 0, 0, 1, true, ALL, "pair tile differs"});
+    // M = 49, N = 16909: one tower takes 48x128 tiles, the pair's twice as many blocks 64x128.
+    test_conv_pair({1, 49, 1, 16909, 49, 1, 1, 1, 1, 0, 0, 1, true, ALL, "pair tile differs"});
     // A pair whose towers differ in shape, or in device, is refused naming the op.
     const Tensor x0 = host_tensor({1, 2, 5, 5}, randv(50)).to(GPU), x1 = host_tensor({1, 2, 5, 6}, randv(60)).to(GPU);
     const Tensor w = host_tensor({3, 2, 3, 3}, randv(54)).to(GPU);
@@ -698,12 +698,17 @@ void group_conv_alexnet() {
 }
 
 void group_conv_bigtile() {
-    // Many-block shapes: 128x128 tiles (enough tiles without split-K) for forward and both weight gradients;
-    // grad-input takes the 64x128 tiles here (conv_big_tiles: 399 of them cost less than 266 big ones), with a
-    // 2-row partial tile. The AlexNet shapes at batch 2 (group conv_alexnet) take 128x128 for grad-input.
+    // Many-block shapes: 128x128 tiles without split-K for the weight gradients; forward (M = 72, 4 groups) and
+    // grad-input (M = 130) take 48x128 tiles (conv_tile: 3 x 133 of them cost less than 266 big ones).
     test_conv({1, 4, 92, 92, 288, 1, 1, 1, 1, 0, 0, 4, true, FWD | WGRAD | BGRAD, "bigtile fwd"});
     test_conv({1, 130, 130, 130, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "bigtile dgrad"});
     test_conv({1, 4100, 1, 1, 1100, 1, 1, 1, 1, 0, 0, 1, false, WGRAD, "bigtile wgrad"});
+    // Forward and grad-input on 64x128 (M = 49) and on 128x128 (M = 97) tiles, each with partial row and column
+    // tiles (smaller shapes take 48x128: conv_tile weighs a part-empty GPU by the blocks' size).
+    test_conv({1, 2, 3, 11269, 49, 1, 1, 1, 1, 0, 0, 1, true, FWD, "wide fwd"});
+    test_conv({1, 49, 3, 11269, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "wide dgrad"});
+    test_conv({1, 2, 1, 22559, 97, 1, 1, 1, 1, 0, 0, 1, true, FWD, "big fwd"});
+    test_conv({1, 97, 1, 22559, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "big dgrad"});
 }
 
 void group_linear() {
