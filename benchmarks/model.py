@@ -386,8 +386,9 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
 
 # Readable names of the kernels the passes use: (file, substring of the mangled name).
 GEMM_OPS = {
-    "conv_fwd": ("conv.cu", "7ConvFwd"),
-    "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1E"),  # stride 1, as every layer with this pass
+    "conv_fwd": ("conv.cu", "7ConvFwdILb1E"),           # windows of <= 32 taps: the tap-mask loaders
+    "conv_fwd_nomask": ("conv.cu", "7ConvFwdILb0E"),    # larger windows (conv1's 11x11)
+    "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1ELb1E"),  # stride 1 and <= 32 taps, as every layer with this pass
     "conv_wgrad": ("conv.cu", "13ConvBwdWeight"),
     "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
     "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
@@ -396,6 +397,7 @@ GEMM_OPS = {
 # The tiles each GEMM kernel is instantiated with (the launchers in cuda/conv.cu, cuda/gemm.cu).
 GEMM_TILES = {
     "conv_fwd": ((128, 128), (64, 128), (48, 128)),
+    "conv_fwd_nomask": ((128, 128), (64, 128), (48, 128)),
     "conv_dgrad": ((128, 128), (64, 128), (48, 128)),
     "conv_wgrad": ((128, 128), (64, 128), (48, 128)),
     "linear_fwd": ((128, 128), (64, 64)),
@@ -535,7 +537,7 @@ class GemmLaunch:
 def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1, towers: int = 1) -> GemmLaunch:
     """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K; a pair of towers
     (towers = 2) picks their tile for all its blocks, a grad-weight pair keeps one tower's tile and split-K."""
-    if op in ("conv_fwd", "conv_dgrad"):
+    if op in ("conv_fwd", "conv_fwd_nomask", "conv_dgrad"):
         bm, bn = conv_tile(M, N, Z * towers)
         return GemmLaunch(op, M, N, K, Z, bm, 1, K, bn, towers)
     if op == "conv_wgrad":
@@ -708,7 +710,8 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
             x_b, y_b, w_b = N * l["in_c"] * HW * f, N * l["out_c"] * PQ * f, l["out_c"] * Kr * f
-            add(m.gemm(name, "forward", "conv_fwd", l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b, towers=T), 1)
+            fwd = "conv_fwd" if l["k"] ** 2 <= 32 else "conv_fwd_nomask"
+            add(m.gemm(name, "forward", fwd, l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b, towers=T), 1)
             z = N * l["out_c"] * PQ
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
@@ -905,7 +908,7 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
             grp = 1 if l["cross"] or l["name"] == "conv1" else T
             Cg, Kg, Kt = l["in_c"], (l["out_c"] * T if grp == 1 else l["out_c"]), l["out_c"] * T
             PQ, HW, R2 = l["out_hw"] ** 2, l["in_hw"] ** 2, l["k"] ** 2
-            fw = m.gemm(l["name"], "forward", "conv_fwd", Kg, N * PQ, Cg * R2, grp)
+            fw = m.gemm(l["name"], "forward", "conv_fwd" if R2 <= 32 else "conv_fwd_nomask", Kg, N * PQ, Cg * R2, grp)
             dg = m.gemm(l["name"], "grad-input", "conv_dgrad", Cg, N * HW, Kg * R2, grp)
             wg = m.gemm(l["name"], "grad-weight", "conv_wgrad", Kg, Cg * R2, N * PQ, grp)
             bb = m.stream(l["name"], "grad-bias", "conv_bias_grad", N * Kt * PQ * 4.0, Kt)

@@ -96,6 +96,18 @@ struct FastDiv {
     }
 };
 
+// ---- register pressure -----------------------------------------------------------------------------------
+// An opaque copy of v: nothing derived from it can be hoisted out of the loop it is called in. The GEMM
+// loaders test their row/column masks bit by bit at each copy (one instruction per copy) through it, instead
+// of the compiler keeping one precomputed predicate per element alive across the multiply, which spills at
+// the 128-register cap.
+__device__ __forceinline__ unsigned opaque(unsigned v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("" : "+r"(v));
+#endif
+    return v;
+}
+
 // ---- deterministic reductions --------------------------------------------------------------------------
 // Butterfly (xor) reductions: a fixed order, and every lane ends with bit-identical results.
 

@@ -48,10 +48,11 @@ struct StridedGemm {
     template <int E, bool kContig, bool kCheck, class Put>
     __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, Put& put) {
         const float* p = s.p + k0 * sk;
+        const unsigned mask = opaque(s.mask);
 #pragma unroll
         for (int i = 0; i < E; ++i) {
             const int k = k0 + s.kt + (kContig ? 0 : kstep * i);
-            put(i, p + i * s.step, ((s.mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
+            put(i, p + i * s.step, ((mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
         }
     }
     template <class Cfg, bool kCheck, class Th, class Put>

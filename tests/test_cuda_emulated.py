@@ -47,7 +47,7 @@ EXPECTED_CHECKS = {
     "pool": 31,
     "softmax": 35,
     "augment": 6,
-    "conv": 32,
+    "conv": 40,
     "conv_alexnet": 23,
     "conv_bigtile": 9,
     "conv_pair": 49,

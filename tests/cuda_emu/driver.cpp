@@ -658,6 +658,10 @@ void group_conv() {
     test_conv({2, 4, 6, 5, 4, 1, 1, 1, 1, 0, 0, 4, true, ALL, "odd"});
     test_conv({1, 2, 3, 3, 3, 3, 3, 1, 1, 2, 2, 1, true, ALL, "odd"});  // padding larger than half the window
     test_conv({2, 4, 1, 1, 6, 1, 1, 1, 1, 0, 0, 2, true, ALL, "odd"});  // 1x1 image
+    // The tap-mask loaders (windows of <= 32 taps) at their limit, 4x8 = 32 taps (bit 31), and stride 1 with
+    // a window of 35 taps, which takes the (r, s) bounds checks in forward and grad-input.
+    test_conv({1, 2, 9, 12, 3, 4, 8, 1, 1, 1, 3, 1, true, ALL, "32 taps"});
+    test_conv({1, 3, 9, 10, 4, 7, 5, 1, 1, 3, 2, 1, true, ALL, "35 taps"});
     // M = 60 (out and in channels): the weight gradient on 64x128 tiles with a partial row tile, split in two
     // (Kr = 286); forward and grad-input take 48x128 here (group conv_bigtile has 64x128 for them).
     test_conv({2, 60, 13, 11, 60, 3, 3, 1, 1, 1, 1, 1, true, ALL, "wide tile"});
