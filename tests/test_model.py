@@ -263,7 +263,7 @@ def test_comparison_pairs_rows_of_the_same_commit():
 
 def test_gemm_time_is_the_wave_quantised_issue_bound():
     # A fake ConvFwd 128x128 kernel: 128 registers and 16896 B of smem (2 blocks/SM), FFMA 1 of 2 loop instructions.
-    k = M.KernelInfo("gemm_tiled_kernel GemmCfgILi128ELi128E 7ConvFwd", "conv.cu", regs=128, smem=16896,
+    k = M.KernelInfo("gemm_tiled_kernel GemmCfgILi128ELi128E 7ConvFwdILb1E", "conv.cu", regs=128, smem=16896,
                      loop_ffma=256, loop_instr=512, loop_local=0)
     m = M.Model({"conv.cu:" + k.name: k}, bw=4.0e12, sass=True)
     # A forward with M = 250 in 2 row tiles (fill 250/256), N = 22656 = 177 column tiles, K = 2304: 354 blocks
