@@ -23,11 +23,11 @@ struct ConvGeom {
         : N(p.N), C(p.C), H(p.H), W(p.W), K(p.K), R(p.R), S(p.S), P(p.P), Q(p.Q), sh(p.stride_h),
           sw(p.stride_w), ph(p.pad_h), pw(p.pad_w), groups(p.groups) {
         const int64_t lim = kMaxGemmDim;
-        // Loaders index within one image (and GEMM columns over the batch) with 32-bit ints.
+        // Loaders index x and dy (the whole batch: the weight gradient's table) and GEMM columns with 32-bit ints.
         require(static_cast<int64_t>(N) * P * Q <= lim && static_cast<int64_t>(N) * H * W <= lim &&
-                    static_cast<int64_t>(C) * H * W <= lim && static_cast<int64_t>(K) * P * Q <= lim &&
+                    static_cast<int64_t>(N) * C * H * W <= lim && static_cast<int64_t>(N) * K * P * Q <= lim &&
                     static_cast<int64_t>(K) * C * R * S <= lim,
-                opname, "tensor too large for 32-bit per-image indexing");
+                opname, "tensor too large for 32-bit indexing");
         Cg = C / groups;
         Kg = K / groups;
         RS = R * S;
@@ -310,9 +310,9 @@ struct ConvBwdInput {
 struct ConvBwdWeight {
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
     struct Entry {
-        int64_t aoff;  // img * K*P*Q + p*Q + q
-        int64_t boff;  // img * C*H*W + h0*W + w0
-        int h0, w0;    // p*sh - ph, q*sw - pw (kGatherInvalid outside the range)
+        int aoff;    // img * K*P*Q + p*Q + q (32-bit: dy and x hold < 2^31 elements, ConvGeom)
+        int boff;    // img * C*H*W + h0*W + w0
+        int h0, w0;  // p*sh - ph, q*sw - pw (kGatherInvalid outside the range)
     };
     int M, N, Kr, kchunk, splits;
     ConvGeom g;
@@ -328,8 +328,8 @@ struct ConvBwdWeight {
             g.fQ.divmod(pq, p, q);
             e.h0 = p * g.sh - g.ph;
             e.w0 = q * g.sw - g.pw;
-            e.aoff = static_cast<int64_t>(img) * g.K * g.PQ + pq;
-            e.boff = static_cast<int64_t>(img) * g.C * g.HW + static_cast<int64_t>(e.h0) * g.W + e.w0;
+            e.aoff = img * g.K * g.PQ + pq;
+            e.boff = img * g.C * g.HW + e.h0 * g.W + e.w0;
         }
         return e;
     }
