@@ -485,7 +485,18 @@ void Net::issue_forward(bool train) {
         for (int t = 0; t < T; ++t) {
             LayerState& s = st_[t][l];
             Params& p = params_[t][l];
-            if (L.conv) {
+            if (L.conv && pair_towers()) {
+                // Both towers' forward in one launch, in tower 0's slot (tower 1's input is issued above).
+                if (t == 0)
+                    sched_->run(0, L.name + ".fprop", [this, l, &L] {
+                        LayerState &s0 = st_[0][l], &s1 = st_[1][l];
+                        const Params &p0 = params_[0][l], &p1 = params_[1][l];
+                        const auto r = ops::conv2d_forward_pair({s0.in, s1.in}, {p0.w, p1.w}, {p0.b, p1.b}, L.stride,
+                                                                L.stride, L.pad, L.pad, 1);
+                        s0.z = r[0];
+                        s1.z = r[1];
+                    });
+            } else if (L.conv) {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] {
                     s.z = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1);
                 });
@@ -590,12 +601,11 @@ void Net::issue_backward(float lr) {
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
     for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
         const LayerSpec& L = layers_[l];
-        for (int t = 0; t < T; ++t) {
+        const float p_drop = cfg_.dropout;
+        const NetConfig* c = &cfg_;
+        // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU.
+        auto epilogue = [&](int t) {
             LayerState& s = st_[t][l];
-            Params& p = params_[t][l];
-            const float p_drop = cfg_.dropout;
-            const NetConfig* c = &cfg_;
-            // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU.
             sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c] {
                 Tensor g = s.d_out;
                 if (s.drop_mask.defined()) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false);
@@ -609,6 +619,10 @@ void Net::issue_backward(float lr) {
                 if (L.relu) g = ops::relu_backward(g, s.a);
                 s.d_out = g;  // now the gradient w.r.t. the pre-activation z
             });
+        };
+        auto grads = [&](int t) {
+            LayerState& s = st_[t][l];
+            Params& p = params_[t][l];
             if (L.conv) {
                 sched_->run(t, L.name + ".wgrad", [&s, &L] {
                     s.dw = ops::conv2d_backward_weight(s.in, s.d_out, L.kernel, L.kernel, L.stride, L.stride, L.pad, L.pad, 1);
@@ -626,6 +640,10 @@ void Net::issue_backward(float lr) {
                 });
                 if (l > 0) sched_->run(t, L.name + ".dgrad", [&s, &p] { s.d_in = ops::linear_backward_input(s.d_out, p.w); });
             }
+        };
+        // The layer's gradients are final: hand them to a data-parallel hook, then update (unless deferred).
+        auto finish = [&](int t) {
+            LayerState& s = st_[t][l];
             if (dp.grad_ready) {
                 // On the device's upload stream after an event on this tower's (the CPU: the tower's worker), so
                 // an all-reduce the hook issues overlaps the rest of this tower's backward pass.
@@ -636,6 +654,33 @@ void Net::issue_backward(float lr) {
                 });
             }
             if (!dp.defer_sgd) issue_sgd(t, l, lr);
+        };
+        if (L.conv && pair_towers()) {
+            // Both towers' gradients in one launch per pass, in tower 0's slot, after both epilogues.
+            for (int t = 0; t < T; ++t) epilogue(t);
+            LayerState &s0 = st_[0][l], &s1 = st_[1][l];
+            sched_->run(0, L.name + ".wgrad", [&s0, &s1, &L] {
+                const auto r = ops::conv2d_backward_weight_pair({s0.in, s1.in}, {s0.d_out, s1.d_out}, L.kernel, L.kernel,
+                                                                L.stride, L.stride, L.pad, L.pad, 1);
+                s0.dw = r[0];
+                s1.dw = r[1];
+                s0.db = ops::conv2d_backward_bias(s0.d_out);
+                s1.db = ops::conv2d_backward_bias(s1.d_out);
+            });
+            if (l > 0)
+                sched_->run(0, L.name + ".dgrad", [this, &s0, &s1, l, &L] {
+                    const auto r = ops::conv2d_backward_input_pair({s0.d_out, s1.d_out}, {params_[0][l].w, params_[1][l].w},
+                                                                   L.in_hw, L.in_hw, L.stride, L.stride, L.pad, L.pad, 1);
+                    s0.d_in = r[0];
+                    s1.d_in = r[1];
+                });
+            for (int t = 0; t < T; ++t) finish(t);
+        } else {
+            for (int t = 0; t < T; ++t) {
+                epilogue(t);
+                grads(t);
+                finish(t);
+            }
         }
         if (l == 0) break;
         // d_in -> the previous layer's d_out: own tower, or a slice back to every source tower, summed there

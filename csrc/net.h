@@ -121,6 +121,11 @@ public:
     const std::vector<LayerSpec>& layers() const { return layers_; }
     const Scheduler& scheduler() const { return *sched_; }
     std::vector<Device> devices() const { return devices_; }
+    // Two towers on one CUDA device and one executor: each conv pass runs as one launch for both towers
+    // (ops::conv2d_*_pair), so that their blocks fill the GPU together.
+    bool pair_towers() const {
+        return cfg_.towers == 2 && sched_->shared() && devices_[0] == devices_[1] && devices_[0].is_cuda();
+    }
     int64_t step = 0;
     uint64_t seed() const { return seed_; }
     void set_seed(uint64_t s) { seed_ = s; }  // keys the dropout masks from now on (init is done)

@@ -3,6 +3,7 @@
 #include "ops.h"
 
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <string>
 
@@ -128,8 +129,17 @@ static Conv2dParams conv_params(const char* op, int64_t N, int64_t C, int64_t H,
     return p;
 }
 
-Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph, int pw,
-                      int groups) {
+namespace {
+
+// A checked call of a conv pass: its params, its allocated output and (forward) the bias pointer.
+struct ConvCall {
+    Conv2dParams p;
+    Tensor out;
+    const float* bias = nullptr;
+};
+
+ConvCall conv_forward_call(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph,
+                           int pw, int groups) {
     const char* op = "conv2d_forward";
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
@@ -146,13 +156,11 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
         bp = b->data<float>();
     }
     Tensor y = new_output(op, "y", "'x', 'w', 'stride', 'padding'", {p.N, p.K, p.P, p.Q}, DType::f32, x);
-    if (y.numel() == 0) return y;
-    AX_DISPATCH(x.device(), conv2d_forward, p, x.data<float>(), w.data<float>(), bp, y.data<float>());
-    return y;
+    return {p, y, bp};
 }
 
-Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
-                             int groups) {
+ConvCall conv_backward_input_call(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
+                                  int groups) {
     const char* op = "conv2d_backward_input";
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
@@ -167,13 +175,11 @@ Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, in
     auto p = conv_params(op, dy.size(0), C, H, W, w.size(0), w.size(1), w.size(2), w.size(3), sh, sw, ph, pw, groups);
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
     Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
-    if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), conv2d_backward_input, p, dy.data<float>(), w.data<float>(), dx.data<float>());
-    return dx;
+    return {p, dx};
 }
 
-Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, int sh, int sw, int ph, int pw,
-                              int groups) {
+ConvCall conv_backward_weight_call(const Tensor& x, const Tensor& dy, int R, int S, int sh, int sw, int ph, int pw,
+                                   int groups) {
     const char* op = "conv2d_backward_weight";
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
@@ -189,9 +195,112 @@ Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, i
     auto p = conv_params(op, x.size(0), C, x.size(2), x.size(3), dy.size(1), C / groups, R, S, sh, sw, ph, pw, groups);
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
     Tensor dw = new_output(op, "dw", "'dy', 'kernel'", {p.K, p.C / groups, p.R, p.S}, DType::f32, x);
-    AX_DISPATCH(x.device(), conv2d_backward_weight, p, x.data<float>(), dy.data<float>(), dw.data<float>());
-    return dw;
+    return {p, dw};
 }
+
+// The two towers of a *_pair call: the same device and the same shapes (params), else a ValueError naming
+// tower 1's argument `arg`.
+void check_pair(const char* op, const char* arg, const Tensor& t0, const Tensor& t1, const ConvCall& c0,
+                const ConvCall& c1) {
+    if (t0.device() != t1.device())
+        throw ValueError(arg_prefix(op, arg) + "tower 1's tensor is on " + t1.device().str() + ", tower 0's on " +
+                         t0.device().str() + " (a pair shares one device)");
+    if (std::memcmp(&c0.p, &c1.p, sizeof(Conv2dParams)) != 0)
+        throw ValueError(arg_prefix(op, arg) + "tower 1's shape " + t1.shape_str() + " differs from tower 0's " +
+                         t0.shape_str() + " (a pair has one shape)");
+}
+
+}  // namespace
+
+Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph, int pw,
+                      int groups) {
+    const ConvCall c = conv_forward_call(x, w, b, sh, sw, ph, pw, groups);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(x.device(), conv2d_forward, c.p, x.data<float>(), w.data<float>(), c.bias, c.out.data<float>());
+    return c.out;
+}
+
+Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
+                             int groups) {
+    const ConvCall c = conv_backward_input_call(dy, w, H, W, sh, sw, ph, pw, groups);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(dy.device(), conv2d_backward_input, c.p, dy.data<float>(), w.data<float>(), c.out.data<float>());
+    return c.out;
+}
+
+Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, int sh, int sw, int ph, int pw,
+                              int groups) {
+    const ConvCall c = conv_backward_weight_call(x, dy, R, S, sh, sw, ph, pw, groups);
+    AX_DISPATCH(x.device(), conv2d_backward_weight, c.p, x.data<float>(), dy.data<float>(), c.out.data<float>());
+    return c.out;
+}
+
+#ifdef ALEXNET_WITH_CUDA
+#define AX_PAIR_CUDA(dev, name, ...)                      \
+    do {                                                  \
+        DeviceGuard g_(dev);                              \
+        cuda::name(__VA_ARGS__, current_stream((dev).index)); \
+    } while (0)
+#else
+#define AX_PAIR_CUDA(dev, name, ...) throw std::runtime_error(#name ": alexnet_cuda was built without CUDA")
+#endif
+
+TensorPair conv2d_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
+                               int sh, int sw, int ph, int pw, int groups) {
+    const ConvCall c0 = conv_forward_call(x[0], w[0], b[0], sh, sw, ph, pw, groups);
+    const ConvCall c1 = conv_forward_call(x[1], w[1], b[1], sh, sw, ph, pw, groups);
+    check_pair("conv2d_forward_pair", "x", x[0], x[1], c0, c1);
+    if (c0.out.numel() > 0) {
+        if (x[0].device().is_cpu()) {
+            cpu::conv2d_forward(c0.p, x[0].data<float>(), w[0].data<float>(), c0.bias, c0.out.data<float>());
+            cpu::conv2d_forward(c1.p, x[1].data<float>(), w[1].data<float>(), c1.bias, c1.out.data<float>());
+        } else {
+            const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+            const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+            const float* bs[2] = {c0.bias, c1.bias};
+            float* ys[2] = {c0.out.data<float>(), c1.out.data<float>()};
+            AX_PAIR_CUDA(x[0].device(), conv2d_forward_pair, c0.p, xs, ws, bs, ys);
+        }
+    }
+    return {c0.out, c1.out};
+}
+
+TensorPair conv2d_backward_input_pair(const TensorPair& dy, const TensorPair& w, int H, int W, int sh, int sw, int ph,
+                                      int pw, int groups) {
+    const ConvCall c0 = conv_backward_input_call(dy[0], w[0], H, W, sh, sw, ph, pw, groups);
+    const ConvCall c1 = conv_backward_input_call(dy[1], w[1], H, W, sh, sw, ph, pw, groups);
+    check_pair("conv2d_backward_input_pair", "dy", dy[0], dy[1], c0, c1);
+    if (c0.out.numel() > 0) {
+        if (dy[0].device().is_cpu()) {
+            cpu::conv2d_backward_input(c0.p, dy[0].data<float>(), w[0].data<float>(), c0.out.data<float>());
+            cpu::conv2d_backward_input(c1.p, dy[1].data<float>(), w[1].data<float>(), c1.out.data<float>());
+        } else {
+            const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+            const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+            float* dxs[2] = {c0.out.data<float>(), c1.out.data<float>()};
+            AX_PAIR_CUDA(dy[0].device(), conv2d_backward_input_pair, c0.p, dys, ws, dxs);
+        }
+    }
+    return {c0.out, c1.out};
+}
+
+TensorPair conv2d_backward_weight_pair(const TensorPair& x, const TensorPair& dy, int R, int S, int sh, int sw, int ph,
+                                       int pw, int groups) {
+    const ConvCall c0 = conv_backward_weight_call(x[0], dy[0], R, S, sh, sw, ph, pw, groups);
+    const ConvCall c1 = conv_backward_weight_call(x[1], dy[1], R, S, sh, sw, ph, pw, groups);
+    check_pair("conv2d_backward_weight_pair", "x", x[0], x[1], c0, c1);
+    if (x[0].device().is_cpu()) {
+        cpu::conv2d_backward_weight(c0.p, x[0].data<float>(), dy[0].data<float>(), c0.out.data<float>());
+        cpu::conv2d_backward_weight(c1.p, x[1].data<float>(), dy[1].data<float>(), c1.out.data<float>());
+    } else {
+        const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+        const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+        float* dws[2] = {c0.out.data<float>(), c1.out.data<float>()};
+        AX_PAIR_CUDA(x[0].device(), conv2d_backward_weight_pair, c0.p, xs, dys, dws);
+    }
+    return {c0.out, c1.out};
+}
+#undef AX_PAIR_CUDA
 
 Tensor conv2d_backward_bias(const Tensor& dy) {
     const char* op = "conv2d_backward_bias";

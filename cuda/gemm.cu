@@ -48,10 +48,11 @@ struct StridedGemm {
     template <int E, bool kContig, bool kCheck, class Put>
     __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, Put& put) {
         const float* p = s.p + k0 * sk;
+        const unsigned mask = opaque(s.mask);
 #pragma unroll
         for (int i = 0; i < E; ++i) {
             const int k = k0 + s.kt + (kContig ? 0 : kstep * i);
-            put(i, p + i * s.step, ((s.mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
+            put(i, p + i * s.step, ((mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
         }
     }
     template <class Cfg, bool kCheck, class Th, class Put>
@@ -88,37 +89,39 @@ struct StridedGemm {
     }
 };
 
-// Picks the tile shape and split-K for an M x N x K product, runs it, and reduces the split partials.
+// Runs an M x N x K product on tile Cfg with split-K as choose_split_k<Cfg> says, and reduces the partials.
+template <class Cfg, bool kAK, bool kBK>
+void run_tiles(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, cudaStream_t s) {
+    int chunk = 0;
+    const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(g.M, g.N), g.K, &chunk);
+    g.kchunk = chunk;
+    if (splits == 1) {
+        g.C = out;
+        g.bias = bias;
+        gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g.M, g.N, 1), Cfg::kThreads, 0, s>>>(g);
+        AX_LAUNCH_CHECK(opname);
+        return;
+    }
+    const int64_t mn = static_cast<int64_t>(g.M) * g.N;
+    Tensor ws = workspace(opname, mn * splits, s);
+    g.C = ws.data<float>();
+    g.bias = nullptr;
+    gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g.M, g.N, splits), Cfg::kThreads, 0, s>>>(g);
+    AX_LAUNCH_CHECK(opname);
+    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, s);
+}
+
+// Picks the tile shape (split_tile: 128x128, or 64x64 for M not a multiple of 128) and runs it.
 template <bool kAK, bool kBK>
 void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream) {
     if (static_cast<int64_t>(g.M) * g.N == 0) return;
     require(g.K <= kMaxGemmDim, opname, "reduction too long for one launch");
     const cudaStream_t s = as_stream(stream);
-    if (use_big_tiles(g.M, g.N, 1)) {
-        g.kchunk = g.K > 0 ? g.K : 1;
-        g.C = out;
-        g.bias = bias;
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, g.M, g.N, 1), GemmBig::kThreads, 0, s>>>(g);
-        AX_LAUNCH_CHECK(opname);
-        return;
+    if (split_tile(g.M, g.N, 1, false, Tile::Small) == Tile::Big) {
+        run_tiles<GemmBig>(opname, g, out, bias, s);
+    } else {
+        run_tiles<GemmSmall>(opname, g, out, bias, s);
     }
-    int chunk = 0;
-    const int splits = choose_split_k(gemm_tiles<GemmSmall>(g.M, g.N), g.K, &chunk);
-    g.kchunk = chunk;
-    if (splits == 1) {
-        g.C = out;
-        g.bias = bias;
-        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, 1), GemmSmall::kThreads, 0, s>>>(g);
-        AX_LAUNCH_CHECK(opname);
-        return;
-    }
-    const int64_t mn = static_cast<int64_t>(g.M) * g.N;
-    Tensor ws = workspace(opname, mn * splits, stream);
-    g.C = ws.data<float>();
-    g.bias = nullptr;
-    gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, splits), GemmSmall::kThreads, 0, s>>>(g);
-    AX_LAUNCH_CHECK(opname);
-    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, stream);
 }
 
 // db[o] = sum over n of dy[n, o]: block = 32 columns x 8 row-lanes; lane r sums rows r, r+8, ... in order,
