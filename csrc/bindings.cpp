@@ -11,6 +11,8 @@
 #include <type_traits>
 
 #include "checked.h"
+#include "cpu/gemm_kernel.h"
+#include "cpu/parallel.h"
 #include "net.h"
 #include "ops.h"
 #include "tensor.h"
@@ -457,6 +459,17 @@ PYBIND11_MODULE(_C, m) {
     m.def("cuda_device_count", &cuda_device_count);
     m.def("set_poison_allocations", &set_poison_allocations, py::arg("on"),
           "Fill every new allocation with 0xFF bytes (NaN) so unwritten outputs show; for tests.");
+    // The CPU backend's threads and GEMM instruction set (csrc/cpu/parallel.h, gemm_kernel.h). Results do not
+    // depend on either (the portable kernel aside, see gemm_kernel.h); tests and benchmarks set them.
+    m.def("_cpu_threads", &cpu::default_threads,
+          "Threads the CPU ops called from Python use, and the budget a new Net splits between its CPU towers.");
+    m.def("_cpu_set_threads", [](const py::object& n) {
+              cpu::set_default_threads(int_arg(n, "_cpu_set_threads", "n"));
+          }, py::arg("n"), "Set the CPU thread budget (n < 1: back to ALEXNET_CPU_THREADS or the CPU count).");
+    m.def("_cpu_isa", &cpu::gemm_isa, "The CPU GEMM micro-kernel in use: 'avx512', 'avx2' or 'generic'.");
+    m.def("_cpu_isa_supported", &cpu::gemm_isa_supported, py::arg("isa"));
+    m.def("_cpu_set_isa", &cpu::set_gemm_isa, py::arg("isa"),
+          "Force the CPU GEMM micro-kernel ('avx512', 'avx2', 'generic', or 'auto' for the best supported).");
     m.def("synchronize", [](const std::string& device) { cuda_synchronize(Device::parse(device, "synchronize")); },
           py::arg("device") = "cuda:0");
     m.def("cuda_allocator_stats", []() {
