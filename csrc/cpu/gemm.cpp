@@ -67,6 +67,12 @@ __attribute__((target("avx512f,fma"))) void kernel_avx512(int kc, const float* _
                                                           const float* __restrict b, float* c, int64_t ldc,
                                                           bool add) {
     __m512 c0[12], c1[12];
+    // C is in L3 between K blocks (each block re-reads it): fetch the tile while the block computes.
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 31), _MM_HINT_T0);
+    }
 #pragma GCC unroll 12
     for (int i = 0; i < 12; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
     for (int k = 0; k < kc; ++k) {
@@ -95,6 +101,11 @@ __attribute__((target("avx512f,fma"))) void kernel_avx512(int kc, const float* _
 __attribute__((target("avx2,fma"))) void kernel_avx2(int kc, const float* __restrict a, const float* __restrict b,
                                                      float* c, int64_t ldc, bool add) {
     __m256 c0[6], c1[6];
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 15), _MM_HINT_T0);
+    }
 #pragma GCC unroll 6
     for (int i = 0; i < 6; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
     for (int k = 0; k < kc; ++k) {
@@ -144,22 +155,17 @@ void kernel_generic(int kc, const float* __restrict a, const float* __restrict b
 
 // ---- packing -------------------------------------------------------------------------------------------
 
-// A[i0:i0+mr, k0:k0+kc] into an MR-wide k-major strip, rows past mr zero.
+// A[i0:i0+mr, k0:k0+kc] into an MR-wide k-major strip, rows past mr zero. k outermost: the writes are
+// contiguous (row-by-row strided writes ran at ~10 cycles an element).
 void pack_a(const GemmA& A, int MR, int i0, int mr, int k0, int kc, float* __restrict dst) {
-    for (int i = mr; i < MR; ++i)
-        for (int k = 0; k < kc; ++k) dst[k * MR + i] = 0.0f;
-    for (int i = 0; i < mr; ++i) {
-        const float* __restrict row = A.p + (i0 + i) * A.rs;
-        if (A.koff) {
-            const int64_t* ko = A.koff + k0;
-            for (int k = 0; k < kc; ++k) dst[k * MR + i] = row[ko[k]];
-        } else if (A.cs == 1) {
-            const float* __restrict src = row + k0;
-            for (int k = 0; k < kc; ++k) dst[k * MR + i] = src[k];
-        } else {
-            const float* __restrict src = row + k0 * A.cs;
-            for (int k = 0; k < kc; ++k) dst[k * MR + i] = src[k * A.cs];
-        }
+    const float* rows[MAX_MR];
+    for (int i = 0; i < mr; ++i) rows[i] = A.p + (i0 + i) * A.rs;
+    for (int k = 0; k < kc; ++k) {
+        const int64_t off = A.koff ? A.koff[k0 + k] : static_cast<int64_t>(k0 + k) * A.cs;
+        float* __restrict d = dst + k * MR;
+        int i = 0;
+        for (; i < mr; ++i) d[i] = rows[i][off];
+        for (; i < MR; ++i) d[i] = 0.0f;
     }
 }
 
@@ -213,15 +219,64 @@ void pack_b_gather_generic(const GemmB& B, int NR, int k0, int kc, int j0, int n
 }
 
 #if AX_X86
+// The vector packers load each group of lanes whose col_off values are consecutive (a stretch of one image
+// row, for a stride-1 gather) with one masked contiguous load: the gather instruction costs about two cycles
+// an element on Zen 4/5, a masked load a fraction of that. Masked-off lanes are never accessed, so
+// addresses outside x are harmless; they are formed in integer arithmetic. More than kMaxRuns stretches in
+// one vector (narrow images, or the window taps of grad-weight): the gather instruction after all.
+constexpr int kMaxRuns = 3;
+
+struct Runs {
+    int n = 0;
+    uint32_t mask[16];
+    int64_t base[16];  // col_off of the run's lane t is base + t
+};
+
+// Stretches of consecutive col_off among the lanes of one vector; padding lanes (never valid) join any run.
+inline void find_runs(const int32_t* co, const int32_t* ch, int lanes, Runs* r) {
+    r->n = 0;
+    for (int t = 0; t < lanes; ++t) {
+        if (ch[t] == kGatherOff) continue;
+        if (r->n > 0 && co[t] == r->base[r->n - 1] + t) {
+            r->mask[r->n - 1] |= 1u << t;
+        } else {
+            if (r->n == 16) return;
+            r->mask[r->n] = 1u << t;
+            r->base[r->n] = static_cast<int64_t>(co[t]) - t;
+            ++r->n;
+        }
+    }
+}
+
+inline const float* at(const float* p, int64_t off) {
+    return reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(off) * sizeof(float));
+}
+
 __attribute__((target("avx512f"))) void pack_b_gather_avx512(const GemmB& B, int NR, int k0, int kc, int j0,
                                                               int nc, float* __restrict dst) {
     const __m512i H = _mm512_set1_epi32(B.H), W = _mm512_set1_epi32(B.W);
+    Runs runs;
     for (int jp = 0; jp < nc; jp += NR) {
         float* __restrict d = dst + static_cast<int64_t>(jp) * kc;
         for (int v = 0; v < NR; v += 16) {
-            const __m512i co = _mm512_loadu_si512(B.col_off + j0 + jp + v);
+            const int32_t* cop = B.col_off + j0 + jp + v;
+            const __m512i co = _mm512_loadu_si512(cop);
             const __m512i ch = _mm512_loadu_si512(B.col_h + j0 + jp + v);
             const __m512i cw = _mm512_loadu_si512(B.col_w + j0 + jp + v);
+            find_runs(cop, B.col_h + j0 + jp + v, 16, &runs);
+            if (runs.n <= kMaxRuns) {
+                for (int k = 0; k < kc; ++k) {
+                    const __m512i h = _mm512_add_epi32(ch, _mm512_set1_epi32(B.row_h[k0 + k]));
+                    const __m512i w = _mm512_add_epi32(cw, _mm512_set1_epi32(B.row_w[k0 + k]));
+                    const __mmask16 m = _mm512_cmplt_epu32_mask(h, H) & _mm512_cmplt_epu32_mask(w, W);
+                    const int64_t ro = B.row_off[k0 + k];
+                    __m512 x = _mm512_setzero_ps();
+                    for (int r = 0; r < runs.n; ++r)
+                        x = _mm512_mask_loadu_ps(x, m & static_cast<__mmask16>(runs.mask[r]), at(B.p, ro + runs.base[r]));
+                    _mm512_store_ps(d + k * NR + v, x);
+                }
+                continue;
+            }
             for (int k = 0; k < kc; ++k) {
                 const __m512i h = _mm512_add_epi32(ch, _mm512_set1_epi32(B.row_h[k0 + k]));
                 const __m512i w = _mm512_add_epi32(cw, _mm512_set1_epi32(B.row_w[k0 + k]));
@@ -236,21 +291,41 @@ __attribute__((target("avx512f"))) void pack_b_gather_avx512(const GemmB& B, int
 __attribute__((target("avx2"))) void pack_b_gather_avx2(const GemmB& B, int NR, int k0, int kc, int j0, int nc,
                                                          float* __restrict dst) {
     const __m256i H = _mm256_set1_epi32(B.H), W = _mm256_set1_epi32(B.W), neg1 = _mm256_set1_epi32(-1);
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    Runs runs;
+    __m256i run_mask[kMaxRuns];
     for (int jp = 0; jp < nc; jp += NR) {
         float* __restrict d = dst + static_cast<int64_t>(jp) * kc;
         for (int v = 0; v < NR; v += 8) {
-            const __m256i co = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B.col_off + j0 + jp + v));
+            const int32_t* cop = B.col_off + j0 + jp + v;
+            const __m256i co = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cop));
             const __m256i ch = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B.col_h + j0 + jp + v));
             const __m256i cw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B.col_w + j0 + jp + v));
+            find_runs(cop, B.col_h + j0 + jp + v, 8, &runs);
+            const bool use_runs = runs.n <= kMaxRuns;
+            if (use_runs)
+                for (int r = 0; r < runs.n; ++r) {
+                    const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(runs.mask[r])), lane_bit);
+                    run_mask[r] = _mm256_cmpeq_epi32(bits, lane_bit);
+                }
             for (int k = 0; k < kc; ++k) {
                 const __m256i h = _mm256_add_epi32(ch, _mm256_set1_epi32(B.row_h[k0 + k]));
                 const __m256i w = _mm256_add_epi32(cw, _mm256_set1_epi32(B.row_w[k0 + k]));
                 const __m256i ok = _mm256_and_si256(
                     _mm256_and_si256(_mm256_cmpgt_epi32(h, neg1), _mm256_cmpgt_epi32(H, h)),
                     _mm256_and_si256(_mm256_cmpgt_epi32(w, neg1), _mm256_cmpgt_epi32(W, w)));
-                const __m256i idx = _mm256_add_epi32(co, _mm256_set1_epi32(B.row_off[k0 + k]));
-                _mm256_store_ps(d + k * NR + v, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), B.p, idx,
-                                                                         _mm256_castsi256_ps(ok), 4));
+                __m256 x;
+                if (use_runs) {
+                    const int64_t ro = B.row_off[k0 + k];
+                    x = _mm256_setzero_ps();
+                    for (int r = 0; r < runs.n; ++r)
+                        x = _mm256_or_ps(x, _mm256_maskload_ps(at(B.p, ro + runs.base[r]),
+                                                               _mm256_and_si256(ok, run_mask[r])));
+                } else {
+                    const __m256i idx = _mm256_add_epi32(co, _mm256_set1_epi32(B.row_off[k0 + k]));
+                    x = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), B.p, idx, _mm256_castsi256_ps(ok), 4);
+                }
+                _mm256_store_ps(d + k * NR + v, x);
             }
         }
     }
@@ -312,45 +387,82 @@ inline float* c_at(const GemmC& C, int i, int j) {
     return C.p + i * C.rs + (C.col_off ? C.col_off[j] : j * C.cs);
 }
 
-// C rows [m0, m1) x columns [n0, n1) (tile-aligned except at the matrix edge), the whole K.
+// Writes a tile computed into tmp (NR-wide rows) to C: C = [C +] tmp, over the valid mr x nr part, in runs of
+// contiguous columns.
+void store_tile(const GemmC& C, int i0, int j0, int mr, int nr, int NR, const float* tmp, bool add) {
+    int64_t run_off[MAX_NR];
+    int run_start[MAX_NR + 1], runs = 0;
+    for (int jj = 0; jj < nr; ++jj) {
+        const int64_t off = C.col_off ? C.col_off[j0 + jj] : static_cast<int64_t>(j0 + jj) * C.cs;
+        const bool extends = runs > 0 && (C.col_off || C.cs == 1) &&
+                             off == run_off[runs - 1] + (jj - run_start[runs - 1]);
+        if (!extends) {
+            run_off[runs] = off;
+            run_start[runs++] = jj;
+        }
+    }
+    run_start[runs] = nr;
+    for (int i = 0; i < mr; ++i) {
+        float* row = C.p + (i0 + i) * C.rs;
+        const float* src = tmp + i * NR;
+        for (int r = 0; r < runs; ++r) {
+            const int lo = run_start[r], len = run_start[r + 1] - lo;
+            if (C.col_off || C.cs == 1) {
+                float* __restrict d = row + run_off[r];
+                const float* __restrict s = src + lo;
+                if (add)
+                    for (int t = 0; t < len; ++t) d[t] += s[t];
+                else
+                    for (int t = 0; t < len; ++t) d[t] = s[t];
+            } else {
+                float* d = row + run_off[r];
+                for (int t = 0; t < len; ++t) d[t * C.cs] = add ? d[t * C.cs] + src[lo + t] : src[lo + t];
+            }
+        }
+    }
+}
+
+// C rows [m0, m1) x columns [n0, n1) (tile-aligned except at the matrix edge), the whole K. K blocks outermost:
+// A's block (the rows' MR-wide strips, KC deep) is packed once per K block and reused by every N block.
 void gemm_rect(const Kernel& kn, int m0, int m1, int n0, int n1, int K, const GemmA& A, const GemmB& B,
                const GemmC& C, bool accumulate) {
     const int MR = kn.MR, NR = kn.NR;
     const int kc_max = std::min(KC, K);
     const int nc_max = (std::min(NC, n1 - n0) + NR - 1) / NR * NR;
+    const int strips = (m1 - m0 + MR - 1) / MR;
     float* bpack = t_bpack.get(static_cast<size_t>(kc_max) * nc_max);
-    float* apack = t_apack.get(static_cast<size_t>(kc_max) * MR);
+    float* apack = t_apack.get(static_cast<size_t>(kc_max) * MR * strips);
     alignas(64) float tmp[MAX_MR * MAX_NR];
-    for (int jc = n0; jc < n1; jc += NC) {
-        const int nc = std::min(NC, n1 - jc);
-        for (int pc = 0; pc < K; pc += KC) {
-            const int kc = std::min(KC, K - pc);
-            const bool add = accumulate || pc > 0;
+    for (int pc = 0; pc < K; pc += KC) {
+        const int kc = std::min(KC, K - pc);
+        const bool add = accumulate || pc > 0;
+        for (int s = 0; s < strips; ++s) {
+            const int ic = m0 + s * MR;
+            pack_a(A, MR, ic, std::min(MR, m1 - ic), pc, kc, apack + static_cast<int64_t>(s) * MR * kc);
+        }
+        for (int jc = n0; jc < n1; jc += NC) {
+            const int nc = std::min(NC, n1 - jc);
             if (B.row_off)
                 kn.gather(B, NR, pc, kc, jc, nc, bpack);
             else
                 pack_b_dense(B, NR, pc, kc, jc, nc, bpack);
-            for (int ic = m0; ic < m1; ic += MR) {
+            for (int s = 0; s < strips; ++s) {
+                const int ic = m0 + s * MR;
                 const int mr = std::min(MR, m1 - ic);
-                pack_a(A, MR, ic, mr, pc, kc, apack);
+                const float* ap = apack + static_cast<int64_t>(s) * MR * kc;
                 for (int jr = 0; jr < nc; jr += NR) {
                     const int j = jc + jr, nr = std::min(NR, nc - jr);
                     const float* bp = bpack + static_cast<int64_t>(jr) * kc;
-                    float* c0 = c_at(C, ic, j);
                     // Straight into C when the tile is whole and its columns are contiguous; else through tmp
                     // (the same arithmetic: tmp = the block's sum, then C = [C +] tmp).
                     const bool direct = mr == MR && nr == NR &&
                                         (C.col_off ? C.col_off[j + NR - 1] - C.col_off[j] == NR - 1 : C.cs == 1);
                     if (direct) {
-                        kn.micro(kc, apack, bp, c0, C.rs, add);
-                        continue;
+                        kn.micro(kc, ap, bp, c_at(C, ic, j), C.rs, add);
+                    } else {
+                        kn.micro(kc, ap, bp, tmp, NR, false);
+                        store_tile(C, ic, j, mr, nr, NR, tmp, add);
                     }
-                    kn.micro(kc, apack, bp, tmp, NR, false);
-                    for (int i = 0; i < mr; ++i)
-                        for (int jj = 0; jj < nr; ++jj) {
-                            float* dst = c_at(C, ic + i, j + jj);
-                            *dst = add ? *dst + tmp[i * NR + jj] : tmp[i * NR + jj];
-                        }
                 }
             }
         }
