@@ -210,8 +210,8 @@ void pack_b_gather_generic(const GemmB& B, int NR, int k0, int kc, int j0, int n
             const int64_t ro = B.row_off[k0 + k];
             const int32_t rh = B.row_h[k0 + k], rw = B.row_w[k0 + k];
             for (int j = 0; j < NR; ++j) {
-                const bool ok = static_cast<uint32_t>(rh + ch[j]) < static_cast<uint32_t>(B.H) &&
-                                static_cast<uint32_t>(rw + cw[j]) < static_cast<uint32_t>(B.W);
+                const int64_t h = static_cast<int64_t>(rh) + ch[j], w = static_cast<int64_t>(rw) + cw[j];
+                const bool ok = h >= 0 && h < B.H && w >= 0 && w < B.W;
                 d[k * NR + j] = ok ? B.p[ro + co[j]] : 0.0f;
             }
         }
