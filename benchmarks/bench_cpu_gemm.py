@@ -67,14 +67,25 @@ def main(argv=None) -> int:
         CLOCK = time.thread_time
     ax = H.ax
     C = ax._C
-    if hasattr(C, "_cpu_set_threads"):
+    if a.threads < 1:
+        print(f"bench_cpu_gemm: --threads must be >= 1, got {a.threads}", file=sys.stderr)
+        return 2
+    if hasattr(C, "_cpu_set_threads"):  # (absent in builds before the thread pool: then timed as they are)
         C._cpu_set_threads(a.threads)
     if hasattr(C, "_cpu_set_isa") and a.isa != "auto":
-        C._cpu_set_isa(a.isa)
-    isa = C._cpu_isa() if hasattr(C, "_cpu_isa") else "legacy"
+        try:
+            C._cpu_set_isa(a.isa)
+        except ValueError as e:
+            print(f"bench_cpu_gemm: {e}", file=sys.stderr)
+            return 2
+    isa = C._cpu_isa() if hasattr(C, "_cpu_isa") else "unknown"
     torch = None
     if a.torch:
-        import torch  # noqa: F811
+        try:
+            import torch  # noqa: F811
+        except ImportError as e:
+            print(f"bench_cpu_gemm: --torch needs PyTorch: {e}", file=sys.stderr)
+            return 2
         torch.set_num_threads(a.threads)
     print(f"# {cpu_model()}, {os.cpu_count()} logical CPUs; threads={a.threads} isa={isa}"
           + (" (thread CPU time)" if a.cpu_time else "")

@@ -136,3 +136,18 @@ def test_two_cpu_towers_split_the_thread_budget_and_match_one_tower(rng, restore
     C._cpu_set_threads(1)
     b = ax.Net(cfg, devices="cpu", seed=seed)
     assert_trains_identically(a, b, seed, cfg)
+
+
+def test_bench_cpu_gemm_runs(capsys, restore_cpu_settings):
+    """benchmarks/bench_cpu_gemm.py at toy sizes (its timings are not checked: no timing assertions)."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_cpu_gemm
+
+    assert bench_cpu_gemm.main(["--gemm", "40", "--reps", "1", "--batch", "1", "--threads", "2", "--isa", "avx2"
+                                if "avx2" in ISAS else "generic"]) == 0
+    out = capsys.readouterr().out
+    assert "gemm 40^3" in out and out.count("GFLOP/s") == 16  # the GEMM and 3 passes of 5 convs
+    assert bench_cpu_gemm.main(["--isa", "sse9", "--reps", "1"]) == 2
+    assert "sse9" in capsys.readouterr().err
