@@ -222,9 +222,9 @@ void pack_b_gather_generic(const GemmB& B, int NR, int k0, int kc, int j0, int n
 // The vector packers load each group of lanes whose col_off values are consecutive (a stretch of one image
 // row, for a stride-1 gather) with one masked contiguous load: the gather instruction costs about two cycles
 // an element on Zen 4/5, a masked load a fraction of that. Masked-off lanes are never accessed, so
-// addresses outside x are harmless; they are formed in integer arithmetic. More than kMaxRuns stretches in
-// one vector (narrow images, or the window taps of grad-weight): the gather instruction after all.
-constexpr int kMaxRuns = 3;
+// addresses outside x are harmless; they are formed in integer arithmetic. Up to half the lanes' worth of
+// stretches (grad-weight's 3-wide window taps give 6 in 16 lanes) still beats the gather; more: the gather.
+constexpr int kMaxRuns512 = 8, kMaxRuns256 = 4;
 
 struct Runs {
     int n = 0;
@@ -264,7 +264,7 @@ __attribute__((target("avx512f"))) void pack_b_gather_avx512(const GemmB& B, int
             const __m512i ch = _mm512_loadu_si512(B.col_h + j0 + jp + v);
             const __m512i cw = _mm512_loadu_si512(B.col_w + j0 + jp + v);
             find_runs(cop, B.col_h + j0 + jp + v, 16, &runs);
-            if (runs.n <= kMaxRuns) {
+            if (runs.n <= kMaxRuns512) {
                 for (int k = 0; k < kc; ++k) {
                     const __m512i h = _mm512_add_epi32(ch, _mm512_set1_epi32(B.row_h[k0 + k]));
                     const __m512i w = _mm512_add_epi32(cw, _mm512_set1_epi32(B.row_w[k0 + k]));
@@ -293,7 +293,7 @@ __attribute__((target("avx2"))) void pack_b_gather_avx2(const GemmB& B, int NR, 
     const __m256i H = _mm256_set1_epi32(B.H), W = _mm256_set1_epi32(B.W), neg1 = _mm256_set1_epi32(-1);
     const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     Runs runs;
-    __m256i run_mask[kMaxRuns];
+    __m256i run_mask[kMaxRuns256];
     for (int jp = 0; jp < nc; jp += NR) {
         float* __restrict d = dst + static_cast<int64_t>(jp) * kc;
         for (int v = 0; v < NR; v += 8) {
@@ -302,7 +302,7 @@ __attribute__((target("avx2"))) void pack_b_gather_avx2(const GemmB& B, int NR, 
             const __m256i ch = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B.col_h + j0 + jp + v));
             const __m256i cw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B.col_w + j0 + jp + v));
             find_runs(cop, B.col_h + j0 + jp + v, 8, &runs);
-            const bool use_runs = runs.n <= kMaxRuns;
+            const bool use_runs = runs.n <= kMaxRuns256;
             if (use_runs)
                 for (int r = 0; r < runs.n; ++r) {
                     const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(runs.mask[r])), lane_bit);
