@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--isa", default="auto")
     ap.add_argument("--torch", action="store_true", help="also time PyTorch CPU (must be importable)")
-    ap.add_argument("--only", choices=("gemm", "conv"), default=None)
+    ap.add_argument("--only", choices=("gemm", "conv", "fc"), default=None)
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the calling thread's CPU time instead of the wall clock: steadier on a shared "
                          "machine, meaningful at --threads 1 only")
@@ -114,7 +114,23 @@ def main(argv=None) -> int:
     if a.only == "gemm":
         return 0
     shapes = H.layer_shapes(H.net_config(a.net), a.batch)
-    for L in shapes["convs"]:
+    for L in shapes["fcs"] if a.only in (None, "fc") else []:
+        N, I, O = L["N"], L["I"], L["O"]
+        x = rng.standard_normal((N, I), dtype=np.float32)
+        w = rng.standard_normal((O, I), dtype=np.float32) * np.float32(0.01)
+        dy = rng.standard_normal((N, O), dtype=np.float32)
+        xt, wt, dyt = (ax.from_numpy(v, "cpu") for v in (x, w, dy))
+        cases = {"fwd": lambda: ops.linear_forward(xt, wt), "bwd_input": lambda: ops.linear_backward_input(dyt, wt),
+                 "bwd_weight": lambda: ops.linear_backward_weight(xt, dyt)}
+        tcases = {}
+        if torch:
+            tx, tw, tdy = (torch.from_numpy(v) for v in (x, w, dy))
+            tcases = {"fwd": lambda: tx @ tw.T, "bwd_input": lambda: tdy @ tw, "bwd_weight": lambda: tdy.T @ tx}
+        for kind, fn in cases.items():
+            ours = median_ms(fn, a.reps)
+            theirs = median_ms(tcases[kind], a.reps) if torch else None
+            report(f"{a.net} b{a.batch} {L['name']} {kind}", 2 * N * I * O, ours, theirs)
+    for L in shapes["convs"] if a.only in (None, "conv") else []:
         flops = H.conv_flops(L)
         x = rng.standard_normal((L["N"], L["C"], L["H"], L["W"]), dtype=np.float32)
         w = (rng.standard_normal((L["K"], L["C"] // L["groups"], L["R"], L["S"]), dtype=np.float32) * 0.05)

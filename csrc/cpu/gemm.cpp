@@ -332,6 +332,58 @@ __attribute__((target("avx2"))) void pack_b_gather_avx2(const GemmB& B, int NR, 
 }
 #endif
 
+#if AX_X86
+// Dense B whose columns are contiguous (B(k, j) = p[j * cs + k], e.g. W^T in linear_forward) into NR-wide
+// panels by 8x8 register transposes: the scalar loop writes each panel row a float at a time, 4x slower than
+// the GEMM that reads it. Edge rows and the k tail are scalar.
+__attribute__((target("avx2"))) void pack_bt_avx2(const GemmB& B, int NR, int k0, int kc, int j0, int nc,
+                                                   float* __restrict dst) {
+    const int k8 = kc / 8 * 8;
+    for (int jp = 0; jp < nc; jp += NR) {
+        const int nr = std::min(NR, nc - jp);
+        float* __restrict d = dst + static_cast<int64_t>(jp) * kc;
+        for (int jb = 0; jb < NR; jb += 8) {
+            const float* src[8];
+            int live = 0;
+            for (int r = 0; r < 8; ++r) {
+                src[r] = jb + r < nr ? B.p + (j0 + jp + jb + r) * B.cs + k0 * B.rs : nullptr;
+                live += src[r] != nullptr;
+            }
+            if (live < 8) {  // the matrix edge: scalar, zero-padded
+                for (int k = 0; k < kc; ++k)
+                    for (int r = 0; r < 8; ++r) d[k * NR + jb + r] = src[r] ? src[r][k] : 0.0f;
+                continue;
+            }
+            for (int k = 0; k < k8; k += 8) {
+                __m256 r0 = _mm256_loadu_ps(src[0] + k), r1 = _mm256_loadu_ps(src[1] + k);
+                __m256 r2 = _mm256_loadu_ps(src[2] + k), r3 = _mm256_loadu_ps(src[3] + k);
+                __m256 r4 = _mm256_loadu_ps(src[4] + k), r5 = _mm256_loadu_ps(src[5] + k);
+                __m256 r6 = _mm256_loadu_ps(src[6] + k), r7 = _mm256_loadu_ps(src[7] + k);
+                const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+                const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+                const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+                const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+                const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+                const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+                const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+                const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+                float* o = d + k * NR + jb;
+                _mm256_storeu_ps(o + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
+                _mm256_storeu_ps(o + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
+                _mm256_storeu_ps(o + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
+                _mm256_storeu_ps(o + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
+                _mm256_storeu_ps(o + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
+                _mm256_storeu_ps(o + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
+                _mm256_storeu_ps(o + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
+                _mm256_storeu_ps(o + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+            }
+            for (int k = k8; k < kc; ++k)
+                for (int r = 0; r < 8; ++r) d[k * NR + jb + r] = src[r][k];
+        }
+    }
+}
+#endif
+
 // ---- instruction set selection ----------------------------------------------------------------------------
 
 enum Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -341,6 +393,7 @@ struct Kernel {
     int MR, NR;
     void (*micro)(int, const float*, const float*, float*, int64_t, bool);
     void (*gather)(const GemmB&, int, int, int, int, int, float*);
+    void (*pack_bt)(const GemmB&, int, int, int, int, int, float*);  // dense B with rs == 1 (nullable)
 };
 
 bool supported(Isa isa) {
@@ -374,11 +427,11 @@ Isa current_isa() {
 
 Kernel kernel_for(Isa isa) {
 #if AX_X86
-    if (isa == kAvx512) return {12, 32, kernel_avx512, pack_b_gather_avx512};
-    if (isa == kAvx2) return {6, 16, kernel_avx2, pack_b_gather_avx2};
+    if (isa == kAvx512) return {12, 32, kernel_avx512, pack_b_gather_avx512, pack_bt_avx2};
+    if (isa == kAvx2) return {6, 16, kernel_avx2, pack_b_gather_avx2, pack_bt_avx2};
 #endif
     (void)isa;
-    return {4, 16, kernel_generic, pack_b_gather_generic};
+    return {4, 16, kernel_generic, pack_b_gather_generic, nullptr};
 }
 
 // ---- the driver ----------------------------------------------------------------------------------------
@@ -445,7 +498,7 @@ void gemm_rect(const Kernel& kn, int m0, int m1, int n0, int n1, int K, const Ge
             if (B.row_off)
                 kn.gather(B, NR, pc, kc, jc, nc, bpack);
             else
-                pack_b_dense(B, NR, pc, kc, jc, nc, bpack);
+                (B.rs == 1 && B.cs != 1 && kn.pack_bt ? kn.pack_bt : pack_b_dense)(B, NR, pc, kc, jc, nc, bpack);
             for (int s = 0; s < strips; ++s) {
                 const int ic = m0 + s * MR;
                 const int mr = std::min(MR, m1 - ic);
