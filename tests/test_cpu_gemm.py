@@ -28,6 +28,8 @@ CONVS = [
     (2, 3, 19, 17, 5, 11, 11, 4, 2, 1),    # conv1-like: stride 4, 16 grad-input phases
     (2, 4, 8, 9, 3, 2, 3, (2, 3), (0, 1), 1),  # rectangular stride: phases with no taps on one axis
     (1, 40, 6, 6, 7, 3, 3, 1, 1, 1),       # K = 360 for forward: two K blocks
+    (2, 3, 35, 37, 5, 5, 5, 2, 1, 1),      # strided forward through the stride-phase split (P*Q >= 64)
+    (2, 4, 30, 40, 6, 3, 4, (2, 3), (1, 0), 2),  # the same with a rectangular stride and groups
     (4, 16, 13, 13, 40, 3, 3, 1, 1, 1),    # big enough (> 2^21 multiply-adds a pass) to be split between threads
 ]
 # M, N, K; the last two are big enough to be split between threads (gemm.cpp: a thread per 2^20 multiply-adds)

@@ -79,22 +79,107 @@ void window_corners(const Conv2dParams& p, int32_t* off, int32_t* hh, int32_t* w
 
 }  // namespace
 
+thread_local std::vector<float> t_phase;
+
+// Strided forward: the input split by stride phase (space-to-depth), xs[n][c][a][b][i][j] =
+// x[n, c, i*sh + a - pad_h, j*sw + b - pad_w] (0 outside x), so tap (r, s) of output (p, q) is
+// xs[n][c][r % sh][s % sw][p + r / sh][q + s / sw]: a stride-1 gather whose adjacent outputs are adjacent in
+// memory (masked contiguous loads instead of the gather instruction). The same products in the same order
+// as the direct gather, so the same bits. Images go in chunks that keep the split copy near 8 MiB.
+void conv2d_forward_strided(const Conv2dParams& p, const float* x, const float* w, float* y) {
+    const int Cg = p.C / p.groups, Kg = p.K / p.groups;
+    const int sh = p.stride_h, sw = p.stride_w;
+    const int64_t PQ = static_cast<int64_t>(p.P) * p.Q, HW = static_cast<int64_t>(p.H) * p.W;
+    const int Hp = p.P + (p.R - 1) / sh, Wp = p.Q + (p.S - 1) / sw;
+    const int64_t plane = static_cast<int64_t>(Hp) * Wp, img = static_cast<int64_t>(p.C) * sh * sw * plane;
+    const int chunk = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.N, (int64_t{2} << 20) / img)));
+    const int CRS = Cg * p.R * p.S;
+    if (t_phase.size() < static_cast<size_t>(chunk * img)) t_phase.resize(chunk * img);
+    float* xs = t_phase.data();
+    Tables& t = t_tab;
+    t.rows(CRS);
+    int64_t i = 0;
+    for (int c = 0; c < Cg; ++c)
+        for (int r = 0; r < p.R; ++r)
+            for (int ss = 0; ss < p.S; ++ss, ++i) {
+                t.row_off[i] = static_cast<int32_t>(((static_cast<int64_t>(c) * sh + r % sh) * sw + ss % sw) * plane +
+                                                    static_cast<int64_t>(r / sh) * Wp + ss / sw);
+                t.row_h[i] = r / sh;
+                t.row_w[i] = ss / sw;
+            }
+    for (int n0 = 0; n0 < p.N; n0 += chunk) {
+        const int nc = std::min(chunk, p.N - n0);
+        parallel_for(0, static_cast<int64_t>(nc) * p.C, 1, [&](int64_t lo, int64_t hi) {
+            for (int64_t nch = lo; nch < hi; ++nch) {
+                const float* xc = x + (static_cast<int64_t>(n0) * p.C + nch) * HW;
+                float* dst = xs + nch * sh * sw * plane;
+                for (int a = 0; a < sh; ++a)
+                    for (int bb = 0; bb < sw; ++bb)
+                        for (int ii = 0; ii < Hp; ++ii) {
+                            const int64_t h = static_cast<int64_t>(ii) * sh + a - p.pad_h;
+                            float* __restrict d = dst + ((static_cast<int64_t>(a) * sw + bb) * Hp + ii) * Wp;
+                            if (h < 0 || h >= p.H) {
+                                std::memset(d, 0, sizeof(float) * Wp);
+                                continue;
+                            }
+                            // Columns jj reading inside the row: [jlo, jhi), the rest padding.
+                            const int64_t off = static_cast<int64_t>(bb) - p.pad_w;
+                            const int jlo = static_cast<int>(std::min<int64_t>(Wp, off >= 0 ? 0 : (-off + sw - 1) / sw));
+                            const int jhi = static_cast<int>(std::max<int64_t>(
+                                jlo, std::min<int64_t>(Wp, p.W - 1 - off < 0 ? 0 : (p.W - 1 - off) / sw + 1)));
+                            const float* __restrict src = xc + h * p.W + off;
+                            for (int jj = 0; jj < jlo; ++jj) d[jj] = 0.0f;
+                            for (int jj = jlo; jj < jhi; ++jj) d[jj] = src[static_cast<int64_t>(jj) * sw];
+                            for (int jj = jhi; jj < Wp; ++jj) d[jj] = 0.0f;
+                        }
+            }
+        });
+        const int cols = static_cast<int>(nc * PQ);
+        t.cols(cols);
+        t.c_col.resize(cols);
+        int64_t j = 0;
+        for (int n = 0; n < nc; ++n)
+            for (int pp = 0; pp < p.P; ++pp)
+                for (int q = 0; q < p.Q; ++q, ++j) {
+                    t.col_off[j] = static_cast<int32_t>(n * img + static_cast<int64_t>(pp) * Wp + q);
+                    t.col_h[j] = pp;
+                    t.col_w[j] = q;
+                    t.c_col[j] = static_cast<int64_t>(n) * p.K * PQ + static_cast<int64_t>(pp) * p.Q + q;
+                }
+        for (int g = 0; g < p.groups; ++g) {
+            const GemmA A{w + static_cast<int64_t>(g) * Kg * CRS, CRS, 1, nullptr};
+            const GemmC C{y + (static_cast<int64_t>(n0) * p.K + static_cast<int64_t>(g) * Kg) * PQ, PQ, 1,
+                          t.c_col.data()};
+            gemm_general(Kg, cols, CRS, A, gather_b(xs + static_cast<int64_t>(g) * Cg * sh * sw * plane, t, Hp, Wp),
+                         C, false);
+        }
+    }
+}
+
 void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const float* b, float* y) {
     const int Cg = p.C / p.groups, Kg = p.K / p.groups;
     const int64_t HW = static_cast<int64_t>(p.H) * p.W, PQ = static_cast<int64_t>(p.P) * p.Q;
     const int CRS = Cg * p.R * p.S;
     const int NPQ = static_cast<int>(p.N * PQ);
-    Tables& t = t_tab;
-    t.rows(CRS);
-    window_taps(p, Cg, t.row_off.data(), t.row_h.data(), t.row_w.data());
-    t.cols(NPQ);
-    window_corners(p, t.col_off.data(), t.col_h.data(), t.col_w.data());
-    t.c_col.resize(NPQ);
-    for (int64_t j = 0; j < NPQ; ++j) t.c_col[j] = (j / PQ) * p.K * PQ + j % PQ;
-    for (int g = 0; g < p.groups; ++g) {
-        const GemmA A{w + static_cast<int64_t>(g) * Kg * CRS, CRS, 1, nullptr};
-        const GemmC C{y + static_cast<int64_t>(g) * Kg * PQ, PQ, 1, t.c_col.data()};
-        gemm_general(Kg, NPQ, CRS, A, gather_b(x + g * Cg * HW, t, p.H, p.W), C, false);
+    // The split copy is worth it where the phases are few and the image is not tiny (and it must fit int32).
+    const int64_t split_img = static_cast<int64_t>(p.C) * p.stride_h * p.stride_w *
+                              (p.P + (p.R - 1) / p.stride_h) * (p.Q + (p.S - 1) / p.stride_w);
+    if ((p.stride_h > 1 || p.stride_w > 1) && p.stride_h <= 8 && p.stride_w <= 8 && p.N > 0 && PQ >= 64 &&
+        split_img < (int64_t{1} << 26)) {
+        conv2d_forward_strided(p, x, w, y);
+    } else {
+        Tables& t = t_tab;
+        t.rows(CRS);
+        window_taps(p, Cg, t.row_off.data(), t.row_h.data(), t.row_w.data());
+        t.cols(NPQ);
+        window_corners(p, t.col_off.data(), t.col_h.data(), t.col_w.data());
+        t.c_col.resize(NPQ);
+        for (int64_t j = 0; j < NPQ; ++j) t.c_col[j] = (j / PQ) * p.K * PQ + j % PQ;
+        for (int g = 0; g < p.groups; ++g) {
+            const GemmA A{w + static_cast<int64_t>(g) * Kg * CRS, CRS, 1, nullptr};
+            const GemmC C{y + static_cast<int64_t>(g) * Kg * PQ, PQ, 1, t.c_col.data()};
+            gemm_general(Kg, NPQ, CRS, A, gather_b(x + g * Cg * HW, t, p.H, p.W), C, false);
+        }
     }
     if (b)
         parallel_for(0, static_cast<int64_t>(p.N) * p.K, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, PQ)),
