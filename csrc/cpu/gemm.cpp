@@ -63,31 +63,34 @@ thread_local Scratch t_apack, t_bpack;
 // fused multiply-add chain from 0 per element. a: packed MR-wide strip, b: packed NR-wide panel (k-major).
 
 #if AX_X86
+// MR rows of 32 columns; 12 for most shapes, 8 or 4 where M is small (the same arithmetic per element, so the
+// same bits whichever MR runs).
+template <int MR>
 __attribute__((target("avx512f,fma"))) void kernel_avx512(int kc, const float* __restrict a,
                                                           const float* __restrict b, float* c, int64_t ldc,
                                                           bool add) {
-    __m512 c0[12], c1[12];
+    __m512 c0[MR], c1[MR];
     // C is in L3 between K blocks (each block re-reads it): fetch the tile while the block computes.
 #pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < MR; ++i) {
         _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 31), _MM_HINT_T0);
     }
 #pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
     for (int k = 0; k < kc; ++k) {
         const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 12
-        for (int i = 0; i < 12; ++i) {
+        for (int i = 0; i < MR; ++i) {
             const __m512 ai = _mm512_set1_ps(a[i]);
             c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
             c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
         }
-        a += 12;
+        a += MR;
         b += 32;
     }
 #pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < MR; ++i) {
         float* row = c + i * ldc;
         if (add) {
             c0[i] = _mm512_add_ps(_mm512_loadu_ps(row), c0[i]);
@@ -425,12 +428,20 @@ Isa current_isa() {
     return static_cast<Isa>(v);
 }
 
-Kernel kernel_for(Isa isa) {
+// The kernel for an M-row problem: AVX-512 takes the row count that pads M least (12 unless 8 or 4 saves
+// more than their extra B loads cost).
+Kernel kernel_for(Isa isa, int M) {
 #if AX_X86
-    if (isa == kAvx512) return {12, 32, kernel_avx512, pack_b_gather_avx512, pack_bt_avx2};
+    if (isa == kAvx512) {
+        const double r12 = (M + 11) / 12 * 12, r8 = (M + 7) / 8 * 8 * 1.04, r4 = (M + 3) / 4 * 4 * 1.2;
+        if (r4 < r8 && r4 < r12) return {4, 32, kernel_avx512<4>, pack_b_gather_avx512, pack_bt_avx2};
+        if (r8 < r12) return {8, 32, kernel_avx512<8>, pack_b_gather_avx512, pack_bt_avx2};
+        return {12, 32, kernel_avx512<12>, pack_b_gather_avx512, pack_bt_avx2};
+    }
     if (isa == kAvx2) return {6, 16, kernel_avx2, pack_b_gather_avx2, pack_bt_avx2};
 #endif
     (void)isa;
+    (void)M;
     return {4, 16, kernel_generic, pack_b_gather_generic, nullptr};
 }
 
@@ -575,7 +586,7 @@ void gemm_general(int M, int N, int K, const GemmA& A, const GemmB& B, const Gem
                 for (int j = 0; j < N; ++j) *c_at(C, i, j) = 0.0f;
         return;
     }
-    const Kernel kn = kernel_for(current_isa());
+    const Kernel kn = kernel_for(current_isa(), M);
     const int mt = (M + kn.MR - 1) / kn.MR, nt = (N + kn.NR - 1) / kn.NR;
     // A thread is worth waking for about a million multiply-adds.
     const int64_t work = static_cast<int64_t>(M) * N * K;
