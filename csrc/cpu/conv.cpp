@@ -77,6 +77,41 @@ void window_corners(const Conv2dParams& p, int32_t* off, int32_t* hh, int32_t* w
             }
 }
 
+// Output columns q whose input column q*stride - pad + s lies in [0, W): [lo, hi).
+// In 64 bits: -off + stride - 1 overflows an int for a stride near 2^31 (a valid stride: it just gives Q = 1).
+inline void valid_range(int Q, int W, int stride, int pad, int s, int* lo, int* hi) {
+    const int64_t off = static_cast<int64_t>(s) - pad;  // input column of q = 0
+    const int64_t l = off >= 0 ? 0 : (-off + stride - 1) / stride;
+    const int64_t h = (W - 1 - off) < 0 ? 0 : (W - 1 - off) / stride + 1;
+    *lo = static_cast<int>(std::min<int64_t>(l, Q));
+    *hi = static_cast<int>(std::max<int64_t>(*lo, std::min<int64_t>(h, Q)));
+}
+
+// dx plane of channel c (H, W) = the col rows of c (R*S rows of P*Q) scattered back (the adjoint of im2col),
+// added in increasing (r, s, p, q): a fixed order, so each element sums its window contributions
+// deterministically.
+void col2im_channel(const Conv2dParams& p, const float* colc, float* xc) {
+    const int64_t PQ = static_cast<int64_t>(p.P) * p.Q;
+    std::memset(xc, 0, sizeof(float) * static_cast<size_t>(p.H) * p.W);
+    for (int r = 0; r < p.R; ++r)
+        for (int s = 0; s < p.S; ++s) {
+            const float* __restrict srcrow = colc + (static_cast<int64_t>(r) * p.S + s) * PQ;
+            int qlo, qhi;
+            valid_range(p.Q, p.W, p.stride_w, p.pad_w, s, &qlo, &qhi);
+            for (int pp = 0; pp < p.P; ++pp) {
+                const int64_t h = static_cast<int64_t>(pp) * p.stride_h - p.pad_h + r;
+                if (h < 0 || h >= p.H) continue;
+                const float* __restrict src = srcrow + static_cast<int64_t>(pp) * p.Q;
+                float* __restrict dst = xc + h * p.W;
+                const int off = s - p.pad_w;
+                if (p.stride_w == 1)
+                    for (int q = qlo; q < qhi; ++q) dst[q + off] += src[q];
+                else
+                    for (int q = qlo; q < qhi; ++q) dst[static_cast<int64_t>(q) * p.stride_w + off] += src[q];
+            }
+        }
+}
+
 }  // namespace
 
 thread_local std::vector<float> t_phase;
@@ -195,8 +230,32 @@ void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const
 // Per group and stride phase (a, bb): dx[n, c, a + sh*h', bb + sw*w'] = sum over k and the taps (r, s) with
 // r = a + pad_h (mod sh), s = bb + pad_w (mod sw) of w[k, c, r, s] * dy[n, k, h' + dr, w' + ds], where
 // dr = (a + pad_h - r) / sh, ds = (bb + pad_w - s) / sw: a stride-1 gather from dy.
+// Few input channels (conv1's 3): the phase GEMMs would have M = Cg rows, nearly all padding, so instead per
+// image and group col (Cg*R*S, P*Q) = w_g^T dy_g (a GEMM with M = Cg*R*S), then col2im channel by channel.
+void conv2d_backward_input_col2im(const Conv2dParams& p, const float* dy, const float* w, float* dx) {
+    const int Cg = p.C / p.groups, Kg = p.K / p.groups;
+    const int64_t HW = static_cast<int64_t>(p.H) * p.W, PQ = static_cast<int64_t>(p.P) * p.Q;
+    const int64_t RS = static_cast<int64_t>(p.R) * p.S, CRS = Cg * RS;
+    std::vector<float>& col = t_phase;
+    if (col.size() < static_cast<size_t>(CRS * PQ)) col.resize(CRS * PQ);
+    for (int n = 0; n < p.N; ++n)
+        for (int g = 0; g < p.groups; ++g) {
+            const float* dyg = dy + (static_cast<int64_t>(n) * p.K + static_cast<int64_t>(g) * Kg) * PQ;
+            float* dxg = dx + (static_cast<int64_t>(n) * p.C + static_cast<int64_t>(g) * Cg) * HW;
+            gemm(true, false, static_cast<int>(CRS), static_cast<int>(PQ), Kg, w + g * Kg * CRS, CRS, dyg, PQ,
+                 col.data(), PQ, false);
+            parallel_for(0, Cg, 1, [&](int64_t lo, int64_t hi) {
+                for (int64_t c = lo; c < hi; ++c) col2im_channel(p, col.data() + c * RS * PQ, dxg + c * HW);
+            });
+        }
+}
+
 void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx) {
     const int Cg = p.C / p.groups, Kg = p.K / p.groups;
+    if (Cg < 8 && static_cast<int64_t>(Cg) * p.R * p.S >= 32 && p.N > 0) {
+        conv2d_backward_input_col2im(p, dy, w, dx);
+        return;
+    }
     const int64_t HW = static_cast<int64_t>(p.H) * p.W, PQ = static_cast<int64_t>(p.P) * p.Q;
     const int64_t RS = static_cast<int64_t>(p.R) * p.S;
     const int sh = p.stride_h, sw = p.stride_w;
