@@ -8,6 +8,9 @@
 //                correlation per stride phase (h % sh, w % sw), so each dx element is one sum, no scatter
 //   grad-weight  dw_g (Kg, Cg*R*S) = dy_g (Kg, N*P*Q)      x  im2col(x_g)^T (N*P*Q, Cg*R*S): the whole batch is
 //                the GEMM's K, summed in gemm_kernel.h's fixed order (blocks of 256 in increasing n, p, q)
+// Two variants where those GEMMs pack badly: a strided forward gathers from a stride-phase copy of the input
+// (conv2d_forward_strided), and a grad-input with few input channels (conv1's 3) goes through a per-image
+// column buffer and col2im (conv2d_backward_input_col2im).
 #include <algorithm>
 #include <cstring>
 #include <vector>

@@ -1,12 +1,13 @@
 // CPU backend of the gemm family: the shared blocked GEMM (gemm_kernel.h) and the linear layers on top of it.
 //
-// Structure (after BLIS): loops jc (N by NC) > pc (K by KC) > ic (M by MR) > jr (N by NR). For each (jc, pc)
-// the B block (KC x NC) is packed into NR-wide k-major panels that stay in L2; each MR x KC strip of A is
-// packed (k-major) into L1; the micro-kernel keeps its MR x NR tile of C in registers for the whole KC
-// block and adds it to C once. Micro-kernels, chosen at run time: AVX-512 12x32 (24 zmm accumulators),
+// Structure (after BLIS): loops pc (K by KC) > jc (N by NC) > ic (M by MR) > jr (N by NR). Per K block the
+// rows' A strips (MR x KC, k-major) are packed once; per (pc, jc) the B block (KC x NC) is packed into NR-wide
+// k-major panels that stay in L2 (straight from the image for convolutions: the gather packers); the
+// micro-kernel keeps its MR x NR tile of C in registers for the whole KC block and adds it to C once.
+// Micro-kernels, chosen at run time: AVX-512 12x32 (24 zmm accumulators; 8x32 or 4x32 when M is small),
 // AVX2 6x16 (12 ymm), a portable 4x16. They are compiled with function target attributes, so the build
 // still targets (and runs on) any x86-64. Threads split C into rectangles of whole tiles, never K
-// (gemm_kernel.h: the bits do not depend on the thread count).
+// (gemm_kernel.h: the bits do not depend on the thread count). Pack buffers are per thread, grown once.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
