@@ -121,10 +121,17 @@ def test_set_isa_rejects_unknown_names(restore_cpu_settings):
 
 def test_environment_picks_isa_and_threads():
     want = "avx2" if "avx2" in ISAS else "generic"
+    probe = "import alexnet_cuda as ax; print(ax._C._cpu_isa(), ax._C._cpu_threads())"
     env = dict(os.environ, ALEXNET_CPU_ISA=want, ALEXNET_CPU_THREADS="3")
-    out = subprocess.run([sys.executable, "-c", "import alexnet_cuda as ax; print(ax._C._cpu_isa(), ax._C._cpu_threads())"],
-                         env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out == [want, "3"]
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [want, "3"]
+    # An unbound MPI job with as many ranks on the node as CPUs: one thread each.
+    cpus = len(os.sched_getaffinity(0))
+    if cpus == os.cpu_count():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_CPU")}
+        env["OMPI_COMM_WORLD_LOCAL_SIZE"] = str(cpus)
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+        assert out.split()[1] == "1"
 
 
 def test_two_cpu_towers_split_the_thread_budget_and_match_one_tower(rng, restore_cpu_settings):

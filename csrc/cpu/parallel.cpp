@@ -105,12 +105,20 @@ int automatic_threads() {
         const long v = std::strtol(s, &end, 10);
         if (end != s && *end == '\0' && v >= 1) return static_cast<int>(std::min<long>(v, 1024));
     }
+    const int online = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
     cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-        const int n = CPU_COUNT(&set);
-        if (n >= 1) return n;
-    }
-    return std::max(1u, std::thread::hardware_concurrency());
+    int n = online;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) >= 1) n = CPU_COUNT(&set);
+    // Several ranks of an MPI or SLURM job on this node, not bound to CPUs of their own by the launcher (the
+    // affinity mask is the whole machine): each takes its share, so they do not oversubscribe the cores.
+    if (n >= online)
+        for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"})
+            if (const char* s = std::getenv(var)) {
+                const long ranks = std::strtol(s, nullptr, 10);  // SLURM may append "(x2)": the number leads
+                if (ranks > 1) return std::max(1, n / static_cast<int>(std::min<long>(ranks, n)));
+                break;
+            }
+    return n;
 }
 
 void forget_default_in_child() { g_default = nullptr; }  // the old pool's threads do not exist here

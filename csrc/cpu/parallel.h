@@ -25,7 +25,9 @@ class ThreadPool;
 // chunk, else default_threads().
 int num_threads();
 
-// The process-wide thread budget: ALEXNET_CPU_THREADS if set (>= 1), else the CPUs this process may run on.
+// The process-wide thread budget: ALEXNET_CPU_THREADS if set (>= 1), else the CPUs this process may run on,
+// divided by the ranks on this node when an unbound MPI/SLURM job started it (OMPI_COMM_WORLD_LOCAL_SIZE,
+// MPI_LOCALNRANKS, SLURM_NTASKS_PER_NODE).
 // set_default_threads resizes the default pool (the old one is drained first) and applies to executors
 // made afterwards; n < 1 restores the automatic value.
 int default_threads();
