@@ -12,6 +12,8 @@
 #include <type_traits>
 
 #include "checked.h"
+#include "cpu/gemm_kernel.h"
+#include "cpu/parallel.h"
 #include "net.h"
 #include "ops.h"
 #include "tensor.h"
@@ -490,6 +492,17 @@ PYBIND11_MODULE(_C, m) {
             cuda_synchronize(d);
         },
         py::arg("device") = "cuda:0");
+    // The CPU backend's threads and GEMM instruction set (csrc/cpu/parallel.h, gemm_kernel.h). Results do not
+    // depend on either (the portable kernel aside, see gemm_kernel.h); tests and benchmarks set them.
+    m.def("_cpu_threads", &cpu::default_threads,
+          "Threads the CPU ops called from Python use, and the budget a new Net splits between its CPU towers.");
+    m.def("_cpu_set_threads", [](const py::object& n) {
+              cpu::set_default_threads(int_arg(n, "_cpu_set_threads", "n"));
+          }, py::arg("n"), "Set the CPU thread budget (n < 1: back to ALEXNET_CPU_THREADS or the CPU count).");
+    m.def("_cpu_isa", &cpu::gemm_isa, "The CPU GEMM micro-kernel in use: 'avx512', 'avx2' or 'generic'.");
+    m.def("_cpu_isa_supported", &cpu::gemm_isa_supported, py::arg("isa"));
+    m.def("_cpu_set_isa", &cpu::set_gemm_isa, py::arg("isa"),
+          "Force the CPU GEMM micro-kernel ('avx512', 'avx2', 'generic', or 'auto' for the best supported).");
     m.def("cuda_allocator_stats", []() {
         auto s = cuda_allocator_stats();
         py::dict d;

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 
+#include "cpu/parallel.h"
+
 #ifdef ALEXNET_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -14,6 +16,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // ---- CPU: one worker thread per executor, a FIFO of tasks ---------------------------------------------
+// Each worker is bound to a thread pool of its share of the cores (csrc/cpu/parallel.h), the worker itself
+// counting as one of them, so the ops of `cpu,cpu` use every core between them and never more.
 
 struct CpuEvent : Event {
     std::mutex m;
@@ -32,7 +36,7 @@ struct CpuEvent : Event {
 
 class CpuExecutor : public Executor {
 public:
-    explicit CpuExecutor(int id) : id_(id), worker_([this] { loop(); }) {}
+    CpuExecutor(int id, int threads) : id_(id), pool_(cpu::make_pool(threads)), worker_([this] { loop(); }) {}
     ~CpuExecutor() override {
         { std::lock_guard<std::mutex> l(m_); stop_ = true; }
         cv_.notify_all();
@@ -40,6 +44,7 @@ public:
     }
     Device device() const override { return Device{}; }
     std::string name() const override { return "cpu worker " + std::to_string(id_); }
+    int threads() const { return cpu::pool_threads(*pool_); }
 
     void submit(const std::string& op, int tower, std::function<void()> fn) override {
         push(Task{Task::Op, op, tower, std::move(fn), nullptr});
@@ -81,6 +86,7 @@ private:
         cv_.notify_all();
     }
     void loop() {
+        cpu::PoolBinding bind(pool_);
         for (;;) {
             Task t;
             {
@@ -130,6 +136,7 @@ private:
     std::exception_ptr error_;
     std::vector<TimelineEntry> entries_;
     Clock::time_point t0_ = Clock::now();
+    std::shared_ptr<cpu::ThreadPool> pool_;
     std::thread worker_;  // last: starts after the members it uses exist
 };
 
@@ -244,8 +251,18 @@ private:
 
 Scheduler::Scheduler(const std::vector<Device>& tower_devices, bool shared) : devices_(tower_devices), shared_(shared) {
     if (devices_.empty()) throw ValueError("Net: argument 'devices' is empty");
+    // The CPU thread budget split between the CPU executors, the first ones taking the remainder.
+    const int cpu_execs = shared_ ? (devices_[0].is_cpu() ? 1 : 0)
+                                  : static_cast<int>(std::count_if(devices_.begin(), devices_.end(),
+                                                                   [](const Device& d) { return d.is_cpu(); }));
+    const int budget = cpu::default_threads();
+    int cpu_seen = 0;
     auto make = [&](Device d, int id) -> std::shared_ptr<Executor> {
-        if (d.is_cpu()) return std::make_shared<CpuExecutor>(id);
+        if (d.is_cpu()) {
+            const int i = cpu_seen++;
+            const int share = std::max(1, budget / std::max(1, cpu_execs) + (i < budget % std::max(1, cpu_execs)));
+            return std::make_shared<CpuExecutor>(id, share);
+        }
 #ifdef ALEXNET_WITH_CUDA
         return std::make_shared<CudaExecutor>(d, id);
 #else
