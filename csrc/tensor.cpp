@@ -325,7 +325,10 @@ Storage::Storage(size_t nbytes, Device dev) : bytes(nbytes), device(dev) {
             p.stats.bytes_in_use += static_cast<int64_t>(rounded);
             p.stats.peak_bytes_in_use = std::max(p.stats.peak_bytes_in_use, p.stats.bytes_in_use);
         } else {
-            const size_t rounded = round_block(nbytes);
+            // A multiple of the block's alignment, as aligned_alloc requires (round_block's granules are, unless
+            // a build patches it to exact sizes, as the CUDA emulator's does).
+            const size_t align = round_block(nbytes) >= (size_t(2) << 20) ? (size_t(2) << 20) : 64;
+            const size_t rounded = (round_block(nbytes) + align - 1) / align * align;
             std::lock_guard<std::mutex> lock(p.m);
             SizeClass& c = p.classes[rounded];
             c.last_asked = p.generation;
