@@ -360,22 +360,28 @@ def step_case(cfg_name: str, batch: int, T: int, rng, torch, reps_note: list):
 # Timing
 
 
-def time_case(case: Case, warmup: int, reps: int):
-    """Interleaved: each rep times one call of each side, the order alternating; returns (ours ms, theirs ms)."""
+def time_case(case: Case, warmup: int, reps: int, copy=None):
+    """Interleaved: each rep times one call of each side (and of `copy`, the ceiling of a memory-bound case), the
+    order rotating; returns (ours ms, theirs ms, copy ms)."""
+    sides = [(case.ours, []), *([(case.theirs, [])] if case.theirs else []), *([(copy, [])] if copy else [])]
     for _ in range(warmup):
-        case.ours()
-        if case.theirs:
-            case.theirs()
-    ours, theirs = [], []
+        for fn, _ in sides:
+            fn()
     for r in range(reps):
-        order = [(case.ours, ours), (case.theirs, theirs)] if case.theirs else [(case.ours, ours)]
-        if r % 2:
-            order.reverse()
-        for fn, out in order:
+        k = r % len(sides)
+        for fn, out in sides[k:] + sides[:k]:
             t0 = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t0) * 1e3)
-    return ours, theirs
+    times = [out for _, out in sides]
+    return times[0], (times[1] if case.theirs else []), (times[-1] if copy else [])
+
+
+def copier(nbytes: int):
+    """A NumPy copy moving `nbytes` (half read, half written): the bandwidth a memory-bound op could reach."""
+    a = np.ones(max(nbytes // 8, 1024), np.float32)
+    b = np.empty_like(a)
+    return lambda: np.copyto(b, a), 8 * a.size
 
 
 def run_case(case: Case, T: int, warmup: int, reps: int, log) -> dict:
@@ -388,8 +394,9 @@ def run_case(case: Case, T: int, warmup: int, reps: int, log) -> dict:
             row["check_ok"] = bool(np.isfinite(err) and err <= TOL)
         except Exception as e:  # noqa: BLE001
             row["check_ok"], row["check_error"] = False, f"{type(e).__name__}: {e}"
+    copy, copy_bytes = copier(case.bytes) if case.bytes else (None, None)
     try:
-        ours, theirs = time_case(case, warmup, reps)
+        ours, theirs, copies = time_case(case, warmup, reps, copy)
     except Exception as e:  # noqa: BLE001
         row["status"] = f"error: {type(e).__name__}: {e}"
         log(f"  {case.op} {case.pass_}: {row['status']}")
@@ -404,6 +411,8 @@ def run_case(case: Case, T: int, warmup: int, reps: int, log) -> dict:
         row["our_GFLOPs"] = case.flops / row["our_ms"] / 1e6
     if case.bytes:
         row["our_GBs"] = case.bytes / row["our_ms"] / 1e6
+        row["copy_GBs"] = copy_bytes / statistics.median(copies) / 1e6
+        row["frac_of_copy"] = row["our_GBs"] / row["copy_GBs"]
     log(format_row(row))
     return row
 
@@ -412,25 +421,12 @@ def format_row(r: dict) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    rate = (f"{r['our_GFLOPs']:7.1f} GFLOP/s" if r.get("our_GFLOPs") else
-            f"{r['our_GBs']:7.1f} GB/s   " if r.get("our_GBs") else " " * 15)
+    rate = (f"{r['our_GFLOPs']:7.1f} GFLOP/s" + " " * 18 if r.get("our_GFLOPs") else
+            f"{r['our_GBs']:7.1f} GB/s ({r['frac_of_copy']:4.2f} of copy)" if r.get("our_GBs") else " " * 33)
     chk = "" if "check_ok" not in r else (" check ok" if r["check_ok"] else
                                           f" CHECK FAILED ({r.get('check_rel_err', r.get('check_error'))})")
     return (f"  T={r['threads']} {r['op'][:26]:26s} {r['pass_']:11s} ours {f(r.get('our_ms'), '9.3f')} ms  "
             f"torch {f(r.get('torch_ms'), '9.3f')} ms  ratio {f(r.get('ratio'), '5.2f')}  {rate}{chk}")
-
-
-def copy_bandwidth(nbytes: int, reps: int) -> float:
-    """NumPy copy of nbytes (read + written) in GB/s: the ceiling for the memory-bound rows."""
-    a = np.ones(nbytes // 4, np.float32)
-    b = np.empty_like(a)
-    np.copyto(b, a)
-    ts = []
-    for _ in range(max(reps, 3)):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        ts.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(ts) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,7 +495,6 @@ def main(argv=None):
 
     rows, notes = [], []
     rng = np.random.default_rng(args.seed)
-    ceiling = None
     for T in threads:
         how = set_threads(torch, T)
         log(f"\n== {T} thread(s): PyTorch torch.set_num_threads({T}); ours: {how}")
@@ -517,15 +512,6 @@ def main(argv=None):
             notes.extend(n for n in step_notes if n not in notes)
             del c
             gc.collect()
-    mem_rows = [r for r in rows if r.get("bytes") and r.get("our_ms")]
-    if mem_rows:
-        biggest = max(r["bytes"] for r in mem_rows)
-        ceiling = copy_bandwidth(max(biggest // 2, 1 << 20), reps_ops)
-        for r in mem_rows:
-            r["copy_GBs"] = copy_bandwidth(max(r["bytes"] // 2, 4096), reps_ops) if not args.smoke else ceiling
-            r["frac_of_copy"] = r["our_GBs"] / r["copy_GBs"]
-        log(f"\nNumPy copy bandwidth at the largest memory-bound row's size: {ceiling:.1f} GB/s "
-            "(each memory-bound row's fraction uses a copy of its own size)")
     summary = [r for r in rows if r["family"] == "train_step" and r.get("ratio")]
     if summary:
         log("\nTraining step, ratio = PyTorch time / our time:")
@@ -541,7 +527,7 @@ def main(argv=None):
                threads=threads, op_config=args.op_config, op_batch=args.op_batch, steps=steps,
                timing=dict(method="host clock per call, ours and PyTorch interleaved (order alternating), median",
                            reps_ops=reps_ops, reps_steps=reps_steps, warmup_ops=warm_ops, warmup_steps=warm_steps),
-               torch_status="ok" if torch else NO_TORCH, copy_GBs=ceiling, notes=notes, rows=rows, written={})
+               torch_status="ok" if torch else NO_TORCH, notes=notes, rows=rows, written={})
     out = Path(args.out) if args.out else (None if args.smoke else default_out(commit))
     if out is not None:
         out = out if out.suffix == ".json" else out.with_suffix(".json")
