@@ -107,8 +107,8 @@ void cuda_empty_cache();
 void cuda_reset_peak_stats();  // peak_bytes_in_use := bytes_in_use
 
 // The CPU caching allocator: freed blocks are kept in free lists by rounded size and handed to the next tensor of
-// that size, so a training step after the first two asks the system for no memory (a fresh 151 MB fc6 gradient
-// every step cost ~130 ms of page faults). device_mallocs counts the system allocations (aligned_alloc).
+// that size, so a steady-state training step asks the system for no memory (a fresh 151 MB fc6 gradient every
+// step cost ~130 ms of page faults). device_mallocs counts the system allocations (aligned_alloc).
 // ALEXNET_NO_CPU_MEMORY_CACHING=1 gives every tensor its own allocation of its exact size, freed at once (for
 // memory checkers, as ALEXNET_NO_CUDA_MEMORY_CACHING for CUDA). A reused block holds a previous tensor's bytes:
 // every op writes its outputs in full and Tensor::zeros clears its memory, so nothing reads them (the tests poison
