@@ -7,6 +7,10 @@ from . import _C
 from ._C import (  # noqa: F401
     Tensor,
     built_with_cuda,
+    cpu_allocator_stats,
+    cpu_empty_cache,
+    cpu_reset_peak_stats,
+    cpu_trim_cache,
     cuda_allocator_stats,
     cuda_available,
     cuda_device_count,

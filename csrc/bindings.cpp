@@ -513,6 +513,21 @@ PYBIND11_MODULE(_C, m) {
         return d;
     });
     m.def("cuda_empty_cache", &cuda_empty_cache, "Return cached CUDA blocks to the driver.");
+    m.def("cpu_allocator_stats", []() {
+        auto s = cpu_allocator_stats();
+        py::dict d;
+        d["system_allocs"] = s.device_mallocs;
+        d["bytes_in_use"] = s.bytes_in_use;
+        d["bytes_cached"] = s.bytes_cached;
+        d["peak_bytes_in_use"] = s.peak_bytes_in_use;
+        d["caching"] = cpu_caching_enabled();
+        return d;
+    }, "The CPU caching allocator: system allocations so far, bytes held by live tensors and in free lists, peak "
+       "bytes in use, and whether caching is on (ALEXNET_NO_CPU_MEMORY_CACHING=1 turns it off).");
+    m.def("cpu_empty_cache", &cpu_empty_cache, "Return every cached CPU block to the system.");
+    m.def("cpu_trim_cache", &cpu_trim_cache,
+          "Return the cached CPU blocks unused since the call before the previous one (Net does this every step).");
+    m.def("cpu_reset_peak_stats", &cpu_reset_peak_stats, "Restart peak_bytes_in_use from the bytes in use now.");
     m.def("cuda_reset_peak_stats", &cuda_reset_peak_stats, "Restart peak_bytes_in_use from the bytes in use now.");
     m.def(
         "cuda_device_properties",

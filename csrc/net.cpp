@@ -740,6 +740,7 @@ void Net::run_step(const std::function<void()>& issue) {
         throw;
     }
     sched_->finish_step();
+    cpu_trim_cache();  // what this step and the last did not use goes back to the system
 }
 
 StepResult Net::summarize(int n) const {

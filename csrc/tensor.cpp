@@ -6,13 +6,19 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <sstream>
 #include <tuple>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>  // madvise
+#endif
 
 #ifdef ALEXNET_WITH_CUDA
 #include <cuda_runtime.h>
@@ -232,6 +238,61 @@ CudaPool& pool() {
     static CudaPool* p = new CudaPool();  // leaked on purpose: outlives tensors freed at interpreter exit
     return *p;
 }
+
+// The CPU pool: (rounded size) -> its size class: the free blocks, and the trim generation in which a tensor of
+// that size was last asked for. The rounding is the CUDA pool's, so a size that recurs (every activation and
+// gradient of a step) finds its block again; LIFO within a size hands out the block freed last, the one most
+// likely still in cache. Trimming goes by size class, not by block: the two towers' workers interleave their
+// allocations differently from step to step, so a size may need one more block now and then; a size still asked
+// for keeps all its blocks, and only sizes nothing asked for lately are given back.
+struct SizeClass {
+    std::vector<void*> blocks;
+    uint64_t last_asked = 0;
+};
+struct CpuPool {
+    std::mutex m;
+    std::map<size_t, SizeClass> classes;
+    AllocatorStats stats;
+    uint64_t generation = 0;
+};
+CpuPool& cpu_pool() {
+    static CpuPool* p = new CpuPool();  // leaked on purpose, as pool()
+    return *p;
+}
+bool cpu_caching_disabled() {
+    static const bool off = [] {
+        const char* v = std::getenv("ALEXNET_NO_CPU_MEMORY_CACHING");
+        return v && *v && std::string(v) != "0";
+    }();
+    return off;
+}
+
+// A fresh block from the system. Blocks of 2 MiB and more are 2 MiB aligned and marked for transparent huge
+// pages where the kernel offers them, so first touching them faults once per 2 MiB instead of once per 4 KiB.
+void* system_alloc(size_t rounded) {
+    const size_t huge = size_t(2) << 20;
+    if (rounded >= huge) {
+        void* p = std::aligned_alloc(huge, rounded);
+#ifdef MADV_HUGEPAGE
+        if (p) madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+        return p;
+    }
+    return std::aligned_alloc(64, rounded);
+}
+
+// Frees the blocks of every size class last asked for before generation `older_than` (UINT64_MAX: all).
+void cpu_release_locked(CpuPool& p, uint64_t older_than) {
+    for (auto it = p.classes.begin(); it != p.classes.end();) {
+        SizeClass& c = it->second;
+        if (c.last_asked < older_than) {
+            for (void* ptr : c.blocks) std::free(ptr);
+            p.stats.bytes_cached -= static_cast<int64_t>(it->first * c.blocks.size());
+            c.blocks.clear();
+        }
+        it = c.blocks.empty() && c.last_asked < older_than ? p.classes.erase(it) : std::next(it);
+    }
+}
 }  // namespace
 
 void set_poison_allocations(bool on) { g_poison = on; }
@@ -254,9 +315,40 @@ static void release_cached_locked(CudaPool& p, int device) {
 
 Storage::Storage(size_t nbytes, Device dev) : bytes(nbytes), device(dev) {
     if (dev.is_cpu()) {
-        const size_t rounded = (std::max<size_t>(nbytes, 1) + 63) / 64 * 64;
-        ptr = std::aligned_alloc(64, rounded);
-        if (!ptr) throw std::bad_alloc();
+        CpuPool& p = cpu_pool();
+        if (cpu_caching_disabled()) {
+            const size_t rounded = (std::max<size_t>(nbytes, 1) + 63) / 64 * 64;
+            ptr = std::aligned_alloc(64, rounded);
+            if (!ptr) throw std::bad_alloc();
+            std::lock_guard<std::mutex> lock(p.m);
+            p.stats.device_mallocs++;
+            p.stats.bytes_in_use += static_cast<int64_t>(rounded);
+            p.stats.peak_bytes_in_use = std::max(p.stats.peak_bytes_in_use, p.stats.bytes_in_use);
+        } else {
+            // A multiple of the block's alignment, as aligned_alloc requires (round_block's granules are, unless
+            // a build patches it to exact sizes, as the CUDA emulator's does).
+            const size_t align = round_block(nbytes) >= (size_t(2) << 20) ? (size_t(2) << 20) : 64;
+            const size_t rounded = (round_block(nbytes) + align - 1) / align * align;
+            std::lock_guard<std::mutex> lock(p.m);
+            SizeClass& c = p.classes[rounded];
+            c.last_asked = p.generation;
+            if (!c.blocks.empty()) {
+                ptr = c.blocks.back();
+                c.blocks.pop_back();
+                p.stats.bytes_cached -= static_cast<int64_t>(rounded);
+            } else {
+                ptr = system_alloc(rounded);
+                if (!ptr) {  // give the cache back and try once more before reporting
+                    cpu_release_locked(p, UINT64_MAX);
+                    ptr = system_alloc(rounded);
+                }
+                if (!ptr) throw std::bad_alloc();
+                p.stats.device_mallocs++;
+            }
+            block = rounded;
+            p.stats.bytes_in_use += static_cast<int64_t>(rounded);
+            p.stats.peak_bytes_in_use = std::max(p.stats.peak_bytes_in_use, p.stats.bytes_in_use);
+        }
         if (g_poison) std::memset(ptr, 0xFF, nbytes);
         return;
     }
@@ -317,7 +409,18 @@ Storage::Storage(size_t nbytes, Device dev) : bytes(nbytes), device(dev) {
 Storage::~Storage() {
     if (!ptr) return;
     if (device.is_cpu()) {
-        std::free(ptr);
+        CpuPool& p = cpu_pool();
+        std::lock_guard<std::mutex> lock(p.m);
+        if (block == 0) {
+            p.stats.bytes_in_use -= static_cast<int64_t>((std::max<size_t>(bytes, 1) + 63) / 64 * 64);
+            std::free(ptr);
+            return;
+        }
+        auto it = p.classes.find(block);
+        if (it == p.classes.end()) it = p.classes.emplace(block, SizeClass{{}, p.generation}).first;  // trimmed meanwhile
+        it->second.blocks.push_back(ptr);
+        p.stats.bytes_in_use -= static_cast<int64_t>(block);
+        p.stats.bytes_cached += static_cast<int64_t>(block);
         return;
     }
 #ifdef ALEXNET_WITH_CUDA
@@ -361,6 +464,34 @@ void cuda_reset_peak_stats() {
     std::lock_guard<std::mutex> lock(p.m);
     p.stats.peak_bytes_in_use = p.stats.bytes_in_use;
 }
+
+AllocatorStats cpu_allocator_stats() {
+    CpuPool& p = cpu_pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    return p.stats;
+}
+
+void cpu_empty_cache() {
+    CpuPool& p = cpu_pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    cpu_release_locked(p, UINT64_MAX);
+}
+
+void cpu_reset_peak_stats() {
+    CpuPool& p = cpu_pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    p.stats.peak_bytes_in_use = p.stats.bytes_in_use;
+}
+
+void cpu_trim_cache() {
+    CpuPool& p = cpu_pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    // Sizes asked for in the current generation or the one before keep their blocks.
+    if (p.generation >= 1) cpu_release_locked(p, p.generation - 1);
+    p.generation++;
+}
+
+bool cpu_caching_enabled() { return !cpu_caching_disabled(); }
 
 DeviceProperties cuda_device_properties(int index) {
     DeviceProperties d;

@@ -188,3 +188,38 @@ def test_trace_step_smoke(tmp_path):
     assert len(traces) == 1
     events = json.loads(traces[0].read_text())["traceEvents"]
     assert {e["tid"] for e in events} == {"tower 0", "tower 1"}
+
+
+def test_bench_cpu_smoke_against_torch(tmp_path):
+    """bench_cpu in smoke mode: every op and the training step run on both sides, every comparable output agrees
+    with PyTorch's, and the results name the CPU and the commit."""
+    pytest.importorskip("torch")
+    import bench_cpu
+
+    out = tmp_path / "cpu.json"
+    doc = bench_cpu.main(["--smoke", "--out", str(out)])
+    rows = doc["rows"]
+    families = {r["family"] for r in rows}
+    assert families == {"conv", "fc", "relu", "lrn", "pool", "dropout", "softmax", "sgd", "train_step"}
+    for r in rows:
+        where = f"{r['op']} {r['pass_']}"
+        assert r["status"] == "ok", where
+        assert r["our_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0, where
+        if r["family"] not in ("dropout", "sgd"):  # other random numbers, another momentum formula
+            assert r["check_ok"] is True and r["check_rel_err"] <= bench_cpu.TOL, where
+    written = json.loads(out.read_text())
+    assert written["machine"]["cpu_model"] and written["commit"] and written["torch_status"] == "ok"
+    assert "ratio" in out.with_suffix(".txt").read_text()
+
+
+def test_bench_cpu_without_torch_says_so_and_times_ours(monkeypatch, capsys):
+    import bench_cpu
+
+    before = results_listing()
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, as where it is missing
+    doc = bench_cpu.main(["--smoke", "--no-ops"])
+    assert bench_cpu.NO_TORCH in capsys.readouterr().out
+    assert doc["torch_status"] == bench_cpu.NO_TORCH and doc["written"] == {}
+    (step,) = doc["rows"]
+    assert step["status"] == "ok" and step["our_ms"] > 0 and "torch_ms" not in step and "ratio" not in step
+    assert results_listing() == before

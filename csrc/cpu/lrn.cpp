@@ -58,7 +58,11 @@ void lrn_backward(const LrnParams& p, const float* dy, const float* x, const flo
     const int64_t HW = static_cast<int64_t>(p.H) * p.W;
     const int half = p.size / 2;
     const float coef = 2.0f * p.alpha * p.beta;
-    std::vector<float> t(static_cast<size_t>(p.C) * HW), acc(static_cast<size_t>(HW));
+    // Scratch reused across calls (per thread: the towers' workers run LRN at once), so a training step does
+    // not fault in fresh pages for it every time. Every element is written before it is read.
+    thread_local std::vector<float> t, acc;
+    if (t.size() < static_cast<size_t>(p.C) * HW) t.resize(static_cast<size_t>(p.C) * HW);
+    if (acc.size() < static_cast<size_t>(HW)) acc.resize(static_cast<size_t>(HW));
     for (int n = 0; n < p.N; ++n) {
         const int64_t base = static_cast<int64_t>(n) * p.C * HW;
         {

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "ops.h"
+#include "simd.h"
 
 namespace ax {
 namespace cpu {
@@ -39,29 +40,54 @@ void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* arg
     }
 }
 
-// dx = 0, then each output's dy added to its argmax element, outputs taken in row-major (p, q) order: for every
-// input element that is the same sum, in the same order, as gathering over the windows that chose it.
-// An argmax outside its own window (not from maxpool_forward with these settings) raises instead of
-// writing out of bounds.
-void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx) {
+namespace {
+
+[[noreturn]] void bad_argmax(int32_t a, int pp, int q) {
+    throw ValueError("maxpool_backward: argument 'argmax' holds " + std::to_string(a) + " at output (" +
+                     std::to_string(pp) + ", " + std::to_string(q) +
+                     "), outside that output's window; pass the argmax from maxpool_forward");
+}
+
+}  // namespace
+
+// Planes [begin, end) of dx: zeroed, then each output's dy added to its argmax element, outputs taken in
+// row-major (p, q) order: for every input element that is the same sum, in the same order, as gathering over the
+// windows that chose it. An argmax outside its own window (not from maxpool_forward with these settings) raises
+// instead of writing out of bounds; the check is two unsigned compares, no division and no branch but the throw.
+void maxpool_backward_planes(const PoolParams& p, int64_t begin, int64_t end, const float* dy, const int32_t* argmax,
+                             float* dx) {
     const int64_t HW = static_cast<int64_t>(p.H) * p.W, PQ = static_cast<int64_t>(p.P) * p.Q;
-    std::memset(dx, 0, sizeof(float) * static_cast<size_t>(HW * p.N * p.C));
-    for (int64_t plane = 0; plane < static_cast<int64_t>(p.N) * p.C; ++plane) {
+    // h = a / W without a division: a (< 2^31) times 1/W in double is within one of the quotient, and the two
+    // corrections make it exact (floor, so a negative a gets a negative row, which no window holds).
+    const double inv_w = 1.0 / p.W;
+    std::memset(dx + begin * HW, 0, sizeof(float) * static_cast<size_t>((end - begin) * HW));
+    for (int64_t plane = begin; plane < end; ++plane) {
         const float* dyp = dy + plane * PQ;
         const int32_t* ap = argmax + plane * PQ;
         float* dxp = dx + plane * HW;
-        for (int pp = 0; pp < p.P; ++pp)
+        for (int pp = 0; pp < p.P; ++pp) {
+            const int h0 = pp * p.stride_h - p.pad_h;
+            const int hs = std::max(h0, 0), he = std::min(h0 + p.window_h, p.H);
             for (int q = 0; q < p.Q; ++q) {
-                const int32_t a = ap[pp * p.Q + q];
-                const int h = a >= 0 ? a / p.W : -1, w = a >= 0 ? a % p.W : -1;
-                const int h0 = pp * p.stride_h - p.pad_h, w0 = q * p.stride_w - p.pad_w;
-                if (a < 0 || a >= HW || h < h0 || h >= h0 + p.window_h || w < w0 || w >= w0 + p.window_w)
-                    throw ValueError("maxpool_backward: argument 'argmax' holds " + std::to_string(a) +
-                                     " at output (" + std::to_string(pp) + ", " + std::to_string(q) +
-                                     "), outside that output's window; pass the argmax from maxpool_forward");
+                const int w0 = q * p.stride_w - p.pad_w;
+                const int ws = std::max(w0, 0), we = std::min(w0 + p.window_w, p.W);
+                const int64_t a = ap[pp * p.Q + q];
+                int64_t h = static_cast<int64_t>(static_cast<double>(a) * inv_w);
+                h -= h * p.W > a;
+                h += (h + 1) * p.W <= a;
+                const int64_t w = a - h * p.W;
+                // In the window's clipped rows and columns (so also inside the plane), as unsigned compares.
+                const bool inside = (static_cast<uint64_t>(h - hs) < static_cast<uint64_t>(he - hs)) &
+                                    (static_cast<uint64_t>(w - ws) < static_cast<uint64_t>(we - ws));
+                if (!inside) bad_argmax(static_cast<int32_t>(a), pp, q);
                 dxp[a] += dyp[pp * p.Q + q];
             }
+        }
     }
+}
+
+void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx) {
+    maxpool_backward_planes(p, 0, static_cast<int64_t>(p.N) * p.C, dy, argmax, dx);
 }
 
 }  // namespace cpu
