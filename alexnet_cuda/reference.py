@@ -47,7 +47,7 @@ def _im2col(x, kernel, stride, padding, groups):
     return win.transpose(0, 1, 3, 4, 2, 5, 6).reshape(N, groups, P * Q, (C // groups) * R * S), P, Q
 
 
-def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1):
+def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1, relu=False):
     x, w = _f64(x), _f64(w)
     N = x.shape[0]
     K, Cg, R, S = w.shape
@@ -57,7 +57,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1):
     y = y.transpose(0, 1, 3, 2).reshape(N, K, P, Q)
     if b is not None:
         y = y + _f64(b)[None, :, None, None]
-    return y
+    return relu_forward(y) if relu else y
 
 
 def conv2d_backward_input(dy, w, input_hw, stride=1, padding=0, groups=1):
@@ -96,9 +96,10 @@ def conv2d_backward_bias(dy):
 
 # ---- linear: x (N,I), w (O,I), y = x w^T + b ----------------------------------------------------------
 
-def linear_forward(x, w, b=None):
+def linear_forward(x, w, b=None, relu=False):
     y = _f64(x) @ _f64(w).T
-    return y if b is None else y + _f64(b)[None, :]
+    y = y if b is None else y + _f64(b)[None, :]
+    return relu_forward(y) if relu else y
 
 
 def linear_backward_input(dy, w):

@@ -492,17 +492,20 @@ PYBIND11_MODULE(_C, m) {
 
     o.def(
         "conv2d_forward",
-        [](obj x, obj w, obj b, obj stride, obj padding, obj groups) {
+        [](obj x, obj w, obj b, obj stride, obj padding, obj groups, obj relu) {
             const char* op = "conv2d_forward";
             const Tensor tx = tensor_arg(x, op, "x"), tw = tensor_arg(w, op, "w");
             const auto tb = opt_tensor_arg(b, op, "b");
             const auto s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
             const int g = int_arg(groups, op, "groups");
+            if (!py::isinstance<py::bool_>(relu)) throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
-            return ops::conv2d_forward(tx, tw, tb, s.first, s.second, p.first, p.second, g);
+            return ops::conv2d_forward(tx, tw, tb, s.first, s.second, p.first, p.second, g, fr);
         },
         py::arg("x"), py::arg("w"), py::arg("b") = none, py::arg("stride") = 1, py::arg("padding") = 0,
-        py::arg("groups") = 1);
+        py::arg("groups") = 1, py::arg("relu") = false,
+        "y = conv(x, w) + b; relu=True applies the ReLU in the same kernel (bit for bit relu_forward of it).");
     o.def(
         "conv2d_backward_input",
         [](obj dy, obj w, obj input_hw, obj stride, obj padding, obj groups) {
@@ -540,14 +543,17 @@ PYBIND11_MODULE(_C, m) {
 
     o.def(
         "linear_forward",
-        [](obj x, obj w, obj b) {
+        [](obj x, obj w, obj b, obj relu) {
             const char* op = "linear_forward";
             const Tensor tx = tensor_arg(x, op, "x"), tw = tensor_arg(w, op, "w");
             const auto tb = opt_tensor_arg(b, op, "b");
+            if (!py::isinstance<py::bool_>(relu)) throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
-            return ops::linear_forward(tx, tw, tb);
+            return ops::linear_forward(tx, tw, tb, fr);
         },
-        py::arg("x"), py::arg("w"), py::arg("b") = none);
+        py::arg("x"), py::arg("w"), py::arg("b") = none, py::arg("relu") = false,
+        "y = x w^T + b; relu=True applies the ReLU in the same kernel (bit for bit relu_forward of it).");
     o.def(
         "linear_backward_input",
         [](obj dy, obj w) {
@@ -721,6 +727,38 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"), py::arg("momentum") = 0.9,
         py::arg("weight_decay") = 0.0005, "In place: v = m v - wd lr w - lr dw; w += v.");
+
+    o.def(
+        "sgd_update_multi",
+        [](obj params, obj lr, obj momentum) {
+            const char* op = "sgd_update_multi";
+            if (py::isinstance<py::str>(params) || !py::isinstance<py::sequence>(params))
+                throw TypeError(where(op, "params") + "must be a list of (w, dw, v, weight_decay) tuples, got " +
+                                type_name(params));
+            auto seq = py::reinterpret_borrow<py::sequence>(params);
+            // Copies of the caller's Tensors (they share storage), kept alive while the op runs.
+            std::vector<Tensor> ws, dws, vs;
+            std::vector<float> wds;
+            for (size_t i = 0; i < seq.size(); ++i) {
+                const std::string a = "params[" + std::to_string(i) + "]";
+                py::handle item = seq[i];
+                if (py::isinstance<py::str>(item) || !py::isinstance<py::sequence>(item) || py::len(item) != 4)
+                    throw TypeError(where(op, a.c_str()) + "must be a (w, dw, v, weight_decay) tuple, got " +
+                                    type_name(item));
+                auto t = py::reinterpret_borrow<py::sequence>(item);
+                ws.push_back(tensor_arg(t[0], op, (a + ".w").c_str()));
+                dws.push_back(tensor_arg(t[1], op, (a + ".dw").c_str()));
+                vs.push_back(tensor_arg(t[2], op, (a + ".v").c_str()));
+                wds.push_back(float_arg(t[3], op, (a + ".weight_decay").c_str()));
+            }
+            const float flr = float_arg(lr, op, "lr"), fm = float_arg(momentum, op, "momentum");
+            std::vector<ops::SgdParam> ps;
+            for (size_t i = 0; i < ws.size(); ++i) ps.push_back({&ws[i], &dws[i], &vs[i], wds[i]});
+            py::gil_scoped_release r;
+            ops::sgd_update_multi(ps, flr, fm);
+        },
+        py::arg("params"), py::arg("lr"), py::arg("momentum") = 0.9,
+        "In place, sgd_update of every (w, dw, v, weight_decay) in params; one launch on CUDA.");
 
     o.def(
         "concat_channels",

@@ -1,6 +1,7 @@
 // The two-tower AlexNet: layer table, parameter init, and the issue order of a training step.
 #include "net.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <set>
@@ -483,15 +484,14 @@ void Net::issue_forward(bool train) {
         for (int t = 0; t < T; ++t) {
             LayerState& s = st_[t][l];
             Params& p = params_[t][l];
+            // The ReLU runs in the GEMM's epilogue (the same bits as relu_forward after it); z is not kept.
             if (L.conv) {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] {
-                    s.z = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1);
+                    s.a = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1, L.relu);
                 });
             } else {
-                sched_->run(t, L.name + ".fprop", [&s, &p] { s.z = ops::linear_forward(s.in, p.w, p.b); });
+                sched_->run(t, L.name + ".fprop", [&s, &p, &L] { s.a = ops::linear_forward(s.in, p.w, p.b, L.relu); });
             }
-            if (L.relu) sched_->run(t, L.name + ".relu", [&s] { s.a = ops::relu_forward(s.z); });
-            else sched_->run(t, L.name + ".identity", [&s] { s.a = s.z; });
             Tensor* cur = &s.a;
             if (L.lrn) {
                 const NetConfig* c = &cfg_;
@@ -608,10 +608,6 @@ void Net::issue_backward(float lr) {
                 });
                 if (l > 0) sched_->run(t, L.name + ".dgrad", [&s, &p] { s.d_in = ops::linear_backward_input(s.d_out, p.w); });
             }
-            sched_->run(t, L.name + ".sgd", [&s, &p, lr, momentum, wd, bias_wd] {
-                ops::sgd_update(p.w, s.dw, p.vw, lr, momentum, wd);
-                ops::sgd_update(p.b, s.db, p.vb, lr, momentum, bias_wd);
-            });
         }
         if (l == 0) break;
         // d_in -> the previous layer's d_out: own tower, or a slice back to every source tower, summed there
@@ -644,6 +640,29 @@ void Net::issue_backward(float lr) {
                 prev.d_out = acc.view(prev.out.shape());
             });
         }
+    }
+    // The update: one sgd_update_multi per device over every parameter of its towers (one launch on CUDA), after
+    // all of those towers' gradients (and their reads of the weights) are issued; the same bits as one update
+    // per tensor. Issued on the device's first tower, which the others order themselves before.
+    std::vector<std::vector<int>> groups;
+    for (int t = 0; t < T; ++t) {
+        auto g = std::find_if(groups.begin(), groups.end(), [&](const std::vector<int>& v) { return devices_[v[0]] == devices_[t]; });
+        if (g == groups.end()) groups.push_back({t});
+        else g->push_back(t);
+    }
+    for (const std::vector<int>& towers : groups) {
+        for (size_t i = 1; i < towers.size(); ++i) sched_->order(towers[i], towers[0]);
+        sched_->run(towers[0], "sgd", [this, towers, lr, momentum, wd, bias_wd] {
+            std::vector<ops::SgdParam> ps;
+            for (int t : towers)
+                for (size_t l = 0; l < layers_.size(); ++l) {
+                    Params& p = params_[t][l];
+                    LayerState& s = st_[t][l];
+                    ps.push_back({&p.w, &s.dw, &p.vw, wd});
+                    ps.push_back({&p.b, &s.db, &p.vb, bias_wd});
+                }
+            ops::sgd_update_multi(ps, lr, momentum);
+        });
     }
 }
 

@@ -112,7 +112,7 @@ private:
     // reused while another stream may still read it).
     struct LayerState {
         std::vector<Tensor> recv;  // the inputs gathered from each tower (cross layers), on this device
-        Tensor in, z, a, lrn_y, lrn_scale, pool_y, pool_arg, pool2_y, pool2_arg, drop_mask, out;
+        Tensor in, a, lrn_y, lrn_scale, pool_y, pool_arg, pool2_y, pool2_arg, drop_mask, out;
         Tensor flat_in;                  // fc input as (N, features)
         std::vector<Tensor> d_in_part;   // slices of d_in for each source tower, moved to that tower
         std::vector<Tensor> d_out_recv;  // d_out contributions received from each consuming tower

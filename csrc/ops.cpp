@@ -129,7 +129,7 @@ static Conv2dParams conv_params(const char* op, int64_t N, int64_t C, int64_t H,
 }
 
 Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph, int pw,
-                      int groups) {
+                      int groups, bool relu) {
     const char* op = "conv2d_forward";
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
@@ -138,6 +138,7 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
     check_nonempty(op, "w", w, {0, 1, 2, 3}, "K, C/groups, R, S");
     auto p = conv_params(op, x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(1), w.size(2), w.size(3),
                          sh, sw, ph, pw, groups);
+    p.relu = relu;
     const float* bp = nullptr;
     if (b) {
         check_tensor(op, "b", *b, DType::f32, 1, "(K,)");
@@ -207,13 +208,14 @@ Tensor conv2d_backward_bias(const Tensor& dy) {
 
 // ---- linear ---------------------------------------------------------------------------------------
 
-Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
     const char* op = "linear_forward";
     check_tensor(op, "x", x, DType::f32, 2, "(N, in)");
     check_tensor(op, "w", w, DType::f32, 2, "(out, in)");
     check_same_device(op, "x", x, "w", w);
     check_nonempty(op, "w", w, {0, 1}, "out, in");
     LinearParams p{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "w", w, 0)};
+    p.relu = relu;
     if (w.size(1) != p.I)
         throw ValueError(arg_prefix(op, "w") + "has " + std::to_string(w.size(1)) + " input features but x has " +
                          std::to_string(p.I));
@@ -526,6 +528,46 @@ void sgd_update(Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum
     if (w.numel() == 0) return;
     AX_DISPATCH(w.device(), sgd_update, w.numel(), w.data<float>(), dw.data<float>(), v.data<float>(), lr, momentum,
                 weight_decay);
+}
+
+void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum) {
+    const char* op = "sgd_update_multi";
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError(arg_prefix(op, "lr") + "must be finite and >= 0");
+    if (!(momentum >= 0 && momentum < 1)) throw ValueError(arg_prefix(op, "momentum") + "must be in [0, 1)");
+    std::vector<SgdSegment> segs;
+    segs.reserve(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+        const SgdParam& q = params[i];
+        const std::string pre = "params[" + std::to_string(i) + "].";
+        const std::string aw = pre + "w", adw = pre + "dw", av = pre + "v", awd = pre + "weight_decay";
+        if (q.w == nullptr || q.dw == nullptr || q.v == nullptr)
+            throw ValueError(arg_prefix(op, ("params[" + std::to_string(i) + "]").c_str()) + "names no tensor");
+        check_tensor(op, aw.c_str(), *q.w, DType::f32, -1, "");
+        check_tensor(op, adw.c_str(), *q.dw, DType::f32, -1, "");
+        check_tensor(op, av.c_str(), *q.v, DType::f32, -1, "");
+        const Tensor& w0 = *params[0].w;
+        check_same_device(op, "params[0].w", w0, aw.c_str(), *q.w);
+        check_same_device(op, "params[0].w", w0, adw.c_str(), *q.dw);
+        check_same_device(op, "params[0].w", w0, av.c_str(), *q.v);
+        check_shape(op, adw.c_str(), *q.dw, q.w->shape());
+        check_shape(op, av.c_str(), *q.v, q.w->shape());
+        if (!(q.weight_decay >= 0 && std::isfinite(q.weight_decay)))
+            throw ValueError(arg_prefix(op, awd.c_str()) + "must be finite and >= 0");
+        if (q.w->numel() == 0) continue;
+        segs.push_back({q.w->data<float>(), q.dw->data<float>(), q.v->data<float>(), q.w->numel(), q.weight_decay});
+    }
+    // Entries run concurrently on CUDA: none may write what another reads or writes.
+    std::vector<std::pair<const char*, const char*>> written;
+    for (const SgdSegment& g : segs) {
+        written.push_back({reinterpret_cast<const char*>(g.w), reinterpret_cast<const char*>(g.w + g.n)});
+        written.push_back({reinterpret_cast<const char*>(g.v), reinterpret_cast<const char*>(g.v + g.n)});
+    }
+    for (size_t a = 0; a < written.size(); ++a)
+        for (size_t b = a + 1; b < written.size(); ++b)
+            if (written[a].first < written[b].second && written[b].first < written[a].second)
+                throw ValueError(std::string(op) + ": argument 'params': two entries' w or v tensors overlap");
+    if (segs.empty()) return;
+    AX_DISPATCH(params[0].w->device(), sgd_update_multi, static_cast<int>(segs.size()), segs.data(), lr, momentum);
 }
 
 // ---- cross-tower plumbing -------------------------------------------------------------------------

@@ -32,10 +32,12 @@ struct Conv2dParams {
     int P, Q;                // output height, width
     int stride_h, stride_w, pad_h, pad_w;
     int groups;              // C and K are both divisible by groups; weight is (K, C/groups, R, S)
+    bool relu = false;       // forward only: y = max(conv + b, 0), the ReLU fused into the GEMM's epilogue
 };
 
 struct LinearParams {
-    int N, I, O;  // batch, in features, out features
+    int N, I, O;        // batch, in features, out features
+    bool relu = false;  // forward only: y = max(x W^T + b, 0), the ReLU fused into the GEMM's epilogue
 };
 
 struct LrnParams {
@@ -54,6 +56,16 @@ struct SoftmaxParams {
     int N, C;
 };
 
+// One parameter tensor of a multi-tensor SGD update (sgd_update_multi): n elements at w, dw, v, each updated as
+// sgd_update(n, w, dw, v, lr, momentum, weight_decay) would.
+struct SgdSegment {
+    float* w;
+    const float* dw;
+    float* v;
+    int64_t n;
+    float weight_decay;
+};
+
 struct AugmentParams {
     int N, H, W;     // source images (N, H, W, 3) uint8, HWC as decoded
     int crop;        // output (N, 3, crop, crop) float32
@@ -68,8 +80,9 @@ uint32_t dropout_threshold(float p);
 namespace ops {
 
 // y (N,K,P,Q) = conv(x (N,C,H,W), w (K,C/groups,R,S)) + b (K), P = (H + 2 pad_h - R) / stride_h + 1.
+// relu: y = relu_forward(conv + b) in the same kernel, the same bits as the two ops one after the other.
 Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int stride_h, int stride_w,
-                      int pad_h, int pad_w, int groups);
+                      int pad_h, int pad_w, int groups, bool relu = false);
 // dx (N,C,H,W) from dy (N,K,P,Q); H, W are the forward input's size (stride can make them ambiguous).
 Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int stride_h, int stride_w, int pad_h,
                              int pad_w, int groups);
@@ -79,8 +92,8 @@ Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, i
 // db (K) = sum of dy over N,P,Q.
 Tensor conv2d_backward_bias(const Tensor& dy);
 
-// y (N,O) = x (N,I) W^T (O,I) + b (O).
-Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b);
+// y (N,O) = x (N,I) W^T (O,I) + b (O); relu as for conv2d_forward.
+Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu = false);
 Tensor linear_backward_input(const Tensor& dy, const Tensor& w);   // (N,I) = dy W
 Tensor linear_backward_weight(const Tensor& x, const Tensor& dy);  // (O,I) = dy^T x
 Tensor linear_backward_bias(const Tensor& dy);                     // (O) = sum over N
@@ -130,6 +143,17 @@ Tensor softmax_forward(const Tensor& logits);
 // In place, exactly as ALEXNET.md: v = momentum*v - weight_decay*lr*w - lr*dw; w = w + v.
 void sgd_update(Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum, float weight_decay);
 
+// sgd_update of every (w, dw, v, weight_decay) in `params` with one lr and momentum, in one launch on CUDA (the
+// Net's whole update of a device); the same bits as one sgd_update per tensor. All tensors on one device;
+// each entry is checked as sgd_update checks its arguments (errors name 'params[i].w' etc.).
+struct SgdParam {
+    Tensor* w;
+    const Tensor* dw;
+    Tensor* v;
+    float weight_decay;
+};
+void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum);
+
 // Cross-tower plumbing. Channel concat/slice of NCHW (or (N,C) 2-D) tensors; elementwise add.
 Tensor concat_channels(const std::vector<Tensor>& xs);
 Tensor slice_channels(const Tensor& x, int c0, int c1);
@@ -175,6 +199,7 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
     void softmax_forward(const SoftmaxParams& p, const float* logits, float* probs EXTRA);                  \
     void sgd_update(int64_t n, float* w, const float* dw, float* v, float lr, float momentum,               \
                     float weight_decay EXTRA);                                                               \
+    void sgd_update_multi(int count, const SgdSegment* segs, float lr, float momentum EXTRA);               \
     /* whole (N, Cw, inner)[:, c0:c0+Cp] = part (N, Cp, inner), and the reverse */                          \
     void insert_channels(int N, int Cp, int Cw, int c0, int64_t inner, const float* part, float* whole EXTRA); \
     void extract_channels(int N, int Cp, int Cw, int c0, int64_t inner, const float* whole, float* part EXTRA); \

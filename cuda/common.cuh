@@ -448,25 +448,32 @@ inline int choose_split_k(int64_t blocks, int Kr, int* chunk) {
     return Kr > 0 ? (Kr + c - 1) / c : 1;
 }
 
-// out[i] = sum over s of parts[s * n + i] (+ bias[i % bias_period]), s ascending: the fixed-order second
-// pass of split-K. Grid-stride over i; coalesced. (A template only so that every .cu may instantiate it.)
+// The ReLU of a fused forward epilogue: exactly relu_forward_kernel's (relu.cu), so fused and unfused agree bit
+// for bit.
+__device__ __forceinline__ float relu_epilogue(float v) { return v > 0.0f ? v : 0.0f; }
+
+// out[i] = sum over s of parts[s * n + i] (+ bias[i % bias_period]) (then the ReLU when relu), s ascending: the
+// fixed-order second pass of split-K. Grid-stride over i; coalesced. (A template only so that every .cu may
+// instantiate it.)
 template <int kUnused = 0>
 __global__ void __launch_bounds__(256)
     splitk_reduce_kernel(int64_t n, int splits, const float* __restrict__ parts, const float* __restrict__ bias,
-                         int bias_period, float* __restrict__ out) {
+                         int bias_period, bool relu, float* __restrict__ out) {
     for (int64_t i = global_thread_id(); i < n; i += global_thread_count()) {
         float s = parts[i];
         for (int k = 1; k < splits; ++k) s += parts[static_cast<int64_t>(k) * n + i];
         if (bias != nullptr) s += bias[i % bias_period];
+        if (relu) s = relu_epilogue(s);
         out[i] = s;
     }
 }
 
 template <int kUnused = 0>
 void splitk_reduce(const char* opname, int64_t n, int splits, const float* parts, const float* bias,
-                          int bias_period, float* out, void* stream) {
+                          int bias_period, float* out, void* stream, bool relu = false) {
     if (n <= 0) return;
-    splitk_reduce_kernel<><<<grid_1d(n), kThreads1d, 0, as_stream(stream)>>>(n, splits, parts, bias, bias_period, out);
+    splitk_reduce_kernel<><<<grid_1d(n), kThreads1d, 0, as_stream(stream)>>>(n, splits, parts, bias, bias_period,
+                                                                             relu, out);
     AX_LAUNCH_CHECK(opname);
 }
 

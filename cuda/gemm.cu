@@ -20,6 +20,7 @@ struct StridedGemm {
     float* C;
     const float* bias;
     int64_t sam, sak, sbk, sbn;
+    bool relu;  // the epilogue applies the ReLU after the bias (LinearParams::relu; not with split-K)
 
     // One operand's per-thread state: the address of its first element at k = 0, the step between its
     // elements (along mn when k-contiguous, along k otherwise) and which of them lie inside M / N.
@@ -67,6 +68,7 @@ struct StridedGemm {
     template <class Th>
     __device__ void store(const Th&, int z, int m, int n, float v) const {
         if (bias != nullptr) v += bias[n];
+        if (relu) v = relu_epilogue(v);
         C[(static_cast<int64_t>(z) * M + m) * N + n] = v;
     }
 
@@ -90,7 +92,8 @@ struct StridedGemm {
 
 // Picks the tile shape and split-K for an M x N x K product, runs it, and reduces the split partials.
 template <bool kAK, bool kBK>
-void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream) {
+void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream,
+              bool relu = false) {
     if (static_cast<int64_t>(g.M) * g.N == 0) return;
     require(g.K <= kMaxGemmDim, opname, "reduction too long for one launch");
     const cudaStream_t s = as_stream(stream);
@@ -98,6 +101,7 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const flo
         g.kchunk = g.K > 0 ? g.K : 1;
         g.C = out;
         g.bias = bias;
+        g.relu = relu;
         gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, g.M, g.N, 1), GemmBig::kThreads, 0, s>>>(g);
         AX_LAUNCH_CHECK(opname);
         return;
@@ -108,6 +112,7 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const flo
     if (splits == 1) {
         g.C = out;
         g.bias = bias;
+        g.relu = relu;
         gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, 1), GemmSmall::kThreads, 0, s>>>(g);
         AX_LAUNCH_CHECK(opname);
         return;
@@ -116,9 +121,10 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const flo
     Tensor ws = workspace(opname, mn * splits, stream);
     g.C = ws.data<float>();
     g.bias = nullptr;
+    g.relu = false;
     gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, splits), GemmSmall::kThreads, 0, s>>>(g);
     AX_LAUNCH_CHECK(opname);
-    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, stream);
+    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, stream, relu);
 }
 
 // db[o] = sum over n of dy[n, o]: block = 32 columns x 8 row-lanes; lane r sums rows r, r+8, ... in order,
@@ -148,7 +154,7 @@ void linear_forward(const LinearParams& p, const float* x, const float* w, const
     g.M = p.N; g.N = p.O; g.K = p.I;
     g.A = x; g.sam = p.I; g.sak = 1;
     g.B = w; g.sbk = 1; g.sbn = p.I;
-    run_gemm("linear_forward", g, y, b, stream);
+    run_gemm("linear_forward", g, y, b, stream, p.relu);
 }
 
 // dx (N x I) = dy (N x O) W (O x I): A = dy (k = o contiguous), B(k=o, n=i) = W[o*I + i] (n contiguous).

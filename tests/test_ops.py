@@ -312,6 +312,27 @@ def test_sgd_update_in_place(device, shape, rng):
     check(wd, w_ref, ELEMENTWISE, "sgd_update w, step 2")
 
 
+@pytest.mark.parametrize("device", devices())
+def test_sgd_update_multi_equals_one_update_per_tensor(device, rng):
+    shapes = [(96, 3, 11, 11), (96,), (3, 5), (1,), (4097,)]
+    decays = [0.0005, 0.0, 0.001, 0.0, 0.0005]
+    lr, momentum = 0.013, 0.9
+    ws = [randn(rng, s, 0.01) for s in shapes]
+    dws = [randn(rng, s, 0.1) for s in shapes]
+    vs = [randn(rng, s, 0.001) for s in shapes]
+    multi = [(dev(w, device), dev(g, device), dev(v, device), wd) for w, g, v, wd in zip(ws, dws, vs, decays)]
+    assert ops.sgd_update_multi(multi, lr, momentum) is None
+    for (wm, _, vm, wd), w, g, v in zip(multi, ws, dws, vs):
+        w_ref, v_ref = ref.sgd_update(w, g, v, lr, momentum, wd)
+        check(vm, v_ref, ELEMENTWISE, "sgd_update_multi v")
+        check(wm, w_ref, ELEMENTWISE, "sgd_update_multi w")
+        # the same bits as the single-tensor op on the same backend
+        w1, v1 = dev(w, device), dev(v, device)
+        ops.sgd_update(w1, dev(g, device), v1, lr, momentum, wd)
+        check_exact(wm, w1.numpy(), "sgd_update_multi w vs sgd_update")
+        check_exact(vm, v1.numpy(), "sgd_update_multi v vs sgd_update")
+
+
 # ---- cross-tower plumbing -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", devices())

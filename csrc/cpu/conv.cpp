@@ -105,7 +105,7 @@ struct Buffer {
 
 }  // namespace
 
-// Per image and group: y_g (Kg, PQ) = w_g (Kg, Cg*R*S) col (Cg*R*S, PQ), then + b.
+// Per image and group: y_g (Kg, PQ) = w_g (Kg, Cg*R*S) col (Cg*R*S, PQ), then + b, then (p.relu) relu_forward.
 void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const float* b, float* y) {
     const ConvDims d = dims(p);
     Buffer col(d.direct ? 0 : d.CRS * d.PQ);
@@ -126,6 +126,8 @@ void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const
                     float* __restrict row = yg + k * d.PQ;
                     for (int64_t i = 0; i < d.PQ; ++i) row[i] += bias;
                 }
+            if (p.relu)  // in place, as relu_forward writes it
+                for (int64_t i = 0; i < d.Kg * d.PQ; ++i) yg[i] = yg[i] < 0.0f ? 0.0f : yg[i];
         }
 }
 

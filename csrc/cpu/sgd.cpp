@@ -15,5 +15,10 @@ void sgd_update(int64_t n, float* __restrict w, const float* __restrict dw, floa
     }
 }
 
+void sgd_update_multi(int count, const SgdSegment* segs, float lr, float momentum) {
+    for (int i = 0; i < count; ++i)
+        sgd_update(segs[i].n, segs[i].w, segs[i].dw, segs[i].v, lr, momentum, segs[i].weight_decay);
+}
+
 }  // namespace cpu
 }  // namespace ax

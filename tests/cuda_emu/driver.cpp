@@ -207,11 +207,18 @@ void test_conv(const ConvCase& c) {
                                  c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
     const Tensor tx = host_tensor({c.N, c.C, c.H, c.W}, x).to(GPU), tw = host_tensor({c.K, Cg, c.R, c.S}, w).to(GPU);
     const Tensor tb = host_tensor({c.K}, b).to(GPU), tdy = host_tensor({c.N, c.K, P, Q}, dy).to(GPU);
-    if (c.passes & FWD)
-        check_rel("conv2d_forward " + name + (c.bias ? "" : " nobias"),
-                  ops::conv2d_forward(tx, tw, c.bias ? std::optional<Tensor>(tb) : std::nullopt, c.sh, c.sw, c.ph,
-                                      c.pw, c.g),
-                  y, kReduction);
+    if (c.passes & FWD) {
+        const auto bias = c.bias ? std::optional<Tensor>(tb) : std::nullopt;
+        const Tensor yt = ops::conv2d_forward(tx, tw, bias, c.sh, c.sw, c.ph, c.pw, c.g);
+        check_rel("conv2d_forward " + name + (c.bias ? "" : " nobias"), yt, y, kReduction);
+        // The ReLU in the epilogue: the reference's relu, and relu_forward of the unfused output bit for bit.
+        const Tensor yr = ops::conv2d_forward(tx, tw, bias, c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true);
+        std::vector<double> yrelu(y);
+        for (double& v : yrelu) v = v > 0 ? v : 0.0;
+        check_rel("conv2d_forward relu " + name, yr, yrelu, kReduction);
+        check_exact<float>("conv2d_forward relu vs relu_forward " + name, yr, down<float>(ops::relu_forward(yt)),
+                           "relu_forward of the unfused output");
+    }
     if (c.passes & DGRAD)
         check_rel("conv2d_backward_input " + name,
                   ops::conv2d_backward_input(tdy, tw, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g), dx, kReduction);
@@ -241,8 +248,16 @@ void test_linear(int N, int I, int O, bool bias) {
     const Tensor tx = host_tensor({N, I}, x).to(GPU), tw = host_tensor({O, I}, w).to(GPU);
     const Tensor tb = host_tensor({O}, b).to(GPU), tdy = host_tensor({N, O}, dy).to(GPU);
     const std::string name = fmt("N%d I%d O%d", N, I, O);
-    check_rel("linear_forward " + name + (bias ? "" : " nobias"),
-              ops::linear_forward(tx, tw, bias ? std::optional<Tensor>(tb) : std::nullopt), y, kReduction);
+    const auto tbias = bias ? std::optional<Tensor>(tb) : std::nullopt;
+    const Tensor yt = ops::linear_forward(tx, tw, tbias);
+    check_rel("linear_forward " + name + (bias ? "" : " nobias"), yt, y, kReduction);
+    // The ReLU in the epilogue (or in the split-K reduction): the reference's relu, and relu_forward bit for bit.
+    const Tensor yr = ops::linear_forward(tx, tw, tbias, /*relu=*/true);
+    std::vector<double> yrelu(y);
+    for (double& v : yrelu) v = v > 0 ? v : 0.0;
+    check_rel("linear_forward relu " + name, yr, yrelu, kReduction);
+    check_exact<float>("linear_forward relu vs relu_forward " + name, yr, down<float>(ops::relu_forward(yt)),
+                       "relu_forward of the unfused output");
     check_rel("linear_backward_input " + name, ops::linear_backward_input(tdy, tw), dx, kReduction);
     check_rel("linear_backward_weight " + name, ops::linear_backward_weight(tx, tdy), dw, kReduction);
     check_rel("linear_backward_bias " + name, ops::linear_backward_bias(tdy), db, kReduction);
@@ -361,6 +376,64 @@ void test_unaligned(int64_t n) {
             cpu::sgd_update(n, w.data<float>() + 1, g.data<float>() + 1, v.data<float>() + 1, 0.01f, 0.9f, 0.0005f);
         }
     });
+}
+
+// sgd_update_multi: 45 tensors in one call (two launches of at most 40 on CUDA) laid out in one buffer with
+// gaps, every third one a float past a 16-byte boundary (scalar path), sizes from 1 to 4099, a weight decay each.
+// Bit-exact vs the CPU backend over the whole buffer (the gaps stay untouched on both) and vs float64; then the
+// op itself against one ops::sgd_update per tensor on the CPU.
+void test_sgd_multi() {
+    const int count = 45;
+    const int64_t sizes[] = {1, 3, 4, 1003, 4099, 7, 64};
+    std::vector<int64_t> off(count), len(count);
+    std::vector<float> wds(count);
+    int64_t total = 0;
+    for (int i = 0; i < count; ++i) {
+        total = (total + 3) / 4 * 4 + (i % 3 == 2 ? 1 : 0) + 4;  // a gap of at least 4 before each tensor
+        off[i] = total;
+        len[i] = sizes[i % 7];
+        wds[i] = i % 2 ? 0.f : 0.0005f * (1 + i % 5);
+        total += len[i];
+    }
+    const auto wv = randv(total), dwv = randv(total), vv = randv(total);
+    Both w = both({total}, wv), dw = both({total}, dwv), v = both({total}, vv);
+    const float lr = 0.013f, mom = 0.9f;
+    std::vector<double> wref(wv.begin(), wv.end()), vref(vv.begin(), vv.end());
+    auto segs = [&](const Both& tw, const Both& tdw, const Both& tv, bool gpu) {
+        std::vector<SgdSegment> out;
+        for (int i = 0; i < count; ++i) {
+            const Tensor& a = gpu ? tw.gpu : tw.cpu;
+            const Tensor& b = gpu ? tdw.gpu : tdw.cpu;
+            const Tensor& c = gpu ? tv.gpu : tv.cpu;
+            out.push_back({const_cast<float*>(a.data<float>()) + off[i], b.data<float>() + off[i],
+                           const_cast<float*>(c.data<float>()) + off[i], len[i], wds[i]});
+        }
+        return out;
+    };
+    for (int i = 0; i < count; ++i)
+        for (int64_t j = off[i]; j < off[i] + len[i]; ++j) {
+            vref[j] = double(mom) * vv[j] - double(wds[i]) * lr * wv[j] - double(lr) * dwv[j];
+            wref[j] = wv[j] + vref[j];
+        }
+    const auto sg = segs(w, dw, v, true), sc = segs(w, dw, v, false);
+    cuda::sgd_update_multi(count, sg.data(), lr, mom, nullptr);
+    cpu::sgd_update_multi(count, sc.data(), lr, mom);
+    check_vs_cpu<float>("sgd_update_multi w 45 tensors", w.gpu, w.cpu);
+    check_vs_cpu<float>("sgd_update_multi v 45 tensors", v.gpu, v.cpu);
+    check_rel("sgd_update_multi w vs float64 45 tensors", w.gpu, wref, kElementwise);
+    check_rel("sgd_update_multi v vs float64 45 tensors", v.gpu, vref, kElementwise);
+
+    // The op: two tensors (4 x 3 weights, 1003 biases) against two ops::sgd_update calls on the CPU.
+    Both w1 = both({4, 3}, randv(12)), v1 = both({4, 3}, randv(12)), b1 = both({1003}, randv(1003)),
+         vb1 = both({1003}, randv(1003));
+    const Both g1 = both({4, 3}, randv(12)), gb1 = both({1003}, randv(1003));
+    ops::sgd_update_multi({{&w1.gpu, &g1.gpu, &v1.gpu, 0.0005f}, {&b1.gpu, &gb1.gpu, &vb1.gpu, 0.f}}, lr, mom);
+    ops::sgd_update(w1.cpu, g1.cpu, v1.cpu, lr, mom, 0.0005f);
+    ops::sgd_update(b1.cpu, gb1.cpu, vb1.cpu, lr, mom, 0.f);
+    check_vs_cpu<float>("sgd_update_multi op w vs sgd_update", w1.gpu, w1.cpu);
+    check_vs_cpu<float>("sgd_update_multi op v vs sgd_update", v1.gpu, v1.cpu);
+    check_vs_cpu<float>("sgd_update_multi op bias vs sgd_update", b1.gpu, b1.cpu);
+    check_vs_cpu<float>("sgd_update_multi op bias momentum vs sgd_update", vb1.gpu, vb1.cpu);
 }
 
 // ---- plumbing ----------------------------------------------------------------------------------------
@@ -555,6 +628,7 @@ void group_elementwise() {
     for (int64_t n : {int64_t(1), int64_t(3), int64_t(1003), int64_t(4096 + 2)}) test_elementwise(n);
     test_elementwise(4096 * 9 + 1);  // 1 x 9216-feature row plus one: fc6's input size, float4 body + tail
     for (int64_t n : {int64_t(1), int64_t(7), int64_t(1029)}) test_unaligned(n);
+    test_sgd_multi();
 }
 
 void group_plumbing() {
