@@ -60,7 +60,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1, relu=False):
     return relu_forward(y) if relu else y
 
 
-def conv2d_backward_input(dy, w, input_hw, stride=1, padding=0, groups=1):
+def conv2d_backward_input(dy, w, input_hw, stride=1, padding=0, groups=1, relu_y=None):
     dy, w = _f64(dy), _f64(w)
     (H, W), (sh, sw), (ph, pw) = _pair(input_hw), _pair(stride), _pair(padding)
     N, K, P, Q = dy.shape
@@ -74,7 +74,8 @@ def conv2d_backward_input(dy, w, input_hw, stride=1, padding=0, groups=1):
     for r in range(R):
         for s in range(S):
             dxp[:, :, r:r + sh * P:sh, s:s + sw * Q:sw] += dcols[:, :, r, s]
-    return dxp[:, :, ph:ph + H, pw:pw + W].copy()
+    dx = dxp[:, :, ph:ph + H, pw:pw + W].copy()
+    return dx if relu_y is None else relu_backward(dx, relu_y)
 
 
 def conv2d_backward_weight(x, dy, kernel, stride=1, padding=0, groups=1):
@@ -141,14 +142,15 @@ def lrn_forward(x, size=5, k=2.0, alpha=1e-4, beta=0.75):
     return x * scale ** (-beta), scale
 
 
-def lrn_backward(dy, x, y, scale, size=5, k=2.0, alpha=1e-4, beta=0.75):
+def lrn_backward(dy, x, y, scale, size=5, k=2.0, alpha=1e-4, beta=0.75, relu=False):
     """dx = dy scale^-beta - 2 alpha beta x * windowsum(dy y / scale).
 
     y and scale are accepted for parity with the op; the reference recomputes both from x in float64.
     """
     dy, x = _f64(dy), _f64(x)
     y, scale = lrn_forward(x, size, k, alpha, beta)
-    return dy * scale ** (-beta) - 2.0 * alpha * beta * x * _channel_window_sum(dy * y / scale, size)
+    dx = dy * scale ** (-beta) - 2.0 * alpha * beta * x * _channel_window_sum(dy * y / scale, size)
+    return relu_backward(dx, x) if relu else dx
 
 
 # ---- max-pooling ----------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def maxpool_forward(x, window=3, stride=2, padding=0):
     return best, idx.astype(np.int32)
 
 
-def maxpool_backward(dy, argmax, input_hw, window=3, stride=2, padding=0):
+def maxpool_backward(dy, argmax, input_hw, window=3, stride=2, padding=0, relu_y=None):
     """dx: each input element receives the sum of dy over the outputs whose argmax it is."""
     dy = _f64(dy)
     H, W = _pair(input_hw)
@@ -182,7 +184,8 @@ def maxpool_backward(dy, argmax, input_hw, window=3, stride=2, padding=0):
     dx = np.zeros((N * C, H * W))
     rows = np.repeat(np.arange(N * C), P * Q)
     np.add.at(dx, (rows, np.asarray(argmax).reshape(-1).astype(np.int64)), dy.reshape(-1))
-    return dx.reshape(N, C, H, W)
+    dx = dx.reshape(N, C, H, W)
+    return dx if relu_y is None else relu_backward(dx, relu_y)
 
 
 # ---- dropout: Philox4x32-10 counter-based RNG ----------------------------------------------------------
@@ -235,8 +238,9 @@ def dropout_forward(x, p=0.5, seed=0, offset=0):
     return x * mask / (1.0 - p), mask
 
 
-def dropout_backward(dy, mask, p=0.5):
-    return _f64(dy) * np.asarray(mask) / (1.0 - p)
+def dropout_backward(dy, mask, p=0.5, relu_y=None):
+    dx = _f64(dy) * np.asarray(mask) / (1.0 - p)
+    return dx if relu_y is None else relu_backward(dx, relu_y)
 
 
 # ---- softmax and cross-entropy: logits (N, classes), int labels (N,) ------------------------------------

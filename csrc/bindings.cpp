@@ -508,17 +508,21 @@ PYBIND11_MODULE(_C, m) {
         "y = conv(x, w) + b; relu=True applies the ReLU in the same kernel (bit for bit relu_forward of it).");
     o.def(
         "conv2d_backward_input",
-        [](obj dy, obj w, obj input_hw, obj stride, obj padding, obj groups) {
+        [](obj dy, obj w, obj input_hw, obj stride, obj padding, obj groups, obj relu_y) {
             const char* op = "conv2d_backward_input";
             const Tensor tdy = tensor_arg(dy, op, "dy"), tw = tensor_arg(w, op, "w");
             const auto hw = pair_arg(input_hw, op, "input_hw");
             const auto s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
             const int g = int_arg(groups, op, "groups");
+            const auto ry = opt_tensor_arg(relu_y, op, "relu_y");
             py::gil_scoped_release r;
-            return ops::conv2d_backward_input(tdy, tw, hw.first, hw.second, s.first, s.second, p.first, p.second, g);
+            return ops::conv2d_backward_input(tdy, tw, hw.first, hw.second, s.first, s.second, p.first, p.second, g,
+                                              ry);
         },
         py::arg("dy"), py::arg("w"), py::arg("input_hw"), py::arg("stride") = 1, py::arg("padding") = 0,
-        py::arg("groups") = 1);
+        py::arg("groups") = 1, py::arg("relu_y") = none,
+        "relu_y: the output of the ReLU that made x; dx then also goes back through it in the same kernel "
+        "(bit for bit relu_backward(dx, relu_y)).");
     o.def(
         "conv2d_backward_weight",
         [](obj x, obj dy, obj kernel, obj stride, obj padding, obj groups) {
@@ -613,17 +617,20 @@ PYBIND11_MODULE(_C, m) {
         "Returns (y, scale).");
     o.def(
         "lrn_backward",
-        [](obj dy, obj x, obj y, obj scale, obj size, obj k, obj alpha, obj beta) {
+        [](obj dy, obj x, obj y, obj scale, obj size, obj k, obj alpha, obj beta, obj relu) {
             const char* op = "lrn_backward";
             const Tensor tdy = tensor_arg(dy, op, "dy"), tx = tensor_arg(x, op, "x"), ty = tensor_arg(y, op, "y"),
                          ts = tensor_arg(scale, op, "scale");
             const int n = int_arg(size, op, "size");
             const float fk = float_arg(k, op, "k"), fa = float_arg(alpha, op, "alpha"), fb = float_arg(beta, op, "beta");
+            if (!py::isinstance<py::bool_>(relu)) throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
-            return ops::lrn_backward(tdy, tx, ty, ts, n, fk, fa, fb);
+            return ops::lrn_backward(tdy, tx, ty, ts, n, fk, fa, fb, fr);
         },
         py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("size") = 5, py::arg("k") = 2.0,
-        py::arg("alpha") = 1e-4, py::arg("beta") = 0.75);
+        py::arg("alpha") = 1e-4, py::arg("beta") = 0.75, py::arg("relu") = false,
+        "relu=True: x is a ReLU's output and dx also goes back through that ReLU (bit for bit relu_backward(dx, x)).");
 
     o.def(
         "maxpool_forward",
@@ -638,7 +645,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("window") = 3, py::arg("stride") = 2, py::arg("padding") = 0, "Returns (y, argmax).");
     o.def(
         "maxpool_backward",
-        [](obj dy, obj argmax, obj input_hw, obj window, obj stride, obj padding, obj check_argmax) {
+        [](obj dy, obj argmax, obj input_hw, obj window, obj stride, obj padding, obj check_argmax, obj relu_y) {
             const char* op = "maxpool_backward";
             const Tensor tdy = tensor_arg(dy, op, "dy"), ta = tensor_arg(argmax, op, "argmax");
             const auto hw = pair_arg(input_hw, op, "input_hw"), k = pair_arg(window, op, "window"),
@@ -646,14 +653,15 @@ PYBIND11_MODULE(_C, m) {
             if (!py::isinstance<py::bool_>(check_argmax))
                 throw TypeError(where(op, "check_argmax") + "must be a bool, got " + type_name(check_argmax));
             const bool check = check_argmax.cast<bool>();
+            const auto ry = opt_tensor_arg(relu_y, op, "relu_y");
             py::gil_scoped_release r;
             return ops::maxpool_backward(tdy, ta, hw.first, hw.second, k.first, k.second, s.first, s.second, p.first,
-                                         p.second, check);
+                                         p.second, check, ry);
         },
         py::arg("dy"), py::arg("argmax"), py::arg("input_hw"), py::arg("window") = 3, py::arg("stride") = 2,
-        py::arg("padding") = 0, py::arg("check_argmax") = true,
+        py::arg("padding") = 0, py::arg("check_argmax") = true, py::arg("relu_y") = none,
         "Every argmax must lie in its output's window (checked on the host for CUDA tensors unless "
-        "check_argmax=False, for an argmax straight from maxpool_forward).");
+        "check_argmax=False, for an argmax straight from maxpool_forward). relu_y: as conv2d_backward_input's.");
 
     o.def(
         "dropout_forward",
@@ -668,19 +676,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("p") = 0.5, py::arg("seed") = 0, py::arg("offset") = 0, "Returns (y, mask).");
     o.def(
         "dropout_backward",
-        [](obj dy, obj mask, obj p, obj check_mask) {
+        [](obj dy, obj mask, obj p, obj check_mask, obj relu_y) {
             const char* op = "dropout_backward";
             const Tensor tdy = tensor_arg(dy, op, "dy"), tm = tensor_arg(mask, op, "mask");
             const float fp = float_arg(p, op, "p");
             if (!py::isinstance<py::bool_>(check_mask))
                 throw TypeError(where(op, "check_mask") + "must be a bool, got " + type_name(check_mask));
             const bool check = check_mask.cast<bool>();
+            const auto ry = opt_tensor_arg(relu_y, op, "relu_y");
             py::gil_scoped_release r;
-            return ops::dropout_backward(tdy, tm, fp, check);
+            return ops::dropout_backward(tdy, tm, fp, check, ry);
         },
-        py::arg("dy"), py::arg("mask"), py::arg("p") = 0.5, py::arg("check_mask") = true,
+        py::arg("dy"), py::arg("mask"), py::arg("p") = 0.5, py::arg("check_mask") = true, py::arg("relu_y") = none,
         "The mask must hold only 0 and 1 (checked on the host unless check_mask=False, for a mask straight "
-        "from dropout_forward: the check copies a device mask to the host and synchronizes).");
+        "from dropout_forward: the check copies a device mask to the host and synchronizes). relu_y: as "
+        "conv2d_backward_input's.");
 
     o.def(
         "softmax_cross_entropy_forward",

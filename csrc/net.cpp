@@ -566,6 +566,14 @@ void Net::issue_loss(const Tensor& labels, float scale, bool backward) {
     }
 }
 
+bool Net::relu_in_dgrad(int l) const {
+    if (l < 0 || l + 1 >= static_cast<int>(layers_.size())) return false;
+    const LayerSpec& L = layers_[l];
+    const LayerSpec& up = layers_[l + 1];
+    // The layer above's grad-input is this layer's whole d_out (no gather, no dropout, pool or LRN between).
+    return L.conv && L.relu && !L.lrn && !L.pool && !L.pool_extra && !L.dropout && up.conv && !up.cross;
+}
+
 void Net::issue_backward(float lr) {
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
@@ -577,18 +585,31 @@ void Net::issue_backward(float lr) {
             Params& p = params_[t][l];
             const float p_drop = cfg_.dropout;
             const NetConfig* c = &cfg_;
-            // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU.
-            sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c] {
+            // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU. The ReLU's backward
+            // runs inside the op next to it in the forward (LRN, else the pool, else dropout), or in the grad-input
+            // epilogue of the layer above (relu_in_dgrad); only where neither exists on its own.
+            const bool relu_above = relu_in_dgrad(l);
+            sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c, relu_above] {
                 Tensor g = s.d_out;
-                if (s.drop_mask.defined()) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false);
+                const bool drop = s.drop_mask.defined();
+                enum { kAlone, kDrop, kPool2, kPool, kLrn } at = kAlone;
+                if (L.lrn) at = kLrn;
+                else if (L.pool) at = kPool;
+                else if (L.pool_extra) at = kPool2;
+                else if (drop) at = kDrop;
+                const bool relu_here = L.relu && !relu_above;
+                auto ry = [&](int where) { return relu_here && at == where ? std::optional<Tensor>(s.a) : std::nullopt; };
+                if (drop) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false, ry(kDrop));
                 if (L.pool_extra)
                     g = ops::maxpool_backward(g, s.pool2_arg, L.pool_mid_hw, L.pool_mid_hw, pool_w, pool_w, 2, 2, 0, 0,
-                                              /*check_argmax=*/false);
+                                              /*check_argmax=*/false, ry(kPool2));
                 if (L.pool)
                     g = ops::maxpool_backward(g, s.pool_arg, L.out_hw, L.out_hw, pool_w, pool_w, 2, 2, 0, 0,
-                                              /*check_argmax=*/false);
-                if (L.lrn) g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta);
-                if (L.relu) g = ops::relu_backward(g, s.a);
+                                              /*check_argmax=*/false, ry(kPool));
+                if (L.lrn)
+                    g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta,
+                                          relu_here);
+                if (relu_here && at == kAlone) g = ops::relu_backward(g, s.a);
                 s.d_out = g;  // now the gradient w.r.t. the pre-activation z
             });
             if (L.conv) {
@@ -596,11 +617,15 @@ void Net::issue_backward(float lr) {
                     s.dw = ops::conv2d_backward_weight(s.in, s.d_out, L.kernel, L.kernel, L.stride, L.stride, L.pad, L.pad, 1);
                     s.db = ops::conv2d_backward_bias(s.d_out);
                 });
-                if (l > 0)
-                    sched_->run(t, L.name + ".dgrad", [&s, &p, &L] {
+                if (l > 0) {
+                    // The layer below's ReLU backward in this grad-input's epilogue, where nothing lies between.
+                    const Tensor* relu_y = relu_in_dgrad(l - 1) ? &st_[t][l - 1].a : nullptr;
+                    sched_->run(t, L.name + ".dgrad", [&s, &p, &L, relu_y] {
                         s.d_in = ops::conv2d_backward_input(s.d_out, p.w, L.in_hw, L.in_hw, L.stride, L.stride, L.pad,
-                                                            L.pad, 1);
+                                                            L.pad, 1,
+                                                            relu_y ? std::optional<Tensor>(*relu_y) : std::nullopt);
                     });
+                }
             } else {
                 sched_->run(t, L.name + ".wgrad", [&s] {
                     s.dw = ops::linear_backward_weight(s.in, s.d_out);

@@ -150,6 +150,8 @@ private:
     void check_labels(const char* op, const int32_t* labels, int n) const;
     void issue_loss(const Tensor& labels, float scale, bool backward);
     void issue_backward(float lr);
+    // True when layer l's ReLU backward runs in the epilogue of layer l+1's grad-input (nothing between them).
+    bool relu_in_dgrad(int l) const;
     std::vector<Tensor> upload_images(const float* images, int n);
     Tensor upload_labels(const char* op, const int32_t* labels, int n) const;  // range-checked on the host
     // Begins a step, issues it, waits for every tower; on an error drains the towers, then rethrows.

@@ -152,8 +152,18 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
     return y;
 }
 
+// relu_y of the backward ops that take one: float32, the shape of dx, on dx's device; its data or nullptr.
+static const float* relu_y_arg(const char* op, const std::optional<Tensor>& relu_y, const Tensor& like,
+                               const std::vector<int64_t>& shape) {
+    if (!relu_y) return nullptr;
+    check_tensor(op, "relu_y", *relu_y, DType::f32, -1, "");
+    check_same_device(op, "dy", like, "relu_y", *relu_y);
+    check_shape(op, "relu_y", *relu_y, shape);
+    return relu_y->data<float>();
+}
+
 Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
-                             int groups) {
+                             int groups, const std::optional<Tensor>& relu_y) {
     const char* op = "conv2d_backward_input";
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
@@ -167,9 +177,10 @@ Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, in
     checked::check_elements(op, "'input_hw'", {dy.size(0), C, H, W}, "dx");
     auto p = conv_params(op, dy.size(0), C, H, W, w.size(0), w.size(1), w.size(2), w.size(3), sh, sw, ph, pw, groups);
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
+    const float* ry = relu_y_arg(op, relu_y, dy, {p.N, p.C, p.H, p.W});
     Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
     if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), conv2d_backward_input, p, dy.data<float>(), w.data<float>(), dx.data<float>());
+    AX_DISPATCH(dy.device(), conv2d_backward_input, p, dy.data<float>(), w.data<float>(), ry, dx.data<float>());
     return dx;
 }
 
@@ -324,9 +335,10 @@ std::pair<Tensor, Tensor> lrn_forward(const Tensor& x, int size, float k, float 
 }
 
 Tensor lrn_backward(const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& scale, int size, float k,
-                    float alpha, float beta) {
+                    float alpha, float beta, bool relu) {
     const char* op = "lrn_backward";
     auto p = lrn_params(op, x, size, k, alpha, beta);
+    p.relu = relu;
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "y", y, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "scale", scale, DType::f32, 4, "(N, C, H, W)");
@@ -380,7 +392,7 @@ std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int wh, int ww, int s
 }
 
 Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, int wh, int ww, int sh, int sw, int ph,
-                        int pw, bool check_argmax) {
+                        int pw, bool check_argmax, const std::optional<Tensor>& relu_y) {
     const char* op = "maxpool_backward";
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, C, P, Q)");
     check_tensor(op, "argmax", argmax, DType::i32, 4, "(N, C, P, Q)");
@@ -392,6 +404,7 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
     auto p = pool_params(op, dy.size(0), dy.size(1), H, W, wh, ww, sh, sw, ph, pw);
     check_shape(op, "dy", dy, {p.N, p.C, p.P, p.Q});
     check_shape(op, "argmax", argmax, dy.shape());
+    const float* ry = relu_y_arg(op, relu_y, dy, {p.N, p.C, p.H, p.W});
     if (check_argmax && argmax.device().is_cuda() && argmax.numel() > 0) {
         // The CPU backend raises on an argmax outside its window while it scatters; the CUDA kernel gathers and
         // would drop such a gradient without a word, so its argmax is checked here, on the host.
@@ -410,7 +423,7 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
     }
     Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
     if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), maxpool_backward, p, dy.data<float>(), argmax.data<int32_t>(), dx.data<float>());
+    AX_DISPATCH(dy.device(), maxpool_backward, p, dy.data<float>(), argmax.data<int32_t>(), ry, dx.data<float>());
     return dx;
 }
 
@@ -432,13 +445,15 @@ std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t see
     return {y, mask};
 }
 
-Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask) {
+Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask,
+                        const std::optional<Tensor>& relu_y) {
     const char* op = "dropout_backward";
     check_tensor(op, "dy", dy, DType::f32, -1, "");
     check_tensor(op, "mask", mask, DType::u8, -1, "");
     check_same_device(op, "dy", dy, "mask", mask);
     check_shape(op, "mask", mask, dy.shape());
     check_p(op, p);
+    const float* ry = relu_y_arg(op, relu_y, dy, dy.shape());
     if (check_mask && mask.numel() > 0) {
         // The contract is a 0/1 mask (as dropout_forward makes); any other byte is an error, not a guess.
         Tensor host = mask.device().is_cpu() ? mask : mask.to(Device{});
@@ -450,7 +465,7 @@ Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool chec
     }
     Tensor dx = new_output(op, "dx", "'dy'", dy.shape(), DType::f32, dy);
     if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), dropout_backward, dy.numel(), dy.data<float>(), mask.data<uint8_t>(), p,
+    AX_DISPATCH(dy.device(), dropout_backward, dy.numel(), dy.data<float>(), mask.data<uint8_t>(), p, ry,
                 dx.data<float>());
     return dx;
 }

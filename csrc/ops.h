@@ -44,6 +44,7 @@ struct LrnParams {
     int N, C, H, W;
     int size;        // n, odd: the window is c-size/2 .. c+size/2 clipped to [0, C)
     float k, alpha, beta;  // b = a / (k + alpha * sum a^2)^beta  (alpha multiplies the plain sum)
+    bool relu = false;     // backward only: dx also through the ReLU that made x (zero where x <= 0)
 };
 
 struct PoolParams {
@@ -84,8 +85,11 @@ namespace ops {
 Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int stride_h, int stride_w,
                       int pad_h, int pad_w, int groups, bool relu = false);
 // dx (N,C,H,W) from dy (N,K,P,Q); H, W are the forward input's size (stride can make them ambiguous).
+// relu_y (N,C,H,W), when given, is the output of the ReLU that made x: dx is also passed back through it in the
+// same kernel (zero where relu_y <= 0), the same bits as relu_backward(dx, relu_y) after the op. The same
+// argument of lrn_backward (a flag: its x is that output), maxpool_backward and dropout_backward does the same.
 Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int stride_h, int stride_w, int pad_h,
-                             int pad_w, int groups);
+                             int pad_w, int groups, const std::optional<Tensor>& relu_y = std::nullopt);
 // dw (K,C/groups,R,S) = sum over N,P,Q.
 Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, int stride_h, int stride_w, int pad_h,
                               int pad_w, int groups);
@@ -104,7 +108,7 @@ Tensor relu_backward(const Tensor& dy, const Tensor& y);  // dy where y > 0, els
 // Returns (y, scale) with scale = k + alpha * sum a^2 over the window, kept for the backward.
 std::pair<Tensor, Tensor> lrn_forward(const Tensor& x, int size, float k, float alpha, float beta);
 Tensor lrn_backward(const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& scale, int size, float k,
-                    float alpha, float beta);
+                    float alpha, float beta, bool relu = false);
 
 // Returns (y, argmax) with argmax int32 (N,C,P,Q): the flat index h*W+w of the chosen input element.
 // Padding counts as -inf. Tie rule: the first maximum in row-major window order wins. A window that
@@ -117,7 +121,8 @@ std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int window_h, int win
 // check_argmax = false (the Net's own argmax; Python: check_argmax=False), since the CUDA gather would
 // silently drop the gradient of an argmax outside its window.
 Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, int window_h, int window_w,
-                        int stride_h, int stride_w, int pad_h, int pad_w, bool check_argmax = true);
+                        int stride_h, int stride_w, int pad_h, int pad_w, bool check_argmax = true,
+                        const std::optional<Tensor>& relu_y = std::nullopt);
 
 // Inverted dropout: returns (y, mask uint8); y = x * mask / (1 - p). Element i's draw is
 // philox(seed, offset + i), so any backend, any launch shape, draws the same mask.
@@ -126,7 +131,8 @@ std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t see
 // byte raises ValueError naming 'mask'. The check reads the mask on the host (a device mask is copied and
 // the stream synchronized), so callers passing a mask straight from dropout_forward may skip it with
 // check_mask = false (the Net does; Python: check_mask=False); unchecked, both backends keep where the byte is nonzero.
-Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask = true);
+Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask = true,
+                        const std::optional<Tensor>& relu_y = std::nullopt);
 
 // Softmax + cross-entropy on logits (N,C) and int32 labels (N). Returns (loss (N) per sample,
 // probs (N,C), rank int32 (N)): rank = number of classes whose logit beats the label's (ties go to the
@@ -175,7 +181,8 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
 #define AX_BACKEND_DECLS(EXTRA)                                                                               \
     void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const float* b /*nullable*/,  \
                         float* y EXTRA);                                                                      \
-    void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx EXTRA);     \
+    void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w,                       \
+                               const float* relu_y /*nullable*/, float* dx EXTRA);                            \
     void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* dy, float* dw EXTRA);    \
     void conv2d_backward_bias(const Conv2dParams& p, const float* dy, float* db EXTRA);                     \
     void linear_forward(const LinearParams& p, const float* x, const float* w, const float* b, float* y EXTRA); \
@@ -188,10 +195,12 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
     void lrn_backward(const LrnParams& p, const float* dy, const float* x, const float* y, const float* scale, \
                       float* dx EXTRA);                                                                       \
     void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* argmax EXTRA);             \
-    void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx EXTRA);    \
+    void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax,                      \
+                          const float* relu_y /*nullable*/, float* dx EXTRA);                                 \
     void dropout_forward(int64_t n, const float* x, float p, uint64_t seed, uint64_t offset, float* y,       \
                          uint8_t* mask EXTRA);                                                                \
-    void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p, float* dx EXTRA);        \
+    void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p,                         \
+                          const float* relu_y /*nullable*/, float* dx EXTRA);                                 \
     void softmax_cross_entropy_forward(const SoftmaxParams& p, const float* logits, const int32_t* labels,   \
                                        float* loss, float* probs, int32_t* rank EXTRA);                     \
     void softmax_cross_entropy_backward(const SoftmaxParams& p, const float* probs, const int32_t* labels,   \

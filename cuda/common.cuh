@@ -451,6 +451,10 @@ inline int choose_split_k(int64_t blocks, int Kr, int* chunk) {
 // The ReLU of a fused forward epilogue: exactly relu_forward_kernel's (relu.cu), so fused and unfused agree bit
 // for bit.
 __device__ __forceinline__ float relu_epilogue(float v) { return v > 0.0f ? v : 0.0f; }
+// A gradient passed back through a ReLU whose output was y, as relu_backward_kernel does; relu_y null: unchanged.
+__device__ __forceinline__ float relu_grad_epilogue(float g, const float* relu_y, int64_t i) {
+    return relu_y == nullptr || relu_y[i] > 0.0f ? g : 0.0f;
+}
 
 // out[i] = sum over s of parts[s * n + i] (+ bias[i % bias_period]) (then the ReLU when relu), s ascending: the
 // fixed-order second pass of split-K. Grid-stride over i; coalesced. (A template only so that every .cu may

@@ -188,6 +188,7 @@ struct ConvBwdInput {
     const float* dy;
     const float* w;
     float* dx;
+    const float* relu_y;  // nullable: the epilogue passes dx back through the ReLU whose output x was
 
     __device__ Entry entry(int k, int kb, int ke) const {
         Entry e{0, 0, kGatherInvalid, kGatherInvalid};
@@ -258,7 +259,8 @@ struct ConvBwdInput {
     __device__ void store(const Th&, int z, int m, int n, float v) const {
         int img, hw;
         g.fHW.divmod(n, img, hw);
-        dx[(static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg + m) * g.HW + hw] = v;
+        const int64_t o = (static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg + m) * g.HW + hw;
+        dx[o] = relu_grad_epilogue(v, relu_y, o);
     }
 };
 
@@ -424,14 +426,15 @@ void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const
     launch_conv_gemm(opname, op, p.groups, as_stream(stream));
 }
 
-void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx, void* stream) {
+void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, const float* relu_y, float* dx,
+                           void* stream) {
     const char* opname = "conv2d_backward_input";
     if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
     const ConvGeom g(p, opname);
     if (g.sh == 1 && g.sw == 1) {
-        launch_conv_gemm(opname, ConvBwdInput<true>{g.Cg, p.N * g.HW, g, dy, w, dx}, p.groups, as_stream(stream));
+        launch_conv_gemm(opname, ConvBwdInput<true>{g.Cg, p.N * g.HW, g, dy, w, dx, relu_y}, p.groups, as_stream(stream));
     } else {
-        launch_conv_gemm(opname, ConvBwdInput<false>{g.Cg, p.N * g.HW, g, dy, w, dx}, p.groups, as_stream(stream));
+        launch_conv_gemm(opname, ConvBwdInput<false>{g.Cg, p.N * g.HW, g, dy, w, dx, relu_y}, p.groups, as_stream(stream));
     }
 }
 

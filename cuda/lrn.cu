@@ -31,9 +31,10 @@ __global__ void __launch_bounds__(kThreads1d)
 }
 
 // dx[c] = dy[c] * scale[c]^-beta - (2 alpha beta) * x[c] * sum_{j: c in window(j)} dy[j] y[j] / scale[j];
-// the window is symmetric, so {j : c in window(j)} = window(c).
+// the window is symmetric, so {j : c in window(j)} = window(c). relu: also through the ReLU that made x (zero
+// where x <= 0), as relu_backward after this kernel would.
 __global__ void __launch_bounds__(kThreads1d)
-    lrn_backward_kernel(int64_t planes, int C, int HW, int half, float neg_beta, float coef,
+    lrn_backward_kernel(int64_t planes, int C, int HW, int half, float neg_beta, float coef, bool relu,
                         const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ y,
                         const float* __restrict__ scale, float* __restrict__ dx) {
     for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
@@ -48,7 +49,8 @@ __global__ void __launch_bounds__(kThreads1d)
             }
             const int64_t o = base + i;
             const float direct = __fmul_rn(dy[o], powf(scale[o], neg_beta));
-            dx[o] = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
+            const float d = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
+            dx[o] = relu ? relu_grad_epilogue(d, x, o) : d;
         }
     }
 }
@@ -71,7 +73,7 @@ void lrn_backward(const LrnParams& p, const float* dy, const float* x, const flo
     require(HW <= 0x7fffffff, "lrn_backward", "image plane too large");
     const float coef = 2.0f * p.alpha * p.beta;
     lrn_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(
-        planes, p.C, static_cast<int>(HW), p.size / 2, -p.beta, coef, dy, x, y, scale, dx);
+        planes, p.C, static_cast<int>(HW), p.size / 2, -p.beta, coef, p.relu, dy, x, y, scale, dx);
     AX_LAUNCH_CHECK("lrn_backward");
 }
 

@@ -43,10 +43,11 @@ __global__ void __launch_bounds__(kThreads1d)
 
 // dx[h, w] = sum over windows (p, q) containing (h, w), row-major, of dy[p, q] where argmax[p, q] == h*W+w.
 // Window p covers rows p*sh - ph .. p*sh - ph + wh - 1, so p runs from ceil((h+ph-wh+1)/sh) (or 0) to
-// min(P-1, floor((h+ph)/sh)); likewise q.
+// min(P-1, floor((h+ph)/sh)); likewise q. relu_y (nullable): also through the ReLU whose output x was.
 __global__ void __launch_bounds__(kThreads1d)
     maxpool_backward_kernel(int64_t planes, PoolParams p, const float* __restrict__ dy,
-                            const int32_t* __restrict__ argmax, float* __restrict__ dx) {
+                            const int32_t* __restrict__ argmax, const float* __restrict__ relu_y,
+                            float* __restrict__ dx) {
     const int PQ = p.P * p.Q;
     const int HW = p.H * p.W;
     for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
@@ -65,7 +66,7 @@ __global__ void __launch_bounds__(kThreads1d)
                     const int o = op * p.Q + oq;
                     if (ap[o] == static_cast<int>(i)) acc = __fadd_rn(acc, dyp[o]);
                 }
-            dx[pl * HW + i] = acc;
+            dx[pl * HW + i] = relu_grad_epilogue(acc, relu_y, pl * HW + i);
         }
     }
 }
@@ -80,11 +81,13 @@ void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* arg
     AX_LAUNCH_CHECK("maxpool_forward");
 }
 
-void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx, void* stream) {
+void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, const float* relu_y, float* dx,
+                      void* stream) {
     const int64_t planes = static_cast<int64_t>(p.N) * p.C, HW = static_cast<int64_t>(p.H) * p.W;
     if (planes * HW == 0) return;
     require(HW <= 0x7fffffff, "maxpool_backward", "image plane too large for int32 argmax");
-    maxpool_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(planes, p, dy, argmax, dx);
+    maxpool_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(planes, p, dy, argmax,
+                                                                                           relu_y, dx);
     AX_LAUNCH_CHECK("maxpool_backward");
 }
 

@@ -158,6 +158,12 @@ CASES = [
      r"softmax_cross_entropy_backward.*'scale'"),
     ("softmax_rank", lambda: ops.softmax_forward(t((2, 3, 4))), ValueError, r"softmax_forward.*'logits'"),
     ("softmax_dtype", lambda: ops.softmax_forward(t((2, 3), np.uint8)), TypeError, r"softmax_forward.*'logits'"),
+    # the fused ReLU arguments
+    ("relu_flag_type", lambda: ops.conv2d_forward(X(), t((4, 6, 3, 3)), relu=1), TypeError, r"conv2d_forward.*'relu'"),
+    ("relu_y_shape", lambda: ops.conv2d_backward_input(t((2, 4, 7, 7)), t((4, 6, 3, 3)), (9, 9), relu_y=t((2, 6, 9, 8))),
+     ValueError, r"conv2d_backward_input.*'relu_y'"),
+    ("relu_y_dtype", lambda: ops.dropout_backward(t((3, 4)), t((3, 4), np.uint8, fill=1), relu_y=t((3, 4), np.int32)),
+     TypeError, r"dropout_backward.*'relu_y'"),
     # sgd
     ("sgd_dw_shape", lambda: ops.sgd_update(t((3, 4)), t((4, 3)), t((3, 4)), 0.01), ValueError, r"sgd_update.*'dw'"),
     ("sgd_v_shape", lambda: ops.sgd_update(t((3, 4)), t((3, 4)), t((12,)), 0.01), ValueError, r"sgd_update.*'v'"),

@@ -132,7 +132,7 @@ void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const
 }
 
 // Per image and group: col (Cg*R*S, PQ) = w_g^T dy_g, then col2im into a zeroed dx_g.
-void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx) {
+void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, const float* relu_y, float* dx) {
     const ConvDims d = dims(p);
     Buffer col(d.direct ? 0 : d.CRS * d.PQ);
     for (int n = 0; n < p.N; ++n)
@@ -150,6 +150,8 @@ void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* 
             std::memset(dxg, 0, sizeof(float) * static_cast<size_t>(d.Cg * d.HW));
             col2im(p, d.Cg, col.get(), dxg);
         }
+    if (relu_y)  // through the ReLU below, as relu_backward
+        for (int64_t i = 0; i < static_cast<int64_t>(p.N) * p.C * p.H * p.W; ++i) dx[i] = relu_y[i] > 0.0f ? dx[i] : 0.0f;
 }
 
 // Per group: dw_g (Kg, Cg*R*S) = sum over images n = 0, 1, ... of dy_g(n) col(n)^T. Each image's product is

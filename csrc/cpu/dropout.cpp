@@ -20,9 +20,11 @@ void dropout_forward(int64_t n, const float* __restrict x, float p, uint64_t see
 
 // dx = dy * mask / (1 - p).
 void dropout_backward(int64_t n, const float* __restrict dy, const uint8_t* __restrict mask, float p,
-                      float* __restrict dx) {
+                      const float* __restrict relu_y, float* __restrict dx) {
     const float keep_scale = 1.0f / (1.0f - p);
     for (int64_t i = 0; i < n; ++i) dx[i] = mask[i] ? dy[i] * keep_scale : 0.0f;
+    if (relu_y)  // through the ReLU below, as relu_backward
+        for (int64_t i = 0; i < n; ++i) dx[i] = relu_y[i] > 0.0f ? dx[i] : 0.0f;
 }
 
 }  // namespace cpu

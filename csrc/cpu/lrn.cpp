@@ -76,6 +76,8 @@ void lrn_backward(const LrnParams& p, const float* dy, const float* x, const flo
             const float* __restrict xc = x + off;
             const float* __restrict ac = acc.data();
             for (int64_t i = 0; i < HW; ++i) dxc[i] -= coef * xc[i] * ac[i];
+            if (p.relu)  // through the ReLU that made x, as relu_backward(dx, x)
+                for (int64_t i = 0; i < HW; ++i) dxc[i] = xc[i] > 0.0f ? dxc[i] : 0.0f;
         }
     }
 }

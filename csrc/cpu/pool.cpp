@@ -43,7 +43,7 @@ void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* arg
 // input element that is the same sum, in the same order, as gathering over the windows that chose it.
 // An argmax outside its own window (not from maxpool_forward with these settings) raises instead of
 // writing out of bounds.
-void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx) {
+void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, const float* relu_y, float* dx) {
     const int64_t HW = static_cast<int64_t>(p.H) * p.W, PQ = static_cast<int64_t>(p.P) * p.Q;
     std::memset(dx, 0, sizeof(float) * static_cast<size_t>(HW * p.N * p.C));
     for (int64_t plane = 0; plane < static_cast<int64_t>(p.N) * p.C; ++plane) {
@@ -62,6 +62,8 @@ void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argma
                 dxp[a] += dyp[pp * p.Q + q];
             }
     }
+    if (relu_y)  // through the ReLU below, as relu_backward
+        for (int64_t i = 0; i < HW * p.N * p.C; ++i) dx[i] = relu_y[i] > 0.0f ? dx[i] : 0.0f;
 }
 
 }  // namespace cpu

@@ -219,9 +219,17 @@ void test_conv(const ConvCase& c) {
         check_exact<float>("conv2d_forward relu vs relu_forward " + name, yr, down<float>(ops::relu_forward(yt)),
                            "relu_forward of the unfused output");
     }
-    if (c.passes & DGRAD)
-        check_rel("conv2d_backward_input " + name,
-                  ops::conv2d_backward_input(tdy, tw, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g), dx, kReduction);
+    if (c.passes & DGRAD) {
+        const Tensor dxt = ops::conv2d_backward_input(tdy, tw, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g);
+        check_rel("conv2d_backward_input " + name, dxt, dx, kReduction);
+        // The ReLU below folded into the epilogue, with x standing in for its output: float64 and relu_backward.
+        const Tensor dxm = ops::conv2d_backward_input(tdy, tw, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g, tx);
+        std::vector<double> dxmr(dx);
+        for (size_t i = 0; i < x.size(); ++i) dxmr[i] = x[i] > 0 ? dx[i] : 0.0;
+        check_rel("conv2d_backward_input relu_y " + name, dxm, dxmr, kReduction);
+        check_exact<float>("conv2d_backward_input relu_y vs relu_backward " + name, dxm,
+                           down<float>(ops::relu_backward(dxt, tx)), "relu_backward of the unfused dx");
+    }
     if (c.passes & WGRAD)
         check_rel("conv2d_backward_weight " + name,
                   ops::conv2d_backward_weight(tx, tdy, c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g), dw, kReduction);
@@ -307,6 +315,9 @@ void test_elementwise(int64_t n) {
         const Tensor d = ops::dropout_backward(g.gpu, r.second, p);
         check_vs_cpu<float>("dropout_backward " + nm, d, ops::dropout_backward(g.cpu, rc.second, p));
         check_rel("dropout_backward vs float64 " + nm, d, dref, kElementwise);
+        // Through the ReLU whose output is y2, folded in: the CPU backend's bits.
+        check_vs_cpu<float>("dropout_backward relu_y " + nm, ops::dropout_backward(g.gpu, r.second, p, true, y2.gpu),
+                            ops::dropout_backward(g.cpu, rc.second, p, true, y2.cpu));
     }
     {
         const auto wv = randv(n), dwv = randv(n), vv = randv(n);
@@ -486,8 +497,15 @@ void test_lrn(int N, int C, int H, int W, int size, float k, float alpha, float 
     const std::string nm = fmt("N%d C%d %dx%d size%d k%g alpha%g beta%g", N, C, H, W, size, k, alpha, beta);
     check_rel("lrn_forward y " + nm, r.first, yr, kElementwise);
     check_rel("lrn_forward scale " + nm, r.second, sr, kReduction);
-    check_rel("lrn_backward " + nm, ops::lrn_backward(tdy, tx, r.first, r.second, size, k, alpha, beta), dxr,
-              kReduction);
+    const Tensor dx = ops::lrn_backward(tdy, tx, r.first, r.second, size, k, alpha, beta);
+    check_rel("lrn_backward " + nm, dx, dxr, kReduction);
+    // The ReLU that made x folded in (x's negative half masked): float64, and relu_backward of the unfused dx.
+    const Tensor dxm = ops::lrn_backward(tdy, tx, r.first, r.second, size, k, alpha, beta, /*relu=*/true);
+    std::vector<double> dxmr(dxr);
+    for (size_t i = 0; i < x.size(); ++i) dxmr[i] = x[i] > 0 ? dxr[i] : 0.0;
+    check_rel("lrn_backward relu " + nm, dxm, dxmr, kReduction);
+    check_exact<float>("lrn_backward relu vs relu_backward " + nm, dxm, down<float>(ops::relu_backward(dx, tx)),
+                       "relu_backward of the unfused dx");
 }
 
 // ---- max-pool ----------------------------------------------------------------------------------------
@@ -532,6 +550,13 @@ void test_pool(int N, int C, int H, int W, int wh, int ww, int sh, int sw, int p
     const Tensor dx = ops::maxpool_backward(tdy.gpu, r.second, H, W, wh, ww, sh, sw, ph, pw);
     check_vs_cpu<float>("maxpool_backward " + nm, dx, ops::maxpool_backward(tdy.cpu, rc.second, H, W, wh, ww, sh, sw, ph, pw));
     check_rel("maxpool_backward vs float64 " + nm, dx, dxr, kElementwise);
+    // The ReLU whose output x is, folded in: the CPU backend's bits and float64.
+    const Tensor dxm = ops::maxpool_backward(tdy.gpu, r.second, H, W, wh, ww, sh, sw, ph, pw, true, tx.gpu);
+    check_vs_cpu<float>("maxpool_backward relu_y " + nm, dxm,
+                        ops::maxpool_backward(tdy.cpu, rc.second, H, W, wh, ww, sh, sw, ph, pw, true, tx.cpu));
+    std::vector<double> dxmr(dxr);
+    for (size_t i = 0; i < x.size(); ++i) dxmr[i] = x[i] > 0 ? dxr[i] : 0.0;
+    check_rel("maxpool_backward relu_y vs float64 " + nm, dxm, dxmr, kElementwise);
 }
 
 // ---- softmax -----------------------------------------------------------------------------------------
