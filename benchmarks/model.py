@@ -689,8 +689,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
             add(m.gemm(name, "forward", "linear_fwd", N, l["out_c"], l["in_c"], 1, x_b + y_b + w_b))
             z = N * l["out_c"]
-        if l["relu"]:
-            add(m.stream(name, "relu forward", "relu_fwd", 8 * z, grid_1d(cdiv(z, 4))))
+        # the ReLU runs in the forward GEMM's epilogue (conv2d_forward / linear_forward relu=True): no pass
         if l["lrn"]:
             g, a = plane_grid(N * l["out_c"], PQ)
             add(m.stream(name, "lrn forward", "lrn_fwd", 12 * z, g, active=a))
@@ -716,20 +715,39 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
         add(m.copy("loss", "dlogits: copy to tower 1", (T - 1) * lg / T * f), 1)
 
     sgd_sizes: List[int] = []
+    def relu_at(i):
+        """Where layer i's ReLU backward runs (csrc/net.cpp): in the op next to it, else the dgrad above, else alone."""
+        l = L[i]
+        if not l["relu"]:
+            return None
+        if l["lrn"]:
+            return "lrn"
+        if l["pool"]:
+            return "pool"
+        if l["dropout"]:
+            return "dropout"
+        up = L[i + 1] if i + 1 < len(L) else None
+        if l["conv"] and up is not None and up["conv"] and not up["cross"]:
+            return "dgrad"
+        return "alone"
+
     for i in range(len(L) - 1, -1, -1):
         l = L[i]
         name = l["name"]
         z = N * l["out_c"] * (l["out_hw"] ** 2 if l["conv"] else 1)
-        if l["dropout"]:
-            add(m.stream(name, "dropout backward", "dropout_bwd", 9 * z, grid_1d(z)))
+        ra = relu_at(i)
+        if l["dropout"]:  # + the ReLU's output when it is folded in
+            add(m.stream(name, "dropout backward" + (" + relu" if ra == "dropout" else ""), "dropout_bwd",
+                         9 * z + (4 * z if ra == "dropout" else 0), grid_1d(z)))
         if l["pool"]:
             po = N * l["out_c"] * l["pooled_hw"] ** 2
             g, a = plane_grid(N * l["out_c"], l["out_hw"] ** 2)
-            add(m.stream(name, "pool backward", "pool_bwd", 8 * po + 4 * z, g, active=a))
-        if l["lrn"]:
+            add(m.stream(name, "pool backward" + (" + relu" if ra == "pool" else ""), "pool_bwd",
+                         8 * po + 4 * z + (4 * z if ra == "pool" else 0), g, active=a))
+        if l["lrn"]:  # the ReLU's mask is x > 0, and x is read anyway
             g, a = plane_grid(N * l["out_c"], l["out_hw"] ** 2)
-            add(m.stream(name, "lrn backward", "lrn_bwd", 20 * z, g, active=a))
-        if l["relu"]:
+            add(m.stream(name, "lrn backward" + (" + relu" if ra == "lrn" else ""), "lrn_bwd", 20 * z, g, active=a))
+        if ra == "alone":
             add(m.stream(name, "relu backward", "relu_bwd", 12 * z, grid_1d(cdiv(z, 4))))
         if l["conv"]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
@@ -737,9 +755,10 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             x_b, y_b, w_b = N * l["in_c"] * HW * f, z * f, l["out_c"] * Kr * f
             add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b))
             add(conv_bias_passes(m, name, N, l["out_c"], PQ))
-            if i > 0:
-                add(m.gemm(name, "grad-input", "conv_dgrad", l["in_c"], N * HW, l["out_c"] * l["k"] ** 2, 1,
-                           x_b + y_b + w_b))
+            if i > 0:  # + the layer below's ReLU output when its backward runs in this epilogue
+                below_relu = relu_at(i - 1) == "dgrad"
+                add(m.gemm(name, "grad-input" + (" + relu" if below_relu else ""), "conv_dgrad", l["in_c"], N * HW,
+                           l["out_c"] * l["k"] ** 2, 1, x_b + y_b + w_b + (x_b if below_relu else 0)))
             nw = l["out_c"] * Kr
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
@@ -763,7 +782,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
 
 _SCHED_OPS = [  # pass name prefix -> scheduler op (csrc/net.cpp); {l} the layer, {p} the one before it
     ("gather: copy", "copy {p}->{l}"), ("gather: concat", "{l}.gather"), ("forward", "{l}.fprop"),
-    ("relu forward", "{l}.relu"), ("lrn forward", "{l}.lrn"), ("pool forward", "{l}.pool"),
+    ("lrn forward", "{l}.lrn"), ("pool forward", "{l}.pool"),
     ("dropout forward", "{l}.dropout"), ("dropout backward", "{l}.bprop_epilogue"),
     ("pool backward", "{l}.bprop_epilogue"), ("lrn backward", "{l}.bprop_epilogue"),
     ("relu backward", "{l}.bprop_epilogue"), ("grad-weight", "{l}.wgrad"), ("grad-bias", "{l}.wgrad"),

@@ -664,6 +664,26 @@ PYBIND11_MODULE(_C, m) {
         "check_argmax=False, for an argmax straight from maxpool_forward). relu_y: as conv2d_backward_input's.");
 
     o.def(
+        "lrn_maxpool_forward",
+        [](obj x, obj size, obj k, obj alpha, obj beta, obj window, obj stride, obj padding) {
+            const char* op = "lrn_maxpool_forward";
+            const Tensor t = tensor_arg(x, op, "x");
+            const int n = int_arg(size, op, "size");
+            const float fk = float_arg(k, op, "k"), fa = float_arg(alpha, op, "alpha"), fb = float_arg(beta, op, "beta");
+            const auto kw = pair_arg(window, op, "window"), s = pair_arg(stride, op, "stride"),
+                       p = pair_arg(padding, op, "padding");
+            ops::LrnPool out;
+            {
+                py::gil_scoped_release r;
+                out = ops::lrn_maxpool_forward(t, n, fk, fa, fb, kw.first, kw.second, s.first, s.second, p.first,
+                                               p.second);
+            }
+            return py::make_tuple(out.y, out.scale, out.pool_y, out.argmax);
+        },
+        py::arg("x"), py::arg("size") = 5, py::arg("k") = 2.0, py::arg("alpha") = 1e-4, py::arg("beta") = 0.75,
+        py::arg("window") = 3, py::arg("stride") = 2, py::arg("padding") = 0,
+        "Returns (y, scale, pool_y, argmax): lrn_forward(x) and maxpool_forward of its y, fused on CUDA.");
+    o.def(
         "dropout_forward",
         [](obj x, obj p, obj seed, obj offset) {
             const char* op = "dropout_forward";

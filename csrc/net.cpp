@@ -493,7 +493,19 @@ void Net::issue_forward(bool train) {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] { s.a = ops::linear_forward(s.in, p.w, p.b, L.relu); });
             }
             Tensor* cur = &s.a;
-            if (L.lrn) {
+            if (L.lrn && L.pool) {
+                // LRN and the max-pool of its output in one op (one kernel on CUDA), the same bits as the two.
+                const NetConfig* c = &cfg_;
+                sched_->run(t, L.name + ".lrn_pool", [&s, c, pool_w] {
+                    auto r = ops::lrn_maxpool_forward(s.a, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta, pool_w,
+                                                      pool_w, 2, 2, 0, 0);
+                    s.lrn_y = r.y;
+                    s.lrn_scale = r.scale;
+                    s.pool_y = r.pool_y;
+                    s.pool_arg = r.argmax;
+                });
+                cur = &s.pool_y;
+            } else if (L.lrn) {
                 const NetConfig* c = &cfg_;
                 sched_->run(t, L.name + ".lrn", [&s, c] {
                     auto r = ops::lrn_forward(s.a, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta);
@@ -502,7 +514,7 @@ void Net::issue_forward(bool train) {
                 });
                 cur = &s.lrn_y;
             }
-            if (L.pool) {
+            if (L.pool && !L.lrn) {
                 sched_->run(t, L.name + ".pool", [&s, cur, pool_w] {
                     auto r = ops::maxpool_forward(*cur, pool_w, pool_w, 2, 2, 0, 0);
                     s.pool_y = r.first;

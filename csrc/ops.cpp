@@ -391,6 +391,23 @@ std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int wh, int ww, int s
     return {y, am};
 }
 
+LrnPool lrn_maxpool_forward(const Tensor& x, int size, float k, float alpha, float beta, int wh, int ww, int sh, int sw,
+                            int ph, int pw) {
+    const char* op = "lrn_maxpool_forward";
+    const LrnParams lp = lrn_params(op, x, size, k, alpha, beta);
+    check_nonempty(op, "x", x, {2, 3}, "H, W (an empty plane has no maximum)");
+    const PoolParams pp = pool_params(op, x.size(0), x.size(1), x.size(2), x.size(3), wh, ww, sh, sw, ph, pw);
+    LrnPool r;
+    r.y = new_output(op, "y", "'x'", x.shape(), DType::f32, x);
+    r.scale = new_output(op, "scale", "'x'", x.shape(), DType::f32, x);
+    r.pool_y = new_output(op, "pool_y", "'x', 'window', 'stride', 'padding'", {pp.N, pp.C, pp.P, pp.Q}, DType::f32, x);
+    r.argmax = new_output(op, "argmax", "'x', 'window', 'stride', 'padding'", {pp.N, pp.C, pp.P, pp.Q}, DType::i32, x);
+    if (r.y.numel() == 0) return r;
+    AX_DISPATCH(x.device(), lrn_maxpool_forward, lp, pp, x.data<float>(), r.y.data<float>(), r.scale.data<float>(),
+                r.pool_y.data<float>(), r.argmax.data<int32_t>());
+    return r;
+}
+
 Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, int wh, int ww, int sh, int sw, int ph,
                         int pw, bool check_argmax, const std::optional<Tensor>& relu_y) {
     const char* op = "maxpool_backward";

@@ -124,6 +124,15 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
                         int stride_h, int stride_w, int pad_h, int pad_w, bool check_argmax = true,
                         const std::optional<Tensor>& relu_y = std::nullopt);
 
+// LRN followed by max-pooling of its output, in one kernel on CUDA where a plane fits the block's shared
+// memory (conv1's and conv2's in AlexNet): lrn_forward's (y, scale), which LRN's backward needs, and
+// maxpool_forward(y)'s (pool_y, argmax), the same bits as the two ops one after the other.
+struct LrnPool {
+    Tensor y, scale, pool_y, argmax;
+};
+LrnPool lrn_maxpool_forward(const Tensor& x, int size, float k, float alpha, float beta, int window_h, int window_w,
+                            int stride_h, int stride_w, int pad_h, int pad_w);
+
 // Inverted dropout: returns (y, mask uint8); y = x * mask / (1 - p). Element i's draw is
 // philox(seed, offset + i), so any backend, any launch shape, draws the same mask.
 std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t seed, uint64_t offset);
@@ -195,6 +204,8 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
     void lrn_backward(const LrnParams& p, const float* dy, const float* x, const float* y, const float* scale, \
                       float* dx EXTRA);                                                                       \
     void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* argmax EXTRA);             \
+    void lrn_maxpool_forward(const LrnParams& lp, const PoolParams& pp, const float* x, float* y, float* scale, \
+                             float* pool_y, int32_t* argmax EXTRA);                                          \
     void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax,                      \
                           const float* relu_y /*nullable*/, float* dx EXTRA);                                 \
     void dropout_forward(int64_t n, const float* x, float p, uint64_t seed, uint64_t offset, float* y,       \

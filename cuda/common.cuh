@@ -451,6 +451,30 @@ inline int choose_split_k(int64_t blocks, int Kr, int* chunk) {
 // The ReLU of a fused forward epilogue: exactly relu_forward_kernel's (relu.cu), so fused and unfused agree bit
 // for bit.
 __device__ __forceinline__ float relu_epilogue(float v) { return v > 0.0f ? v : 0.0f; }
+// The max-pool window of output (op, oq) over the plane xp (H x W, row-major): the maximum over its in-bounds
+// elements (padding never wins, and every window has one) and the flat h*W+w of the first maximum in row-major
+// window order (strict >). Shared by maxpool_forward_kernel (pool.cu) and the fused LRN + pool (lrn.cu), which
+// reads the plane from shared memory, so both give the same bits.
+__device__ __forceinline__ void maxpool_window(const float* xp, const PoolParams& p, int op, int oq, float& best,
+                                               int& arg) {
+    const int hs = op * p.stride_h - p.pad_h, ws = oq * p.stride_w - p.pad_w;
+    best = 0.0f;
+    arg = -1;
+    for (int r = 0; r < p.window_h; ++r) {
+        const int h = hs + r;
+        if (h < 0 || h >= p.H) continue;
+        for (int s = 0; s < p.window_w; ++s) {
+            const int w = ws + s;
+            if (w < 0 || w >= p.W) continue;
+            const float v = xp[h * p.W + w];
+            if (arg < 0 || v > best) {
+                best = v;
+                arg = h * p.W + w;
+            }
+        }
+    }
+}
+
 // A gradient passed back through a ReLU whose output was y, as relu_backward_kernel does; relu_y null: unchanged.
 __device__ __forceinline__ float relu_grad_epilogue(float g, const float* relu_y, int64_t i) {
     return relu_y == nullptr || relu_y[i] > 0.0f ? g : 0.0f;

@@ -8,8 +8,8 @@ namespace ax {
 namespace cuda {
 namespace {
 
-// y = max over the window (padding never wins: only in-bounds elements are scanned, and every window
-// has one); argmax = flat h*W+w of the first maximum in row-major window order (strict >).
+// y = max over the window, argmax = flat h*W+w of the first maximum in row-major window order
+// (maxpool_window, common.cuh).
 __global__ void __launch_bounds__(kThreads1d)
     maxpool_forward_kernel(int64_t planes, PoolParams p, const float* __restrict__ x, float* __restrict__ y,
                            int32_t* __restrict__ argmax) {
@@ -19,22 +19,9 @@ __global__ void __launch_bounds__(kThreads1d)
         const float* xp = x + pl * HW;
         for (int64_t i = global_thread_id(); i < PQ; i += global_thread_count()) {
             const int op = static_cast<int>(i) / p.Q, oq = static_cast<int>(i) - op * p.Q;
-            const int hs = op * p.stride_h - p.pad_h, ws = oq * p.stride_w - p.pad_w;
-            float best = 0.0f;
-            int arg = -1;
-            for (int r = 0; r < p.window_h; ++r) {
-                const int h = hs + r;
-                if (h < 0 || h >= p.H) continue;
-                for (int s = 0; s < p.window_w; ++s) {
-                    const int w = ws + s;
-                    if (w < 0 || w >= p.W) continue;
-                    const float v = xp[h * p.W + w];
-                    if (arg < 0 || v > best) {
-                        best = v;
-                        arg = h * p.W + w;
-                    }
-                }
-            }
+            float best;
+            int arg;
+            maxpool_window(xp, p, op, oq, best, arg);
             y[pl * PQ + i] = best;
             argmax[pl * PQ + i] = arg;
         }

@@ -342,6 +342,23 @@ def test_relu_backward_folded_into_the_neighbouring_backward(device, rng):
     check_exact(ddr, ops.relu_backward(dd, dev(h, device)).numpy(), "dropout_backward relu_y vs relu_backward")
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape,window,stride,padding", [((2, 7, 9, 10), 3, 2, 1), ((1, 48, 55, 55), 3, 2, 0),
+                                                         ((1, 3, 70, 70), 2, 2, 0)])
+def test_lrn_maxpool_forward_equals_the_two_ops(device, shape, window, stride, padding, rng):
+    x = randn(rng, shape)
+    y, scale, pool_y, argmax = ops.lrn_maxpool_forward(dev(x, device), 5, 2.0, 1e-2, 0.75, window, stride, padding)
+    y_ref, scale_ref = ref.lrn_forward(x, 5, 2.0, 1e-2, 0.75)
+    check(y, y_ref, ELEMENTWISE, "lrn_maxpool_forward y")
+    check(scale, scale_ref, REDUCTION, "lrn_maxpool_forward scale")
+    y1, scale1 = ops.lrn_forward(dev(x, device), 5, 2.0, 1e-2, 0.75)
+    p1, a1 = ops.maxpool_forward(y1, window, stride, padding)
+    for got, want, what in ((y, y1, "y"), (scale, scale1, "scale"), (pool_y, p1, "pool_y"), (argmax, a1, "argmax")):
+        check_exact(got, want.numpy(), f"lrn_maxpool_forward {what} vs lrn_forward + maxpool_forward")
+    pr, ar = ref.maxpool_forward(y1.numpy(), window, stride, padding)
+    check_exact(argmax, ar, "lrn_maxpool_forward argmax vs the reference pool of its y")
+
+
 # ---- sgd ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", devices())

@@ -82,5 +82,12 @@ void lrn_backward(const LrnParams& p, const float* dy, const float* x, const flo
     }
 }
 
+// The two ops in turn: the CUDA backend's fused kernel gives the same bits as its own two kernels.
+void lrn_maxpool_forward(const LrnParams& lp, const PoolParams& pp, const float* x, float* y, float* scale,
+                         float* pool_y, int32_t* argmax) {
+    lrn_forward(lp, x, y, scale);
+    maxpool_forward(pp, y, pool_y, argmax);
+}
+
 }  // namespace cpu
 }  // namespace ax

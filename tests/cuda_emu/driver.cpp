@@ -508,6 +508,44 @@ void test_lrn(int N, int C, int H, int W, int size, float k, float alpha, float 
                        "relu_backward of the unfused dx");
 }
 
+// lrn_maxpool_forward: each of its four outputs equals the unfused CUDA ops' (lrn_forward, then maxpool_forward of
+// its y) bit for bit; the pooled values also within 1e-5 of float64 (reference LRN, then the max at the argmax).
+void test_lrn_pool(int N, int C, int H, int W, int size, float k, float alpha, float beta, int win, int st, int pad,
+                   bool gridstride = false) {
+    const auto x = randv(size_t(N) * C * H * W, -2, 2);
+    const Tensor tx = host_tensor({N, C, H, W}, x).to(GPU);
+    const auto f = ops::lrn_maxpool_forward(tx, size, k, alpha, beta, win, win, st, st, pad, pad);
+    const auto l = ops::lrn_forward(tx, size, k, alpha, beta);
+    const auto p = ops::maxpool_forward(l.first, win, win, st, st, pad, pad);
+    const std::string nm = fmt("N%d C%d %dx%d size%d window%d s%d p%d", N, C, H, W, size, win, st, pad);
+    check_exact<float>("lrn_maxpool_forward y vs lrn_forward " + nm, f.y, down<float>(l.first), "unfused CUDA ops");
+    check_exact<float>("lrn_maxpool_forward scale vs lrn_forward " + nm, f.scale, down<float>(l.second),
+                       "unfused CUDA ops");
+    check_exact<float>("lrn_maxpool_forward pool_y vs maxpool_forward " + nm, f.pool_y, down<float>(p.first),
+                       "unfused CUDA ops");
+    check_exact<int32_t>("lrn_maxpool_forward argmax vs maxpool_forward " + nm, f.argmax, down<int32_t>(p.second),
+                         "unfused CUDA ops");
+    if (gridstride) return;  // no float64 copy of the big case
+    // float64: the LRN of x, pooled at the argmax the kernel chose (which must be a window maximum)
+    const int half = size / 2, HW = H * W;
+    const auto am = down<int32_t>(f.argmax);
+    const int P = static_cast<int>(f.pool_y.size(2)), Q = static_cast<int>(f.pool_y.size(3));
+    std::vector<double> ref(am.size());
+    for (int pl = 0; pl < N * C; ++pl) {
+        const int c = pl % C;
+        for (int o = 0; o < P * Q; ++o) {
+            const int i = am[size_t(pl) * P * Q + o];
+            double s = 0;
+            for (int j = std::max(0, c - half); j <= std::min(C - 1, c + half); ++j) {
+                const double v = x[size_t(pl + j - c) * HW + i];
+                s += v * v;
+            }
+            ref[size_t(pl) * P * Q + o] = x[size_t(pl) * HW + i] * std::pow(k + double(alpha) * s, -double(beta));
+        }
+    }
+    check_rel("lrn_maxpool_forward pool_y vs float64 " + nm, f.pool_y, ref, kElementwise);
+}
+
 // ---- max-pool ----------------------------------------------------------------------------------------
 
 void test_pool(int N, int C, int H, int W, int wh, int ww, int sh, int sw, int ph, int pw, bool ties) {
@@ -670,6 +708,10 @@ void group_lrn() {
     test_lrn(2, 2, 3, 3, 7, 0.5f, 1.f, 0.75f);  // window wider than the channel count
     test_lrn(1, 48, 55, 55, 5, 2.f, 1e-4f, 0.75f);   // AlexNet LRN1, one tower, batch 1
     test_lrn(1, 128, 27, 27, 5, 2.f, 1e-2f, 0.75f);  // AlexNet LRN2 shape, one tower (larger alpha)
+    test_lrn_pool(2, 7, 9, 10, 5, 2.f, 0.5f, 0.75f, 3, 2, 1);     // odd plane, padded windows
+    test_lrn_pool(1, 48, 55, 55, 5, 2.f, 1e-2f, 0.75f, 3, 2, 0);  // AlexNet LRN1 + pool1, one tower
+    test_lrn_pool(2, 128, 27, 27, 5, 2.f, 1e-2f, 0.75f, 3, 2, 0); // AlexNet LRN2 + pool2, one tower, batch 2
+    test_lrn_pool(1, 3, 70, 70, 3, 1.f, 0.5f, 0.6f, 2, 2, 0);     // a plane over the shared tile: the two kernels
 }
 
 void group_pool() {
@@ -789,6 +831,7 @@ void group_gridstride() {
         // powf may differ in the last bit between the backends: the CPU result within 1e-5
         check_rel("lrn_forward y vs CPU backend N1 C66000 1x1", lr.first, to_double(down<float>(lrc.first)),
                   kElementwise);
+        test_lrn_pool(1, 66000, 2, 2, 5, 2.f, 0.5f, 0.75f, 2, 2, 0, /*gridstride=*/true);  // a block per plane, 66000
         const Both s = both({66000, 3}, randv(66000 * 3, 0.f, 1.f));
         std::vector<int32_t> lab(66000);
         for (auto& v : lab) v = static_cast<int32_t>(rng() % 3);
