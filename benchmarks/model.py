@@ -398,6 +398,7 @@ KERNELS = {
     "relu_bwd": ("relu.cu", "relu_backward_kernel"),
     "lrn_fwd": ("lrn.cu", "lrn_forward_kernel"),
     "lrn_bwd": ("lrn.cu", "lrn_backward_kernel"),
+    "lrn_pool_fwd": ("lrn.cu", "lrn_maxpool_forward_kernel"),
     "pool_fwd": ("pool.cu", "maxpool_forward_kernel"),
     "pool_bwd": ("pool.cu", "maxpool_backward_kernel"),
     "dropout_fwd": ("dropout.cu", "dropout_forward_kernel"),
@@ -690,10 +691,15 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             add(m.gemm(name, "forward", "linear_fwd", N, l["out_c"], l["in_c"], 1, x_b + y_b + w_b))
             z = N * l["out_c"]
         # the ReLU runs in the forward GEMM's epilogue (conv2d_forward / linear_forward relu=True): no pass
-        if l["lrn"]:
+        if l["lrn"] and l["pool"]:  # lrn_maxpool_forward: x in; y, scale, pool_y, argmax out; a block per plane
+            po = N * l["out_c"] * l["pooled_hw"] ** 2
+            planes = N * l["out_c"]
+            add(m.stream(name, "lrn + pool forward", "lrn_pool_fwd", 12 * z + 8 * po, min(planes, MAX_BLOCKS_1D),
+                         active=min(THREADS_1D, PQ)))
+        elif l["lrn"]:
             g, a = plane_grid(N * l["out_c"], PQ)
             add(m.stream(name, "lrn forward", "lrn_fwd", 12 * z, g, active=a))
-        if l["pool"]:
+        if l["pool"] and not l["lrn"]:
             po = N * l["out_c"] * l["pooled_hw"] ** 2
             g, a = plane_grid(N * l["out_c"], l["pooled_hw"] ** 2)
             add(m.stream(name, "pool forward", "pool_fwd", 4 * z + 8 * po, g, active=a))
@@ -782,7 +788,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
 
 _SCHED_OPS = [  # pass name prefix -> scheduler op (csrc/net.cpp); {l} the layer, {p} the one before it
     ("gather: copy", "copy {p}->{l}"), ("gather: concat", "{l}.gather"), ("forward", "{l}.fprop"),
-    ("lrn forward", "{l}.lrn"), ("pool forward", "{l}.pool"),
+    ("lrn + pool forward", "{l}.lrn_pool"), ("lrn forward", "{l}.lrn"), ("pool forward", "{l}.pool"),
     ("dropout forward", "{l}.dropout"), ("dropout backward", "{l}.bprop_epilogue"),
     ("pool backward", "{l}.bprop_epilogue"), ("lrn backward", "{l}.bprop_epilogue"),
     ("relu backward", "{l}.bprop_epilogue"), ("grad-weight", "{l}.wgrad"), ("grad-bias", "{l}.wgrad"),
