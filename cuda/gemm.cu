@@ -9,7 +9,8 @@ namespace {
 
 // C (M x N, row-major, leading dim N) = A (M x K) * B (K x N) with A(m,k) = A[m*sam + k*sak] and
 // B(k,n) = B[k*sbk + n*sbn]. Slice z of a split-K run covers k in [z*kchunk, min(K, (z+1)*kchunk)) and
-// writes its partial product to C + z*M*N; without split-K the bias (per column n, nullable) is fused.
+// writes its partial product to C + z*M*N; without split-K the bias (per column n, nullable) and the forward's
+// ReLU (relu) are applied in the epilogue, with split-K in the reduction kernel.
 template <bool kAK, bool kBK>
 struct StridedGemm {
     static constexpr bool kAContigK = kAK, kBContigK = kBK, kTab = false;
