@@ -12,9 +12,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 __all__ = [
     "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
     "linear_forward", "linear_backward_input", "linear_backward_weight", "linear_backward_bias",
-    "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",
+    "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "lrn_maxpool_forward", "maxpool_forward",
+    "maxpool_backward",
     "philox4x32_10", "philox_u32", "dropout_threshold", "dropout_mask", "dropout_forward", "dropout_backward",
     "softmax_forward", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "sgd_update",
+    "sgd_update_multi",
     "concat_channels", "slice_channels", "add", "augment_batch",
 ]
 
@@ -176,6 +178,13 @@ def maxpool_forward(x, window=3, stride=2, padding=0):
     return best, idx.astype(np.int32)
 
 
+def lrn_maxpool_forward(x, size=5, k=2.0, alpha=1e-4, beta=0.75, window=3, stride=2, padding=0):
+    """(y, scale, pool_y, argmax): lrn_forward(x), then maxpool_forward of its y."""
+    y, scale = lrn_forward(x, size, k, alpha, beta)
+    pool_y, argmax = maxpool_forward(y, window, stride, padding)
+    return y, scale, pool_y, argmax
+
+
 def maxpool_backward(dy, argmax, input_hw, window=3, stride=2, padding=0, relu_y=None):
     """dx: each input element receives the sum of dy over the outputs whose argmax it is."""
     dy = _f64(dy)
@@ -281,6 +290,14 @@ def sgd_update(w, dw, v, lr, momentum=0.9, weight_decay=0.0005):
     w, dw, v = _f64(w), _f64(dw), _f64(v)
     v = momentum * v - weight_decay * lr * w - lr * dw
     return w + v, v
+
+
+def sgd_update_multi(params, lr, momentum=0.9):
+    """sgd_update of every (w, dw, v, weight_decay) in params: returns (w0, v0, w1, v1, ...), the new values."""
+    out = []
+    for w, dw, v, wd in params:
+        out += list(sgd_update(w, dw, v, lr, momentum, wd))
+    return tuple(out)
 
 
 # ---- cross-tower plumbing -------------------------------------------------------------------------
