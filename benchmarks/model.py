@@ -949,7 +949,8 @@ def bench_memory_prediction(m: "Model", row: dict) -> Optional[float]:
         return m.stream("", "", "sgd", by, cdiv(int(by // 20), 4 * THREADS_1D) + tensors,
                         launches=cdiv(tensors, SGD_MAX_SEGS)).ms
     if fam == "lrn_pool" and op.startswith("lrn+maxpool") and len(d) == 4:
-        return m.stream("", "", "lrn_pool_fwd", by, min(d[0] * d[1], MAX_BLOCKS_1D), active=min(THREADS_1D, d[2] * d[3])).ms
+        return m.stream("", "", "lrn_pool_fwd", by, min(d[0] * d[1], MAX_BLOCKS_1D),
+                        active=min(THREADS_1D, d[2] * d[3])).ms
     if fam == "lrn_pool" and op.startswith("lrn") and len(d) == 4:
         g, a = plane_grid(d[0] * d[1], d[2] * d[3])
         return m.stream("", "", "lrn_fwd" if pas == "forward" else "lrn_bwd", by, g, active=a).ms

@@ -498,7 +498,8 @@ PYBIND11_MODULE(_C, m) {
             const auto tb = opt_tensor_arg(b, op, "b");
             const auto s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
             const int g = int_arg(groups, op, "groups");
-            if (!py::isinstance<py::bool_>(relu)) throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            if (!py::isinstance<py::bool_>(relu))
+                throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
             const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
             return ops::conv2d_forward(tx, tw, tb, s.first, s.second, p.first, p.second, g, fr);
@@ -551,7 +552,8 @@ PYBIND11_MODULE(_C, m) {
             const char* op = "linear_forward";
             const Tensor tx = tensor_arg(x, op, "x"), tw = tensor_arg(w, op, "w");
             const auto tb = opt_tensor_arg(b, op, "b");
-            if (!py::isinstance<py::bool_>(relu)) throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            if (!py::isinstance<py::bool_>(relu))
+                throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
             const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
             return ops::linear_forward(tx, tw, tb, fr);
@@ -623,7 +625,8 @@ PYBIND11_MODULE(_C, m) {
                          ts = tensor_arg(scale, op, "scale");
             const int n = int_arg(size, op, "size");
             const float fk = float_arg(k, op, "k"), fa = float_arg(alpha, op, "alpha"), fb = float_arg(beta, op, "beta");
-            if (!py::isinstance<py::bool_>(relu)) throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            if (!py::isinstance<py::bool_>(relu))
+                throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
             const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
             return ops::lrn_backward(tdy, tx, ty, ts, n, fk, fa, fb, fr);

@@ -610,7 +610,9 @@ void Net::issue_backward(float lr) {
                 else if (L.pool_extra) at = kPool2;
                 else if (drop) at = kDrop;
                 const bool relu_here = L.relu && !relu_above;
-                auto ry = [&](int where) { return relu_here && at == where ? std::optional<Tensor>(s.a) : std::nullopt; };
+                auto ry = [&](int where) {
+                    return relu_here && at == where ? std::optional<Tensor>(s.a) : std::nullopt;
+                };
                 if (drop) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false, ry(kDrop));
                 if (L.pool_extra)
                     g = ops::maxpool_backward(g, s.pool2_arg, L.pool_mid_hw, L.pool_mid_hw, pool_w, pool_w, 2, 2, 0, 0,
@@ -619,8 +621,8 @@ void Net::issue_backward(float lr) {
                     g = ops::maxpool_backward(g, s.pool_arg, L.out_hw, L.out_hw, pool_w, pool_w, 2, 2, 0, 0,
                                               /*check_argmax=*/false, ry(kPool));
                 if (L.lrn)
-                    g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta,
-                                          relu_here);
+                    g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha,
+                                          c->lrn_beta, relu_here);
                 if (relu_here && at == kAlone) g = ops::relu_backward(g, s.a);
                 s.d_out = g;  // now the gradient w.r.t. the pre-activation z
             });
@@ -683,7 +685,8 @@ void Net::issue_backward(float lr) {
     // per tensor. Issued on the device's first tower, which the others order themselves before.
     std::vector<std::vector<int>> groups;
     for (int t = 0; t < T; ++t) {
-        auto g = std::find_if(groups.begin(), groups.end(), [&](const std::vector<int>& v) { return devices_[v[0]] == devices_[t]; });
+        auto g = std::find_if(groups.begin(), groups.end(),
+                              [&](const std::vector<int>& v) { return devices_[v[0]] == devices_[t]; });
         if (g == groups.end()) groups.push_back({t});
         else g->push_back(t);
     }

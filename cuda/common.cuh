@@ -451,6 +451,7 @@ inline int choose_split_k(int64_t blocks, int Kr, int* chunk) {
 // The ReLU of a fused forward epilogue: exactly relu_forward_kernel's (relu.cu), so fused and unfused agree bit
 // for bit.
 __device__ __forceinline__ float relu_epilogue(float v) { return v > 0.0f ? v : 0.0f; }
+
 // The max-pool window of output (op, oq) over the plane xp (H x W, row-major): the maximum over its in-bounds
 // elements (padding never wins, and every window has one) and the flat h*W+w of the first maximum in row-major
 // window order (strict >). Shared by maxpool_forward_kernel (pool.cu) and the fused LRN + pool (lrn.cu), which

@@ -432,9 +432,11 @@ void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* 
     if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
     const ConvGeom g(p, opname);
     if (g.sh == 1 && g.sw == 1) {
-        launch_conv_gemm(opname, ConvBwdInput<true>{g.Cg, p.N * g.HW, g, dy, w, dx, relu_y}, p.groups, as_stream(stream));
+        launch_conv_gemm(opname, ConvBwdInput<true>{g.Cg, p.N * g.HW, g, dy, w, dx, relu_y}, p.groups,
+                         as_stream(stream));
     } else {
-        launch_conv_gemm(opname, ConvBwdInput<false>{g.Cg, p.N * g.HW, g, dy, w, dx, relu_y}, p.groups, as_stream(stream));
+        launch_conv_gemm(opname, ConvBwdInput<false>{g.Cg, p.N * g.HW, g, dy, w, dx, relu_y}, p.groups,
+                         as_stream(stream));
     }
 }
 

@@ -97,9 +97,9 @@ def _valid_call(rng, op):
         wh, ww, sh, sw = r(1, 4), r(1, 4), r(1, 3), r(1, 3)
         ph, pw = r(0, wh - 1), r(0, ww - 1)
         H, W = r(max(1, wh - 2 * ph), wh + 5), r(max(1, ww - 2 * pw), ww + 5)
-        return [T((r(1, 3), r(1, 7), H, W))], dict(size=2 * r(0, 3) + 1, k=float(rng.uniform(0.5, 3)),
-                                                    alpha=float(rng.uniform(0, 1e-2)), beta=float(rng.uniform(0.25, 1.0)),
-                                                    window=[wh, ww], stride=[sh, sw], padding=[ph, pw]), {}
+        params = dict(size=2 * r(0, 3) + 1, k=float(rng.uniform(0.5, 3)), alpha=float(rng.uniform(0, 1e-2)),
+                      beta=float(rng.uniform(0.25, 1.0)), window=[wh, ww], stride=[sh, sw], padding=[ph, pw])
+        return [T((r(1, 3), r(1, 7), H, W))], params, {}
     if op.startswith("lrn"):
         params = dict(size=2 * r(0, 3) + 1, k=float(rng.uniform(0.5, 3)), alpha=float(rng.uniform(0, 1e-2)),
                       beta=float(rng.uniform(0.25, 1.0)))

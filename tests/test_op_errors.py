@@ -160,7 +160,8 @@ CASES = [
     ("softmax_dtype", lambda: ops.softmax_forward(t((2, 3), np.uint8)), TypeError, r"softmax_forward.*'logits'"),
     # the fused ReLU arguments
     ("relu_flag_type", lambda: ops.conv2d_forward(X(), t((4, 6, 3, 3)), relu=1), TypeError, r"conv2d_forward.*'relu'"),
-    ("relu_y_shape", lambda: ops.conv2d_backward_input(t((2, 4, 7, 7)), t((4, 6, 3, 3)), (9, 9), relu_y=t((2, 6, 9, 8))),
+    ("relu_y_shape", lambda: ops.conv2d_backward_input(t((2, 4, 7, 7)), t((4, 6, 3, 3)), (9, 9),
+                                                       relu_y=t((2, 6, 9, 8))),
      ValueError, r"conv2d_backward_input.*'relu_y'"),
     ("relu_y_dtype", lambda: ops.dropout_backward(t((3, 4)), t((3, 4), np.uint8, fill=1), relu_y=t((3, 4), np.int32)),
      TypeError, r"dropout_backward.*'relu_y'"),

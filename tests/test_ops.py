@@ -317,7 +317,8 @@ def test_relu_backward_folded_into_the_neighbouring_backward(device, rng):
     dy, w, a = randn(rng, (2, 8, 5, 8)), randn(rng, (8, 3, 3, 3), 0.3), randn(rng, (2, 6, 9, 8))
     dx = ops.conv2d_backward_input(dev(dy, device), dev(w, device), (9, 8), (2, 1), 1, 2)
     dxr = ops.conv2d_backward_input(dev(dy, device), dev(w, device), (9, 8), (2, 1), 1, 2, relu_y=dev(a, device))
-    check(dxr, ref.conv2d_backward_input(dy, w, (9, 8), (2, 1), 1, 2, relu_y=a), REDUCTION, "conv2d_backward_input relu_y")
+    check(dxr, ref.conv2d_backward_input(dy, w, (9, 8), (2, 1), 1, 2, relu_y=a), REDUCTION,
+          "conv2d_backward_input relu_y")
     check_exact(dxr, ops.relu_backward(dx, dev(a, device)).numpy(), "conv2d_backward_input relu_y vs relu_backward")
     # LRN backward, x being the ReLU's output (negatives present so the mask matters)
     x, g = randn(rng, (2, 7, 5, 4)), randn(rng, (2, 7, 5, 4))

@@ -150,8 +150,9 @@ void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* 
             std::memset(dxg, 0, sizeof(float) * static_cast<size_t>(d.Cg * d.HW));
             col2im(p, d.Cg, col.get(), dxg);
         }
+    const int64_t n = static_cast<int64_t>(p.N) * p.C * p.H * p.W;
     if (relu_y)  // through the ReLU below, as relu_backward
-        for (int64_t i = 0; i < static_cast<int64_t>(p.N) * p.C * p.H * p.W; ++i) dx[i] = relu_y[i] > 0.0f ? dx[i] : 0.0f;
+        for (int64_t i = 0; i < n; ++i) dx[i] = relu_y[i] > 0.0f ? dx[i] : 0.0f;
 }
 
 // Per group: dw_g (Kg, Cg*R*S) = sum over images n = 0, 1, ... of dy_g(n) col(n)^T. Each image's product is
