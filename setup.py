@@ -106,6 +106,9 @@ if __name__ == "__main__":
             # its tests skip the SASS check without them)
             "test": ["pytest", "nvidia-cuda-cuobjdump; platform_system == 'Linux'",
                      "nvidia-cuda-nvdisasm; platform_system == 'Linux'"],
+            # Data-parallel training across processes (alexnet_cuda.distributed): mpi4py over the system's MPI
+            # (Debian: apt-get install openmpi-bin libopenmpi-dev). NCCL, for CUDA tensors, is loaded at run time.
+            "mpi": ["mpi4py"],
             "progress": ["tqdm"],
             "plot": ["matplotlib"],
         },

@@ -393,9 +393,17 @@ class TrainLoader:
     random draw are keyed by (seed, epoch[, batch])."""
 
     def __init__(self, data, batch_size, crop, seed=0, pca_std=0.1, flip=True, lighting="std", split="train",
-                 prefetch_depth=3, threads=2):
+                 prefetch_depth=3, threads=2, rank=0, ranks=1):
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank must be in 0..{ranks - 1}, got {rank}")
+        if batch_size % ranks:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {ranks} ranks (the batch size is the "
+                             "global batch, split evenly across the ranks)")
+        # Data parallelism: rank r of `ranks` takes its slice of every global batch (see raw_batch).
+        self.rank, self.ranks = int(rank), int(ranks)
+        self.local_batch = batch_size // ranks
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not pca_std >= 0:
@@ -430,11 +438,16 @@ class TrainLoader:
 
     def raw_batch(self, epoch, batch, order=None):
         """(RawBatch, labels int32 (B,)) of batch `batch` of epoch `epoch`: the stored uint8 images and the
-        parameters batch() augments them with, for Net.train_step_u8 (the augmentation on the device)."""
+        parameters batch() augments them with, for Net.train_step_u8 (the augmentation on the device).
+        With ranks > 1, this rank's slice [rank*B/ranks, (rank+1)*B/ranks) of that global batch, with the
+        augmentation drawn for the whole global batch: the ranks together see exactly one process's batch."""
         if order is None:
             order = self.order(epoch)
         idx = order[batch * self.batch_size:(batch + 1) * self.batch_size]
         offsets, flips, alphas = self.batch_params(epoch, batch, len(idx))
+        if self.ranks > 1:
+            mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+            idx, offsets, flips, alphas = idx[mine], offsets[mine], flips[mine], alphas[mine]
         light = lighting_shift(alphas, self.eigenvectors, self.magnitudes)
         return RawBatch(self.split.images(idx), offsets, flips, light), self.split.labels[idx].astype(np.int32)
 
@@ -461,9 +474,13 @@ class EvalLoader:
     mode 'center': (images float32 (B,3,crop,crop), labels); mode 'raw': (uint8 (B,S,S,3), labels) for
     ten-crop evaluation with Augmenter.ten_crops."""
 
-    def __init__(self, data, batch_size, crop, split="val", mode="center", limit=None, prefetch_depth=2):
+    def __init__(self, data, batch_size, crop, split="val", mode="center", limit=None, prefetch_depth=2,
+                 rank=0, ranks=1):
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank must be in 0..{ranks - 1}, got {rank}")
+        self.rank, self.ranks = int(rank), int(ranks)  # rank r evaluates batches r, r + ranks, ...
         if mode not in ("center", "raw"):
             raise ValueError(f"mode must be 'center' or 'raw', got {mode!r}")
         self.split = data.split(split)
@@ -473,11 +490,11 @@ class EvalLoader:
         self.prefetch_depth = prefetch_depth
 
     def __len__(self):
-        return -(-self.n // self.batch_size)
+        return len(range(self.rank, -(-self.n // self.batch_size), self.ranks))
 
     def __iter__(self):
         def gen():
-            for start in range(0, self.n, self.batch_size):
+            for start in range(self.rank * self.batch_size, self.n, self.batch_size * self.ranks):
                 idx = np.arange(start, min(self.n, start + self.batch_size))
                 imgs = self.split.images(idx)
                 x = self.augment.center(imgs) if self.mode == "center" else imgs

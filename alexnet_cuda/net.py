@@ -121,6 +121,27 @@ class Net:
         """Inference loss and top-1/top-5 hits: dict(loss, top1, top5, n)."""
         return self._net.evaluate(self._images(images, "evaluate"), self._labels(labels, "evaluate"))
 
+    # --- data-parallel training (alexnet_cuda.distributed) ------------------------------------------
+    def set_data_parallel(self, defer_sgd=True, mean_over=0, sample_base=0, grad_ready=None):
+        """With defer_sgd, train_step/train_step_u8/train_step_prefetched run forward and backward only and
+        leave the gradients in grads() (the step count unchanged); apply_sgd(lr) then updates and counts the
+        step. mean_over: the loss gradient is averaged over this many samples (0: the batch's; the global
+        batch across ranks). sample_base: the global index of this batch's first sample, which keys its
+        dropout masks (so a slice of a global batch draws the masks one process would). grad_ready(layer,
+        tower, dw, db, stream): called as each layer's gradients are made (CPU: from the tower's worker thread,
+        with the GIL taken, stream 0; CUDA: when issued, with the device's upload stream, which waits for the
+        gradients and which the step waits for: work issued there overlaps the rest of the backward pass). dw,
+        db are Tensors (Tensor.host_view, Tensor.data_ptr). The defaults restore the plain step."""
+        self._net.set_data_parallel(bool(defer_sgd), mean_over, sample_base, grad_ready)
+
+    def apply_sgd(self, lr):
+        """The SGD update (momentum, weight decay) from the gradients of the last deferred step; counts it."""
+        self._net.apply_sgd(float(lr))
+
+    def grads(self):
+        """[(name, Tensor)] of the last deferred step's gradients, on their devices, named as state_dict()."""
+        return self._net.grads()
+
     # --- state -------------------------------------------------------------------------------------
     @property
     def step(self):

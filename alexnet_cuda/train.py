@@ -25,6 +25,15 @@ every byte, dtypes, shapes, values, metadata); --resume auto and a run folder as
 checkpoint that passes, saying on stderr which damaged ones were skipped. Ctrl-C writes a checkpoint and
 says how to resume; a non-finite loss stops the run without saving the bad state.
 
+Data-parallel across processes: started by mpirun/mpiexec or srun (e.g. mpirun -n 8 python -m
+alexnet_cuda.train ...), each rank trains on its slice of every global batch and the gradients are summed
+across the ranks (alexnet_cuda.distributed). --batch-size is the global batch (divisible by the ranks), so
+the learning rate and every other setting mean what they mean in one process, and a run may resume on another
+number of ranks. Only rank 0 prints, writes metrics and checkpoints; every rank resumes from the checkpoint
+rank 0 reads. A rank that fails ends the job (MPI_Abort); a rank that waits longer than --comm-timeout seconds
+on the others stops with an error. SIGUSR1 (mpirun and srun forward it to every rank) stops the run after the
+current step with a checkpoint, as Ctrl-C does in one process.
+
 A new run refuses an --out folder that is not empty (continue it with --resume auto --out RUN, or pass
 --overwrite to replace the previous run's files there: its checkpoints, metrics, steps.csv, args.json;
 other files are left alone). A run that fails while setting up leaves no folder behind.
@@ -43,6 +52,7 @@ import threading
 import time
 
 from . import config as axconfig
+from . import distributed
 from .checkpoint import (SUBDIR, CheckpointError, atomic_write, checkpoint_dir, checkpoint_name, list_checkpoints,
                          load_checkpoint, load_latest, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .cli import (EXIT_INTERRUPTED, EXIT_NONFINITE, CliError, OneLineParser, add_devices_argument, devices_str, nonneg_float,
@@ -138,6 +148,9 @@ def build_parser():
     p.add_argument("--loader-threads", type=nonneg_int, help="threads preparing them (default: half the CPUs, "
                    "at most 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--comm-timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="with several ranks (mpirun, srun): how long a rank waits on the others before it stops "
+                        f"with an error (default {distributed.DEFAULT_TIMEOUT:g})")
     return p
 
 
@@ -402,15 +415,20 @@ def _validate(t):
 class Run:
     """Everything one training run needs; run() drives it."""
 
-    def __init__(self, args, log, say):
+    def __init__(self, args, log, say, dist=None):
         from .data import EvalLoader, PreparedData, TrainLoader
         from .evaluate import build_net, net_config, open_data
 
+        # With several ranks, rank 0 decides what touches the file system (which checkpoint, which folder, the
+        # demo data) and broadcasts it; the others only read and compute, and say nothing.
+        self.dist = dist = dist or distributed.Dist()
+        if not dist.is_root:
+            log = say = _quiet
         self.log, self.say = log, say
-        self.progress = not args.no_progress
+        self.progress = not args.no_progress and dist.is_root
         explicit = _explicit(args)
         net_over = _net_overrides(args)
-        found = _find_resume(args, log) if args.resume else None
+        found = dist.on_root(lambda: _find_resume(args, log) if args.resume else None, "reading the checkpoint")
         resume = found[0] if found else None
         if resume:
             meta, net_state, extra = found[1:]
@@ -451,18 +469,24 @@ class Run:
                         t["crop"] = base["input_size"]
             cfg = _with_preset({**base, "input_size": t["crop"], **net_over}, t["preset"])  # checked before the data
             devices = parse_devices(args.devices, cfg["towers"])
-            self.out = _new_run_dir(args)
-            if list_checkpoints(self.out) and not args.overwrite:
-                raise ValueError(f"run folder {self.out} already has checkpoints: continue it with --resume auto "
-                                 f"--out {self.out}, choose another --out, or pass --overwrite")
-            _check_out(self.out, args)
+
+            def new_out():
+                out = _new_run_dir(args)
+                if list_checkpoints(out) and not args.overwrite:
+                    raise ValueError(f"run folder {out} already has checkpoints: continue it with --resume auto "
+                                     f"--out {out}, choose another --out, or pass --overwrite")
+                _check_out(out, args)
+                return out
+
+            self.out = dist.on_root(new_out, "choosing the run folder")
             if args.data:
                 self.data = PreparedData(args.data)
             else:
                 from .synthetic import ensure_demo_data
 
                 log("no --data: training the tiny AlexNet on the built-in demo image set")
-                self.data = PreparedData(ensure_demo_data(**self.demo, log=log, progress=self.progress))
+                self.data = PreparedData(dist.on_root(
+                    lambda: ensure_demo_data(**self.demo, log=log, progress=self.progress), "making the demo data"))
             cfg = _with_preset({**base, "num_classes": self.data.num_classes, "input_size": t["crop"], **net_over},
                                t["preset"])
             if cfg["num_classes"] != self.data.num_classes:
@@ -473,16 +497,23 @@ class Run:
                           "bad_epochs": 0, "history": [], "acc": _new_acc()}
         if t["crop"] > self.data.size:
             raise ValueError(f"crop {t['crop']} is larger than the stored {self.data.size}x{self.data.size} images")
+        if dist.distributed and any(str(d).startswith("cuda") for d in devices):
+            from . import _C
+
+            devices = distributed.shard_devices(devices, dist, _C.cuda_device_count())
         self.t, self.cfg, self.devices = t, cfg, devices
         self.ckpt_dir = checkpoint_dir(self.out)
         self.loader = TrainLoader(self.data, t["batch_size"], t["crop"], seed=t["seed"], pca_std=t["pca_std"],
                                   flip=t["flip"], lighting=t["lighting"], prefetch_depth=t["prefetch"],
-                                  threads=t["loader_threads"])
-        self.val_loader = (EvalLoader(self.data, t["batch_size"], t["crop"], split="val", mode="center")
+                                  threads=t["loader_threads"], rank=dist.rank, ranks=dist.size)
+        self.val_loader = (EvalLoader(self.data, t["batch_size"], t["crop"], split="val", mode="center",
+                                      rank=dist.rank, ranks=dist.size)
                            if self.data.has_split("val") else None)
         if self.val_loader is None:
             log("the data has no validation split: the lr schedule follows the training top-1 error")
         self.net = build_net(cfg, devices, t["seed"])
+        # Several ranks: forward and backward here, the gradients summed over the ranks, then the update.
+        self.sync = distributed.GradientAllReduce(dist, self.net, t["batch_size"]) if dist.distributed else None
         # On CUDA the loader hands the stored uint8 images with their augmentation parameters and the towers'
         # devices augment them (Net.train_step_u8: a third of the bytes to upload, no CPU pixel work); on the
         # CPU the loader augments. Both give the same numbers.
@@ -490,7 +521,7 @@ class Run:
         if self.raw_input:
             self.net.set_input_mean(self.data.mean)
         self.last_checkpoint = None
-        self.trace_path = args.trace
+        self.trace_path = args.trace if dist.is_root else None
         if not resume and t["finetune"]:
             self._start_from(t["finetune"], *finetune)
         if resume:
@@ -502,6 +533,10 @@ class Run:
                 raise ValueError(f"{resume}: the net is at step {self.net.step} but the run state at "
                                  f"{self.state['step']}")
             self.last_checkpoint = os.path.abspath(resume)
+        if not dist.is_root:
+            self.steplog = _NoStepLog()
+            dist.barrier("waiting for rank 0 to set up the run folder")
+            return
         # Nothing is written before this point, so a setup that fails above leaves the file system as it was;
         # folders made from here on are removed again if the setup still fails while they are empty.
         created = _make_dirs(self.ckpt_dir)
@@ -524,6 +559,7 @@ class Run:
                 self.steplog.close()
             _remove_empty(created)
             raise
+        dist.barrier("waiting for rank 0 to set up the run folder")
 
     def _start_from(self, path, weights, src_cfg, classes):
         """--finetune: every parameter from the source, shapes checked against this net; fc8 keeps the new
@@ -584,12 +620,37 @@ class Run:
                 "state": self.state, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save(self):
-        path = os.path.join(self.ckpt_dir, checkpoint_name(self.net.step))
-        save_checkpoint(path, self.net.state_dict(), self.meta(), {"mean": self.data.mean})
-        best = self.best_step()
-        prune_checkpoints(self.ckpt_dir, self.t["keep"], protect=() if best is None else (checkpoint_name(best),))
+        """Writes a checkpoint (rank 0; with several ranks every rank calls this, and they first check that
+        they hold the same parameters)."""
+        state = self.net.state_dict()
+        if self.dist.distributed:
+            self._check_ranks_agree(state)
+
+        def write():
+            path = os.path.join(self.ckpt_dir, checkpoint_name(self.net.step))
+            save_checkpoint(path, state, self.meta(), {"mean": self.data.mean})
+            best = self.best_step()
+            prune_checkpoints(self.ckpt_dir, self.t["keep"], protect=() if best is None else (checkpoint_name(best),))
+            return path
+
+        path = self.dist.on_root(write, "writing the checkpoint")
         self.last_checkpoint = os.path.abspath(path)
         return path
+
+    def _check_ranks_agree(self, state):
+        """Every rank must hold rank 0's parameters bit for bit (the same sums, the same updates): a
+        checksum of the state, compared at each checkpoint."""
+        import zlib
+
+        digest = 0
+        for k in sorted(state):
+            digest = zlib.crc32(state[k].tobytes(), zlib.crc32(k.encode(), digest))
+        root = self.dist.bcast(digest, "comparing the ranks' parameters")
+        differ = self.dist.allreduce_sum([float(digest != root)], "comparing the ranks' parameters")[0]
+        if differ:
+            self.dist.agreed_exit = True
+            raise distributed.CommError(f"{int(differ)} rank(s) hold parameters that differ from rank 0's at step "
+                                        f"{int(self.net.step)}: the gradient all-reduce is not deterministic here")
 
     def best_step(self):
         """The step of the end-of-epoch checkpoint with the lowest top-1 error the schedule follows
@@ -603,7 +664,9 @@ class Run:
 
     def run(self):
         t, st = self.t, self.state
-        interrupted = _SigintFlag()
+        # With several ranks, SIGUSR1 (which mpirun and srun forward to every rank) asks for the same stop.
+        interrupted = _SigintFlag((signal.SIGINT, signal.SIGUSR1) if self.dist.distributed else (signal.SIGINT,),
+                                  quiet=not self.dist.is_root)
         bpe = self.loader.batches_per_epoch
         if t["max_steps"] and st["step"] >= t["max_steps"]:
             self.say(f"already at step {st['step']} (--max-steps {t['max_steps']}); nothing to do")
@@ -624,7 +687,9 @@ class Run:
         except KeyboardInterrupt:
             return self._on_interrupt()
         except NonFiniteLoss as err:
-            self.say_err(str(err))
+            self.dist.agreed_exit = True  # the loss is the global batch's: every rank stops here
+            if self.dist.is_root:
+                self.say_err(str(err))
             return EXIT_NONFINITE
         finally:
             self.steplog.close()
@@ -647,14 +712,26 @@ class Run:
             for (b, x, y), following in _with_next(it):
                 if self.trace_path:
                     net.set_tracing(True)
-                if self.raw_input:
-                    # The next batch of the epoch is staged and uploaded while this step computes.
-                    nxt = (*following[1], following[2]) if following is not None else None
-                    r = (net.train_step_prefetched(st["lr"], prefetch=nxt) if staged
-                         else net.train_step_u8(*x, y, st["lr"], prefetch=nxt))
-                    staged = nxt is not None
-                else:
-                    r = net.train_step(x, y, st["lr"])
+                if self.sync is not None:
+                    self.sync.start()  # the gradients are summed across the ranks as backward makes them
+                try:
+                    if self.raw_input:
+                        # The next batch of the epoch is staged and uploaded while this step computes.
+                        nxt = (*following[1], following[2]) if following is not None else None
+                        r = (net.train_step_prefetched(st["lr"], prefetch=nxt) if staged
+                             else net.train_step_u8(*x, y, st["lr"], prefetch=nxt))
+                        staged = nxt is not None
+                    else:
+                        r = net.train_step(x, y, st["lr"])
+                except BaseException:
+                    if self.sync is not None:
+                        self.sync.cancel()
+                    raise
+                stop = interrupted()
+                if self.sync is not None:
+                    self.sync.finish()
+                    net.apply_sgd(st["lr"])
+                    r, stop = self._reduce_step(r, stop)
                 if self.trace_path:
                     net.set_tracing(False)
                     net.write_trace(self.trace_path)
@@ -685,7 +762,8 @@ class Run:
                 if elapsed > 0:
                     bar.set_postfix_str(f"loss {acc['loss_sum'] / acc['n']:.4f} lr {st['lr']:g} "
                                         f"{(acc['n'] - n0) / elapsed:.0f} img/s", refresh=False)
-                if interrupted():
+                if stop:
+                    self.dist.agreed_exit = True  # every rank stops after this step (the flag was reduced)
                     raise KeyboardInterrupt
                 if t["max_steps"] and st["step"] >= t["max_steps"]:
                     bar.close()
@@ -700,15 +778,37 @@ class Run:
             bar.close()
         return None
 
+    def _reduce_step(self, r, stop):
+        """The global batch's statistics from every rank's, and whether any rank was asked to stop."""
+        v = self.dist.allreduce_sum([float(r["loss"]) * int(r["n"]), r["top1"], r["top5"], r["n"], float(stop)])
+        n = int(v[3])
+        return {"loss": v[0] / n, "top1": int(v[1]), "top5": int(v[2]), "n": n}, v[4] > 0
+
+    def _validate(self, bar, interrupted):
+        if not self.dist.distributed:
+            from .evaluate import evaluate_center
+
+            return evaluate_center(self.net, self.val_loader, bar, interrupted)
+        # Each rank evaluates its share of the batches; the sums are reduced. No interrupt here: the ranks
+        # must stop at the same place, and the next step's reduction carries the flag.
+        sums = [0.0, 0, 0, 0]
+        for x, y in self.val_loader:
+            r = self.net.evaluate(x, y)
+            sums = [sums[0] + float(r["loss"]) * int(r["n"]), sums[1] + r["top1"], sums[2] + r["top5"],
+                    sums[3] + r["n"]]
+            bar.update(1)
+        loss, top1, top5, n = self.dist.allreduce_sum(sums, "reducing the validation metrics")
+        if n == 0:
+            raise ValueError("no images to evaluate")
+        return {"loss": loss / n, "top1_err": 1 - top1 / n, "top5_err": 1 - top5 / n, "n": int(n)}
+
     def _end_epoch(self, e, interrupted):
         t, st = self.t, self.state
         val = None
         if self.val_loader is not None:
-            from .evaluate import evaluate_center
-
             bar = progress_bar(len(self.val_loader), desc="validate", unit="batch", disable=not self.progress)
             try:
-                val = evaluate_center(self.net, self.val_loader, bar, interrupted)
+                val = self._validate(bar, interrupted)
             finally:
                 bar.close()
         acc = st["acc"]
@@ -734,8 +834,9 @@ class Run:
         st.update(history=st["history"] + [rec], best=best, bad_epochs=bad, reductions=reductions, lr=lr,
                   epoch=e + 1, batch=0, acc=_new_acc())
         self.say(_epoch_line(rec, t["epochs"]) + note)
-        write_metrics(self.out, st["history"])
-        plot_metrics(self.out, st["history"], self.log)
+        if self.dist.is_root:
+            write_metrics(self.out, st["history"])
+            plot_metrics(self.out, st["history"], self.log)
         self.save()
 
     def _on_interrupt(self):
@@ -750,8 +851,10 @@ class Run:
             self.say_err(f"interrupted; writing the checkpoint failed ({type(e).__name__}: {e}); "
                          f"the last checkpoint is {self.last_checkpoint}")
             return EXIT_INTERRUPTED
-        print(f"\ninterrupted at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']}); checkpoint "
-              f"{path}\nresume with: python -m alexnet_cuda.train --resume {path}", file=sys.stderr)
+        launcher = f"mpirun -n {self.dist.size} " if self.dist.distributed else ""
+        if self.dist.is_root:
+            print(f"\ninterrupted at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']}); checkpoint "
+                  f"{path}\nresume with: {launcher}python -m alexnet_cuda.train --resume {path}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
     def _print_last(self):
@@ -777,6 +880,20 @@ class Run:
             parts.append(f"final train top-1 error {100 * r['train_top1_err']:.2f}%")
         parts.append(f"checkpoint {self.last_checkpoint}")
         self.say("; ".join(parts))
+
+
+def _quiet(message):
+    """log/say of ranks other than 0."""
+
+
+class _NoStepLog:
+    """steps.csv of ranks other than 0."""
+
+    def write(self, *args):
+        pass
+
+    def close(self):
+        pass
 
 
 def _with_next(items):
@@ -823,31 +940,39 @@ class _SigintFlag:
     """Within the block, the first Ctrl-C only raises a flag (the loop checks it between steps, so a
     checkpoint is always of a whole step); a second one interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, signals=(signal.SIGINT,), quiet=False):
         self.hit = False
-        self._old = None
+        self._signals, self._quiet = signals, quiet
+        self._old = {}
 
     def __call__(self):
         return self.hit
 
     def _handler(self, signum, frame):
-        if self.hit:
+        if self.hit and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.hit and not self._quiet:
+            if signum == signal.SIGINT:
+                print("\nCtrl-C: stopping after this step to write a checkpoint (press again to stop at once)",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"\n{signal.Signals(signum).name}: every rank stops after this step; rank 0 writes a "
+                      "checkpoint", file=sys.stderr, flush=True)
         self.hit = True
-        print("\nCtrl-C: stopping after this step to write a checkpoint (press again to stop at once)",
-              file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            try:
-                self._old = signal.signal(signal.SIGINT, self._handler)
-            except (ValueError, OSError):
-                self._old = None
+            for sig in self._signals:
+                try:
+                    self._old[sig] = signal.signal(sig, self._handler)
+                except (ValueError, OSError):
+                    pass
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 
@@ -857,15 +982,38 @@ def main(argv=None):
 
 def _main(argv):
     args = build_parser().parse_args(argv)
+    try:
+        dist = distributed.init(args.comm_timeout)
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+    if not dist.distributed:
+        return _train(args, dist)
+    # Several ranks: errors are reported by the rank that has them (named in the message); one that only
+    # this rank has would leave the others waiting, so it ends the whole job with MPI_Abort.
+    prog = f"alexnet_cuda.train (rank {dist.rank} of {dist.size})"
+    try:
+        code = run_main(prog, lambda _: _train(args, dist), None)
+    except BaseException as e:  # noqa: BLE001 - not a user error (a CommError, a bug): one line, then abort
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {type(e).__name__}: {msg}", file=sys.stderr, flush=True)
+        code = 1
+    if code and not dist.agreed_exit:
+        print(f"{prog}: ending every rank (MPI_Abort, exit status {code})", file=sys.stderr, flush=True)
+        dist.abort(code)
+    return code
+
+
+def _train(args, dist):
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     say = lambda m: print(m, flush=True)  # noqa: E731
     try:
-        run = Run(args, log, say)
+        run = Run(args, log, say, dist)
     except KeyboardInterrupt:
         raise CliError("interrupted during setup; nothing to resume yet", code=EXIT_INTERRUPTED) from None
-    say(f"run folder {run.out}; devices {devices_str(run.devices)}; {len(run.loader.split)} training images, "
-        f"{run.loader.batches_per_epoch} batches of {run.t['batch_size']} per epoch; "
-        f"{run.data.num_classes} classes; crop {run.t['crop']} of {run.data.size}")
+    ranks = (f"; {dist.size} ranks, {run.loader.local_batch} images each per step" if dist.distributed else "")
+    run.say(f"run folder {run.out}; devices {devices_str(run.devices)}{ranks}; {len(run.loader.split)} training "
+            f"images, {run.loader.batches_per_epoch} batches of {run.t['batch_size']} per epoch; "
+            f"{run.data.num_classes} classes; crop {run.t['crop']} of {run.data.size}")
     return run.run()
 
 

@@ -16,15 +16,20 @@ under build/model/<hash of sources, flags and nvcc version>/. Without the SASS t
 alone: the FFMA share is then taken as 1 and every GEMM time is a lower bound (the output says so).
 
 Which kernel runs. Each pass of the step is mapped to the kernel and tile its launcher in cuda/*.cu picks for that
-shape (every thread owns an 8x8 micro-tile): forward and grad-input convolutions conv_big_tiles (128x128 tiles of
-256 threads when M > 64, N > 64 and tile_cost, the busiest SM's rounds as below, is no higher than for 64x128
-tiles of 128 threads, else 64x128), the other GEMMs use_big_tiles (128x128 when M > 64, N > 64 and the tiles
-alone give >= 264 blocks, else 64x64 tiles of 64 threads) and choose_split_k (64x64 grad-weight and
-linear GEMMs with < 528 tiles and Kr > 256 are cut into slices of >= 128 so that at most 1056 blocks run, 8 per
-SM, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
+shape (every thread owns an 8x8 micro-tile, 6x8 in the 48-row tile; 16-deep k-steps): forward and grad-input
+convolutions conv_tile (128x128 tiles of 256 threads when M > 64, N > 64 and tile_cost, the busiest SM's rounds as
+below, is no higher than for 64x128 tiles of 128 threads; else 48x128 where it costs less than 64x128, as for
+M = 48), the other GEMMs split_tile (128x128 without split-K when M > 64, N > 64 and the tiles alone give >= 264
+blocks; else 48x128 for a conv grad-weight whose M fits 48-row tiles better, 128x128 when M is a multiple of 128,
+64x128 for other conv grad-weights and 64x64 for other linear GEMMs) and choose_split_k (tiles that fill under
+half of one round of the GPU, 132 x blocks/SM, with Kr > 256 are cut into slices of >= 128 so that at most one
+round runs, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
 turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48, conv2 48->128, conv3 256->192
 reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
-is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices.
+is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices. The
+convolutions' three GEMM passes run as one launch for both towers (Net::pair_towers, ops::conv2d_*_pair: tower 1's
+blocks follow tower 0's in blockIdx.z; a grad-weight pair keeps one tower's tile and split-K), shown once with
+"pair" after the tile.
 
 Occupancy (as cuda_occupancy.h computes it for sm_90): registers are allocated per warp in units of 256 and
 checked per SM sub-partition (4 x 16 K registers: warps/partition = floor(16384 / (ceil(32 r / 256) * 256))); shared
@@ -32,7 +37,7 @@ memory per block = static + 1 KB reserved, rounded up to 128 B, out of 228 KB; a
 per SM.
 
 The GEMM formula. With B blocks, b = blocks/SM from occupancy, w = padded FLOPs of one block (2 BM BN k-slice,
-k rounded up to the 8-deep k-step; tile fill = useful / padded FLOPs), R = 66.9 TFLOP/s / 132 per SM and s = the
+k rounded up to the 16-deep k-step; tile fill = useful / padded FLOPs), R = 66.9 TFLOP/s / 132 per SM and s = the
 main loop's FFMA share, the busiest SM runs n = ceil(B / 132) blocks in rounds of up to b at once, and
 
     t_compute = sum over rounds of  k * w / (R * s * eta(k)),   eta(k) = min(1, warps per block x k / 16)
@@ -95,14 +100,13 @@ HALF_THREADS = SMS * 1024     # resident threads at which a streaming kernel sat
 
 # ---- the launchers' constants (cuda/common.cuh) -------------------------------------------------------------
 TARGET_BLOCKS = 264
-TARGET_SMALL_BLOCKS = 132 * 8   # kTargetSmallBlocks: the 64x64 tile's 64-thread blocks, 8 per SM
-BK = 8
+BK = 16
 GEMM_THREADS = 256              # threads of the 128x128 tile; every tile gives each thread an 8x8 micro-tile
 
 
 def gemm_threads(bm: int, bn: Optional[int] = None) -> int:
-    """Threads per block of a bm x bn GEMM kernel (GemmCfg::kThreads: one per 8x8 micro-tile)."""
-    return (bm // 8) * ((bm if bn is None else bn) // 8)
+    """Threads per block of a bm x bn GEMM kernel (GemmCfg::kThreads: one per 8x8 micro-tile, 6x8 when bm = 48)."""
+    return (bm // (6 if bm == 48 else 8)) * ((bm if bn is None else bn) // 8)
 
 
 def gemm_min_blocks(bm: int, bn: int) -> int:
@@ -382,12 +386,23 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
 
 # Readable names of the kernels the passes use: (file, substring of the mangled name).
 GEMM_OPS = {
-    "conv_fwd": ("conv.cu", "7ConvFwd"),
-    "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1E"),  # stride 1, as every layer with this pass
+    "conv_fwd": ("conv.cu", "7ConvFwdILb1E"),           # windows of <= 32 taps: the tap-mask loaders
+    "conv_fwd_nomask": ("conv.cu", "7ConvFwdILb0E"),    # larger windows (conv1's 11x11)
+    "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1ELb1E"),  # stride 1 and <= 32 taps, as every layer with this pass
     "conv_wgrad": ("conv.cu", "13ConvBwdWeight"),
     "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
     "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
     "linear_wgrad": ("gemm.cu", "StridedGemmILb0ELb0E"),
+}
+# The tiles each GEMM kernel is instantiated with (the launchers in cuda/conv.cu, cuda/gemm.cu).
+GEMM_TILES = {
+    "conv_fwd": ((128, 128), (64, 128), (48, 128)),
+    "conv_fwd_nomask": ((128, 128), (64, 128), (48, 128)),
+    "conv_dgrad": ((128, 128), (64, 128), (48, 128)),
+    "conv_wgrad": ((128, 128), (64, 128), (48, 128)),
+    "linear_fwd": ((128, 128), (64, 64)),
+    "linear_dgrad": ((128, 128), (64, 64)),
+    "linear_wgrad": ((128, 128), (64, 64)),
 }
 KERNELS = {
     "splitk_reduce": ("gemm.cu", "splitk_reduce_kernel"),
@@ -413,17 +428,20 @@ KERNELS = {
 }
 
 
-def find_kernel(kernels: Dict[str, KernelInfo], file: str, *subs: str) -> KernelInfo:
-    hits = [v for k, v in kernels.items() if k.startswith(file + ":") and all(s in k for s in subs)]
+def find_kernel(kernels: Dict[str, KernelInfo], file: str, *subs: str, pair: Optional[bool] = None) -> KernelInfo:
+    """The one kernel of `file` whose mangled name holds every `subs`; pair True/False: a TowerPair or not."""
+    hits = [v for k, v in kernels.items() if k.startswith(file + ":") and all(s in k for s in subs)
+            and (pair is None or ("9TowerPair" in k) == pair)]
     if len(hits) != 1:
         raise ModelError(f"model: expected one kernel in {file} matching {subs}, found {len(hits)} "
                          "(did a kernel's name change? update GEMM_OPS/KERNELS in benchmarks/model.py)")
     return hits[0]
 
 
-def gemm_kernel(kernels, op: str, tile: int, tile_n: Optional[int] = None) -> KernelInfo:
+def gemm_kernel(kernels, op: str, tile: int, tile_n: Optional[int] = None, pair: bool = False) -> KernelInfo:
+    """The GEMM kernel of `op` on the tile: both towers' launch (TowerPair) when pair, else one op's."""
     file, sub = GEMM_OPS[op]
-    return find_kernel(kernels, file, f"GemmCfgILi{tile}ELi{tile if tile_n is None else tile_n}E", sub)
+    return find_kernel(kernels, file, f"GemmCfgILi{tile}ELi{tile if tile_n is None else tile_n}E", sub, pair=pair)
 
 
 # =============================================================================================================
@@ -442,28 +460,57 @@ def use_big_tiles(M: int, N: int, Z: int) -> bool:
     return M > 64 and N > 64 and gemm_tiles(M, N, 128) * Z >= TARGET_BLOCKS
 
 
+def narrow_fits(M: int) -> bool:
+    """narrow_fits: 48-row tiles pad M less than 64-row ones."""
+    return cdiv(M, 48) * 48 < cdiv(M, 64) * 64
+
+
+def loop_cost(bm: int, bn: int) -> int:
+    """GemmCfg::kLoopCost: main-loop instructions per 100 FFMA the launchers assume for the tile."""
+    return 121 if bm == 128 else (135 if bm == 48 else (128 if bn == 128 else 125))
+
+
 def tile_cost(M: int, N: int, Z: int, bm: int, bn: int) -> int:
-    """tile_cost<Cfg> (common.cuh): rounds of the busiest SM, a round of too few warps costing as a full one."""
+    """tile_cost<Cfg> (common.cuh): rounds of the busiest SM, a round of too few warps costing as a full one,
+    times the block's FFMA at loop_cost issue slots per 100."""
     per_sm = cdiv(gemm_tiles(M, N, bm, bn) * Z, SMS)
     b = gemm_min_blocks(bm, bn)
     slow = 16 // (gemm_threads(bm, bn) // 32)
     rest = per_sm % b
-    return (per_sm // b * b + (max(rest, slow) if rest else 0)) * bm * bn
+    return (per_sm // b * b + (max(rest, slow) if rest else 0)) * bm * bn * loop_cost(bm, bn)
 
 
-def conv_big_tiles(M: int, N: int, Z: int) -> bool:
-    """conv_big_tiles: forward / grad-input take 128x128 where it costs no more than 64x128."""
-    return M > 64 and N > 64 and tile_cost(M, N, Z, 128, 128) <= tile_cost(M, N, Z, 64, 128)
+def conv_tile(M: int, N: int, Z: int) -> Tuple[int, int]:
+    """conv_tile: the cheapest of 128x128 (M > 64, N > 64 only), 64x128 and 48x128 by tile_cost, a tie going to
+    the larger tile. Returns (BM, BN)."""
+    big = tile_cost(M, N, Z, 128, 128) if M > 64 and N > 64 else math.inf
+    wide, narrow = tile_cost(M, N, Z, 64, 128), tile_cost(M, N, Z, 48, 128)
+    if big <= wide and big <= narrow:
+        return 128, 128
+    return (64, 128) if wide <= narrow else (48, 128)
 
 
-def choose_split_k(blocks: int, Kr: int) -> Tuple[int, int]:
-    """(slices, chunk) as choose_split_k returns them."""
+def split_tile(M: int, N: int, Z: int, narrow_ok: bool, other: Tuple[int, int]) -> Tuple[int, int]:
+    """split_tile: 128x128 without split-K when the tiles fill the GPU; else 48x128 where it fits M better
+    (k-contiguous A only), 128x128 for M a multiple of 128, `other` otherwise."""
+    if use_big_tiles(M, N, Z):
+        return 128, 128
+    if narrow_ok and narrow_fits(M):
+        return 48, 128
+    if M % 128 == 0:
+        return 128, 128
+    return other
+
+
+def choose_split_k(blocks: int, Kr: int, bm: int = 64, bn: int = 64) -> Tuple[int, int]:
+    """(slices, chunk) as choose_split_k<Cfg> returns them for the bm x bn tile."""
+    target = SMS * gemm_min_blocks(bm, bn)
     splits = 1
-    if blocks < TARGET_SMALL_BLOCKS // 2 and Kr > 256:
-        want = TARGET_SMALL_BLOCKS // blocks
+    if blocks < target // 2 and Kr > 256:
+        want = target // blocks
         splits = max(1, min(want, Kr // 128, 256))
-    c = cdiv(cdiv(Kr, splits), 8) * 8
-    c = max(c, 8)
+    c = cdiv(cdiv(Kr, splits), BK) * BK
+    c = max(c, BK)
     return (cdiv(Kr, c) if Kr > 0 else 1), c
 
 
@@ -478,6 +525,7 @@ class GemmLaunch:
     splits: int
     chunk: int
     tile_n: int = 0   # BN (0: square)
+    towers: int = 1   # 2: both towers' problems in one launch (a TowerPair)
 
     @property
     def bn(self) -> int:
@@ -485,18 +533,21 @@ class GemmLaunch:
 
     @property
     def blocks(self) -> int:
-        return gemm_tiles(self.M, self.N, self.tile, self.bn) * self.Z * self.splits
+        return gemm_tiles(self.M, self.N, self.tile, self.bn) * self.Z * self.splits * self.towers
 
 
-def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1) -> GemmLaunch:
-    """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K."""
-    if op in ("conv_fwd", "conv_dgrad"):
-        return GemmLaunch(op, M, N, K, Z, 128, 1, K) if conv_big_tiles(M, N, Z) else \
-            GemmLaunch(op, M, N, K, Z, 64, 1, K, 128)
-    if use_big_tiles(M, N, Z):
-        return GemmLaunch(op, M, N, K, Z, 128, 1, K)
-    splits, chunk = choose_split_k(gemm_tiles(M, N, 64) * Z, K)
-    return GemmLaunch(op, M, N, K, Z, 64, splits, chunk)
+def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1, towers: int = 1) -> GemmLaunch:
+    """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K; a pair of towers
+    (towers = 2) picks their tile for all its blocks, a grad-weight pair keeps one tower's tile and split-K."""
+    if op in ("conv_fwd", "conv_fwd_nomask", "conv_dgrad"):
+        bm, bn = conv_tile(M, N, Z * towers)
+        return GemmLaunch(op, M, N, K, Z, bm, 1, K, bn, towers)
+    if op == "conv_wgrad":
+        bm, bn = split_tile(M, N, Z, True, (64, 128))
+    else:
+        bm, bn = split_tile(M, N, Z, False, (64, 64))
+    splits, chunk = choose_split_k(gemm_tiles(M, N, bm, bn) * Z, K, bm, bn)
+    return GemmLaunch(op, M, N, K, Z, bm, splits, chunk, bn, towers)
 
 
 # =============================================================================================================
@@ -533,17 +584,19 @@ class Model:
         self.sass = sass
 
     def gemm(self, layer: str, pass_: str, op: str, M: int, N: int, K: int, Z: int = 1,
-             bytes_: float = 0.0) -> List[Pass]:
-        g = plan_gemm(op, M, N, K, Z)
-        info = gemm_kernel(self.k, op, g.tile, g.bn)
+             bytes_: float = 0.0, towers: int = 1) -> List[Pass]:
+        """One launch of an M x N x K GEMM (x Z groups) for `towers` towers at once; bytes_ are one tower's."""
+        g = plan_gemm(op, M, N, K, Z, towers)
+        bytes_ = bytes_ * towers
+        info = gemm_kernel(self.k, op, g.tile, g.bn, pair=towers > 1)
         threads = gemm_threads(g.tile, g.bn)
         bps = blocks_per_sm(threads, info.regs, info.smem)
         share = info.ffma_share if (self.sass and info.ffma_share) else 1.0
         B = g.blocks
         tiles_mn = cdiv(M, g.tile) * g.tile * cdiv(N, g.bn) * g.bn
         kpad = sum(cdiv(min(g.chunk, K - s * g.chunk), BK) * BK for s in range(g.splits))
-        padded = 2.0 * tiles_mn * kpad * Z
-        useful = 2.0 * M * N * K * Z
+        padded = 2.0 * tiles_mn * kpad * Z * towers
+        useful = 2.0 * M * N * K * Z * towers
         w = padded / B
         n = cdiv(B, SMS)
         t = 0.0
@@ -559,14 +612,16 @@ class Model:
         spill = f"{info.spill_stores}/{info.spill_loads}"
         if info.loop_local:
             spill += f" ({info.loop_local} in loop)"
-        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.bn}" + (f" splitK{g.splits}" if g.splits > 1 else ""),
+        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.bn}" + (f" splitK{g.splits}" if g.splits > 1 else "") + (" pair" if towers > 1 else ""),
                  B, bps, B / (bps * SMS), info.ffma_share if self.sass else None, spill, useful, bytes_,
                  useful / padded, (padded / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
         out = [p]
         if g.splits > 1:
             total = M * N * Z
-            out.append(self.stream(layer, pass_ + " reduce", "splitk_reduce", (g.splits + 1) * total * 4.0,
-                                   grid=min(cdiv(total, THREADS_1D), MAX_BLOCKS_1D), threads=THREADS_1D))
+            # One reduce launch per tower.
+            out.append(self.stream(layer, pass_ + " reduce", "splitk_reduce", towers * (g.splits + 1) * total * 4.0,
+                                   grid=min(cdiv(total, THREADS_1D), MAX_BLOCKS_1D), threads=THREADS_1D,
+                                   launches=towers))
         return out
 
     def stream(self, layer: str, pass_: str, kernel: str, bytes_: float, grid: int, threads: int = THREADS_1D,
@@ -684,7 +739,8 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
             x_b, y_b, w_b = N * l["in_c"] * HW * f, N * l["out_c"] * PQ * f, l["out_c"] * Kr * f
-            add(m.gemm(name, "forward", "conv_fwd", l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b))
+            fwd = "conv_fwd" if l["k"] ** 2 <= 32 else "conv_fwd_nomask"
+            add(m.gemm(name, "forward", fwd, l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b, towers=T), 1)
             z = N * l["out_c"] * PQ
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
@@ -759,12 +815,12 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
             x_b, y_b, w_b = N * l["in_c"] * HW * f, z * f, l["out_c"] * Kr * f
-            add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b))
+            add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b, towers=T), 1)
             add(conv_bias_passes(m, name, N, l["out_c"], PQ))
             if i > 0:  # + the layer below's ReLU output when its backward runs in this epilogue
                 below_relu = relu_at(i - 1) == "dgrad"
                 add(m.gemm(name, "grad-input" + (" + relu" if below_relu else ""), "conv_dgrad", l["in_c"], N * HW,
-                           l["out_c"] * l["k"] ** 2, 1, x_b + y_b + w_b + (x_b if below_relu else 0)))
+                           l["out_c"] * l["k"] ** 2, 1, x_b + y_b + w_b + (x_b if below_relu else 0), towers=T), 1)
             nw = l["out_c"] * Kr
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
@@ -907,7 +963,7 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
             grp = 1 if l["cross"] or l["name"] == "conv1" else T
             Cg, Kg, Kt = l["in_c"], (l["out_c"] * T if grp == 1 else l["out_c"]), l["out_c"] * T
             PQ, HW, R2 = l["out_hw"] ** 2, l["in_hw"] ** 2, l["k"] ** 2
-            fw = m.gemm(l["name"], "forward", "conv_fwd", Kg, N * PQ, Cg * R2, grp)
+            fw = m.gemm(l["name"], "forward", "conv_fwd" if R2 <= 32 else "conv_fwd_nomask", Kg, N * PQ, Cg * R2, grp)
             dg = m.gemm(l["name"], "grad-input", "conv_dgrad", Cg, N * HW, Kg * R2, grp)
             wg = m.gemm(l["name"], "grad-weight", "conv_wgrad", Kg, Cg * R2, N * PQ, grp)
             bb = conv_bias_passes(m, l["name"], N, Kt, PQ)
@@ -1023,7 +1079,7 @@ def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, K
                      f"{k.smem:>6} {blocks_per_sm(thr, k.regs, k.smem):>6} {_f(k.loop_ffma, 'd'):>9} "
                      f"{_f(k.loop_instr, 'd'):>10} {_f(k.ffma_share, '.1%'):>10} {_f(k.loop_local, 'd'):>7}")
     lines.append("")
-    lines.append("Passes (one tower's launch; x = times per step; ms = all of them)")
+    lines.append("Passes (one launch: one tower's, or both towers' where the tile says pair; x = times per step; ms = all of them)")
     hdr = f"{'layer':<6} {'pass':<34} {'kernel':<17} {'tile':<15} {'grid':>6} {'b/SM':>4} {'waves':>6} " \
           f"{'FFMA':>6} {'fill':>5} {'wave':>5} {'spills':<16} {'bound':<18} {'x':>2} {'ms':>8}"
     lines += [hdr, "-" * len(hdr)]
@@ -1100,8 +1156,9 @@ def run_model(args) -> Tuple[str, dict]:
                                                                              step_ms)
     used = []
     for op in GEMM_OPS:
-        for bm, bn in ((128, 128), (64, 128) if op in ("conv_fwd", "conv_dgrad") else (64, 64)):
-            used.append((f"{op}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn)))
+        for pair in (False, True) if op.startswith("conv_") else (False,):
+            for bm, bn in GEMM_TILES[op]:
+                used.append((f"{op}{' pair' if pair else ''}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn, pair)))
     meta = dict(config="paper", batch=N, gpu_label={"h200": "H200 (H100 SXM compute)", "h100": "H100 SXM"}[args.gpu],
                 commit=commit, bw_label=bw_label, notes=notes, step_ms=step_ms)
     text = render(passes, host, used, meta, cmp_rows)

@@ -1,4 +1,5 @@
 // The only file that includes pybind11: alexnet_cuda._C (tensors, ops, runtime queries).
+#include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -425,6 +426,22 @@ PYBIND11_MODULE(_C, m) {
         .def_property_readonly("numel", &Tensor::numel)
         .def_property_readonly("nbytes", &Tensor::nbytes)
         .def("numpy", &to_numpy, "Copy to a new NumPy array (synchronizes with the producing stream).")
+        .def_property_readonly("data_ptr", [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.raw()); },
+                               "The address of the first element (a device pointer on CUDA), for NCCL.")
+        .def(
+            "host_view",
+            [](const Tensor& t) {
+                // A NumPy array over the tensor's own memory, which it keeps alive: what MPI all-reduces in place.
+                if (!t.defined() || !t.device().is_cpu())
+                    throw ValueError("host_view: the tensor must be defined and on the cpu, got " +
+                                     (t.defined() ? t.device().str() : std::string("an undefined tensor")));
+                if (t.dtype() != DType::f32) throw TypeError("host_view: only float32 tensors have a view");
+                std::vector<py::ssize_t> shape(t.shape().begin(), t.shape().end());
+                auto* keep = new Tensor(t);
+                py::capsule owner(keep, [](void* p) { delete static_cast<Tensor*>(p); });
+                return py::array_t<float>(shape, t.data<float>(), owner);
+            },
+            "A writable float32 NumPy view of a CPU tensor's memory (no copy).")
         .def(
             "to",
             [](const Tensor& t, const std::string& device) {
@@ -457,8 +474,22 @@ PYBIND11_MODULE(_C, m) {
     m.def("cuda_device_count", &cuda_device_count);
     m.def("set_poison_allocations", &set_poison_allocations, py::arg("on"),
           "Fill every new allocation with 0xFF bytes (NaN) so unwritten outputs show; for tests.");
-    m.def("synchronize", [](const std::string& device) { cuda_synchronize(Device::parse(device, "synchronize")); },
-          py::arg("device") = "cuda:0");
+    m.def(
+        "_with_device",
+        [](const std::string& device, const py::function& fn) {
+            // NCCL creates a communicator on the current CUDA device: this makes `device` current around fn.
+            DeviceGuard g(Device::parse(device, "_with_device", "device"));
+            return fn();
+        },
+        py::arg("device"), py::arg("fn"), "Call fn() with `device` the current CUDA device.");
+    m.def(
+        "synchronize",
+        [](const std::string& device) {
+            const Device d = Device::parse(device, "synchronize");
+            py::gil_scoped_release nogil;  // so another thread can watch the wait (distributed's NCCL timeout)
+            cuda_synchronize(d);
+        },
+        py::arg("device") = "cuda:0");
     m.def("cuda_allocator_stats", []() {
         auto s = cuda_allocator_stats();
         py::dict d;
@@ -877,6 +908,33 @@ PYBIND11_MODULE(_C, m) {
             },
             py::arg("lr"), py::arg("prefetch") = py::none())
         .def_property_readonly("has_prefetched", &Net::has_prefetched)
+        .def(
+            "set_data_parallel",
+            [](Net& net, bool defer_sgd, const py::object& mean_over, const py::object& sample_base,
+               const py::object& grad_ready) {
+                const int64_t m = int64_arg(mean_over, "set_data_parallel", "mean_over");
+                const int64_t b = int64_arg(sample_base, "set_data_parallel", "sample_base");
+                if (m < 0) throw ValueError("set_data_parallel: argument 'mean_over' must be >= 0, got " + std::to_string(m));
+                if (b < 0) throw ValueError("set_data_parallel: argument 'sample_base' must be >= 0, got " + std::to_string(b));
+                if (!grad_ready.is_none() && !PyCallable_Check(grad_ready.ptr()))
+                    throw TypeError("set_data_parallel: argument 'grad_ready' must be callable or None, got " +
+                                    type_name(grad_ready));
+                net.dp.defer_sgd = defer_sgd;
+                net.dp.mean_over = m;
+                net.dp.sample_base = b;
+                using Hook = std::function<void(int, int, const Tensor&, const Tensor&, uintptr_t)>;
+                net.dp.grad_ready = grad_ready.is_none() ? Hook() : grad_ready.cast<Hook>();
+            },
+            py::arg("defer_sgd"), py::arg("mean_over"), py::arg("sample_base"), py::arg("grad_ready"))
+        .def(
+            "apply_sgd",
+            [](Net& net, const py::object& lr_obj) {
+                const float lr = float_arg(lr_obj, "apply_sgd", "lr");
+                py::gil_scoped_release nogil;
+                net.apply_sgd(lr);
+            },
+            py::arg("lr"))
+        .def("grads", &Net::grads, "(name, gradient Tensor on its device) of the last deferred step.")
         .def(
             "set_input_mean",
             [](Net& net, const py::object& mean) {

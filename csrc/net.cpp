@@ -441,7 +441,7 @@ StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* pre
         if (batch) issue_upload_u8(*cur);
         const Tensor dev_labels = issue_augment_u8(*cur);
         issue_forward(/*train=*/true);
-        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
+        issue_loss(dev_labels, loss_scale(n), /*backward=*/true);
         issue_backward(lr);
         // The next batch: staged by the host and uploaded on the upload streams while the towers compute.
         if (prefetch) {
@@ -450,11 +450,13 @@ StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* pre
         }
     });
     prefetched_ = next;
-    step += 1;
+    if (dp.defer_sgd) grads_pending_ = true;
+    else step += 1;
     return summarize(n);
 }
 
 void Net::issue_forward(bool train) {
+    grads_pending_ = false;  // the layer state holding them is about to be replaced
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -485,7 +487,18 @@ void Net::issue_forward(bool train) {
             LayerState& s = st_[t][l];
             Params& p = params_[t][l];
             // The ReLU runs in the GEMM's epilogue (the same bits as relu_forward after it); z is not kept.
-            if (L.conv) {
+            if (L.conv && pair_towers()) {
+                // Both towers' forward in one launch, in tower 0's slot (tower 1's input is issued above).
+                if (t == 0)
+                    sched_->run(0, L.name + ".fprop", [this, l, &L] {
+                        LayerState &s0 = st_[0][l], &s1 = st_[1][l];
+                        const Params &p0 = params_[0][l], &p1 = params_[1][l];
+                        const auto r = ops::conv2d_forward_pair({s0.in, s1.in}, {p0.w, p1.w}, {p0.b, p1.b}, L.stride,
+                                                                L.stride, L.pad, L.pad, 1, L.relu);
+                        s0.a = r[0];
+                        s1.a = r[1];
+                    });
+            } else if (L.conv) {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] {
                     s.a = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1, L.relu);
                 });
@@ -533,8 +546,11 @@ void Net::issue_forward(bool train) {
             if (L.dropout && train) {
                 const float p_drop = cfg_.dropout;
                 const auto key = dropout_key(step, L.index, t);
-                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, key] {
-                    auto r = ops::dropout_forward(*cur, p_drop, key.first, key.second);
+                const uint64_t base = static_cast<uint64_t>(dp.sample_base);
+                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, key, base] {
+                    // Element i of sample j is counter j * features + i, so with sample_base the global sample's.
+                    const uint64_t off = key.second + base * static_cast<uint64_t>(cur->numel() / cur->size(0));
+                    auto r = ops::dropout_forward(*cur, p_drop, key.first, off);
                     s.out = r.first;
                     s.drop_mask = r.second;
                 });
@@ -586,20 +602,51 @@ bool Net::relu_in_dgrad(int l) const {
     return L.conv && L.relu && !L.lrn && !L.pool && !L.pool_extra && !L.dropout && up.conv && !up.cross;
 }
 
+// The update: one sgd_update_multi per device over every parameter of its towers (one launch on CUDA), after all
+// of those towers' gradients (and their reads of the weights) are issued; the same bits as one update per
+// tensor. Issued on the device's first tower, which the others order themselves before.
+void Net::issue_sgd(float lr) {
+    const float momentum = cfg_.momentum, wd = cfg_.weight_decay, bias_wd = cfg_.bias_weight_decay;
+    const int T = cfg_.towers;
+    std::vector<std::vector<int>> groups;
+    for (int t = 0; t < T; ++t) {
+        auto g = std::find_if(groups.begin(), groups.end(),
+                              [&](const std::vector<int>& v) { return devices_[v[0]] == devices_[t]; });
+        if (g == groups.end()) groups.push_back({t});
+        else g->push_back(t);
+    }
+    for (const std::vector<int>& towers : groups) {
+        for (size_t i = 1; i < towers.size(); ++i) sched_->order(towers[i], towers[0]);
+        sched_->run(towers[0], "sgd", [this, towers, lr, momentum, wd, bias_wd] {
+            std::vector<ops::SgdParam> ps;
+            for (int t : towers)
+                for (size_t l = 0; l < layers_.size(); ++l) {
+                    Params& p = params_[t][l];
+                    LayerState& s = st_[t][l];
+                    ps.push_back({&p.w, &s.dw, &p.vw, wd});
+                    ps.push_back({&p.b, &s.db, &p.vb, bias_wd});
+                }
+            ops::sgd_update_multi(ps, lr, momentum);
+        });
+    }
+}
+
+float Net::loss_scale(int n) const {
+    return 1.0f / static_cast<float>(dp.mean_over > 0 ? dp.mean_over : n);
+}
+
 void Net::issue_backward(float lr) {
     const int T = cfg_.towers;
     const int pool_w = cfg_.overlap_pool ? 3 : 2;
-    const float momentum = cfg_.momentum, wd = cfg_.weight_decay, bias_wd = cfg_.bias_weight_decay;
     for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
         const LayerSpec& L = layers_[l];
-        for (int t = 0; t < T; ++t) {
+        const float p_drop = cfg_.dropout;
+        const NetConfig* c = &cfg_;
+        // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU.
+        auto epilogue = [&](int t) {
             LayerState& s = st_[t][l];
-            Params& p = params_[t][l];
-            const float p_drop = cfg_.dropout;
-            const NetConfig* c = &cfg_;
-            // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU. The ReLU's backward
-            // runs inside the op next to it in the forward (LRN, else the pool, else dropout), or in the grad-input
-            // epilogue of the layer above (relu_in_dgrad); only where neither exists on its own.
+            // The ReLU's backward runs inside the op next to it in the forward (LRN, else the pool, else dropout), or
+            // in the grad-input epilogue of the layer above (relu_in_dgrad); only where neither exists on its own.
             const bool relu_above = relu_in_dgrad(l);
             sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c, relu_above] {
                 Tensor g = s.d_out;
@@ -626,6 +673,10 @@ void Net::issue_backward(float lr) {
                 if (relu_here && at == kAlone) g = ops::relu_backward(g, s.a);
                 s.d_out = g;  // now the gradient w.r.t. the pre-activation z
             });
+        };
+        auto grads = [&](int t) {
+            LayerState& s = st_[t][l];
+            Params& p = params_[t][l];
             if (L.conv) {
                 sched_->run(t, L.name + ".wgrad", [&s, &L] {
                     s.dw = ops::conv2d_backward_weight(s.in, s.d_out, L.kernel, L.kernel, L.stride, L.stride, L.pad, L.pad, 1);
@@ -646,6 +697,52 @@ void Net::issue_backward(float lr) {
                     s.db = ops::linear_backward_bias(s.d_out);
                 });
                 if (l > 0) sched_->run(t, L.name + ".dgrad", [&s, &p] { s.d_in = ops::linear_backward_input(s.d_out, p.w); });
+            }
+        };
+        // The layer's gradients are final: hand them to a data-parallel hook (the update follows the whole pass).
+        auto finish = [&](int t) {
+            LayerState& s = st_[t][l];
+            if (dp.grad_ready) {
+                // On the device's upload stream after an event on this tower's (the CPU: the tower's worker), so
+                // an all-reduce the hook issues overlaps the rest of this tower's backward pass.
+                sched_->upload_wait(t, sched_->record(t));
+                const int dev = devices_[t].is_cpu() ? -1 : devices_[t].index;
+                sched_->upload(t, L.name + ".grad_ready", [this, &s, l, t, dev] {
+                    dp.grad_ready(l, t, s.dw, s.db, dev < 0 ? 0 : reinterpret_cast<uintptr_t>(current_stream(dev)));
+                });
+            }
+        };
+        if (L.conv && pair_towers()) {
+            // Both towers' gradients in one launch per pass, in tower 0's slot, after both epilogues.
+            for (int t = 0; t < T; ++t) epilogue(t);
+            LayerState &s0 = st_[0][l], &s1 = st_[1][l];
+            sched_->run(0, L.name + ".wgrad", [&s0, &s1, &L] {
+                const auto r = ops::conv2d_backward_weight_pair({s0.in, s1.in}, {s0.d_out, s1.d_out}, L.kernel, L.kernel,
+                                                                L.stride, L.stride, L.pad, L.pad, 1);
+                s0.dw = r[0];
+                s1.dw = r[1];
+                s0.db = ops::conv2d_backward_bias(s0.d_out);
+                s1.db = ops::conv2d_backward_bias(s1.d_out);
+            });
+            if (l > 0) {
+                // The layer below's ReLU backward in the grad-input's epilogue, as in grads().
+                const bool relu_below = relu_in_dgrad(l - 1);
+                sched_->run(0, L.name + ".dgrad", [this, &s0, &s1, l, &L, relu_below] {
+                    std::array<std::optional<Tensor>, 2> relu_y;
+                    if (relu_below) relu_y = {st_[0][l - 1].a, st_[1][l - 1].a};
+                    const auto r = ops::conv2d_backward_input_pair({s0.d_out, s1.d_out}, {params_[0][l].w, params_[1][l].w},
+                                                                   L.in_hw, L.in_hw, L.stride, L.stride, L.pad, L.pad, 1,
+                                                                   relu_y);
+                    s0.d_in = r[0];
+                    s1.d_in = r[1];
+                });
+            }
+            for (int t = 0; t < T; ++t) finish(t);
+        } else {
+            for (int t = 0; t < T; ++t) {
+                epilogue(t);
+                grads(t);
+                finish(t);
             }
         }
         if (l == 0) break;
@@ -680,30 +777,7 @@ void Net::issue_backward(float lr) {
             });
         }
     }
-    // The update: one sgd_update_multi per device over every parameter of its towers (one launch on CUDA), after
-    // all of those towers' gradients (and their reads of the weights) are issued; the same bits as one update
-    // per tensor. Issued on the device's first tower, which the others order themselves before.
-    std::vector<std::vector<int>> groups;
-    for (int t = 0; t < T; ++t) {
-        auto g = std::find_if(groups.begin(), groups.end(),
-                              [&](const std::vector<int>& v) { return devices_[v[0]] == devices_[t]; });
-        if (g == groups.end()) groups.push_back({t});
-        else g->push_back(t);
-    }
-    for (const std::vector<int>& towers : groups) {
-        for (size_t i = 1; i < towers.size(); ++i) sched_->order(towers[i], towers[0]);
-        sched_->run(towers[0], "sgd", [this, towers, lr, momentum, wd, bias_wd] {
-            std::vector<ops::SgdParam> ps;
-            for (int t : towers)
-                for (size_t l = 0; l < layers_.size(); ++l) {
-                    Params& p = params_[t][l];
-                    LayerState& s = st_[t][l];
-                    ps.push_back({&p.w, &s.dw, &p.vw, wd});
-                    ps.push_back({&p.b, &s.db, &p.vb, bias_wd});
-                }
-            ops::sgd_update_multi(ps, lr, momentum);
-        });
-    }
+    if (!dp.defer_sgd) issue_sgd(lr);
 }
 
 void Net::check_labels(const char* op, const int32_t* labels, int n) const {
@@ -753,10 +827,11 @@ StepResult Net::train_step(const float* images, const int32_t* labels, int n, fl
     input_ = upload_images(images, n);
     run_step([&] {
         issue_forward(/*train=*/true);
-        issue_loss(dev_labels, 1.0f / static_cast<float>(n), /*backward=*/true);
+        issue_loss(dev_labels, loss_scale(n), /*backward=*/true);
         issue_backward(lr);
     });
-    step += 1;
+    if (dp.defer_sgd) grads_pending_ = true;
+    else step += 1;
     return summarize(n);
 }
 
@@ -795,6 +870,27 @@ StepResult Net::evaluate(const float* images, const int32_t* labels, int n) {
         issue_loss(dev_labels, 1.0f, /*backward=*/false);
     });
     return summarize(n);
+}
+
+void Net::apply_sgd(float lr) {
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("apply_sgd: argument 'lr' must be finite and >= 0");
+    if (!grads_pending_)
+        throw ValueError("apply_sgd: no gradients to apply: take a step with defer_sgd set first (each once)");
+    grads_pending_ = false;
+    run_step([&] { issue_sgd(lr); });
+    step += 1;
+}
+
+std::vector<std::pair<std::string, Tensor>> Net::grads() const {
+    if (!grads_pending_) throw ValueError("grads: no gradients: take a step with defer_sgd set first");
+    std::vector<std::pair<std::string, Tensor>> out;
+    for (size_t l = 0; l < layers_.size(); ++l)
+        for (int t = 0; t < cfg_.towers; ++t) {
+            const std::string base = layers_[l].name + ".t" + std::to_string(t);
+            out.push_back({base + ".weight", st_[t][l].dw});
+            out.push_back({base + ".bias", st_[t][l].db});
+        }
+    return out;
 }
 
 std::vector<std::pair<std::string, Tensor>> Net::state() const {

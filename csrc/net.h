@@ -95,10 +95,37 @@ public:
     // unit iff philox_u32(seed, offset + i) >= dropout_threshold(p), as ops::dropout_forward draws it.
     std::pair<uint64_t, uint64_t> dropout_key(int64_t step, int layer, int tower) const;
 
+    // Data-parallel training across processes (alexnet_cuda.distributed). With defer_sgd, train_step and
+    // train_step_u8 run the forward and backward passes only: the step count stays, and every parameter's
+    // gradient is left in grads() for the caller to all-reduce; apply_sgd(lr) then updates every parameter
+    // from those gradients and counts the step. mean_over (0: the batch's own n) is the count the loss
+    // gradient is averaged over: the global batch, so that the sum over ranks is its mean. sample_base, the
+    // global index of this process's first sample, shifts the dropout counters so each sample draws the
+    // mask it would draw in one process taking the whole global batch. grad_ready(layer, tower, dw, db, stream)
+    // is called when that layer's gradients on that tower are computed (CPU: on the tower's worker; CUDA: when
+    // issued, on the device's upload stream, which waits for them; the step ends when that stream is done). The defaults leave the single-process step unchanged.
+    struct DataParallel {
+        bool defer_sgd = false;
+        int64_t mean_over = 0;
+        int64_t sample_base = 0;
+        // (layer, tower, dw, db, stream): on CUDA the device's upload stream, where work issued then runs after
+        // the gradients are made without holding up the tower's own stream; 0 on the CPU.
+        std::function<void(int, int, const Tensor&, const Tensor&, uintptr_t)> grad_ready;
+    };
+    DataParallel dp;
+    void apply_sgd(float lr);
+    // The gradients of the last deferred step, named as state(): (name, gradient on the parameter's device).
+    std::vector<std::pair<std::string, Tensor>> grads() const;
+
     const NetConfig& config() const { return cfg_; }
     const std::vector<LayerSpec>& layers() const { return layers_; }
     const Scheduler& scheduler() const { return *sched_; }
     std::vector<Device> devices() const { return devices_; }
+    // Two towers on one CUDA device and one executor: each conv pass runs as one launch for both towers
+    // (ops::conv2d_*_pair), so that their blocks fill the GPU together.
+    bool pair_towers() const {
+        return cfg_.towers == 2 && sched_->shared() && devices_[0] == devices_[1] && devices_[0].is_cuda();
+    }
     int64_t step = 0;
     uint64_t seed() const { return seed_; }
     void set_seed(uint64_t s) { seed_ = s; }  // keys the dropout masks from now on (init is done)
@@ -152,6 +179,9 @@ private:
     void issue_backward(float lr);
     // True when layer l's ReLU backward runs in the epilogue of layer l+1's grad-input (nothing between them).
     bool relu_in_dgrad(int l) const;
+    void issue_sgd(float lr);         // every parameter's update from st_'s gradients: one op per device
+    float loss_scale(int n) const;    // the loss gradient's 1/n (1/mean_over with dp)
+    bool grads_pending_ = false;      // a deferred step's gradients await apply_sgd
     std::vector<Tensor> upload_images(const float* images, int n);
     Tensor upload_labels(const char* op, const int32_t* labels, int n) const;  // range-checked on the host
     // Begins a step, issues it, waits for every tower; on an error drains the towers, then rethrows.

@@ -3,6 +3,7 @@
 #include "ops.h"
 
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <string>
 
@@ -128,8 +129,18 @@ static Conv2dParams conv_params(const char* op, int64_t N, int64_t C, int64_t H,
     return p;
 }
 
-Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph, int pw,
-                      int groups, bool relu) {
+namespace {
+
+// A checked call of a conv pass: its params, its allocated output and the optional pointer (forward: the bias;
+// grad-input: relu_y).
+struct ConvCall {
+    Conv2dParams p;
+    Tensor out;
+    const float* opt = nullptr;
+};
+
+ConvCall conv_forward_call(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph,
+                           int pw, int groups, bool relu) {
     const char* op = "conv2d_forward";
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
@@ -147,14 +158,12 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
         bp = b->data<float>();
     }
     Tensor y = new_output(op, "y", "'x', 'w', 'stride', 'padding'", {p.N, p.K, p.P, p.Q}, DType::f32, x);
-    if (y.numel() == 0) return y;
-    AX_DISPATCH(x.device(), conv2d_forward, p, x.data<float>(), w.data<float>(), bp, y.data<float>());
-    return y;
+    return {p, y, bp};
 }
 
 // relu_y of the backward ops that take one: float32, the shape of dx, on dx's device; its data or nullptr.
-static const float* relu_y_arg(const char* op, const std::optional<Tensor>& relu_y, const Tensor& like,
-                               const std::vector<int64_t>& shape) {
+const float* relu_y_arg(const char* op, const std::optional<Tensor>& relu_y, const Tensor& like,
+                        const std::vector<int64_t>& shape) {
     if (!relu_y) return nullptr;
     check_tensor(op, "relu_y", *relu_y, DType::f32, -1, "");
     check_same_device(op, "dy", like, "relu_y", *relu_y);
@@ -162,8 +171,8 @@ static const float* relu_y_arg(const char* op, const std::optional<Tensor>& relu
     return relu_y->data<float>();
 }
 
-Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
-                             int groups, const std::optional<Tensor>& relu_y) {
+ConvCall conv_backward_input_call(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
+                                  int groups, const std::optional<Tensor>& relu_y) {
     const char* op = "conv2d_backward_input";
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
@@ -179,13 +188,11 @@ Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, in
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
     const float* ry = relu_y_arg(op, relu_y, dy, {p.N, p.C, p.H, p.W});
     Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
-    if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), conv2d_backward_input, p, dy.data<float>(), w.data<float>(), ry, dx.data<float>());
-    return dx;
+    return {p, dx, ry};
 }
 
-Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, int sh, int sw, int ph, int pw,
-                              int groups) {
+ConvCall conv_backward_weight_call(const Tensor& x, const Tensor& dy, int R, int S, int sh, int sw, int ph, int pw,
+                                   int groups) {
     const char* op = "conv2d_backward_weight";
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
@@ -201,9 +208,119 @@ Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, i
     auto p = conv_params(op, x.size(0), C, x.size(2), x.size(3), dy.size(1), C / groups, R, S, sh, sw, ph, pw, groups);
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
     Tensor dw = new_output(op, "dw", "'dy', 'kernel'", {p.K, p.C / groups, p.R, p.S}, DType::f32, x);
-    AX_DISPATCH(x.device(), conv2d_backward_weight, p, x.data<float>(), dy.data<float>(), dw.data<float>());
-    return dw;
+    return {p, dw};
 }
+
+// The two towers of a *_pair call: the same device and the same shapes (params), else a ValueError naming
+// tower 1's argument `arg`.
+void check_pair(const char* op, const char* arg, const Tensor& t0, const Tensor& t1, const ConvCall& c0,
+                const ConvCall& c1) {
+    if (t0.device() != t1.device())
+        throw ValueError(arg_prefix(op, arg) + "tower 1's tensor is on " + t1.device().str() + ", tower 0's on " +
+                         t0.device().str() + " (a pair shares one device)");
+    // Field by field: Conv2dParams ends in a bool, so memcmp would also compare its padding bytes.
+    const Conv2dParams &a = c0.p, &b = c1.p;
+    const bool same = a.N == b.N && a.C == b.C && a.H == b.H && a.W == b.W && a.K == b.K && a.R == b.R && a.S == b.S &&
+                      a.P == b.P && a.Q == b.Q && a.stride_h == b.stride_h && a.stride_w == b.stride_w &&
+                      a.pad_h == b.pad_h && a.pad_w == b.pad_w && a.groups == b.groups && a.relu == b.relu;
+    if (!same)
+        throw ValueError(arg_prefix(op, arg) + "tower 1's shape " + t1.shape_str() + " differs from tower 0's " +
+                         t0.shape_str() + " (a pair has one shape)");
+}
+
+}  // namespace
+
+Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph, int pw,
+                      int groups, bool relu) {
+    const ConvCall c = conv_forward_call(x, w, b, sh, sw, ph, pw, groups, relu);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(x.device(), conv2d_forward, c.p, x.data<float>(), w.data<float>(), c.opt, c.out.data<float>());
+    return c.out;
+}
+
+Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
+                             int groups, const std::optional<Tensor>& relu_y) {
+    const ConvCall c = conv_backward_input_call(dy, w, H, W, sh, sw, ph, pw, groups, relu_y);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(dy.device(), conv2d_backward_input, c.p, dy.data<float>(), w.data<float>(), c.opt,
+                c.out.data<float>());
+    return c.out;
+}
+
+Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, int sh, int sw, int ph, int pw,
+                              int groups) {
+    const ConvCall c = conv_backward_weight_call(x, dy, R, S, sh, sw, ph, pw, groups);
+    AX_DISPATCH(x.device(), conv2d_backward_weight, c.p, x.data<float>(), dy.data<float>(), c.out.data<float>());
+    return c.out;
+}
+
+#ifdef ALEXNET_WITH_CUDA
+#define AX_PAIR_CUDA(dev, name, ...)                      \
+    do {                                                  \
+        DeviceGuard g_(dev);                              \
+        cuda::name(__VA_ARGS__, current_stream((dev).index)); \
+    } while (0)
+#else
+#define AX_PAIR_CUDA(dev, name, ...) throw std::runtime_error(#name ": alexnet_cuda was built without CUDA")
+#endif
+
+TensorPair conv2d_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
+                               int sh, int sw, int ph, int pw, int groups, bool relu) {
+    const ConvCall c0 = conv_forward_call(x[0], w[0], b[0], sh, sw, ph, pw, groups, relu);
+    const ConvCall c1 = conv_forward_call(x[1], w[1], b[1], sh, sw, ph, pw, groups, relu);
+    check_pair("conv2d_forward_pair", "x", x[0], x[1], c0, c1);
+    if (c0.out.numel() > 0) {
+        if (x[0].device().is_cpu()) {
+            cpu::conv2d_forward(c0.p, x[0].data<float>(), w[0].data<float>(), c0.opt, c0.out.data<float>());
+            cpu::conv2d_forward(c1.p, x[1].data<float>(), w[1].data<float>(), c1.opt, c1.out.data<float>());
+        } else {
+            const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+            const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+            const float* bs[2] = {c0.opt, c1.opt};
+            float* ys[2] = {c0.out.data<float>(), c1.out.data<float>()};
+            AX_PAIR_CUDA(x[0].device(), conv2d_forward_pair, c0.p, xs, ws, bs, ys);
+        }
+    }
+    return {c0.out, c1.out};
+}
+
+TensorPair conv2d_backward_input_pair(const TensorPair& dy, const TensorPair& w, int H, int W, int sh, int sw, int ph,
+                                      int pw, int groups, const std::array<std::optional<Tensor>, 2>& relu_y) {
+    const ConvCall c0 = conv_backward_input_call(dy[0], w[0], H, W, sh, sw, ph, pw, groups, relu_y[0]);
+    const ConvCall c1 = conv_backward_input_call(dy[1], w[1], H, W, sh, sw, ph, pw, groups, relu_y[1]);
+    check_pair("conv2d_backward_input_pair", "dy", dy[0], dy[1], c0, c1);
+    if (c0.out.numel() > 0) {
+        if (dy[0].device().is_cpu()) {
+            cpu::conv2d_backward_input(c0.p, dy[0].data<float>(), w[0].data<float>(), c0.opt, c0.out.data<float>());
+            cpu::conv2d_backward_input(c1.p, dy[1].data<float>(), w[1].data<float>(), c1.opt, c1.out.data<float>());
+        } else {
+            const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+            const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+            const float* rys[2] = {c0.opt, c1.opt};
+            float* dxs[2] = {c0.out.data<float>(), c1.out.data<float>()};
+            AX_PAIR_CUDA(dy[0].device(), conv2d_backward_input_pair, c0.p, dys, ws, rys, dxs);
+        }
+    }
+    return {c0.out, c1.out};
+}
+
+TensorPair conv2d_backward_weight_pair(const TensorPair& x, const TensorPair& dy, int R, int S, int sh, int sw, int ph,
+                                       int pw, int groups) {
+    const ConvCall c0 = conv_backward_weight_call(x[0], dy[0], R, S, sh, sw, ph, pw, groups);
+    const ConvCall c1 = conv_backward_weight_call(x[1], dy[1], R, S, sh, sw, ph, pw, groups);
+    check_pair("conv2d_backward_weight_pair", "x", x[0], x[1], c0, c1);
+    if (x[0].device().is_cpu()) {
+        cpu::conv2d_backward_weight(c0.p, x[0].data<float>(), dy[0].data<float>(), c0.out.data<float>());
+        cpu::conv2d_backward_weight(c1.p, x[1].data<float>(), dy[1].data<float>(), c1.out.data<float>());
+    } else {
+        const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+        const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+        float* dws[2] = {c0.out.data<float>(), c1.out.data<float>()};
+        AX_PAIR_CUDA(x[0].device(), conv2d_backward_weight_pair, c0.p, xs, dys, dws);
+    }
+    return {c0.out, c1.out};
+}
+#undef AX_PAIR_CUDA
 
 Tensor conv2d_backward_bias(const Tensor& dy) {
     const char* op = "conv2d_backward_bias";

@@ -15,6 +15,7 @@
 // (conv x's C, H, W and w's dims; linear w's dims; pooling's H, W, since an empty plane has no maximum).
 // Failure to allocate an output raises MemoryError naming the op.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -95,6 +96,19 @@ Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, i
                               int pad_w, int groups);
 // db (K) = sum of dy over N,P,Q.
 Tensor conv2d_backward_bias(const Tensor& dy);
+// The three passes for both towers at once (index i: tower i): each tower's arguments are checked as the single
+// form checks them, and both towers must have the same shapes and device. On CUDA one launch covers both
+// (blockIdx.z picks the tower) so that their blocks fill the GPU together; the outputs equal two single calls
+// bit for bit (each element's k-sum keeps its order; the weight gradient keeps one tower's split-K). The CPU
+// backend runs the single form twice. relu (both towers) and relu_y (per tower) as in the single forms.
+using TensorPair = std::array<Tensor, 2>;
+TensorPair conv2d_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
+                               int stride_h, int stride_w, int pad_h, int pad_w, int groups, bool relu = false);
+TensorPair conv2d_backward_input_pair(const TensorPair& dy, const TensorPair& w, int H, int W, int stride_h,
+                                      int stride_w, int pad_h, int pad_w, int groups,
+                                      const std::array<std::optional<Tensor>, 2>& relu_y = {});
+TensorPair conv2d_backward_weight_pair(const TensorPair& x, const TensorPair& dy, int R, int S, int stride_h,
+                                       int stride_w, int pad_h, int pad_w, int groups);
 
 // y (N,O) = x (N,I) W^T (O,I) + b (O); relu as for conv2d_forward.
 Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu = false);
@@ -237,6 +251,13 @@ namespace cuda {
 #define AX_STREAM_ARG , void* stream
 AX_BACKEND_DECLS(AX_STREAM_ARG)
 #undef AX_STREAM_ARG
+// Both towers' pass in one launch (the ops::*_pair contract): index i of each array is tower i; p is both's.
+void conv2d_forward_pair(const Conv2dParams& p, const float* const x[2], const float* const w[2],
+                         const float* const b[2] /*entries nullable*/, float* const y[2], void* stream);
+void conv2d_backward_input_pair(const Conv2dParams& p, const float* const dy[2], const float* const w[2],
+                                const float* const relu_y[2] /*entries nullable*/, float* const dx[2], void* stream);
+void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
+                                 float* const dw[2], void* stream);
 }  // namespace cuda
 #endif
 

@@ -295,17 +295,28 @@ void Scheduler::upload(int tower, const std::string& op, std::function<void()> f
         run(tower, op, std::move(fn));
         return;
     }
-#ifdef ALEXNET_WITH_CUDA
+    upload_executor(tower)->submit(op, -1, std::move(fn));  // tower -1: the device's input path, no tower's work
+}
+
+std::shared_ptr<Executor> Scheduler::upload_executor(int tower) {
+    const Device d = devices_[tower];
     auto it = upload_.find(d.str());
     if (it == upload_.end()) {
+#ifdef ALEXNET_WITH_CUDA
         auto e = std::make_shared<CudaExecutor>(d, static_cast<int>(unique_.size()), "upload stream");
         if (in_step_) e->begin_step(trace_);
         it = upload_.emplace(d.str(), e).first;
         unique_.push_back(e);
-    }
-    (void)tower;
-    it->second->submit(op, -1, std::move(fn));  // tower -1: the device's input path, no tower's work
+#else
+        throw std::logic_error("scheduler: a CUDA upload stream in a build without CUDA");
 #endif
+    }
+    return it->second;
+}
+
+void Scheduler::upload_wait(int tower, const std::shared_ptr<Event>& e) {
+    if (devices_[tower].is_cpu()) exec_[tower]->wait(e);
+    else upload_executor(tower)->wait(e);
 }
 
 std::shared_ptr<Event> Scheduler::upload_done(int tower) {

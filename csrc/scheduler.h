@@ -69,6 +69,10 @@ public:
     // after everything issued there so far; `wait` makes a tower's executor wait for an event.
     void upload(int tower, const std::string& op, std::function<void()> fn);
     std::shared_ptr<Event> upload_done(int tower);
+    // Makes the upload executor of tower's device wait for an event (on the CPU: the tower's own executor). So
+    // work that must not hold up the towers (the gradient all-reduce of alexnet_cuda.distributed) runs there,
+    // after what the event marks.
+    void upload_wait(int tower, const std::shared_ptr<Event>& e);
     std::shared_ptr<Event> record(int tower) { return exec_[tower]->record(); }
     void wait(int tower, const std::shared_ptr<Event>& e) { exec_[tower]->wait(e); }
     // Orders tower `to` after everything issued so far on tower `from` (nothing when they share an executor).
@@ -83,6 +87,7 @@ public:
     double step_wall_us() const { return step_wall_us_; }
 
 private:
+    std::shared_ptr<Executor> upload_executor(int tower);  // the CUDA device's upload stream, made on first use
     std::vector<Device> devices_;
     bool shared_;
     std::vector<std::shared_ptr<Executor>> exec_;  // per tower (may repeat)

@@ -96,6 +96,18 @@ struct FastDiv {
     }
 };
 
+// ---- register pressure -----------------------------------------------------------------------------------
+// An opaque copy of v: nothing derived from it can be hoisted out of the loop it is called in. The GEMM
+// loaders test their row/column masks bit by bit at each copy (one instruction per copy) through it, instead
+// of the compiler keeping one precomputed predicate per element alive across the multiply, which spills at
+// the 128-register cap.
+__device__ __forceinline__ unsigned opaque(unsigned v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("" : "+r"(v));
+#endif
+    return v;
+}
+
 // ---- deterministic reductions --------------------------------------------------------------------------
 // Butterfly (xor) reductions: a fixed order, and every lane ends with bit-identical results.
 
@@ -186,17 +198,17 @@ __device__ __forceinline__ void cp_async_wait() {}
 
 // ---- the tiled GEMM main loop ------------------------------------------------------------------------
 // C (M x N) = A (M x Kr) * B (Kr x N) for each z = blockIdx.z, where A, B, C are *views* supplied by an
-// Op: plain strided matrices (linear) or implicit im2col views (convolutions). Block tile BM x BN x 8,
-// (BM/8) x (BN/8) threads, each owning an 8x8 register micro-tile made of 4x4 pieces strided by BM/2 rows
-// and BN/2 columns (so shared-memory reads are float4 and broadcast-friendly). Shared tiles are stored
-// k-major (As[k][m], Bs[k][n]) in a 3-stage ring filled by cp.async: tile j+2 is copied while tile j is
-// multiplied, with no register staging and one barrier per k-step. The k-range [kb, ke) is walked from
-// ke - nt*8 (nt = ceil((ke-kb)/8)): the first tile is the only partial one, so the loop's copies check
-// no k bound. Every store is bounds-checked by the main loop: any M, N, Kr.
+// Op: plain strided matrices (linear) or implicit im2col views (convolutions). Block tile BM x BN x 16,
+// (BM/TM) x (BN/8) threads, each owning a TM x 8 register micro-tile (GemmCfg::row: 4x4 pieces strided by
+// BM/2 rows and BN/2 columns, so shared-memory reads are float4 and broadcast-friendly). Shared tiles are
+// stored k-major (As[k][m], Bs[k][n]) in an S-stage ring filled by cp.async: tile j+S-1 is copied while
+// tile j is multiplied, with no register staging and one barrier per k-step. The k-range [kb, ke) is
+// walked from ke - nt*16 (nt = ceil((ke-kb)/16)): the first tile is the only partial one, so the loop's
+// copies check no k bound. Every store is bounds-checked by the main loop: any M, N, Kr.
 //
 // Gather tables: an Op with kTab = true gets, for every k of the tile it fetches, an Entry that it
-// computed once per k for the whole block (entry(k, kb, ke), run by threads 0..7 for a tile three steps
-// ahead, double-buffered in shared memory). The implicit-GEMM loaders decompose k = (c, r, s) or
+// computed once per k for the whole block (entry(k, kb, ke), run by threads 0..15 for the tile after the
+// one being fetched, double-buffered in shared memory). The implicit-GEMM loaders decompose k = (c, r, s) or
 // (img, p, q) there instead of per element, so their inner loop is adds, unsigned compares and copies.
 //
 // Op interface (all __device__ const; `Th` is whatever thread<Cfg>() returns: per-thread register state):
@@ -226,19 +238,33 @@ struct NoEntry {
     int unused;
 };
 
-template <int BM_, int BN_>
+template <int BM_, int BN_, int TM_ = 8, int S_ = (BM_ * BN_ >= 128 * 128 ? 2 : 3)>
 struct GemmCfg {
-    static constexpr int BM = BM_, BN = BN_, BK = 8, TM = 8, TN = 8, kStages = 3;
+    // 16-deep k-steps: the per-step costs (barrier, wait, stage rotation, the gather-table entries) are paid
+    // once per 16 x 64 FFMA instead of once per 8 x 64. 128x128 keeps two stages (three would need 50 KB of
+    // static shared memory); the smaller tiles keep three.
+    static constexpr int BM = BM_, BN = BN_, BK = 16, TM = TM_, TN = 8, kStages = S_;
     static constexpr int kThreads = (BM / TM) * (BN / TN);
     // Blocks per SM the register budget must allow (__launch_bounds__): 16 warps per SM, which caps the
-    // 8x8 micro-tile at 128 registers and hides one block's barrier stalls behind the others.
+    // micro-tile at 128 registers and hides one block's barrier stalls behind the others.
     static constexpr int kMinBlocks = 512 / kThreads;
     static constexpr int kAPerThread = BM * BK / kThreads, kBPerThread = BN * BK / kThreads;
-    // +4 floats per shared row: the k-contiguous fetch pattern stores 8 k-rows x 4 columns per warp,
-    // which this padding spreads over 32 distinct banks; rows stay 16-byte aligned for float4 reads.
+    // +4 floats per shared row: the k-contiguous fetch pattern stores k-rows x few columns per warp, which
+    // this padding spreads over the banks; rows stay 16-byte aligned for float4 reads.
     static constexpr int APitch = BM + 4, BPitch = BN + 4;
-    static_assert((BM == 64 || BM == 128) && (BN == 64 || BN == 128) && BM <= BN,
-                  "GemmCfg: tiles are 128x128, 64x128 or 64x64");
+    // Main-loop instructions per 100 FFMA (the loads, gathers and bookkeeping around them), as the SASS of
+    // the convolutions' loops shows them (benchmarks/model.py): what one FFMA of this tile costs in issue
+    // slots, relative to the others, when tile_cost compares tiles.
+    static constexpr int kLoopCost = BM == 128 ? 121 : (TM == 6 ? 135 : (BN == 128 ? 128 : 125));
+    static_assert(((TM == 8 && (BM == 64 || BM == 128)) || (TM == 6 && BM == 48)) && (BN == 64 || BN == 128) &&
+                      BM <= BN && (kStages == 2 || kStages == 3),
+                  "GemmCfg: tiles are 128x128, 64x128, 64x64 (8x8 micro-tiles) or 48x128, 48x64 (6x8)");
+    // Row of the block tile that a thread in row-group ty holds as its i-th micro-tile row. 8 rows: two
+    // pieces of 4 strided by BM/2 (float4 reads); 6 rows (BM = 48): 4 in the first 32 rows, 2 in the last 16
+    // (a float4 and a float2 read).
+    __host__ __device__ static constexpr int row(int i, int ty) {
+        return TM == 8 ? (i / 4) * (BM / 2) + ty * 4 + (i % 4) : (i < 4 ? ty * 4 + i : 32 + ty * 2 + (i - 4));
+    }
 };
 
 // Which element of a (BMN x BK) operand tile thread t of T fetches as its i-th element. k-contiguous: the
@@ -246,27 +272,33 @@ struct GemmCfg {
 // walk mn (mn = t % BMN fixed per thread, k = t / BMN + (T/BMN) i). Both cover the tile exactly once.
 template <int BMN, int BK, bool kContigK, int T>
 struct TileMap {
-    static_assert(T % BMN == 0 && T % BK == 0 && BMN % (T / BK) == 0, "TileMap: tile must divide the block");
+    static_assert(kContigK ? (T % BK == 0 && BMN % (T / BK) == 0) : (T % BMN == 0 && BK % (T / BMN) == 0),
+                  "TileMap: tile must divide the block");
     __device__ __forceinline__ static int mn(int t, int i) { return kContigK ? t / BK + (T / BK) * i : t % BMN; }
     __device__ __forceinline__ static int k(int t, int i) { return kContigK ? t % BK : t / BMN + (T / BMN) * i; }
     // Distance in mn (k-contiguous) or k (mn-contiguous) between a thread's consecutive elements.
     static constexpr int kStep = kContigK ? T / BK : T / BMN;
 };
 
-// The sink an Op's fetch writes to: it collects the thread's E sources, and issue() copies element i to
-// d + i * kStep in the shared stage. Issuing an operand's copies back to back, after its addresses are
-// known, keeps the compiler's padding between address arithmetic and a cp.async to one run per operand.
+// The sink an Op's fetch writes to: it collects the thread's sources in runs of kRun and copies element i
+// to d + i * kStep in the shared stage when a run is complete. Issuing copies back to back, after their
+// addresses are known, keeps the compiler's padding between address arithmetic and a cp.async to one run;
+// runs of at most 8 keep the sources of a 16-element operand from holding 32 registers at once.
 template <int E, int kStep>
 struct TilePut {
-    const float* src[E];
-    bool ok[E];
+    static constexpr int kRun = E < 8 ? E : 8;
+    float* d;
+    const float* src[kRun];
+    bool ok[kRun];
     __device__ __forceinline__ void operator()(int i, const float* s, bool o) {
-        src[i] = s;
-        ok[i] = o;
-    }
-    __device__ __forceinline__ void issue(float* d) const {
+        src[i % kRun] = s;
+        ok[i % kRun] = o;
+        if (i % kRun == kRun - 1 || i == E - 1) {
+            const int base = i - i % kRun;
 #pragma unroll
-        for (int i = 0; i < E; ++i) cp_async4(d + i * kStep, src[i], ok[i]);
+            for (int r = 0; r < kRun; ++r)
+                if (base + r <= i) cp_async4(d + (base + r) * kStep, src[r], ok[r]);
+        }
     }
 };
 
@@ -276,18 +308,16 @@ __device__ __forceinline__ void fetch_tile(const Op& op, const Th& th, const typ
                                            int ke, float* dA, float* dB) {
     using MapA = TileMap<Cfg::BM, Cfg::BK, Op::kAContigK, Cfg::kThreads>;
     using MapB = TileMap<Cfg::BN, Cfg::BK, Op::kBContigK, Cfg::kThreads>;
-    TilePut<Cfg::kAPerThread, Op::kAContigK ? MapA::kStep : MapA::kStep * Cfg::APitch> pa;
-    TilePut<Cfg::kBPerThread, Op::kBContigK ? MapB::kStep : MapB::kStep * Cfg::BPitch> pb;
+    TilePut<Cfg::kAPerThread, Op::kAContigK ? MapA::kStep : MapA::kStep * Cfg::APitch> pa{dA};
+    TilePut<Cfg::kBPerThread, Op::kBContigK ? MapB::kStep : MapB::kStep * Cfg::BPitch> pb{dB};
     op.template fetch_a<Cfg, kCheck>(th, tab, k0, kb, ke, pa);
-    pa.issue(dA);
     op.template fetch_b<Cfg, kCheck>(th, tab, k0, kb, ke, pb);
-    pb.issue(dB);
 }
 
 template <class Cfg, class Op>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_kernel(const Op op) {
     constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN, T = Cfg::kThreads;
-    constexpr int S = Cfg::kStages;
+    constexpr int S = Cfg::kStages, L = S - 1;  // L: tiles in flight ahead of the one being multiplied
     using Entry = typename Op::Entry;
     __shared__ __align__(16) float As[S][BK][Cfg::APitch];
     __shared__ __align__(16) float Bs[S][BK][Cfg::BPitch];
@@ -316,6 +346,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
         int k0 = ke - nt * BK;  // the partial tile first: every tile the loop fetches is whole
         float* const dA = &As[0][MapA::k(t, 0)][MapA::mn(t, 0)];  // this thread's element 0 in stage 0
         float* const dB = &Bs[0][MapB::k(t, 0)][MapB::mn(t, 0)];
+        // Table slot of tile i: i & 1. Slots of tiles 0 and 1 first; in step j the slot of tile j + L + 1
+        // is written, whose previous tile (j + L - 1) was fetched before step j's barrier.
         if (Op::kTab) {
             if (t < BK) {
                 tab[0][t] = op.entry(k0 + t, kb, ke);
@@ -325,33 +357,43 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
         }
         fetch_tile<Cfg, true>(op, th, tab[0], k0, kb, ke, dA, dB);
         cp_async_commit();
-        if (nt > 1) {
-            fetch_tile<Cfg, false>(op, th, tab[1], k0 + BK, kb, ke, dA + kAStage, dB + kBStage);
-        }
-        cp_async_commit();
-        if (Op::kTab) {
-            __syncthreads();  // slot 0 (tile 0) has been read by every thread
-            if (t < BK) tab[0][t] = op.entry(k0 + 2 * BK + t, kb, ke);
+        if constexpr (L == 2) {
+            if (nt > 1) {
+                fetch_tile<Cfg, false>(op, th, tab[1], k0 + BK, kb, ke, dA + kAStage, dB + kBStage);
+            }
+            cp_async_commit();
+            if (Op::kTab) {
+                __syncthreads();  // slot 0 (tile 0) has been read by every thread
+                if (t < BK) tab[0][t] = op.entry(k0 + 2 * BK + t, kb, ke);
+            }
         }
 
-        int sc = 0, sn = 2;  // stages of tile j and of tile j + 2
+        int sc = 0, sn = L;  // stages of tile j and of tile j + L
         for (int j = 0; j < nt; ++j, k0 += BK) {
-            cp_async_wait<1>();  // this thread's copies of tile j have landed (tile j + 1 may be in flight)
-            __syncthreads();     // everyone's have; stage sn (tile j - 1) and table slot (j+1)&1 are free
-            if (j + 2 < nt) {
-                fetch_tile<Cfg, false>(op, th, tab[j & 1], k0 + 2 * BK, kb, ke, dA + sn * kAStage, dB + sn * kBStage);
+            cp_async_wait<L - 1>();  // this thread's copies of tile j have landed (later ones may be in flight)
+            __syncthreads();         // everyone's have; stage sn (tile j - 1) and table slot (j+L+1)&1 are free
+            if (j + L < nt) {
+                fetch_tile<Cfg, false>(op, th, tab[(j + L) & 1], k0 + L * BK, kb, ke, dA + sn * kAStage,
+                                       dB + sn * kBStage);
             }
             cp_async_commit();  // possibly empty: keeps one group per step for the wait above
-            if (Op::kTab && t < BK) tab[(j + 1) & 1][t] = op.entry(k0 + 3 * BK + t, kb, ke);
+            if (Op::kTab && t < BK) tab[(j + L + 1) & 1][t] = op.entry(k0 + (L + 1) * BK + t, kb, ke);
             const float* const as = &As[sc][0][0];
             const float* const bs = &Bs[sc][0][0];
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) {
                 float a[TM], b[TN];
+                const float4 v = *reinterpret_cast<const float4*>(as + kk * Cfg::APitch + Cfg::row(0, ty));
+                a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
+                if constexpr (TM == 8) {
+                    const float4 v2 = *reinterpret_cast<const float4*>(as + kk * Cfg::APitch + Cfg::row(4, ty));
+                    a[4] = v2.x; a[5] = v2.y; a[6] = v2.z; a[7] = v2.w;
+                } else {
+                    const float2 v2 = *reinterpret_cast<const float2*>(as + kk * Cfg::APitch + Cfg::row(4, ty));
+                    a[4] = v2.x; a[5] = v2.y;
+                }
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const float4 v = *reinterpret_cast<const float4*>(as + kk * Cfg::APitch + h * (BM / 2) + ty * 4);
-                    a[4 * h] = v.x; a[4 * h + 1] = v.y; a[4 * h + 2] = v.z; a[4 * h + 3] = v.w;
                     const float4 u = *reinterpret_cast<const float4*>(bs + kk * Cfg::BPitch + h * (BN / 2) + tx * 4);
                     b[4 * h] = u.x; b[4 * h + 1] = u.y; b[4 * h + 2] = u.z; b[4 * h + 3] = u.w;
                 }
@@ -368,7 +410,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
 
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-        const int m = m0 + (i / 4) * (BM / 2) + ty * 4 + (i % 4);
+        const int m = m0 + Cfg::row(i, ty);
         if (m >= op.M) continue;
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
@@ -377,6 +419,41 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
         }
     }
 }
+
+// Both towers' problems of one pass in one launch, when they share a device and a stream: slices z in
+// [0, zper) are tower 0's op (slice z), [zper, 2 zper) tower 1's (slice z - zper). The two ops have the same
+// geometry and differ only in their pointers, so the gather table and the fetches (which read the
+// per-thread state and the geometry) are tower 0's code; thread() and store() pick the tower. A launch twice
+// as large fills the tail round of one tower with the other's blocks. Each output element's k-sum runs in
+// the same order as in a launch of its own tower (the tile shape never changes that order, and the pair
+// keeps the single launch's split-K), so the results are bit for bit those of two launches.
+template <class Op>
+struct TowerPair {
+    static constexpr bool kAContigK = Op::kAContigK, kBContigK = Op::kBContigK, kTab = Op::kTab;
+    using Entry = typename Op::Entry;
+    int M, N, zper;
+    Op op0, op1;
+
+    __device__ Entry entry(int k, int kb, int ke) const { return op0.entry(k, kb, ke); }
+    template <class Cfg>
+    __device__ auto thread(int z, int m0, int n0) const {
+        return z < zper ? op0.template thread<Cfg>(z, m0, n0) : op1.template thread<Cfg>(z - zper, m0, n0);
+    }
+    __device__ void k_range(int z, int& kb, int& ke) const { op0.k_range(z < zper ? z : z - zper, kb, ke); }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        op0.template fetch_a<Cfg, kCheck>(t, tab, k0, kb, ke, put);
+    }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        op0.template fetch_b<Cfg, kCheck>(t, tab, k0, kb, ke, put);
+    }
+    template <class Th>
+    __device__ void store(const Th& t, int z, int m, int n, float v) const {
+        if (z < zper) op0.store(t, z, m, n, v);
+        else op1.store(t, z - zper, m, n, v);
+    }
+};
 
 constexpr int64_t kMaxGemmDim = 0x7fffffffll - 1024;
 
@@ -396,10 +473,12 @@ inline int64_t gemm_tiles(int M, int N) {
     return ((static_cast<int64_t>(M) + Cfg::BM - 1) / Cfg::BM) * ((static_cast<int64_t>(N) + Cfg::BN - 1) / Cfg::BN);
 }
 
-using GemmBig = GemmCfg<128, 128>;    // 256 threads: for problems with enough tiles to fill the GPU
-using GemmWide = GemmCfg<64, 128>;    // 128 threads: the convolutions' forward / grad-input when M or the
-                                      // number of 128x128 tiles fits it better (M = 48, 192, tail rounds)
-using GemmSmall = GemmCfg<64, 64>;    // 64 threads: small M or few tiles, with split-K
+using GemmBig = GemmCfg<128, 128>;       // 256 threads: for problems with enough tiles to fill the GPU
+using GemmWide = GemmCfg<64, 128>;       // 128 threads: M = 64, 192, or when 128x128 tiles round badly
+using GemmNarrow = GemmCfg<48, 128, 6>;  // 128 threads, 6x8 micro-tiles: M = 48, 96 (k-contiguous A only)
+using GemmSmall = GemmCfg<64, 64>;       // 64 threads: the linear layers' small or odd M, with split-K
+
+enum class Tile { Big, Wide, Narrow, Small };
 
 // Blocks that keep an H100 (132 SMs) busy: a fixed number, so results do not depend on the GPU model.
 constexpr int64_t kTargetBlocks = 264;
@@ -407,43 +486,60 @@ constexpr int64_t kTargetBlocks = 264;
 // True when the 128x128 tile already gives enough blocks without split-K and does not waste most of M.
 inline bool use_big_tiles(int M, int N, int Z) { return M > 64 && N > 64 && gemm_tiles<GemmBig>(M, N) * Z >= kTargetBlocks; }
 
+// True when 48-row tiles pad M less than 64-row ones (M = 48, 96, 40, ...).
+inline bool narrow_fits(int M) { return (M + 47) / 48 * 48 < (M + 63) / 64 * 64; }
+
 // Relative time of an M x N (x Z) GEMM on tile Cfg, for choosing between tiles: the busiest of 132 SMs runs
 // ceil(blocks / 132) blocks in rounds of up to kMinBlocks (what the registers allow); a round issues at full
-// rate once 16 warps are resident, else in proportion to its warps; each block costs its BM x BN.
+// rate once 16 warps are resident, else in proportion to its warps; each block costs its BM x BN FFMA at
+// kLoopCost issue slots per 100.
 template <class Cfg>
 inline int64_t tile_cost(int M, int N, int Z) {
     const int64_t per_sm = (gemm_tiles<Cfg>(M, N) * Z + 131) / 132;
     const int64_t full = per_sm / Cfg::kMinBlocks, rest = per_sm % Cfg::kMinBlocks;
     const int64_t slow = 16 / (Cfg::kThreads / 32);  // a round of fewer blocks costs this many
     const int64_t rounds = full * Cfg::kMinBlocks + (rest > 0 ? (rest > slow ? rest : slow) : 0);
-    return rounds * Cfg::BM * Cfg::BN;
+    return rounds * Cfg::BM * Cfg::BN * Cfg::kLoopCost;
 }
 
-// Forward and grad-input convolutions (no split-K): 128x128 where it costs no more than 64x128, else 64x128.
-inline bool conv_big_tiles(int M, int N, int Z) {
-    return M > 64 && N > 64 && tile_cost<GemmBig>(M, N, Z) <= tile_cost<GemmWide>(M, N, Z);
+// Forward and grad-input convolutions (no split-K): the cheapest of 128x128, 64x128 and 48x128 by tile_cost
+// (128x128 only for M > 64, N > 64); a tie goes to the larger tile.
+inline Tile conv_tile(int M, int N, int Z) {
+    const int64_t big = M > 64 && N > 64 ? tile_cost<GemmBig>(M, N, Z) : INT64_MAX;
+    const int64_t wide = tile_cost<GemmWide>(M, N, Z), narrow = tile_cost<GemmNarrow>(M, N, Z);
+    if (big <= wide && big <= narrow) return Tile::Big;
+    return wide <= narrow ? Tile::Wide : Tile::Narrow;
 }
 
-// Blocks of the 64x64 tile (64 threads) that fill an H100 at the 8 per SM its register budget allows.
-constexpr int64_t kTargetSmallBlocks = 132 * GemmSmall::kMinBlocks;
+// Split-K GEMMs (weight gradients, linear layers): 128x128 without split-K when that gives enough blocks;
+// else split-K on 48x128 tiles where they fit M better (narrow_ok: an op whose A is k-contiguous), on
+// 128x128 tiles when M is a multiple of 128, and on `other` (64x128 or 64x64) otherwise.
+inline Tile split_tile(int M, int N, int Z, bool narrow_ok, Tile other) {
+    if (use_big_tiles(M, N, Z)) return Tile::Big;
+    if (narrow_ok && narrow_fits(M)) return Tile::Narrow;
+    if (M % 128 == 0) return Tile::Big;
+    return other;
+}
 
-// Split-K for the 64x64 tile: how many slices the reduction of length Kr is cut into so that `blocks`
-// tiles become at most about kTargetSmallBlocks blocks, each slice at least 128 long and a multiple of the 8-deep
-// k-step. Returns the slice length in *chunk; the slice count is ceil(Kr / chunk). Depends only on the
-// shape: deterministic.
+// Split-K on tile Cfg: how many slices the reduction of length Kr is cut into so that `blocks` tiles become
+// at most one round of the GPU (132 x kMinBlocks blocks), each slice at least 128 long and a multiple of
+// the 16-deep k-step; only when the tiles alone fill under half of it. Returns the slice length in *chunk;
+// the slice count is ceil(Kr / chunk). Depends only on the shape: deterministic.
+template <class Cfg>
 inline int choose_split_k(int64_t blocks, int Kr, int* chunk) {
+    constexpr int64_t target = 132 * Cfg::kMinBlocks;
     int splits = 1;
-    if (blocks < kTargetSmallBlocks / 2 && Kr > 256) {
+    if (blocks < target / 2 && Kr > 256) {
         // Rounded down: one more block than the GPU holds at once would cost a whole extra round.
-        const int64_t want = kTargetSmallBlocks / blocks;
+        const int64_t want = target / blocks;
         const int64_t most = Kr / 128;
         splits = static_cast<int>(want < most ? want : most);
         if (splits > 256) splits = 256;
         if (splits < 1) splits = 1;
     }
     int c = (Kr + splits - 1) / splits;
-    c = (c + 7) / 8 * 8;
-    if (c < 8) c = 8;
+    c = (c + Cfg::BK - 1) / Cfg::BK * Cfg::BK;
+    if (c < Cfg::BK) c = Cfg::BK;
     *chunk = c;
     return Kr > 0 ? (Kr + c - 1) / c : 1;
 }

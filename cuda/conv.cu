@@ -1,10 +1,12 @@
 // CUDA backend of the conv family. The three matrix passes are implicit GEMMs on the shared tiled main
-// loop (common.cuh: 128x128, 64x128 or 64x64 block tiles, 8-deep k-steps, 8x8 register micro-tiles, a 3-stage
-// cp.async shared-memory ring); only the operand views differ, below. Group g is blockIdx.z (wgrad:
+// loop (common.cuh: 128x128, 64x128 or 48x128 block tiles, 16-deep k-steps, 8x8 or 6x8 register micro-tiles, a
+// 2- or 3-stage cp.async shared-memory ring); only the operand views differ, below. Group g is blockIdx.z (wgrad:
 // z = g * splits + split). Index decomposition uses FastDiv (multiply-high), once per thread for what the
 // tile mapping keeps fixed and once per k per block in the gather tables (common.cuh) for the rest. No
 // atomics anywhere: wgrad's split-K writes partial sums to a workspace that a second kernel adds in a
 // fixed order, and the bias gradient sums fixed slices per block, then the slices in order.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace ax {
@@ -16,23 +18,27 @@ namespace {
 struct ConvGeom {
     int N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw, groups;
     int Cg, Kg, RS, HW, PQ, CgRS;
+    unsigned repl;  // bit r*S for every r < R (tap_mask), when R*S <= 32
     FastDiv fS, fRS, fQ, fPQ, fW, fHW, fsh, fsw;
 
     ConvGeom(const Conv2dParams& p, const char* opname)
         : N(p.N), C(p.C), H(p.H), W(p.W), K(p.K), R(p.R), S(p.S), P(p.P), Q(p.Q), sh(p.stride_h),
           sw(p.stride_w), ph(p.pad_h), pw(p.pad_w), groups(p.groups) {
         const int64_t lim = kMaxGemmDim;
-        // Loaders index within one image (and GEMM columns over the batch) with 32-bit ints.
+        // Loaders index x and dy (the whole batch: the weight gradient's table) and GEMM columns with 32-bit ints.
         require(static_cast<int64_t>(N) * P * Q <= lim && static_cast<int64_t>(N) * H * W <= lim &&
-                    static_cast<int64_t>(C) * H * W <= lim && static_cast<int64_t>(K) * P * Q <= lim &&
+                    static_cast<int64_t>(N) * C * H * W <= lim && static_cast<int64_t>(N) * K * P * Q <= lim &&
                     static_cast<int64_t>(K) * C * R * S <= lim,
-                opname, "tensor too large for 32-bit per-image indexing");
+                opname, "tensor too large for 32-bit indexing");
         Cg = C / groups;
         Kg = K / groups;
         RS = R * S;
         HW = H * W;
         PQ = P * Q;
         CgRS = Cg * RS;
+        repl = 0;
+        if (RS <= 32)
+            for (int r = 0; r < R; ++r) repl |= 1u << (r * S);
         fS = FastDiv(S);
         fRS = FastDiv(RS);
         fQ = FastDiv(Q);
@@ -74,8 +80,9 @@ __device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k
     const int k = k0 + a.kt;
     const bool kok = !kCheck || (k >= kb && k < ke);
     const float* p = a.p + koff;
+    const unsigned mask = opaque(a.mask);
 #pragma unroll
-    for (int i = 0; i < RowsA<Cfg>::kN; ++i) put(i, p + static_cast<int64_t>(i) * a.step, kok && ((a.mask >> i) & 1u));
+    for (int i = 0; i < RowsA<Cfg>::kN; ++i) put(i, p + static_cast<int64_t>(i) * a.step, kok && ((mask >> i) & 1u));
 }
 
 // True when 0 <= base + d < lim (one unsigned compare; base + d never overflows: both are > -2^30).
@@ -83,33 +90,53 @@ __device__ __forceinline__ bool inside(int base, int d, int lim) {
     return static_cast<unsigned>(base) + static_cast<unsigned>(d) < static_cast<unsigned>(lim);
 }
 
+// The low n bits (n in [0, 32]).
+__device__ __forceinline__ unsigned low_bits(int n) { return n >= 32 ? 0xffffffffu : (1u << n) - 1u; }
+
+// Window taps as one 32-bit mask (ops with kMask, used when R*S <= 32): bit r*S + s is set for the taps
+// (r, s) with r in [r0, r1) and s in [s0, s1). `repl` has bit r*S for every r < R, so the product replicates
+// the s-range into every row without carries. A load's bounds check is then one AND with the entry's bit.
+__device__ __forceinline__ unsigned tap_mask(int r0, int r1, int s0, int s1, int S, unsigned repl) {
+    if (r0 >= r1 || s0 >= s1) return 0u;
+    const unsigned cols = low_bits(s1) & ~low_bits(s0);
+    return (cols * repl) & low_bits(r1 * S) & ~low_bits(r0 * S);
+}
+
 // ---- forward: y[n,k,p,q] = sum_{c,r,s} w[k,c,r,s] * x[n, c, p*sh-ph+r, q*sw-pw+s] + b[k] ----------
 // GEMM per group: M = Kg (output channel), N = batch*P*Q (output pixel), Kr = Cg*R*S (c,r,s).
 // A = weights, row-major (Kg x CgRS) slice: k-contiguous. B = im2col of x, gathered on the fly: threads
 // walk output pixels (coalesced along q), each thread keeps one pixel per tile (its window origin and
 // image base), and the table gives each k's tap (c*H*W + r*W + s, r, s): a load is two adds, two unsigned
-// compares and an address add.
+// compares and an address add. kMask (R*S <= 32): the thread keeps which of its window's taps lie inside x as
+// one mask and the table gives each k its tap's bit instead of (r, s): the check is one AND.
+template <bool kMask>
 struct ConvFwd {
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
     struct Entry {
-        int off, r, s, unused;  // tap offset from the window origin; r, s (kGatherInvalid outside the range)
+        int off, r, s;  // tap offset from the window origin; r, s (kGatherInvalid outside the range); kMask:
+                        // r is the tap's bit (0 outside the range), s unused
+        int unused;
     };
     int M, N;
     ConvGeom g;
+    // The epilogue applies the ReLU (Conv2dParams::relu). An int in the 4 bytes before the pointers, so that the
+    // struct has no padding: the emulator (tests/cuda_emu) takes every pointer-sized word of a kernel's parameter
+    // struct that points into device memory for an operand, and uninitialized padding beside a bool could hold
+    // a stale pointer (static_assert below).
+    int relu;
     const float* x;
     const float* w;
     const float* b;
     float* y;
-    bool relu;  // the epilogue applies the ReLU (Conv2dParams::relu)
 
     __device__ Entry entry(int k, int kb, int ke) const {
-        Entry e{0, kGatherInvalid, kGatherInvalid, 0};
+        Entry e{0, kMask ? 0 : kGatherInvalid, kGatherInvalid, 0};
         if (k >= kb && k < ke) {
             int c, rs, rr, ss;
             g.fRS.divmod(k, c, rs);
             g.fS.divmod(rs, rr, ss);
             e.off = c * g.HW + rr * g.W + ss;
-            e.r = rr;
+            e.r = kMask ? static_cast<int>(1u << rs) : rr;
             e.s = ss;
         }
         return e;
@@ -119,6 +146,7 @@ struct ConvFwd {
         RowsA<Cfg> a;
         const float* xb;  // x at (img, first channel of the group, h0, w0); only dereferenced inside x
         int h0, w0;       // window origin of this thread's output pixel (kGatherInvalid outside N)
+        unsigned taps;    // kMask: bit r*S + s when tap (r, s) of the window lies inside x (0 outside N)
     };
     template <class Cfg>
     __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
@@ -126,6 +154,7 @@ struct ConvFwd {
         t.a = rows_a<Cfg>(w + static_cast<int64_t>(z) * g.Kg * g.CgRS, g.CgRS, m0, M);
         t.xb = x;
         t.h0 = t.w0 = kGatherInvalid;
+        t.taps = 0;
         const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
         if (n < N) {
             int img, pq, p, q;
@@ -133,6 +162,9 @@ struct ConvFwd {
             g.fQ.divmod(pq, p, q);
             t.h0 = p * g.sh - g.ph;
             t.w0 = q * g.sw - g.pw;
+            if (kMask)
+                t.taps = tap_mask(max(0, -t.h0), min(g.R, g.H - t.h0), max(0, -t.w0), min(g.S, g.W - t.w0), g.S,
+                                  g.repl);
             t.xb = x + ((static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg) * g.HW +
                         static_cast<int64_t>(t.h0) * g.W + t.w0);
         }
@@ -153,7 +185,11 @@ struct ConvFwd {
 #pragma unroll
         for (int i = 0; i < Cfg::kBPerThread; ++i) {
             const Entry e = tab[kt + Map::kStep * i];
-            put(i, t.xb + e.off, inside(t.h0, e.r, g.H) & inside(t.w0, e.s, g.W));
+            if (kMask) {
+                put(i, t.xb + e.off, (t.taps & static_cast<unsigned>(e.r)) != 0u);
+            } else {
+                put(i, t.xb + e.off, inside(t.h0, e.r, g.H) & inside(t.w0, e.s, g.W));
+            }
         }
     }
     template <class Th>
@@ -162,7 +198,7 @@ struct ConvFwd {
         g.fPQ.divmod(n, img, pq);
         const int k = z * g.Kg + m;
         if (b != nullptr) v += b[k];
-        if (relu) v = relu_epilogue(v);
+        if (relu != 0) v = relu_epilogue(v);
         y[(static_cast<int64_t>(img) * g.K + k) * g.PQ + pq] = v;
     }
 };
@@ -174,14 +210,17 @@ struct ConvFwd {
 // pixels (coalesced along w), each thread keeps one pixel per tile. The table gives each k = (ko, r, s)
 // its weight offset and dy tap. kUnit (stride 1 both ways, every AlexNet layer that needs this pass): the
 // tap is dy at (h + ph - r, w + pw - s), so a load is two adds, two compares and an address add; strided,
-// the division by the stride stays per element (FastDiv).
-template <bool kUnit>
+// the division by the stride stays per element (FastDiv). kMask (kUnit and R*S <= 32): as in ConvFwd, the
+// thread's valid taps in one mask and each entry's tap bit in r.
+template <bool kUnit, bool kMask = false>
 struct ConvBwdInput {
+    static_assert(kUnit || !kMask, "ConvBwdInput: the tap mask needs stride 1");
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
     struct Entry {
         int aoff;  // ko * Cg*R*S + r*S + s: the weight offset of k (row c adds c*R*S)
         int boff;  // kUnit: ko*P*Q - r*Q - s (from the thread's (h+ph, w+pw) base); else ko*P*Q
-        int r, s;  // kUnit: -r, -s; else r, s (kGatherInvalid outside the range, either way failing)
+        int r, s;  // kUnit: -r, -s; else r, s (kGatherInvalid outside the range, either way failing);
+                   // kMask: r is the tap's bit (0 outside the range), s unused
     };
     int M, N;
     ConvGeom g;
@@ -191,14 +230,14 @@ struct ConvBwdInput {
     const float* relu_y;  // nullable: the epilogue passes dx back through the ReLU whose output x was
 
     __device__ Entry entry(int k, int kb, int ke) const {
-        Entry e{0, 0, kGatherInvalid, kGatherInvalid};
+        Entry e{0, 0, kMask ? 0 : kGatherInvalid, kGatherInvalid};
         if (k >= kb && k < ke) {
             int ko, rs, rr, ss;
             g.fRS.divmod(k, ko, rs);
             g.fS.divmod(rs, rr, ss);
             e.aoff = ko * g.CgRS + rs;
             e.boff = kUnit ? ko * g.PQ - rr * g.Q - ss : ko * g.PQ;
-            e.r = kUnit ? -rr : rr;
+            e.r = kMask ? static_cast<int>(1u << rs) : (kUnit ? -rr : rr);
             e.s = kUnit ? -ss : ss;
         }
         return e;
@@ -209,6 +248,7 @@ struct ConvBwdInput {
         const float* dyb;  // kUnit: dy at (img, group's first channel, h+ph, w+pw); else at (img, channel)
         int hp, wp;        // h + pad_h, w + pad_w of this thread's input pixel (kGatherInvalid outside N;
                            // strided: -kGatherInvalid, which no tap reaches)
+        unsigned taps;     // kMask: bit r*S + s when tap (r, s) reaches inside dy (0 outside N)
     };
     template <class Cfg>
     __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
@@ -216,6 +256,7 @@ struct ConvBwdInput {
         t.a = rows_a<Cfg>(w + static_cast<int64_t>(z) * g.Kg * g.CgRS, g.RS, m0, M);
         t.dyb = dy;
         t.hp = t.wp = kUnit ? kGatherInvalid : -kGatherInvalid;
+        t.taps = 0;
         const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
         if (n < N) {
             int img, hw, h, wx;
@@ -223,6 +264,10 @@ struct ConvBwdInput {
             g.fW.divmod(hw, h, wx);
             t.hp = h + g.ph;
             t.wp = wx + g.pw;
+            // Tap (r, s) reads dy at (hp - r, wp - s): inside for r in (hp - P, hp], s in (wp - Q, wp].
+            if (kMask)
+                t.taps = tap_mask(max(0, t.hp - g.P + 1), min(g.R, t.hp + 1), max(0, t.wp - g.Q + 1),
+                                  min(g.S, t.wp + 1), g.S, g.repl);
             t.dyb = dy + (static_cast<int64_t>(img) * g.K + static_cast<int64_t>(z) * g.Kg) * g.PQ +
                     (kUnit ? static_cast<int64_t>(t.hp) * g.Q + t.wp : 0);
         }
@@ -243,7 +288,9 @@ struct ConvBwdInput {
 #pragma unroll
         for (int i = 0; i < Cfg::kBPerThread; ++i) {
             const Entry e = tab[kt + Map::kStep * i];
-            if (kUnit) {
+            if (kMask) {
+                put(i, t.dyb + e.boff, (t.taps & static_cast<unsigned>(e.r)) != 0u);
+            } else if (kUnit) {
                 put(i, t.dyb + e.boff, inside(t.hp, e.r, g.P) & inside(t.wp, e.s, g.Q));
             } else {
                 const int hs = t.hp - e.r, ws = t.wp - e.s;  // = p*sh, q*sw when this tap hits dy
@@ -273,9 +320,9 @@ struct ConvBwdInput {
 struct ConvBwdWeight {
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
     struct Entry {
-        int64_t aoff;  // img * K*P*Q + p*Q + q
-        int64_t boff;  // img * C*H*W + h0*W + w0
-        int h0, w0;    // p*sh - ph, q*sw - pw (kGatherInvalid outside the range)
+        int aoff;    // img * K*P*Q + p*Q + q (32-bit: dy and x hold < 2^31 elements, ConvGeom)
+        int boff;    // img * C*H*W + h0*W + w0
+        int h0, w0;  // p*sh - ph, q*sw - pw (kGatherInvalid outside the range)
     };
     int M, N, Kr, kchunk, splits;
     ConvGeom g;
@@ -291,8 +338,8 @@ struct ConvBwdWeight {
             g.fQ.divmod(pq, p, q);
             e.h0 = p * g.sh - g.ph;
             e.w0 = q * g.sw - g.pw;
-            e.aoff = static_cast<int64_t>(img) * g.K * g.PQ + pq;
-            e.boff = static_cast<int64_t>(img) * g.C * g.HW + static_cast<int64_t>(e.h0) * g.W + e.w0;
+            e.aoff = img * g.K * g.PQ + pq;
+            e.boff = img * g.C * g.HW + e.h0 * g.W + e.w0;
         }
         return e;
     }
@@ -350,15 +397,71 @@ struct ConvBwdWeight {
     }
 };
 
-// Forward and grad-input: 128x128 or 64x128 tiles (conv_big_tiles); launches over Z = groups slices.
+// Forward and grad-input: 128x128, 64x128 or 48x128 tiles (conv_tile); launches over Z = groups slices.
+template <class Cfg, class Op>
+void launch_tiles(const char* opname, const Op& op, int Z, cudaStream_t s) {
+    gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, op.M, op.N, Z), Cfg::kThreads, 0, s>>>(op);
+    AX_LAUNCH_CHECK(opname);
+}
 template <class Op>
 void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
-    if (conv_big_tiles(op.M, op.N, Z)) {
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, Z), GemmBig::kThreads, 0, s>>>(op);
-    } else {
-        gemm_tiled_kernel<GemmWide><<<gemm_grid<GemmWide>(opname, op.M, op.N, Z), GemmWide::kThreads, 0, s>>>(op);
+    switch (conv_tile(op.M, op.N, Z)) {
+        case Tile::Big: launch_tiles<GemmBig>(opname, op, Z, s); break;
+        case Tile::Narrow: launch_tiles<GemmNarrow>(opname, op, Z, s); break;
+        default: launch_tiles<GemmWide>(opname, op, Z, s); break;
     }
-    AX_LAUNCH_CHECK(opname);
+}
+
+// Weight gradient of n = 1 or 2 towers (ops[i] -> dw[i], the same shapes) on tile Cfg: split-K as
+// choose_split_k<Cfg> says for one tower (a pair keeps that split, so its bits are the single launch's), the
+// partial sums of `splits` > 1 slices in a workspace that splitk_reduce adds in slice order, per tower.
+template <class Cfg, class Op>
+void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p, float* const* dw, void* stream) {
+    int chunk = 0;
+    const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(ops[0].M, ops[0].N) * p.groups, ops[0].Kr, &chunk);
+    const int zper = splits * p.groups;
+    require(static_cast<int64_t>(zper) * n <= 65535, opname, "too many groups for one launch");
+    const int64_t total = static_cast<int64_t>(p.K) * ops[0].g.CgRS;
+    Tensor ws;
+    if (splits > 1) ws = workspace(opname, total * splits * n, stream);
+    for (int i = 0; i < n; ++i) {
+        ops[i].splits = splits;
+        ops[i].kchunk = chunk;
+        ops[i].out = splits == 1 ? dw[i] : ws.data<float>() + i * total * splits;
+    }
+    const cudaStream_t s = as_stream(stream);
+    if (n == 1) {
+        launch_tiles<Cfg>(opname, ops[0], zper, s);
+    } else {
+        launch_tiles<Cfg>(opname, TowerPair<Op>{ops[0].M, ops[0].N, zper, ops[0], ops[1]}, 2 * zper, s);
+    }
+    if (splits > 1)
+        for (int i = 0; i < n; ++i)
+            splitk_reduce(opname, total, splits, ws.data<float>() + i * total * splits, nullptr, 1, dw[i], stream);
+}
+
+// The n towers' weight gradients (x[i], dy[i] -> dw[i]) on the tile split_tile picks for one tower. (A tap
+// mask as in the forward does not pay here: the table entry, computed in the loop, would build it per k.)
+void conv_wgrad(const Conv2dParams& p, int n, const float* const* x, const float* const* dy, float* const* dw,
+                void* stream) {
+    const char* opname = "conv2d_backward_weight";
+    if (static_cast<int64_t>(p.K) * (p.C / p.groups) * p.R * p.S == 0) return;
+    const ConvGeom g(p, opname);
+    const int u = n - 1;
+    ConvBwdWeight ops[2] = {ConvBwdWeight{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[0], dy[0], dw[0]},
+                            ConvBwdWeight{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[u], dy[u], dw[u]}};
+    switch (split_tile(g.Kg, g.CgRS, p.groups, true, Tile::Wide)) {
+        case Tile::Big: launch_conv_wgrad<GemmBig>(opname, ops, n, p, dw, stream); break;
+        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, stream); break;
+        default: launch_conv_wgrad<GemmWide>(opname, ops, n, p, dw, stream); break;
+    }
+}
+
+// A pair of ops on one stream: tower 1's slices follow tower 0's in blockIdx.z.
+template <class Op>
+void launch_conv_pair(const char* opname, const Op& op0, const Op& op1, int groups, cudaStream_t s) {
+    require(2 * static_cast<int64_t>(groups) <= 65535, opname, "too many groups for one launch");
+    launch_conv_gemm(opname, TowerPair<Op>{op0.M, op0.N, groups, op0, op1}, 2 * groups, s);
 }
 
 // db[k] = sum over n, p, q of dy[n,k,p,q], in two fixed-order passes (no atomics). Channel k's N*P*Q values,
@@ -415,61 +518,92 @@ __global__ void __launch_bounds__(kThreads1d)
     }
 }
 
+// One tower's op (n = 1) or both towers' in one launch (n = 2).
+template <class Op>
+void launch_towers(const char* opname, const Op* ops, int n, int groups, cudaStream_t s) {
+    if (n == 1) {
+        launch_conv_gemm(opname, ops[0], groups, s);
+    } else {
+        launch_conv_pair(opname, ops[0], ops[1], groups, s);
+    }
+}
+
+template <bool kMask>
+void conv_fwd_towers(const Conv2dParams& p, const ConvGeom& g, int n, const float* const* x, const float* const* w,
+                     const float* const* b, float* const* y, cudaStream_t s) {
+    const int u = n - 1;
+    static_assert(std::has_unique_object_representations_v<ConvFwd<kMask>>, "ConvFwd: no padding bytes");
+    const int relu = p.relu ? 1 : 0;
+    const ConvFwd<kMask> ops[2] = {ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, relu, x[0], w[0], b[0], y[0]},
+                                   ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, relu, x[u], w[u], b[u], y[u]}};
+    launch_towers("conv2d_forward", ops, n, p.groups, s);
+}
+
+// Forward of n towers: the tap-mask loaders when the window has at most 32 taps.
+void conv_fwd(const Conv2dParams& p, int n, const float* const* x, const float* const* w, const float* const* b,
+              float* const* y, void* stream) {
+    if (static_cast<int64_t>(p.N) * p.K * p.P * p.Q == 0) return;
+    const ConvGeom g(p, "conv2d_forward");
+    if (g.RS <= 32) {
+        conv_fwd_towers<true>(p, g, n, x, w, b, y, as_stream(stream));
+    } else {
+        conv_fwd_towers<false>(p, g, n, x, w, b, y, as_stream(stream));
+    }
+}
+
+template <bool kUnit, bool kMask>
+void conv_dgrad_towers(const Conv2dParams& p, const ConvGeom& g, int n, const float* const* dy,
+                       const float* const* w, const float* const* relu_y, float* const* dx, cudaStream_t s) {
+    using Op = ConvBwdInput<kUnit, kMask>;
+    const int u = n - 1;
+    const Op ops[2] = {Op{g.Cg, p.N * g.HW, g, dy[0], w[0], dx[0], relu_y[0]},
+                       Op{g.Cg, p.N * g.HW, g, dy[u], w[u], dx[u], relu_y[u]}};
+    launch_towers("conv2d_backward_input", ops, n, p.groups, s);
+}
+
+// Grad-input of n towers: stride 1 gathers without division, with the tap mask for windows of <= 32 taps.
+void conv_dgrad(const Conv2dParams& p, int n, const float* const* dy, const float* const* w,
+                const float* const* relu_y, float* const* dx, void* stream) {
+    if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
+    const ConvGeom g(p, "conv2d_backward_input");
+    const cudaStream_t s = as_stream(stream);
+    if (g.sh != 1 || g.sw != 1) {
+        conv_dgrad_towers<false, false>(p, g, n, dy, w, relu_y, dx, s);
+    } else if (g.RS <= 32) {
+        conv_dgrad_towers<true, true>(p, g, n, dy, w, relu_y, dx, s);
+    } else {
+        conv_dgrad_towers<true, false>(p, g, n, dy, w, relu_y, dx, s);
+    }
+}
+
 }  // namespace
 
 void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const float* b, float* y, void* stream) {
-    const char* opname = "conv2d_forward";
-    if (static_cast<int64_t>(p.N) * p.K * p.P * p.Q == 0) return;
-    ConvFwd op{0, 0, ConvGeom(p, opname), x, w, b, y, p.relu};
-    op.M = op.g.Kg;
-    op.N = p.N * op.g.PQ;
-    launch_conv_gemm(opname, op, p.groups, as_stream(stream));
+    conv_fwd(p, 1, &x, &w, &b, &y, stream);
 }
 
 void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, const float* relu_y, float* dx,
                            void* stream) {
-    const char* opname = "conv2d_backward_input";
-    if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
-    const ConvGeom g(p, opname);
-    if (g.sh == 1 && g.sw == 1) {
-        launch_conv_gemm(opname, ConvBwdInput<true>{g.Cg, p.N * g.HW, g, dy, w, dx, relu_y}, p.groups,
-                         as_stream(stream));
-    } else {
-        launch_conv_gemm(opname, ConvBwdInput<false>{g.Cg, p.N * g.HW, g, dy, w, dx, relu_y}, p.groups,
-                         as_stream(stream));
-    }
+    conv_dgrad(p, 1, &dy, &w, &relu_y, &dx, stream);
 }
 
 void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* dy, float* dw, void* stream) {
-    const char* opname = "conv2d_backward_weight";
-    if (static_cast<int64_t>(p.K) * (p.C / p.groups) * p.R * p.S == 0) return;
-    ConvBwdWeight op{0, 0, 0, 0, 1, ConvGeom(p, opname), x, dy, dw};
-    op.M = op.g.Kg;
-    op.N = op.g.CgRS;
-    op.Kr = p.N * op.g.PQ;
-    const cudaStream_t s = as_stream(stream);
-    if (use_big_tiles(op.M, op.N, p.groups)) {
-        op.kchunk = op.Kr > 0 ? op.Kr : 1;
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, op.M, op.N, p.groups), GemmBig::kThreads, 0, s>>>(op);
-        AX_LAUNCH_CHECK(opname);
-        return;
-    }
-    int chunk = 0;
-    op.splits = choose_split_k(gemm_tiles<GemmSmall>(op.M, op.N) * p.groups, op.Kr, &chunk);
-    op.kchunk = chunk;
-    require(static_cast<int64_t>(op.splits) * p.groups <= 65535, opname, "too many groups for one launch");
-    const int Z = op.splits * p.groups;
-    if (op.splits == 1) {
-        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), GemmSmall::kThreads, 0, s>>>(op);
-        AX_LAUNCH_CHECK(opname);
-        return;
-    }
-    const int64_t total = static_cast<int64_t>(p.K) * op.g.CgRS;
-    Tensor ws = workspace(opname, total * op.splits, stream);
-    op.out = ws.data<float>();
-    gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, op.M, op.N, Z), GemmSmall::kThreads, 0, s>>>(op);
-    AX_LAUNCH_CHECK(opname);
-    splitk_reduce(opname, total, op.splits, ws.data<float>(), nullptr, 1, dw, stream);
+    conv_wgrad(p, 1, &x, &dy, &dw, stream);
+}
+
+void conv2d_forward_pair(const Conv2dParams& p, const float* const x[2], const float* const w[2],
+                         const float* const b[2], float* const y[2], void* stream) {
+    conv_fwd(p, 2, x, w, b, y, stream);
+}
+
+void conv2d_backward_input_pair(const Conv2dParams& p, const float* const dy[2], const float* const w[2],
+                                const float* const relu_y[2], float* const dx[2], void* stream) {
+    conv_dgrad(p, 2, dy, w, relu_y, dx, stream);
+}
+
+void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
+                                 float* const dw[2], void* stream) {
+    conv_wgrad(p, 2, x, dy, dw, stream);
 }
 
 void conv2d_backward_bias(const Conv2dParams& p, const float* dy, float* db, void* stream) {

@@ -1,6 +1,8 @@
 // CUDA backend of the linear family: one strided SGEMM view (StridedGemm) on the shared tiled main loop
 // (common.cuh) serves y = x W^T + b, dx = dy W and dW = dy^T x through strides and two contiguity flags;
 // deterministic split-K (partials in a workspace, summed in fixed order) when there are too few tiles.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace ax {
@@ -21,7 +23,10 @@ struct StridedGemm {
     float* C;
     const float* bias;
     int64_t sam, sak, sbk, sbn;
-    bool relu;  // the epilogue applies the ReLU after the bias (LinearParams::relu; not with split-K)
+    // The epilogue applies the ReLU after the bias (LinearParams::relu; not with split-K). Two ints, so that the
+    // struct has no padding: the emulator (tests/cuda_emu) reads every pointer-sized word of a kernel's parameter
+    // struct as a possible operand, and padding bytes beside a bool could hold a stale pointer.
+    int relu, unused;
 
     // One operand's per-thread state: the address of its first element at k = 0, the step between its
     // elements (along mn when k-contiguous, along k otherwise) and which of them lie inside M / N.
@@ -50,10 +55,11 @@ struct StridedGemm {
     template <int E, bool kContig, bool kCheck, class Put>
     __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, Put& put) {
         const float* p = s.p + k0 * sk;
+        const unsigned mask = opaque(s.mask);
 #pragma unroll
         for (int i = 0; i < E; ++i) {
             const int k = k0 + s.kt + (kContig ? 0 : kstep * i);
-            put(i, p + i * s.step, ((s.mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
+            put(i, p + i * s.step, ((mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
         }
     }
     template <class Cfg, bool kCheck, class Th, class Put>
@@ -69,7 +75,7 @@ struct StridedGemm {
     template <class Th>
     __device__ void store(const Th&, int z, int m, int n, float v) const {
         if (bias != nullptr) v += bias[n];
-        if (relu) v = relu_epilogue(v);
+        if (relu != 0) v = relu_epilogue(v);
         C[(static_cast<int64_t>(z) * M + m) * N + n] = v;
     }
 
@@ -91,41 +97,44 @@ struct StridedGemm {
     }
 };
 
-// Picks the tile shape and split-K for an M x N x K product, runs it, and reduces the split partials.
-template <bool kAK, bool kBK>
-void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream,
-              bool relu = false) {
-    if (static_cast<int64_t>(g.M) * g.N == 0) return;
-    require(g.K <= kMaxGemmDim, opname, "reduction too long for one launch");
-    const cudaStream_t s = as_stream(stream);
-    if (use_big_tiles(g.M, g.N, 1)) {
-        g.kchunk = g.K > 0 ? g.K : 1;
-        g.C = out;
-        g.bias = bias;
-        g.relu = relu;
-        gemm_tiled_kernel<GemmBig><<<gemm_grid<GemmBig>(opname, g.M, g.N, 1), GemmBig::kThreads, 0, s>>>(g);
-        AX_LAUNCH_CHECK(opname);
-        return;
-    }
+// Runs an M x N x K product on tile Cfg with split-K as choose_split_k<Cfg> says, and reduces the partials.
+template <class Cfg, bool kAK, bool kBK>
+void run_tiles(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, cudaStream_t s,
+               bool relu) {
     int chunk = 0;
-    const int splits = choose_split_k(gemm_tiles<GemmSmall>(g.M, g.N), g.K, &chunk);
+    const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(g.M, g.N), g.K, &chunk);
     g.kchunk = chunk;
     if (splits == 1) {
         g.C = out;
         g.bias = bias;
-        g.relu = relu;
-        gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, 1), GemmSmall::kThreads, 0, s>>>(g);
+        g.relu = relu ? 1 : 0;
+        gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g.M, g.N, 1), Cfg::kThreads, 0, s>>>(g);
         AX_LAUNCH_CHECK(opname);
         return;
     }
     const int64_t mn = static_cast<int64_t>(g.M) * g.N;
-    Tensor ws = workspace(opname, mn * splits, stream);
+    Tensor ws = workspace(opname, mn * splits, s);
     g.C = ws.data<float>();
     g.bias = nullptr;
-    g.relu = false;
-    gemm_tiled_kernel<GemmSmall><<<gemm_grid<GemmSmall>(opname, g.M, g.N, splits), GemmSmall::kThreads, 0, s>>>(g);
+    g.relu = 0;
+    gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g.M, g.N, splits), Cfg::kThreads, 0, s>>>(g);
     AX_LAUNCH_CHECK(opname);
-    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, stream, relu);
+    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, s, relu);
+}
+
+// Picks the tile shape (split_tile: 128x128, or 64x64 for M not a multiple of 128) and runs it.
+template <bool kAK, bool kBK>
+void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream,
+              bool relu = false) {
+    static_assert(std::has_unique_object_representations_v<StridedGemm<kAK, kBK>>, "StridedGemm: no padding bytes");
+    if (static_cast<int64_t>(g.M) * g.N == 0) return;
+    require(g.K <= kMaxGemmDim, opname, "reduction too long for one launch");
+    const cudaStream_t s = as_stream(stream);
+    if (split_tile(g.M, g.N, 1, false, Tile::Small) == Tile::Big) {
+        run_tiles<GemmBig>(opname, g, out, bias, s, relu);
+    } else {
+        run_tiles<GemmSmall>(opname, g, out, bias, s, relu);
+    }
 }
 
 // db[o] = sum over n of dy[n, o]: block = 32 columns x 8 row-lanes; lane r sums rows r, r+8, ... in order,

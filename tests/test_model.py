@@ -199,30 +199,55 @@ def test_sass_main_loop(small_build):
 
 
 def test_plan_gemm_matches_the_launchers():
-    # conv2 grad-input, one tower: M = 48 input channels -> 64x128 tiles (M <= 64), N = 128*27*27 pixels.
+    # conv2 grad-input, one tower: M = 48 input channels -> 48x128 tiles (same 729 tiles as 64x128, less
+    # padding), N = 128*27*27 pixels.
     g = M.plan_gemm("conv_dgrad", 48, 128 * 27 * 27, 128 * 25)
-    assert (g.tile, g.bn, g.splits, g.blocks) == (64, 128, 1, 729)
+    assert (g.tile, g.bn, g.splits, g.blocks) == (48, 128, 1, 729)
+    assert M.gemm_threads(48, 128) == 128 and M.gemm_threads(64, 128) == 128 and M.gemm_threads(128, 128) == 256
     # conv3 forward, one tower: 192 x 21632. 128x128: 338 blocks, 3 per SM at most, in rounds of 2 + 1 (the
-    # lone block costs as two): 4 x 128*128; 64x128: 3 x 169 = 507 blocks, one round of 4: 4 x 64*128.
-    assert M.tile_cost(192, 128 * 169, 1, 128, 128) == 4 * 128 * 128
-    assert M.tile_cost(192, 128 * 169, 1, 64, 128) == 4 * 64 * 128
+    # lone block costs as two): 4 x 128*128; 64x128: 3 x 169 = 507 blocks, one round of 4: 4 x 64*128;
+    # 48x128: 4 x 169 = 676 blocks, 6 per SM in a round of 4 and one of 2 that costs as 4: 8 x 48*128; each
+    # weighed by its loop's issue slots per 100 FFMA.
+    assert M.tile_cost(192, 128 * 169, 1, 128, 128) == 4 * 128 * 128 * 121
+    assert M.tile_cost(192, 128 * 169, 1, 64, 128) == 4 * 64 * 128 * 128
+    assert M.tile_cost(192, 128 * 169, 1, 48, 128) == 8 * 48 * 128 * 135
+    # conv5 forward, both towers: 128 x 21632 x 2. 338 big blocks in rounds of 2, 2, 2 (the last one short)
+    # cost more than 3 x 169 x 2 = 1014 of 48x128 in two full rounds of 4 each, despite the narrower tile's
+    # costlier loop.
+    assert M.conv_tile(128, 128 * 169, 2) == (48, 128)
     g = M.plan_gemm("conv_fwd", 192, 128 * 169, 256 * 9)
     assert (g.tile, g.bn, g.blocks) == (64, 128, 507)
     # conv2 forward: 128 x 93312 -> 729 big tiles, 6 per SM in 3 full rounds; 64x128 costs the same: big.
     g = M.plan_gemm("conv_fwd", 128, 128 * 729, 48 * 25)
     assert (g.tile, g.bn, g.blocks) == (128, 128, 729)
-    # fc6 forward, one tower: 128 x 2048, K = 9216: 64 small tiles < 528 -> floor(1056/64) = 16 slices of 576.
+    # fc6 forward, one tower: 128 x 2048, K = 9216: M a multiple of 128 -> 16 big tiles < 132 -> floor(264/16)
+    # = 16 slices of 576.
     g = M.plan_gemm("linear_fwd", 128, 2048, 9216)
-    assert (g.tile, g.splits, g.chunk, g.blocks) == (64, 16, 576, 1024)
-    # fc8 grad-input: 128 x 4096 with K = 500: 2 x 64 = 128 tiles, at most 500 // 128 = 3 slices of 168.
+    assert (g.tile, g.bn, g.splits, g.chunk, g.blocks) == (128, 128, 16, 576, 256)
+    # fc8 grad-input: 128 x 4096 with K = 500: 32 big tiles, at most 500 // 128 = 3 slices of 167 -> 176 (a
+    # multiple of the 16-deep k-step).
     g = M.plan_gemm("linear_dgrad", 128, 4096, 500)
-    assert (g.tile, g.splits, g.chunk, g.blocks) == (64, 3, 168, 384)
+    assert (g.tile, g.splits, g.chunk, g.blocks) == (128, 3, 176, 96)
     # Too short to split (K <= 256): one slice.
     g = M.plan_gemm("linear_dgrad", 128, 4096, 256)
-    assert (g.tile, g.splits, g.blocks) == (64, 1, 128)
-    # conv1 grad-weight: 48 x 363 -> 6 tiles; K = 128*55*55 = 387200: want 1056/6 = 176 slices, chunk 2200.
+    assert (g.tile, g.splits, g.blocks) == (128, 1, 32)
+    # fc8 grad-weight, one tower: M = 500 is no multiple of 128 -> 64x64 tiles, 8 x 64 = 512 of them, no split.
+    g = M.plan_gemm("linear_wgrad", 500, 4096, 128)
+    assert (g.tile, g.bn, g.splits, g.blocks) == (64, 64, 1, 512)
+    # conv1 grad-weight: 48 x 363 -> 3 tiles of 48x128; K = 128*55*55 = 387200: want 528/3 = 176 slices of
+    # 2200 -> 2208.
     g = M.plan_gemm("conv_wgrad", 48, 363, 387200)
-    assert (g.tile, g.splits, g.chunk) == (64, 176, 2200)
+    assert (g.tile, g.bn, g.splits, g.chunk) == (48, 128, 176, 2208)
+    # conv3 grad-weight: M = 192 -> 64x128 tiles (3 x 18 = 54), 528/54 = 9 slices.
+    g = M.plan_gemm("conv_wgrad", 192, 2304, 128 * 169)
+    assert (g.tile, g.bn, g.splits) == (64, 128, 9)
+    # Both towers in one launch: conv2 grad-input's 2 x 729 blocks of 48x128 (12 per SM in three full rounds);
+    # conv2 grad-weight keeps one tower's 128x128 tile and 26 slices, twice the blocks.
+    g = M.plan_gemm("conv_dgrad", 48, 128 * 27 * 27, 128 * 25, 1, towers=2)
+    assert (g.tile, g.bn, g.splits, g.blocks) == (48, 128, 1, 1458)
+    one = M.plan_gemm("conv_wgrad", 128, 1200, 128 * 729)
+    two = M.plan_gemm("conv_wgrad", 128, 1200, 128 * 729, 1, towers=2)
+    assert (one.tile, one.splits, one.blocks) == (128, 26, 260) and (two.tile, two.splits, two.blocks) == (128, 26, 520)
 
 
 def test_comparison_pairs_rows_of_the_same_commit():
@@ -238,16 +263,17 @@ def test_comparison_pairs_rows_of_the_same_commit():
 
 def test_gemm_time_is_the_wave_quantised_issue_bound():
     # A fake ConvFwd 128x128 kernel: 128 registers and 16896 B of smem (2 blocks/SM), FFMA 1 of 2 loop instructions.
-    k = M.KernelInfo("gemm_tiled_kernel GemmCfgILi128ELi128E 7ConvFwd", "conv.cu", regs=128, smem=16896,
+    k = M.KernelInfo("gemm_tiled_kernel GemmCfgILi128ELi128E 7ConvFwdILb1E", "conv.cu", regs=128, smem=16896,
                      loop_ffma=256, loop_instr=512, loop_local=0)
     m = M.Model({"conv.cu:" + k.name: k}, bw=4.0e12, sass=True)
-    # A forward with M = 250 in 2 row tiles (fill 250/256), N = 21632 = 169 column tiles, K = 2304: 338 blocks
-    # of 128x128 cost as much as 676 of 64x128 (conv_big_tiles keeps the big ones).
-    (p,) = m.gemm("conv3", "forward", "conv_fwd", 250, 21632, 2304)
-    flops = 2.0 * 250 * 21632 * 2304
-    waves = 338 / (2 * 132)
+    # A forward with M = 250 in 2 row tiles (fill 250/256), N = 22656 = 177 column tiles, K = 2304: 354 blocks
+    # of 128x128 cost less than 708 of 64x128 or 1062 of 48x128 (conv_tile keeps the big ones).
+    assert M.conv_tile(250, 22656, 1) == (128, 128)
+    (p,) = m.gemm("conv3", "forward", "conv_fwd", 250, 22656, 2304)
+    flops = 2.0 * 250 * 22656 * 2304
+    waves = 354 / (2 * 132)
     want = flops / (66.9e12 * 0.5 * 250 / 256) * (math.ceil(waves) / waves) + 2e-6
-    assert p.grid == 338 and p.bps == 2 and p.fill == pytest.approx(250 / 256)
+    assert p.grid == 354 and p.bps == 2 and p.fill == pytest.approx(250 / 256)
     assert p.ms == pytest.approx(want * 1e3, rel=1e-12)
 
 

@@ -236,6 +236,54 @@ void test_conv(const ConvCase& c) {
     if (c.passes & BGRAD) check_rel("conv2d_backward_bias " + name, ops::conv2d_backward_bias(tdy), db, kReduction);
 }
 
+// Both towers in one launch (ops::conv2d_*_pair, what Net issues when the towers share a device and a stream):
+// bit for bit the two single calls, on CUDA and on the CPU backend. The single calls are checked against float64
+// in test_conv; a pair may take another tile than a single call (twice the blocks), which must not change a bit.
+void check_same_bits(const std::string& name, const Tensor& pair_out, const Tensor& single_out) {
+    const Tensor a = pair_out.to(Device{}), b = single_out.to(Device{});
+    const bool ok = a.shape() == b.shape() && a.numel() > 0 &&
+                    memcmp(a.data<float>(), b.data<float>(), size_t(a.numel()) * sizeof(float)) == 0;
+    report(ok, 0, name, fmt("bit-exact, n=%lld", (long long)a.numel()));
+}
+
+void test_conv_pair(const ConvCase& c) {
+    const int P = (c.H + 2 * c.ph - c.R) / c.sh + 1, Q = (c.W + 2 * c.pw - c.S) / c.sw + 1;
+    const int Cg = c.C / c.g;
+    const std::string name = fmt("%s N%d C%d %dx%d K%d %dx%d s%d,%d p%d,%d g%d", c.label, c.N, c.C, c.H, c.W, c.K,
+                                 c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
+    for (const Device dev : {GPU, Device{}}) {
+        ops::TensorPair x, w, dy;
+        std::array<std::optional<Tensor>, 2> b;
+        for (int t = 0; t < 2; ++t) {
+            x[t] = host_tensor({c.N, c.C, c.H, c.W}, randv(size_t(c.N) * c.C * c.H * c.W)).to(dev);
+            w[t] = host_tensor({c.K, Cg, c.R, c.S}, randv(size_t(c.K) * Cg * c.R * c.S)).to(dev);
+            b[t] = host_tensor({c.K}, randv(c.K)).to(dev);
+            dy[t] = host_tensor({c.N, c.K, P, Q}, randv(size_t(c.N) * c.K * P * Q)).to(dev);
+        }
+        const std::string nm = name + (dev.is_cpu() ? " (cpu)" : " (cuda)");
+        const auto y = ops::conv2d_forward_pair(x, w, b, c.sh, c.sw, c.ph, c.pw, c.g);
+        const auto dx = ops::conv2d_backward_input_pair(dy, w, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g);
+        const auto dw = ops::conv2d_backward_weight_pair(x, dy, c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
+        // The fused epilogues through the pair (TowerPair forwards each tower's store): the forward's ReLU, and
+        // the ReLU below folded into grad-input, with each tower's x standing in for that ReLU's output.
+        const auto yr = ops::conv2d_forward_pair(x, w, b, c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true);
+        const auto dxr = ops::conv2d_backward_input_pair(dy, w, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g, {x[0], x[1]});
+        for (int t = 0; t < 2; ++t) {
+            const std::string tn = fmt(" tower %d ", t) + nm;
+            check_same_bits("conv2d_forward_pair == single" + tn, y[t],
+                            ops::conv2d_forward(x[t], w[t], b[t], c.sh, c.sw, c.ph, c.pw, c.g));
+            check_same_bits("conv2d_backward_input_pair == single" + tn, dx[t],
+                            ops::conv2d_backward_input(dy[t], w[t], c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g));
+            check_same_bits("conv2d_backward_weight_pair == single" + tn, dw[t],
+                            ops::conv2d_backward_weight(x[t], dy[t], c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g));
+            check_same_bits("conv2d_forward_pair relu == single" + tn, yr[t],
+                            ops::conv2d_forward(x[t], w[t], b[t], c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true));
+            check_same_bits("conv2d_backward_input_pair relu_y == single" + tn, dxr[t],
+                            ops::conv2d_backward_input(dy[t], w[t], c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g, x[t]));
+        }
+    }
+}
+
 // ---- linear ------------------------------------------------------------------------------------------
 
 void test_linear(int N, int I, int O, bool bias) {
@@ -759,6 +807,34 @@ void group_conv() {
     test_conv({2, 4, 6, 5, 4, 1, 1, 1, 1, 0, 0, 4, true, ALL, "odd"});
     test_conv({1, 2, 3, 3, 3, 3, 3, 1, 1, 2, 2, 1, true, ALL, "odd"});  // padding larger than half the window
     test_conv({2, 4, 1, 1, 6, 1, 1, 1, 1, 0, 0, 2, true, ALL, "odd"});  // 1x1 image
+    // The tap-mask loaders (windows of <= 32 taps) at their limit, 4x8 = 32 taps (bit 31), and stride 1 with
+    // a window of 35 taps, which takes the (r, s) bounds checks in forward and grad-input.
+    test_conv({1, 2, 9, 12, 3, 4, 8, 1, 1, 1, 3, 1, true, ALL, "32 taps"});
+    test_conv({1, 3, 9, 10, 4, 7, 5, 1, 1, 3, 2, 1, true, ALL, "35 taps"});
+    // M = 60 (out and in channels): the weight gradient on 64x128 tiles with a partial row tile, split in two
+    // (Kr = 286); forward and grad-input take 48x128 here (group conv_bigtile has 64x128 for them).
+    test_conv({2, 60, 13, 11, 60, 3, 3, 1, 1, 1, 1, 1, true, ALL, "wide tile"});
+}
+
+void group_conv_pair() {
+    // 48x128 tiles with partial row and column tiles, the weight gradient split in two (Kr = 338).
+    test_conv_pair({2, 6, 13, 13, 40, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair"});
+    test_conv_pair({1, 8, 7, 7, 12, 3, 3, 1, 1, 1, 1, 2, true, ALL, "pair groups"});
+    test_conv_pair({2, 4, 11, 11, 6, 3, 3, 2, 2, 1, 1, 1, true, ALL, "pair strided"});
+    // M = 49, N = 16909: one tower takes 48x128 tiles, the pair's twice as many blocks 64x128.
+    test_conv_pair({1, 49, 1, 16909, 49, 1, 1, 1, 1, 0, 0, 1, true, ALL, "pair tile differs"});
+    // A pair whose towers differ in shape, or in device, is refused naming the op.
+    const Tensor x0 = host_tensor({1, 2, 5, 5}, randv(50)).to(GPU), x1 = host_tensor({1, 2, 5, 6}, randv(60)).to(GPU);
+    const Tensor w = host_tensor({3, 2, 3, 3}, randv(54)).to(GPU);
+    std::string msg;
+    try {
+        ops::conv2d_forward_pair({x0, x1}, {w, w}, {std::nullopt, std::nullopt}, 1, 1, 1, 1, 1);
+    } catch (const ValueError& e) {
+        msg = e.what();
+    }
+    check_true("conv2d_forward_pair rejects towers of different shapes",
+               msg.find("conv2d_forward_pair: argument 'x'") == 0 && msg.find("differs from tower 0") != std::string::npos,
+               msg.empty() ? "no error raised" : msg);
 }
 
 void group_conv_alexnet() {
@@ -775,12 +851,17 @@ void group_conv_alexnet() {
 }
 
 void group_conv_bigtile() {
-    // Many-block shapes: 128x128 tiles (enough tiles without split-K) for forward and both weight gradients;
-    // grad-input takes the 64x128 tiles here (conv_big_tiles: 399 of them cost less than 266 big ones), with a
-    // 2-row partial tile. The AlexNet shapes at batch 2 (group conv_alexnet) take 128x128 for grad-input.
+    // Many-block shapes: 128x128 tiles without split-K for the weight gradients; forward (M = 72, 4 groups) and
+    // grad-input (M = 130) take 48x128 tiles (conv_tile: 3 x 133 of them cost less than 266 big ones).
     test_conv({1, 4, 92, 92, 288, 1, 1, 1, 1, 0, 0, 4, true, FWD | WGRAD | BGRAD, "bigtile fwd"});
     test_conv({1, 130, 130, 130, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "bigtile dgrad"});
     test_conv({1, 4100, 1, 1, 1100, 1, 1, 1, 1, 0, 0, 1, false, WGRAD, "bigtile wgrad"});
+    // Forward and grad-input on 64x128 (M = 49) and on 128x128 (M = 97) tiles, each with partial row and column
+    // tiles (smaller shapes take 48x128: conv_tile weighs a part-empty GPU by the blocks' size).
+    test_conv({1, 2, 3, 11269, 49, 1, 1, 1, 1, 0, 0, 1, true, FWD, "wide fwd"});
+    test_conv({1, 49, 3, 11269, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "wide dgrad"});
+    test_conv({1, 2, 1, 22559, 97, 1, 1, 1, 1, 0, 0, 1, true, FWD, "big fwd"});
+    test_conv({1, 97, 1, 22559, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "big dgrad"});
 }
 
 void group_linear() {
@@ -788,6 +869,7 @@ void group_linear() {
     test_linear(17, 33, 65, false);
     test_linear(130, 70, 200, true);
     test_linear(5, 1000, 7, true);  // split-K in every pass
+    test_linear(128, 300, 70, true);  // M = 128 on 128x128 tiles: forward split-K, grad-input not
     test_linear(1, 1, 1, true);
     test_linear(2, 4096, 500, true);  // AlexNet fc8, one tower's half of the classes, batch 2
     test_linear(2, 4096, 2048, true);  // AlexNet fc7, one tower, batch 2 (fc6 differs only in I=9216)
@@ -1525,6 +1607,7 @@ const Group kGroups[] = {
     {"zero", group_zero},         {"elementwise", group_elementwise}, {"plumbing", group_plumbing},
     {"lrn", group_lrn},           {"pool", group_pool},               {"softmax", group_softmax},
     {"augment", group_augment},   {"conv", group_conv},               {"conv_alexnet", group_conv_alexnet},
+    {"conv_pair", group_conv_pair},
     {"conv_bigtile", group_conv_bigtile}, {"linear", group_linear},   {"linear_bigtile", group_linear_bigtile},
     {"gridstride", group_gridstride}, {"net", group_net},
 };
