@@ -331,7 +331,7 @@ def test_step_launch_list_names_the_nets_own_ops(rng, monkeypatch):
 
     cfg = tiny_config()
     # Any kernel the passes ask for (the times do not matter here, only the list and its names).
-    monkeypatch.setattr(M, "find_kernel", lambda kernels, file, *subs: M.KernelInfo(
+    monkeypatch.setattr(M, "find_kernel", lambda kernels, file, *subs, **kw: M.KernelInfo(
         "_".join(subs), file, regs=32, smem=0, loop_ffma=1, loop_instr=2, loop_local=0))
     passes = M.step_passes(M.Model({}, bw=4.0e12, sass=True), cfg, 4)
     M.name_sched_ops(passes, cfg)
