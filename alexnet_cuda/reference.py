@@ -12,9 +12,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 __all__ = [
     "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward_bias",
     "linear_forward", "linear_backward_input", "linear_backward_weight", "linear_backward_bias",
-    "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",
+    "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "lrn_maxpool_forward", "maxpool_forward",
+    "maxpool_backward",
     "philox4x32_10", "philox_u32", "dropout_threshold", "dropout_mask", "dropout_forward", "dropout_backward",
     "softmax_forward", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "sgd_update",
+    "sgd_update_multi",
     "concat_channels", "slice_channels", "add", "augment_batch",
 ]
 
@@ -47,7 +49,7 @@ def _im2col(x, kernel, stride, padding, groups):
     return win.transpose(0, 1, 3, 4, 2, 5, 6).reshape(N, groups, P * Q, (C // groups) * R * S), P, Q
 
 
-def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1):
+def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1, relu=False):
     x, w = _f64(x), _f64(w)
     N = x.shape[0]
     K, Cg, R, S = w.shape
@@ -57,10 +59,10 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, groups=1):
     y = y.transpose(0, 1, 3, 2).reshape(N, K, P, Q)
     if b is not None:
         y = y + _f64(b)[None, :, None, None]
-    return y
+    return relu_forward(y) if relu else y
 
 
-def conv2d_backward_input(dy, w, input_hw, stride=1, padding=0, groups=1):
+def conv2d_backward_input(dy, w, input_hw, stride=1, padding=0, groups=1, relu_y=None):
     dy, w = _f64(dy), _f64(w)
     (H, W), (sh, sw), (ph, pw) = _pair(input_hw), _pair(stride), _pair(padding)
     N, K, P, Q = dy.shape
@@ -74,7 +76,8 @@ def conv2d_backward_input(dy, w, input_hw, stride=1, padding=0, groups=1):
     for r in range(R):
         for s in range(S):
             dxp[:, :, r:r + sh * P:sh, s:s + sw * Q:sw] += dcols[:, :, r, s]
-    return dxp[:, :, ph:ph + H, pw:pw + W].copy()
+    dx = dxp[:, :, ph:ph + H, pw:pw + W].copy()
+    return dx if relu_y is None else relu_backward(dx, relu_y)
 
 
 def conv2d_backward_weight(x, dy, kernel, stride=1, padding=0, groups=1):
@@ -96,9 +99,10 @@ def conv2d_backward_bias(dy):
 
 # ---- linear: x (N,I), w (O,I), y = x w^T + b ----------------------------------------------------------
 
-def linear_forward(x, w, b=None):
+def linear_forward(x, w, b=None, relu=False):
     y = _f64(x) @ _f64(w).T
-    return y if b is None else y + _f64(b)[None, :]
+    y = y if b is None else y + _f64(b)[None, :]
+    return relu_forward(y) if relu else y
 
 
 def linear_backward_input(dy, w):
@@ -140,14 +144,15 @@ def lrn_forward(x, size=5, k=2.0, alpha=1e-4, beta=0.75):
     return x * scale ** (-beta), scale
 
 
-def lrn_backward(dy, x, y, scale, size=5, k=2.0, alpha=1e-4, beta=0.75):
+def lrn_backward(dy, x, y, scale, size=5, k=2.0, alpha=1e-4, beta=0.75, relu=False):
     """dx = dy scale^-beta - 2 alpha beta x * windowsum(dy y / scale).
 
     y and scale are accepted for parity with the op; the reference recomputes both from x in float64.
     """
     dy, x = _f64(dy), _f64(x)
     y, scale = lrn_forward(x, size, k, alpha, beta)
-    return dy * scale ** (-beta) - 2.0 * alpha * beta * x * _channel_window_sum(dy * y / scale, size)
+    dx = dy * scale ** (-beta) - 2.0 * alpha * beta * x * _channel_window_sum(dy * y / scale, size)
+    return relu_backward(dx, x) if relu else dx
 
 
 # ---- max-pooling ----------------------------------------------------------------------------------
@@ -173,7 +178,14 @@ def maxpool_forward(x, window=3, stride=2, padding=0):
     return best, idx.astype(np.int32)
 
 
-def maxpool_backward(dy, argmax, input_hw, window=3, stride=2, padding=0):
+def lrn_maxpool_forward(x, size=5, k=2.0, alpha=1e-4, beta=0.75, window=3, stride=2, padding=0):
+    """(y, scale, pool_y, argmax): lrn_forward(x), then maxpool_forward of its y."""
+    y, scale = lrn_forward(x, size, k, alpha, beta)
+    pool_y, argmax = maxpool_forward(y, window, stride, padding)
+    return y, scale, pool_y, argmax
+
+
+def maxpool_backward(dy, argmax, input_hw, window=3, stride=2, padding=0, relu_y=None):
     """dx: each input element receives the sum of dy over the outputs whose argmax it is."""
     dy = _f64(dy)
     H, W = _pair(input_hw)
@@ -181,7 +193,8 @@ def maxpool_backward(dy, argmax, input_hw, window=3, stride=2, padding=0):
     dx = np.zeros((N * C, H * W))
     rows = np.repeat(np.arange(N * C), P * Q)
     np.add.at(dx, (rows, np.asarray(argmax).reshape(-1).astype(np.int64)), dy.reshape(-1))
-    return dx.reshape(N, C, H, W)
+    dx = dx.reshape(N, C, H, W)
+    return dx if relu_y is None else relu_backward(dx, relu_y)
 
 
 # ---- dropout: Philox4x32-10 counter-based RNG ----------------------------------------------------------
@@ -234,8 +247,9 @@ def dropout_forward(x, p=0.5, seed=0, offset=0):
     return x * mask / (1.0 - p), mask
 
 
-def dropout_backward(dy, mask, p=0.5):
-    return _f64(dy) * np.asarray(mask) / (1.0 - p)
+def dropout_backward(dy, mask, p=0.5, relu_y=None):
+    dx = _f64(dy) * np.asarray(mask) / (1.0 - p)
+    return dx if relu_y is None else relu_backward(dx, relu_y)
 
 
 # ---- softmax and cross-entropy: logits (N, classes), int labels (N,) ------------------------------------
@@ -276,6 +290,14 @@ def sgd_update(w, dw, v, lr, momentum=0.9, weight_decay=0.0005):
     w, dw, v = _f64(w), _f64(dw), _f64(v)
     v = momentum * v - weight_decay * lr * w - lr * dw
     return w + v, v
+
+
+def sgd_update_multi(params, lr, momentum=0.9):
+    """sgd_update of every (w, dw, v, weight_decay) in params: returns (w0, v0, w1, v1, ...), the new values."""
+    out = []
+    for w, dw, v, wd in params:
+        out += list(sgd_update(w, dw, v, lr, momentum, wd))
+    return tuple(out)
 
 
 # ---- cross-tower plumbing -------------------------------------------------------------------------

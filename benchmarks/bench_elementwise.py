@@ -1,6 +1,6 @@
 """Elementwise kernels at AlexNet's batch-128 shapes: ReLU forward/backward at every site (sites that share a shape
 share a row), dropout forward/backward after fc6/fc7, and the SGD update (momentum, weight decay) over all 61 M
-parameters, one call per parameter tensor as the net makes them. All memory-bound: GB/s counts the fewest bytes
+parameters, one sgd_update_multi call (one launch) over every tensor as the net makes it. All memory-bound: GB/s counts the fewest bytes
 each must move (ReLU fwd 8 B/element, bwd 12; dropout 4+4+1 both ways; SGD reads w, dw, v and writes w, v: 20 B).
 
 PyTorch's side: torch.relu, aten.threshold_backward, aten.native_dropout(+_backward) and torch.optim.SGD
@@ -148,9 +148,8 @@ def sgd_case(ctx: H.Context):
             st["params"].append(dict(name=name, w=w, dw=dw, v=v, wt=ctx.dev(w), dwt=ctx.dev(dw), vt=ctx.dev(v)))
         return st
 
-    def run(st):
-        for q in st["params"]:
-            ops.sgd_update(q["wt"], q["dwt"], q["vt"], LR, MOMENTUM, WEIGHT_DECAY)
+    def run(st):  # one launch over every tensor, as the net's update of a device makes it
+        ops.sgd_update_multi([(q["wt"], q["dwt"], q["vt"], WEIGHT_DECAY) for q in st["params"]], LR, MOMENTUM)
 
     def validate(ctx, st):
         run(st)  # once, from the known starting values
@@ -180,7 +179,7 @@ def sgd_case(ctx: H.Context):
             opt.step()  # creates the momentum buffers before timing
         return {"opt": opt, "params": params}
 
-    return [H.Case("elementwise", "sgd_update (all params)", "update",
+    return [H.Case("elementwise", "sgd_update_multi (all params)", "update",
                    f"{len(shapes)} tensors, {total / 1e6:.2f} M params", setup=setup, validate=validate, run=run,
                    tol=H.TOL_ELEMENTWISE, bytes=20 * total, torch_setup=torch_setup,
                    torch_run=lambda ts: ts["opt"].step(),

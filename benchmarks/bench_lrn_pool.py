@@ -8,7 +8,8 @@ timed through autograd (PyTorch has no dedicated LRN backward kernel). Pooling (
 no-overlap ablation config) runs after LRN1, LRN2 and conv5; PyTorch's indices use our flat h*W+w convention
 and are checked exactly. All memory-bound: LRN forward reads x and writes y and scale (12 B/element), backward
 reads dy, x, y, scale and writes dx (20 B); pooling forward reads x and writes y and argmax, backward reads dy
-and argmax and writes dx.
+and argmax and writes dx. The fused lrn_maxpool_forward the net runs after conv1 and conv2 reads x and writes y,
+scale, the pooled y and argmax (12 B per input element + 8 per output).
 """
 from __future__ import annotations
 
@@ -131,6 +132,33 @@ def pool_cases(ctx: H.Context, site: dict, salt: int):
     ]
 
 
+def fused_cases(ctx: H.Context, site: dict, pool: dict, salt: int):
+    """lrn_maxpool_forward, what the net runs where a pool follows LRN: x in; y, scale, pool_y, argmax out."""
+    ops = H.ax.ops
+    shape, w, s = site["shape"], pool["window"], pool["stride"]
+    n = int(np.prod(shape))
+    n_out = shape[0] * shape[1] * pool["out"] ** 2
+    cfg = ctx.cfg
+    hyper = (cfg["lrn_size"], cfg["lrn_k"], cfg["lrn_alpha"], cfg["lrn_beta"])
+
+    def setup(ctx):
+        rng = ctx.rng(800 + salt)
+        x = np.abs(H.randn(rng, shape, 5.0))
+        return {"x": x, "xt": ctx.dev(x), "picks": ctx.picks(shape[0])}
+
+    def validate(ctx, st):
+        pk = st["picks"]
+        y, scale, py, _ = (t.numpy()[pk] for t in ops.lrn_maxpool_forward(st["xt"], *hyper, w, s, 0))
+        ry, rs = ctx.ref.lrn_forward(f64(st["x"][pk]), *hyper)
+        rpy, _ = ctx.ref.maxpool_forward(ry, w, s, 0)
+        return {"y": y, "scale": scale, "pool_y": py}, {"y": ry, "scale": rs, "pool_y": rpy}
+
+    return [H.Case("lrn_pool", f"lrn+maxpool {w}/{s} ({site['name']})", "forward", H.shape_str(shape), setup=setup,
+                   validate=validate, run=lambda st: ops.lrn_maxpool_forward(st["xt"], *hyper, w, s, 0),
+                   tol=H.TOL_REDUCTION, bytes=12 * n + 8 * n_out,
+                   note="the fused kernel (no PyTorch counterpart: compare with its LRN + max-pool rows)")]
+
+
 def lrn_pool_cases(ctx: H.Context):
     s = ctx.shapes()
     cases = []
@@ -138,6 +166,10 @@ def lrn_pool_cases(ctx: H.Context):
         cases += lrn_cases(ctx, site, i)
     for i, site in enumerate(s["pools"]):
         cases += pool_cases(ctx, site, i)
+    pools = {p["name"][-1]: p for p in s["pools"]}
+    for i, site in enumerate(s["lrns"]):
+        if site["name"][-1] in pools:
+            cases += fused_cases(ctx, site, pools[site["name"][-1]], i)
     return cases
 
 

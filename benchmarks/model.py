@@ -407,18 +407,20 @@ GEMM_TILES = {
 KERNELS = {
     "splitk_reduce": ("gemm.cu", "splitk_reduce_kernel"),
     "conv_bias_grad": ("conv.cu", "conv2d_backward_bias_kernel"),
+    "conv_bias_sum": ("conv.cu", "conv2d_backward_bias_sum_kernel"),
     "linear_bias_grad": ("gemm.cu", "linear_backward_bias_kernel"),
     "relu_fwd": ("relu.cu", "relu_forward_kernel"),
     "relu_bwd": ("relu.cu", "relu_backward_kernel"),
     "lrn_fwd": ("lrn.cu", "lrn_forward_kernel"),
     "lrn_bwd": ("lrn.cu", "lrn_backward_kernel"),
+    "lrn_pool_fwd": ("lrn.cu", "lrn_maxpool_forward_kernel"),
     "pool_fwd": ("pool.cu", "maxpool_forward_kernel"),
     "pool_bwd": ("pool.cu", "maxpool_backward_kernel"),
     "dropout_fwd": ("dropout.cu", "dropout_forward_kernel"),
     "dropout_bwd": ("dropout.cu", "dropout_backward_kernel"),
     "softmax_xent_fwd": ("softmax.cu", "softmax_rows_kernelILb1E"),
     "softmax_xent_bwd": ("softmax.cu", "softmax_xent_backward_kernel"),
-    "sgd": ("sgd.cu", "sgd_update_kernel"),
+    "sgd": ("sgd.cu", "sgd_update_multi_kernel"),
     "insert": ("tensor_ops.cu", "channel_copy_kernelI6float4Lb1E"),
     "extract": ("tensor_ops.cu", "channel_copy_kernelI6float4Lb0E"),
     "add": ("tensor_ops.cu", "add_kernel"),
@@ -654,6 +656,33 @@ def grid_1d(n: int) -> int:
     return max(1, min(cdiv(n, THREADS_1D), MAX_BLOCKS_1D))
 
 
+BIAS_TARGET_BLOCKS = 1056  # conv.cu kBiasTargetBlocks
+SGD_MAX_SEGS = 40          # sgd.cu kSgdMaxSegs
+
+
+def conv_bias_splits(K: int, per_channel: int) -> int:
+    """Slices per channel of the conv bias gradient (conv.cu conv_bias_splits)."""
+    want = cdiv(BIAS_TARGET_BLOCKS, K)
+    most = cdiv(per_channel, THREADS_1D * 4)
+    return max(1, min(want, most, 65535))
+
+
+def conv_bias_passes(m: "Model", layer: str, N: int, K: int, PQ: int) -> List["Pass"]:
+    """The conv bias gradient: K x splits blocks over dy, then (splits > 1) one thread per channel adding the slices."""
+    s = conv_bias_splits(K, N * PQ)
+    out = [m.stream(layer, "grad-bias", "conv_bias_grad", N * K * PQ * 4.0 + K * s * 4.0, K * s)]
+    if s > 1:
+        out.append(m.stream(layer, "grad-bias: sum slices", "conv_bias_sum", (s + 1) * K * 4.0, grid_1d(K)))
+    return out
+
+
+def sgd_multi_pass(m: "Model", layer: str, sizes: List[int], pass_: str = "sgd (all parameters)") -> "Pass":
+    """sgd_update_multi over tensors of `sizes` elements: 20 B each, every tensor its own grid_1d of float4s, up
+    to SGD_MAX_SEGS tensors per launch."""
+    blocks = sum(grid_1d(cdiv(n, 4)) for n in sizes)
+    return m.stream(layer, pass_, "sgd", 20.0 * sum(sizes), blocks, launches=cdiv(len(sizes), SGD_MAX_SEGS))
+
+
 def tower_layers(cfg: dict) -> List[dict]:
     """The per-tower layer table of csrc/net.cpp (Net::build_layers) for `cfg` (alexnet_cuda.config keys)."""
     T = cfg["towers"]
@@ -717,12 +746,16 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
             add(m.gemm(name, "forward", "linear_fwd", N, l["out_c"], l["in_c"], 1, x_b + y_b + w_b))
             z = N * l["out_c"]
-        if l["relu"]:
-            add(m.stream(name, "relu forward", "relu_fwd", 8 * z, grid_1d(cdiv(z, 4))))
-        if l["lrn"]:
+        # the ReLU runs in the forward GEMM's epilogue (conv2d_forward / linear_forward relu=True): no pass
+        if l["lrn"] and l["pool"]:  # lrn_maxpool_forward: x in; y, scale, pool_y, argmax out; a block per plane
+            po = N * l["out_c"] * l["pooled_hw"] ** 2
+            planes = N * l["out_c"]
+            add(m.stream(name, "lrn + pool forward", "lrn_pool_fwd", 12 * z + 8 * po, min(planes, MAX_BLOCKS_1D),
+                         active=min(THREADS_1D, PQ)))
+        elif l["lrn"]:
             g, a = plane_grid(N * l["out_c"], PQ)
             add(m.stream(name, "lrn forward", "lrn_fwd", 12 * z, g, active=a))
-        if l["pool"]:
+        if l["pool"] and not l["lrn"]:
             po = N * l["out_c"] * l["pooled_hw"] ** 2
             g, a = plane_grid(N * l["out_c"], l["pooled_hw"] ** 2)
             add(m.stream(name, "pool forward", "pool_fwd", 4 * z + 8 * po, g, active=a))
@@ -743,30 +776,51 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
         add(m.stream("loss", "dlogits: slice", "extract", 2 * lg * f, g, active=a, launches=T), 1)
         add(m.copy("loss", "dlogits: copy to tower 1", (T - 1) * lg / T * f), 1)
 
+    sgd_sizes: List[int] = []
+    def relu_at(i):
+        """Where layer i's ReLU backward runs (csrc/net.cpp): in the op next to it, else the dgrad above, else alone."""
+        l = L[i]
+        if not l["relu"]:
+            return None
+        if l["lrn"]:
+            return "lrn"
+        if l["pool"]:
+            return "pool"
+        if l["dropout"]:
+            return "dropout"
+        up = L[i + 1] if i + 1 < len(L) else None
+        if l["conv"] and up is not None and up["conv"] and not up["cross"]:
+            return "dgrad"
+        return "alone"
+
     for i in range(len(L) - 1, -1, -1):
         l = L[i]
         name = l["name"]
         z = N * l["out_c"] * (l["out_hw"] ** 2 if l["conv"] else 1)
-        if l["dropout"]:
-            add(m.stream(name, "dropout backward", "dropout_bwd", 9 * z, grid_1d(z)))
+        ra = relu_at(i)
+        if l["dropout"]:  # + the ReLU's output when it is folded in
+            add(m.stream(name, "dropout backward" + (" + relu" if ra == "dropout" else ""), "dropout_bwd",
+                         9 * z + (4 * z if ra == "dropout" else 0), grid_1d(z)))
         if l["pool"]:
             po = N * l["out_c"] * l["pooled_hw"] ** 2
             g, a = plane_grid(N * l["out_c"], l["out_hw"] ** 2)
-            add(m.stream(name, "pool backward", "pool_bwd", 8 * po + 4 * z, g, active=a))
-        if l["lrn"]:
+            add(m.stream(name, "pool backward" + (" + relu" if ra == "pool" else ""), "pool_bwd",
+                         8 * po + 4 * z + (4 * z if ra == "pool" else 0), g, active=a))
+        if l["lrn"]:  # the ReLU's mask is x > 0, and x is read anyway
             g, a = plane_grid(N * l["out_c"], l["out_hw"] ** 2)
-            add(m.stream(name, "lrn backward", "lrn_bwd", 20 * z, g, active=a))
-        if l["relu"]:
+            add(m.stream(name, "lrn backward" + (" + relu" if ra == "lrn" else ""), "lrn_bwd", 20 * z, g, active=a))
+        if ra == "alone":
             add(m.stream(name, "relu backward", "relu_bwd", 12 * z, grid_1d(cdiv(z, 4))))
         if l["conv"]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
             x_b, y_b, w_b = N * l["in_c"] * HW * f, z * f, l["out_c"] * Kr * f
             add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b, towers=T), 1)
-            add(m.stream(name, "grad-bias", "conv_bias_grad", z * f, l["out_c"]))
-            if i > 0:
-                add(m.gemm(name, "grad-input", "conv_dgrad", l["in_c"], N * HW, l["out_c"] * l["k"] ** 2, 1,
-                           x_b + y_b + w_b, towers=T), 1)
+            add(conv_bias_passes(m, name, N, l["out_c"], PQ))
+            if i > 0:  # + the layer below's ReLU output when its backward runs in this epilogue
+                below_relu = relu_at(i - 1) == "dgrad"
+                add(m.gemm(name, "grad-input" + (" + relu" if below_relu else ""), "conv_dgrad", l["in_c"], N * HW,
+                           l["out_c"] * l["k"] ** 2, 1, x_b + y_b + w_b + (x_b if below_relu else 0), towers=T), 1)
             nw = l["out_c"] * Kr
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
@@ -774,8 +828,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             add(m.stream(name, "grad-bias", "linear_bias_grad", z * f, cdiv(l["out_c"], 32)))
             add(m.gemm(name, "grad-input", "linear_dgrad", N, l["in_c"], l["out_c"], 1, x_b + y_b + w_b))
             nw = l["out_c"] * l["in_c"]
-        add(m.stream(name, "sgd weight", "sgd", 20 * nw, grid_1d(cdiv(nw, 4))))
-        add(m.stream(name, "sgd bias", "sgd", 20 * l["out_c"], grid_1d(cdiv(l["out_c"], 4))))
+        sgd_sizes += [nw, l["out_c"]] * T
         if i > 0 and l["cross"]:
             prev = L[i - 1]
             inner = prev["pooled_hw"] ** 2 if prev["conv"] else 1
@@ -784,16 +837,18 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             add(m.stream(name, "d_in: slice", "extract", T * 2 * part * f, g, active=a, launches=T))
             add(m.copy(name, "d_in: copy to the other tower", (T - 1) * part * f))
             add(m.stream(name, "d_in: sum", "add", (T - 1) * 12 * part, grid_1d(cdiv(part, 4)), launches=T - 1))
+    # One sgd_update_multi over both towers' parameters (the towers share the one modelled GPU).
+    add(sgd_multi_pass(m, "update", sgd_sizes), 1)
     return P
 
 
 _SCHED_OPS = [  # pass name prefix -> scheduler op (csrc/net.cpp); {l} the layer, {p} the one before it
     ("gather: copy", "copy {p}->{l}"), ("gather: concat", "{l}.gather"), ("forward", "{l}.fprop"),
-    ("relu forward", "{l}.relu"), ("lrn forward", "{l}.lrn"), ("pool forward", "{l}.pool"),
+    ("lrn + pool forward", "{l}.lrn_pool"), ("lrn forward", "{l}.lrn"), ("pool forward", "{l}.pool"),
     ("dropout forward", "{l}.dropout"), ("dropout backward", "{l}.bprop_epilogue"),
     ("pool backward", "{l}.bprop_epilogue"), ("lrn backward", "{l}.bprop_epilogue"),
     ("relu backward", "{l}.bprop_epilogue"), ("grad-weight", "{l}.wgrad"), ("grad-bias", "{l}.wgrad"),
-    ("grad-input", "{l}.dgrad"), ("sgd", "{l}.sgd"), ("d_in: slice", "{l}.d_in.split"),
+    ("grad-input", "{l}.dgrad"), ("sgd", "sgd"), ("d_in: slice", "{l}.d_in.split"),
     ("d_in: copy", "copy {p}->{l}"), ("d_in: sum", "{l}.d_in.sum"),
     ("logits: copy", "copy fc8->loss"), ("logits: concat", "logits.gather"),
     ("softmax-xent forward", "softmax_xent.fprop"), ("softmax-xent backward", "softmax_xent.bprop"),
@@ -911,8 +966,8 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
             fw = m.gemm(l["name"], "forward", "conv_fwd" if R2 <= 32 else "conv_fwd_nomask", Kg, N * PQ, Cg * R2, grp)
             dg = m.gemm(l["name"], "grad-input", "conv_dgrad", Cg, N * HW, Kg * R2, grp)
             wg = m.gemm(l["name"], "grad-weight", "conv_wgrad", Kg, Cg * R2, N * PQ, grp)
-            bb = m.stream(l["name"], "grad-bias", "conv_bias_grad", N * Kt * PQ * 4.0, Kt)
-            for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), ([bb], "grad-bias")):
+            bb = conv_bias_passes(m, l["name"], N, Kt, PQ)
+            for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), (bb, "grad-bias")):
                 out[(l["name"], pname)] = sum(p.ms for p in ps)
         else:
             O = l["out_c"] * T
@@ -945,8 +1000,13 @@ def bench_memory_prediction(m: "Model", row: dict) -> Optional[float]:
     if fam == "elementwise" and op.startswith("dropout"):
         return m.stream("", "", "dropout_fwd" if pas == "forward" else "dropout_bwd", by, grid_1d(n)).ms
     if fam == "elementwise" and op.startswith("sgd"):
+        # one sgd_update_multi: each tensor's own float4 grid, about a block per 1024 parameters plus one per tensor
         tensors = int(str(row["shape"]).split()[0])
-        return m.stream("", "", "sgd", by, MAX_BLOCKS_1D, launches=tensors).ms
+        return m.stream("", "", "sgd", by, cdiv(int(by // 20), 4 * THREADS_1D) + tensors,
+                        launches=cdiv(tensors, SGD_MAX_SEGS)).ms
+    if fam == "lrn_pool" and op.startswith("lrn+maxpool") and len(d) == 4:
+        return m.stream("", "", "lrn_pool_fwd", by, min(d[0] * d[1], MAX_BLOCKS_1D),
+                        active=min(THREADS_1D, d[2] * d[3])).ms
     if fam == "lrn_pool" and op.startswith("lrn") and len(d) == 4:
         g, a = plane_grid(d[0] * d[1], d[2] * d[3])
         return m.stream("", "", "lrn_fwd" if pas == "forward" else "lrn_bwd", by, g, active=a).ms

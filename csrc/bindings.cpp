@@ -551,30 +551,38 @@ PYBIND11_MODULE(_C, m) {
 
     o.def(
         "conv2d_forward",
-        [](obj x, obj w, obj b, obj stride, obj padding, obj groups) {
+        [](obj x, obj w, obj b, obj stride, obj padding, obj groups, obj relu) {
             const char* op = "conv2d_forward";
             const Tensor tx = tensor_arg(x, op, "x"), tw = tensor_arg(w, op, "w");
             const auto tb = opt_tensor_arg(b, op, "b");
             const auto s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
             const int g = int_arg(groups, op, "groups");
+            if (!py::isinstance<py::bool_>(relu))
+                throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
-            return ops::conv2d_forward(tx, tw, tb, s.first, s.second, p.first, p.second, g);
+            return ops::conv2d_forward(tx, tw, tb, s.first, s.second, p.first, p.second, g, fr);
         },
         py::arg("x"), py::arg("w"), py::arg("b") = none, py::arg("stride") = 1, py::arg("padding") = 0,
-        py::arg("groups") = 1);
+        py::arg("groups") = 1, py::arg("relu") = false,
+        "y = conv(x, w) + b; relu=True applies the ReLU in the same kernel (bit for bit relu_forward of it).");
     o.def(
         "conv2d_backward_input",
-        [](obj dy, obj w, obj input_hw, obj stride, obj padding, obj groups) {
+        [](obj dy, obj w, obj input_hw, obj stride, obj padding, obj groups, obj relu_y) {
             const char* op = "conv2d_backward_input";
             const Tensor tdy = tensor_arg(dy, op, "dy"), tw = tensor_arg(w, op, "w");
             const auto hw = pair_arg(input_hw, op, "input_hw");
             const auto s = pair_arg(stride, op, "stride"), p = pair_arg(padding, op, "padding");
             const int g = int_arg(groups, op, "groups");
+            const auto ry = opt_tensor_arg(relu_y, op, "relu_y");
             py::gil_scoped_release r;
-            return ops::conv2d_backward_input(tdy, tw, hw.first, hw.second, s.first, s.second, p.first, p.second, g);
+            return ops::conv2d_backward_input(tdy, tw, hw.first, hw.second, s.first, s.second, p.first, p.second, g,
+                                              ry);
         },
         py::arg("dy"), py::arg("w"), py::arg("input_hw"), py::arg("stride") = 1, py::arg("padding") = 0,
-        py::arg("groups") = 1);
+        py::arg("groups") = 1, py::arg("relu_y") = none,
+        "relu_y: the output of the ReLU that made x; dx then also goes back through it in the same kernel "
+        "(bit for bit relu_backward(dx, relu_y)).");
     o.def(
         "conv2d_backward_weight",
         [](obj x, obj dy, obj kernel, obj stride, obj padding, obj groups) {
@@ -599,14 +607,18 @@ PYBIND11_MODULE(_C, m) {
 
     o.def(
         "linear_forward",
-        [](obj x, obj w, obj b) {
+        [](obj x, obj w, obj b, obj relu) {
             const char* op = "linear_forward";
             const Tensor tx = tensor_arg(x, op, "x"), tw = tensor_arg(w, op, "w");
             const auto tb = opt_tensor_arg(b, op, "b");
+            if (!py::isinstance<py::bool_>(relu))
+                throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
-            return ops::linear_forward(tx, tw, tb);
+            return ops::linear_forward(tx, tw, tb, fr);
         },
-        py::arg("x"), py::arg("w"), py::arg("b") = none);
+        py::arg("x"), py::arg("w"), py::arg("b") = none, py::arg("relu") = false,
+        "y = x w^T + b; relu=True applies the ReLU in the same kernel (bit for bit relu_forward of it).");
     o.def(
         "linear_backward_input",
         [](obj dy, obj w) {
@@ -666,17 +678,21 @@ PYBIND11_MODULE(_C, m) {
         "Returns (y, scale).");
     o.def(
         "lrn_backward",
-        [](obj dy, obj x, obj y, obj scale, obj size, obj k, obj alpha, obj beta) {
+        [](obj dy, obj x, obj y, obj scale, obj size, obj k, obj alpha, obj beta, obj relu) {
             const char* op = "lrn_backward";
             const Tensor tdy = tensor_arg(dy, op, "dy"), tx = tensor_arg(x, op, "x"), ty = tensor_arg(y, op, "y"),
                          ts = tensor_arg(scale, op, "scale");
             const int n = int_arg(size, op, "size");
             const float fk = float_arg(k, op, "k"), fa = float_arg(alpha, op, "alpha"), fb = float_arg(beta, op, "beta");
+            if (!py::isinstance<py::bool_>(relu))
+                throw TypeError(where(op, "relu") + "must be a bool, got " + type_name(relu));
+            const bool fr = relu.cast<bool>();
             py::gil_scoped_release r;
-            return ops::lrn_backward(tdy, tx, ty, ts, n, fk, fa, fb);
+            return ops::lrn_backward(tdy, tx, ty, ts, n, fk, fa, fb, fr);
         },
         py::arg("dy"), py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("size") = 5, py::arg("k") = 2.0,
-        py::arg("alpha") = 1e-4, py::arg("beta") = 0.75);
+        py::arg("alpha") = 1e-4, py::arg("beta") = 0.75, py::arg("relu") = false,
+        "relu=True: x is a ReLU's output and dx also goes back through that ReLU (bit for bit relu_backward(dx, x)).");
 
     o.def(
         "maxpool_forward",
@@ -691,7 +707,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("window") = 3, py::arg("stride") = 2, py::arg("padding") = 0, "Returns (y, argmax).");
     o.def(
         "maxpool_backward",
-        [](obj dy, obj argmax, obj input_hw, obj window, obj stride, obj padding, obj check_argmax) {
+        [](obj dy, obj argmax, obj input_hw, obj window, obj stride, obj padding, obj check_argmax, obj relu_y) {
             const char* op = "maxpool_backward";
             const Tensor tdy = tensor_arg(dy, op, "dy"), ta = tensor_arg(argmax, op, "argmax");
             const auto hw = pair_arg(input_hw, op, "input_hw"), k = pair_arg(window, op, "window"),
@@ -699,15 +715,36 @@ PYBIND11_MODULE(_C, m) {
             if (!py::isinstance<py::bool_>(check_argmax))
                 throw TypeError(where(op, "check_argmax") + "must be a bool, got " + type_name(check_argmax));
             const bool check = check_argmax.cast<bool>();
+            const auto ry = opt_tensor_arg(relu_y, op, "relu_y");
             py::gil_scoped_release r;
             return ops::maxpool_backward(tdy, ta, hw.first, hw.second, k.first, k.second, s.first, s.second, p.first,
-                                         p.second, check);
+                                         p.second, check, ry);
         },
         py::arg("dy"), py::arg("argmax"), py::arg("input_hw"), py::arg("window") = 3, py::arg("stride") = 2,
-        py::arg("padding") = 0, py::arg("check_argmax") = true,
+        py::arg("padding") = 0, py::arg("check_argmax") = true, py::arg("relu_y") = none,
         "Every argmax must lie in its output's window (checked on the host for CUDA tensors unless "
-        "check_argmax=False, for an argmax straight from maxpool_forward).");
+        "check_argmax=False, for an argmax straight from maxpool_forward). relu_y: as conv2d_backward_input's.");
 
+    o.def(
+        "lrn_maxpool_forward",
+        [](obj x, obj size, obj k, obj alpha, obj beta, obj window, obj stride, obj padding) {
+            const char* op = "lrn_maxpool_forward";
+            const Tensor t = tensor_arg(x, op, "x");
+            const int n = int_arg(size, op, "size");
+            const float fk = float_arg(k, op, "k"), fa = float_arg(alpha, op, "alpha"), fb = float_arg(beta, op, "beta");
+            const auto kw = pair_arg(window, op, "window"), s = pair_arg(stride, op, "stride"),
+                       p = pair_arg(padding, op, "padding");
+            ops::LrnPool out;
+            {
+                py::gil_scoped_release r;
+                out = ops::lrn_maxpool_forward(t, n, fk, fa, fb, kw.first, kw.second, s.first, s.second, p.first,
+                                               p.second);
+            }
+            return py::make_tuple(out.y, out.scale, out.pool_y, out.argmax);
+        },
+        py::arg("x"), py::arg("size") = 5, py::arg("k") = 2.0, py::arg("alpha") = 1e-4, py::arg("beta") = 0.75,
+        py::arg("window") = 3, py::arg("stride") = 2, py::arg("padding") = 0,
+        "Returns (y, scale, pool_y, argmax): lrn_forward(x) and maxpool_forward of its y, fused on CUDA.");
     o.def(
         "dropout_forward",
         [](obj x, obj p, obj seed, obj offset) {
@@ -721,19 +758,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("p") = 0.5, py::arg("seed") = 0, py::arg("offset") = 0, "Returns (y, mask).");
     o.def(
         "dropout_backward",
-        [](obj dy, obj mask, obj p, obj check_mask) {
+        [](obj dy, obj mask, obj p, obj check_mask, obj relu_y) {
             const char* op = "dropout_backward";
             const Tensor tdy = tensor_arg(dy, op, "dy"), tm = tensor_arg(mask, op, "mask");
             const float fp = float_arg(p, op, "p");
             if (!py::isinstance<py::bool_>(check_mask))
                 throw TypeError(where(op, "check_mask") + "must be a bool, got " + type_name(check_mask));
             const bool check = check_mask.cast<bool>();
+            const auto ry = opt_tensor_arg(relu_y, op, "relu_y");
             py::gil_scoped_release r;
-            return ops::dropout_backward(tdy, tm, fp, check);
+            return ops::dropout_backward(tdy, tm, fp, check, ry);
         },
-        py::arg("dy"), py::arg("mask"), py::arg("p") = 0.5, py::arg("check_mask") = true,
+        py::arg("dy"), py::arg("mask"), py::arg("p") = 0.5, py::arg("check_mask") = true, py::arg("relu_y") = none,
         "The mask must hold only 0 and 1 (checked on the host unless check_mask=False, for a mask straight "
-        "from dropout_forward: the check copies a device mask to the host and synchronizes).");
+        "from dropout_forward: the check copies a device mask to the host and synchronizes). relu_y: as "
+        "conv2d_backward_input's.");
 
     o.def(
         "softmax_cross_entropy_forward",
@@ -780,6 +819,38 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("w"), py::arg("dw"), py::arg("v"), py::arg("lr"), py::arg("momentum") = 0.9,
         py::arg("weight_decay") = 0.0005, "In place: v = m v - wd lr w - lr dw; w += v.");
+
+    o.def(
+        "sgd_update_multi",
+        [](obj params, obj lr, obj momentum) {
+            const char* op = "sgd_update_multi";
+            if (py::isinstance<py::str>(params) || !py::isinstance<py::sequence>(params))
+                throw TypeError(where(op, "params") + "must be a list of (w, dw, v, weight_decay) tuples, got " +
+                                type_name(params));
+            auto seq = py::reinterpret_borrow<py::sequence>(params);
+            // Copies of the caller's Tensors (they share storage), kept alive while the op runs.
+            std::vector<Tensor> ws, dws, vs;
+            std::vector<float> wds;
+            for (size_t i = 0; i < seq.size(); ++i) {
+                const std::string a = "params[" + std::to_string(i) + "]";
+                py::handle item = seq[i];
+                if (py::isinstance<py::str>(item) || !py::isinstance<py::sequence>(item) || py::len(item) != 4)
+                    throw TypeError(where(op, a.c_str()) + "must be a (w, dw, v, weight_decay) tuple, got " +
+                                    type_name(item));
+                auto t = py::reinterpret_borrow<py::sequence>(item);
+                ws.push_back(tensor_arg(t[0], op, (a + ".w").c_str()));
+                dws.push_back(tensor_arg(t[1], op, (a + ".dw").c_str()));
+                vs.push_back(tensor_arg(t[2], op, (a + ".v").c_str()));
+                wds.push_back(float_arg(t[3], op, (a + ".weight_decay").c_str()));
+            }
+            const float flr = float_arg(lr, op, "lr"), fm = float_arg(momentum, op, "momentum");
+            std::vector<ops::SgdParam> ps;
+            for (size_t i = 0; i < ws.size(); ++i) ps.push_back({&ws[i], &dws[i], &vs[i], wds[i]});
+            py::gil_scoped_release r;
+            ops::sgd_update_multi(ps, flr, fm);
+        },
+        py::arg("params"), py::arg("lr"), py::arg("momentum") = 0.9,
+        "In place, sgd_update of every (w, dw, v, weight_decay) in params; one launch on CUDA.");
 
     o.def(
         "concat_channels",

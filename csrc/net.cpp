@@ -1,6 +1,7 @@
 // The two-tower AlexNet: layer table, parameter init, and the issue order of a training step.
 #include "net.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <set>
@@ -485,6 +486,7 @@ void Net::issue_forward(bool train) {
         for (int t = 0; t < T; ++t) {
             LayerState& s = st_[t][l];
             Params& p = params_[t][l];
+            // The ReLU runs in the GEMM's epilogue (the same bits as relu_forward after it); z is not kept.
             if (L.conv && pair_towers()) {
                 // Both towers' forward in one launch, in tower 0's slot (tower 1's input is issued above).
                 if (t == 0)
@@ -492,21 +494,31 @@ void Net::issue_forward(bool train) {
                         LayerState &s0 = st_[0][l], &s1 = st_[1][l];
                         const Params &p0 = params_[0][l], &p1 = params_[1][l];
                         const auto r = ops::conv2d_forward_pair({s0.in, s1.in}, {p0.w, p1.w}, {p0.b, p1.b}, L.stride,
-                                                                L.stride, L.pad, L.pad, 1);
-                        s0.z = r[0];
-                        s1.z = r[1];
+                                                                L.stride, L.pad, L.pad, 1, L.relu);
+                        s0.a = r[0];
+                        s1.a = r[1];
                     });
             } else if (L.conv) {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] {
-                    s.z = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1);
+                    s.a = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1, L.relu);
                 });
             } else {
-                sched_->run(t, L.name + ".fprop", [&s, &p] { s.z = ops::linear_forward(s.in, p.w, p.b); });
+                sched_->run(t, L.name + ".fprop", [&s, &p, &L] { s.a = ops::linear_forward(s.in, p.w, p.b, L.relu); });
             }
-            if (L.relu) sched_->run(t, L.name + ".relu", [&s] { s.a = ops::relu_forward(s.z); });
-            else sched_->run(t, L.name + ".identity", [&s] { s.a = s.z; });
             Tensor* cur = &s.a;
-            if (L.lrn) {
+            if (L.lrn && L.pool) {
+                // LRN and the max-pool of its output in one op (one kernel on CUDA), the same bits as the two.
+                const NetConfig* c = &cfg_;
+                sched_->run(t, L.name + ".lrn_pool", [&s, c, pool_w] {
+                    auto r = ops::lrn_maxpool_forward(s.a, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta, pool_w,
+                                                      pool_w, 2, 2, 0, 0);
+                    s.lrn_y = r.y;
+                    s.lrn_scale = r.scale;
+                    s.pool_y = r.pool_y;
+                    s.pool_arg = r.argmax;
+                });
+                cur = &s.pool_y;
+            } else if (L.lrn) {
                 const NetConfig* c = &cfg_;
                 sched_->run(t, L.name + ".lrn", [&s, c] {
                     auto r = ops::lrn_forward(s.a, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta);
@@ -515,7 +527,7 @@ void Net::issue_forward(bool train) {
                 });
                 cur = &s.lrn_y;
             }
-            if (L.pool) {
+            if (L.pool && !L.lrn) {
                 sched_->run(t, L.name + ".pool", [&s, cur, pool_w] {
                     auto r = ops::maxpool_forward(*cur, pool_w, pool_w, 2, 2, 0, 0);
                     s.pool_y = r.first;
@@ -582,14 +594,41 @@ void Net::issue_loss(const Tensor& labels, float scale, bool backward) {
     }
 }
 
-void Net::issue_sgd(int t, int l, float lr) {
+bool Net::relu_in_dgrad(int l) const {
+    if (l < 0 || l + 1 >= static_cast<int>(layers_.size())) return false;
+    const LayerSpec& L = layers_[l];
+    const LayerSpec& up = layers_[l + 1];
+    // The layer above's grad-input is this layer's whole d_out (no gather, no dropout, pool or LRN between).
+    return L.conv && L.relu && !L.lrn && !L.pool && !L.pool_extra && !L.dropout && up.conv && !up.cross;
+}
+
+// The update: one sgd_update_multi per device over every parameter of its towers (one launch on CUDA), after all
+// of those towers' gradients (and their reads of the weights) are issued; the same bits as one update per
+// tensor. Issued on the device's first tower, which the others order themselves before.
+void Net::issue_sgd(float lr) {
     const float momentum = cfg_.momentum, wd = cfg_.weight_decay, bias_wd = cfg_.bias_weight_decay;
-    LayerState& s = st_[t][l];
-    Params& p = params_[t][l];
-    sched_->run(t, layers_[l].name + ".sgd", [&s, &p, lr, momentum, wd, bias_wd] {
-        ops::sgd_update(p.w, s.dw, p.vw, lr, momentum, wd);
-        ops::sgd_update(p.b, s.db, p.vb, lr, momentum, bias_wd);
-    });
+    const int T = cfg_.towers;
+    std::vector<std::vector<int>> groups;
+    for (int t = 0; t < T; ++t) {
+        auto g = std::find_if(groups.begin(), groups.end(),
+                              [&](const std::vector<int>& v) { return devices_[v[0]] == devices_[t]; });
+        if (g == groups.end()) groups.push_back({t});
+        else g->push_back(t);
+    }
+    for (const std::vector<int>& towers : groups) {
+        for (size_t i = 1; i < towers.size(); ++i) sched_->order(towers[i], towers[0]);
+        sched_->run(towers[0], "sgd", [this, towers, lr, momentum, wd, bias_wd] {
+            std::vector<ops::SgdParam> ps;
+            for (int t : towers)
+                for (size_t l = 0; l < layers_.size(); ++l) {
+                    Params& p = params_[t][l];
+                    LayerState& s = st_[t][l];
+                    ps.push_back({&p.w, &s.dw, &p.vw, wd});
+                    ps.push_back({&p.b, &s.db, &p.vb, bias_wd});
+                }
+            ops::sgd_update_multi(ps, lr, momentum);
+        });
+    }
 }
 
 float Net::loss_scale(int n) const {
@@ -606,17 +645,32 @@ void Net::issue_backward(float lr) {
         // d_out -> dz, undoing the layer's epilogue in reverse: dropout, pool, LRN, ReLU.
         auto epilogue = [&](int t) {
             LayerState& s = st_[t][l];
-            sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c] {
+            // The ReLU's backward runs inside the op next to it in the forward (LRN, else the pool, else dropout), or
+            // in the grad-input epilogue of the layer above (relu_in_dgrad); only where neither exists on its own.
+            const bool relu_above = relu_in_dgrad(l);
+            sched_->run(t, L.name + ".bprop_epilogue", [&s, &L, p_drop, pool_w, c, relu_above] {
                 Tensor g = s.d_out;
-                if (s.drop_mask.defined()) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false);
+                const bool drop = s.drop_mask.defined();
+                enum { kAlone, kDrop, kPool2, kPool, kLrn } at = kAlone;
+                if (L.lrn) at = kLrn;
+                else if (L.pool) at = kPool;
+                else if (L.pool_extra) at = kPool2;
+                else if (drop) at = kDrop;
+                const bool relu_here = L.relu && !relu_above;
+                auto ry = [&](int where) {
+                    return relu_here && at == where ? std::optional<Tensor>(s.a) : std::nullopt;
+                };
+                if (drop) g = ops::dropout_backward(g, s.drop_mask, p_drop, /*check_mask=*/false, ry(kDrop));
                 if (L.pool_extra)
                     g = ops::maxpool_backward(g, s.pool2_arg, L.pool_mid_hw, L.pool_mid_hw, pool_w, pool_w, 2, 2, 0, 0,
-                                              /*check_argmax=*/false);
+                                              /*check_argmax=*/false, ry(kPool2));
                 if (L.pool)
                     g = ops::maxpool_backward(g, s.pool_arg, L.out_hw, L.out_hw, pool_w, pool_w, 2, 2, 0, 0,
-                                              /*check_argmax=*/false);
-                if (L.lrn) g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha, c->lrn_beta);
-                if (L.relu) g = ops::relu_backward(g, s.a);
+                                              /*check_argmax=*/false, ry(kPool));
+                if (L.lrn)
+                    g = ops::lrn_backward(g, s.a, s.lrn_y, s.lrn_scale, c->lrn_size, c->lrn_k, c->lrn_alpha,
+                                          c->lrn_beta, relu_here);
+                if (relu_here && at == kAlone) g = ops::relu_backward(g, s.a);
                 s.d_out = g;  // now the gradient w.r.t. the pre-activation z
             });
         };
@@ -628,11 +682,15 @@ void Net::issue_backward(float lr) {
                     s.dw = ops::conv2d_backward_weight(s.in, s.d_out, L.kernel, L.kernel, L.stride, L.stride, L.pad, L.pad, 1);
                     s.db = ops::conv2d_backward_bias(s.d_out);
                 });
-                if (l > 0)
-                    sched_->run(t, L.name + ".dgrad", [&s, &p, &L] {
+                if (l > 0) {
+                    // The layer below's ReLU backward in this grad-input's epilogue, where nothing lies between.
+                    const Tensor* relu_y = relu_in_dgrad(l - 1) ? &st_[t][l - 1].a : nullptr;
+                    sched_->run(t, L.name + ".dgrad", [&s, &p, &L, relu_y] {
                         s.d_in = ops::conv2d_backward_input(s.d_out, p.w, L.in_hw, L.in_hw, L.stride, L.stride, L.pad,
-                                                            L.pad, 1);
+                                                            L.pad, 1,
+                                                            relu_y ? std::optional<Tensor>(*relu_y) : std::nullopt);
                     });
+                }
             } else {
                 sched_->run(t, L.name + ".wgrad", [&s] {
                     s.dw = ops::linear_backward_weight(s.in, s.d_out);
@@ -641,7 +699,7 @@ void Net::issue_backward(float lr) {
                 if (l > 0) sched_->run(t, L.name + ".dgrad", [&s, &p] { s.d_in = ops::linear_backward_input(s.d_out, p.w); });
             }
         };
-        // The layer's gradients are final: hand them to a data-parallel hook, then update (unless deferred).
+        // The layer's gradients are final: hand them to a data-parallel hook (the update follows the whole pass).
         auto finish = [&](int t) {
             LayerState& s = st_[t][l];
             if (dp.grad_ready) {
@@ -653,7 +711,6 @@ void Net::issue_backward(float lr) {
                     dp.grad_ready(l, t, s.dw, s.db, dev < 0 ? 0 : reinterpret_cast<uintptr_t>(current_stream(dev)));
                 });
             }
-            if (!dp.defer_sgd) issue_sgd(t, l, lr);
         };
         if (L.conv && pair_towers()) {
             // Both towers' gradients in one launch per pass, in tower 0's slot, after both epilogues.
@@ -667,13 +724,19 @@ void Net::issue_backward(float lr) {
                 s0.db = ops::conv2d_backward_bias(s0.d_out);
                 s1.db = ops::conv2d_backward_bias(s1.d_out);
             });
-            if (l > 0)
-                sched_->run(0, L.name + ".dgrad", [this, &s0, &s1, l, &L] {
+            if (l > 0) {
+                // The layer below's ReLU backward in the grad-input's epilogue, as in grads().
+                const bool relu_below = relu_in_dgrad(l - 1);
+                sched_->run(0, L.name + ".dgrad", [this, &s0, &s1, l, &L, relu_below] {
+                    std::array<std::optional<Tensor>, 2> relu_y;
+                    if (relu_below) relu_y = {st_[0][l - 1].a, st_[1][l - 1].a};
                     const auto r = ops::conv2d_backward_input_pair({s0.d_out, s1.d_out}, {params_[0][l].w, params_[1][l].w},
-                                                                   L.in_hw, L.in_hw, L.stride, L.stride, L.pad, L.pad, 1);
+                                                                   L.in_hw, L.in_hw, L.stride, L.stride, L.pad, L.pad, 1,
+                                                                   relu_y);
                     s0.d_in = r[0];
                     s1.d_in = r[1];
                 });
+            }
             for (int t = 0; t < T; ++t) finish(t);
         } else {
             for (int t = 0; t < T; ++t) {
@@ -714,6 +777,7 @@ void Net::issue_backward(float lr) {
             });
         }
     }
+    if (!dp.defer_sgd) issue_sgd(lr);
 }
 
 void Net::check_labels(const char* op, const int32_t* labels, int n) const {
@@ -814,10 +878,7 @@ void Net::apply_sgd(float lr) {
     if (!grads_pending_)
         throw ValueError("apply_sgd: no gradients to apply: take a step with defer_sgd set first (each once)");
     grads_pending_ = false;
-    run_step([&] {
-        for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l)
-            for (int t = 0; t < cfg_.towers; ++t) issue_sgd(t, l, lr);
-    });
+    run_step([&] { issue_sgd(lr); });
     step += 1;
 }
 

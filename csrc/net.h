@@ -139,7 +139,7 @@ private:
     // reused while another stream may still read it).
     struct LayerState {
         std::vector<Tensor> recv;  // the inputs gathered from each tower (cross layers), on this device
-        Tensor in, z, a, lrn_y, lrn_scale, pool_y, pool_arg, pool2_y, pool2_arg, drop_mask, out;
+        Tensor in, a, lrn_y, lrn_scale, pool_y, pool_arg, pool2_y, pool2_arg, drop_mask, out;
         Tensor flat_in;                  // fc input as (N, features)
         std::vector<Tensor> d_in_part;   // slices of d_in for each source tower, moved to that tower
         std::vector<Tensor> d_out_recv;  // d_out contributions received from each consuming tower
@@ -177,9 +177,11 @@ private:
     void check_labels(const char* op, const int32_t* labels, int n) const;
     void issue_loss(const Tensor& labels, float scale, bool backward);
     void issue_backward(float lr);
-    void issue_sgd(int tower, int layer, float lr);  // one parameter update, from st_[tower][layer]'s gradients
-    float loss_scale(int n) const;                   // the loss gradient's 1/n (1/mean_over with dp)
-    bool grads_pending_ = false;                     // a deferred step's gradients await apply_sgd
+    // True when layer l's ReLU backward runs in the epilogue of layer l+1's grad-input (nothing between them).
+    bool relu_in_dgrad(int l) const;
+    void issue_sgd(float lr);         // every parameter's update from st_'s gradients: one op per device
+    float loss_scale(int n) const;    // the loss gradient's 1/n (1/mean_over with dp)
+    bool grads_pending_ = false;      // a deferred step's gradients await apply_sgd
     std::vector<Tensor> upload_images(const float* images, int n);
     Tensor upload_labels(const char* op, const int32_t* labels, int n) const;  // range-checked on the host
     // Begins a step, issues it, waits for every tower; on an error drains the towers, then rethrows.

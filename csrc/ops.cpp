@@ -131,15 +131,16 @@ static Conv2dParams conv_params(const char* op, int64_t N, int64_t C, int64_t H,
 
 namespace {
 
-// A checked call of a conv pass: its params, its allocated output and (forward) the bias pointer.
+// A checked call of a conv pass: its params, its allocated output and the optional pointer (forward: the bias;
+// grad-input: relu_y).
 struct ConvCall {
     Conv2dParams p;
     Tensor out;
-    const float* bias = nullptr;
+    const float* opt = nullptr;
 };
 
 ConvCall conv_forward_call(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph,
-                           int pw, int groups) {
+                           int pw, int groups, bool relu) {
     const char* op = "conv2d_forward";
     check_tensor(op, "x", x, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
@@ -148,6 +149,7 @@ ConvCall conv_forward_call(const Tensor& x, const Tensor& w, const std::optional
     check_nonempty(op, "w", w, {0, 1, 2, 3}, "K, C/groups, R, S");
     auto p = conv_params(op, x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(1), w.size(2), w.size(3),
                          sh, sw, ph, pw, groups);
+    p.relu = relu;
     const float* bp = nullptr;
     if (b) {
         check_tensor(op, "b", *b, DType::f32, 1, "(K,)");
@@ -159,8 +161,18 @@ ConvCall conv_forward_call(const Tensor& x, const Tensor& w, const std::optional
     return {p, y, bp};
 }
 
+// relu_y of the backward ops that take one: float32, the shape of dx, on dx's device; its data or nullptr.
+const float* relu_y_arg(const char* op, const std::optional<Tensor>& relu_y, const Tensor& like,
+                        const std::vector<int64_t>& shape) {
+    if (!relu_y) return nullptr;
+    check_tensor(op, "relu_y", *relu_y, DType::f32, -1, "");
+    check_same_device(op, "dy", like, "relu_y", *relu_y);
+    check_shape(op, "relu_y", *relu_y, shape);
+    return relu_y->data<float>();
+}
+
 ConvCall conv_backward_input_call(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
-                                  int groups) {
+                                  int groups, const std::optional<Tensor>& relu_y) {
     const char* op = "conv2d_backward_input";
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, K, P, Q)");
     check_tensor(op, "w", w, DType::f32, 4, "(K, C/groups, R, S)");
@@ -174,8 +186,9 @@ ConvCall conv_backward_input_call(const Tensor& dy, const Tensor& w, int H, int 
     checked::check_elements(op, "'input_hw'", {dy.size(0), C, H, W}, "dx");
     auto p = conv_params(op, dy.size(0), C, H, W, w.size(0), w.size(1), w.size(2), w.size(3), sh, sw, ph, pw, groups);
     check_shape(op, "dy", dy, {p.N, p.K, p.P, p.Q});
+    const float* ry = relu_y_arg(op, relu_y, dy, {p.N, p.C, p.H, p.W});
     Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
-    return {p, dx};
+    return {p, dx, ry};
 }
 
 ConvCall conv_backward_weight_call(const Tensor& x, const Tensor& dy, int R, int S, int sh, int sw, int ph, int pw,
@@ -205,7 +218,12 @@ void check_pair(const char* op, const char* arg, const Tensor& t0, const Tensor&
     if (t0.device() != t1.device())
         throw ValueError(arg_prefix(op, arg) + "tower 1's tensor is on " + t1.device().str() + ", tower 0's on " +
                          t0.device().str() + " (a pair shares one device)");
-    if (std::memcmp(&c0.p, &c1.p, sizeof(Conv2dParams)) != 0)
+    // Field by field: Conv2dParams ends in a bool, so memcmp would also compare its padding bytes.
+    const Conv2dParams &a = c0.p, &b = c1.p;
+    const bool same = a.N == b.N && a.C == b.C && a.H == b.H && a.W == b.W && a.K == b.K && a.R == b.R && a.S == b.S &&
+                      a.P == b.P && a.Q == b.Q && a.stride_h == b.stride_h && a.stride_w == b.stride_w &&
+                      a.pad_h == b.pad_h && a.pad_w == b.pad_w && a.groups == b.groups && a.relu == b.relu;
+    if (!same)
         throw ValueError(arg_prefix(op, arg) + "tower 1's shape " + t1.shape_str() + " differs from tower 0's " +
                          t0.shape_str() + " (a pair has one shape)");
 }
@@ -213,18 +231,19 @@ void check_pair(const char* op, const char* arg, const Tensor& t0, const Tensor&
 }  // namespace
 
 Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int sh, int sw, int ph, int pw,
-                      int groups) {
-    const ConvCall c = conv_forward_call(x, w, b, sh, sw, ph, pw, groups);
+                      int groups, bool relu) {
+    const ConvCall c = conv_forward_call(x, w, b, sh, sw, ph, pw, groups, relu);
     if (c.out.numel() == 0) return c.out;
-    AX_DISPATCH(x.device(), conv2d_forward, c.p, x.data<float>(), w.data<float>(), c.bias, c.out.data<float>());
+    AX_DISPATCH(x.device(), conv2d_forward, c.p, x.data<float>(), w.data<float>(), c.opt, c.out.data<float>());
     return c.out;
 }
 
 Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int sh, int sw, int ph, int pw,
-                             int groups) {
-    const ConvCall c = conv_backward_input_call(dy, w, H, W, sh, sw, ph, pw, groups);
+                             int groups, const std::optional<Tensor>& relu_y) {
+    const ConvCall c = conv_backward_input_call(dy, w, H, W, sh, sw, ph, pw, groups, relu_y);
     if (c.out.numel() == 0) return c.out;
-    AX_DISPATCH(dy.device(), conv2d_backward_input, c.p, dy.data<float>(), w.data<float>(), c.out.data<float>());
+    AX_DISPATCH(dy.device(), conv2d_backward_input, c.p, dy.data<float>(), w.data<float>(), c.opt,
+                c.out.data<float>());
     return c.out;
 }
 
@@ -246,18 +265,18 @@ Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, i
 #endif
 
 TensorPair conv2d_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
-                               int sh, int sw, int ph, int pw, int groups) {
-    const ConvCall c0 = conv_forward_call(x[0], w[0], b[0], sh, sw, ph, pw, groups);
-    const ConvCall c1 = conv_forward_call(x[1], w[1], b[1], sh, sw, ph, pw, groups);
+                               int sh, int sw, int ph, int pw, int groups, bool relu) {
+    const ConvCall c0 = conv_forward_call(x[0], w[0], b[0], sh, sw, ph, pw, groups, relu);
+    const ConvCall c1 = conv_forward_call(x[1], w[1], b[1], sh, sw, ph, pw, groups, relu);
     check_pair("conv2d_forward_pair", "x", x[0], x[1], c0, c1);
     if (c0.out.numel() > 0) {
         if (x[0].device().is_cpu()) {
-            cpu::conv2d_forward(c0.p, x[0].data<float>(), w[0].data<float>(), c0.bias, c0.out.data<float>());
-            cpu::conv2d_forward(c1.p, x[1].data<float>(), w[1].data<float>(), c1.bias, c1.out.data<float>());
+            cpu::conv2d_forward(c0.p, x[0].data<float>(), w[0].data<float>(), c0.opt, c0.out.data<float>());
+            cpu::conv2d_forward(c1.p, x[1].data<float>(), w[1].data<float>(), c1.opt, c1.out.data<float>());
         } else {
             const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
             const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
-            const float* bs[2] = {c0.bias, c1.bias};
+            const float* bs[2] = {c0.opt, c1.opt};
             float* ys[2] = {c0.out.data<float>(), c1.out.data<float>()};
             AX_PAIR_CUDA(x[0].device(), conv2d_forward_pair, c0.p, xs, ws, bs, ys);
         }
@@ -266,19 +285,20 @@ TensorPair conv2d_forward_pair(const TensorPair& x, const TensorPair& w, const s
 }
 
 TensorPair conv2d_backward_input_pair(const TensorPair& dy, const TensorPair& w, int H, int W, int sh, int sw, int ph,
-                                      int pw, int groups) {
-    const ConvCall c0 = conv_backward_input_call(dy[0], w[0], H, W, sh, sw, ph, pw, groups);
-    const ConvCall c1 = conv_backward_input_call(dy[1], w[1], H, W, sh, sw, ph, pw, groups);
+                                      int pw, int groups, const std::array<std::optional<Tensor>, 2>& relu_y) {
+    const ConvCall c0 = conv_backward_input_call(dy[0], w[0], H, W, sh, sw, ph, pw, groups, relu_y[0]);
+    const ConvCall c1 = conv_backward_input_call(dy[1], w[1], H, W, sh, sw, ph, pw, groups, relu_y[1]);
     check_pair("conv2d_backward_input_pair", "dy", dy[0], dy[1], c0, c1);
     if (c0.out.numel() > 0) {
         if (dy[0].device().is_cpu()) {
-            cpu::conv2d_backward_input(c0.p, dy[0].data<float>(), w[0].data<float>(), c0.out.data<float>());
-            cpu::conv2d_backward_input(c1.p, dy[1].data<float>(), w[1].data<float>(), c1.out.data<float>());
+            cpu::conv2d_backward_input(c0.p, dy[0].data<float>(), w[0].data<float>(), c0.opt, c0.out.data<float>());
+            cpu::conv2d_backward_input(c1.p, dy[1].data<float>(), w[1].data<float>(), c1.opt, c1.out.data<float>());
         } else {
             const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
             const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+            const float* rys[2] = {c0.opt, c1.opt};
             float* dxs[2] = {c0.out.data<float>(), c1.out.data<float>()};
-            AX_PAIR_CUDA(dy[0].device(), conv2d_backward_input_pair, c0.p, dys, ws, dxs);
+            AX_PAIR_CUDA(dy[0].device(), conv2d_backward_input_pair, c0.p, dys, ws, rys, dxs);
         }
     }
     return {c0.out, c1.out};
@@ -316,13 +336,14 @@ Tensor conv2d_backward_bias(const Tensor& dy) {
 
 // ---- linear ---------------------------------------------------------------------------------------
 
-Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
     const char* op = "linear_forward";
     check_tensor(op, "x", x, DType::f32, 2, "(N, in)");
     check_tensor(op, "w", w, DType::f32, 2, "(out, in)");
     check_same_device(op, "x", x, "w", w);
     check_nonempty(op, "w", w, {0, 1}, "out, in");
     LinearParams p{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "w", w, 0)};
+    p.relu = relu;
     if (w.size(1) != p.I)
         throw ValueError(arg_prefix(op, "w") + "has " + std::to_string(w.size(1)) + " input features but x has " +
                          std::to_string(p.I));
@@ -431,9 +452,10 @@ std::pair<Tensor, Tensor> lrn_forward(const Tensor& x, int size, float k, float 
 }
 
 Tensor lrn_backward(const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& scale, int size, float k,
-                    float alpha, float beta) {
+                    float alpha, float beta, bool relu) {
     const char* op = "lrn_backward";
     auto p = lrn_params(op, x, size, k, alpha, beta);
+    p.relu = relu;
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "y", y, DType::f32, 4, "(N, C, H, W)");
     check_tensor(op, "scale", scale, DType::f32, 4, "(N, C, H, W)");
@@ -486,8 +508,25 @@ std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int wh, int ww, int s
     return {y, am};
 }
 
+LrnPool lrn_maxpool_forward(const Tensor& x, int size, float k, float alpha, float beta, int wh, int ww, int sh, int sw,
+                            int ph, int pw) {
+    const char* op = "lrn_maxpool_forward";
+    const LrnParams lp = lrn_params(op, x, size, k, alpha, beta);
+    check_nonempty(op, "x", x, {2, 3}, "H, W (an empty plane has no maximum)");
+    const PoolParams pp = pool_params(op, x.size(0), x.size(1), x.size(2), x.size(3), wh, ww, sh, sw, ph, pw);
+    LrnPool r;
+    r.y = new_output(op, "y", "'x'", x.shape(), DType::f32, x);
+    r.scale = new_output(op, "scale", "'x'", x.shape(), DType::f32, x);
+    r.pool_y = new_output(op, "pool_y", "'x', 'window', 'stride', 'padding'", {pp.N, pp.C, pp.P, pp.Q}, DType::f32, x);
+    r.argmax = new_output(op, "argmax", "'x', 'window', 'stride', 'padding'", {pp.N, pp.C, pp.P, pp.Q}, DType::i32, x);
+    if (r.y.numel() == 0) return r;
+    AX_DISPATCH(x.device(), lrn_maxpool_forward, lp, pp, x.data<float>(), r.y.data<float>(), r.scale.data<float>(),
+                r.pool_y.data<float>(), r.argmax.data<int32_t>());
+    return r;
+}
+
 Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, int wh, int ww, int sh, int sw, int ph,
-                        int pw, bool check_argmax) {
+                        int pw, bool check_argmax, const std::optional<Tensor>& relu_y) {
     const char* op = "maxpool_backward";
     check_tensor(op, "dy", dy, DType::f32, 4, "(N, C, P, Q)");
     check_tensor(op, "argmax", argmax, DType::i32, 4, "(N, C, P, Q)");
@@ -499,6 +538,7 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
     auto p = pool_params(op, dy.size(0), dy.size(1), H, W, wh, ww, sh, sw, ph, pw);
     check_shape(op, "dy", dy, {p.N, p.C, p.P, p.Q});
     check_shape(op, "argmax", argmax, dy.shape());
+    const float* ry = relu_y_arg(op, relu_y, dy, {p.N, p.C, p.H, p.W});
     if (check_argmax && argmax.device().is_cuda() && argmax.numel() > 0) {
         // The CPU backend raises on an argmax outside its window while it scatters; the CUDA kernel gathers and
         // would drop such a gradient without a word, so its argmax is checked here, on the host.
@@ -517,7 +557,7 @@ Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, in
     }
     Tensor dx = new_output(op, "dx", "'input_hw'", {p.N, p.C, p.H, p.W}, DType::f32, dy);
     if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), maxpool_backward, p, dy.data<float>(), argmax.data<int32_t>(), dx.data<float>());
+    AX_DISPATCH(dy.device(), maxpool_backward, p, dy.data<float>(), argmax.data<int32_t>(), ry, dx.data<float>());
     return dx;
 }
 
@@ -539,13 +579,15 @@ std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t see
     return {y, mask};
 }
 
-Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask) {
+Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask,
+                        const std::optional<Tensor>& relu_y) {
     const char* op = "dropout_backward";
     check_tensor(op, "dy", dy, DType::f32, -1, "");
     check_tensor(op, "mask", mask, DType::u8, -1, "");
     check_same_device(op, "dy", dy, "mask", mask);
     check_shape(op, "mask", mask, dy.shape());
     check_p(op, p);
+    const float* ry = relu_y_arg(op, relu_y, dy, dy.shape());
     if (check_mask && mask.numel() > 0) {
         // The contract is a 0/1 mask (as dropout_forward makes); any other byte is an error, not a guess.
         Tensor host = mask.device().is_cpu() ? mask : mask.to(Device{});
@@ -557,7 +599,7 @@ Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool chec
     }
     Tensor dx = new_output(op, "dx", "'dy'", dy.shape(), DType::f32, dy);
     if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), dropout_backward, dy.numel(), dy.data<float>(), mask.data<uint8_t>(), p,
+    AX_DISPATCH(dy.device(), dropout_backward, dy.numel(), dy.data<float>(), mask.data<uint8_t>(), p, ry,
                 dx.data<float>());
     return dx;
 }
@@ -635,6 +677,46 @@ void sgd_update(Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum
     if (w.numel() == 0) return;
     AX_DISPATCH(w.device(), sgd_update, w.numel(), w.data<float>(), dw.data<float>(), v.data<float>(), lr, momentum,
                 weight_decay);
+}
+
+void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum) {
+    const char* op = "sgd_update_multi";
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError(arg_prefix(op, "lr") + "must be finite and >= 0");
+    if (!(momentum >= 0 && momentum < 1)) throw ValueError(arg_prefix(op, "momentum") + "must be in [0, 1)");
+    std::vector<SgdSegment> segs;
+    segs.reserve(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+        const SgdParam& q = params[i];
+        const std::string pre = "params[" + std::to_string(i) + "].";
+        const std::string aw = pre + "w", adw = pre + "dw", av = pre + "v", awd = pre + "weight_decay";
+        if (q.w == nullptr || q.dw == nullptr || q.v == nullptr)
+            throw ValueError(arg_prefix(op, ("params[" + std::to_string(i) + "]").c_str()) + "names no tensor");
+        check_tensor(op, aw.c_str(), *q.w, DType::f32, -1, "");
+        check_tensor(op, adw.c_str(), *q.dw, DType::f32, -1, "");
+        check_tensor(op, av.c_str(), *q.v, DType::f32, -1, "");
+        const Tensor& w0 = *params[0].w;
+        check_same_device(op, "params[0].w", w0, aw.c_str(), *q.w);
+        check_same_device(op, "params[0].w", w0, adw.c_str(), *q.dw);
+        check_same_device(op, "params[0].w", w0, av.c_str(), *q.v);
+        check_shape(op, adw.c_str(), *q.dw, q.w->shape());
+        check_shape(op, av.c_str(), *q.v, q.w->shape());
+        if (!(q.weight_decay >= 0 && std::isfinite(q.weight_decay)))
+            throw ValueError(arg_prefix(op, awd.c_str()) + "must be finite and >= 0");
+        if (q.w->numel() == 0) continue;
+        segs.push_back({q.w->data<float>(), q.dw->data<float>(), q.v->data<float>(), q.w->numel(), q.weight_decay});
+    }
+    // Entries run concurrently on CUDA: none may write what another reads or writes.
+    std::vector<std::pair<const char*, const char*>> written;
+    for (const SgdSegment& g : segs) {
+        written.push_back({reinterpret_cast<const char*>(g.w), reinterpret_cast<const char*>(g.w + g.n)});
+        written.push_back({reinterpret_cast<const char*>(g.v), reinterpret_cast<const char*>(g.v + g.n)});
+    }
+    for (size_t a = 0; a < written.size(); ++a)
+        for (size_t b = a + 1; b < written.size(); ++b)
+            if (written[a].first < written[b].second && written[b].first < written[a].second)
+                throw ValueError(std::string(op) + ": argument 'params': two entries' w or v tensors overlap");
+    if (segs.empty()) return;
+    AX_DISPATCH(params[0].w->device(), sgd_update_multi, static_cast<int>(segs.size()), segs.data(), lr, momentum);
 }
 
 // ---- cross-tower plumbing -------------------------------------------------------------------------

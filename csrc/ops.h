@@ -33,16 +33,19 @@ struct Conv2dParams {
     int P, Q;                // output height, width
     int stride_h, stride_w, pad_h, pad_w;
     int groups;              // C and K are both divisible by groups; weight is (K, C/groups, R, S)
+    bool relu = false;       // forward only: y = max(conv + b, 0), the ReLU fused into the GEMM's epilogue
 };
 
 struct LinearParams {
-    int N, I, O;  // batch, in features, out features
+    int N, I, O;        // batch, in features, out features
+    bool relu = false;  // forward only: y = max(x W^T + b, 0), the ReLU fused into the GEMM's epilogue
 };
 
 struct LrnParams {
     int N, C, H, W;
     int size;        // n, odd: the window is c-size/2 .. c+size/2 clipped to [0, C)
     float k, alpha, beta;  // b = a / (k + alpha * sum a^2)^beta  (alpha multiplies the plain sum)
+    bool relu = false;     // backward only: dx also through the ReLU that made x (zero where x <= 0)
 };
 
 struct PoolParams {
@@ -53,6 +56,16 @@ struct PoolParams {
 
 struct SoftmaxParams {
     int N, C;
+};
+
+// One parameter tensor of a multi-tensor SGD update (sgd_update_multi): n elements at w, dw, v, each updated as
+// sgd_update(n, w, dw, v, lr, momentum, weight_decay) would.
+struct SgdSegment {
+    float* w;
+    const float* dw;
+    float* v;
+    int64_t n;
+    float weight_decay;
 };
 
 struct AugmentParams {
@@ -69,11 +82,15 @@ uint32_t dropout_threshold(float p);
 namespace ops {
 
 // y (N,K,P,Q) = conv(x (N,C,H,W), w (K,C/groups,R,S)) + b (K), P = (H + 2 pad_h - R) / stride_h + 1.
+// relu: y = relu_forward(conv + b) in the same kernel, the same bits as the two ops one after the other.
 Tensor conv2d_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int stride_h, int stride_w,
-                      int pad_h, int pad_w, int groups);
+                      int pad_h, int pad_w, int groups, bool relu = false);
 // dx (N,C,H,W) from dy (N,K,P,Q); H, W are the forward input's size (stride can make them ambiguous).
+// relu_y (N,C,H,W), when given, is the output of the ReLU that made x: dx is also passed back through it in the
+// same kernel (zero where relu_y <= 0), the same bits as relu_backward(dx, relu_y) after the op. The same
+// argument of lrn_backward (a flag: its x is that output), maxpool_backward and dropout_backward does the same.
 Tensor conv2d_backward_input(const Tensor& dy, const Tensor& w, int H, int W, int stride_h, int stride_w, int pad_h,
-                             int pad_w, int groups);
+                             int pad_w, int groups, const std::optional<Tensor>& relu_y = std::nullopt);
 // dw (K,C/groups,R,S) = sum over N,P,Q.
 Tensor conv2d_backward_weight(const Tensor& x, const Tensor& dy, int R, int S, int stride_h, int stride_w, int pad_h,
                               int pad_w, int groups);
@@ -83,17 +100,18 @@ Tensor conv2d_backward_bias(const Tensor& dy);
 // form checks them, and both towers must have the same shapes and device. On CUDA one launch covers both
 // (blockIdx.z picks the tower) so that their blocks fill the GPU together; the outputs equal two single calls
 // bit for bit (each element's k-sum keeps its order; the weight gradient keeps one tower's split-K). The CPU
-// backend runs the single form twice.
+// backend runs the single form twice. relu (both towers) and relu_y (per tower) as in the single forms.
 using TensorPair = std::array<Tensor, 2>;
 TensorPair conv2d_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
-                               int stride_h, int stride_w, int pad_h, int pad_w, int groups);
+                               int stride_h, int stride_w, int pad_h, int pad_w, int groups, bool relu = false);
 TensorPair conv2d_backward_input_pair(const TensorPair& dy, const TensorPair& w, int H, int W, int stride_h,
-                                      int stride_w, int pad_h, int pad_w, int groups);
+                                      int stride_w, int pad_h, int pad_w, int groups,
+                                      const std::array<std::optional<Tensor>, 2>& relu_y = {});
 TensorPair conv2d_backward_weight_pair(const TensorPair& x, const TensorPair& dy, int R, int S, int stride_h,
                                        int stride_w, int pad_h, int pad_w, int groups);
 
-// y (N,O) = x (N,I) W^T (O,I) + b (O).
-Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b);
+// y (N,O) = x (N,I) W^T (O,I) + b (O); relu as for conv2d_forward.
+Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu = false);
 Tensor linear_backward_input(const Tensor& dy, const Tensor& w);   // (N,I) = dy W
 Tensor linear_backward_weight(const Tensor& x, const Tensor& dy);  // (O,I) = dy^T x
 Tensor linear_backward_bias(const Tensor& dy);                     // (O) = sum over N
@@ -104,7 +122,7 @@ Tensor relu_backward(const Tensor& dy, const Tensor& y);  // dy where y > 0, els
 // Returns (y, scale) with scale = k + alpha * sum a^2 over the window, kept for the backward.
 std::pair<Tensor, Tensor> lrn_forward(const Tensor& x, int size, float k, float alpha, float beta);
 Tensor lrn_backward(const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& scale, int size, float k,
-                    float alpha, float beta);
+                    float alpha, float beta, bool relu = false);
 
 // Returns (y, argmax) with argmax int32 (N,C,P,Q): the flat index h*W+w of the chosen input element.
 // Padding counts as -inf. Tie rule: the first maximum in row-major window order wins. A window that
@@ -117,7 +135,17 @@ std::pair<Tensor, Tensor> maxpool_forward(const Tensor& x, int window_h, int win
 // check_argmax = false (the Net's own argmax; Python: check_argmax=False), since the CUDA gather would
 // silently drop the gradient of an argmax outside its window.
 Tensor maxpool_backward(const Tensor& dy, const Tensor& argmax, int H, int W, int window_h, int window_w,
-                        int stride_h, int stride_w, int pad_h, int pad_w, bool check_argmax = true);
+                        int stride_h, int stride_w, int pad_h, int pad_w, bool check_argmax = true,
+                        const std::optional<Tensor>& relu_y = std::nullopt);
+
+// LRN followed by max-pooling of its output, in one kernel on CUDA where a plane fits the block's shared
+// memory (conv1's and conv2's in AlexNet): lrn_forward's (y, scale), which LRN's backward needs, and
+// maxpool_forward(y)'s (pool_y, argmax), the same bits as the two ops one after the other.
+struct LrnPool {
+    Tensor y, scale, pool_y, argmax;
+};
+LrnPool lrn_maxpool_forward(const Tensor& x, int size, float k, float alpha, float beta, int window_h, int window_w,
+                            int stride_h, int stride_w, int pad_h, int pad_w);
 
 // Inverted dropout: returns (y, mask uint8); y = x * mask / (1 - p). Element i's draw is
 // philox(seed, offset + i), so any backend, any launch shape, draws the same mask.
@@ -126,7 +154,8 @@ std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t see
 // byte raises ValueError naming 'mask'. The check reads the mask on the host (a device mask is copied and
 // the stream synchronized), so callers passing a mask straight from dropout_forward may skip it with
 // check_mask = false (the Net does; Python: check_mask=False); unchecked, both backends keep where the byte is nonzero.
-Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask = true);
+Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool check_mask = true,
+                        const std::optional<Tensor>& relu_y = std::nullopt);
 
 // Softmax + cross-entropy on logits (N,C) and int32 labels (N). Returns (loss (N) per sample,
 // probs (N,C), rank int32 (N)): rank = number of classes whose logit beats the label's (ties go to the
@@ -142,6 +171,17 @@ Tensor softmax_forward(const Tensor& logits);
 
 // In place, exactly as ALEXNET.md: v = momentum*v - weight_decay*lr*w - lr*dw; w = w + v.
 void sgd_update(Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum, float weight_decay);
+
+// sgd_update of every (w, dw, v, weight_decay) in `params` with one lr and momentum, in one launch on CUDA (the
+// Net's whole update of a device); the same bits as one sgd_update per tensor. All tensors on one device;
+// each entry is checked as sgd_update checks its arguments (errors name 'params[i].w' etc.).
+struct SgdParam {
+    Tensor* w;
+    const Tensor* dw;
+    Tensor* v;
+    float weight_decay;
+};
+void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum);
 
 // Cross-tower plumbing. Channel concat/slice of NCHW (or (N,C) 2-D) tensors; elementwise add.
 Tensor concat_channels(const std::vector<Tensor>& xs);
@@ -164,7 +204,8 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
 #define AX_BACKEND_DECLS(EXTRA)                                                                               \
     void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const float* b /*nullable*/,  \
                         float* y EXTRA);                                                                      \
-    void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx EXTRA);     \
+    void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w,                       \
+                               const float* relu_y /*nullable*/, float* dx EXTRA);                            \
     void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* dy, float* dw EXTRA);    \
     void conv2d_backward_bias(const Conv2dParams& p, const float* dy, float* db EXTRA);                     \
     void linear_forward(const LinearParams& p, const float* x, const float* w, const float* b, float* y EXTRA); \
@@ -177,10 +218,14 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
     void lrn_backward(const LrnParams& p, const float* dy, const float* x, const float* y, const float* scale, \
                       float* dx EXTRA);                                                                       \
     void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* argmax EXTRA);             \
-    void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx EXTRA);    \
+    void lrn_maxpool_forward(const LrnParams& lp, const PoolParams& pp, const float* x, float* y, float* scale, \
+                             float* pool_y, int32_t* argmax EXTRA);                                          \
+    void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax,                      \
+                          const float* relu_y /*nullable*/, float* dx EXTRA);                                 \
     void dropout_forward(int64_t n, const float* x, float p, uint64_t seed, uint64_t offset, float* y,       \
                          uint8_t* mask EXTRA);                                                                \
-    void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p, float* dx EXTRA);        \
+    void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p,                         \
+                          const float* relu_y /*nullable*/, float* dx EXTRA);                                 \
     void softmax_cross_entropy_forward(const SoftmaxParams& p, const float* logits, const int32_t* labels,   \
                                        float* loss, float* probs, int32_t* rank EXTRA);                     \
     void softmax_cross_entropy_backward(const SoftmaxParams& p, const float* probs, const int32_t* labels,   \
@@ -188,6 +233,7 @@ Tensor augment_batch(const Tensor& images, const Tensor& offsets, const Tensor& 
     void softmax_forward(const SoftmaxParams& p, const float* logits, float* probs EXTRA);                  \
     void sgd_update(int64_t n, float* w, const float* dw, float* v, float lr, float momentum,               \
                     float weight_decay EXTRA);                                                               \
+    void sgd_update_multi(int count, const SgdSegment* segs, float lr, float momentum EXTRA);               \
     /* whole (N, Cw, inner)[:, c0:c0+Cp] = part (N, Cp, inner), and the reverse */                          \
     void insert_channels(int N, int Cp, int Cw, int c0, int64_t inner, const float* part, float* whole EXTRA); \
     void extract_channels(int N, int Cp, int Cw, int c0, int64_t inner, const float* whole, float* part EXTRA); \
@@ -209,7 +255,7 @@ AX_BACKEND_DECLS(AX_STREAM_ARG)
 void conv2d_forward_pair(const Conv2dParams& p, const float* const x[2], const float* const w[2],
                          const float* const b[2] /*entries nullable*/, float* const y[2], void* stream);
 void conv2d_backward_input_pair(const Conv2dParams& p, const float* const dy[2], const float* const w[2],
-                                float* const dx[2], void* stream);
+                                const float* const relu_y[2] /*entries nullable*/, float* const dx[2], void* stream);
 void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
                                  float* const dw[2], void* stream);
 }  // namespace cuda

@@ -544,25 +544,61 @@ inline int choose_split_k(int64_t blocks, int Kr, int* chunk) {
     return Kr > 0 ? (Kr + c - 1) / c : 1;
 }
 
-// out[i] = sum over s of parts[s * n + i] (+ bias[i % bias_period]), s ascending: the fixed-order second
-// pass of split-K. Grid-stride over i; coalesced. (A template only so that every .cu may instantiate it.)
+// The ReLU of a fused forward epilogue: exactly relu_forward_kernel's (relu.cu), so fused and unfused agree bit
+// for bit.
+__device__ __forceinline__ float relu_epilogue(float v) { return v > 0.0f ? v : 0.0f; }
+
+// The max-pool window of output (op, oq) over the plane xp (H x W, row-major): the maximum over its in-bounds
+// elements (padding never wins, and every window has one) and the flat h*W+w of the first maximum in row-major
+// window order (strict >). Shared by maxpool_forward_kernel (pool.cu) and the fused LRN + pool (lrn.cu), which
+// reads the plane from shared memory, so both give the same bits.
+__device__ __forceinline__ void maxpool_window(const float* xp, const PoolParams& p, int op, int oq, float& best,
+                                               int& arg) {
+    const int hs = op * p.stride_h - p.pad_h, ws = oq * p.stride_w - p.pad_w;
+    best = 0.0f;
+    arg = -1;
+    for (int r = 0; r < p.window_h; ++r) {
+        const int h = hs + r;
+        if (h < 0 || h >= p.H) continue;
+        for (int s = 0; s < p.window_w; ++s) {
+            const int w = ws + s;
+            if (w < 0 || w >= p.W) continue;
+            const float v = xp[h * p.W + w];
+            if (arg < 0 || v > best) {
+                best = v;
+                arg = h * p.W + w;
+            }
+        }
+    }
+}
+
+// A gradient passed back through a ReLU whose output was y, as relu_backward_kernel does; relu_y null: unchanged.
+__device__ __forceinline__ float relu_grad_epilogue(float g, const float* relu_y, int64_t i) {
+    return relu_y == nullptr || relu_y[i] > 0.0f ? g : 0.0f;
+}
+
+// out[i] = sum over s of parts[s * n + i] (+ bias[i % bias_period]) (then the ReLU when relu), s ascending: the
+// fixed-order second pass of split-K. Grid-stride over i; coalesced. (A template only so that every .cu may
+// instantiate it.)
 template <int kUnused = 0>
 __global__ void __launch_bounds__(256)
     splitk_reduce_kernel(int64_t n, int splits, const float* __restrict__ parts, const float* __restrict__ bias,
-                         int bias_period, float* __restrict__ out) {
+                         int bias_period, bool relu, float* __restrict__ out) {
     for (int64_t i = global_thread_id(); i < n; i += global_thread_count()) {
         float s = parts[i];
         for (int k = 1; k < splits; ++k) s += parts[static_cast<int64_t>(k) * n + i];
         if (bias != nullptr) s += bias[i % bias_period];
+        if (relu) s = relu_epilogue(s);
         out[i] = s;
     }
 }
 
 template <int kUnused = 0>
 void splitk_reduce(const char* opname, int64_t n, int splits, const float* parts, const float* bias,
-                          int bias_period, float* out, void* stream) {
+                          int bias_period, float* out, void* stream, bool relu = false) {
     if (n <= 0) return;
-    splitk_reduce_kernel<><<<grid_1d(n), kThreads1d, 0, as_stream(stream)>>>(n, splits, parts, bias, bias_period, out);
+    splitk_reduce_kernel<><<<grid_1d(n), kThreads1d, 0, as_stream(stream)>>>(n, splits, parts, bias, bias_period,
+                                                                             relu, out);
     AX_LAUNCH_CHECK(opname);
 }
 

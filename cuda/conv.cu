@@ -4,7 +4,9 @@
 // z = g * splits + split). Index decomposition uses FastDiv (multiply-high), once per thread for what the
 // tile mapping keeps fixed and once per k per block in the gather tables (common.cuh) for the rest. No
 // atomics anywhere: wgrad's split-K writes partial sums to a workspace that a second kernel adds in a
-// fixed order, and the bias gradient is one block per channel.
+// fixed order, and the bias gradient sums fixed slices per block, then the slices in order.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace ax {
@@ -117,6 +119,11 @@ struct ConvFwd {
     };
     int M, N;
     ConvGeom g;
+    // The epilogue applies the ReLU (Conv2dParams::relu). An int in the 4 bytes before the pointers, so that the
+    // struct has no padding: the emulator (tests/cuda_emu) takes every pointer-sized word of a kernel's parameter
+    // struct that points into device memory for an operand, and uninitialized padding beside a bool could hold
+    // a stale pointer (static_assert below).
+    int relu;
     const float* x;
     const float* w;
     const float* b;
@@ -191,6 +198,7 @@ struct ConvFwd {
         g.fPQ.divmod(n, img, pq);
         const int k = z * g.Kg + m;
         if (b != nullptr) v += b[k];
+        if (relu != 0) v = relu_epilogue(v);
         y[(static_cast<int64_t>(img) * g.K + k) * g.PQ + pq] = v;
     }
 };
@@ -219,6 +227,7 @@ struct ConvBwdInput {
     const float* dy;
     const float* w;
     float* dx;
+    const float* relu_y;  // nullable: the epilogue passes dx back through the ReLU whose output x was
 
     __device__ Entry entry(int k, int kb, int ke) const {
         Entry e{0, 0, kMask ? 0 : kGatherInvalid, kGatherInvalid};
@@ -297,7 +306,8 @@ struct ConvBwdInput {
     __device__ void store(const Th&, int z, int m, int n, float v) const {
         int img, hw;
         g.fHW.divmod(n, img, hw);
-        dx[(static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg + m) * g.HW + hw] = v;
+        const int64_t o = (static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg + m) * g.HW + hw;
+        dx[o] = relu_grad_epilogue(v, relu_y, o);
     }
 };
 
@@ -454,20 +464,58 @@ void launch_conv_pair(const char* opname, const Op& op0, const Op& op1, int grou
     launch_conv_gemm(opname, TowerPair<Op>{op0.M, op0.N, groups, op0, op1}, 2 * groups, s);
 }
 
-// db[k] = sum over n, p, q of dy[n,k,p,q]: one block per channel; thread t sums pixels t, t+256, ... of
-// every image in order, then a fixed-order shared-memory tree. Coalesced along p*Q+q.
+// db[k] = sum over n, p, q of dy[n,k,p,q], in two fixed-order passes (no atomics). Channel k's N*P*Q values,
+// flattened as j = n*PQ + pq, are cut into `splits` equal slices; block (k, s) sums slice s (thread t takes j =
+// start + t, t + 256, ..., coalesced along pq) with a fixed-order tree and writes part[k * splits + s]; the
+// second kernel adds each channel's partials in slice order. One block per channel left AlexNet's conv1 with 48
+// blocks on a 132-SM GPU; the split keeps about kBiasTargetBlocks blocks in flight. splits depends only on the
+// shape, so the result is deterministic. With splits == 1 the first kernel writes db itself.
 constexpr int kBiasThreads = 256;
+constexpr int64_t kBiasTargetBlocks = 1056;  // 132 SMs x 8 blocks of 256 threads: every thread slot busy
+constexpr int64_t kBiasMinPerThread = 4;    // a slice gives each thread at least this many values
+
+inline int conv_bias_splits(int K, int64_t per_channel) {
+    const int64_t want = (kBiasTargetBlocks + K - 1) / K;
+    const int64_t most = (per_channel + kBiasThreads * kBiasMinPerThread - 1) / (kBiasThreads * kBiasMinPerThread);
+    const int64_t s = want < most ? want : most;
+    return static_cast<int>(s < 1 ? 1 : (s > 65535 ? 65535 : s));
+}
+
 __global__ void __launch_bounds__(kBiasThreads)
-    conv2d_backward_bias_kernel(int N, int K, int PQ, const float* __restrict__ dy, float* __restrict__ db) {
+    conv2d_backward_bias_kernel(int K, int PQ, int64_t per_channel, int64_t chunk, const float* __restrict__ dy,
+                                float* __restrict__ part) {
     __shared__ float red[kBiasThreads / 32 + 1];
-    const int k = blockIdx.x;
-    float s = 0.0f;
-    for (int n = 0; n < N; ++n) {
-        const float* row = dy + (static_cast<int64_t>(n) * K + k) * PQ;
-        for (int i = threadIdx.x; i < PQ; i += kBiasThreads) s += row[i];
+    const int k = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
+    const int64_t j0 = static_cast<int64_t>(s) * chunk;
+    const int64_t j1 = j0 + chunk < per_channel ? j0 + chunk : per_channel;
+    // (n, pq) of j, advanced by the block's stride without a division per element.
+    const int step_n = kBiasThreads / PQ, step_pq = kBiasThreads - step_n * PQ;
+    const int64_t j = j0 + threadIdx.x;
+    int64_t n = j / PQ;
+    int pq = static_cast<int>(j - n * PQ);
+    float acc = 0.0f;
+    for (int64_t i = j; i < j1; i += kBiasThreads) {
+        acc += dy[(n * K + k) * PQ + pq];
+        n += step_n;
+        pq += step_pq;
+        if (pq >= PQ) {
+            pq -= PQ;
+            ++n;
+        }
     }
-    s = block_sum<kBiasThreads>(s, red);
-    if (threadIdx.x == 0) db[k] = s;
+    acc = block_sum<kBiasThreads>(acc, red);
+    if (threadIdx.x == 0) part[static_cast<int64_t>(k) * splits + s] = acc;
+}
+
+// db[k] = part[k * splits + 0] + ... + part[k * splits + splits - 1], left to right.
+__global__ void __launch_bounds__(kThreads1d)
+    conv2d_backward_bias_sum_kernel(int K, int splits, const float* __restrict__ part, float* __restrict__ db) {
+    for (int64_t k = global_thread_id(); k < K; k += global_thread_count()) {
+        const float* p = part + k * splits;
+        float acc = p[0];
+        for (int s = 1; s < splits; ++s) acc += p[s];
+        db[k] = acc;
+    }
 }
 
 // One tower's op (n = 1) or both towers' in one launch (n = 2).
@@ -484,8 +532,10 @@ template <bool kMask>
 void conv_fwd_towers(const Conv2dParams& p, const ConvGeom& g, int n, const float* const* x, const float* const* w,
                      const float* const* b, float* const* y, cudaStream_t s) {
     const int u = n - 1;
-    const ConvFwd<kMask> ops[2] = {ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, x[0], w[0], b[0], y[0]},
-                                   ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, x[u], w[u], b[u], y[u]}};
+    static_assert(std::has_unique_object_representations_v<ConvFwd<kMask>>, "ConvFwd: no padding bytes");
+    const int relu = p.relu ? 1 : 0;
+    const ConvFwd<kMask> ops[2] = {ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, relu, x[0], w[0], b[0], y[0]},
+                                   ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, relu, x[u], w[u], b[u], y[u]}};
     launch_towers("conv2d_forward", ops, n, p.groups, s);
 }
 
@@ -503,25 +553,26 @@ void conv_fwd(const Conv2dParams& p, int n, const float* const* x, const float* 
 
 template <bool kUnit, bool kMask>
 void conv_dgrad_towers(const Conv2dParams& p, const ConvGeom& g, int n, const float* const* dy,
-                       const float* const* w, float* const* dx, cudaStream_t s) {
+                       const float* const* w, const float* const* relu_y, float* const* dx, cudaStream_t s) {
     using Op = ConvBwdInput<kUnit, kMask>;
     const int u = n - 1;
-    const Op ops[2] = {Op{g.Cg, p.N * g.HW, g, dy[0], w[0], dx[0]}, Op{g.Cg, p.N * g.HW, g, dy[u], w[u], dx[u]}};
+    const Op ops[2] = {Op{g.Cg, p.N * g.HW, g, dy[0], w[0], dx[0], relu_y[0]},
+                       Op{g.Cg, p.N * g.HW, g, dy[u], w[u], dx[u], relu_y[u]}};
     launch_towers("conv2d_backward_input", ops, n, p.groups, s);
 }
 
 // Grad-input of n towers: stride 1 gathers without division, with the tap mask for windows of <= 32 taps.
-void conv_dgrad(const Conv2dParams& p, int n, const float* const* dy, const float* const* w, float* const* dx,
-                void* stream) {
+void conv_dgrad(const Conv2dParams& p, int n, const float* const* dy, const float* const* w,
+                const float* const* relu_y, float* const* dx, void* stream) {
     if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
     const ConvGeom g(p, "conv2d_backward_input");
     const cudaStream_t s = as_stream(stream);
     if (g.sh != 1 || g.sw != 1) {
-        conv_dgrad_towers<false, false>(p, g, n, dy, w, dx, s);
+        conv_dgrad_towers<false, false>(p, g, n, dy, w, relu_y, dx, s);
     } else if (g.RS <= 32) {
-        conv_dgrad_towers<true, true>(p, g, n, dy, w, dx, s);
+        conv_dgrad_towers<true, true>(p, g, n, dy, w, relu_y, dx, s);
     } else {
-        conv_dgrad_towers<true, false>(p, g, n, dy, w, dx, s);
+        conv_dgrad_towers<true, false>(p, g, n, dy, w, relu_y, dx, s);
     }
 }
 
@@ -531,8 +582,9 @@ void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const
     conv_fwd(p, 1, &x, &w, &b, &y, stream);
 }
 
-void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx, void* stream) {
-    conv_dgrad(p, 1, &dy, &w, &dx, stream);
+void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, const float* relu_y, float* dx,
+                           void* stream) {
+    conv_dgrad(p, 1, &dy, &w, &relu_y, &dx, stream);
 }
 
 void conv2d_backward_weight(const Conv2dParams& p, const float* x, const float* dy, float* dw, void* stream) {
@@ -545,8 +597,8 @@ void conv2d_forward_pair(const Conv2dParams& p, const float* const x[2], const f
 }
 
 void conv2d_backward_input_pair(const Conv2dParams& p, const float* const dy[2], const float* const w[2],
-                                float* const dx[2], void* stream) {
-    conv_dgrad(p, 2, dy, w, dx, stream);
+                                const float* const relu_y[2], float* const dx[2], void* stream) {
+    conv_dgrad(p, 2, dy, w, relu_y, dx, stream);
 }
 
 void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
@@ -555,9 +607,25 @@ void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2],
 }
 
 void conv2d_backward_bias(const Conv2dParams& p, const float* dy, float* db, void* stream) {
+    const char* opname = "conv2d_backward_bias";
     if (p.K <= 0) return;
-    conv2d_backward_bias_kernel<<<p.K, kBiasThreads, 0, as_stream(stream)>>>(p.N, p.K, p.P * p.Q, dy, db);
-    AX_LAUNCH_CHECK("conv2d_backward_bias");
+    const int PQ = p.P * p.Q;
+    const int64_t per_channel = static_cast<int64_t>(p.N) * PQ;
+    const cudaStream_t s = as_stream(stream);
+    const int splits = per_channel > 0 ? conv_bias_splits(p.K, per_channel) : 1;
+    const int64_t chunk = (per_channel + splits - 1) / splits;
+    if (splits == 1) {
+        conv2d_backward_bias_kernel<<<dim3(p.K, 1), kBiasThreads, 0, s>>>(p.K, PQ > 0 ? PQ : 1, per_channel, chunk,
+                                                                           dy, db);
+        AX_LAUNCH_CHECK(opname);
+        return;
+    }
+    Tensor ws = workspace(opname, static_cast<int64_t>(p.K) * splits, stream);
+    conv2d_backward_bias_kernel<<<dim3(p.K, splits), kBiasThreads, 0, s>>>(p.K, PQ, per_channel, chunk, dy,
+                                                                           ws.data<float>());
+    AX_LAUNCH_CHECK(opname);
+    conv2d_backward_bias_sum_kernel<<<grid_1d(p.K), kThreads1d, 0, s>>>(p.K, splits, ws.data<float>(), db);
+    AX_LAUNCH_CHECK(opname);
 }
 
 }  // namespace cuda

@@ -20,9 +20,10 @@ __global__ void __launch_bounds__(kThreads1d)
 
 __global__ void __launch_bounds__(kThreads1d) dropout_backward_kernel(int64_t n, const float* __restrict__ dy,
                                                                       const uint8_t* __restrict__ mask, float scale,
+                                                                      const float* __restrict__ relu_y,
                                                                       float* __restrict__ dx) {
     for (int64_t i = global_thread_id(); i < n; i += global_thread_count())
-        dx[i] = mask[i] ? __fmul_rn(dy[i], scale) : 0.0f;
+        dx[i] = relu_grad_epilogue(mask[i] ? __fmul_rn(dy[i], scale) : 0.0f, relu_y, i);
 }
 
 }  // namespace
@@ -36,10 +37,11 @@ void dropout_forward(int64_t n, const float* x, float p, uint64_t seed, uint64_t
     AX_LAUNCH_CHECK("dropout_forward");
 }
 
-void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p, float* dx, void* stream) {
+void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p, const float* relu_y, float* dx,
+                      void* stream) {
     if (n <= 0) return;
     const float scale = 1.0f / (1.0f - p);
-    dropout_backward_kernel<<<grid_1d(n), kThreads1d, 0, as_stream(stream)>>>(n, dy, mask, scale, dx);
+    dropout_backward_kernel<<<grid_1d(n), kThreads1d, 0, as_stream(stream)>>>(n, dy, mask, scale, relu_y, dx);
     AX_LAUNCH_CHECK("dropout_backward");
 }
 

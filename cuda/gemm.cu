@@ -1,6 +1,8 @@
 // CUDA backend of the linear family: one strided SGEMM view (StridedGemm) on the shared tiled main loop
 // (common.cuh) serves y = x W^T + b, dx = dy W and dW = dy^T x through strides and two contiguity flags;
 // deterministic split-K (partials in a workspace, summed in fixed order) when there are too few tiles.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace ax {
@@ -9,7 +11,8 @@ namespace {
 
 // C (M x N, row-major, leading dim N) = A (M x K) * B (K x N) with A(m,k) = A[m*sam + k*sak] and
 // B(k,n) = B[k*sbk + n*sbn]. Slice z of a split-K run covers k in [z*kchunk, min(K, (z+1)*kchunk)) and
-// writes its partial product to C + z*M*N; without split-K the bias (per column n, nullable) is fused.
+// writes its partial product to C + z*M*N; without split-K the bias (per column n, nullable) and the forward's
+// ReLU (relu) are applied in the epilogue, with split-K in the reduction kernel.
 template <bool kAK, bool kBK>
 struct StridedGemm {
     static constexpr bool kAContigK = kAK, kBContigK = kBK, kTab = false;
@@ -20,6 +23,10 @@ struct StridedGemm {
     float* C;
     const float* bias;
     int64_t sam, sak, sbk, sbn;
+    // The epilogue applies the ReLU after the bias (LinearParams::relu; not with split-K). Two ints, so that the
+    // struct has no padding: the emulator (tests/cuda_emu) reads every pointer-sized word of a kernel's parameter
+    // struct as a possible operand, and padding bytes beside a bool could hold a stale pointer.
+    int relu, unused;
 
     // One operand's per-thread state: the address of its first element at k = 0, the step between its
     // elements (along mn when k-contiguous, along k otherwise) and which of them lie inside M / N.
@@ -68,6 +75,7 @@ struct StridedGemm {
     template <class Th>
     __device__ void store(const Th&, int z, int m, int n, float v) const {
         if (bias != nullptr) v += bias[n];
+        if (relu != 0) v = relu_epilogue(v);
         C[(static_cast<int64_t>(z) * M + m) * N + n] = v;
     }
 
@@ -91,13 +99,15 @@ struct StridedGemm {
 
 // Runs an M x N x K product on tile Cfg with split-K as choose_split_k<Cfg> says, and reduces the partials.
 template <class Cfg, bool kAK, bool kBK>
-void run_tiles(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, cudaStream_t s) {
+void run_tiles(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, cudaStream_t s,
+               bool relu) {
     int chunk = 0;
     const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(g.M, g.N), g.K, &chunk);
     g.kchunk = chunk;
     if (splits == 1) {
         g.C = out;
         g.bias = bias;
+        g.relu = relu ? 1 : 0;
         gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g.M, g.N, 1), Cfg::kThreads, 0, s>>>(g);
         AX_LAUNCH_CHECK(opname);
         return;
@@ -106,21 +116,24 @@ void run_tiles(const char* opname, StridedGemm<kAK, kBK> g, float* out, const fl
     Tensor ws = workspace(opname, mn * splits, s);
     g.C = ws.data<float>();
     g.bias = nullptr;
+    g.relu = 0;
     gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g.M, g.N, splits), Cfg::kThreads, 0, s>>>(g);
     AX_LAUNCH_CHECK(opname);
-    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, s);
+    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, s, relu);
 }
 
 // Picks the tile shape (split_tile: 128x128, or 64x64 for M not a multiple of 128) and runs it.
 template <bool kAK, bool kBK>
-void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream) {
+void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream,
+              bool relu = false) {
+    static_assert(std::has_unique_object_representations_v<StridedGemm<kAK, kBK>>, "StridedGemm: no padding bytes");
     if (static_cast<int64_t>(g.M) * g.N == 0) return;
     require(g.K <= kMaxGemmDim, opname, "reduction too long for one launch");
     const cudaStream_t s = as_stream(stream);
     if (split_tile(g.M, g.N, 1, false, Tile::Small) == Tile::Big) {
-        run_tiles<GemmBig>(opname, g, out, bias, s);
+        run_tiles<GemmBig>(opname, g, out, bias, s, relu);
     } else {
-        run_tiles<GemmSmall>(opname, g, out, bias, s);
+        run_tiles<GemmSmall>(opname, g, out, bias, s, relu);
     }
 }
 
@@ -151,7 +164,7 @@ void linear_forward(const LinearParams& p, const float* x, const float* w, const
     g.M = p.N; g.N = p.O; g.K = p.I;
     g.A = x; g.sam = p.I; g.sak = 1;
     g.B = w; g.sbk = 1; g.sbn = p.I;
-    run_gemm("linear_forward", g, y, b, stream);
+    run_gemm("linear_forward", g, y, b, stream, p.relu);
 }
 
 // dx (N x I) = dy (N x O) W (O x I): A = dy (k = o contiguous), B(k=o, n=i) = W[o*I + i] (n contiguous).

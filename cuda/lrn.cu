@@ -1,39 +1,85 @@
 // CUDA backend of local response normalization across channels (NCHW). One thread per element: planes
 // (n, c) over blockIdx.y, pixels over x threads (coalesced), each thread reading its channel window at
 // stride H*W. Windowed sums run in ascending channel order with rounded intrinsics (no FMA contraction),
-// as the CPU evaluates them.
+// as the CPU evaluates them. lrn_maxpool_forward fuses the forward with the max-pool of its output (a block per
+// plane, the plane in shared memory).
 #include "common.cuh"
 
 namespace ax {
 namespace cuda {
 namespace {
 
-// scale = k + alpha * sum_{j in window(c)} x[j]^2 ; y = x * scale^-beta.
+// scale = k + alpha * sum_{j in window(c)} x[j]^2 ; y = x * scale^-beta, at pixel i of the (n, c) plane xc
+// (channel j is at offset (j - c) * HW), channels j0..j1. One definition for both forward kernels.
+__device__ __forceinline__ float lrn_at(const float* __restrict__ xc, int64_t HW, int c, int j0, int j1, int64_t i,
+                                        float k, float alpha, float neg_beta, float& sc) {
+    float sum = 0.0f;
+    for (int j = j0; j <= j1; ++j) {
+        const float v = xc[static_cast<int64_t>(j - c) * HW + i];
+        sum = __fadd_rn(sum, __fmul_rn(v, v));
+    }
+    sc = __fadd_rn(k, __fmul_rn(alpha, sum));
+    return __fmul_rn(xc[i], powf(sc, neg_beta));
+}
+
 __global__ void __launch_bounds__(kThreads1d)
     lrn_forward_kernel(int64_t planes, int C, int HW, int half, float k, float alpha, float neg_beta,
                        const float* __restrict__ x, float* __restrict__ y, float* __restrict__ scale) {
     for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
         const int c = static_cast<int>(pl % C);
         const int j0 = max(0, c - half), j1 = min(C - 1, c + half);
-        const float* xc = x + pl * HW;  // this (n, c) plane; channel j is at offset (j - c) * HW
+        const float* xc = x + pl * HW;  // this (n, c) plane
         for (int64_t i = global_thread_id(); i < HW; i += global_thread_count()) {
-            float sum = 0.0f;
-            for (int j = j0; j <= j1; ++j) {
-                const float v = xc[static_cast<int64_t>(j - c) * HW + i];
-                sum = __fadd_rn(sum, __fmul_rn(v, v));
-            }
-            const float sc = __fadd_rn(k, __fmul_rn(alpha, sum));
+            float sc;
+            const float v = lrn_at(xc, HW, c, j0, j1, i, k, alpha, neg_beta, sc);
             const int64_t o = pl * HW + i;
             scale[o] = sc;
-            y[o] = __fmul_rn(xc[i], powf(sc, neg_beta));
+            y[o] = v;
         }
     }
 }
 
-// dx[c] = dy[c] * scale[c]^-beta - (2 alpha beta) * x[c] * sum_{j: c in window(j)} dy[j] y[j] / scale[j];
-// the window is symmetric, so {j : c in window(j)} = window(c).
+// LRN and the max-pool of its output in one pass: a block per (n, c) plane (grid-stride over planes) computes the
+// plane's LRN as lrn_forward_kernel does, writing y and scale (LRN's backward reads them) and keeping y in shared
+// memory, then pools from there as maxpool_forward_kernel does (maxpool_window). Saves re-reading y from memory
+// and a launch; planes above kLrnPoolMaxPlane pixels take the two kernels instead.
+constexpr int kLrnPoolMaxPlane = 4096;
 __global__ void __launch_bounds__(kThreads1d)
-    lrn_backward_kernel(int64_t planes, int C, int HW, int half, float neg_beta, float coef,
+    lrn_maxpool_forward_kernel(int64_t planes, int C, int HW, int half, float k, float alpha, float neg_beta,
+                               PoolParams pp, const float* __restrict__ x, float* __restrict__ y,
+                               float* __restrict__ scale, float* __restrict__ pool_y, int32_t* __restrict__ argmax) {
+    __shared__ float tile[kLrnPoolMaxPlane];
+    const int PQ = pp.P * pp.Q;
+    for (int64_t pl = blockIdx.x; pl < planes; pl += gridDim.x) {
+        const int c = static_cast<int>(pl % C);
+        const int j0 = max(0, c - half), j1 = min(C - 1, c + half);
+        const float* xc = x + pl * HW;
+        for (int i = threadIdx.x; i < HW; i += blockDim.x) {
+            float sc;
+            const float v = lrn_at(xc, HW, c, j0, j1, i, k, alpha, neg_beta, sc);
+            const int64_t o = pl * HW + i;
+            scale[o] = sc;
+            y[o] = v;
+            tile[i] = v;
+        }
+        __syncthreads();  // the plane's y is in the tile
+        for (int i = threadIdx.x; i < PQ; i += blockDim.x) {
+            const int op = i / pp.Q, oq = i - op * pp.Q;
+            float best;
+            int arg;
+            maxpool_window(tile, pp, op, oq, best, arg);
+            pool_y[pl * PQ + i] = best;
+            argmax[pl * PQ + i] = arg;
+        }
+        __syncthreads();  // every window is read before the next plane overwrites the tile
+    }
+}
+
+// dx[c] = dy[c] * scale[c]^-beta - (2 alpha beta) * x[c] * sum_{j: c in window(j)} dy[j] y[j] / scale[j];
+// the window is symmetric, so {j : c in window(j)} = window(c). relu: also through the ReLU that made x (zero
+// where x <= 0), as relu_backward after this kernel would.
+__global__ void __launch_bounds__(kThreads1d)
+    lrn_backward_kernel(int64_t planes, int C, int HW, int half, float neg_beta, float coef, bool relu,
                         const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ y,
                         const float* __restrict__ scale, float* __restrict__ dx) {
     for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
@@ -48,7 +94,8 @@ __global__ void __launch_bounds__(kThreads1d)
             }
             const int64_t o = base + i;
             const float direct = __fmul_rn(dy[o], powf(scale[o], neg_beta));
-            dx[o] = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
+            const float d = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
+            dx[o] = relu ? relu_grad_epilogue(d, x, o) : d;
         }
     }
 }
@@ -64,6 +111,21 @@ void lrn_forward(const LrnParams& p, const float* x, float* y, float* scale, voi
     AX_LAUNCH_CHECK("lrn_forward");
 }
 
+void lrn_maxpool_forward(const LrnParams& lp, const PoolParams& pp, const float* x, float* y, float* scale,
+                         float* pool_y, int32_t* argmax, void* stream) {
+    const int64_t planes = static_cast<int64_t>(lp.N) * lp.C, HW = static_cast<int64_t>(lp.H) * lp.W;
+    if (planes * HW == 0) return;
+    if (HW > kLrnPoolMaxPlane) {
+        lrn_forward(lp, x, y, scale, stream);
+        maxpool_forward(pp, y, pool_y, argmax, stream);
+        return;
+    }
+    const unsigned grid = static_cast<unsigned>(planes < kMaxBlocks1d ? planes : kMaxBlocks1d);
+    lrn_maxpool_forward_kernel<<<grid, kThreads1d, 0, as_stream(stream)>>>(
+        planes, lp.C, static_cast<int>(HW), lp.size / 2, lp.k, lp.alpha, -lp.beta, pp, x, y, scale, pool_y, argmax);
+    AX_LAUNCH_CHECK("lrn_maxpool_forward");
+}
+
 void lrn_backward(const LrnParams& p, const float* dy, const float* x, const float* y, const float* scale, float* dx,
                   void* stream) {
     const int64_t planes = static_cast<int64_t>(p.N) * p.C, HW = static_cast<int64_t>(p.H) * p.W;
@@ -71,7 +133,7 @@ void lrn_backward(const LrnParams& p, const float* dy, const float* x, const flo
     require(HW <= 0x7fffffff, "lrn_backward", "image plane too large");
     const float coef = 2.0f * p.alpha * p.beta;
     lrn_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(
-        planes, p.C, static_cast<int>(HW), p.size / 2, -p.beta, coef, dy, x, y, scale, dx);
+        planes, p.C, static_cast<int>(HW), p.size / 2, -p.beta, coef, p.relu, dy, x, y, scale, dx);
     AX_LAUNCH_CHECK("lrn_backward");
 }
 

@@ -8,8 +8,8 @@ namespace ax {
 namespace cuda {
 namespace {
 
-// y = max over the window (padding never wins: only in-bounds elements are scanned, and every window
-// has one); argmax = flat h*W+w of the first maximum in row-major window order (strict >).
+// y = max over the window, argmax = flat h*W+w of the first maximum in row-major window order
+// (maxpool_window, common.cuh).
 __global__ void __launch_bounds__(kThreads1d)
     maxpool_forward_kernel(int64_t planes, PoolParams p, const float* __restrict__ x, float* __restrict__ y,
                            int32_t* __restrict__ argmax) {
@@ -19,22 +19,9 @@ __global__ void __launch_bounds__(kThreads1d)
         const float* xp = x + pl * HW;
         for (int64_t i = global_thread_id(); i < PQ; i += global_thread_count()) {
             const int op = static_cast<int>(i) / p.Q, oq = static_cast<int>(i) - op * p.Q;
-            const int hs = op * p.stride_h - p.pad_h, ws = oq * p.stride_w - p.pad_w;
-            float best = 0.0f;
-            int arg = -1;
-            for (int r = 0; r < p.window_h; ++r) {
-                const int h = hs + r;
-                if (h < 0 || h >= p.H) continue;
-                for (int s = 0; s < p.window_w; ++s) {
-                    const int w = ws + s;
-                    if (w < 0 || w >= p.W) continue;
-                    const float v = xp[h * p.W + w];
-                    if (arg < 0 || v > best) {
-                        best = v;
-                        arg = h * p.W + w;
-                    }
-                }
-            }
+            float best;
+            int arg;
+            maxpool_window(xp, p, op, oq, best, arg);
             y[pl * PQ + i] = best;
             argmax[pl * PQ + i] = arg;
         }
@@ -43,10 +30,11 @@ __global__ void __launch_bounds__(kThreads1d)
 
 // dx[h, w] = sum over windows (p, q) containing (h, w), row-major, of dy[p, q] where argmax[p, q] == h*W+w.
 // Window p covers rows p*sh - ph .. p*sh - ph + wh - 1, so p runs from ceil((h+ph-wh+1)/sh) (or 0) to
-// min(P-1, floor((h+ph)/sh)); likewise q.
+// min(P-1, floor((h+ph)/sh)); likewise q. relu_y (nullable): also through the ReLU whose output x was.
 __global__ void __launch_bounds__(kThreads1d)
     maxpool_backward_kernel(int64_t planes, PoolParams p, const float* __restrict__ dy,
-                            const int32_t* __restrict__ argmax, float* __restrict__ dx) {
+                            const int32_t* __restrict__ argmax, const float* __restrict__ relu_y,
+                            float* __restrict__ dx) {
     const int PQ = p.P * p.Q;
     const int HW = p.H * p.W;
     for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
@@ -65,7 +53,7 @@ __global__ void __launch_bounds__(kThreads1d)
                     const int o = op * p.Q + oq;
                     if (ap[o] == static_cast<int>(i)) acc = __fadd_rn(acc, dyp[o]);
                 }
-            dx[pl * HW + i] = acc;
+            dx[pl * HW + i] = relu_grad_epilogue(acc, relu_y, pl * HW + i);
         }
     }
 }
@@ -80,11 +68,13 @@ void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* arg
     AX_LAUNCH_CHECK("maxpool_forward");
 }
 
-void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx, void* stream) {
+void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, const float* relu_y, float* dx,
+                      void* stream) {
     const int64_t planes = static_cast<int64_t>(p.N) * p.C, HW = static_cast<int64_t>(p.H) * p.W;
     if (planes * HW == 0) return;
     require(HW <= 0x7fffffff, "maxpool_backward", "image plane too large for int32 argmax");
-    maxpool_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(planes, p, dy, argmax, dx);
+    maxpool_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(planes, p, dy, argmax,
+                                                                                           relu_y, dx);
     AX_LAUNCH_CHECK("maxpool_backward");
 }
 

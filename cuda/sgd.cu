@@ -1,6 +1,6 @@
 // CUDA backend of SGD with momentum and weight decay, in place, elementwise (grid-stride, float4 when
-// aligned). Rounded intrinsics keep nvcc from contracting into FMAs, so the result equals the CPU's
-// left-to-right float evaluation bit for bit.
+// aligned), one tensor per launch or many (sgd_update_multi). Rounded intrinsics keep nvcc from contracting
+// into FMAs, so the result equals the CPU's left-to-right float evaluation bit for bit.
 #include "common.cuh"
 
 namespace ax {
@@ -36,7 +36,80 @@ __global__ void __launch_bounds__(kThreads1d)
     }
 }
 
+// Multi-tensor SGD: up to kSgdMaxSegs tensors per launch, passed by value (kernel parameters, no table to
+// upload). Segment i owns blocks [block0[i], block0[i + 1]) and strides over its tensor with them, float4 when
+// its three pointers are aligned; each element gets sgd1 exactly as sgd_update_kernel gives it.
+constexpr int kSgdMaxSegs = 40;
+struct SgdTable {
+    float* w[kSgdMaxSegs];
+    const float* dw[kSgdMaxSegs];
+    float* v[kSgdMaxSegs];
+    int64_t n[kSgdMaxSegs];
+    float wd_lr[kSgdMaxSegs];
+    bool vec[kSgdMaxSegs];
+    int block0[kSgdMaxSegs + 1];
+    int count;
+};
+
+__global__ void __launch_bounds__(kThreads1d) sgd_update_multi_kernel(const SgdTable t, float lr, float momentum) {
+    const int b = blockIdx.x;
+    int lo = 0, hi = t.count - 1;  // the segment whose block range holds b
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (t.block0[mid] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    const int i = lo;
+    float* __restrict__ w = t.w[i];
+    const float* __restrict__ dw = t.dw[i];
+    float* __restrict__ v = t.v[i];
+    const int64_t n = t.n[i];
+    const float wd_lr = t.wd_lr[i];
+    const int64_t tid = static_cast<int64_t>(b - t.block0[i]) * blockDim.x + threadIdx.x;
+    const int64_t nt = static_cast<int64_t>(t.block0[i + 1] - t.block0[i]) * blockDim.x;
+    const int64_t n4 = t.vec[i] ? n / 4 : 0;
+    for (int64_t j = tid; j < n4; j += nt) {
+        float4 wv = reinterpret_cast<float4*>(w)[j];
+        float4 vv = reinterpret_cast<float4*>(v)[j];
+        const float4 g = reinterpret_cast<const float4*>(dw)[j];
+        sgd1(wv.x, g.x, vv.x, lr, momentum, wd_lr);
+        sgd1(wv.y, g.y, vv.y, lr, momentum, wd_lr);
+        sgd1(wv.z, g.z, vv.z, lr, momentum, wd_lr);
+        sgd1(wv.w, g.w, vv.w, lr, momentum, wd_lr);
+        reinterpret_cast<float4*>(w)[j] = wv;
+        reinterpret_cast<float4*>(v)[j] = vv;
+    }
+    for (int64_t j = n4 * 4 + tid; j < n; j += nt) {
+        float wi = w[j], vi = v[j];
+        sgd1(wi, dw[j], vi, lr, momentum, wd_lr);
+        w[j] = wi;
+        v[j] = vi;
+    }
+}
+
 }  // namespace
+
+void sgd_update_multi(int count, const SgdSegment* segs, float lr, float momentum, void* stream) {
+    for (int first = 0; first < count; first += kSgdMaxSegs) {
+        SgdTable t{};
+        t.count = count - first < kSgdMaxSegs ? count - first : kSgdMaxSegs;
+        int64_t blocks = 0;
+        for (int i = 0; i < t.count; ++i) {
+            const SgdSegment& g = segs[first + i];
+            t.w[i] = g.w;
+            t.dw[i] = g.dw;
+            t.v[i] = g.v;
+            t.n[i] = g.n;
+            t.wd_lr[i] = g.weight_decay * lr;  // rounded first, as sgd_update and the CPU's left-to-right product
+            t.vec[i] = aligned16(g.w) && aligned16(g.dw) && aligned16(g.v);
+            t.block0[i] = static_cast<int>(blocks);
+            blocks += grid_1d(t.vec[i] ? (g.n + 3) / 4 : g.n);  // at least one block, even for n == 0
+        }
+        t.block0[t.count] = static_cast<int>(blocks);
+        sgd_update_multi_kernel<<<static_cast<unsigned>(blocks), kThreads1d, 0, as_stream(stream)>>>(t, lr, momentum);
+        AX_LAUNCH_CHECK("sgd_update_multi");
+    }
+}
 
 void sgd_update(int64_t n, float* w, const float* dw, float* v, float lr, float momentum, float weight_decay,
                 void* stream) {

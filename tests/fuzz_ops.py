@@ -40,7 +40,7 @@ TOL = {
     "conv2d_forward": REDUCTION, "conv2d_backward_input": REDUCTION, "conv2d_backward_weight": REDUCTION,
     "conv2d_backward_bias": REDUCTION, "linear_forward": REDUCTION, "linear_backward_input": REDUCTION,
     "linear_backward_weight": REDUCTION, "linear_backward_bias": REDUCTION, "lrn_forward": REDUCTION,
-    "lrn_backward": REDUCTION, "softmax_cross_entropy_forward": REDUCTION,
+    "lrn_backward": REDUCTION, "lrn_maxpool_forward": REDUCTION, "softmax_cross_entropy_forward": REDUCTION,
     "softmax_cross_entropy_backward": REDUCTION, "softmax_forward": REDUCTION, "maxpool_backward": ELEMENTWISE,
 }
 # Above this many elements (inputs and outputs) or multiply-adds a result is not checked against the
@@ -93,6 +93,13 @@ def _valid_call(rng, op):
         return [T(shape4)], {}, {}
     if op == "relu_backward":
         return [T(shape4), T(shape4)], {}, {}
+    if op == "lrn_maxpool_forward":
+        wh, ww, sh, sw = r(1, 4), r(1, 4), r(1, 3), r(1, 3)
+        ph, pw = r(0, wh - 1), r(0, ww - 1)
+        H, W = r(max(1, wh - 2 * ph), wh + 5), r(max(1, ww - 2 * pw), ww + 5)
+        params = dict(size=2 * r(0, 3) + 1, k=float(rng.uniform(0.5, 3)), alpha=float(rng.uniform(0, 1e-2)),
+                      beta=float(rng.uniform(0.25, 1.0)), window=[wh, ww], stride=[sh, sw], padding=[ph, pw])
+        return [T((r(1, 3), r(1, 7), H, W))], params, {}
     if op.startswith("lrn"):
         params = dict(size=2 * r(0, 3) + 1, k=float(rng.uniform(0.5, 3)), alpha=float(rng.uniform(0, 1e-2)),
                       beta=float(rng.uniform(0.25, 1.0)))
@@ -129,6 +136,12 @@ def _valid_call(rng, op):
         s = shape4[: r(1, 4)]
         return [T(s), T(s), T(s), float(rng.uniform(0, 0.1))], dict(momentum=float(rng.uniform(0, 0.99)),
                                                                     weight_decay=float(rng.uniform(0, 1e-3))), {}
+    if op == "sgd_update_multi":
+        params = []
+        for _ in range(r(0, 3)):
+            s = shape4[: r(1, 4)]
+            params.append([T(s), T(s), T(s), float(rng.uniform(0, 1e-3))])
+        return [params, float(rng.uniform(0, 0.1))], dict(momentum=float(rng.uniform(0, 0.99))), {}
     if op == "concat_channels":
         rest = (r(1, 4), r(1, 4)) if rng.random() < 0.5 else ()
         N = r(1, 3)
@@ -290,7 +303,7 @@ class _Skip(Exception):
 def _build(ax, ref, v, rng, cache):
     """(object for the op, numpy value for the reference)."""
     if isinstance(v, list):
-        if v and isinstance(v[0], dict):
+        if v and isinstance(v[0], (dict, list)):  # tensors (concat), or sgd_update_multi's (w, dw, v, wd) lists
             pairs = [_build(ax, ref, x, rng, cache) for x in v]
             return [p[0] for p in pairs], [p[1] for p in pairs]
         return v, v
@@ -381,12 +394,14 @@ def _run_one(ax, ref, call):
         return dict(res, outcome="unchecked", detail="inputs not from the forward pass")
     ref_args = [_f32(b[1]) for b in built]
     ref_kwargs = {k: _f32(b[1]) for k, b in kbuilt.items()}
-    x_ref = ref_args[0 if op == "lrn_forward" else 1] if op.startswith("lrn") else None
+    x_ref = ref_args[0 if op in ("lrn_forward", "lrn_maxpool_forward") else 1] if op.startswith("lrn") else None
     if isinstance(x_ref, np.ndarray) and x_ref.ndim == 4 and isinstance(ref_kwargs.get("size"), int):
         # A window wider than 2C+1 covers every channel either way; the reference pads by size, so narrow it.
         ref_kwargs["size"] = min(ref_kwargs["size"], 2 * x_ref.shape[1] + 1)
     if op == "sgd_update":
         got = (args[0].numpy(), args[2].numpy())
+    elif op == "sgd_update_multi":
+        got = tuple(t.numpy() for p in args[0] for t in (p[0], p[2]))
     else:
         got = tuple(t.numpy() for t in _as_tuple(out))
     n_el, work = _work(op, [a for a in ref_args if isinstance(a, np.ndarray)] + list(got))

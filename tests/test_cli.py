@@ -355,7 +355,7 @@ def test_train_trace_and_preset(dataset, tmp_path, capsys):
     assert rc == 0, e
     assert f"to {trace}" in e
     events = json.load(open(trace))["traceEvents"]
-    assert {"conv1.fprop", "fc8.sgd"} <= {ev["name"] for ev in events} and all(ev["dur"] >= 0 for ev in events)
+    assert {"conv1.fprop", "sgd"} <= {ev["name"] for ev in events} and all(ev["dur"] >= 0 for ev in events)
     meta = ck.load_checkpoint(out)[0]
     assert meta["config"]["towers"] == 1 and list(meta["config"]["channels"]) == [8, 16, 16, 16, 16]
     assert meta["train"]["preset"] == "one-tower"

@@ -319,3 +319,31 @@ def test_trace_comparison_sums_both_towers(tmp_path):
     assert rows[0]["measured_ms"] == pytest.approx(3.2) and rows[0]["error"] == pytest.approx(0.0)
     assert rows[1]["error"] == pytest.approx(25.0 / 30.0 - 1) and rows[2]["measured_ms"] == 50.0
     assert M.trace_comparison(tmp_path, "other", [p], 25.0) == []
+
+
+def test_step_launch_list_names_the_nets_own_ops(rng, monkeypatch):
+    """Every pass of the model's step maps to a scheduler op that a real traced step of the net runs (tiny config,
+    two CPU towers): the launch list follows the net's fusions (no ReLU ops, LRN + pool as one op, one update)."""
+    import numpy as np
+
+    import alexnet_cuda as ax
+    from alexnet_cuda.config import tiny_config
+
+    cfg = tiny_config()
+    # Any kernel the passes ask for (the times do not matter here, only the list and its names).
+    monkeypatch.setattr(M, "find_kernel", lambda kernels, file, *subs, **kw: M.KernelInfo(
+        "_".join(subs), file, regs=32, smem=0, loop_ffma=1, loop_instr=2, loop_local=0))
+    passes = M.step_passes(M.Model({}, bw=4.0e12, sass=True), cfg, 4)
+    M.name_sched_ops(passes, cfg)
+    want = {p.op for p in passes if p.in_step and not p.op.startswith("copy ")}
+    assert all(p.op for p in passes if p.in_step), [p.pass_ for p in passes if p.in_step and not p.op]
+
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=1)
+    net.set_tracing(True)
+    S = cfg["input_size"]
+    x = rng.standard_normal((4, 3, S, S), dtype=np.float32)
+    net.train_step(x, rng.integers(0, cfg["num_classes"], 4).astype(np.int32), 0.01)
+    ran = {e["op"] for e in net.last_step_stats()["timeline"]}
+    assert want <= ran, sorted(want - ran)
+    assert {"conv1.lrn_pool", "conv2.lrn_pool", "sgd"} <= ran and not any(o.endswith(".relu") for o in ran)
+    assert sum(p.launches * p.count for p in passes if p.kernel == "sgd") == 1

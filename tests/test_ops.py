@@ -293,6 +293,73 @@ def test_softmax_huge_logits_stay_finite(device):
     check_exact(rank, rank_ref, "rank")
 
 
+# ---- fused ReLU (issue 11: the ReLU in the GEMM epilogues and the neighbouring backward ops) -------------
+
+@pytest.mark.parametrize("device", devices())
+def test_fused_relu_forward_equals_relu_after_the_op(device, rng):
+    x, w, b = randn(rng, (2, 6, 9, 8)), randn(rng, (8, 3, 3, 3), 0.3), randn(rng, (8,))
+    y = ops.conv2d_forward(dev(x, device), dev(w, device), dev(b, device), stride=(2, 1), padding=1, groups=2)
+    yr = ops.conv2d_forward(dev(x, device), dev(w, device), dev(b, device), stride=(2, 1), padding=1, groups=2,
+                            relu=True)
+    check(yr, ref.conv2d_forward(x, w, b, (2, 1), 1, 2, relu=True), REDUCTION, "conv2d_forward relu")
+    check_exact(yr, ops.relu_forward(y).numpy(), "conv2d_forward relu vs relu_forward")
+    for N, I, O in ((3, 7, 5), (5, 1000, 7)):  # the second takes split-K: the ReLU runs in the reduction
+        xl, wl, bl = randn(rng, (N, I)), randn(rng, (O, I), 0.1), randn(rng, (O,))
+        yl = ops.linear_forward(dev(xl, device), dev(wl, device), dev(bl, device))
+        ylr = ops.linear_forward(dev(xl, device), dev(wl, device), dev(bl, device), relu=True)
+        check(ylr, ref.linear_forward(xl, wl, bl, relu=True), REDUCTION, "linear_forward relu")
+        check_exact(ylr, ops.relu_forward(yl).numpy(), "linear_forward relu vs relu_forward")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_relu_backward_folded_into_the_neighbouring_backward(device, rng):
+    # conv grad-input through the ReLU whose output the layer read
+    dy, w, a = randn(rng, (2, 8, 5, 8)), randn(rng, (8, 3, 3, 3), 0.3), randn(rng, (2, 6, 9, 8))
+    dx = ops.conv2d_backward_input(dev(dy, device), dev(w, device), (9, 8), (2, 1), 1, 2)
+    dxr = ops.conv2d_backward_input(dev(dy, device), dev(w, device), (9, 8), (2, 1), 1, 2, relu_y=dev(a, device))
+    check(dxr, ref.conv2d_backward_input(dy, w, (9, 8), (2, 1), 1, 2, relu_y=a), REDUCTION,
+          "conv2d_backward_input relu_y")
+    check_exact(dxr, ops.relu_backward(dx, dev(a, device)).numpy(), "conv2d_backward_input relu_y vs relu_backward")
+    # LRN backward, x being the ReLU's output (negatives present so the mask matters)
+    x, g = randn(rng, (2, 7, 5, 4)), randn(rng, (2, 7, 5, 4))
+    y, sc = ops.lrn_forward(dev(x, device), 5, 2.0, 1e-2, 0.75)
+    d = ops.lrn_backward(dev(g, device), dev(x, device), y, sc, 5, 2.0, 1e-2, 0.75)
+    dr = ops.lrn_backward(dev(g, device), dev(x, device), y, sc, 5, 2.0, 1e-2, 0.75, relu=True)
+    check(dr, ref.lrn_backward(g, x, None, None, 5, 2.0, 1e-2, 0.75, relu=True), REDUCTION, "lrn_backward relu")
+    check_exact(dr, ops.relu_backward(d, dev(x, device)).numpy(), "lrn_backward relu vs relu_backward")
+    # max-pool backward through the ReLU whose output was pooled
+    yp, arg = ops.maxpool_forward(dev(x, device), 3, 2)
+    gp = randn(rng, tuple(yp.shape))
+    dp = ops.maxpool_backward(dev(gp, device), arg, (5, 4), 3, 2, check_argmax=False)
+    dpr = ops.maxpool_backward(dev(gp, device), arg, (5, 4), 3, 2, check_argmax=False, relu_y=dev(x, device))
+    check(dpr, ref.maxpool_backward(gp, arg.numpy(), (5, 4), 3, 2, relu_y=x), ELEMENTWISE, "maxpool_backward relu_y")
+    check_exact(dpr, ops.relu_backward(dp, dev(x, device)).numpy(), "maxpool_backward relu_y vs relu_backward")
+    # dropout backward through the ReLU before the dropout
+    h, gh = randn(rng, (4, 33)), randn(rng, (4, 33))
+    _, mask = ops.dropout_forward(dev(h, device), 0.5, 7, 0)
+    dd = ops.dropout_backward(dev(gh, device), mask, 0.5)
+    ddr = ops.dropout_backward(dev(gh, device), mask, 0.5, relu_y=dev(h, device))
+    check(ddr, ref.dropout_backward(gh, mask.numpy(), 0.5, relu_y=h), ELEMENTWISE, "dropout_backward relu_y")
+    check_exact(ddr, ops.relu_backward(dd, dev(h, device)).numpy(), "dropout_backward relu_y vs relu_backward")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape,window,stride,padding", [((2, 7, 9, 10), 3, 2, 1), ((1, 48, 55, 55), 3, 2, 0),
+                                                         ((1, 3, 70, 70), 2, 2, 0)])
+def test_lrn_maxpool_forward_equals_the_two_ops(device, shape, window, stride, padding, rng):
+    x = randn(rng, shape)
+    y, scale, pool_y, argmax = ops.lrn_maxpool_forward(dev(x, device), 5, 2.0, 1e-2, 0.75, window, stride, padding)
+    y_ref, scale_ref = ref.lrn_forward(x, 5, 2.0, 1e-2, 0.75)
+    check(y, y_ref, ELEMENTWISE, "lrn_maxpool_forward y")
+    check(scale, scale_ref, REDUCTION, "lrn_maxpool_forward scale")
+    y1, scale1 = ops.lrn_forward(dev(x, device), 5, 2.0, 1e-2, 0.75)
+    p1, a1 = ops.maxpool_forward(y1, window, stride, padding)
+    for got, want, what in ((y, y1, "y"), (scale, scale1, "scale"), (pool_y, p1, "pool_y"), (argmax, a1, "argmax")):
+        check_exact(got, want.numpy(), f"lrn_maxpool_forward {what} vs lrn_forward + maxpool_forward")
+    pr, ar = ref.maxpool_forward(y1.numpy(), window, stride, padding)
+    check_exact(argmax, ar, "lrn_maxpool_forward argmax vs the reference pool of its y")
+
+
 # ---- sgd ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", devices())
@@ -310,6 +377,27 @@ def test_sgd_update_in_place(device, shape, rng):
     ops.sgd_update(wd, dev(dw, device), vd, 0.001, 0.5, 0.01)
     check(vd, v_ref, ELEMENTWISE, "sgd_update v, step 2")
     check(wd, w_ref, ELEMENTWISE, "sgd_update w, step 2")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_sgd_update_multi_equals_one_update_per_tensor(device, rng):
+    shapes = [(96, 3, 11, 11), (96,), (3, 5), (1,), (4097,)]
+    decays = [0.0005, 0.0, 0.001, 0.0, 0.0005]
+    lr, momentum = 0.013, 0.9
+    ws = [randn(rng, s, 0.01) for s in shapes]
+    dws = [randn(rng, s, 0.1) for s in shapes]
+    vs = [randn(rng, s, 0.001) for s in shapes]
+    multi = [(dev(w, device), dev(g, device), dev(v, device), wd) for w, g, v, wd in zip(ws, dws, vs, decays)]
+    assert ops.sgd_update_multi(multi, lr, momentum) is None
+    for (wm, _, vm, wd), w, g, v in zip(multi, ws, dws, vs):
+        w_ref, v_ref = ref.sgd_update(w, g, v, lr, momentum, wd)
+        check(vm, v_ref, ELEMENTWISE, "sgd_update_multi v")
+        check(wm, w_ref, ELEMENTWISE, "sgd_update_multi w")
+        # the same bits as the single-tensor op on the same backend
+        w1, v1 = dev(w, device), dev(v, device)
+        ops.sgd_update(w1, dev(g, device), v1, lr, momentum, wd)
+        check_exact(wm, w1.numpy(), "sgd_update_multi w vs sgd_update")
+        check_exact(vm, v1.numpy(), "sgd_update_multi v vs sgd_update")
 
 
 # ---- cross-tower plumbing -------------------------------------------------------------------------

@@ -219,13 +219,18 @@ void conv2d_forward(const Conv2dParams& p, const float* x, const float* w, const
             gemm_general(Kg, NPQ, CRS, A, gather_b(x + g * Cg * HW, t, p.H, p.W), C, false);
         }
     }
-    if (b)
+    // The epilogue: + b, then (p.relu) the ReLU in place, as relu_forward writes it (NaN stays NaN).
+    if (b || p.relu)
         parallel_for(0, static_cast<int64_t>(p.N) * p.K, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, PQ)),
                      [&](int64_t lo, int64_t hi) {
                          for (int64_t nk = lo; nk < hi; ++nk) {
-                             const float bias = b[nk % p.K];
                              float* __restrict row = y + nk * PQ;
-                             for (int64_t i = 0; i < PQ; ++i) row[i] += bias;
+                             if (b) {
+                                 const float bias = b[nk % p.K];
+                                 for (int64_t i = 0; i < PQ; ++i) row[i] += bias;
+                             }
+                             if (p.relu)
+                                 for (int64_t i = 0; i < PQ; ++i) row[i] = row[i] < 0.0f ? 0.0f : row[i];
                          }
                      });
 }
@@ -253,7 +258,7 @@ void conv2d_backward_input_col2im(const Conv2dParams& p, const float* dy, const 
         }
 }
 
-void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, float* dx) {
+void conv2d_backward_input_gemm(const Conv2dParams& p, const float* dy, const float* w, float* dx) {
     const int Cg = p.C / p.groups, Kg = p.K / p.groups;
     if (Cg < 8 && static_cast<int64_t>(Cg) * p.R * p.S >= 32 && p.N > 0) {
         conv2d_backward_input_col2im(p, dy, w, dx);
@@ -315,6 +320,15 @@ void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* 
                              false);
             }
         }
+}
+
+void conv2d_backward_input(const Conv2dParams& p, const float* dy, const float* w, const float* relu_y, float* dx) {
+    conv2d_backward_input_gemm(p, dy, w, dx);
+    if (!relu_y) return;
+    // Through the ReLU below (whose output relu_y is), as relu_backward: dx where relu_y > 0, else 0.
+    parallel_for(0, static_cast<int64_t>(p.N) * p.C * p.H * p.W, 1 << 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) dx[i] = relu_y[i] > 0.0f ? dx[i] : 0.0f;
+    });
 }
 
 // dw_g (Kg, Cg*R*S) = sum over the batch's output positions (n, p, q), in increasing order, of dy_g (x) the

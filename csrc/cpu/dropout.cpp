@@ -189,12 +189,20 @@ void dropout_backward_range(int64_t begin, int64_t end, const float* __restrict 
     for (int64_t i = begin; i < end; ++i) dx[i] = select_bits(mask[i] != 0, dy[i] * keep_scale);
 }
 
+// Both split over the CPU pool (parallel.h) in chunks of whole kChunk draw blocks: each element's draw depends only
+// on its counter, so any split gives the same bits.
 void dropout_forward(int64_t n, const float* x, float p, uint64_t seed, uint64_t offset, float* y, uint8_t* mask) {
-    dropout_forward_range(0, n, x, p, seed, offset, y, mask);
+    parallel_for(0, n, kElementwiseGrain, [&](int64_t lo, int64_t hi) {
+        dropout_forward_range(lo, hi, x, p, seed, offset, y, mask);
+    });
 }
 
-void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p, float* dx) {
-    dropout_backward_range(0, n, dy, mask, p, dx);
+// dx = dy * mask / (1 - p), then (relu_y given) through the ReLU below, as relu_backward: 0 where relu_y <= 0.
+void dropout_backward(int64_t n, const float* dy, const uint8_t* mask, float p, const float* relu_y, float* dx) {
+    parallel_for(0, n, kElementwiseGrain, [&](int64_t lo, int64_t hi) {
+        dropout_backward_range(lo, hi, dy, mask, p, dx);
+        if (relu_y) relu_mask_range(lo, hi, relu_y, dx);
+    });
 }
 
 }  // namespace cpu

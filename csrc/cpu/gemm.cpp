@@ -626,7 +626,8 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int64
     gemm_general(M, N, K, ga, gb, gc, accumulate);
 }
 
-// y (N,O) = x (N,I) W^T + b: the GEMM with B = W^T read through trans_b, then the bias row added.
+// y (N,O) = x (N,I) W^T + b: the GEMM with B = W^T read through trans_b, then the bias row added, then (p.relu)
+// relu_forward.
 void linear_forward(const LinearParams& p, const float* x, const float* w, const float* b, float* y) {
     gemm(false, true, p.N, p.O, p.I, x, p.I, w, p.I, y, p.O, false);
     if (b)
@@ -634,6 +635,8 @@ void linear_forward(const LinearParams& p, const float* x, const float* w, const
             float* __restrict row = y + static_cast<int64_t>(n) * p.O;
             for (int o = 0; o < p.O; ++o) row[o] += b[o];
         }
+    if (p.relu)  // in place, as relu_forward writes it
+        for (int64_t i = 0; i < static_cast<int64_t>(p.N) * p.O; ++i) y[i] = y[i] < 0.0f ? 0.0f : y[i];
 }
 
 // dx (N,I) = dy (N,O) W (O,I).

@@ -80,8 +80,17 @@ void lrn_backward(const LrnParams& p, const float* dy, const float* x, const flo
             const float* __restrict xc = x + off;
             const float* __restrict ac = acc.data();
             for (int64_t i = 0; i < HW; ++i) dxc[i] -= coef * xc[i] * ac[i];
+            if (p.relu)  // through the ReLU that made x, as relu_backward(dx, x)
+                for (int64_t i = 0; i < HW; ++i) dxc[i] = xc[i] > 0.0f ? dxc[i] : 0.0f;
         }
     }
+}
+
+// The two ops in turn: the CUDA backend's fused kernel gives the same bits as its own two kernels.
+void lrn_maxpool_forward(const LrnParams& lp, const PoolParams& pp, const float* x, float* y, float* scale,
+                         float* pool_y, int32_t* argmax) {
+    lrn_forward(lp, x, y, scale);
+    maxpool_forward(pp, y, pool_y, argmax);
 }
 
 }  // namespace cpu

@@ -86,8 +86,15 @@ void maxpool_backward_planes(const PoolParams& p, int64_t begin, int64_t end, co
     }
 }
 
-void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, float* dx) {
-    maxpool_backward_planes(p, 0, static_cast<int64_t>(p.N) * p.C, dy, argmax, dx);
+// Planes split over the CPU pool (each plane of dx is written by one chunk alone); then (relu_y given) through
+// the ReLU below, as relu_backward: 0 where relu_y <= 0.
+void maxpool_backward(const PoolParams& p, const float* dy, const int32_t* argmax, const float* relu_y, float* dx) {
+    const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+    parallel_for(0, static_cast<int64_t>(p.N) * p.C, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, HW)),
+                 [&](int64_t lo, int64_t hi) {
+                     maxpool_backward_planes(p, lo, hi, dy, argmax, dx);
+                     if (relu_y) relu_mask_range(lo * HW, hi * HW, relu_y, dx);
+                 });
 }
 
 }  // namespace cpu

@@ -25,9 +25,22 @@ void relu_backward_range(int64_t begin, int64_t end, const float* __restrict dy,
     }
 }
 
-void relu_forward(int64_t n, const float* x, float* y) { relu_forward_range(0, n, x, y); }
+AX_SIMD_CLONES
+void relu_mask_range(int64_t begin, int64_t end, const float* __restrict y, float* __restrict dx) {
+    for (int64_t i = begin; i < end; ++i) {
+        const float g = dx[i];
+        dx[i] = y[i] > 0.0f ? g : 0.0f;
+    }
+}
 
-void relu_backward(int64_t n, const float* dy, const float* y, float* dx) { relu_backward_range(0, n, dy, y, dx); }
+// Split over the CPU pool (parallel.h); no element depends on another, so any split gives the same bits.
+void relu_forward(int64_t n, const float* x, float* y) {
+    parallel_for(0, n, kElementwiseGrain, [&](int64_t lo, int64_t hi) { relu_forward_range(lo, hi, x, y); });
+}
+
+void relu_backward(int64_t n, const float* dy, const float* y, float* dx) {
+    parallel_for(0, n, kElementwiseGrain, [&](int64_t lo, int64_t hi) { relu_backward_range(lo, hi, dy, y, dx); });
+}
 
 }  // namespace cpu
 }  // namespace ax

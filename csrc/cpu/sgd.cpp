@@ -20,7 +20,15 @@ void sgd_update_range(int64_t begin, int64_t end, float* __restrict w, const flo
 }
 
 void sgd_update(int64_t n, float* w, const float* dw, float* v, float lr, float momentum, float weight_decay) {
-    sgd_update_range(0, n, w, dw, v, lr, momentum, weight_decay);
+    parallel_for(0, n, kElementwiseGrain, [&](int64_t lo, int64_t hi) {
+        sgd_update_range(lo, hi, w, dw, v, lr, momentum, weight_decay);
+    });
+}
+
+// Every segment in table order, each as sgd_update (the same bits as one call per tensor).
+void sgd_update_multi(int count, const SgdSegment* segs, float lr, float momentum) {
+    for (int i = 0; i < count; ++i)
+        sgd_update(segs[i].n, segs[i].w, segs[i].dw, segs[i].v, lr, momentum, segs[i].weight_decay);
 }
 
 }  // namespace cpu

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "ops.h"
+#include "parallel.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(AX_NO_CLONES)
 #define AX_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -22,8 +23,14 @@ namespace cpu {
 
 // The memory-bound kernels over element ranges [begin, end) of flat buffers (the whole op is {0, n}). No element
 // depends on another, so any split of the range across threads gives the same bits.
+// Elements per chunk when an elementwise op is split over the CPU pool (parallel.h): 256 KB of floats, enough that a
+// chunk's work dwarfs waking a thread.
+constexpr int64_t kElementwiseGrain = int64_t{1} << 16;
+
 void relu_forward_range(int64_t begin, int64_t end, const float* x, float* y);
 void relu_backward_range(int64_t begin, int64_t end, const float* dy, const float* y, float* dx);
+// dx = dx where y > 0, else 0, in place: a gradient passed back through the ReLU whose output is y (the fused forms).
+void relu_mask_range(int64_t begin, int64_t end, const float* y, float* dx);
 void dropout_forward_range(int64_t begin, int64_t end, const float* x, float p, uint64_t seed, uint64_t offset,
                            float* y, uint8_t* mask);
 void dropout_backward_range(int64_t begin, int64_t end, const float* dy, const uint8_t* mask, float p, float* dx);

@@ -30,7 +30,9 @@ void add_range(int64_t begin, int64_t end, const float* a, const float* b, float
     for (int64_t i = begin; i < end; ++i) y[i] = a[i] + b[i];
 }
 
-void add(int64_t n, const float* a, const float* b, float* y) { add_range(0, n, a, b, y); }
+void add(int64_t n, const float* a, const float* b, float* y) {
+    parallel_for(0, n, kElementwiseGrain, [&](int64_t lo, int64_t hi) { add_range(lo, hi, a, b, y); });
+}
 
 }  // namespace cpu
 }  // namespace ax

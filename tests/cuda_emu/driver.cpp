@@ -207,14 +207,29 @@ void test_conv(const ConvCase& c) {
                                  c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
     const Tensor tx = host_tensor({c.N, c.C, c.H, c.W}, x).to(GPU), tw = host_tensor({c.K, Cg, c.R, c.S}, w).to(GPU);
     const Tensor tb = host_tensor({c.K}, b).to(GPU), tdy = host_tensor({c.N, c.K, P, Q}, dy).to(GPU);
-    if (c.passes & FWD)
-        check_rel("conv2d_forward " + name + (c.bias ? "" : " nobias"),
-                  ops::conv2d_forward(tx, tw, c.bias ? std::optional<Tensor>(tb) : std::nullopt, c.sh, c.sw, c.ph,
-                                      c.pw, c.g),
-                  y, kReduction);
-    if (c.passes & DGRAD)
-        check_rel("conv2d_backward_input " + name,
-                  ops::conv2d_backward_input(tdy, tw, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g), dx, kReduction);
+    if (c.passes & FWD) {
+        const auto bias = c.bias ? std::optional<Tensor>(tb) : std::nullopt;
+        const Tensor yt = ops::conv2d_forward(tx, tw, bias, c.sh, c.sw, c.ph, c.pw, c.g);
+        check_rel("conv2d_forward " + name + (c.bias ? "" : " nobias"), yt, y, kReduction);
+        // The ReLU in the epilogue: the reference's relu, and relu_forward of the unfused output bit for bit.
+        const Tensor yr = ops::conv2d_forward(tx, tw, bias, c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true);
+        std::vector<double> yrelu(y);
+        for (double& v : yrelu) v = v > 0 ? v : 0.0;
+        check_rel("conv2d_forward relu " + name, yr, yrelu, kReduction);
+        check_exact<float>("conv2d_forward relu vs relu_forward " + name, yr, down<float>(ops::relu_forward(yt)),
+                           "relu_forward of the unfused output");
+    }
+    if (c.passes & DGRAD) {
+        const Tensor dxt = ops::conv2d_backward_input(tdy, tw, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g);
+        check_rel("conv2d_backward_input " + name, dxt, dx, kReduction);
+        // The ReLU below folded into the epilogue, with x standing in for its output: float64 and relu_backward.
+        const Tensor dxm = ops::conv2d_backward_input(tdy, tw, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g, tx);
+        std::vector<double> dxmr(dx);
+        for (size_t i = 0; i < x.size(); ++i) dxmr[i] = x[i] > 0 ? dx[i] : 0.0;
+        check_rel("conv2d_backward_input relu_y " + name, dxm, dxmr, kReduction);
+        check_exact<float>("conv2d_backward_input relu_y vs relu_backward " + name, dxm,
+                           down<float>(ops::relu_backward(dxt, tx)), "relu_backward of the unfused dx");
+    }
     if (c.passes & WGRAD)
         check_rel("conv2d_backward_weight " + name,
                   ops::conv2d_backward_weight(tx, tdy, c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g), dw, kReduction);
@@ -249,6 +264,10 @@ void test_conv_pair(const ConvCase& c) {
         const auto y = ops::conv2d_forward_pair(x, w, b, c.sh, c.sw, c.ph, c.pw, c.g);
         const auto dx = ops::conv2d_backward_input_pair(dy, w, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g);
         const auto dw = ops::conv2d_backward_weight_pair(x, dy, c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
+        // The fused epilogues through the pair (TowerPair forwards each tower's store): the forward's ReLU, and
+        // the ReLU below folded into grad-input, with each tower's x standing in for that ReLU's output.
+        const auto yr = ops::conv2d_forward_pair(x, w, b, c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true);
+        const auto dxr = ops::conv2d_backward_input_pair(dy, w, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g, {x[0], x[1]});
         for (int t = 0; t < 2; ++t) {
             const std::string tn = fmt(" tower %d ", t) + nm;
             check_same_bits("conv2d_forward_pair == single" + tn, y[t],
@@ -257,6 +276,10 @@ void test_conv_pair(const ConvCase& c) {
                             ops::conv2d_backward_input(dy[t], w[t], c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g));
             check_same_bits("conv2d_backward_weight_pair == single" + tn, dw[t],
                             ops::conv2d_backward_weight(x[t], dy[t], c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g));
+            check_same_bits("conv2d_forward_pair relu == single" + tn, yr[t],
+                            ops::conv2d_forward(x[t], w[t], b[t], c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true));
+            check_same_bits("conv2d_backward_input_pair relu_y == single" + tn, dxr[t],
+                            ops::conv2d_backward_input(dy[t], w[t], c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g, x[t]));
         }
     }
 }
@@ -281,8 +304,16 @@ void test_linear(int N, int I, int O, bool bias) {
     const Tensor tx = host_tensor({N, I}, x).to(GPU), tw = host_tensor({O, I}, w).to(GPU);
     const Tensor tb = host_tensor({O}, b).to(GPU), tdy = host_tensor({N, O}, dy).to(GPU);
     const std::string name = fmt("N%d I%d O%d", N, I, O);
-    check_rel("linear_forward " + name + (bias ? "" : " nobias"),
-              ops::linear_forward(tx, tw, bias ? std::optional<Tensor>(tb) : std::nullopt), y, kReduction);
+    const auto tbias = bias ? std::optional<Tensor>(tb) : std::nullopt;
+    const Tensor yt = ops::linear_forward(tx, tw, tbias);
+    check_rel("linear_forward " + name + (bias ? "" : " nobias"), yt, y, kReduction);
+    // The ReLU in the epilogue (or in the split-K reduction): the reference's relu, and relu_forward bit for bit.
+    const Tensor yr = ops::linear_forward(tx, tw, tbias, /*relu=*/true);
+    std::vector<double> yrelu(y);
+    for (double& v : yrelu) v = v > 0 ? v : 0.0;
+    check_rel("linear_forward relu " + name, yr, yrelu, kReduction);
+    check_exact<float>("linear_forward relu vs relu_forward " + name, yr, down<float>(ops::relu_forward(yt)),
+                       "relu_forward of the unfused output");
     check_rel("linear_backward_input " + name, ops::linear_backward_input(tdy, tw), dx, kReduction);
     check_rel("linear_backward_weight " + name, ops::linear_backward_weight(tx, tdy), dw, kReduction);
     check_rel("linear_backward_bias " + name, ops::linear_backward_bias(tdy), db, kReduction);
@@ -332,6 +363,9 @@ void test_elementwise(int64_t n) {
         const Tensor d = ops::dropout_backward(g.gpu, r.second, p);
         check_vs_cpu<float>("dropout_backward " + nm, d, ops::dropout_backward(g.cpu, rc.second, p));
         check_rel("dropout_backward vs float64 " + nm, d, dref, kElementwise);
+        // Through the ReLU whose output is y2, folded in: the CPU backend's bits.
+        check_vs_cpu<float>("dropout_backward relu_y " + nm, ops::dropout_backward(g.gpu, r.second, p, true, y2.gpu),
+                            ops::dropout_backward(g.cpu, rc.second, p, true, y2.cpu));
     }
     {
         const auto wv = randv(n), dwv = randv(n), vv = randv(n);
@@ -403,6 +437,64 @@ void test_unaligned(int64_t n) {
     });
 }
 
+// sgd_update_multi: 45 tensors in one call (two launches of at most 40 on CUDA) laid out in one buffer with
+// gaps, every third one a float past a 16-byte boundary (scalar path), sizes from 1 to 4099, a weight decay each.
+// Bit-exact vs the CPU backend over the whole buffer (the gaps stay untouched on both) and vs float64; then the
+// op itself against one ops::sgd_update per tensor on the CPU.
+void test_sgd_multi() {
+    const int count = 45;
+    const int64_t sizes[] = {1, 3, 4, 1003, 4099, 7, 64};
+    std::vector<int64_t> off(count), len(count);
+    std::vector<float> wds(count);
+    int64_t total = 0;
+    for (int i = 0; i < count; ++i) {
+        total = (total + 3) / 4 * 4 + (i % 3 == 2 ? 1 : 0) + 4;  // a gap of at least 4 before each tensor
+        off[i] = total;
+        len[i] = sizes[i % 7];
+        wds[i] = i % 2 ? 0.f : 0.0005f * (1 + i % 5);
+        total += len[i];
+    }
+    const auto wv = randv(total), dwv = randv(total), vv = randv(total);
+    Both w = both({total}, wv), dw = both({total}, dwv), v = both({total}, vv);
+    const float lr = 0.013f, mom = 0.9f;
+    std::vector<double> wref(wv.begin(), wv.end()), vref(vv.begin(), vv.end());
+    auto segs = [&](const Both& tw, const Both& tdw, const Both& tv, bool gpu) {
+        std::vector<SgdSegment> out;
+        for (int i = 0; i < count; ++i) {
+            const Tensor& a = gpu ? tw.gpu : tw.cpu;
+            const Tensor& b = gpu ? tdw.gpu : tdw.cpu;
+            const Tensor& c = gpu ? tv.gpu : tv.cpu;
+            out.push_back({const_cast<float*>(a.data<float>()) + off[i], b.data<float>() + off[i],
+                           const_cast<float*>(c.data<float>()) + off[i], len[i], wds[i]});
+        }
+        return out;
+    };
+    for (int i = 0; i < count; ++i)
+        for (int64_t j = off[i]; j < off[i] + len[i]; ++j) {
+            vref[j] = double(mom) * vv[j] - double(wds[i]) * lr * wv[j] - double(lr) * dwv[j];
+            wref[j] = wv[j] + vref[j];
+        }
+    const auto sg = segs(w, dw, v, true), sc = segs(w, dw, v, false);
+    cuda::sgd_update_multi(count, sg.data(), lr, mom, nullptr);
+    cpu::sgd_update_multi(count, sc.data(), lr, mom);
+    check_vs_cpu<float>("sgd_update_multi w 45 tensors", w.gpu, w.cpu);
+    check_vs_cpu<float>("sgd_update_multi v 45 tensors", v.gpu, v.cpu);
+    check_rel("sgd_update_multi w vs float64 45 tensors", w.gpu, wref, kElementwise);
+    check_rel("sgd_update_multi v vs float64 45 tensors", v.gpu, vref, kElementwise);
+
+    // The op: two tensors (4 x 3 weights, 1003 biases) against two ops::sgd_update calls on the CPU.
+    Both w1 = both({4, 3}, randv(12)), v1 = both({4, 3}, randv(12)), b1 = both({1003}, randv(1003)),
+         vb1 = both({1003}, randv(1003));
+    const Both g1 = both({4, 3}, randv(12)), gb1 = both({1003}, randv(1003));
+    ops::sgd_update_multi({{&w1.gpu, &g1.gpu, &v1.gpu, 0.0005f}, {&b1.gpu, &gb1.gpu, &vb1.gpu, 0.f}}, lr, mom);
+    ops::sgd_update(w1.cpu, g1.cpu, v1.cpu, lr, mom, 0.0005f);
+    ops::sgd_update(b1.cpu, gb1.cpu, vb1.cpu, lr, mom, 0.f);
+    check_vs_cpu<float>("sgd_update_multi op w vs sgd_update", w1.gpu, w1.cpu);
+    check_vs_cpu<float>("sgd_update_multi op v vs sgd_update", v1.gpu, v1.cpu);
+    check_vs_cpu<float>("sgd_update_multi op bias vs sgd_update", b1.gpu, b1.cpu);
+    check_vs_cpu<float>("sgd_update_multi op bias momentum vs sgd_update", vb1.gpu, vb1.cpu);
+}
+
 // ---- plumbing ----------------------------------------------------------------------------------------
 
 void test_channels(int N, int C1, int C2, const std::vector<int64_t>& inner_shape) {
@@ -453,8 +545,53 @@ void test_lrn(int N, int C, int H, int W, int size, float k, float alpha, float 
     const std::string nm = fmt("N%d C%d %dx%d size%d k%g alpha%g beta%g", N, C, H, W, size, k, alpha, beta);
     check_rel("lrn_forward y " + nm, r.first, yr, kElementwise);
     check_rel("lrn_forward scale " + nm, r.second, sr, kReduction);
-    check_rel("lrn_backward " + nm, ops::lrn_backward(tdy, tx, r.first, r.second, size, k, alpha, beta), dxr,
-              kReduction);
+    const Tensor dx = ops::lrn_backward(tdy, tx, r.first, r.second, size, k, alpha, beta);
+    check_rel("lrn_backward " + nm, dx, dxr, kReduction);
+    // The ReLU that made x folded in (x's negative half masked): float64, and relu_backward of the unfused dx.
+    const Tensor dxm = ops::lrn_backward(tdy, tx, r.first, r.second, size, k, alpha, beta, /*relu=*/true);
+    std::vector<double> dxmr(dxr);
+    for (size_t i = 0; i < x.size(); ++i) dxmr[i] = x[i] > 0 ? dxr[i] : 0.0;
+    check_rel("lrn_backward relu " + nm, dxm, dxmr, kReduction);
+    check_exact<float>("lrn_backward relu vs relu_backward " + nm, dxm, down<float>(ops::relu_backward(dx, tx)),
+                       "relu_backward of the unfused dx");
+}
+
+// lrn_maxpool_forward: each of its four outputs equals the unfused CUDA ops' (lrn_forward, then maxpool_forward of
+// its y) bit for bit; the pooled values also within 1e-5 of float64 (reference LRN, then the max at the argmax).
+void test_lrn_pool(int N, int C, int H, int W, int size, float k, float alpha, float beta, int win, int st, int pad,
+                   bool gridstride = false) {
+    const auto x = randv(size_t(N) * C * H * W, -2, 2);
+    const Tensor tx = host_tensor({N, C, H, W}, x).to(GPU);
+    const auto f = ops::lrn_maxpool_forward(tx, size, k, alpha, beta, win, win, st, st, pad, pad);
+    const auto l = ops::lrn_forward(tx, size, k, alpha, beta);
+    const auto p = ops::maxpool_forward(l.first, win, win, st, st, pad, pad);
+    const std::string nm = fmt("N%d C%d %dx%d size%d window%d s%d p%d", N, C, H, W, size, win, st, pad);
+    check_exact<float>("lrn_maxpool_forward y vs lrn_forward " + nm, f.y, down<float>(l.first), "unfused CUDA ops");
+    check_exact<float>("lrn_maxpool_forward scale vs lrn_forward " + nm, f.scale, down<float>(l.second),
+                       "unfused CUDA ops");
+    check_exact<float>("lrn_maxpool_forward pool_y vs maxpool_forward " + nm, f.pool_y, down<float>(p.first),
+                       "unfused CUDA ops");
+    check_exact<int32_t>("lrn_maxpool_forward argmax vs maxpool_forward " + nm, f.argmax, down<int32_t>(p.second),
+                         "unfused CUDA ops");
+    if (gridstride) return;  // no float64 copy of the big case
+    // float64: the LRN of x, pooled at the argmax the kernel chose (which must be a window maximum)
+    const int half = size / 2, HW = H * W;
+    const auto am = down<int32_t>(f.argmax);
+    const int P = static_cast<int>(f.pool_y.size(2)), Q = static_cast<int>(f.pool_y.size(3));
+    std::vector<double> ref(am.size());
+    for (int pl = 0; pl < N * C; ++pl) {
+        const int c = pl % C;
+        for (int o = 0; o < P * Q; ++o) {
+            const int i = am[size_t(pl) * P * Q + o];
+            double s = 0;
+            for (int j = std::max(0, c - half); j <= std::min(C - 1, c + half); ++j) {
+                const double v = x[size_t(pl + j - c) * HW + i];
+                s += v * v;
+            }
+            ref[size_t(pl) * P * Q + o] = x[size_t(pl) * HW + i] * std::pow(k + double(alpha) * s, -double(beta));
+        }
+    }
+    check_rel("lrn_maxpool_forward pool_y vs float64 " + nm, f.pool_y, ref, kElementwise);
 }
 
 // ---- max-pool ----------------------------------------------------------------------------------------
@@ -499,6 +636,13 @@ void test_pool(int N, int C, int H, int W, int wh, int ww, int sh, int sw, int p
     const Tensor dx = ops::maxpool_backward(tdy.gpu, r.second, H, W, wh, ww, sh, sw, ph, pw);
     check_vs_cpu<float>("maxpool_backward " + nm, dx, ops::maxpool_backward(tdy.cpu, rc.second, H, W, wh, ww, sh, sw, ph, pw));
     check_rel("maxpool_backward vs float64 " + nm, dx, dxr, kElementwise);
+    // The ReLU whose output x is, folded in: the CPU backend's bits and float64.
+    const Tensor dxm = ops::maxpool_backward(tdy.gpu, r.second, H, W, wh, ww, sh, sw, ph, pw, true, tx.gpu);
+    check_vs_cpu<float>("maxpool_backward relu_y " + nm, dxm,
+                        ops::maxpool_backward(tdy.cpu, rc.second, H, W, wh, ww, sh, sw, ph, pw, true, tx.cpu));
+    std::vector<double> dxmr(dxr);
+    for (size_t i = 0; i < x.size(); ++i) dxmr[i] = x[i] > 0 ? dxr[i] : 0.0;
+    check_rel("maxpool_backward relu_y vs float64 " + nm, dxm, dxmr, kElementwise);
 }
 
 // ---- softmax -----------------------------------------------------------------------------------------
@@ -595,6 +739,7 @@ void group_elementwise() {
     for (int64_t n : {int64_t(1), int64_t(3), int64_t(1003), int64_t(4096 + 2)}) test_elementwise(n);
     test_elementwise(4096 * 9 + 1);  // 1 x 9216-feature row plus one: fc6's input size, float4 body + tail
     for (int64_t n : {int64_t(1), int64_t(7), int64_t(1029)}) test_unaligned(n);
+    test_sgd_multi();
 }
 
 void group_plumbing() {
@@ -611,6 +756,10 @@ void group_lrn() {
     test_lrn(2, 2, 3, 3, 7, 0.5f, 1.f, 0.75f);  // window wider than the channel count
     test_lrn(1, 48, 55, 55, 5, 2.f, 1e-4f, 0.75f);   // AlexNet LRN1, one tower, batch 1
     test_lrn(1, 128, 27, 27, 5, 2.f, 1e-2f, 0.75f);  // AlexNet LRN2 shape, one tower (larger alpha)
+    test_lrn_pool(2, 7, 9, 10, 5, 2.f, 0.5f, 0.75f, 3, 2, 1);     // odd plane, padded windows
+    test_lrn_pool(1, 48, 55, 55, 5, 2.f, 1e-2f, 0.75f, 3, 2, 0);  // AlexNet LRN1 + pool1, one tower
+    test_lrn_pool(2, 128, 27, 27, 5, 2.f, 1e-2f, 0.75f, 3, 2, 0); // AlexNet LRN2 + pool2, one tower, batch 2
+    test_lrn_pool(1, 3, 70, 70, 3, 1.f, 0.5f, 0.6f, 2, 2, 0);     // a plane over the shared tile: the two kernels
 }
 
 void group_pool() {
@@ -764,6 +913,7 @@ void group_gridstride() {
         // powf may differ in the last bit between the backends: the CPU result within 1e-5
         check_rel("lrn_forward y vs CPU backend N1 C66000 1x1", lr.first, to_double(down<float>(lrc.first)),
                   kElementwise);
+        test_lrn_pool(1, 66000, 2, 2, 5, 2.f, 0.5f, 0.75f, 2, 2, 0, /*gridstride=*/true);  // a block per plane, 66000
         const Both s = both({66000, 3}, randv(66000 * 3, 0.f, 1.f));
         std::vector<int32_t> lab(66000);
         for (auto& v : lab) v = static_cast<int32_t>(rng() % 3);
