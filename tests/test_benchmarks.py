@@ -4,6 +4,8 @@ import importlib.util
 import json
 import math
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +225,16 @@ def test_bench_cpu_without_torch_says_so_and_times_ours(monkeypatch, capsys):
     (step,) = doc["rows"]
     assert step["status"] == "ok" and step["our_ms"] > 0 and "torch_ms" not in step and "ratio" not in step
     assert results_listing() == before
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None,
+                    reason="cpu_peak measures x86-64 FMA throughput with the system C compiler")
+def test_cpu_peak_measures_each_supported_isa():
+    """benchmarks/cpu_peak.py compiles its probe and reports a positive GFLOP/s for every FMA ISA the CPU has."""
+    import cpu_peak  # benchmarks/ is on sys.path (above)
+
+    r = cpu_peak.measure()
+    flags = open("/proc/cpuinfo").read()
+    want = {isa for isa, flag in (("avx512", " avx512f"), ("avx2", " avx2")) if flag in flags}
+    assert set(r["gflops_per_core"]) == want
+    assert all(g > 1.0 for g in r["gflops_per_core"].values())
