@@ -13,10 +13,12 @@ __device__ __forceinline__ void sgd1(float& w, float g, float& v, float lr, floa
     w = __fadd_rn(w, v);
 }
 
-__global__ void __launch_bounds__(kThreads1d)
-    sgd_update_kernel(int64_t n, bool vec, float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ v,
-                      float lr, float momentum, float wd_lr) {
-    const int64_t n4 = vec ? n / 4 : 0, tid = global_thread_id(), nt = global_thread_count();
+// Thread tid of nt updates elements tid, tid + nt, ... of one tensor: float4 while vec (16-byte aligned), then
+// the tail one by one.
+__device__ __forceinline__ void sgd_span(int64_t n, bool vec, float* __restrict__ w, const float* __restrict__ dw,
+                                         float* __restrict__ v, float lr, float momentum, float wd_lr, int64_t tid,
+                                         int64_t nt) {
+    const int64_t n4 = vec ? n / 4 : 0;
     for (int64_t i = tid; i < n4; i += nt) {
         float4 wv = reinterpret_cast<float4*>(w)[i];
         float4 vv = reinterpret_cast<float4*>(v)[i];
@@ -34,6 +36,12 @@ __global__ void __launch_bounds__(kThreads1d)
         w[i] = wi;
         v[i] = vi;
     }
+}
+
+__global__ void __launch_bounds__(kThreads1d)
+    sgd_update_kernel(int64_t n, bool vec, float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ v,
+                      float lr, float momentum, float wd_lr) {
+    sgd_span(n, vec, w, dw, v, lr, momentum, wd_lr, global_thread_id(), global_thread_count());
 }
 
 // Multi-tensor SGD: up to kSgdMaxSegs tensors per launch, passed by value (kernel parameters, no table to
@@ -67,24 +75,7 @@ __global__ void __launch_bounds__(kThreads1d) sgd_update_multi_kernel(const SgdT
     const float wd_lr = t.wd_lr[i];
     const int64_t tid = static_cast<int64_t>(b - t.block0[i]) * blockDim.x + threadIdx.x;
     const int64_t nt = static_cast<int64_t>(t.block0[i + 1] - t.block0[i]) * blockDim.x;
-    const int64_t n4 = t.vec[i] ? n / 4 : 0;
-    for (int64_t j = tid; j < n4; j += nt) {
-        float4 wv = reinterpret_cast<float4*>(w)[j];
-        float4 vv = reinterpret_cast<float4*>(v)[j];
-        const float4 g = reinterpret_cast<const float4*>(dw)[j];
-        sgd1(wv.x, g.x, vv.x, lr, momentum, wd_lr);
-        sgd1(wv.y, g.y, vv.y, lr, momentum, wd_lr);
-        sgd1(wv.z, g.z, vv.z, lr, momentum, wd_lr);
-        sgd1(wv.w, g.w, vv.w, lr, momentum, wd_lr);
-        reinterpret_cast<float4*>(w)[j] = wv;
-        reinterpret_cast<float4*>(v)[j] = vv;
-    }
-    for (int64_t j = n4 * 4 + tid; j < n; j += nt) {
-        float wi = w[j], vi = v[j];
-        sgd1(wi, dw[j], vi, lr, momentum, wd_lr);
-        w[j] = wi;
-        v[j] = vi;
-    }
+    sgd_span(n, t.vec[i], w, dw, v, lr, momentum, wd_lr, tid, nt);
 }
 
 }  // namespace
