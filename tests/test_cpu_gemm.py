@@ -4,7 +4,8 @@ of any tile (partial strips and panels, several K blocks of 256, output panels t
 and grouped convolutions). Each result is checked against the float64 reference, and the bits must not depend
 on the thread count, nor differ between the AVX-512 and AVX2 kernels (gemm_kernel.h: one fused multiply-add
 chain per K block on both). The portable kernel is checked against the reference only: on x86-64 it rounds
-products separately.
+products separately. LRN and max-pool forward, which split planes or images between threads, are checked the same
+way.
 """
 import os
 import subprocess
@@ -76,6 +77,25 @@ def _cases(rng):
                       ref.conv2d_backward_weight(x64, dy.astype(f64), (R, S), stride, pad, g)))
         cases.append((f"conv bgrad {case}", lambda dyt=dyt: np_(ops.conv2d_backward_bias(dyt)),
                       ref.conv2d_backward_bias(dy.astype(f64))))
+    # LRN and max-pool split planes or images over the pool (lrn.cpp, pool.cpp): 120 planes of 27x27 are several
+    # chunks for each of them.
+    x = rng.standard_normal((3, 40, 27, 27), dtype=np.float32)
+    dy = rng.standard_normal(x.shape, dtype=np.float32)
+    lrn = (5, 2.0, 1e-2, 0.75)
+    xt, dyt = ax.from_numpy(x, "cpu"), ax.from_numpy(dy, "cpu")
+    y_ref, scale_ref = ref.lrn_forward(x, *lrn)
+    pool_ref, arg_ref = ref.maxpool_forward(y_ref, 3, 2, 1)
+
+    def lrn_bwd():
+        y, scale = ops.lrn_forward(xt, *lrn)
+        return np_(ops.lrn_backward(dyt, xt, y, scale, *lrn))
+
+    cases += [("lrn forward y", lambda: np_(ops.lrn_forward(xt, *lrn)[0]), y_ref),
+              ("lrn forward scale", lambda: np_(ops.lrn_forward(xt, *lrn)[1]), scale_ref),
+              ("lrn backward", lrn_bwd, ref.lrn_backward(dy, x, y_ref, scale_ref, *lrn)),
+              ("maxpool forward", lambda: np_(ops.maxpool_forward(xt, 3, 2, 1)[0]), ref.maxpool_forward(x, 3, 2, 1)[0]),
+              ("lrn+maxpool pool_y", lambda: np_(ops.lrn_maxpool_forward(xt, *lrn, 3, 2, 1)[2]), pool_ref),
+              ("lrn+maxpool argmax", lambda: np_(ops.lrn_maxpool_forward(xt, *lrn, 3, 2, 1)[3]).astype(f64), arg_ref)]
     return cases
 
 

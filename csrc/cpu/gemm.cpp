@@ -175,6 +175,24 @@ void pack_a(const GemmA& A, int MR, int i0, int mr, int k0, int kc, float* __res
 
 // Dense B[k0:k0+kc, j0:j0+nc] into NR-wide panels (each kc x NR, k-major), the last one zero-padded.
 void pack_b_dense(const GemmB& B, int NR, int k0, int kc, int j0, int nc, float* __restrict dst) {
+    if (B.cs == 1) {
+        // Row by row: each row's nc floats are one contiguous read (the prefetcher streams it; panel by panel,
+        // every 128-byte piece was a fresh miss a row stride away, which held the fc layers to ~5 GB/s).
+        const int full = nc / NR * NR;
+        for (int k = 0; k < kc; ++k) {
+            const float* __restrict src = B.p + (k0 + k) * B.rs + j0;
+            float* __restrict dk = dst + k * NR;
+            for (int jp = 0; jp < full; jp += NR)
+                std::memcpy(dk + static_cast<int64_t>(jp) * kc, src + jp, sizeof(float) * NR);
+            if (full < nc) {
+                float* __restrict d = dk + static_cast<int64_t>(full) * kc;
+                const int nr = nc - full;
+                for (int j = 0; j < nr; ++j) d[j] = src[full + j];
+                for (int j = nr; j < NR; ++j) d[j] = 0.0f;
+            }
+        }
+        return;
+    }
     for (int jp = 0; jp < nc; jp += NR) {
         const int nr = std::min(NR, nc - jp);
         float* __restrict d = dst + static_cast<int64_t>(jp) * kc;

@@ -10,10 +10,11 @@
 namespace ax {
 namespace cpu {
 
-// y = max over the window; argmax = h*W+w of the first maximum in row-major window order.
-void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* argmax) {
+// y = max over the window; argmax = h*W+w of the first maximum in row-major window order. Planes [begin, end).
+void maxpool_forward_planes(const PoolParams& p, int64_t begin, int64_t end, const float* x, float* y,
+                            int32_t* argmax) {
     const int64_t HW = static_cast<int64_t>(p.H) * p.W, PQ = static_cast<int64_t>(p.P) * p.Q;
-    for (int64_t plane = 0; plane < static_cast<int64_t>(p.N) * p.C; ++plane) {
+    for (int64_t plane = begin; plane < end; ++plane) {
         const float* xp = x + plane * HW;
         float* yp = y + plane * PQ;
         int32_t* ap = argmax + plane * PQ;
@@ -38,6 +39,13 @@ void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* arg
             }
         }
     }
+}
+
+// Planes split over the CPU pool (each output plane is written by one chunk alone).
+void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* argmax) {
+    const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+    parallel_for(0, static_cast<int64_t>(p.N) * p.C, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, HW)),
+                 [&](int64_t lo, int64_t hi) { maxpool_forward_planes(p, lo, hi, x, y, argmax); });
 }
 
 namespace {

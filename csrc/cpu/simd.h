@@ -40,6 +40,9 @@ void add_range(int64_t begin, int64_t end, const float* a, const float* b, float
 // Max-pool backward over planes (n, c) in [begin, end) of N*C: each plane of dx written in full.
 void maxpool_backward_planes(const PoolParams& p, int64_t begin, int64_t end, const float* dy, const int32_t* argmax,
                              float* dx);
+// Max-pool forward over planes [begin, end) of N*C.
+void maxpool_forward_planes(const PoolParams& p, int64_t begin, int64_t end, const float* x, float* y,
+                            int32_t* argmax);
 
 }  // namespace cpu
 }  // namespace ax
