@@ -13,8 +13,7 @@ and returning the loss to the host, SGD with momentum and weight decay, dropout 
 
 Threads: for each count T in --threads (default 1,2) PyTorch runs with torch.set_num_threads(T). Ours: the library's
 thread pool set to T (_C._cpu_set_threads, csrc/cpu/parallel.h), and the training step on devices "cpu" (one worker,
-every op split over the T threads); a build without the pool runs each op on its calling thread and the step on one
-worker per tower ("cpu,cpu") at T >= 2. The results say which applied.
+every op split over the T threads).
 
 Timing: host clock (perf_counter) per call, both sides synchronous. For every case the two sides alternate call by
 call (which goes first alternates too), after warm-up calls of each, so drifting load on a shared machine hits both
@@ -101,12 +100,8 @@ def set_threads(torch, T: int) -> str:
     """Applies T threads to both sides; returns how ours was set."""
     if torch is not None:
         torch.set_num_threads(T)
-    for name in ("_cpu_set_threads", "set_num_threads", "set_cpu_threads"):
-        fn = getattr(ax, name, None) or getattr(ax._C, name, None)
-        if fn is not None:
-            fn(T)
-            return f"{name}({T})"
-    return "none in this build: each op runs on its calling thread"
+    ax._C._cpu_set_threads(T)
+    return f"_cpu_set_threads({T})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,10 +312,8 @@ def step_case(cfg_name: str, batch: int, T: int, rng, torch, reps_note: list):
     import bench_train_step as BT
 
     cfg = H.net_config(cfg_name)
-    # With the library's own thread pool a single "cpu" worker splits every op over the T threads (what a user
-    # gets by default); without one, the only parallelism is one worker per tower.
-    threaded = getattr(ax._C, "_cpu_set_threads", None) is not None
-    devices = "cpu" if T == 1 or threaded else ",".join(["cpu"] * cfg["towers"])
+    # One "cpu" worker whose ops split over the T threads of the library's pool (what a user gets by default).
+    devices = "cpu"
     net = ax.Net(cfg, devices=devices, seed=0)
     S, C, K = cfg["input_size"], cfg["in_channels"], cfg["num_classes"]
     batches = [(H.randn(rng, (batch, C, S, S), 50.0), rng.integers(0, K, batch).astype(np.int32)) for _ in range(2)]

@@ -503,23 +503,19 @@ PYBIND11_MODULE(_C, m) {
     m.def("_cpu_isa_supported", &cpu::gemm_isa_supported, py::arg("isa"));
     m.def("_cpu_set_isa", &cpu::set_gemm_isa, py::arg("isa"),
           "Force the CPU GEMM micro-kernel ('avx512', 'avx2', 'generic', or 'auto' for the best supported).");
-    m.def("cuda_allocator_stats", []() {
-        auto s = cuda_allocator_stats();
+    // Both caching allocators' counters as a dict; `mallocs` names the first (cudaMalloc or system calls).
+    auto stats_dict = [](const AllocatorStats& s, const char* mallocs) {
         py::dict d;
-        d["device_mallocs"] = s.device_mallocs;
+        d[mallocs] = s.device_mallocs;
         d["bytes_in_use"] = s.bytes_in_use;
         d["bytes_cached"] = s.bytes_cached;
         d["peak_bytes_in_use"] = s.peak_bytes_in_use;
         return d;
-    });
+    };
+    m.def("cuda_allocator_stats", [stats_dict]() { return stats_dict(cuda_allocator_stats(), "device_mallocs"); });
     m.def("cuda_empty_cache", &cuda_empty_cache, "Return cached CUDA blocks to the driver.");
-    m.def("cpu_allocator_stats", []() {
-        auto s = cpu_allocator_stats();
-        py::dict d;
-        d["system_allocs"] = s.device_mallocs;
-        d["bytes_in_use"] = s.bytes_in_use;
-        d["bytes_cached"] = s.bytes_cached;
-        d["peak_bytes_in_use"] = s.peak_bytes_in_use;
+    m.def("cpu_allocator_stats", [stats_dict]() {
+        py::dict d = stats_dict(cpu_allocator_stats(), "system_allocs");
         d["caching"] = cpu_caching_enabled();
         return d;
     }, "The CPU caching allocator: system allocations so far, bytes held by live tensors and in free lists, peak "
