@@ -245,6 +245,43 @@ constexpr size_t kStagingSlots = 2;
 size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
 }  // namespace
 
+// The CUDA graph of a training step (the CUDA graph path, at the end of this file).
+namespace {
+constexpr int kGraphWarmup = 2;        // eager steps with the same shapes before a capture (warm allocator cache)
+constexpr int kGraphMaxFailures = 2;   // failed captures of one shape before it stays eager
+constexpr size_t kGraphParamBytes = 16;  // the pinned / device block: dropout seed (u64) at 0, lr (f32) at 8
+}  // namespace
+
+struct Net::CudaGraphStep {
+    std::string key;
+    int n = 0;
+    Device dev;
+    std::unique_ptr<GraphMemoryPool> pool;  // first: destroyed last, after every tensor below
+    Tensor images, labels;                  // float32 path inputs
+    DeviceInput u8;                         // uint8 path inputs
+    Tensor params;                          // device copy of the pinned block's first kGraphParamBytes
+    void* pinned = nullptr;                 // the step's seed and lr, then the loss and ranks read back
+    std::map<std::string, int64_t> edges;   // the cross-tower bytes the captured step counted
+#ifdef ALEXNET_WITH_CUDA
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+#endif
+    float* loss() const { return reinterpret_cast<float*>(static_cast<char*>(pinned) + kGraphParamBytes); }
+    int32_t* rank() const {
+        return reinterpret_cast<int32_t*>(static_cast<char*>(pinned) + kGraphParamBytes + align_up(4 * size_t(n)));
+    }
+    ~CudaGraphStep() {
+#ifdef ALEXNET_WITH_CUDA
+        DeviceGuard g(dev);
+        if (exec) cudaGraphExecDestroy(exec);
+        if (graph) cudaGraphDestroy(graph);
+        if (pinned) cudaFreeHost(pinned);
+#endif
+    }
+};
+
+void Net::CudaGraphStepDeleter::operator()(CudaGraphStep* g) const { delete g; }
+
 Net::HostSlot::~HostSlot() {
 #ifdef ALEXNET_WITH_CUDA
     if (pinned) cudaFreeHost(pinned);  // waits for any copy still reading it
@@ -263,6 +300,7 @@ void Net::set_input_mean(const float* mean, int H, int W) {
         if (!mean_dev_.count(d.str())) mean_dev_[d.str()] = d.is_cpu() ? host : host.to(d);
     mean_host_ = host;
     prefetched_ = nullptr;  // staged against the old mean's size
+    graph_drop();           // a uint8-path graph reads the old mean's memory
 }
 
 // Everything the step will need to be true of a batch, checked on the host before anything is issued.
@@ -437,6 +475,62 @@ StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* pre
     prefetched_ = nullptr;
     const int n = cur->n;
     HostSlot* next = nullptr;
+    if (graph_enabled()) {
+        const Tensor& mean = mean_dev_.at(devices_[0].str());
+        const std::string key = "uint8 n=" + std::to_string(n) + " " + std::to_string(cur->H) + "x" +
+                                std::to_string(cur->W) + " mean@" + std::to_string(reinterpret_cast<uintptr_t>(mean.raw())) +
+                                graph_key_suffix();
+        if (graph_wanted(key)) {
+            const Device d = devices_[0];
+            auto make = [&](CudaGraphStep& g) {
+                g.u8.images = Tensor::empty({n, cur->H, cur->W, 3}, DType::u8, d);
+                g.u8.offsets = Tensor::empty({n, 2}, DType::i32, d);
+                g.u8.flips = Tensor::empty({n}, DType::u8, d);
+                g.u8.light = Tensor::empty({n, 3}, DType::f32, d);
+                g.u8.labels = Tensor::empty({n}, DType::i32, d);
+            };
+            // As issue_augment_u8 on one device, from the graph's input buffers. The host offsets (this batch's,
+            // range-checked) serve the op's own check when it is captured; the kernel reads the device copy.
+            auto inputs = [&](CudaGraphStep& g) {
+                const int T = cfg_.towers, crop = cfg_.input_size;
+                input_.assign(T, Tensor());
+                DeviceInput* di = &g.u8;
+                const Tensor* m = &mean;
+                const int32_t* host_off = cur->off;
+                sched_->run(0, "input.augment", [this, di, m, crop, host_off] {
+                    input_[0] = ops::augment_batch(di->images, di->offsets, di->flips, di->light, *m, crop, host_off);
+                });
+                for (int t = 1; t < T; ++t) {
+                    sched_->order(0, t);
+                    sched_->run(t, "input.share", [this, t] { input_[t] = input_[0]; });
+                }
+                return g.u8.labels;
+            };
+            if (graph_ || graph_capture(key, n, make, inputs)) {
+                CudaGraphStep* g = graph_.get();
+                run_step([&] {
+                    if (batch) issue_upload_u8(*cur);
+                    // The staged batch into the graph's input buffers on tower 0's stream, after its upload.
+                    sched_->wait(0, cur->uploaded.at(d.str()));
+                    DeviceInput* src = &cur->dev.at(d.str());
+                    sched_->run(0, "input.graph_copy", [g, src] {
+                        g->u8.images.copy_from(src->images);
+                        g->u8.offsets.copy_from(src->offsets);
+                        g->u8.flips.copy_from(src->flips);
+                        g->u8.light.copy_from(src->light);
+                        g->u8.labels.copy_from(src->labels);
+                    });
+                    graph_launch(lr);
+                    if (prefetch) {
+                        next = &stage_u8(*prefetch);
+                        issue_upload_u8(*next);
+                    }
+                });
+                prefetched_ = next;
+                return graph_finish(n);
+            }
+        }
+    }
     run_step([&] {
         if (batch) issue_upload_u8(*cur);
         const Tensor dev_labels = issue_augment_u8(*cur);
@@ -452,6 +546,7 @@ StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* pre
     prefetched_ = next;
     if (dp.defer_sgd) grads_pending_ = true;
     else step += 1;
+    graph_eager_step_done();
     return summarize(n);
 }
 
@@ -547,10 +642,11 @@ void Net::issue_forward(bool train) {
                 const float p_drop = cfg_.dropout;
                 const auto key = dropout_key(step, L.index, t);
                 const uint64_t base = static_cast<uint64_t>(dp.sample_base);
-                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, key, base] {
+                const uint64_t* seed_dev = graph_seed_dev_;  // set while a CUDA graph captures the step
+                sched_->run(t, L.name + ".dropout", [&s, cur, p_drop, key, base, seed_dev] {
                     // Element i of sample j is counter j * features + i, so with sample_base the global sample's.
                     const uint64_t off = key.second + base * static_cast<uint64_t>(cur->numel() / cur->size(0));
-                    auto r = ops::dropout_forward(*cur, p_drop, key.first, off);
+                    auto r = ops::dropout_forward(*cur, p_drop, key.first, off, seed_dev);
                     s.out = r.first;
                     s.drop_mask = r.second;
                 });
@@ -617,7 +713,8 @@ void Net::issue_sgd(float lr) {
     }
     for (const std::vector<int>& towers : groups) {
         for (size_t i = 1; i < towers.size(); ++i) sched_->order(towers[i], towers[0]);
-        sched_->run(towers[0], "sgd", [this, towers, lr, momentum, wd, bias_wd] {
+        const float* lr_dev = graph_lr_dev_;  // set while a CUDA graph captures the step
+        sched_->run(towers[0], "sgd", [this, towers, lr, momentum, wd, bias_wd, lr_dev] {
             std::vector<ops::SgdParam> ps;
             for (int t : towers)
                 for (size_t l = 0; l < layers_.size(); ++l) {
@@ -626,7 +723,7 @@ void Net::issue_sgd(float lr) {
                     ps.push_back({&p.w, &s.dw, &p.vw, wd});
                     ps.push_back({&p.b, &s.db, &p.vb, bias_wd});
                 }
-            ops::sgd_update_multi(ps, lr, momentum);
+            ops::sgd_update_multi(ps, lr, momentum, lr_dev);
         });
     }
 }
@@ -807,23 +904,54 @@ void Net::run_step(const std::function<void()>& issue) {
     cpu_trim_cache();  // what this step and the last did not use goes back to the system
 }
 
-StepResult Net::summarize(int n) const {
-    Tensor loss = loss_.to(Device{}), rank = rank_.to(Device{});
+namespace {
+StepResult summarize_host(const float* loss, const int32_t* rank, int n) {
     StepResult r;
     r.n = n;
     double sum = 0;  // in sample order, so the mean is deterministic
     for (int i = 0; i < n; ++i) {
-        sum += loss.data<float>()[i];
-        r.top1 += rank.data<int32_t>()[i] < 1;
-        r.top5 += rank.data<int32_t>()[i] < 5;
+        sum += loss[i];
+        r.top1 += rank[i] < 1;
+        r.top5 += rank[i] < 5;
     }
     r.loss = sum / n;
     return r;
+}
+}  // namespace
+
+StepResult Net::summarize(int n) const {
+    Tensor loss = loss_.to(Device{}), rank = rank_.to(Device{});
+    return summarize_host(loss.data<float>(), rank.data<int32_t>(), n);
 }
 
 StepResult Net::train_step(const float* images, const int32_t* labels, int n, float lr) {
     if (n < 1) throw ValueError("train_step: argument 'images' holds no images");
     if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step: argument 'lr' must be finite and >= 0");
+    if (graph_enabled()) {
+        const std::string key = "float32 n=" + std::to_string(n) + graph_key_suffix();
+        if (graph_wanted(key)) {
+            check_labels("train_step", labels, n);
+            const int C = cfg_.in_channels, S = cfg_.input_size;
+            auto make = [&](CudaGraphStep& g) {
+                g.images = Tensor::empty({n, C, S, S}, DType::f32, g.dev);
+                g.labels = Tensor::empty({n}, DType::i32, g.dev);
+            };
+            auto inputs = [&](CudaGraphStep& g) {
+                input_.assign(cfg_.towers, g.images);
+                return g.labels;
+            };
+            if (graph_ || graph_capture(key, n, make, inputs)) {
+                // Into the graph's input buffers, synchronously: the previous step (the graph's last use) is done.
+                Tensor hi = Tensor::empty({n, C, S, S}, DType::f32, Device{}), hl = Tensor::empty({n}, DType::i32, Device{});
+                std::memcpy(hi.raw(), images, hi.nbytes());
+                std::memcpy(hl.raw(), labels, hl.nbytes());
+                graph_->images.copy_from(hi);
+                graph_->labels.copy_from(hl);
+                run_step([&] { graph_launch(lr); });
+                return graph_finish(n);
+            }
+        }
+    }
     Tensor dev_labels = upload_labels("train_step", labels, n);
     input_ = upload_images(images, n);
     run_step([&] {
@@ -833,6 +961,7 @@ StepResult Net::train_step(const float* images, const int32_t* labels, int n, fl
     });
     if (dp.defer_sgd) grads_pending_ = true;
     else step += 1;
+    graph_eager_step_done();
     return summarize(n);
 }
 
@@ -928,6 +1057,177 @@ void Net::load_state(const std::map<std::string, Tensor>& host) {
         dst.copy_from(host.at(kv.first));
     }
     for (const Device& d : devices_) cuda_synchronize(d);
+}
+
+// ---- CUDA graph path -----------------------------------------------------------------------------------
+// A training step's device work captured once and replayed: the eager issue code runs unchanged under stream
+// capture (tower 0's stream is the origin; the other tower's stream joins through the scheduler's own event
+// wait and is joined back at the end), so the graph holds the same kernels with the same arguments in the same
+// order as an eager step. Three things differ, none of them in the arithmetic: the dropout seed and the learning
+// rate are read by their kernels from a device block the graph's first node fills from pinned memory; the
+// inputs come from the graph's own device buffers, filled before each launch; the loss and ranks are copied
+// into pinned memory by the graph's last nodes.
+
+
+bool Net::cuda_graph_supported(std::string* why) const {
+    auto no = [&](const std::string& w) {
+        if (why) *why = w;
+        return false;
+    };
+    if (!devices_[0].is_cuda()) return no("the towers are on the CPU");
+    for (const Device& d : devices_)
+        if (d != devices_[0])
+            return no("the towers are on two devices (" + devices_[0].str() + ", " + d.str() +
+                      "): cross-device copies may be staged through the host, which a capture cannot hold");
+    if (!cuda_caching_enabled()) return no("the CUDA caching allocator is off (ALEXNET_NO_CUDA_MEMORY_CACHING)");
+    return true;
+}
+
+void Net::set_cuda_graph(const std::string& mode) {
+    if (mode != "auto" && mode != "on" && mode != "off")
+        throw ValueError("set_cuda_graph: argument 'mode' must be 'auto', 'on' or 'off', got '" + mode + "'");
+    std::string why;
+    if (mode == "on" && !cuda_graph_supported(&why))
+        throw ValueError("set_cuda_graph: argument 'mode' is 'on' but this placement cannot be captured: " + why);
+    graph_mode_ = mode;
+    if (mode == "off") graph_drop();
+}
+
+bool Net::graph_enabled() const {
+    return graph_mode_ != "off" && cuda_graph_supported() && !trace && !dp.defer_sgd && !dp.grad_ready;
+}
+
+std::string Net::graph_key_suffix() const {
+    // Baked into the captured launches: the loss gradient's 1/mean_over and the dropout counters' sample_base.
+    return " mean_over=" + std::to_string(dp.mean_over) + " sample_base=" + std::to_string(dp.sample_base);
+}
+
+bool Net::graph_wanted(const std::string& key) {
+    if (key != graph_key_) {
+        graph_drop();
+        graph_key_ = key;
+        graph_warm_ = 0;
+        graph_key_failures_ = 0;
+    }
+    if (graph_) return true;
+    return graph_warm_ >= kGraphWarmup && graph_key_failures_ < kGraphMaxFailures;
+}
+
+void Net::graph_eager_step_done() {
+    graph_stats_.last_step_graph = false;
+    if (graph_enabled()) ++graph_warm_;
+}
+
+void Net::graph_drop() { graph_.reset(); }
+
+bool Net::graph_capture(const std::string& key, int n, const std::function<void(CudaGraphStep&)>& make_inputs,
+                        const std::function<Tensor(CudaGraphStep&)>& issue_inputs) {
+#ifdef ALEXNET_WITH_CUDA
+    std::unique_ptr<CudaGraphStep, CudaGraphStepDeleter> g(new CudaGraphStep);
+    g->key = key;
+    g->n = n;
+    g->dev = devices_[0];
+    DeviceGuard dg(g->dev);
+    // Everything the graph keeps is allocated before the capture (no cudaMalloc or cudaHostAlloc during one).
+    g->pool = std::make_unique<GraphMemoryPool>(g->dev);
+    make_inputs(*g);
+    g->params = Tensor::empty({static_cast<int64_t>(kGraphParamBytes)}, DType::u8, g->dev);
+    const size_t pinned_bytes = kGraphParamBytes + 2 * align_up(4 * size_t(n));
+    if (cudaHostAlloc(&g->pinned, pinned_bytes, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        g->pinned = nullptr;
+        throw OutOfMemory("train_step: cannot pin " + std::to_string(pinned_bytes) + " bytes of host memory");
+    }
+    std::memset(g->pinned, 0, pinned_bytes);
+    auto origin = static_cast<cudaStream_t>(sched_->stream(0));
+    const int T = cfg_.towers;
+    bool capturing = false;
+    sched_->begin_step(false);
+    try {
+        cuda_check(cudaStreamBeginCapture(origin, cudaStreamCaptureModeGlobal), "train_step (CUDA graph capture)");
+        capturing = true;
+        g->pool->begin_capture();
+        graph_seed_dev_ = reinterpret_cast<const uint64_t*>(g->params.raw());
+        graph_lr_dev_ = reinterpret_cast<const float*>(static_cast<const char*>(g->params.raw()) + 8);
+        CudaGraphStep* gp = g.get();
+        sched_->run(0, "graph.params", [gp] {
+            cuda_check(cudaMemcpyAsync(gp->params.raw(), gp->pinned, kGraphParamBytes, cudaMemcpyHostToDevice,
+                                       static_cast<cudaStream_t>(current_stream(gp->dev.index))),
+                       "train_step (CUDA graph)");
+        });
+        for (int t = 1; t < T; ++t) sched_->order(0, t);  // the other towers' streams join the capture
+        const Tensor labels = issue_inputs(*g);
+        issue_forward(/*train=*/true);
+        issue_loss(labels, loss_scale(n), /*backward=*/true);
+        issue_backward(0.f);  // a placeholder: the captured update reads each step's rate from the block
+        sched_->run(0, "graph.readback", [this, gp] {
+            auto st = static_cast<cudaStream_t>(current_stream(gp->dev.index));
+            cuda_check(cudaMemcpyAsync(gp->loss(), loss_.raw(), loss_.nbytes(), cudaMemcpyDeviceToHost, st),
+                       "train_step (CUDA graph)");
+            cuda_check(cudaMemcpyAsync(gp->rank(), rank_.raw(), rank_.nbytes(), cudaMemcpyDeviceToHost, st),
+                       "train_step (CUDA graph)");
+        });
+        for (int t = 1; t < T; ++t) sched_->order(t, 0);  // and are joined back
+        g->pool->end_capture();
+        graph_seed_dev_ = nullptr;
+        graph_lr_dev_ = nullptr;
+        capturing = false;
+        cuda_check(cudaStreamEndCapture(origin, &g->graph), "train_step (CUDA graph capture)");
+        cuda_check(cudaGraphInstantiate(&g->exec, g->graph, 0), "train_step (CUDA graph instantiate)");
+        g->edges = sched_->edge_bytes();
+        sched_->finish_step();  // nothing ran: the streams only leave the step
+    } catch (const std::exception& e) {
+        g->pool->end_capture();
+        graph_seed_dev_ = nullptr;
+        graph_lr_dev_ = nullptr;
+        if (capturing) {
+            try {
+                for (int t = 1; t < T; ++t) sched_->order(t, 0);
+            } catch (...) {
+            }
+            cudaGraph_t dead = nullptr;
+            cudaStreamEndCapture(origin, &dead);
+            if (dead) cudaGraphDestroy(dead);
+        }
+        cudaGetLastError();
+        try {
+            sched_->finish_step();
+        } catch (...) {
+        }
+        ++graph_stats_.failures;
+        ++graph_key_failures_;
+        graph_stats_.last_failure = e.what();
+        return false;  // this step runs eagerly; g (its pool, its buffers) goes
+    }
+    ++graph_stats_.captures;
+    graph_ = std::move(g);
+    return true;
+#else
+    (void)key, (void)n, (void)make_inputs, (void)issue_inputs;
+    return false;
+#endif
+}
+
+void Net::graph_launch(float lr) {
+    CudaGraphStep* g = graph_.get();
+    // The step's dropout seed (the same for every layer and tower: they differ in the counter) and rate, read by
+    // the graph's first node; the previous launch is done with the block (every step ends drained).
+    const uint64_t seed = dropout_key(step, 0, 0).first;
+    std::memcpy(g->pinned, &seed, sizeof seed);
+    std::memcpy(static_cast<char*>(g->pinned) + 8, &lr, sizeof lr);
+#ifdef ALEXNET_WITH_CUDA
+    sched_->run(0, "graph.launch", [g] {
+        cuda_check(cudaGraphLaunch(g->exec, static_cast<cudaStream_t>(current_stream(g->dev.index))), "train_step");
+    });
+#endif
+}
+
+StepResult Net::graph_finish(int n) {
+    sched_->set_edge_bytes(graph_->edges);
+    step += 1;
+    ++graph_stats_.replays;
+    graph_stats_.last_step_graph = true;
+    return summarize_host(graph_->loss(), graph_->rank(), n);
 }
 
 }  // namespace ax

@@ -126,6 +126,25 @@ public:
     bool pair_towers() const {
         return cfg_.towers == 2 && sched_->shared() && devices_[0] == devices_[1] && devices_[0].is_cuda();
     }
+    // CUDA graphs. With the mode "on" (or "auto" where the placement allows it: every tower on one CUDA device,
+    // one shared stream or a stream per tower, with the caching allocator on), train_step and train_step_u8 run
+    // a step's device work as one CUDA graph: after two eager warm-up steps with the same shapes the next step
+    // is captured (and launched), and later steps of those shapes replay it. The learning rate and the dropout
+    // seed of the step reach the graph through a pinned block copied in by the graph's first node; the inputs
+    // are copied into the graph's own device buffers before the launch; the loss and ranks come back through
+    // pinned memory; memory the graph uses is its private pool (GraphMemoryPool). Bit for bit the eager step.
+    // Steps stay eager while traced, with defer_sgd or grad_ready set, and for a capture that failed; a change
+    // of batch shape, input path or mean image drops the graph (and warms up again). "on" for a placement that
+    // cannot be captured (CPU, towers on two devices) raises ValueError; "off" is the default.
+    void set_cuda_graph(const std::string& mode);
+    std::string cuda_graph() const { return graph_mode_; }
+    bool cuda_graph_supported(std::string* why = nullptr) const;
+    struct GraphStats {
+        int64_t captures = 0, replays = 0, failures = 0;  // replays: steps run by a graph (the captured one too)
+        bool last_step_graph = false;                       // the last training step ran as a graph
+        std::string last_failure;                           // why the last capture failed
+    };
+    const GraphStats& graph_stats() const { return graph_stats_; }
     int64_t step = 0;
     uint64_t seed() const { return seed_; }
     void set_seed(uint64_t s) { seed_ = s; }  // keys the dropout masks from now on (init is done)
@@ -188,6 +207,34 @@ private:
     void run_step(const std::function<void()>& issue);
     StepResult summarize(int n) const;  // mean loss and top-1/top-5 hits of the last loss computation
     std::string edge_name(int layer) const;
+
+    // ---- CUDA graphs (net.cpp, "CUDA graph path") ----
+    struct CudaGraphStep;
+    struct CudaGraphStepDeleter {
+        void operator()(CudaGraphStep* g) const;
+    };
+    std::string graph_mode_ = "off";
+    std::unique_ptr<CudaGraphStep, CudaGraphStepDeleter> graph_;
+    std::string graph_key_;     // the shapes and inputs of the last training step
+    int graph_warm_ = 0;        // eager steps in a row with graph_key_
+    int graph_key_failures_ = 0;  // failed captures with graph_key_
+    GraphStats graph_stats_;
+    const uint64_t* graph_seed_dev_ = nullptr;  // while capturing: the step's dropout seed in device memory
+    const float* graph_lr_dev_ = nullptr;       // while capturing: the step's learning rate in device memory
+    // Whether this step should run as a graph: the graph for `key` exists, or it is time to capture it.
+    bool graph_wanted(const std::string& key);
+    // Captures the step (issue_inputs sets input_ and returns the labels on tower 0's device from the graph's
+    // input buffers), instantiates it; false (the capture abandoned, nothing run) if that failed.
+    // make_inputs allocates the graph's input buffers (before the capture); issue_inputs, captured, sets input_ from
+    // them and returns the labels on tower 0's device.
+    bool graph_capture(const std::string& key, int n, const std::function<void(CudaGraphStep&)>& make_inputs,
+                       const std::function<Tensor(CudaGraphStep&)>& issue_inputs);
+    void graph_launch(float lr);  // on tower 0's stream, after writing the step's lr and seed to the pinned block
+    StepResult graph_finish(int n);  // counts the step; the result from the pinned read-back
+    bool graph_enabled() const;      // mode, placement and this step's settings allow a graph
+    std::string graph_key_suffix() const;
+    void graph_eager_step_done();
+    void graph_drop();
 
     NetConfig cfg_;
     std::vector<Device> devices_;

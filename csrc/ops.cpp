@@ -567,13 +567,24 @@ static void check_p(const char* op, float p) {
     if (!(p >= 0.0f && p < 1.0f)) throw ValueError(arg_prefix(op, "p") + "must be in [0, 1), got " + std::to_string(p));
 }
 
-std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t seed, uint64_t offset) {
+std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t seed, uint64_t offset,
+                                          const uint64_t* seed_device) {
     const char* op = "dropout_forward";
     check_tensor(op, "x", x, DType::f32, -1, "");
     check_p(op, p);
+    if (seed_device && !x.device().is_cuda())
+        throw ValueError(arg_prefix(op, "seed_device") + "is a device address: CUDA tensors only");
     Tensor y = new_output(op, "y", "'x'", x.shape(), DType::f32, x);
     Tensor mask = new_output(op, "mask", "'x'", x.shape(), DType::u8, x);
     if (y.numel() == 0) return {y, mask};
+#ifdef ALEXNET_WITH_CUDA
+    if (seed_device) {
+        DeviceGuard g(x.device());
+        cuda::dropout_forward_device_seed(x.numel(), x.data<float>(), p, seed_device, offset, y.data<float>(),
+                                          mask.data<uint8_t>(), current_stream(x.device().index));
+        return {y, mask};
+    }
+#endif
     AX_DISPATCH(x.device(), dropout_forward, x.numel(), x.data<float>(), p, seed, offset, y.data<float>(),
                 mask.data<uint8_t>());
     return {y, mask};
@@ -679,7 +690,7 @@ void sgd_update(Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum
                 weight_decay);
 }
 
-void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum) {
+void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum, const float* lr_device) {
     const char* op = "sgd_update_multi";
     if (!(lr >= 0 && std::isfinite(lr))) throw ValueError(arg_prefix(op, "lr") + "must be finite and >= 0");
     if (!(momentum >= 0 && momentum < 1)) throw ValueError(arg_prefix(op, "momentum") + "must be in [0, 1)");
@@ -715,7 +726,17 @@ void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momen
         for (size_t b = a + 1; b < written.size(); ++b)
             if (written[a].first < written[b].second && written[b].first < written[a].second)
                 throw ValueError(std::string(op) + ": argument 'params': two entries' w or v tensors overlap");
+    if (lr_device && !(params.empty() || params[0].w->device().is_cuda()))
+        throw ValueError(arg_prefix(op, "lr_device") + "is a device address: CUDA tensors only");
     if (segs.empty()) return;
+#ifdef ALEXNET_WITH_CUDA
+    if (lr_device) {
+        DeviceGuard g(params[0].w->device());
+        cuda::sgd_update_multi_device_lr(static_cast<int>(segs.size()), segs.data(), lr_device, momentum,
+                                         current_stream(params[0].w->device().index));
+        return;
+    }
+#endif
     AX_DISPATCH(params[0].w->device(), sgd_update_multi, static_cast<int>(segs.size()), segs.data(), lr, momentum);
 }
 

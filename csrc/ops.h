@@ -149,7 +149,10 @@ LrnPool lrn_maxpool_forward(const Tensor& x, int size, float k, float alpha, flo
 
 // Inverted dropout: returns (y, mask uint8); y = x * mask / (1 - p). Element i's draw is
 // philox(seed, offset + i), so any backend, any launch shape, draws the same mask.
-std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t seed, uint64_t offset);
+// `seed_device` (CUDA only; nullptr: use `seed`): a device address holding the seed, read when the kernel runs,
+// so that a captured CUDA graph draws each replay's mask from the seed stored there for that step.
+std::pair<Tensor, Tensor> dropout_forward(const Tensor& x, float p, uint64_t seed, uint64_t offset,
+                                          const uint64_t* seed_device = nullptr);
 // Contract (validated, not guessed): the mask holds only 0 and 1, as dropout_forward makes it; any other
 // byte raises ValueError naming 'mask'. The check reads the mask on the host (a device mask is copied and
 // the stream synchronized), so callers passing a mask straight from dropout_forward may skip it with
@@ -181,7 +184,9 @@ struct SgdParam {
     Tensor* v;
     float weight_decay;
 };
-void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum);
+// `lr_device` (CUDA only; nullptr: use `lr`): a device address holding the learning rate, read when the kernel
+// runs (a captured CUDA graph's update takes each replay's rate from there); `lr` is still range-checked.
+void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum, const float* lr_device = nullptr);
 
 // Cross-tower plumbing. Channel concat/slice of NCHW (or (N,C) 2-D) tensors; elementwise add.
 Tensor concat_channels(const std::vector<Tensor>& xs);
@@ -258,6 +263,11 @@ void conv2d_backward_input_pair(const Conv2dParams& p, const float* const dy[2],
                                 const float* const relu_y[2] /*entries nullable*/, float* const dx[2], void* stream);
 void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
                                  float* const dw[2], void* stream);
+// The same launches with one argument read from device memory when the kernel runs instead of passed by
+// value, so a CUDA graph that captured the launch once replays it with each step's value (Net's graph path).
+void sgd_update_multi_device_lr(int count, const SgdSegment* segs, const float* lr_dev, float momentum, void* stream);
+void dropout_forward_device_seed(int64_t n, const float* x, float p, const uint64_t* seed_dev, uint64_t offset, float* y,
+                                 uint8_t* mask, void* stream);
 }  // namespace cuda
 #endif
 

@@ -170,6 +170,7 @@ public:
     }
     Device device() const override { return dev_; }
     std::string name() const override { return dev_.str() + " " + label_ + " " + std::to_string(id_); }
+    void* stream() const override { return stream_; }
 
     void submit(const std::string& op, int tower, std::function<void()> fn) override {
         DeviceGuard g(dev_);

@@ -46,6 +46,7 @@ public:
     virtual void begin_step(bool trace) = 0;
     // Blocks until all issued work is done; appends timed entries; returns the first error, if any.
     virtual std::exception_ptr finish(std::vector<TimelineEntry>& timeline) = 0;
+    virtual void* stream() const { return nullptr; }  // the cudaStream_t of a CUDA executor
 };
 
 class Scheduler {
@@ -83,6 +84,10 @@ public:
     void finish_step();
 
     const std::map<std::string, int64_t>& edge_bytes() const { return edge_bytes_; }
+    // A step replayed as a CUDA graph issues no transfer: it reports the bytes its captured step counted.
+    void set_edge_bytes(const std::map<std::string, int64_t>& e) { edge_bytes_ = e; }
+    // The cudaStream_t of tower's executor (nullptr on the CPU): where a CUDA graph is captured and launched.
+    void* stream(int tower) const { return exec_[tower]->stream(); }
     const std::vector<TimelineEntry>& timeline() const { return timeline_; }
     double step_wall_us() const { return step_wall_us_; }
 

@@ -214,8 +214,15 @@ size_t round_block(size_t bytes) {
     return bytes < (size_t(1) << 20) ? (bytes + small - 1) / small * small : (bytes + large - 1) / large * large;
 }
 
+struct GraphPoolState {
+    int device = 0;
+    std::map<std::pair<void*, size_t>, std::vector<void*>> free_blocks;  // (stream, rounded size) -> blocks
+    std::map<void*, size_t> owned;                                       // every block of the pool -> rounded size
+};
+
 struct CudaPool {
     std::mutex m;
+    std::map<void*, GraphPoolState*> graph_owner;  // blocks of a CUDA graph's private pool
     // (device, stream, rounded size) -> free blocks. A block is reused only on the stream that freed it,
     // so a later kernel on another stream can never overwrite memory still being read.
     std::map<std::tuple<int, void*, size_t>, std::vector<void*>> free_blocks;
@@ -238,6 +245,7 @@ CudaPool& pool() {
     static CudaPool* p = new CudaPool();  // leaked on purpose: outlives tensors freed at interpreter exit
     return *p;
 }
+thread_local GraphPoolState* t_capture_pool = nullptr;  // the pool this thread is capturing into
 
 // The CPU pool: (rounded size) -> its size class: the free blocks, and the trim generation in which a tensor of
 // that size was last asked for. The rounding is the CUDA pool's, so a size that recurs (every activation and
@@ -372,8 +380,24 @@ Storage::Storage(size_t nbytes, Device dev) : bytes(nbytes), device(dev) {
     } else {
         const size_t rounded = round_block(nbytes);
         std::lock_guard<std::mutex> lock(p.m);
+        GraphPoolState* gp = t_capture_pool && t_capture_pool->device == dev.index ? t_capture_pool : nullptr;
         auto it = p.free_blocks.find({dev.index, stream, rounded});
-        if (it != p.free_blocks.end() && !it->second.empty()) {
+        if (gp) {
+            auto own = gp->free_blocks.find({stream, rounded});
+            if (own != gp->free_blocks.end() && !own->second.empty()) {
+                ptr = own->second.back();
+                own->second.pop_back();
+            } else if (it != p.free_blocks.end() && !it->second.empty()) {
+                ptr = it->second.back();
+                it->second.pop_back();
+                p.graph_owner[ptr] = gp;
+                gp->owned[ptr] = rounded;
+            } else {
+                throw std::runtime_error("alloc: no cached block of " + std::to_string(rounded) + " bytes on " +
+                                         dev.str() + " while capturing a CUDA graph (cudaMalloc is not allowed then)");
+            }
+            p.stats.bytes_cached -= static_cast<int64_t>(rounded);
+        } else if (it != p.free_blocks.end() && !it->second.empty()) {
             ptr = it->second.back();
             it->second.pop_back();
             p.stats.bytes_cached -= static_cast<int64_t>(rounded);
@@ -437,10 +461,52 @@ Storage::~Storage() {
         return;
     }
     const size_t rounded = b->second.second;
-    p.free_blocks[{device.index, stream, rounded}].push_back(ptr);
+    auto o = p.graph_owner.find(ptr);
+    GraphPoolState* gp = o != p.graph_owner.end() ? o->second : nullptr;
+    if (!gp && t_capture_pool && t_capture_pool->device == device.index) {
+        gp = t_capture_pool;  // freed during a capture: a captured kernel may have used it
+        p.graph_owner[ptr] = gp;
+        gp->owned[ptr] = rounded;
+    }
+    if (gp) gp->free_blocks[{stream, rounded}].push_back(ptr);
+    else p.free_blocks[{device.index, stream, rounded}].push_back(ptr);
     p.stats.bytes_in_use -= static_cast<int64_t>(rounded);
     p.stats.bytes_cached += static_cast<int64_t>(rounded);
 #endif
+}
+
+bool cuda_caching_enabled() { return !caching_disabled(); }
+
+struct GraphMemoryPool::State : GraphPoolState {};
+
+GraphMemoryPool::GraphMemoryPool(Device d) : st_(new State) {
+    if (!d.is_cuda()) throw ValueError("GraphMemoryPool: a CUDA device is needed, got " + d.str());
+    if (caching_disabled()) throw ValueError("GraphMemoryPool: the CUDA caching allocator is off");
+    st_->device = d.index;
+}
+
+GraphMemoryPool::~GraphMemoryPool() {
+    CudaPool& p = pool();
+    {
+        std::lock_guard<std::mutex> lock(p.m);
+        if (t_capture_pool == st_) t_capture_pool = nullptr;
+        for (auto& kv : st_->free_blocks)
+            for (void* ptr : kv.second) p.free_blocks[{st_->device, kv.first.first, kv.first.second}].push_back(ptr);
+        for (auto& kv : st_->owned) p.graph_owner.erase(kv.first);
+    }
+    delete st_;
+}
+
+void GraphMemoryPool::begin_capture() { t_capture_pool = st_; }
+void GraphMemoryPool::end_capture() {
+    if (t_capture_pool == st_) t_capture_pool = nullptr;
+}
+int64_t GraphMemoryPool::bytes() const {
+    CudaPool& p = pool();
+    std::lock_guard<std::mutex> lock(p.m);
+    int64_t n = 0;
+    for (auto& kv : st_->owned) n += static_cast<int64_t>(kv.second);
+    return n;
 }
 
 AllocatorStats cuda_allocator_stats() {

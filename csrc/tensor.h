@@ -123,6 +123,32 @@ void cpu_reset_peak_stats();
 void cpu_trim_cache();
 bool cpu_caching_enabled();
 
+// The CUDA caching allocator is on (ALEXNET_NO_CUDA_MEMORY_CACHING unset): a CUDA graph needs it (below).
+bool cuda_caching_enabled();
+
+// A private pool of CUDA memory for a captured CUDA graph, whose kernels keep the addresses they were captured
+// with. Between begin_capture and end_capture every allocation on the pool's device made by the calling thread is
+// the pool's (taken from the pool's free blocks, else from the shared cache; never cudaMalloc, which is illegal
+// during a capture: a miss throws), and so is every block that thread frees on that device meanwhile (the graph
+// may have read it). A pool block freed at any time returns to the pool, never to the shared cache, so no other
+// tensor is ever given memory the graph's replays read or write. Destroy the pool only after the graph and its
+// last replay are done: its free blocks then go back to the shared cache, and its blocks still held by tensors go
+// there when those are freed.
+class GraphMemoryPool {
+public:
+    explicit GraphMemoryPool(Device d);
+    ~GraphMemoryPool();
+    GraphMemoryPool(const GraphMemoryPool&) = delete;
+    GraphMemoryPool& operator=(const GraphMemoryPool&) = delete;
+    void begin_capture();
+    void end_capture();
+    int64_t bytes() const;  // held by the pool (free or in use)
+    struct State;
+
+private:
+    State* st_;
+};
+
 struct DeviceProperties {
     std::string name;
     int sm_count = 0, major = 0, minor = 0;

@@ -54,9 +54,13 @@ struct SgdTable {
     float* v[kSgdMaxSegs];
     int64_t n[kSgdMaxSegs];
     float wd_lr[kSgdMaxSegs];
+    float wd[kSgdMaxSegs];
     bool vec[kSgdMaxSegs];
     int block0[kSgdMaxSegs + 1];
     int count;
+    // Non-null: the learning rate is read here when the kernel runs (a CUDA graph replays one launch with the
+    // step's rate), and wd_lr is formed from it as the host forms it from lr.
+    const float* lr_dev;
 };
 
 __global__ void __launch_bounds__(kThreads1d) sgd_update_multi_kernel(const SgdTable t, float lr, float momentum) {
@@ -72,7 +76,11 @@ __global__ void __launch_bounds__(kThreads1d) sgd_update_multi_kernel(const SgdT
     const float* __restrict__ dw = t.dw[i];
     float* __restrict__ v = t.v[i];
     const int64_t n = t.n[i];
-    const float wd_lr = t.wd_lr[i];
+    float wd_lr = t.wd_lr[i];
+    if (t.lr_dev) {
+        lr = *t.lr_dev;
+        wd_lr = __fmul_rn(t.wd[i], lr);
+    }
     const int64_t tid = static_cast<int64_t>(b - t.block0[i]) * blockDim.x + threadIdx.x;
     const int64_t nt = static_cast<int64_t>(t.block0[i + 1] - t.block0[i]) * blockDim.x;
     sgd_span(n, t.vec[i], w, dw, v, lr, momentum, wd_lr, tid, nt);
@@ -80,7 +88,8 @@ __global__ void __launch_bounds__(kThreads1d) sgd_update_multi_kernel(const SgdT
 
 }  // namespace
 
-void sgd_update_multi(int count, const SgdSegment* segs, float lr, float momentum, void* stream) {
+namespace {
+void sgd_multi_launch(int count, const SgdSegment* segs, float lr, const float* lr_dev, float momentum, void* stream) {
     for (int first = 0; first < count; first += kSgdMaxSegs) {
         SgdTable t{};
         t.count = count - first < kSgdMaxSegs ? count - first : kSgdMaxSegs;
@@ -92,14 +101,25 @@ void sgd_update_multi(int count, const SgdSegment* segs, float lr, float momentu
             t.v[i] = g.v;
             t.n[i] = g.n;
             t.wd_lr[i] = g.weight_decay * lr;  // rounded first, as sgd_update and the CPU's left-to-right product
+            t.wd[i] = g.weight_decay;
             t.vec[i] = aligned16(g.w) && aligned16(g.dw) && aligned16(g.v);
             t.block0[i] = static_cast<int>(blocks);
             blocks += grid_1d(t.vec[i] ? (g.n + 3) / 4 : g.n);  // at least one block, even for n == 0
         }
         t.block0[t.count] = static_cast<int>(blocks);
+        t.lr_dev = lr_dev;
         sgd_update_multi_kernel<<<static_cast<unsigned>(blocks), kThreads1d, 0, as_stream(stream)>>>(t, lr, momentum);
         AX_LAUNCH_CHECK("sgd_update_multi");
     }
+}
+}  // namespace
+
+void sgd_update_multi(int count, const SgdSegment* segs, float lr, float momentum, void* stream) {
+    sgd_multi_launch(count, segs, lr, nullptr, momentum, stream);
+}
+
+void sgd_update_multi_device_lr(int count, const SgdSegment* segs, const float* lr_dev, float momentum, void* stream) {
+    sgd_multi_launch(count, segs, 0.f, lr_dev, momentum, stream);
 }
 
 void sgd_update(int64_t n, float* w, const float* dw, float* v, float lr, float momentum, float weight_decay,

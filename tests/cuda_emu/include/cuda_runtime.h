@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -104,6 +105,16 @@ enum cudaError_t {
     cudaErrorNotReady = 600,
     cudaErrorPeerAccessUnsupported = 217,
     cudaErrorPeerAccessAlreadyEnabled = 704,
+    cudaErrorIllegalState = 401,
+    // Stream capture (CUDA graphs): an illegal call during a capture returns one of these, as CUDA does.
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
+    cudaErrorStreamCaptureMerge = 902,
+    cudaErrorStreamCaptureUnmatched = 903,
+    cudaErrorStreamCaptureUnjoined = 904,
+    cudaErrorStreamCaptureIsolation = 905,
+    cudaErrorStreamCaptureImplicit = 906,
+    cudaErrorCapturedEvent = 907,
 };
 typedef cudaError_t cudaError;
 enum cudaMemcpyKind {
@@ -172,6 +183,33 @@ cudaError_t cudaDeviceCanAccessPeer(int* can, int device, int peer);
 cudaError_t cudaDeviceEnablePeerAccess(int peer, unsigned flags);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device);
 
+// CUDA graphs by stream capture. Work issued to a capturing stream is recorded (a closure holding the launch's
+// arguments by value), not run; cudaGraphLaunch replays it in the captured order on per-stream agents forked
+// from the launch stream, with the captured event records and waits as the edges between them, so the race
+// check sees exactly the ordering the graph's dependencies give. Calls CUDA forbids during a capture
+// (synchronizing a capturing stream or the device, synchronous copies and allocations in the default global
+// mode, waiting on an event from outside the capture, querying an event recorded in one) return CUDA's
+// error and invalidate the capture, so code that would break capture on a GPU breaks here too.
+typedef struct CUgraph_st* cudaGraph_t;
+typedef struct CUgraphExec_st* cudaGraphExec_t;
+enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2
+};
+enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2
+};
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* graph);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+
 namespace emu {
 // ---- stream bookkeeping and the happens-before race check (runtime.cpp) ----
 // Agent ids: 0 = the host, 1..kDeviceCount = each device's legacy default stream, then created streams
@@ -179,6 +217,14 @@ namespace emu {
 int stream_begin(cudaStream_t s, const char* what);  // validates s, applies implicit ordering; returns its agent
 void stream_end(int agent);                          // advances the agent's clock past the op
 int launch_begin(cudaStream_t s, const char* kernel);  // stream_begin for a launch; -1: s is on another device
+// Stream capture: whether s is capturing; capture_node records fn (run later on the replay's agent for s's
+// part of the graph) and answers the launch's error (a stream of another device, an invalidated capture).
+bool is_capturing(cudaStream_t s);
+cudaError_t capture_node(cudaStream_t s, const char* what, bool launch, std::function<void(int agent)> fn,
+                         std::vector<const void*> device_ptrs);
+size_t live_graphs();  // graphs and executable graphs created and not yet destroyed
+int agent_device(int agent);
+void count_call(int agent);  // the call statistics stream_begin keeps, for a replayed node
 enum class Access : uint8_t { read, write, unknown };
 struct AccessList {
     struct Item {
@@ -204,6 +250,7 @@ struct RuntimeStats {
               cross_stream_waits = 0, cross_device_waits = 0, stream_syncs = 0, device_syncs = 0,
               elapsed_queries = 0, peer_queries = 0, host_allocs = 0,
               host_frees = 0, event_queries = 0;
+    long long captures = 0, graph_nodes = 0, graph_launches = 0, capture_errors = 0;
     long long pinned_copies = 0, pageable_copies = 0;  // host<->device copies, by the host side's memory
     long long calls_default_stream = 0, calls_created_streams = 0;  // launches, copies, memsets, records, waits
     long long calls_per_device[kDeviceCount] = {};                  // the same, by the stream's device
@@ -283,13 +330,29 @@ struct Cfg {
     }
     template <class F, class... Args>
     void run(F kernel, Args... args) {
-        auto bound = [&]() { kernel(args...); };  // `kernel` takes them by value: a copy per thread
-        using B = decltype(bound);
+        if (is_capturing(stream)) {
+            // Recorded with its arguments by value; the pointers among them are checked to be live at replay.
+            AccessList acc;
+            (collect_access(acc, args), ...);
+            std::vector<const void*> ptrs;
+            for (const auto& it : acc.items) ptrs.push_back(it.ptr);
+            const Cfg c = *this;
+            const cudaError_t e = capture_node(
+                stream, name, true, [c, kernel, args...](int agent) { c.execute(agent, kernel, args...); }, std::move(ptrs));
+            if (e != cudaSuccess) last_error = e;
+            return;
+        }
         const int agent = launch_begin(stream, name);
         if (agent < 0) {  // a stream of another device: the launch fails, as in CUDA
             last_error = cudaErrorInvalidResourceHandle;
             return;
         }
+        execute(agent, kernel, args...);
+    }
+    template <class F, class... Args>
+    void execute(int agent, F kernel, Args... args) const {
+        auto bound = [&]() { kernel(args...); };  // `kernel` takes them by value: a copy per thread
+        using B = decltype(bound);
         AccessList acc;
         (collect_access(acc, args), ...);
         acc.check_device(agent, name, file, line);
