@@ -232,6 +232,32 @@ class Net:
             self._net.seed = seed
 
     # --- scheduler introspection -------------------------------------------------------------------
+    def set_cuda_graph(self, mode):
+        """'auto', 'on' or 'off' (the default): run training steps as one captured CUDA graph. After two eager
+        steps with the same batch shape, the next train_step / train_step_u8 / train_step_prefetched is captured
+        as a CUDA graph (every kernel, copy and event wait of the step, both towers) and later steps with that
+        shape replay it: the same kernels in the same order, so the same bits as eager steps, without the
+        per-launch host cost. 'auto' does so where the placement allows it (every tower on one CUDA device, on
+        one shared stream or a stream each), 'on' raises ValueError where it does not (the CPU, towers on two
+        devices). Steps stay eager while tracing, with distributed hooks set, or if a capture fails
+        (graph_stats()['last_failure'] says why); a new batch shape or mean image re-captures."""
+        if not isinstance(mode, str):
+            raise TypeError(f"set_cuda_graph: argument 'mode' must be 'auto', 'on' or 'off', got {type(mode).__name__}")
+        self._net.set_cuda_graph(mode)
+
+    @property
+    def cuda_graph(self):
+        """The CUDA graph mode set by set_cuda_graph: 'auto', 'on' or 'off'."""
+        return self._net.cuda_graph
+
+    def cuda_graph_supported(self):
+        """(True, '') if this placement can run steps as CUDA graphs, else (False, why not)."""
+        return tuple(self._net.cuda_graph_supported())
+
+    def graph_stats(self):
+        """CUDA graph counters: captures, replays (steps run as a graph), failures, last_step_graph, last_failure."""
+        return self._net.graph_stats()
+
     def set_tracing(self, on):
         """Time every op of each step (CUDA events on GPUs) for last_step_stats()/write_trace()."""
         self._net.trace = bool(on)

@@ -19,7 +19,9 @@ loss, top1_err, top5_err, n, lr).
 --preset NAME trains one of the paper's ablations (config.PRESETS; docs/ALEXNET.md has their expected
 effects). --finetune SRC starts a new run from SRC's weights (see README "Weights, fine-tuning"): SRC's
 network and crop, the data's class count, fc8 re-initialised unless SRC names exactly the data's classes,
-momentum zero. --trace PATH writes the Chrome trace of the first step the command runs. --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
+momentum zero. --trace PATH writes the Chrome trace of the first step the command runs. --cuda-graph
+{auto,on,off} (default auto) runs the steady-state steps as one captured CUDA graph where every tower is on one GPU
+(Net.set_cuda_graph: the same numbers as eager steps; the traced step and distributed runs stay eager). --resume [PATH|auto] continues a run exactly where it stopped: on the same backend
 its losses equal an uninterrupted run's bit for bit. Every checkpoint is fully checked when loaded (CRC of
 every byte, dtypes, shapes, values, metadata); --resume auto and a run folder as --resume take the newest
 checkpoint that passes, saying on stderr which damaged ones were skipped. Ctrl-C writes a checkpoint and
@@ -121,6 +123,10 @@ def build_parser():
                    "paper's init) unless SRC names exactly the data's classes")
     p.add_argument("--trace", metavar="PATH", help="write the Chrome trace (Perfetto) of the first step this "
                    "command runs to PATH")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="run steady-state steps as one captured CUDA graph (the same numbers, less host work per "
+                   "step): auto (default) where the placement allows it (every tower on one GPU), on (an error "
+                   "where it does not), off")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="network config override, e.g. --set dropout=0.3 --set 'drop_layers=(\"conv3\",)'")
     p.add_argument("--batch-size", type=positive_int, help=f"images per step (default {d['batch_size']})")
@@ -514,6 +520,11 @@ class Run:
         self.net = build_net(cfg, devices, t["seed"])
         # Several ranks: forward and backward here, the gradients summed over the ranks, then the update.
         self.sync = distributed.GradientAllReduce(dist, self.net, t["batch_size"]) if dist.distributed else None
+        # A run-time choice, not a setting of the run: graph steps give the eager steps' numbers bit for bit.
+        try:
+            self.net.set_cuda_graph(args.cuda_graph)
+        except ValueError as e:
+            raise CliError(f"--cuda-graph {args.cuda_graph}: {e}") from None
         # On CUDA the loader hands the stored uint8 images with their augmentation parameters and the towers'
         # devices augment them (Net.train_step_u8: a third of the bytes to upload, no CPU pixel work); on the
         # CPU the loader augments. Both give the same numbers.

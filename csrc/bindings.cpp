@@ -1044,6 +1044,26 @@ PYBIND11_MODULE(_C, m) {
                 net.step = step;
             })
         .def_readwrite("trace", &Net::trace)
+        .def("set_cuda_graph", &Net::set_cuda_graph, py::arg("mode"),
+             "'auto', 'on' or 'off': run steady-state training steps as one captured CUDA graph (see Net.set_cuda_graph).")
+        .def_property_readonly("cuda_graph", &Net::cuda_graph)
+        .def("cuda_graph_supported",
+             [](const Net& net) {
+                 std::string why;
+                 const bool ok = net.cuda_graph_supported(&why);
+                 return py::make_tuple(ok, why);
+             })
+        .def("graph_stats",
+             [](const Net& net) {
+                 const Net::GraphStats& g = net.graph_stats();
+                 py::dict d;
+                 d["captures"] = g.captures;
+                 d["replays"] = g.replays;
+                 d["failures"] = g.failures;
+                 d["last_step_graph"] = g.last_step_graph;
+                 d["last_failure"] = g.last_failure;
+                 return d;
+             })
         .def_property("seed", &Net::seed,
                       [](Net& net, const py::object& v) { net.set_seed(uint64_arg(v, "Net", "seed")); })
         .def_property_readonly("devices",

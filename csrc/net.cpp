@@ -1139,6 +1139,9 @@ bool Net::graph_capture(const std::string& key, int n, const std::function<void(
         throw OutOfMemory("train_step: cannot pin " + std::to_string(pinned_bytes) + " bytes of host memory");
     }
     std::memset(g->pinned, 0, pinned_bytes);
+    // The buffers were made on this thread's current stream (and poisoned there in the tests): done before the
+    // graph's streams use them.
+    cuda_synchronize(g->dev);
     auto origin = static_cast<cudaStream_t>(sched_->stream(0));
     const int T = cfg_.towers;
     bool capturing = false;

@@ -13,7 +13,9 @@ Runs (all in parallel, after building both variants into build/cuda_emu/, cached
 The `net` group runs the real scheduler (CudaExecutor: streams, events) and Net on the emulated devices
 (one, and two without peer access) against the CPU workers, with the runtime's happens-before race check
 on (test_scheduler_cuda_path); a mutated csrc/tensor.cpp shows that check catches an unordered host-staged
-cross-device copy (test_two_device_race_check_catches_unordered_staged_copy).
+cross-device copy (test_two_device_race_check_catches_unordered_staged_copy). The `graph` group runs the
+emulated stream capture (CUDA graphs: illegal calls during a capture, a race inside a replay) and Net's graph
+path against its eager steps, bit for bit, on one device with two streams and with one shared stream.
 Each run must exit 0, report exactly the expected number of checks and none failing; together the plain runs
 must reach every `<<<>>>` launch statement in cuda/ (test_every_launch_site_is_exercised). The rewriter is
 unit-tested too, including that it refuses what it cannot handle. The input seed is fresh per session
@@ -55,6 +57,7 @@ EXPECTED_CHECKS = {
     "linear_bigtile": 12,
     "gridstride": 14,
     "net": 104,
+    "graph": 17,
 }
 GROUPS = list(EXPECTED_CHECKS)
 # gridstride launches ~140 M emulated threads over 16 M-element buffers: plain build, one order only.

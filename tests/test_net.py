@@ -496,3 +496,103 @@ def test_trace_puts_the_input_upload_on_its_own_row(tmp_path):
     assert tids == ["input upload", "tower 0", "tower 1"]
     ov = tower_overlap(timeline)
     assert ov["overlap"] == 0.0 and ov["busy_us"] == {0: 20.0, 1: 10.0}
+
+
+# ---- CUDA graphs (Net.set_cuda_graph) --------------------------------------------------------------------
+
+def test_cuda_graph_mode_is_checked_and_auto_keeps_cpu_steps_eager(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=3)
+    assert net.cuda_graph == "off" and net.cuda_graph_supported() == (False, "the towers are on the CPU")
+    with pytest.raises(ValueError, match="set_cuda_graph: argument 'mode' is 'on' but this placement cannot be "
+                                         "captured: the towers are on the CPU"):
+        net.set_cuda_graph("on")
+    with pytest.raises(ValueError, match="set_cuda_graph: argument 'mode' must be 'auto', 'on' or 'off', got 'yes'"):
+        net.set_cuda_graph("yes")
+    with pytest.raises(TypeError, match="set_cuda_graph: argument 'mode'"):
+        net.set_cuda_graph(True)
+    assert net.cuda_graph == "off"
+    net.set_cuda_graph("auto")
+    ref = ax.Net(cfg, devices=("cpu", "cpu"), seed=3)
+    for s in range(3):
+        x, y = batch(rng, cfg, 4)
+        assert net.train_step(x, y, 0.1 * (s + 1)) == ref.train_step(x, y, 0.1 * (s + 1))
+    assert net.graph_stats() == {"captures": 0, "replays": 0, "failures": 0, "last_step_graph": False,
+                                 "last_failure": ""}
+
+
+def _graph_and_eager(devices, seed, run):
+    nets = []
+    for mode in ("off", "on"):
+        net = ax.Net(small_config(weight_decay=5e-4), devices=devices, seed=seed)
+        net.step = 17
+        net.set_cuda_graph(mode)
+        nets.append((net, run(net)))
+    return nets
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("devices", [("cuda:0", "cuda:0"), "cuda:0"], ids=["two-streams", "one-stream"])
+def test_cuda_graph_steps_equal_eager_steps_bit_for_bit(rng, devices):
+    # Steps 0-1 eager (warm-up), 2 captured, 3-4 replayed with other learning rates and dropout masks, 5 a new
+    # batch size (eager), 6-7 warm-up again, 8 re-captured, 9 replayed; a forward between graph steps.
+    cfg = small_config()
+    batches = [batch(rng, cfg, 3 if s == 5 else 6) for s in range(10)]
+    x_eval, _ = batch(rng, cfg, 6)
+
+    def run(net):
+        out, logits, graph = [], None, []
+        for s, (x, y) in enumerate(batches):
+            out.append(net.train_step(x, y, 0.05 * (1 + 0.37 * s)))
+            graph.append(net.graph_stats()["last_step_graph"])
+            if s == 4:
+                logits = net.forward(x_eval)
+        return out, logits, graph, net.state_dict()
+
+    (eager, (e_out, e_logits, e_graph, e_state)), (g_net, (g_out, g_logits, g_graph, g_state)) = \
+        _graph_and_eager(devices, int(rng.integers(1 << 31)), run)
+    assert g_graph == [False, False, True, True, True, False, False, False, True, True] and not any(e_graph)
+    assert g_net.graph_stats()["captures"] == 2 and g_net.graph_stats()["failures"] == 0
+    assert g_out == e_out
+    np.testing.assert_array_equal(g_logits, e_logits)
+    assert g_state.keys() == e_state.keys()
+    for k in e_state:
+        np.testing.assert_array_equal(g_state[k], e_state[k], err_msg=k)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("devices", [("cuda:0", "cuda:0"), "cuda:0"], ids=["two-streams", "one-stream"])
+def test_cuda_graph_uint8_prefetched_steps_equal_eager_steps_bit_for_bit(rng, devices):
+    cfg = small_config()
+    S = 40
+    mean = (rng.random((3, S, S)) * 255).astype(np.float32)
+    batches = [u8_batch(rng, cfg, 6, S) for _ in range(7)]
+
+    def run(net):
+        net.set_input_mean(mean)
+        out = [net.train_step_u8(*batches[0], lr=0.05, prefetch=batches[1])]
+        for s in range(1, len(batches)):
+            nxt = batches[s + 1] if s + 1 < len(batches) else None
+            out.append(net.train_step_prefetched(0.05 * (1 + 0.37 * s), prefetch=nxt))
+        return out, net.graph_stats(), net.state_dict()
+
+    (_, (e_out, _, e_state)), (_, (g_out, g_stats, g_state)) = _graph_and_eager(devices, int(rng.integers(1 << 31)), run)
+    assert g_stats["captures"] == 1 and g_stats["replays"] == len(batches) - 2 and g_stats["failures"] == 0
+    assert g_out == e_out
+    for k in e_state:
+        np.testing.assert_array_equal(g_state[k], e_state[k], err_msg=k)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_never_call_cudamalloc(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cuda:0", "cuda:0"), seed=0)
+    net.set_cuda_graph("on")
+    x, y = batch(rng, cfg, 8)
+    for _ in range(3):  # two eager warm-up steps, then the capture
+        net.train_step(x, y, 0.01)
+    before = ax.cuda_allocator_stats()["device_mallocs"]
+    for _ in range(3):
+        net.train_step(x, y, 0.01)
+    assert ax.cuda_allocator_stats()["device_mallocs"] == before
+    assert net.graph_stats()["replays"] == 4

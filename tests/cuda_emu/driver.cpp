@@ -1599,6 +1599,413 @@ void group_net() {
     emu::set_race_tracking(false);
 }
 
+// ---- CUDA graphs: stream capture in the runtime, then Net's graph path ------------------------------------
+
+// The emulated runtime's capture: a captured fork/join replays the recorded work (and only then computes), the
+// race check sees a missing edge inside a graph, and calls CUDA forbids during a capture fail as on a GPU.
+void test_capture_runtime() {
+    cudaStream_t a = nullptr, b = nullptr;
+    cuda_check(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking), "driver");
+    cuda_check(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), "driver");
+    const int n = 1000;
+    std::vector<float> xv = randv(n);
+    Tensor x = host_tensor({n}, xv).to(GPU);
+    Tensor y = Tensor::empty({n}, DType::f32, GPU), z = Tensor::empty({n}, DType::f32, GPU);
+    cudaDeviceSynchronize();
+    const long long launches0 = emu::runtime_stats().graph_launches;
+    const size_t graphs0 = emu::live_graphs();
+    auto ev = [] {
+        cudaEvent_t e = nullptr;
+        cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "driver");
+        return e;
+    };
+    // y = x + x on a; b forks from a, z = y + x there; a joins b. Nothing runs until the graph is launched.
+    emu::clear_race_reports();
+    cudaEvent_t e1 = ev(), e2 = ev();
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    cudaStreamCaptureStatus st_b = cudaStreamCaptureStatusNone, st_after = cudaStreamCaptureStatusActive;
+    cuda_check(cudaStreamBeginCapture(a, cudaStreamCaptureModeGlobal), "driver");
+    ax::cuda::add(n, x.data<float>(), x.data<float>(), y.data<float>(), a);
+    cuda_check(cudaEventRecord(e1, a), "driver");
+    cuda_check(cudaStreamWaitEvent(b, e1, 0), "driver");
+    ax::cuda::add(n, y.data<float>(), x.data<float>(), z.data<float>(), b);
+    cudaStreamIsCapturing(b, &st_b);
+    cuda_check(cudaEventRecord(e2, b), "driver");
+    cuda_check(cudaStreamWaitEvent(a, e2, 0), "driver");
+    const cudaError_t end = cudaStreamEndCapture(a, &g);
+    cudaStreamIsCapturing(b, &st_after);
+    const std::vector<float> y_before = down<float>(y);
+    bool untouched = true;
+    for (float v : y_before) untouched = untouched && std::isnan(v);
+    cuda_check(cudaGraphInstantiate(&exec, g, 0), "driver");
+    bool exact = true;
+    for (int round = 0; round < 2; ++round) {
+        if (round == 1) {  // new input in the same buffer: the replay reads it
+            xv = randv(n);
+            x.copy_from(host_tensor({n}, xv));
+        }
+        cuda_check(cudaGraphLaunch(exec, a), "driver");
+        cuda_check(cudaStreamSynchronize(a), "driver");
+        const std::vector<float> zv = down<float>(z);
+        for (int i = 0; i < n; ++i) exact = exact && zv[i] == (xv[i] + xv[i]) + xv[i];
+    }
+    const size_t races_ok = emu::race_reports().size();
+    check_true("graph capture of a fork/join replays the recorded work, race-free",
+               end == cudaSuccess && st_b == cudaStreamCaptureStatusActive && st_after == cudaStreamCaptureStatusNone &&
+                   untouched && exact && races_ok == 0 && emu::runtime_stats().graph_launches - launches0 == 2,
+               fmt("end capture: %s; b capturing %d, after %d; nothing ran while capturing: %s; two launches == "
+                   "(x+x)+x bit for bit: %s; %zu race reports; %lld launches",
+                   cudaGetErrorString(end), int(st_b), int(st_after), untouched ? "yes" : "NO", exact ? "yes" : "NO",
+                   races_ok, emu::runtime_stats().graph_launches - launches0));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(g);
+    // b forked before a wrote y, and reads it with no edge after the write: a race inside the graph.
+    emu::clear_race_reports();
+    cuda_check(cudaStreamBeginCapture(a, cudaStreamCaptureModeGlobal), "driver");
+    cuda_check(cudaEventRecord(e1, a), "driver");
+    cuda_check(cudaStreamWaitEvent(b, e1, 0), "driver");
+    ax::cuda::add(n, x.data<float>(), x.data<float>(), y.data<float>(), a);
+    ax::cuda::add(n, y.data<float>(), x.data<float>(), z.data<float>(), b);
+    cuda_check(cudaEventRecord(e2, b), "driver");
+    cuda_check(cudaStreamWaitEvent(a, e2, 0), "driver");
+    cuda_check(cudaStreamEndCapture(a, &g), "driver");
+    cuda_check(cudaGraphInstantiate(&exec, g, 0), "driver");
+    cuda_check(cudaGraphLaunch(exec, a), "driver");
+    cuda_check(cudaStreamSynchronize(a), "driver");
+    const size_t races_missing = emu::race_reports().size();
+    check_true("graph replay race check sees a missing edge between captured streams", races_missing >= 1,
+               fmt("%zu race reports (at least 1 expected)%s%s", races_missing, races_missing ? ", first: " : "",
+                   races_missing ? emu::race_reports()[0].c_str() : ""));
+    emu::clear_race_reports();
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(g);
+
+    // Calls CUDA forbids while capturing: each returns CUDA's error, and ending the capture then fails.
+    std::string bad;
+    auto expect = [&](const char* what, cudaError_t got, cudaError_t want) {
+        if (got != want)
+            bad += fmt("%s%s gave '%s', expected '%s'", bad.empty() ? "" : "; ", what, cudaGetErrorString(got),
+                       cudaGetErrorString(want));
+    };
+    auto illegal = [&](const char* what, cudaError_t want, const std::function<cudaError_t()>& call,
+                       cudaError_t want_end = cudaErrorStreamCaptureInvalidated) {
+        cuda_check(cudaStreamBeginCapture(a, cudaStreamCaptureModeGlobal), "driver");
+        ax::cuda::add(n, x.data<float>(), x.data<float>(), y.data<float>(), a);
+        expect(what, call(), want);
+        cudaGraph_t dead = nullptr;
+        expect((std::string("ending the capture after ") + what).c_str(), cudaStreamEndCapture(a, &dead), want_end);
+        if (dead && want_end != cudaSuccess) bad += std::string("; a graph came out of the capture after ") + what;
+        if (dead) cudaGraphDestroy(dead);
+        cudaGetLastError();
+    };
+    std::vector<float> hbuf(n);
+    void* fresh = nullptr;
+    illegal("cudaStreamSynchronize of the capturing stream", cudaErrorStreamCaptureUnsupported,
+            [&] { return cudaStreamSynchronize(a); });
+    illegal("cudaStreamQuery of the capturing stream", cudaErrorStreamCaptureUnsupported, [&] { return cudaStreamQuery(a); });
+    illegal("cudaMalloc", cudaErrorStreamCaptureUnsupported, [&] { return cudaMalloc(&fresh, 64); });
+    illegal("synchronous cudaMemcpy", cudaErrorStreamCaptureUnsupported,
+            [&] { return cudaMemcpy(hbuf.data(), x.raw(), x.nbytes(), cudaMemcpyDeviceToHost); });
+    illegal("cudaDeviceSynchronize", cudaErrorStreamCaptureUnsupported, [&] { return cudaDeviceSynchronize(); });
+    cudaEvent_t outside = ev();
+    cuda_check(cudaEventRecord(outside, b), "driver");
+    illegal("a wait on an event recorded outside the capture", cudaErrorStreamCaptureIsolation,
+            [&] { return cudaStreamWaitEvent(a, outside, 0); });
+    illegal("a fork never joined back", cudaSuccess, [&] {
+        cudaError_t r = cudaEventRecord(e1, a);
+        if (r == cudaSuccess) r = cudaStreamWaitEvent(b, e1, 0);
+        ax::cuda::add(n, x.data<float>(), x.data<float>(), z.data<float>(), b);
+        return r;
+    }, cudaErrorStreamCaptureUnjoined);
+    illegal("cudaEventSynchronize of an event recorded in the capture", cudaErrorCapturedEvent, [&] {
+        cudaEventRecord(e1, a);
+        return cudaEventSynchronize(e1);
+    }, cudaSuccess);
+    illegal("cudaStreamEndCapture on a stream that joined, not the origin", cudaErrorStreamCaptureUnmatched, [&] {
+        cudaEventRecord(e1, a);
+        cudaStreamWaitEvent(b, e1, 0);
+        cudaGraph_t gb = nullptr;
+        return cudaStreamEndCapture(b, &gb);
+    });
+    // The code under test: a host-to-device copy (copy_from synchronizes its stream) inside a captured step.
+    bool copy_caught = false;
+    cuda_check(cudaStreamBeginCapture(a, cudaStreamCaptureModeGlobal), "driver");
+    try {
+        StreamGuard guard(0, a);
+        Tensor t = Tensor::empty({n}, DType::f32, GPU);  // from the cache, as the net's steady state
+        t.copy_from(host_tensor({n}, xv));
+    } catch (const std::runtime_error& e) {
+        copy_caught = std::string(e.what()).find("capturing") != std::string::npos;
+    }
+    {
+        cudaGraph_t dead = nullptr;
+        expect("ending the capture after copy_from", cudaStreamEndCapture(a, &dead), cudaErrorStreamCaptureInvalidated);
+        if (dead) cudaGraphDestroy(dead);
+    }
+    cudaError_t legacy = cudaStreamBeginCapture(nullptr, cudaStreamCaptureModeGlobal);
+    cuda_check(cudaStreamBeginCapture(a, cudaStreamCaptureModeGlobal), "driver");
+    const cudaError_t twice = cudaStreamBeginCapture(a, cudaStreamCaptureModeGlobal);
+    cuda_check(cudaStreamEndCapture(a, &g), "driver");  // an empty capture is a valid (empty) graph
+    cudaGraphDestroy(g);
+    expect("cudaStreamBeginCapture on the legacy stream", legacy, cudaErrorStreamCaptureUnsupported);
+    expect("cudaStreamBeginCapture twice", twice, cudaErrorIllegalState);
+    cudaGetLastError();
+    check_true("graph capture: calls CUDA forbids during a capture fail with its errors and invalidate the capture",
+               bad.empty() && copy_caught,
+               bad.empty() ? std::string("stream sync/query, cudaMalloc, cudaMemcpy, device sync, outside-event wait, "
+                                         "unjoined fork, captured-event sync, unmatched end, legacy/double begin; "
+                                         "copy_from in a capture: ") + (copy_caught ? "caught" : "NOT CAUGHT")
+                           : bad + (copy_caught ? "" : "; copy_from in a capture NOT CAUGHT"));
+    cudaEventDestroy(e1);
+    cudaEventDestroy(e2);
+    cudaEventDestroy(outside);
+    cudaStreamDestroy(a);
+    cudaStreamDestroy(b);
+    cudaDeviceSynchronize();
+    check_true("graph capture: every graph and executable graph destroyed", emu::live_graphs() == graphs0,
+               fmt("%zu alive, %zu before", emu::live_graphs(), graphs0));
+    emu::clear_race_reports();
+}
+
+constexpr int kGraphSteps = 10;
+struct GraphNetRun {
+    std::vector<double> losses;
+    std::vector<int64_t> hits;
+    std::vector<std::map<std::string, int64_t>> edges;
+    std::vector<std::pair<std::string, std::vector<float>>> state;
+    std::vector<float> logits;  // an eager forward between graph steps
+    Net::GraphStats stats;
+    std::vector<bool> graph_steps;
+    int64_t mallocs_replays = -1;    // cudaMalloc calls over the replays after the first capture
+    long long host_allocs_replays = -1, graph_launches = 0;
+    long long events_leaked = 0;
+    size_t graphs_leaked = 0;
+    std::vector<std::string> races;
+    std::string error;
+};
+
+bool same_state(const std::vector<std::pair<std::string, std::vector<float>>>& a,
+                const std::vector<std::pair<std::string, std::vector<float>>>& b, std::string* first) {
+    if (a.size() != b.size() || a.empty()) return false;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (a[i].first != b[i].first || a[i].second != b[i].second) {
+            *first = a[i].first;
+            return false;
+        }
+    return true;
+}
+
+// kGraphSteps float32 steps, each with its own learning rate; the batch is 5 but 3 at step 5 (a shape change
+// between two captures: steps 0-1 warm up, 2 is captured, 3-4 replay, 5 is eager at n = 3, 6-7 warm up again, 8 is
+// captured again, 9 replays); an eager forward after step 4, while a graph exists.
+GraphNetRun run_graph_net(const NetConfig& cfg, const std::vector<Device>& devs, bool shared, const std::string& mode,
+                          uint64_t seed, int64_t step0, const std::vector<std::vector<float>>& x,
+                          const std::vector<std::vector<int32_t>>& y) {
+    GraphNetRun r;
+    emu::clear_race_reports();
+    const size_t events0 = emu::live_events(), graphs0 = emu::live_graphs();
+    const long long launches0 = emu::runtime_stats().graph_launches;
+    try {
+        Net net(cfg, devs, shared, seed);
+        net.step = step0;
+        net.set_cuda_graph(mode);
+        int64_t mallocs_after_capture = 0;
+        for (int s = 0; s < kGraphSteps; ++s) {
+            const int n = s == 5 ? 3 : kNetBatch;
+            const float lr = kNetLr * (1.f + 0.37f * static_cast<float>(s));
+            const StepResult sr = net.train_step(x[s].data(), y[s].data(), n, lr);
+            r.losses.push_back(sr.loss);
+            r.hits.push_back(sr.top1);
+            r.hits.push_back(sr.top5);
+            r.edges.push_back(net.scheduler().edge_bytes());
+            r.graph_steps.push_back(net.graph_stats().last_step_graph);
+            if (s == 2) mallocs_after_capture = cuda_allocator_stats().device_mallocs;
+            if (s == 4) {
+                r.mallocs_replays = cuda_allocator_stats().device_mallocs - mallocs_after_capture;
+                r.logits = down<float>(net.forward(x[9].data(), kNetBatch, false));
+            }
+        }
+        r.stats = net.graph_stats();
+        for (const auto& kv : net.state()) r.state.push_back({kv.first, down<float>(kv.second)});
+    } catch (const std::exception& e) {
+        r.error = e.what();
+    }
+    r.graph_launches = emu::runtime_stats().graph_launches - launches0;
+    r.events_leaked = static_cast<long long>(emu::live_events()) - static_cast<long long>(events0);
+    r.graphs_leaked = emu::live_graphs() - graphs0;
+    r.races = emu::race_reports();
+    return r;
+}
+
+// The uint8 path: kGraphSteps - 4 steps, step 0 given its batch and each prefetching the next, each with its own rate.
+GraphNetRun run_graph_net_u8(const NetConfig& cfg, const std::vector<Device>& devs, bool shared, const std::string& mode,
+                             uint64_t seed, int64_t step0, const U8Inputs& u, const std::vector<std::vector<int32_t>>& y) {
+    GraphNetRun r;
+    emu::clear_race_reports();
+    const size_t events0 = emu::live_events(), graphs0 = emu::live_graphs();
+    const long long launches0 = emu::runtime_stats().graph_launches;
+    const int steps = static_cast<int>(u.images.size());
+    try {
+        Net net(cfg, devs, shared, seed);
+        net.step = step0;
+        net.set_cuda_graph(mode);
+        net.set_input_mean(u.mean.data(), kNetSrc, kNetSrc);
+        auto batch = [&](int s) {
+            Net::U8Batch b;
+            b.images = u.images[s].data();
+            b.n = kNetBatch;
+            b.H = b.W = kNetSrc;
+            b.offsets = u.offsets[s].data();
+            b.flips = u.flips[s].data();
+            b.light = u.light[s].data();
+            b.labels = y[s].data();
+            return b;
+        };
+        int64_t mallocs3 = 0;
+        long long host3 = 0;
+        for (int s = 0; s < steps; ++s) {
+            const Net::U8Batch cur = batch(s), next = batch(std::min(s + 1, steps - 1));
+            const float lr = kNetLr * (1.f + 0.37f * static_cast<float>(s));
+            const StepResult sr = net.train_step_u8(s == 0 ? &cur : nullptr, lr, s + 1 < steps ? &next : nullptr);
+            r.losses.push_back(sr.loss);
+            r.hits.push_back(sr.top1);
+            r.hits.push_back(sr.top5);
+            r.graph_steps.push_back(net.graph_stats().last_step_graph);
+            if (s == 2) {
+                mallocs3 = cuda_allocator_stats().device_mallocs;
+                host3 = emu::runtime_stats().host_allocs;
+            }
+        }
+        r.mallocs_replays = cuda_allocator_stats().device_mallocs - mallocs3;
+        r.host_allocs_replays = emu::runtime_stats().host_allocs - host3;
+        r.stats = net.graph_stats();
+        for (const auto& kv : net.state()) r.state.push_back({kv.first, down<float>(kv.second)});
+    } catch (const std::exception& e) {
+        r.error = e.what();
+    }
+    r.graph_launches = emu::runtime_stats().graph_launches - launches0;
+    r.events_leaked = static_cast<long long>(emu::live_events()) - static_cast<long long>(events0);
+    r.graphs_leaked = emu::live_graphs() - graphs0;
+    r.races = emu::race_reports();
+    return r;
+}
+
+void compare_graph_run(const std::string& who, const GraphNetRun& g, const GraphNetRun& eager, bool u8) {
+    if (!g.error.empty() || !eager.error.empty()) {
+        check_true(who + " runs", false, "graph run: " + (g.error.empty() ? "ok" : g.error) +
+                                             "; eager run: " + (eager.error.empty() ? "ok" : eager.error));
+        return;
+    }
+    std::string first;
+    const bool state = same_state(g.state, eager.state, &first);
+    const bool losses = g.losses.size() == eager.losses.size() && g.hits == eager.hits &&
+                        memcmp(g.losses.data(), eager.losses.data(), sizeof(double) * g.losses.size()) == 0 &&
+                        std::isfinite(g.losses.back());
+    const bool logits = g.logits == eager.logits;
+    report(state && losses && logits && g.edges == eager.edges, fnv1a(g.losses.data(), sizeof(double) * g.losses.size()),
+           who + " == eager steps, losses and every parameter and momentum bit for bit",
+           fmt("%zu tensors%s%s%s, losses %s, forward between graph steps %s, cross-tower bytes %s", g.state.size(),
+               state ? " equal" : " DIFFER", first.empty() ? "" : ", first: ", first.c_str(), losses ? "equal" : "DIFFER",
+               logits ? "equal" : "DIFFERS", g.edges == eager.edges ? "equal" : "DIFFER"));
+    // Which steps ran as a graph: the warm-up eager, then captured and replayed (float32: again after the
+    // shape change at step 5).
+    std::vector<bool> want;
+    for (size_t s = 0; s < g.graph_steps.size(); ++s)
+        want.push_back(u8 ? s >= 2 : (s >= 2 && s <= 4) || s >= 8);
+    const int64_t captures = u8 ? 1 : 2;
+    const int64_t replays = static_cast<int64_t>(std::count(want.begin(), want.end(), true));
+    std::string steps;
+    for (bool b : g.graph_steps) steps += b ? 'G' : 'e';
+    check_true(who + " warms up, captures, replays and re-captures after a shape change",
+               g.graph_steps == want && g.stats.captures == captures && g.stats.replays == replays &&
+                   g.stats.failures == 0 && g.graph_launches == replays,
+               fmt("steps %s (G: graph), %" PRId64 " captures (%" PRId64 " expected), %" PRId64 " graph steps, %lld "
+                   "launches, %" PRId64 " failed captures%s%s",
+                   steps.c_str(), g.stats.captures, captures, g.stats.replays, g.graph_launches, g.stats.failures,
+                   g.stats.last_failure.empty() ? "" : ": ", g.stats.last_failure.c_str()));
+    check_true(who + " replays allocate nothing, no unordered access, nothing leaked",
+               g.mallocs_replays == 0 && (!u8 || g.host_allocs_replays == 0) && g.races.empty() &&
+                   g.events_leaked == 0 && g.graphs_leaked == 0,
+               fmt("%" PRId64 " cudaMalloc, %lld cudaHostAlloc over the replays; %zu race reports%s%s; %lld events, "
+                   "%zu graphs leaked",
+                   g.mallocs_replays, g.host_allocs_replays, g.races.size(), g.races.empty() ? "" : ", first: ",
+                   g.races.empty() ? "" : g.races[0].c_str(), g.events_leaked, g.graphs_leaked));
+}
+
+void group_graph() {
+    emu::set_race_tracking(true);
+    test_capture_runtime();
+
+    const NetConfig cfg = small_net_config();
+    const int64_t img = int64_t(kNetBatch) * cfg.in_channels * cfg.input_size * cfg.input_size;
+    const uint64_t seed = rng() & 0x7fffffff;
+    const int64_t step0 = static_cast<int64_t>(rng() % 1000);
+    std::vector<std::vector<float>> x;
+    std::vector<std::vector<int32_t>> y;
+    for (int s = 0; s < kGraphSteps; ++s) {
+        x.push_back(randv(img, -2.f, 2.f));
+        std::vector<int32_t> l(kNetBatch);
+        for (auto& v : l) v = static_cast<int32_t>(rng() % cfg.num_classes);
+        y.push_back(l);
+    }
+    struct Placement {
+        const char* name;
+        std::vector<Device> devs;
+        bool shared;
+    };
+    const Placement placements[2] = {{"cuda:0 two streams", {GPU, GPU}, false}, {"cuda:0 one shared stream", {GPU, GPU}, true}};
+    for (const Placement& p : placements) {
+        const GraphNetRun eager = run_graph_net(cfg, p.devs, p.shared, "off", seed, step0, x, y);
+        const GraphNetRun graph = run_graph_net(cfg, p.devs, p.shared, "on", seed, step0, x, y);
+        compare_graph_run(std::string("graph ") + p.name, graph, eager, false);
+    }
+    // Towers on two devices stay eager: "on" is refused, "auto" takes no graph and changes nothing.
+    {
+        std::string refused;
+        try {
+            Net net(cfg, {GPU, GPU1}, false, seed);
+            net.set_cuda_graph("on");
+        } catch (const ValueError& e) {
+            refused = e.what();
+        }
+        const GraphNetRun eager = run_graph_net(cfg, {GPU, GPU1}, false, "off", seed, step0, x, y);
+        const GraphNetRun autom = run_graph_net(cfg, {GPU, GPU1}, false, "auto", seed, step0, x, y);
+        std::string first;
+        const bool same = eager.error.empty() && autom.error.empty() && same_state(autom.state, eager.state, &first) &&
+                          autom.losses == eager.losses;
+        check_true("graph cuda:0,cuda:1 stays eager",
+                   refused.find("two devices") != std::string::npos && same && autom.stats.captures == 0 &&
+                       autom.graph_launches == 0,
+                   fmt("'on' refused: %s; 'auto': %" PRId64 " captures, results %s", refused.empty() ? "NO" : refused.c_str(),
+                       autom.stats.captures, same ? "equal to eager" : "DIFFER"));
+    }
+    // The uint8 path, with prefetching: two streams and one shared stream.
+    U8Inputs u;
+    {
+        const int c = cfg.input_size, S = kNetSrc;
+        u.mean.resize(size_t(3) * S * S);
+        for (auto& v : u.mean) v = 124.f + static_cast<float>(rng() % 9);
+        for (int s = 0; s < kGraphSteps - 4; ++s) {
+            std::vector<uint8_t> im(size_t(kNetBatch) * S * S * 3), fl(kNetBatch);
+            std::vector<int32_t> off(2 * kNetBatch);
+            for (auto& v : im) v = static_cast<uint8_t>(124 + rng() % 9);
+            for (auto& v : off) v = static_cast<int32_t>(rng() % (S - c + 1));
+            for (auto& v : fl) v = static_cast<uint8_t>(rng() % 2);
+            u.images.push_back(im);
+            u.offsets.push_back(off);
+            u.flips.push_back(fl);
+            u.light.push_back(randv(3 * kNetBatch, -2.f, 2.f));
+        }
+    }
+    for (const Placement& p : placements) {
+        const GraphNetRun eager = run_graph_net_u8(cfg, p.devs, p.shared, "off", seed, step0, u, y);
+        const GraphNetRun graph = run_graph_net_u8(cfg, p.devs, p.shared, "on", seed, step0, u, y);
+        compare_graph_run(std::string("graph uint8 path ") + p.name, graph, eager, true);
+    }
+    emu::set_race_tracking(false);
+}
+
 struct Group {
     const char* name;
     void (*run)();
@@ -1609,7 +2016,7 @@ const Group kGroups[] = {
     {"augment", group_augment},   {"conv", group_conv},               {"conv_alexnet", group_conv_alexnet},
     {"conv_pair", group_conv_pair},
     {"conv_bigtile", group_conv_bigtile}, {"linear", group_linear},   {"linear_bigtile", group_linear_bigtile},
-    {"gridstride", group_gridstride}, {"net", group_net},
+    {"gridstride", group_gridstride}, {"net", group_net}, {"graph", group_graph},
 };
 
 int usage() {
