@@ -521,10 +521,11 @@ class Run:
         # Several ranks: forward and backward here, the gradients summed over the ranks, then the update.
         self.sync = distributed.GradientAllReduce(dist, self.net, t["batch_size"]) if dist.distributed else None
         # A run-time choice, not a setting of the run: graph steps give the eager steps' numbers bit for bit.
-        try:
-            self.net.set_cuda_graph(args.cuda_graph)
-        except ValueError as e:
-            raise CliError(f"--cuda-graph {args.cuda_graph}: {e}") from None
+        ok, why = self.net.cuda_graph_supported()
+        if args.cuda_graph == "on" and not ok:
+            raise CliError(f"--cuda-graph on: devices {devices_str(devices)} cannot run a step as a CUDA graph: {why} "
+                           "(--cuda-graph auto runs them eagerly)")
+        self.net.set_cuda_graph(args.cuda_graph)
         # On CUDA the loader hands the stored uint8 images with their augmentation parameters and the towers'
         # devices augment them (Net.train_step_u8: a third of the bytes to upload, no CPU pixel work); on the
         # CPU the loader augments. Both give the same numbers.

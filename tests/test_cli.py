@@ -232,7 +232,8 @@ BAD_TRAIN = {
     "unknown net key": (["--set", "bogus=1"], "unknown key 'bogus'"),
     "batch larger than data": (["--batch-size", "500"], "larger than the train set"),
     "missing resume": (["--resume", "/nonexistent/ckpt.npz"], "no such checkpoint"),
-    "cuda graph on the cpu": (["--devices", "cpu", "--cuda-graph", "on"], "--cuda-graph on: "),
+    "cuda graph on the cpu": (["--devices", "cpu", "--batch-size", "8", "--cuda-graph", "on"],
+                              "--cuda-graph on: devices cpu cannot run a step as a CUDA graph: the towers are on the CPU"),
     "unknown cuda graph mode": (["--cuda-graph", "always"], "--cuda-graph"),
 }
 
