@@ -1768,6 +1768,40 @@ void test_capture_runtime() {
     emu::clear_race_reports();
 }
 
+// GraphMemoryPool: a block used while capturing belongs to the pool, is never handed to a tensor outside the capture
+// while the pool lives, and goes back to the shared cache with the pool; a capture never calls cudaMalloc.
+void test_graph_memory_pool() {
+    cudaStream_t s = nullptr;
+    cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "driver");
+    StreamGuard guard(0, s);
+    const int64_t n = 777;
+    void* x = Tensor::empty({n}, DType::f32, GPU).raw();  // freed at once: cached for (stream, size)
+    void *in_capture = nullptr, *outside = nullptr, *after = nullptr;
+    std::string miss;
+    {
+        GraphMemoryPool pool(GPU);
+        pool.begin_capture();
+        in_capture = Tensor::empty({n}, DType::f32, GPU).raw();  // from the shared cache, now the pool's, freed to it
+        try {
+            Tensor::empty({n + 100000}, DType::f32, GPU);  // nothing cached of that size
+        } catch (const std::runtime_error& e) {
+            miss = e.what();
+        }
+        pool.end_capture();
+        Tensor keep = Tensor::empty({n}, DType::f32, GPU);  // outside the capture: not the pool's block
+        outside = keep.raw();
+    }
+    after = Tensor::empty({n}, DType::f32, GPU).raw();  // the pool is gone: its block is cached again
+    cudaDeviceSynchronize();
+    cudaStreamDestroy(s);
+    check_true("graph memory pool keeps its blocks from other tensors and gives them back when destroyed",
+               in_capture == x && outside != x && after == x && miss.find("while capturing a CUDA graph") != std::string::npos,
+               fmt("capture took the cached block: %s; a tensor outside the capture got it: %s; back after the pool: "
+                   "%s; a miss during the capture: %s",
+                   in_capture == x ? "yes" : "NO", outside == x ? "YES" : "no", after == x ? "yes" : "NO",
+                   miss.empty() ? "NOT REFUSED" : miss.c_str()));
+}
+
 constexpr int kGraphSteps = 10;
 struct GraphNetRun {
     std::vector<double> losses;
@@ -1936,6 +1970,7 @@ void compare_graph_run(const std::string& who, const GraphNetRun& g, const Graph
 void group_graph() {
     emu::set_race_tracking(true);
     test_capture_runtime();
+    test_graph_memory_pool();
 
     const NetConfig cfg = small_net_config();
     const int64_t img = int64_t(kNetBatch) * cfg.in_channels * cfg.input_size * cfg.input_size;
