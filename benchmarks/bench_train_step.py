@@ -22,6 +22,9 @@ Peak memory: ours is alexnet_cuda.cuda_allocator_stats()['peak_bytes_in_use'] (b
 library has no peak reset, so run_all runs this script in a fresh process; the check net above holds no more than
 the timed one, having no dropout masks, and is freed first), PyTorch's is torch.cuda.max_memory_allocated() after a
 reset; neither counts the CUDA context or the allocators' cached free blocks.
+
+--cuda-graph on times our steps replayed as one CUDA graph (Net.set_cuda_graph; the warm-up then takes at least 3
+steps: two eager, one captured); the row's "cuda_graph" says which mode ran and how many timed steps were graphs.
 """
 from __future__ import annotations
 
@@ -258,7 +261,13 @@ def run(ctx: H.Context, steps: int, warmup: int, compile_: bool, log=print):
         row["status"] = f"FAILED validation (logits rel {ours['rel_err']:.2e}; tol {TOL_FORWARD:g}): no time reported"
         return rows
     try:
+        mode = getattr(ctx, "cuda_graph", "off")
+        if ctx.is_cuda and mode != "off":
+            net.set_cuda_graph(mode)
+            warmup = max(warmup, 3)  # two eager steps, then the capture: the timed steps replay
         times, last = timed_steps(functools.partial(net.train_step, lr=LR), batches, warmup, steps)
+        if ctx.is_cuda and mode != "off":
+            row["cuda_graph"] = f"{mode}: {net.graph_stats()['replays']} graph steps of {warmup + steps}"
     except Exception as e:
         row["status"] = f"error in train_step: {H._error_text(e)}"
         return rows
@@ -370,8 +379,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 in smoke mode)")
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="off",
+                   help="our steps as a captured CUDA graph (Net.set_cuda_graph; default off: eager steps)")
     args = p.parse_args(argv)
     ctx = H.make_context(args)
+    ctx.cuda_graph = args.cuda_graph
     steps = args.steps or (2 if ctx.smoke else 20)
     warmup = args.warmup_steps if args.warmup_steps is not None else (1 if ctx.smoke else 3)
     compile_ = not args.no_compile and not ctx.smoke and ctx.torch is not None and ctx.is_cuda
