@@ -304,7 +304,10 @@ void Net::check_u8(const char* op, const std::string& arg, const U8Batch& b) con
     for (int i = 0; i < 3 * n; ++i)
         if (!std::isfinite(b.light[i]))
             throw ValueError(pre + arg + "light' holds a non-finite value at flat index " + std::to_string(i));
-    check_labels(op, b.labels, n);
+    for (int i = 0; i < n; ++i)
+        if (b.labels[i] < 0 || b.labels[i] >= cfg_.num_classes)
+            throw ValueError(pre + arg + "labels' holds " + std::to_string(b.labels[i]) + " at " + std::to_string(i) +
+                             ", outside [0, " + std::to_string(cfg_.num_classes) + ")");
 }
 
 // A slot of the ring for a batch of n (H, W, 3) images, in this order of preference: a free slot of that
