@@ -1708,7 +1708,7 @@ void group_net() {
         // Two devices without peer access stage each cross-tower copy through pageable host memory with two
         // stream waits (Tensor::copy_from, not the input path); one device has none.
         const bool staged_ok = k == 2 ? staged > 0 : staged == 0;
-        check_true(who + " steady-state steps: no allocation, no pageable copy, one wait (the loss)",
+        check_true(who + " steady-state steps make no allocation, no pageable copy and one wait (the loss)",
                    staged_ok && c.device_mallocs == 0 && c.device_frees == 0 && c.host_allocs == 0 &&
                        c.host_frees == 0 && c.sync_copies == 0 && c.pageable_copies == 2 * staged &&
                        c.device_syncs == 0 && c.event_syncs == 0 && c.stream_syncs == steady + 2 * staged,
