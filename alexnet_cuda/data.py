@@ -9,7 +9,8 @@ The pixel work (crop, flip, mean subtraction at the source pixel, lighting) is t
 ax.ops.augment_batch on the CPU (contract in csrc/ops.h): out[n, c, y, x] = img[n, y0+y, xs, c]
 - mean[c, y0+y, xs] + light[n, c] with xs = x0 + (flip ? crop-1-x : x). TrainLoader.raw_batch (and
 epoch(raw=True)) hands the uint8 images and those parameters instead, for Net.train_step_u8, which runs
-the same op on the towers' devices.
+the same op on the towers' devices; raw_batch(..., out=slot) writes them straight into a Net staging slot
+(page-locked buffers the net uploads from: Net.train_step_staged), so the gather is the only host copy.
 
 PCA lighting (ALEXNET.md): add sum_i p_i * alpha_i * lambda_i to every pixel, alpha_i ~ N(0, pca_std) per
 image per use. **choice**: lambda_i is taken as sqrt(eigenvalue_i), the standard deviation of the pixel
@@ -194,9 +195,16 @@ class Split:
             self._open.popitem(last=False)
         return arr
 
-    def images(self, indices):
+    def images(self, indices, out=None):
+        """uint8 (n, S, S, 3) of the images at `indices`, in a new array or written into `out` (a C-contiguous
+        uint8 array of that shape, e.g. a Net staging slot's images: no copy beyond the gather itself)."""
         indices = np.asarray(indices, np.int64)
-        out = np.empty((len(indices), self.size, self.size, 3), np.uint8)
+        shape = (len(indices), self.size, self.size, 3)
+        direct = out is not None
+        if out is None:
+            out = np.empty(shape, np.uint8)
+        else:
+            _check_out("images", "out", out, shape, np.uint8)
         if len(indices) == 0:
             return out
         if indices.min() < 0 or indices.max() >= len(self):
@@ -207,8 +215,22 @@ class Split:
                 where = np.nonzero(shard == s)[0]
                 local = indices[where] - self._starts[s]
                 order = np.argsort(local, kind="stable")  # read each shard front to back
-                out[where[order]] = self._shard(int(s))[local[order]]
+                src = self._shard(int(s))
+                if direct:  # image by image from the mapping into `out`: no temporary batch in between
+                    for i, j in zip(where[order].tolist(), local[order].tolist()):
+                        out[i] = src[j]
+                else:
+                    out[where[order]] = src[local[order]]
         return out
+
+
+def _check_out(op, arg, a, shape, dtype):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{op}: argument '{arg}' must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != dtype or a.shape != tuple(shape):
+        raise ValueError(f"{op}: argument '{arg}' is {a.dtype} {a.shape}; expected {np.dtype(dtype)} {tuple(shape)}")
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        raise ValueError(f"{op}: argument '{arg}' must be a writable C-contiguous array")
 
 
 # ---- the pixel work -------------------------------------------------------------------------------------
@@ -436,11 +458,17 @@ class TrainLoader:
         alphas = rng.normal(0.0, 1.0, (n, 3)) * self.pca_std
         return offsets.astype(np.int32), flips.astype(np.uint8), alphas
 
-    def raw_batch(self, epoch, batch, order=None):
+    def raw_batch(self, epoch, batch, order=None, out=None):
         """(RawBatch, labels int32 (B,)) of batch `batch` of epoch `epoch`: the stored uint8 images and the
         parameters batch() augments them with, for Net.train_step_u8 (the augmentation on the device).
         With ranks > 1, this rank's slice [rank*B/ranks, (rank+1)*B/ranks) of that global batch, with the
-        augmentation drawn for the whole global batch: the ranks together see exactly one process's batch."""
+        augmentation drawn for the whole global batch: the ranks together see exactly one process's batch.
+
+        out: where to write the batch instead of new arrays: anything with the attributes images (B, S, S, 3)
+        uint8, offsets (B, 2) int32, flips (B,) uint8, light (B, 3) float32 and labels (B,) int32, each a
+        C-contiguous array (B: local_batch) — a Net.staging_slot, whose parts are the net's page-locked
+        staging buffers, so the gather from the shards is the batch's only host copy. The arrays returned
+        are then those of `out`."""
         if order is None:
             order = self.order(epoch)
         idx = order[batch * self.batch_size:(batch + 1) * self.batch_size]
@@ -449,7 +477,24 @@ class TrainLoader:
             mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
             idx, offsets, flips, alphas = idx[mine], offsets[mine], flips[mine], alphas[mine]
         light = lighting_shift(alphas, self.eigenvectors, self.magnitudes)
-        return RawBatch(self.split.images(idx), offsets, flips, light), self.split.labels[idx].astype(np.int32)
+        if out is None:
+            return RawBatch(self.split.images(idx), offsets, flips, light), self.split.labels[idx].astype(np.int32)
+        n, S = len(idx), self.split.size
+        parts = {}
+        for name, shape, dtype in (("images", (n, S, S, 3), np.uint8), ("offsets", (n, 2), np.int32),
+                                   ("flips", (n,), np.uint8), ("light", (n, 3), np.float32),
+                                   ("labels", (n,), np.int32)):
+            if not hasattr(out, name):
+                raise TypeError(f"raw_batch: argument 'out' has no '{name}' (a Net staging slot, or an object with "
+                                "images, offsets, flips, light and labels arrays)")
+            parts[name] = getattr(out, name)
+            _check_out("raw_batch", f"out.{name}", parts[name], shape, dtype)
+        self.split.images(idx, out=parts["images"])
+        parts["offsets"][...] = offsets
+        parts["flips"][...] = flips
+        parts["light"][...] = light
+        parts["labels"][...] = self.split.labels[idx]
+        return (RawBatch(parts["images"], parts["offsets"], parts["flips"], parts["light"]), parts["labels"])
 
     def batch(self, epoch, batch, order=None):
         """(images float32 (B,3,crop,crop), labels int32 (B,)) of batch `batch` of epoch `epoch`."""

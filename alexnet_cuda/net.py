@@ -1,5 +1,13 @@
 """The Python front of the C++ two-tower AlexNet (csrc/net.cpp): config handling, device specs, state
-dicts for checkpoints, and the step timeline as a Chrome trace."""
+dicts for checkpoints, and the step timeline as a Chrome trace.
+
+Three ways to feed a training step: train_step (float32 images augmented by the host), train_step_u8 (the
+stored uint8 images with their crop, flip and lighting parameters, augmented on the towers' devices; the
+arrays are copied into the net's staging ring), and the zero-copy form of the latter: staging_slot hands
+out a slot of the ring whose parts are NumPy views of the net's own (page-locked, on CUDA) buffers, the
+loader writes the batch straight into them (data.TrainLoader.raw_batch(..., out=slot)), and
+train_step_staged uploads from there; its `prefetch` callback fills the next slot while the devices compute
+the step. last_step_stats()["input"] says how much of a traced step the input path left exposed."""
 import json
 import numbers
 from collections.abc import Mapping
@@ -106,6 +114,26 @@ class Net:
                             f"light, labels), got {type(prefetch).__name__}")
         *batch, labels = prefetch
         return (*batch, self._labels(labels, "train_step_u8"))
+
+    def staging_slot(self, n, height, width):
+        """A slot of the net's staging ring for a batch of n uint8 (height, width, 3) images. Its parts are
+        writable NumPy views of the slot's memory (page-locked on CUDA): slot.images uint8 (n, height, width,
+        3), slot.offsets int32 (n, 2), slot.flips uint8 (n,), slot.light float32 (n, 3), slot.labels int32
+        (n,), as train_step_u8 takes them. Fill them in place (data.TrainLoader.raw_batch(..., out=slot))
+        and step on the slot with train_step_staged: the upload reads the slot itself, no host copy. The ring
+        never hands out a slot a step reads, the prefetched one, or one an upload may still read; a new
+        hand-out of a slot voids the earlier one (train_step_staged then refuses the old handle)."""
+        return self._net.staging_slot(n, height, width)
+
+    def train_step_staged(self, slot, lr, prefetch=None):
+        """train_step_u8 on a filled staging slot (None: the slot the previous step prefetched), the same
+        bits. `prefetch`: None, a filled slot, or a callable taking no arguments that fills one and returns it
+        (or None); it is called once the whole step is issued, while the devices compute it, so the host
+        staging and the upload of the next batch overlap this step; the next call then passes slot=None.
+        A slot is checked before it is used (this net's, not used yet, the shape the net takes now, every
+        value in range: ValueError). An exception from `prefetch` is raised after the step completed and
+        was counted. Returns dict(loss, top1, top5, n)."""
+        return self._net.train_step_staged(slot, float(lr), prefetch)
 
     def forward(self, images, probs=False):
         """Inference (no dropout): logits, or softmax probabilities, as (N, num_classes) float32."""
@@ -270,6 +298,7 @@ class Net:
             for (op, tower, dev, a, b) in s["timeline"]
         ]
         s["overlap"] = tower_overlap(s["timeline"])
+        s["input"] = input_overlap(s["timeline"])
         return s
 
     def write_trace(self, path):
@@ -363,12 +392,60 @@ def tower_overlap(timeline):
     return {"busy_us": busy, "union_us": union, "overlap": overlap}
 
 
+def _length(intervals):
+    return sum(b - a for a, b in _merged(intervals))
+
+
+def _minus(intervals, cover):
+    """The parts of `intervals` (merged) outside the merged intervals `cover`."""
+    out = []
+    cover = _merged(cover)
+    for a, b in _merged(intervals):
+        x = a
+        for c, d in cover:
+            if d <= x or c >= b:
+                continue
+            if c > x:
+                out.append([x, c])
+            x = max(x, d)
+            if x >= b:
+                break
+        if x < b:
+            out.append([x, b])
+    return out
+
+
+INPUT_KINDS = {"stage": ("input.stage",), "upload": ("input.upload",), "augment": ("input.augment", "input.share")}
+
+
+def input_overlap(timeline):
+    """How much of a step the input path costs. Per kind (stage: the host filling the next batch's staging
+    slot, from train_step_staged's prefetch callback; upload: the host-to-device copies on the upload
+    streams; augment: augment_batch on the towers' devices), the time it was busy (busy_us) and the part of
+    it during which no tower computed anything else (exposed_us: time the input path adds to the step unless
+    it is hidden behind the towers' compute). compute: every op of a tower (tower >= 0) except the input
+    path's own. exposed_total_us is the union over the kinds. The host's entries are timed from the step's
+    start on the host clock, the devices' from their first event: aligned to within the launch latency."""
+    compute = [(e["start_us"], e["end_us"]) for e in timeline
+               if e["tower"] >= 0 and not e["op"].startswith("input.")]
+    busy, exposed, every = {}, {}, []
+    for kind, ops in INPUT_KINDS.items():
+        iv = [(e["start_us"], e["end_us"]) for e in timeline if e["op"] in ops]
+        every += iv
+        busy[kind] = _length(iv)
+        exposed[kind] = _length(_minus(iv, compute))
+    return {"busy_us": busy, "exposed_us": exposed, "busy_total_us": _length(every),
+            "exposed_total_us": _length(_minus(every, compute))}
+
+
 def write_chrome_trace(timeline, path, executor_names=None):
     events = []
     for e in timeline:
         events.append({
             "name": e["op"], "ph": "X", "ts": e["start_us"], "dur": max(e["end_us"] - e["start_us"], 0.0),
-            "pid": e["device"], "tid": f"tower {e['tower']}" if e["tower"] >= 0 else "input upload",
+            "pid": e["device"],
+            "tid": (f"tower {e['tower']}" if e["tower"] >= 0 else "host staging" if e["device"] == "host"
+                    else "input upload"),
             "args": {"tower": e["tower"]},
         })
     meta = {"executors": list(executor_names or [])}

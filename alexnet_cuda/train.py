@@ -150,7 +150,8 @@ def build_parser():
                    "(default 0: at the end of each epoch only)")
     p.add_argument("--log-every", type=positive_int, help="steps between rows of steps.csv (default 10)")
     p.add_argument("--max-steps", type=nonneg_int, help="stop (with a checkpoint) after this many steps in all")
-    p.add_argument("--prefetch", type=nonneg_int, help="batches prepared ahead (default 3; 0: none)")
+    p.add_argument("--prefetch", type=nonneg_int, help="batches prepared ahead (default 3; 0: none; on CUDA the "
+                   "next batch is written into the net's staging slot while each step computes instead)")
     p.add_argument("--loader-threads", type=nonneg_int, help="threads preparing them (default: half the CPUs, "
                    "at most 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -526,9 +527,10 @@ class Run:
             raise CliError(f"--cuda-graph on: devices {devices_str(devices)} cannot run a step as a CUDA graph: {why} "
                            "(--cuda-graph auto runs them eagerly)")
         self.net.set_cuda_graph(args.cuda_graph)
-        # On CUDA the loader hands the stored uint8 images with their augmentation parameters and the towers'
-        # devices augment them (Net.train_step_u8: a third of the bytes to upload, no CPU pixel work); on the
-        # CPU the loader augments. Both give the same numbers.
+        # On CUDA the loader writes the stored uint8 images with their augmentation parameters straight into
+        # the net's page-locked staging slots and the towers' devices augment them (Net.train_step_staged: a
+        # third of the bytes to upload, no CPU pixel work, no host copy but the gather); on the CPU the loader
+        # augments. Both give the same numbers.
         self.raw_input = device_side_augment(self.net.devices)
         if self.raw_input:
             self.net.set_input_mean(self.data.mean)
@@ -717,9 +719,14 @@ class Run:
         bar = progress_bar(bpe, desc=f"epoch {e + 1}/{t['epochs']}", unit="batch", initial=st["batch"],
                            disable=not self.progress)
         t0, n0 = time.monotonic(), acc["n"]
-        it = self.loader.epoch(e, st["batch"], raw=self.raw_input)
+        if self.raw_input:
+            # Zero-copy: the loader writes each batch into one of the net's page-locked staging slots, the next
+            # one from the step's prefetch callback while the devices compute the step.
+            feed = _StagedFeed(self.loader, net, e)
+            it = ((b, None, None) for b in range(st["batch"], bpe))
+        else:
+            it = self.loader.epoch(e, st["batch"])
         t_prev = t0
-        staged = False  # the net holds this batch already (prefetched during the step before)
         try:
             for (b, x, y), following in _with_next(it):
                 if self.trace_path:
@@ -728,11 +735,7 @@ class Run:
                     self.sync.start()  # the gradients are summed across the ranks as backward makes them
                 try:
                     if self.raw_input:
-                        # The next batch of the epoch is staged and uploaded while this step computes.
-                        nxt = (*following[1], following[2]) if following is not None else None
-                        r = (net.train_step_prefetched(st["lr"], prefetch=nxt) if staged
-                             else net.train_step_u8(*x, y, st["lr"], prefetch=nxt))
-                        staged = nxt is not None
+                        r = feed.step(b, st["lr"], last=following is None)
                     else:
                         r = net.train_step(x, y, st["lr"])
                 except BaseException:
@@ -921,10 +924,36 @@ def _with_next(items):
 _END = object()
 
 
+class _StagedFeed:
+    """The training batches of one epoch on the zero-copy path: batch b is written by the loader straight
+    into a staging slot of the net (TrainLoader.raw_batch(..., out=slot): the gather from the shards is its
+    only host copy, into page-locked memory the upload reads), and each step fills and uploads the next
+    batch from its prefetch callback, while the devices compute the step."""
+
+    def __init__(self, loader, net, epoch):
+        self.loader, self.net, self.epoch = loader, net, epoch
+        self.order = loader.order(epoch)
+        self.staged = None  # the batch index the net holds prefetched
+
+    def fill(self, b):
+        S = self.loader.split.size
+        slot = self.net.staging_slot(self.loader.local_batch, S, S)
+        self.loader.raw_batch(self.epoch, b, self.order, out=slot)
+        return slot
+
+    def step(self, b, lr, last):
+        slot = None if self.staged == b else self.fill(b)
+        self.staged = None
+        nxt = None if last else (lambda: self.fill(b + 1))
+        r = self.net.train_step_staged(slot, lr, prefetch=nxt)
+        self.staged = None if last else b + 1
+        return r
+
+
 def device_side_augment(devices):
-    """Whether the towers augment the training batches (Net.train_step_u8 on the loader's uint8 images):
-    on CUDA devices, where it spares the host the pixel work and the upload two thirds of its bytes (256x256
-    uint8 images instead of 224x224 float32 crops)."""
+    """Whether the towers augment the training batches (Net.train_step_staged on the loader's uint8 images,
+    written into the net's staging slots): on CUDA devices, where it spares the host the pixel work and the
+    upload two thirds of its bytes (256x256 uint8 images instead of 224x224 float32 crops)."""
     return any(str(d).startswith("cuda") for d in devices)
 
 

@@ -348,6 +348,52 @@ py::dict u8_step(Net& net, const U8Args* cur, const py::object& lr_obj, const py
 }
 
 
+// A part of a staging slot as a writable NumPy view of the slot's own (pinned) memory; the view holds the
+// slot, so the memory outlives the ring's hold on it for as long as the view does.
+py::array slot_view(const Net::StagingSlot& s, void* ptr, py::dtype dt, std::vector<py::ssize_t> shape) {
+    auto* keep = new std::shared_ptr<Net::HostSlot>(s.slot);
+    py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<Net::HostSlot>*>(p); });
+    return py::array(dt, shape, ptr, owner);
+}
+
+const Net::StagingSlot* slot_arg(const py::handle& v, const char* op, const char* arg) {
+    if (!py::isinstance<Net::StagingSlot>(v))
+        throw TypeError(std::string(op) + ": argument '" + arg + "' must be a StagingSlot (from Net.staging_slot)" +
+                        (std::string(arg) == "slot" ? " or None" : "") + ", got " + type_name(v));
+    return v.cast<const Net::StagingSlot*>();
+}
+
+py::dict staged_step(Net& net, const py::object& slot, const py::object& lr_obj, const py::object& prefetch) {
+    const char* op = "train_step_staged";
+    const float lr = float_arg(lr_obj, op, "lr");
+    const Net::StagingSlot* cur = slot.is_none() ? nullptr : slot_arg(slot, op, "slot");
+    Net::PrefetchFn fn;
+    if (!prefetch.is_none()) {
+        if (py::isinstance<Net::StagingSlot>(prefetch)) {
+            const Net::StagingSlot s = prefetch.cast<Net::StagingSlot>();
+            fn = [s]() -> std::optional<Net::StagingSlot> { return s; };
+        } else if (PyCallable_Check(prefetch.ptr())) {
+            // Called on this thread while the step computes, with the GIL taken back for it.
+            fn = [prefetch, op]() -> std::optional<Net::StagingSlot> {
+                py::gil_scoped_acquire gil;
+                py::object r = prefetch();
+                if (r.is_none()) return std::nullopt;
+                return *slot_arg(r, op, "prefetch");
+            };
+        } else {
+            throw TypeError("train_step_staged: argument 'prefetch' must be None, a StagingSlot or a callable "
+                            "returning one (or None), got " + type_name(prefetch));
+        }
+    }
+    StepResult r;
+    {
+        py::gil_scoped_release nogil;
+        r = net.train_step_staged(cur, lr, fn);
+    }
+    return result_dict(r);
+}
+
+
 // One state-dict entry as a host float32 tensor of the shape `want`. The dtype is checked first (floating
 // point only: not str, bytes, object, structured, complex, bool or integer), then the shape, and only
 // then is the buffer read, through NumPy's own conversion to exactly the dtype being read. Values must be
@@ -891,6 +937,35 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("images"), py::arg("offsets"), py::arg("flips"), py::arg("light"), py::arg("mean"), py::arg("crop"));
 
+    py::class_<Net::StagingSlot>(m, "StagingSlot",
+                                 "A slot of a Net's staging ring (Net.staging_slot): fill its parts in place, then "
+                                 "train_step_staged uploads them from there.")
+        .def_readonly("n", &Net::StagingSlot::n)
+        .def_readonly("height", &Net::StagingSlot::H)
+        .def_readonly("width", &Net::StagingSlot::W)
+        .def_readonly("generation", &Net::StagingSlot::generation)
+        .def_property_readonly("images", [](const Net::StagingSlot& s) {
+            return slot_view(s, s.images, py::dtype::of<uint8_t>(), {s.n, s.H, s.W, 3});
+        }, "uint8 (n, height, width, 3)")
+        .def_property_readonly("offsets", [](const Net::StagingSlot& s) {
+            return slot_view(s, s.offsets, py::dtype::of<int32_t>(), {s.n, 2});
+        }, "int32 (n, 2): (y0, x0) of each crop")
+        .def_property_readonly("flips", [](const Net::StagingSlot& s) {
+            return slot_view(s, s.flips, py::dtype::of<uint8_t>(), {s.n});
+        }, "uint8 (n,): 0 or 1")
+        .def_property_readonly("light", [](const Net::StagingSlot& s) {
+            return slot_view(s, s.light, py::dtype::of<float>(), {s.n, 3});
+        }, "float32 (n, 3): the PCA lighting shift")
+        .def_property_readonly("labels", [](const Net::StagingSlot& s) {
+            return slot_view(s, s.labels, py::dtype::of<int32_t>(), {s.n});
+        }, "int32 (n,)")
+        .def_property_readonly("pinned", [](const Net::StagingSlot& s) { return s.slot && s.slot->pinned != nullptr; },
+                               "whether the parts live in page-locked memory (CUDA)")
+        .def("__repr__", [](const Net::StagingSlot& s) {
+            return "StagingSlot(n=" + std::to_string(s.n) + ", height=" + std::to_string(s.H) + ", width=" +
+                   std::to_string(s.W) + ", generation=" + std::to_string(s.generation) + ")";
+        });
+
     py::class_<Net>(m, "Net", "The two-tower AlexNet in C++ (use alexnet_cuda.Net, the Python front, instead).")
         .def(py::init([](const py::dict& cfg, const std::vector<std::string>& devices, bool shared, const py::object& seed_obj) {
                  const uint64_t seed = uint64_arg(seed_obj, "Net", "seed");
@@ -932,6 +1007,16 @@ PYBIND11_MODULE(_C, m) {
             },
             py::arg("lr"), py::arg("prefetch") = py::none())
         .def_property_readonly("has_prefetched", &Net::has_prefetched)
+        .def(
+            "staging_slot",
+            [](Net& net, const py::object& n, const py::object& h, const py::object& w) {
+                const int ni = int_arg(n, "staging_slot", "n"), hi = int_arg(h, "staging_slot", "height"),
+                          wi = int_arg(w, "staging_slot", "width");
+                py::gil_scoped_release nogil;  // may wait for an upload still reading the slot
+                return net.staging_slot(ni, hi, wi);
+            },
+            py::arg("n"), py::arg("height"), py::arg("width"))
+        .def("train_step_staged", &staged_step, py::arg("slot"), py::arg("lr"), py::arg("prefetch") = py::none())
         .def(
             "set_data_parallel",
             [](Net& net, bool defer_sgd, const py::object& mean_over, const py::object& sample_base,
@@ -1113,6 +1198,8 @@ PYBIND11_MODULE(_C, m) {
             d["edge_bytes"] = edges;
             py::list tl;
             for (auto& e : s.timeline()) tl.append(py::make_tuple(e.op, e.tower, e.device, e.start_us, e.end_us));
+            for (auto& e : net.host_timeline())  // the host staging of a staged step (the prefetch callback)
+                tl.append(py::make_tuple(e.op, e.tower, e.device, e.start_us, e.end_us));
             d["timeline"] = tl;
             d["wall_us"] = s.step_wall_us();
             return d;

@@ -2,6 +2,7 @@
 #include "net.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <set>
@@ -240,8 +241,9 @@ std::vector<Tensor> Net::upload_images(const float* images, int n) {
 // ---- the uint8 input path ----------------------------------------------------------------------------
 
 namespace {
-// Two slots: the one this step reads and the one the next batch is prefetched into.
-constexpr size_t kStagingSlots = 2;
+// Two slots serve a loop (the one a step reads, the one the next batch is filled into while it runs); a
+// third lets a caller hold a slot of its own while both of those are busy.
+constexpr size_t kStagingSlots = 3;
 size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
 }  // namespace
 
@@ -258,7 +260,7 @@ struct Net::CudaGraphStep {
     Device dev;
     std::unique_ptr<GraphMemoryPool> pool;  // first: destroyed last, after every tensor below
     Tensor images, labels;                  // float32 path inputs
-    DeviceInput u8;                         // uint8 path inputs
+    HostSlot::DeviceInput u8;                        // uint8 path inputs
     Tensor params;                          // device copy of the pinned block's first kGraphParamBytes
     void* pinned = nullptr;                 // the step's seed and lr, then the loss and ranks read back
     std::map<std::string, int64_t> edges;   // the cross-tower bytes the captured step counted
@@ -288,6 +290,12 @@ Net::HostSlot::~HostSlot() {
 #endif
 }
 
+Net::PinnedMetrics::~PinnedMetrics() {
+#ifdef ALEXNET_WITH_CUDA
+    if (p) cudaFreeHost(p);
+#endif
+}
+
 void Net::set_input_mean(const float* mean, int H, int W) {
     if (H < 1 || W < 1) throw ValueError("set_input_mean: argument 'mean' must have shape (3, H, W) with H, W >= 1");
     for (int64_t i = 0; i < int64_t(3) * H * W; ++i)
@@ -299,8 +307,9 @@ void Net::set_input_mean(const float* mean, int H, int W) {
     for (const Device& d : devices_)
         if (!mean_dev_.count(d.str())) mean_dev_[d.str()] = d.is_cpu() ? host : host.to(d);
     mean_host_ = host;
-    prefetched_ = nullptr;  // staged against the old mean's size
-    graph_drop();           // a uint8-path graph reads the old mean's memory
+    if (prefetched_) prefetched_->use = HostSlot::Use::free;  // staged against the old mean's size
+    prefetched_ = nullptr;
+    graph_drop();  // a uint8-path graph reads the old mean's memory
 }
 
 // Everything the step will need to be true of a batch, checked on the host before anything is issued.
@@ -333,24 +342,58 @@ void Net::check_u8(const char* op, const std::string& arg, const U8Batch& b) con
     for (int i = 0; i < 3 * n; ++i)
         if (!std::isfinite(b.light[i]))
             throw ValueError(pre + arg + "light' holds a non-finite value at flat index " + std::to_string(i));
-    check_labels(op, b.labels, n);
+    for (int i = 0; i < n; ++i)
+        if (b.labels[i] < 0 || b.labels[i] >= cfg_.num_classes)
+            throw ValueError(pre + arg + "labels' holds " + std::to_string(b.labels[i]) + " at " + std::to_string(i) +
+                             ", outside [0, " + std::to_string(cfg_.num_classes) + ")");
 }
 
-// Copies the batch into the next slot of the ring, once whatever last read that slot is done (an upload
-// two steps back: complete already, as every step ends drained, but the wait keeps the ring correct).
-Net::HostSlot& Net::stage_u8(const U8Batch& b) {
-    if (slots_.empty())
-        for (size_t i = 0; i < kStagingSlots; ++i) slots_.push_back(std::make_unique<HostSlot>());
-    std::unique_ptr<HostSlot>& owner = slots_[next_slot_];
-    next_slot_ = (next_slot_ + 1) % slots_.size();
-    if (owner.get() == prefetched_) prefetched_ = nullptr;  // a stale prefetch (not stepped on): overwritten
-    for (auto& kv : owner->uploaded) kv.second->synchronize();
+// A slot of the ring for a batch of n (H, W, 3) images, in this order of preference: a free slot of that
+// shape, a free slot reshaped, a new slot, a slot handed out before and never used (its earlier hand-out
+// is void: its generation changes). Never the slot a step reads nor the prefetched one. Before the caller
+// may write it, any upload still reading it is waited for (none in steady state: every step ends drained).
+Net::StagingSlot Net::staging_slot(int n, int H, int W) {
+    const char* op = "staging_slot";
+    if (n < 1) throw ValueError("staging_slot: argument 'n' must be >= 1, got " + std::to_string(n));
+    if (H < 1 || W < 1)
+        throw ValueError("staging_slot: arguments 'height' and 'width' must be >= 1, got " + std::to_string(H) + "x" +
+                         std::to_string(W));
+    checked::check_elements(op, "images", {n, H, W, 3});
+    if (has_input_mean() && (H != mean_host_.size(1) || W != mean_host_.size(2)))
+        throw ValueError("staging_slot: a batch of " + std::to_string(H) + "x" + std::to_string(W) +
+                         " images does not match the mean image (" + std::to_string(mean_host_.size(1)) + "x" +
+                         std::to_string(mean_host_.size(2)) + ") the net subtracts");
+    using Use = HostSlot::Use;
+    auto pick = [&](bool want_free, bool same_shape) -> int {
+        for (size_t k = 0; k < slots_.size(); ++k) {
+            const size_t i = (next_slot_ + k) % slots_.size();
+            const HostSlot& sl = *slots_[i];
+            if ((want_free ? sl.use == Use::free : sl.use == Use::handed) &&
+                (!same_shape || (sl.n == n && sl.H == H && sl.W == W)))
+                return static_cast<int>(i);
+        }
+        return -1;
+    };
+    int i = pick(true, true);
+    if (i < 0) i = pick(true, false);
+    if (i < 0 && slots_.size() < kStagingSlots) {
+        slots_.push_back(std::make_shared<HostSlot>());
+        i = static_cast<int>(slots_.size()) - 1;
+    }
+    if (i < 0) i = pick(false, true);
+    if (i < 0) i = pick(false, false);
+    if (i < 0) throw std::logic_error("staging_slot: every slot of the ring is in use");  // cannot happen: 3 > 2 busy
+    next_slot_ = (static_cast<size_t>(i) + 1) % kStagingSlots;
+    std::shared_ptr<HostSlot>& owner = slots_[i];
+    if (owner->upload_in_flight)
+        for (auto& kv : owner->uploaded) kv.second->synchronize();
     owner->uploaded.clear();
-    const int n = b.n, H = b.H, W = b.W;
-    const size_t img_bytes = static_cast<size_t>(n) * H * W * 3;
+    owner->upload_in_flight = false;
     if (owner->n != n || owner->H != H || owner->W != W) {
-        owner = std::make_unique<HostSlot>();  // frees the old buffers (a reshaped batch: rare, not per step)
+        // A new shape (rare, not per step): fresh buffers; views of the old ones keep them alive.
+        owner = std::make_shared<HostSlot>();
         HostSlot& slot = *owner;
+        const size_t img_bytes = static_cast<size_t>(n) * H * W * 3;
         if (devices_[0].is_cpu()) {
             slot.images = Tensor::empty({n, H, W, 3}, DType::u8, Device{});
             slot.offsets = Tensor::empty({n, 2}, DType::i32, Device{});
@@ -370,7 +413,7 @@ Net::HostSlot& Net::stage_u8(const U8Batch& b) {
             if (cudaHostAlloc(&slot.pinned, total, cudaHostAllocDefault) != cudaSuccess) {
                 cudaGetLastError();
                 slot.pinned = nullptr;
-                throw OutOfMemory("train_step_u8: cannot pin " + std::to_string(total) + " bytes of host memory");
+                throw OutOfMemory("staging_slot: cannot pin " + std::to_string(total) + " bytes of host memory");
             }
             auto* p = static_cast<uint8_t*>(slot.pinned);
             slot.img = p;
@@ -383,12 +426,55 @@ Net::HostSlot& Net::stage_u8(const U8Batch& b) {
         slot.n = n; slot.H = H; slot.W = W;
     }
     HostSlot& slot = *owner;
-    std::memcpy(slot.img, b.images, img_bytes);
-    std::memcpy(slot.off, b.offsets, sizeof(int32_t) * 2 * n);
-    std::memcpy(slot.flip, b.flips, static_cast<size_t>(n));
-    std::memcpy(slot.lig, b.light, sizeof(float) * 3 * n);
-    std::memcpy(slot.lab, b.labels, sizeof(int32_t) * n);
+    slot.use = Use::handed;
+    slot.generation = ++handed_;
+    StagingSlot s;
+    s.slot = owner;
+    s.generation = slot.generation;
+    s.n = n; s.H = H; s.W = W;
+    s.images = slot.img;
+    s.offsets = slot.off;
+    s.flips = slot.flip;
+    s.light = slot.lig;
+    s.labels = slot.lab;
+    return s;
+}
+
+Net::HostSlot& Net::claim_slot(const char* op, const std::string& arg, const StagingSlot& s) {
+    const std::string pre = std::string(op) + ": argument '" + arg + "' ";
+    const bool mine = s.slot && std::any_of(slots_.begin(), slots_.end(),
+                                            [&](const std::shared_ptr<HostSlot>& o) { return o == s.slot; });
+    if (!mine)
+        throw ValueError(pre + "is not a slot of this net's staging ring (from another net, or replaced by a "
+                               "hand-out for another batch shape): take one from staging_slot");
+    HostSlot& slot = *s.slot;
+    if (slot.generation != s.generation)
+        throw ValueError(pre + "was handed out again since it was filled (each staging_slot call voids the "
+                               "earlier hand-out of that slot)");
+    if (slot.use != HostSlot::Use::handed)
+        throw ValueError(pre + "was already used by a step or a prefetch: fill a new one from staging_slot");
+    U8Batch b;
+    b.images = slot.img;
+    b.n = slot.n; b.H = slot.H; b.W = slot.W;
+    b.offsets = slot.off;
+    b.flips = slot.flip;
+    b.light = slot.lig;
+    b.labels = slot.lab;
+    // The shape the net takes now (the mean image may have changed since the hand-out) and every value.
+    check_u8(op, arg + ".", b);
     return slot;
+}
+
+void Net::copy_into(const StagingSlot& s, const U8Batch& b) const {
+    std::memcpy(s.images, b.images, static_cast<size_t>(b.n) * b.H * b.W * 3);
+    std::memcpy(s.offsets, b.offsets, sizeof(int32_t) * 2 * b.n);
+    std::memcpy(s.flips, b.flips, static_cast<size_t>(b.n));
+    std::memcpy(s.light, b.light, sizeof(float) * 3 * b.n);
+    std::memcpy(s.labels, b.labels, sizeof(int32_t) * b.n);
+}
+
+void Net::mark_drained() {
+    for (auto& s : slots_) s->upload_in_flight = false;
 }
 
 // CUDA, per device: five asynchronous copies from the pinned slot on the device's upload stream into the
@@ -400,7 +486,7 @@ void Net::issue_upload_u8(HostSlot& slot) {
     for (int t = 0; t < cfg_.towers; ++t) {
         const Device d = devices_[t];
         if (d.is_cpu() || !done.insert(d.str()).second) continue;
-        DeviceInput* di = &slot.dev[d.str()];
+        HostSlot::DeviceInput* di = &slot.dev[d.str()];
         HostSlot* sl = &slot;
         sched_->upload(t, "input.upload", [di, sl, d] {
             const int n = sl->n, H = sl->H, W = sl->W;
@@ -423,6 +509,7 @@ void Net::issue_upload_u8(HostSlot& slot) {
             up(di->labels, sl->lab);
         });
         slot.uploaded[d.str()] = sched_->upload_done(t);
+        slot.upload_in_flight = true;
     }
 #else
     (void)slot;
@@ -455,7 +542,7 @@ Tensor Net::issue_augment_u8(HostSlot& slot) {
             continue;
         }
         sched_->wait(t, slot.uploaded.at(d.str()));
-        DeviceInput* di = &slot.dev.at(d.str());
+        HostSlot::DeviceInput* di = &slot.dev.at(d.str());
         sched_->run(t, "input.augment", [this, t, di, mean, sl, crop] {
             // The offsets were range-checked on the host; the slot's copy spares a device-to-host read.
             input_[t] = ops::augment_batch(di->images, di->offsets, di->flips, di->light, *mean, crop, sl->off);
@@ -465,16 +552,70 @@ Tensor Net::issue_augment_u8(HostSlot& slot) {
     return devices_[0].is_cpu() ? slot.labels : slot.dev.at(devices_[0].str()).labels;
 }
 
+// The copying form of the staged step: each batch is copied into a staging slot (the prefetch while the
+// step computes, as train_step_staged's callback), then stepped on from there.
 StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* prefetch) {
     const char* op = "train_step_u8";
     if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step_u8: argument 'lr' must be finite and >= 0");
     if (batch) check_u8(op, "", *batch);
     else if (!prefetched_) throw ValueError("train_step_u8: no prefetched batch: the previous step passed no 'prefetch'");
     if (prefetch) check_u8(op, "prefetch.", *prefetch);
-    HostSlot* cur = batch ? &stage_u8(*batch) : prefetched_;
+    std::optional<StagingSlot> cur;
+    if (batch) {
+        cur = staging_slot(batch->n, batch->H, batch->W);
+        copy_into(*cur, *batch);
+    }
+    PrefetchFn fn;
+    if (prefetch)
+        fn = [this, prefetch]() -> std::optional<StagingSlot> {
+            StagingSlot s = staging_slot(prefetch->n, prefetch->H, prefetch->W);
+            copy_into(s, *prefetch);
+            return s;
+        };
+    return train_step_staged(cur ? &*cur : nullptr, lr, fn);
+}
+
+StepResult Net::train_step_staged(const StagingSlot* slot, float lr, const PrefetchFn& prefetch) {
+    const char* op = "train_step_staged";
+    using Use = HostSlot::Use;
+    if (!(lr >= 0 && std::isfinite(lr))) throw ValueError("train_step_staged: argument 'lr' must be finite and >= 0");
+    if (!slot && !prefetched_)
+        throw ValueError("train_step_staged: no prefetched batch: the previous step passed no 'prefetch'");
+    HostSlot* cur = slot ? &claim_slot(op, "slot", *slot) : prefetched_;
+    if (slot && prefetched_) prefetched_->use = Use::free;  // a stale prefetch, not stepped on
     prefetched_ = nullptr;
+    cur->use = Use::stepping;
     const int n = cur->n;
     HostSlot* next = nullptr;
+    std::exception_ptr prefetch_error;
+    host_timeline_.clear();
+    const auto t0 = std::chrono::steady_clock::now();
+    auto since = [&t0] {
+        return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    };
+    // The next batch: filled by the host (the caller's callback) and uploaded on the upload streams while the
+    // devices compute everything issued before it.
+    auto issue_prefetch = [&] {
+        if (!prefetch) return;
+        const double a = since();
+        try {
+            std::optional<StagingSlot> s = prefetch();
+            if (s) {
+                HostSlot& sl = claim_slot(op, "prefetch", *s);
+                sl.use = Use::prefetched;
+                next = &sl;
+                issue_upload_u8(sl);
+            }
+        } catch (...) {
+            prefetch_error = std::current_exception();
+            if (next) next->use = Use::free;
+            next = nullptr;
+        }
+        if (trace) host_timeline_.push_back({"input.stage", -1, "host", a, since()});
+    };
+    // A CUDA graph of the step (graph_enabled: one device, after the warm-up): the uploaded slot is copied into
+    // the graph's input buffers on tower 0's stream, and the graph reads the loss and ranks back itself.
+    bool graphed = false;
     if (graph_enabled()) {
         const Tensor& mean = mean_dev_.at(devices_[0].str());
         const std::string key = "uint8 n=" + std::to_string(n) + " " + std::to_string(cur->H) + "x" +
@@ -494,7 +635,7 @@ StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* pre
             auto inputs = [&](CudaGraphStep& g) {
                 const int T = cfg_.towers, crop = cfg_.input_size;
                 input_.assign(T, Tensor());
-                DeviceInput* di = &g.u8;
+                auto* di = &g.u8;
                 const Tensor* m = &mean;
                 const int32_t* host_off = cur->off;
                 sched_->run(0, "input.augment", [this, di, m, crop, host_off] {
@@ -506,48 +647,104 @@ StepResult Net::train_step_u8(const U8Batch* batch, float lr, const U8Batch* pre
                 }
                 return g.u8.labels;
             };
-            if (graph_ || graph_capture(key, n, make, inputs)) {
-                CudaGraphStep* g = graph_.get();
-                run_step([&] {
-                    if (batch) issue_upload_u8(*cur);
-                    // The staged batch into the graph's input buffers on tower 0's stream, after its upload.
-                    sched_->wait(0, cur->uploaded.at(d.str()));
-                    DeviceInput* src = &cur->dev.at(d.str());
-                    sched_->run(0, "input.graph_copy", [g, src] {
-                        g->u8.images.copy_from(src->images);
-                        g->u8.offsets.copy_from(src->offsets);
-                        g->u8.flips.copy_from(src->flips);
-                        g->u8.light.copy_from(src->light);
-                        g->u8.labels.copy_from(src->labels);
-                    });
-                    graph_launch(lr);
-                    if (prefetch) {
-                        next = &stage_u8(*prefetch);
-                        issue_upload_u8(*next);
-                    }
-                });
-                prefetched_ = next;
-                return graph_finish(n);
-            }
+            graphed = graph_ || graph_capture(key, n, make, inputs);
         }
     }
-    run_step([&] {
-        if (batch) issue_upload_u8(*cur);
-        const Tensor dev_labels = issue_augment_u8(*cur);
-        issue_forward(/*train=*/true);
-        issue_loss(dev_labels, loss_scale(n), /*backward=*/true);
-        issue_backward(lr);
-        // The next batch: staged by the host and uploaded on the upload streams while the towers compute.
-        if (prefetch) {
-            next = &stage_u8(*prefetch);
-            issue_upload_u8(*next);
+    try {
+        if (graphed) {
+            CudaGraphStep* g = graph_.get();
+            const Device d = devices_[0];
+            run_step([&] {
+                if (slot) issue_upload_u8(*cur);
+                sched_->wait(0, cur->uploaded.at(d.str()));
+                auto* src = &cur->dev.at(d.str());
+                sched_->run(0, "input.graph_copy", [g, src] {
+                    g->u8.images.copy_from(src->images);
+                    g->u8.offsets.copy_from(src->offsets);
+                    g->u8.flips.copy_from(src->flips);
+                    g->u8.light.copy_from(src->light);
+                    g->u8.labels.copy_from(src->labels);
+                });
+                graph_launch(lr);
+                issue_prefetch();
+            });
+        } else {
+            run_step([&] {
+                if (slot) issue_upload_u8(*cur);
+                const Tensor dev_labels = issue_augment_u8(*cur);
+                issue_forward(/*train=*/true);
+                issue_loss(dev_labels, loss_scale(n), /*backward=*/true);
+                issue_metrics_readback(n);
+                issue_backward(lr);
+                issue_prefetch();
+            });
         }
-    });
+    } catch (...) {
+        cur->use = Use::free;
+        if (next) next->use = Use::free;
+        mark_drained();
+        throw;
+    }
+    cur->use = Use::free;
+    mark_drained();
     prefetched_ = next;
-    if (dp.defer_sgd) grads_pending_ = true;
-    else step += 1;
-    graph_eager_step_done();
-    return summarize(n);
+    StepResult r;
+    if (graphed) {
+        r = graph_finish(n);
+    } else {
+        if (dp.defer_sgd) grads_pending_ = true;
+        else step += 1;
+        graph_eager_step_done();
+        r = summarize_staged(n);
+    }
+    if (prefetch_error) std::rethrow_exception(prefetch_error);
+    return r;
+}
+
+// CUDA: the step's loss and ranks go to pinned host memory on tower 0's stream, right after the loss, so
+// reading them needs no copy after the step (the step's one wait covers them). Pinned once per batch size.
+void Net::issue_metrics_readback(int n) {
+#ifdef ALEXNET_WITH_CUDA
+    if (devices_[0].is_cpu()) return;
+    if (metrics_.n != n) {
+        if (metrics_.p) cudaFreeHost(metrics_.p);
+        metrics_.p = nullptr;
+        metrics_.n = 0;
+        DeviceGuard g(devices_[0]);
+        if (cudaHostAlloc(&metrics_.p, 8 * size_t(n), cudaHostAllocDefault) != cudaSuccess) {
+            cudaGetLastError();
+            metrics_.p = nullptr;
+            throw OutOfMemory("train_step_u8: cannot pin " + std::to_string(8 * size_t(n)) + " bytes of host memory");
+        }
+        metrics_.n = n;
+    }
+    const Device d = devices_[0];
+    sched_->run(0, "metrics.readback", [this, n, d] {
+        auto s = static_cast<cudaStream_t>(current_stream(d.index));
+        auto* p = static_cast<uint8_t*>(metrics_.p);
+        cuda_check(cudaMemcpyAsync(p, loss_.raw(), 4 * size_t(n), cudaMemcpyDeviceToHost, s), "train_step_u8");
+        cuda_check(cudaMemcpyAsync(p + 4 * size_t(n), rank_.raw(), 4 * size_t(n), cudaMemcpyDeviceToHost, s),
+                   "train_step_u8");
+    });
+#else
+    (void)n;
+#endif
+}
+
+StepResult Net::summarize_staged(int n) const {
+    if (devices_[0].is_cpu()) return summarize(n);
+    const float* loss = static_cast<const float*>(metrics_.p);
+    const int32_t* rank = reinterpret_cast<const int32_t*>(static_cast<const uint8_t*>(metrics_.p) + 4 * size_t(n));
+    StepResult r;
+    r.n = n;
+    double sum = 0;  // in sample order, as summarize
+    for (int i = 0; i < n; ++i) {
+        sum += loss[i];
+        r.top1 += rank[i] < 1;
+        r.top5 += rank[i] < 5;
+    }
+    r.loss = sum / n;
+    return r;
 }
 
 void Net::issue_forward(bool train) {

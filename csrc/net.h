@@ -4,6 +4,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -76,8 +77,61 @@ public:
     // Steps on `batch`, or with batch == nullptr on the one the previous call prefetched. `prefetch`, the
     // next batch, is staged and its upload issued while this step runs, so the next call (batch == nullptr)
     // finds it on the device. Both are checked before anything runs.
+    // Implemented on the zero-copy path below: each batch is copied into a staging slot first.
     StepResult train_step_u8(const U8Batch* batch, float lr, const U8Batch* prefetch = nullptr);
     bool has_prefetched() const { return prefetched_ != nullptr; }
+
+    // One staging buffer of the uint8 path's ring: pinned memory on CUDA (one cudaHostAlloc block), host
+    // tensors on the CPU, and the device buffers its uploads fill.
+    struct HostSlot {
+        enum class Use { free, handed, prefetched, stepping };
+        int n = 0, H = 0, W = 0;
+        Use use = Use::free;
+        uint64_t generation = 0;         // which hand-out the slot's contents belong to
+        bool upload_in_flight = false;   // uploads issued since the last drained step (see `uploaded`)
+        void* pinned = nullptr;          // CUDA: one cudaHostAlloc block holding the parts
+        Tensor images, offsets, flips, light, labels;  // CPU: the parts as host tensors
+        uint8_t* img = nullptr;
+        int32_t* off = nullptr;
+        int32_t* lab = nullptr;
+        uint8_t* flip = nullptr;
+        float* lig = nullptr;
+        struct DeviceInput {
+            Tensor images, offsets, flips, light, labels;
+        };
+        std::map<std::string, DeviceInput> dev;                  // by device name
+        std::map<std::string, std::shared_ptr<Event>> uploaded;  // by device name: its last upload
+        ~HostSlot();
+    };
+    // The zero-copy input path. staging_slot hands out a slot of the ring for a batch of n uint8 (H, W, 3)
+    // images: the caller writes the batch straight into its parts (images (n, H, W, 3), offsets (n, 2),
+    // flips (n), light (n, 3), labels (n): the slot's own memory, pinned on CUDA) and passes it to
+    // train_step_staged, which uploads it from there without another host copy. A slot is never handed out
+    // while a step reads it, while it waits as the prefetched batch, or while an upload from it may still
+    // run (its events are waited for first); `slot` keeps the memory alive for views that outlive the ring.
+    struct StagingSlot {
+        std::shared_ptr<HostSlot> slot;
+        uint64_t generation = 0;
+        int n = 0, H = 0, W = 0;
+        uint8_t* images = nullptr;
+        int32_t* offsets = nullptr;
+        uint8_t* flips = nullptr;
+        float* light = nullptr;
+        int32_t* labels = nullptr;
+    };
+    StagingSlot staging_slot(int n, int H, int W);
+    // train_step_u8 on a filled slot (nullptr: the batch the previous step prefetched). `prefetch`, when
+    // set, is called once the whole step is issued, while the devices compute it: it may fill a slot (the
+    // host staging of the next batch, overlapped with this step) and return it, or return nothing; the
+    // slot's upload is then issued on the upload streams within this step, and the next call (slot ==
+    // nullptr) steps on it. An exception from `prefetch`, or a refused prefetch slot, is raised after the
+    // step has completed and been counted. Slots are checked (this ring's, handed out for this use, the
+    // shape the net takes now, every value in range) before they are used: ValueError otherwise.
+    using PrefetchFn = std::function<std::optional<StagingSlot>()>;
+    StepResult train_step_staged(const StagingSlot* slot, float lr, const PrefetchFn& prefetch = {});
+    // The host-side entries of the last staged step's timeline (the prefetch callback: "input.stage"), with
+    // times from the step's start like the scheduler's; filled when `trace` is on.
+    const std::vector<TimelineEntry>& host_timeline() const { return host_timeline_; }
     // The mean image float32 (3, H, W) the uint8 path subtracts; copied to every tower device.
     void set_input_mean(const float* mean, int H, int W);
     bool has_input_mean() const { return mean_host_.defined(); }
@@ -169,27 +223,15 @@ private:
     // Issues the forward of the whole net on the images input_[tower] holds when conv1 starts; with
     // `train`, dropout is on and state is kept for backward.
     void issue_forward(bool train);
-    // The uint8 batch on one device: the uploaded parts, kept across steps (one set per ring slot).
-    struct DeviceInput {
-        Tensor images, offsets, flips, light, labels;
-    };
-    // One staging buffer of the uint8 path's ring: pinned memory on CUDA, host tensors on the CPU, and
-    // the device buffers its uploads fill.
-    struct HostSlot {
-        int n = 0, H = 0, W = 0;
-        void* pinned = nullptr;          // CUDA: one cudaHostAlloc block holding the parts
-        Tensor images, offsets, flips, light, labels;  // CPU: the parts as host tensors
-        uint8_t* img = nullptr;
-        int32_t* off = nullptr;
-        int32_t* lab = nullptr;
-        uint8_t* flip = nullptr;
-        float* lig = nullptr;
-        std::map<std::string, DeviceInput> dev;                  // by device name
-        std::map<std::string, std::shared_ptr<Event>> uploaded;  // by device name: its last upload
-        ~HostSlot();
-    };
     void check_u8(const char* op, const std::string& arg, const U8Batch& b) const;
-    HostSlot& stage_u8(const U8Batch& b);
+    // The slot a StagingSlot names, checked for `op` (argument `arg`): this ring's, as handed out, unused.
+    HostSlot& claim_slot(const char* op, const std::string& arg, const StagingSlot& s);
+    void copy_into(const StagingSlot& s, const U8Batch& b) const;
+    // Every slot's uploads are complete (after a drained step).
+    void mark_drained();
+    // CUDA: the loss and ranks copied into pinned memory on tower 0's stream (read by summarize_staged).
+    void issue_metrics_readback(int n);
+    StepResult summarize_staged(int n) const;
     void issue_upload_u8(HostSlot& slot);
     // Issues the augmentation (after the upload's event); returns the labels on tower 0's device.
     Tensor issue_augment_u8(HostSlot& slot);
@@ -246,9 +288,16 @@ private:
     Tensor logits_, loss_, probs_, rank_, dlogits_;
     std::vector<Tensor> dlogits_part_, dlogits_recv_;
     std::vector<Tensor> input_;                   // conv1's input per tower in the step being issued
-    std::vector<std::unique_ptr<HostSlot>> slots_;  // the uint8 path's staging ring
+    std::vector<std::shared_ptr<HostSlot>> slots_;  // the uint8 path's staging ring
     size_t next_slot_ = 0;
+    uint64_t handed_ = 0;                          // hand-outs so far (each slot's generation)
     HostSlot* prefetched_ = nullptr;               // staged and uploading for the next call
+    struct PinnedMetrics {                         // CUDA: loss (n float32) then ranks (n int32)
+        void* p = nullptr;
+        int n = 0;
+        ~PinnedMetrics();
+    } metrics_;
+    std::vector<TimelineEntry> host_timeline_;
     std::map<std::string, Tensor> mean_dev_;       // the mean image by device name
     Tensor mean_host_;
     std::unique_ptr<Scheduler> sched_;  // last: destroyed first, so no stream outlives what it reads

@@ -189,7 +189,16 @@ def test_trace_step_smoke(tmp_path):
     traces = list(tmp_path.glob("*_trace.json"))
     assert len(traces) == 1
     events = json.loads(traces[0].read_text())["traceEvents"]
-    assert {e["tid"] for e in events} == {"tower 0", "tower 1"}
+    # The staged input path: the host filling the next slot has a row of its own (the CPU uploads nothing).
+    assert {e["tid"] for e in events} == {"tower 0", "tower 1", "host staging"}
+    assert summary["input"] == "staged" and len(summary["steps"]) == 3
+    for s in summary["steps"]:
+        assert s["input_busy_ms"]["stage"] > 0 and s["input_busy_ms"]["augment"] > 0
+        for kind in ("stage", "upload", "augment"):
+            assert 0 <= s["input_exposed_ms"][kind] <= s["input_busy_ms"][kind] + 1e-9
+    assert summary["input_exposed_ms_worst"] == max(s["input_exposed_total_ms"] for s in summary["steps"])
+    float_summary = trace_step.main(["--smoke", "--input", "float", "--steps", "1"])
+    assert float_summary["input_busy_ms"] == {"stage": 0, "upload": 0, "augment": 0}
 
 
 def test_bench_cpu_smoke_against_torch(tmp_path):

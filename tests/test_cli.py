@@ -490,27 +490,23 @@ def test_every_tool_answers_version(tool):
 
 def test_device_side_augmentation_equals_the_loaders_bit_for_bit(dataset, uninterrupted, tmp_path, capsys,
                                                                   monkeypatch):
-    # train.py takes the uint8 path (Net.train_step_u8) on CUDA; forced here on the CPU backend, the run
-    # must equal the loader-augmented one exactly, checkpoints included (so runs resume across the paths).
+    # train.py takes the zero-copy uint8 path (the loader writing into the net's staging slots,
+    # Net.train_step_staged) on CUDA; forced here on the CPU backend, the run must equal the loader-augmented
+    # one exactly, checkpoints included (so runs resume across the paths).
     calls = []
-    real_u8, real_prefetched = ax.Net.train_step_u8, ax.Net.train_step_prefetched
+    real_staged = ax.Net.train_step_staged
 
-    def spy_u8(self, *a, **k):
-        calls.append(("u8", a[0].dtype, k["prefetch"] is not None))
-        return real_u8(self, *a, **k)
-
-    def spy_prefetched(self, *a, **k):
-        calls.append(("prefetched", None, k["prefetch"] is not None))
-        return real_prefetched(self, *a, **k)
+    def spy_staged(self, slot, lr, prefetch=None):
+        calls.append(("given" if isinstance(slot, ax._C.StagingSlot) else slot, callable(prefetch)))
+        return real_staged(self, slot, lr, prefetch=prefetch)
 
     monkeypatch.setattr(train, "device_side_augment", lambda devices: True)
-    monkeypatch.setattr(ax.Net, "train_step_u8", spy_u8)
-    monkeypatch.setattr(ax.Net, "train_step_prefetched", spy_prefetched)
+    monkeypatch.setattr(ax.Net, "train_step_staged", spy_staged)
     out = str(tmp_path / "U")
     rc, o, e = _train(["--data", dataset[0], "--out", out, "--epochs", "2", "--devices", "cpu", *SMALL], capsys)
     assert rc == 0, e
     # Per epoch of 7 batches: the first given, each prefetching the next, the last prefetching none.
-    epoch = [("u8", np.dtype(np.uint8), True)] + [("prefetched", None, True)] * 5 + [("prefetched", None, False)]
+    epoch = [("given", True)] + [(None, True)] * 5 + [(None, False)]
     assert calls == epoch * 2
     assert _losses(out) == _losses(uninterrupted)
     a = ck.load_checkpoint(os.path.join(uninterrupted, "checkpoints", ck.checkpoint_name(14)))[1]

@@ -297,3 +297,63 @@ def test_raw_batches_are_what_batch_augments(prepared):
         assert b1 == b2
         np.testing.assert_array_equal(loader.augment(*r1), x2)
         np.testing.assert_array_equal(y1, y3)
+
+
+class _Out:
+    """Arrays to fill, as a Net staging slot holds them, poisoned so an unwritten element shows."""
+
+    def __init__(self, rng, n, S):
+        self.images = rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+        self.offsets = rng.integers(-9, 9, (n, 2)).astype(np.int32)
+        self.flips = np.full(n, 7, np.uint8)
+        self.light = np.full((n, 3), np.nan, np.float32)
+        self.labels = np.full(n, -1, np.int32)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_raw_batch_into_given_arrays_equals_raw_batch(prepared, rng, ranks):
+    # The zero-copy path: the loader writes into the arrays it is given (a Net staging slot's pinned views)
+    # exactly what raw_batch returns in new arrays, across shard boundaries and for a rank's slice.
+    loader = D.TrainLoader(prepared, batch_size=6, crop=16, seed=4, pca_std=0.1, prefetch_depth=0,
+                           rank=ranks - 1, ranks=ranks)
+    order = loader.order(3)
+    for b in range(loader.batches_per_epoch):
+        raw, y = loader.raw_batch(3, b, order)
+        out = _Out(rng, loader.local_batch, 20)
+        keep = {k: getattr(out, k) for k in ("images", "offsets", "flips", "light", "labels")}
+        raw2, y2 = loader.raw_batch(3, b, order, out=out)
+        for k, got in zip(("images", "offsets", "flips", "light"), raw2):
+            assert got is keep[k]  # written in place, handed back
+            np.testing.assert_array_equal(got, getattr(raw, k))
+        assert y2 is keep["labels"]
+        np.testing.assert_array_equal(y2, y)
+    idx = rng.permutation(len(loader.split))[:5]
+    target = rng.integers(0, 256, (5, 20, 20, 3), dtype=np.uint8)
+    assert loader.split.images(idx, out=target) is target
+    np.testing.assert_array_equal(target, loader.split.images(idx))
+
+
+def test_raw_batch_out_errors(prepared, rng):
+    loader = D.TrainLoader(prepared, batch_size=4, crop=16, seed=4, prefetch_depth=0)
+    out = _Out(rng, 4, 20)
+    for name, bad, exc, match in [
+        ("images", np.zeros((4, 20, 20, 3), np.float32), ValueError, r"'out.images' is float32 \(4, 20, 20, 3\); "
+                                                                     r"expected uint8 \(4, 20, 20, 3\)"),
+        ("offsets", np.zeros((3, 2), np.int32), ValueError, r"'out.offsets' is int32 \(3, 2\)"),
+        ("light", np.zeros((4, 2), np.float32), ValueError, r"'out.light' is float32 \(4, 2\)"),
+        ("labels", [0, 0, 0, 0], TypeError, "'out.labels' must be a numpy.ndarray"),
+        ("flips", np.zeros((8,), np.uint8)[::2], ValueError, "'out.flips' must be a writable C-contiguous"),
+    ]:
+        o = _Out(rng, 4, 20)
+        setattr(o, name, bad)
+        with pytest.raises(exc, match="raw_batch: argument " + match):
+            loader.raw_batch(0, 0, out=o)
+    ro = _Out(rng, 4, 20)
+    ro.light.flags.writeable = False
+    with pytest.raises(ValueError, match="'out.light' must be a writable"):
+        loader.raw_batch(0, 0, out=ro)
+    del out.labels
+    with pytest.raises(TypeError, match="raw_batch: argument 'out' has no 'labels'"):
+        loader.raw_batch(0, 0, out=out)
+    with pytest.raises(ValueError, match=r"images: argument 'out' is uint8 \(2, 20, 20, 3\); expected uint8 \(3,"):
+        loader.split.images([0, 1, 2], out=np.zeros((2, 20, 20, 3), np.uint8))

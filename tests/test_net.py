@@ -482,6 +482,217 @@ def test_bad_uint8_batches_raise_clearly(rng):
     assert net.step == 2
 
 
+def fill_slot(net, batch):
+    """A staging slot of `net` holding `batch` (images, offsets, flips, light, labels), written in place."""
+    images = batch[0]
+    slot = net.staging_slot(images.shape[0], images.shape[1], images.shape[2])
+    for name, a in zip(("images", "offsets", "flips", "light", "labels"), batch):
+        view = getattr(slot, name)
+        assert view.shape == a.shape and view.flags.writeable
+        view[...] = a
+    return slot
+
+
+def _ptr(slot):
+    return slot.images.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("devices", ["cpu", ("cpu", "cpu"), pytest.param(("cuda:0", "cuda:0"), marks=pytest.mark.cuda),
+                                     pytest.param("cuda:0", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("mode", ["each", "slot", "callable"])
+def test_staged_step_equals_train_step_u8_bit_for_bit(rng, devices, mode):
+    # The zero-copy path (a staging slot filled in place) against the copying one, over several steps: each
+    # step given its slot, the next slot passed filled as `prefetch`, or filled from the prefetch callback
+    # while the step computes. A smaller batch in the middle reshapes a slot.
+    cfg = small_config(weight_decay=5e-4)
+    seed = int(rng.integers(1 << 31))
+    S = 40
+    mean = (rng.random((3, S, S)) * 255).astype(np.float32)
+    a = ax.Net(cfg, devices=devices, seed=seed)
+    b = ax.Net(cfg, devices=devices, seed=seed)
+    a.set_input_mean(mean)
+    b.set_input_mean(mean)
+    batches = [u8_batch(rng, cfg, n, S) for n in (5, 5, 3, 5, 5)]
+    stepping = None
+    for k, batch in enumerate(batches):
+        nxt = batches[k + 1] if k + 1 < len(batches) else None
+        ra = a.train_step_u8(*batch, lr=0.5, prefetch=None if mode == "each" else nxt)
+        if mode == "each":
+            rb = b.train_step_staged(fill_slot(b, batch), 0.5)
+        else:
+            cur = fill_slot(b, batch) if k == 0 else None
+            stepping = cur if k == 0 else stepping
+            handed = []
+
+            def fill_next():
+                s = fill_slot(b, nxt)
+                assert _ptr(s) != _ptr(stepping)  # never the slot the step reads
+                handed.append(s)
+                return s
+
+            if nxt is None:
+                pf = None
+            elif mode == "slot":
+                pf = fill_next()
+            else:
+                pf = fill_next
+            rb = b.train_step_staged(cur, 0.5, prefetch=pf)
+            stepping = handed[0] if handed else None
+        assert ra == rb
+        assert b._net.has_prefetched == (mode != "each" and nxt is not None)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert np.array_equal(sa[key], sb[key]), key
+
+
+@pytest.mark.cuda
+def test_staged_steps_upload_from_pinned_slots_without_cudamalloc(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cuda:0", "cuda:0"), seed=0)
+    net.set_input_mean(np.zeros((3, 36, 36), np.float32))
+    batches = [u8_batch(rng, cfg, 8, 36) for _ in range(6)]
+    slot = fill_slot(net, batches[0])
+    assert slot.pinned
+    for k in range(5):
+        if k == 2:
+            before = ax.cuda_allocator_stats()["device_mallocs"]
+        net.train_step_staged(slot if k == 0 else None, 0.01, prefetch=lambda: fill_slot(net, batches[k + 1]))
+    assert ax.cuda_allocator_stats()["device_mallocs"] == before
+
+
+def test_staging_ring_never_hands_out_a_busy_slot(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=3)
+    net.set_input_mean(np.zeros((3, 36, 36), np.float32))
+    batches = [u8_batch(rng, cfg, 4, 36) for _ in range(4)]
+    first = fill_slot(net, batches[0])
+    seen = {}
+
+    def during_step():
+        # While the step reads `first`: neither it nor any slot handed out here is handed out again.
+        b = fill_slot(net, batches[1])
+        c = net.staging_slot(4, 36, 36)
+        seen.update(b=_ptr(b), c=_ptr(c))
+        assert len({_ptr(first), _ptr(b), _ptr(c)}) == 3
+        return b
+
+    net.train_step_staged(first, 0.1, prefetch=during_step)
+    # `b` waits as the prefetched batch: three more hand-outs (a ring of three) never return it; the third
+    # voids an earlier hand-out instead.
+    others = [net.staging_slot(4, 36, 36) for _ in range(3)]
+    assert seen["b"] not in {_ptr(s) for s in others}
+    assert len({_ptr(s) for s in others}) == 2
+    with pytest.raises(ValueError, match="train_step_staged: argument 'slot' was handed out again since"):
+        net.train_step_staged(others[0], 0.1)
+    # The prefetched batch is still intact and steps; its slot is then free again.
+    r = net.train_step_staged(None, 0.1)
+    assert r["n"] == 4 and net.step == 2
+    # A view outlives its slot being reshaped (the ring drops it): the memory stays valid while viewed.
+    view = others[2].images
+    view[...] = 7
+    for _ in range(3):
+        net.staging_slot(2, 36, 36)
+    assert int(view.sum()) == 7 * view.size
+
+
+def test_bad_staging_slots_raise_clearly(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices="cpu", seed=0)
+    other = ax.Net(cfg, devices="cpu", seed=0)
+    batch = u8_batch(rng, cfg, 4, 36)
+    with pytest.raises(ValueError, match="staging_slot: argument 'n' must be >= 1"):
+        net.staging_slot(0, 36, 36)
+    with pytest.raises(ValueError, match="staging_slot: arguments 'height' and 'width' must be >= 1"):
+        net.staging_slot(4, 0, 36)
+    slot = fill_slot(net, batch)
+    with pytest.raises(ValueError, match="train_step_staged: no mean image"):
+        net.train_step_staged(slot, 0.1)
+    net.set_input_mean(np.zeros((3, 36, 36), np.float32))
+    other.set_input_mean(np.zeros((3, 36, 36), np.float32))
+    with pytest.raises(ValueError, match="staging_slot: a batch of 40x40 images does not match the mean image"):
+        net.staging_slot(4, 40, 40)
+    with pytest.raises(ValueError, match="train_step_staged: argument 'slot' is not a slot of this net"):
+        other.train_step_staged(slot, 0.1)
+    with pytest.raises(ValueError, match="train_step_staged: no prefetched batch"):
+        net.train_step_staged(None, 0.1)
+    with pytest.raises(TypeError, match="train_step_staged: argument 'slot' must be a StagingSlot"):
+        net.train_step_staged(batch[0], 0.1)
+    with pytest.raises(TypeError, match="train_step_staged: argument 'prefetch' must be None, a StagingSlot or a "
+                                        "callable"):
+        net.train_step_staged(slot, 0.1, prefetch=batch)
+    # Values are checked in the slot itself, naming the part.
+    for name, value, match in [("offsets", (0, 5), r"'slot.offsets' row 2 = \(0, 5\)"),
+                               ("flips", 3, "'slot.flips' holds 3 at 2"),
+                               ("labels", 99, "'slot.labels' holds 99 at 2"),
+                               ("light", np.nan, "'slot.light' holds a non-finite value at flat index 6")]:
+        bad = fill_slot(net, batch)
+        getattr(bad, name)[2] = value
+        with pytest.raises(ValueError, match="train_step_staged: argument " + match):
+            net.train_step_staged(bad, 0.1)
+    assert net.step == 0
+    # A slot filled for a shape the net no longer takes (the mean image changed since) is refused.
+    stale = fill_slot(net, batch)
+    net.set_input_mean(np.zeros((3, 40, 40), np.float32))
+    with pytest.raises(ValueError, match="train_step_staged: argument 'slot.images' holds 36x36 images; the mean "
+                                         "image is 40x40"):
+        net.train_step_staged(stale, 0.1)
+    net.set_input_mean(np.zeros((3, 36, 36), np.float32))
+    ok = fill_slot(net, batch)
+    net.train_step_staged(ok, 0.1)
+    with pytest.raises(ValueError, match="argument 'slot' was already used by a step or a prefetch"):
+        net.train_step_staged(ok, 0.1)
+    # A refused prefetch, or an exception in the callback, is raised after the step was taken.
+    with pytest.raises(ValueError, match=r"train_step_staged: argument 'prefetch.offsets' row 2"):
+        bad = fill_slot(net, batch)
+        bad.offsets[2] = (0, 5)
+        net.train_step_staged(fill_slot(net, batch), 0.1, prefetch=bad)
+    assert net.step == 2 and not net._net.has_prefetched
+
+    def fails():
+        raise OSError("shard unreadable")
+
+    with pytest.raises(OSError, match="shard unreadable"):
+        net.train_step_staged(fill_slot(net, batch), 0.1, prefetch=fails)
+    with pytest.raises(TypeError, match="argument 'prefetch' must be a StagingSlot"):
+        net.train_step_staged(fill_slot(net, batch), 0.1, prefetch=lambda: 3)
+    assert net.step == 4 and not net._net.has_prefetched
+
+
+def test_staged_step_trace_reports_the_input_path(rng):
+    cfg = small_config()
+    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=1)
+    net.set_input_mean(np.zeros((3, 36, 36), np.float32))
+    net.set_tracing(True)
+    batch = u8_batch(rng, cfg, 4, 36)
+    net.train_step_staged(fill_slot(net, batch), 0.1, prefetch=lambda: fill_slot(net, batch))
+    s = net.last_step_stats()
+    stage = [e for e in s["timeline"] if e["op"] == "input.stage"]
+    assert len(stage) == 1 and stage[0]["device"] == "host" and stage[0]["end_us"] >= stage[0]["start_us"] >= 0
+    inp = s["input"]
+    assert inp["busy_us"]["stage"] == pytest.approx(stage[0]["end_us"] - stage[0]["start_us"])
+    assert inp["busy_us"]["augment"] > 0
+    for kind in ("stage", "upload", "augment"):
+        assert 0 <= inp["exposed_us"][kind] <= inp["busy_us"][kind] + 1e-9
+    assert inp["exposed_total_us"] <= inp["busy_total_us"] + 1e-9
+
+
+def test_input_overlap_sweeps_exactly():
+    from alexnet_cuda.net import input_overlap
+
+    def e(op, tower, a, b, device="cuda:0"):
+        return {"op": op, "tower": tower, "device": device, "start_us": a, "end_us": b}
+
+    timeline = [e("input.augment", 0, 0, 10), e("conv1.fprop", 0, 10, 50), e("conv1.fprop", 1, 12, 40),
+                e("input.stage", -1, 30, 70, "host"), e("input.upload", -1, 45, 60), e("fc8.grad_ready", -1, 80, 90),
+                e("sgd", 0, 65, 75)]
+    r = input_overlap(timeline)
+    assert r["busy_us"] == {"stage": 40, "upload": 15, "augment": 10}
+    # stage 30-70 against compute 10-50 and 65-75: 50-65 exposed; the upload 45-60: 50-60; augment: all.
+    assert r["exposed_us"] == {"stage": 15, "upload": 10, "augment": 10}
+    assert r["busy_total_us"] == 10 + 40 and r["exposed_total_us"] == 10 + 15
+
+
 def test_trace_puts_the_input_upload_on_its_own_row(tmp_path):
     # A CUDA step's upload entries carry tower -1 (the device's upload stream): their own row in the trace,
     # and no part of the towers' overlap.

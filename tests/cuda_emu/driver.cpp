@@ -1051,24 +1051,50 @@ struct U8Inputs {
     std::vector<float> mean;  // (3, kNetSrc, kNetSrc)
 };
 
+// How run_net_u8 feeds the steps: Net::train_step_u8 (numpy-style arrays copied into the ring), or the
+// zero-copy path (Net::staging_slot filled in place, Net::train_step_staged), with each step prefetching
+// the next batch from its callback, or with each step given its own slot.
+enum class U8Api { copy, staged, staged_each };
+
 struct U8Run {
     NetRun net;
+    emu::CallCounters steady{};  // allocations, pageable copies and waits in the steps after the warm-up
+    long long staged_copies_steady = 0;  // cross-tower copies staged through the host then (peer queries)
+    bool busy_slot_handed = false;       // a hand-out returned the slot a step was reading
     int64_t mallocs_steady = 0;           // cudaMalloc calls in the steps after the warm-up
     long long host_allocs = 0, host_frees = 0, host_allocs_steady = 0;
     long long pageable_steady = 0, pinned_steady = 0;  // host<->device copies in the steps after the warm-up
     long long stream_syncs_steady = 0;
 };
 
-U8Run run_net_u8(const NetConfig& cfg, const NetInputs& in, const U8Inputs& u, const std::vector<Device>& devs) {
+emu::CallCounters counters_since(const emu::CallCounters& a) {
+    const emu::CallCounters& b = emu::call_counters();
+    emu::CallCounters d;
+    d.device_mallocs = b.device_mallocs - a.device_mallocs;
+    d.device_frees = b.device_frees - a.device_frees;
+    d.host_allocs = b.host_allocs - a.host_allocs;
+    d.host_frees = b.host_frees - a.host_frees;
+    d.pageable_copies = b.pageable_copies - a.pageable_copies;
+    d.sync_copies = b.sync_copies - a.sync_copies;
+    d.stream_syncs = b.stream_syncs - a.stream_syncs;
+    d.device_syncs = b.device_syncs - a.device_syncs;
+    d.event_syncs = b.event_syncs - a.event_syncs;
+    d.event_creates = b.event_creates - a.event_creates;
+    return d;
+}
+
+U8Run run_net_u8(const NetConfig& cfg, const NetInputs& in, const U8Inputs& u, const std::vector<Device>& devs,
+                 U8Api api = U8Api::copy, bool shared = false) {
     U8Run r;
     r.net.devices = devs;
     emu::clear_race_reports();
     const emu::RuntimeStats rt0 = emu::runtime_stats();
     emu::RuntimeStats warm{};
+    emu::CallCounters calls_warm{};
     const size_t events0 = emu::live_events();
     int64_t mallocs_warm = 0;
     try {
-        Net net(cfg, devs, false, in.seed);
+        Net net(cfg, devs, shared, in.seed);
         net.step = in.step0;
         net.set_input_mean(u.mean.data(), kNetSrc, kNetSrc);
         for (int t = 0; t < cfg.towers; ++t) r.net.executors.push_back(net.scheduler().executor_name(t));
@@ -1083,12 +1109,48 @@ U8Run run_net_u8(const NetConfig& cfg, const NetInputs& in, const U8Inputs& u, c
             b.labels = in.y[s].data();
             return b;
         };
-        // Step 0 takes its batch; each step prefetches the next one, so steps 1.. run on prefetched batches.
+        // The zero-copy path: the batch written straight into a slot the ring hands out.
+        auto fill = [&](int s) {
+            Net::StagingSlot slot = net.staging_slot(kNetBatch, kNetSrc, kNetSrc);
+            const Net::U8Batch b = batch(s);
+            memcpy(slot.images, b.images, size_t(kNetBatch) * kNetSrc * kNetSrc * 3);
+            memcpy(slot.offsets, b.offsets, sizeof(int32_t) * 2 * kNetBatch);
+            memcpy(slot.flips, b.flips, kNetBatch);
+            memcpy(slot.light, b.light, sizeof(float) * 3 * kNetBatch);
+            memcpy(slot.labels, b.labels, sizeof(int32_t) * kNetBatch);
+            return slot;
+        };
+        // Step 0 takes its batch; each step prefetches the next one, so steps 1.. run on prefetched batches
+        // (staged_each: every step is given its own filled slot).
+        std::shared_ptr<Net::HostSlot> stepping;
         for (int s = 0; s < kNetSteps; ++s) {
             net.trace = s == kNetSteps - 2;  // a step that prefetches
             const Net::U8Batch cur = batch(s);
             const Net::U8Batch next = batch(std::min(s + 1, kNetSteps - 1));
-            const StepResult sr = net.train_step_u8(s == 0 ? &cur : nullptr, kNetLr, s + 1 < kNetSteps ? &next : nullptr);
+            StepResult sr;
+            if (api == U8Api::copy) {
+                sr = net.train_step_u8(s == 0 ? &cur : nullptr, kNetLr, s + 1 < kNetSteps ? &next : nullptr);
+            } else if (api == U8Api::staged_each) {
+                const Net::StagingSlot slot = fill(s);
+                sr = net.train_step_staged(&slot, kNetLr);
+            } else {
+                std::optional<Net::StagingSlot> first;
+                if (s == 0) {
+                    first = fill(0);
+                    stepping = first->slot;
+                }
+                std::shared_ptr<Net::HostSlot> filled;
+                Net::PrefetchFn pf;
+                if (s + 1 < kNetSteps)
+                    pf = [&, s]() -> std::optional<Net::StagingSlot> {
+                        Net::StagingSlot nx = fill(s + 1);
+                        r.busy_slot_handed = r.busy_slot_handed || nx.slot == stepping;
+                        filled = nx.slot;
+                        return nx;
+                    };
+                sr = net.train_step_staged(first ? &*first : nullptr, kNetLr, pf);
+                stepping = filled;  // the prefetched slot: what the next step reads
+            }
             if (net.trace) r.net.timeline = net.scheduler().timeline();
             r.net.losses.push_back(sr.loss);
             r.net.hits.push_back(sr.top1);
@@ -1096,9 +1158,12 @@ U8Run run_net_u8(const NetConfig& cfg, const NetInputs& in, const U8Inputs& u, c
             if (s == kNetWarmup - 1) {
                 mallocs_warm = cuda_allocator_stats().device_mallocs;
                 warm = emu::runtime_stats();
+                calls_warm = emu::call_counters();
             }
         }
+        r.steady = counters_since(calls_warm);
         const emu::RuntimeStats& end = emu::runtime_stats();
+        r.staged_copies_steady = end.peer_queries - warm.peer_queries;
         r.mallocs_steady = cuda_allocator_stats().device_mallocs - mallocs_warm;
         r.host_allocs_steady = end.host_allocs - warm.host_allocs;
         r.pageable_steady = end.pageable_copies - warm.pageable_copies;
@@ -1559,19 +1624,19 @@ void group_net() {
                    fmt("%zu race reports%s%s", g.net.races.size(), g.net.races.empty() ? "" : ", first: ",
                        g.net.races.empty() ? "" : g.net.races[0].c_str()));
         // Steady state (steps 2 and 3: one prefetch between them): no device or pinned allocation; the
-        // prefetched batch's five uploads per device from pinned memory; the only pageable copies are the
-        // loss and ranks read back (two per step), and on two devices without peer access the cross-tower
-        // copies staged through the host (not the input path).
+        // prefetched batch's five uploads per device and the loss and ranks read back (two per step), all
+        // from or to pinned memory; the only pageable copies are, on two devices without peer access, the
+        // cross-tower copies staged through the host (not the input path).
         const long long steady = kNetSteps - kNetWarmup;
         check_true(who + " steady-state steps allocate no device memory", g.mallocs_steady == 0,
                    fmt("%" PRId64 " cudaMalloc in the %lld steps after the warm-up", g.mallocs_steady, steady));
         check_true(who + " steady-state steps upload from reused pinned memory",
-                   g.host_allocs_steady == 0 &&
-                       (k == 0 ? g.pageable_steady == 2 * steady : g.pageable_steady > 2 * steady) &&
-                       g.pinned_steady == 5 * (k == 0 ? 1 : 2) && g.host_allocs == 2 && g.host_frees == 2,
+                   g.host_allocs_steady == 0 && (k == 0 ? g.pageable_steady == 0 : g.pageable_steady > 0) &&
+                       g.pinned_steady == 5 * (k == 0 ? 1 : 2) + 2 * steady && g.host_allocs == 3 &&
+                       g.host_frees == 3,
                    fmt("%lld cudaHostAlloc, %lld pinned / %lld pageable host<->device copies in %lld steps (pageable: "
-                       "the loss and ranks read back, staged cross-tower copies), %lld stream syncs; ring of %lld "
-                       "pinned buffers, %lld freed",
+                       "staged cross-tower copies), %lld stream syncs; ring of 2 pinned buffers and the metrics' "
+                       "one: %lld allocated, %lld freed",
                        g.host_allocs_steady, g.pinned_steady, g.pageable_steady, steady,
                        g.stream_syncs_steady, g.host_allocs, g.host_frees));
         // The traced step (a prefetched batch, prefetching the next) shows the input path: one augment per
@@ -1595,6 +1660,63 @@ void group_net() {
                        "streams created, %lld destroyed, %lld events leaked",
                        uploads, augments, devices, before ? "yes" : "NO", g.net.rt.streams_created,
                        g.net.rt.streams_destroyed, g.net.events_leaked));
+    }
+
+    // The zero-copy path (Net::staging_slot + Net::train_step_staged): the same bits as train_step_u8, with
+    // the next batch filled from the step's callback (prefetch) or each step given its own slot; and on
+    // one stream shared by the towers. Steady-state steps allocate nothing, copy nothing through pageable
+    // memory and make the host wait once (for the loss): the counters below count every call that would.
+    const U8Run s_two = run_net_u8(cfg, in, u, {GPU, GPU}, U8Api::staged);
+    const U8Run s_each = run_net_u8(cfg, in, u, {GPU, GPU}, U8Api::staged_each);
+    const U8Run s_one = run_net_u8(cfg, in, u, {GPU, GPU}, U8Api::staged, /*shared=*/true);
+    const U8Run s_dev2 = run_net_u8(cfg, in, u, {GPU, GPU1}, U8Api::staged);
+    struct Pair {
+        const U8Run* run;
+        const U8Run* ref;
+        const char* name;
+    };
+    const Pair pairs[4] = {{&s_two, &u_two, "cuda:0 two streams, prefetching"},
+                           {&s_each, &u_two, "cuda:0 two streams, a slot per step"},
+                           {&s_one, &u_two, "cuda:0 shared stream, prefetching"},
+                           {&s_dev2, &u_dev2, "cuda:0,cuda:1, prefetching"}};
+    for (const Pair& pr : pairs) {
+        const U8Run& g = *pr.run;
+        const std::string who = std::string("net staged path ") + pr.name;
+        if (!usable({&g.net, &pr.ref->net}, who + " runs")) continue;
+        size_t differ = g.net.state.size() == pr.ref->net.state.size() ? 0 : 1;
+        for (size_t i = 0; i < g.net.state.size() && i < pr.ref->net.state.size(); ++i)
+            differ += g.net.state[i].first != pr.ref->net.state[i].first ||
+                      g.net.state[i].second != pr.ref->net.state[i].second;
+        const bool same_loss =
+            memcmp(g.net.losses.data(), pr.ref->net.losses.data(), sizeof(double) * kNetSteps) == 0 &&
+            g.net.hits == pr.ref->net.hits;
+        report(differ == 0 && same_loss && g.net.state.size() == 64 && g.net.races.empty() && !g.busy_slot_handed,
+               state_crc(g.net), who + " == train_step_u8, losses and every parameter and momentum",
+               fmt("bit-exact, %zu of %zu tensors differ, losses %s; %zu race reports%s%s; a busy slot handed out: %s",
+                   differ, g.net.state.size(), same_loss ? "equal" : "DIFFER", g.net.races.size(),
+                   g.net.races.empty() ? "" : ", first: ", g.net.races.empty() ? "" : g.net.races[0].c_str(),
+                   g.busy_slot_handed ? "YES" : "no"));
+    }
+    const U8Run* c_runs[3] = {&s_two, &s_one, &s_dev2};
+    const char* c_names[3] = {"cuda:0 two streams", "cuda:0 shared stream", "cuda:0,cuda:1"};
+    for (int k = 0; k < 3; ++k) {
+        const U8Run& g = *c_runs[k];
+        const std::string who = std::string("net staged path ") + c_names[k];
+        if (!usable({&g.net}, who + " steady-state calls")) continue;
+        const emu::CallCounters& c = g.steady;
+        const long long steady = kNetSteps - kNetWarmup, staged = g.staged_copies_steady;
+        // Two devices without peer access stage each cross-tower copy through pageable host memory with two
+        // stream waits (Tensor::copy_from, not the input path); one device has none.
+        const bool staged_ok = k == 2 ? staged > 0 : staged == 0;
+        check_true(who + " steady-state steps make no allocation, no pageable copy and one wait (the loss)",
+                   staged_ok && c.device_mallocs == 0 && c.device_frees == 0 && c.host_allocs == 0 &&
+                       c.host_frees == 0 && c.sync_copies == 0 && c.pageable_copies == 2 * staged &&
+                       c.device_syncs == 0 && c.event_syncs == 0 && c.stream_syncs == steady + 2 * staged,
+                   fmt("in %lld steps: cudaMalloc %lld, cudaFree %lld, cudaHostAlloc %lld, cudaFreeHost %lld, "
+                       "cudaMemcpy/cudaMemset %lld, pageable copies %lld, stream/device/event waits %lld/%lld/%lld "
+                       "(cross-tower copies staged through the host: %lld), events created %lld",
+                       steady, c.device_mallocs, c.device_frees, c.host_allocs, c.host_frees, c.sync_copies,
+                       c.pageable_copies, c.stream_syncs, c.device_syncs, c.event_syncs, staged, c.event_creates));
     }
     emu::set_race_tracking(false);
 }

@@ -209,12 +209,25 @@ void host_syncs_device(int d) {
 
 bool is_device(const void* p) { return find_alloc(p) != nullptr; }
 
+CallCounters g_calls;  // call_counters(); each count_* is one line in the call it counts
+void count_device_malloc() { ++g_calls.device_mallocs; }
+void count_device_free() { ++g_calls.device_frees; }
+void count_host_alloc() { ++g_calls.host_allocs; }
+void count_host_free() { ++g_calls.host_frees; }
+void count_copy(bool pageable) { g_calls.pageable_copies += pageable; }
+void count_sync_copy() { ++g_calls.sync_copies; }
+void count_stream_sync() { ++g_calls.stream_syncs; }
+void count_device_sync() { ++g_calls.device_syncs; }
+void count_event_sync() { ++g_calls.event_syncs; }
+void count_event_create() { ++g_calls.event_creates; }
+
 // A copy between two buffers on stream st: direction checked against the kind, accesses tracked. With no
 // peer access, a device-to-device copy between two devices is refused: real CUDA would stage it inside
 // the driver, but the code under test must take its own staged path (copy_from), so that path is what runs.
 void copy_on(int a, void* d, const void* s, size_t n, bool dd, bool sd, const char* what) {
     // A host side outside page-locked memory: real CUDA stages it through a driver buffer (a pageable copy).
     if (dd != sd) ++(is_pinned(dd ? s : d) ? g_rt.pinned_copies : g_rt.pageable_copies);
+    if (dd != sd) count_copy(!is_pinned(dd ? s : d));
     memcpy(d, s, n);
     if (g_tracking) {
         access(a, s, false, what, nullptr, 0);
@@ -366,6 +379,7 @@ const std::vector<std::string>& race_reports() { return g_races; }
 void clear_race_reports() { g_races.clear(); }
 bool is_device_pointer(const void* p) { return is_device(p); }
 const RuntimeStats& runtime_stats() { return g_rt; }
+const CallCounters& call_counters() { return g_calls; }
 size_t live_events() { return g_events.size(); }
 
 }  // namespace emu
@@ -399,6 +413,7 @@ cudaError_t cudaMalloc(void** p, size_t n) {
     if (const cudaError_t e = unsafe_during_capture()) return e;
     if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorMemoryAllocation;
     g_allocs[reinterpret_cast<uintptr_t>(*p)] = Alloc{n ? n : 1, t_device, {}, {}};
+    count_device_malloc();
     return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
@@ -409,6 +424,7 @@ cudaError_t cudaFree(void* p) {
     host_syncs_device(it->second.device);  // cudaFree synchronizes the memory's device (no more is assumed)
     g_allocs.erase(it);
     free(p);
+    count_device_free();
     return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned flags) {
@@ -417,6 +433,7 @@ cudaError_t cudaHostAlloc(void** p, size_t n, unsigned flags) {
     if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorMemoryAllocation;
     g_host_allocs[reinterpret_cast<uintptr_t>(*p)] = n ? n : 1;
     ++g_rt.host_allocs;
+    count_host_alloc();
     return cudaSuccess;
 }
 cudaError_t cudaFreeHost(void* p) {
@@ -425,6 +442,7 @@ cudaError_t cudaFreeHost(void* p) {
     if (!g_host_allocs.erase(reinterpret_cast<uintptr_t>(p))) return cudaErrorInvalidValue;
     for (int d = 0; d < kDeviceCount; ++d) host_syncs_device(d);
     ++g_rt.host_frees;
+    count_host_free();
     free(p);
     return cudaSuccess;
 }
@@ -445,6 +463,7 @@ cudaError_t cudaMemset(void* p, int v, size_t n) {
     if (const cudaError_t e = unsafe_during_capture()) return e;
     const cudaError_t e = cudaMemsetAsync(p, v, n, nullptr);
     host_learns(agent(legacy_agent(t_device)).clock);
+    count_sync_copy();
     return e;
 }
 cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t st) {
@@ -454,6 +473,7 @@ cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind kind) {
     if (const cudaError_t e = unsafe_during_capture()) return e;
     const cudaError_t e = copy(d, s, n, kind, nullptr, "cudaMemcpy");
     host_learns(agent(legacy_agent(t_device)).clock);
+    count_sync_copy();
     return e;
 }
 // Within one device a plain device-to-device copy; between the two emulated devices refused, as in copy().
@@ -495,6 +515,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     if (agent(a).legacy) stream_begin(nullptr, "cudaStreamSynchronize");  // its implicit barriers
     host_learns(agent(a).clock);
     ++g_rt.stream_syncs;
+    count_stream_sync();
     return cudaSuccess;
 }
 cudaError_t cudaStreamQuery(cudaStream_t s) {
@@ -555,6 +576,7 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
     if (!e || (flags & ~(cudaEventBlockingSync | cudaEventDisableTiming))) return cudaErrorInvalidValue;
     *e = new CUevent_st{flags, t_device};
     g_events.insert(*e);
+    count_event_create();
     return cudaSuccess;
 }
 cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
@@ -592,6 +614,7 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     if (!g_events.count(e)) return cudaErrorInvalidResourceHandle;
     if (e->capture_id) return ++g_rt.capture_errors, cudaErrorCapturedEvent;
     if (e->recorded) host_learns(e->clock);
+    count_event_sync();
     return cudaSuccess;
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
@@ -618,6 +641,7 @@ cudaError_t cudaDeviceSynchronize() {  // the current device only
     if (const cudaError_t e = unsafe_during_capture()) return e;
     host_syncs_device(t_device);
     ++g_rt.device_syncs;
+    count_device_sync();
     return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* d) {

@@ -256,6 +256,19 @@ struct RuntimeStats {
     long long calls_per_device[kDeviceCount] = {};                  // the same, by the stream's device
 };
 const RuntimeStats& runtime_stats();
+// Calls that allocate, free or make the host wait, for checks that a steady-state step makes none (or just
+// the one it needs). A pageable copy is one whose host side is not cudaHostAlloc memory: CUDA stages it
+// through a driver buffer and returns only when the host side is consumed, so it is synchronous too.
+struct CallCounters {
+    long long device_mallocs = 0, device_frees = 0;  // cudaMalloc, cudaFree
+    long long host_allocs = 0, host_frees = 0;       // cudaHostAlloc, cudaFreeHost
+    long long pageable_copies = 0;                   // host<->device copies from or to pageable memory
+    long long sync_copies = 0;                       // cudaMemcpy, cudaMemset (the host waits for them)
+    long long stream_syncs = 0, device_syncs = 0, event_syncs = 0;  // cudaStream/Device/EventSynchronize
+    long long event_creates = 0;
+    long long syncs() const { return stream_syncs + device_syncs + event_syncs; }
+};
+const CallCounters& call_counters();
 size_t live_events();  // created and not yet destroyed
 
 template <class T>
