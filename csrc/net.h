@@ -195,8 +195,8 @@ private:
     std::vector<LayerSpec> layers_;
     std::vector<std::vector<Params>> params_;     // [tower][layer]
     std::vector<std::vector<LayerState>> st_;     // [tower][layer]
-    std::vector<Tensor> logits_recv_;             // fc8 slices gathered on tower 0
-    Tensor logits_, loss_, probs_, rank_, dlogits_;
+    std::vector<Tensor> logits_recv_;             // fc8 slices gathered on tower 0 (read in place by the loss)
+    Tensor logits_, loss_, probs_, rank_;
     std::vector<Tensor> dlogits_part_, dlogits_recv_;
     std::vector<Tensor> input_;                   // conv1's input per tower in the step being issued
     std::vector<std::unique_ptr<HostSlot>> slots_;  // the uint8 path's staging ring

@@ -320,6 +320,26 @@ TensorPair conv2d_backward_weight_pair(const TensorPair& x, const TensorPair& dy
     }
     return {c0.out, c1.out};
 }
+
+WeightBiasPair conv2d_backward_weight_bias_pair(const TensorPair& x, const TensorPair& dy, int R, int S, int sh, int sw,
+                                                int ph, int pw, int groups) {
+    if (x[0].defined() && x[0].device().is_cpu()) {
+        const TensorPair dw = conv2d_backward_weight_pair(x, dy, R, S, sh, sw, ph, pw, groups);
+        return {dw, {conv2d_backward_bias(dy[0]), conv2d_backward_bias(dy[1])}};
+    }
+    const ConvCall c0 = conv_backward_weight_call(x[0], dy[0], R, S, sh, sw, ph, pw, groups);
+    const ConvCall c1 = conv_backward_weight_call(x[1], dy[1], R, S, sh, sw, ph, pw, groups);
+    check_pair("conv2d_backward_weight_bias_pair", "x", x[0], x[1], c0, c1);
+    const char* op = "conv2d_backward_bias";
+    Tensor db0 = new_output(op, "db", "'dy'", {c0.p.K}, DType::f32, dy[0]);
+    Tensor db1 = new_output(op, "db", "'dy'", {c1.p.K}, DType::f32, dy[1]);
+    const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+    const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+    float* dws[2] = {c0.out.data<float>(), c1.out.data<float>()};
+    float* dbs[2] = {db0.data<float>(), db1.data<float>()};
+    AX_PAIR_CUDA(x[0].device(), conv2d_backward_weight_bias_pair, c0.p, xs, dys, dws, dbs);
+    return {{c0.out, c1.out}, {db0, db1}};
+}
 #undef AX_PAIR_CUDA
 
 Tensor conv2d_backward_bias(const Tensor& dy) {
@@ -606,23 +626,27 @@ Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool chec
 
 // ---- softmax / cross-entropy ----------------------------------------------------------------------
 
+// labels int32 (N) on like's device, each in [0, C) when check_range (checked on the host).
+static void check_labels_arg(const char* op, const Tensor& labels, const char* like_arg, const Tensor& like, int N, int C,
+                             bool check_range) {
+    check_tensor(op, "labels", labels, DType::i32, 1, "(N,)");
+    check_same_device(op, like_arg, like, "labels", labels);
+    check_shape(op, "labels", labels, {N});
+    if (!check_range) return;
+    // Labels are small: check their range on the host so a bad one is an error, not a silent NaN.
+    Tensor host = labels.device().is_cpu() ? labels : labels.to(Device{});
+    const int32_t* l = host.data<int32_t>();
+    for (int i = 0; i < N; ++i)
+        if (l[i] < 0 || l[i] >= C)
+            throw ValueError(arg_prefix(op, "labels") + "holds " + std::to_string(l[i]) + " at " + std::to_string(i) +
+                             ", outside [0, " + std::to_string(C) + ")");
+}
+
 static SoftmaxParams softmax_params(const char* op, const Tensor& logits, const Tensor* labels, bool check_range = true) {
     check_tensor(op, "logits", logits, DType::f32, 2, "(N, classes)");
     SoftmaxParams p{dim_int(op, "logits", logits, 0), dim_int(op, "logits", logits, 1)};
     if (p.C < 1) throw ValueError(arg_prefix(op, "logits") + "has no classes");
-    if (labels) {
-        check_tensor(op, "labels", *labels, DType::i32, 1, "(N,)");
-        check_same_device(op, "logits", logits, "labels", *labels);
-        check_shape(op, "labels", *labels, {p.N});
-        if (!check_range) return p;
-        // Labels are small: check their range on the host so a bad one is an error, not a silent NaN.
-        Tensor host = labels->device().is_cpu() ? *labels : labels->to(Device{});
-        const int32_t* l = host.data<int32_t>();
-        for (int i = 0; i < p.N; ++i)
-            if (l[i] < 0 || l[i] >= p.C)
-                throw ValueError(arg_prefix(op, "labels") + "holds " + std::to_string(l[i]) + " at " + std::to_string(i) +
-                                 ", outside [0, " + std::to_string(p.C) + ")");
-    }
+    if (labels) check_labels_arg(op, *labels, "logits", logits, p.N, p.C, check_range);
     return p;
 }
 
@@ -648,6 +672,84 @@ Tensor softmax_cross_entropy_backward(const Tensor& probs, const Tensor& labels,
     AX_DISPATCH(probs.device(), softmax_cross_entropy_backward, p, probs.data<float>(), labels.data<int32_t>(), scale,
                 d.data<float>());
     return d;
+}
+
+#ifdef ALEXNET_WITH_CUDA
+#define AX_CUDA_ONLY(dev, name, ...)                          \
+    do {                                                      \
+        DeviceGuard g_(dev);                                  \
+        cuda::name(__VA_ARGS__, current_stream((dev).index)); \
+    } while (0)
+#else
+#define AX_CUDA_ONLY(dev, name, ...) throw std::runtime_error(#name ": alexnet_cuda was built without CUDA")
+#endif
+
+SoftmaxXent softmax_cross_entropy_forward_parts(const std::vector<Tensor>& parts, const Tensor& labels,
+                                                bool check_labels) {
+    const char* op = "softmax_cross_entropy_forward";
+    if (parts.empty()) throw ValueError(arg_prefix(op, "logit_parts") + "is empty");
+    for (const Tensor& x : parts) {
+        check_tensor(op, "logit_parts", x, DType::f32, 2, "(N, classes)");
+        check_same_device(op, "logit_parts[0]", parts[0], "logit_parts", x);
+        if (x.size(0) != parts[0].size(0))
+            throw ValueError(arg_prefix(op, "logit_parts") + "parts differ in their batch: " + parts[0].shape_str() +
+                             " vs " + x.shape_str());
+    }
+    // The CPU backend (and more parts than one launch takes) concatenates: the same bits, by the contract.
+    if (parts.size() == 1) return softmax_cross_entropy_forward(parts[0], labels, check_labels);
+    if (parts[0].device().is_cpu() || static_cast<int>(parts.size()) > kPlumbingMaxParts)
+        return softmax_cross_entropy_forward(concat_channels(parts), labels, check_labels);
+    SoftmaxParams p{dim_int(op, "logit_parts", parts[0], 0), 0};
+    std::vector<const float*> ptr;
+    std::vector<int> Cp;
+    int64_t C = 0;
+    for (const Tensor& x : parts) {
+        C = checked::add(op, "logit_parts", C, x.size(1));
+        if (x.size(1) == 0) continue;  // holds no class
+        ptr.push_back(x.data<float>());
+        Cp.push_back(dim_int(op, "logit_parts", x, 1));
+    }
+    p.C = checked::to_int(op, "logit_parts", C);
+    if (p.C < 1) throw ValueError(arg_prefix(op, "logit_parts") + "has no classes");
+    check_labels_arg(op, labels, "logit_parts[0]", parts[0], p.N, p.C, check_labels);
+    SoftmaxXent r;
+    r.loss = new_output(op, "loss", "'logit_parts'", {p.N}, DType::f32, parts[0]);
+    r.probs = new_output(op, "probs", "'logit_parts'", {p.N, p.C}, DType::f32, parts[0]);
+    r.rank = new_output(op, "rank", "'logit_parts'", {p.N}, DType::i32, parts[0]);
+    if (p.N == 0) return r;
+    AX_CUDA_ONLY(parts[0].device(), softmax_cross_entropy_forward_parts, p, static_cast<int>(ptr.size()), ptr.data(),
+                 Cp.data(), labels.data<int32_t>(), r.loss.data<float>(), r.probs.data<float>(),
+                 r.rank.data<int32_t>());
+    return r;
+}
+
+std::vector<Tensor> softmax_cross_entropy_backward_parts(const Tensor& probs, const Tensor& labels, float scale,
+                                                         int parts, bool check_labels) {
+    const char* op = "softmax_cross_entropy_backward";
+    auto p = softmax_params(op, probs, &labels, check_labels);
+    check_finite(op, "scale", scale);
+    check_positive(op, "parts", parts);
+    if (p.C % parts != 0)
+        throw ValueError(arg_prefix(op, "parts") + "(" + std::to_string(parts) + ") does not divide the " +
+                         std::to_string(p.C) + " classes");
+    const int per = p.C / parts;
+    if (parts == 1 || probs.device().is_cpu() || parts > kPlumbingMaxParts) {
+        const Tensor d = softmax_cross_entropy_backward(probs, labels, scale, /*check_labels=*/false);
+        if (parts == 1) return {d};
+        std::vector<Tensor> out;
+        for (int u = 0; u < parts; ++u) out.push_back(slice_channels(d, u * per, (u + 1) * per));
+        return out;
+    }
+    std::vector<Tensor> out;
+    std::vector<float*> ptr;
+    for (int u = 0; u < parts; ++u) {
+        out.push_back(new_output(op, "dlogits", "'probs'", {p.N, per}, DType::f32, probs));
+        ptr.push_back(out.back().data<float>());
+    }
+    if (p.N == 0) return out;
+    AX_CUDA_ONLY(probs.device(), softmax_cross_entropy_backward_parts, p, parts, probs.data<float>(),
+                 labels.data<int32_t>(), scale, ptr.data());
+    return out;
 }
 
 Tensor softmax_forward(const Tensor& logits) {
@@ -751,6 +853,21 @@ Tensor concat_channels(const std::vector<Tensor>& xs) {
     if (y.numel() == 0) return y;
     int c0 = 0;
     const int N = dim_int(op, "xs", x0, 0), Cw = checked::to_int(op, "xs", C);
+    if (x0.device().is_cuda()) {
+        // One launch for up to kPlumbingMaxParts parts (those holding channels).
+        std::vector<const float*> ptr;
+        std::vector<int> Cp;
+        for (const Tensor& x : xs)
+            if (x.size(1) > 0) {
+                ptr.push_back(x.data<float>());
+                Cp.push_back(dim_int(op, "xs", x, 1));
+            }
+        if (static_cast<int>(ptr.size()) <= kPlumbingMaxParts) {
+            AX_CUDA_ONLY(x0.device(), concat_channels, N, static_cast<int>(ptr.size()), ptr.data(), Cp.data(),
+                         inner_size(x0), y.data<float>());
+            return y;
+        }
+    }
     for (const Tensor& x : xs) {
         const int Cp = dim_int(op, "xs", x, 1);
         if (Cp > 0)
@@ -788,6 +905,52 @@ Tensor add(const Tensor& a, const Tensor& b) {
     AX_DISPATCH(a.device(), add, a.numel(), a.data<float>(), b.data<float>(), y.data<float>());
     return y;
 }
+
+std::vector<Tensor> split_sum_channels(const std::vector<Tensor>& xs, int parts) {
+    const char* op = "split_sum_channels";
+    if (xs.empty()) throw ValueError(arg_prefix(op, "xs") + "is empty");
+    const Tensor& x0 = xs[0];
+    check_tensor(op, "xs", x0, DType::f32, -1, "");
+    if (x0.dim() != 2 && x0.dim() != 4)
+        throw ValueError(arg_prefix(op, "xs") + "must hold 2-D (N, C) or 4-D (N, C, H, W) tensors, got " + x0.shape_str());
+    for (const Tensor& x : xs) {
+        check_tensor(op, "xs", x, DType::f32, static_cast<int>(x0.dim()), "like xs[0]");
+        check_same_device(op, "xs[0]", x0, "xs", x);
+        check_shape(op, "xs", x, x0.shape());
+    }
+    check_positive(op, "parts", parts);
+    const int C = dim_int(op, "xs", x0, 1);
+    if (C % parts != 0 || C == 0)
+        throw ValueError(arg_prefix(op, "parts") + "(" + std::to_string(parts) + ") does not divide the " +
+                         std::to_string(C) + " channels into nonempty slices");
+    const int per = C / parts;
+    const int count = static_cast<int>(xs.size());
+    if (x0.device().is_cpu() || count > kPlumbingMaxParts || parts > kPlumbingMaxParts) {
+        // slice_channels, then add in tower order: what the one-launch kernel's bits are defined by.
+        std::vector<Tensor> out;
+        for (int u = 0; u < parts; ++u) {
+            Tensor acc = slice_channels(xs[0], u * per, (u + 1) * per);
+            for (int t = 1; t < count; ++t) acc = add(acc, slice_channels(xs[t], u * per, (u + 1) * per));
+            out.push_back(acc);
+        }
+        return out;
+    }
+    std::vector<int64_t> shape = x0.shape();
+    shape[1] = per;
+    std::vector<Tensor> out;
+    std::vector<const float*> in;
+    std::vector<float*> ptr;
+    for (const Tensor& x : xs) in.push_back(x.data<float>());
+    for (int u = 0; u < parts; ++u) {
+        out.push_back(new_output(op, "ys", "'xs'", shape, DType::f32, x0));
+        ptr.push_back(out.back().data<float>());
+    }
+    if (out[0].numel() == 0) return out;
+    AX_CUDA_ONLY(x0.device(), split_sum_channels, dim_int(op, "xs", x0, 0), count, in.data(), C, parts,
+                 inner_size(x0), ptr.data());
+    return out;
+}
+#undef AX_CUDA_ONLY
 
 // ---- augmentation ---------------------------------------------------------------------------------
 
