@@ -23,13 +23,15 @@ M = 48), the other GEMMs split_tile (128x128 without split-K when M > 64, N > 64
 blocks; else 48x128 for a conv grad-weight whose M fits 48-row tiles better, 128x128 when M is a multiple of 128,
 64x128 for other conv grad-weights and 64x64 for other linear GEMMs) and choose_split_k (tiles that fill under
 half of one round of the GPU, 132 x blocks/SM, with Kr > 256 are cut into slices of >= 128 so that at most one
-round runs, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
-turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48, conv2 48->128, conv3 256->192
-reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
-is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices. The
-convolutions' three GEMM passes run as one launch for both towers (Net::pair_towers, ops::conv2d_*_pair: tower 1's
-blocks follow tower 0's in blockIdx.z; a grad-weight pair keeps one tower's tile and split-K), shown once with
-"pair" after the tile.
+round runs, plus a split_reduce launch that adds the slices of every tower, with 8 warps per element where the output
+is too small to give each SM's threads one; the conv bias gradient's slices ride in the conv grad-weight's). The net
+is the paper's two towers, both on one GPU in turn (one executor): each tower runs its own ops at its own shapes
+(conv1 3->48, conv2 48->128, conv3 256->192 reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048,
+fc7 4096->2048, fc8 4096->500), so the step is the sum over both towers of every pass below. Every conv and fc GEMM
+pass runs as one launch for both towers (Net::pair_towers, ops::conv2d_*_pair and ops::linear_*_pair: tower 1's
+blocks follow tower 0's in blockIdx.z; a pair keeps one tower's tile and split-K), shown once with "pair" after the
+tile; the cross-tower plumbing reads the other tower's tensors in place: one concat per gathered input, one
+split-and-sum per gathered input's gradient, the loss over the fc8 halves (no copies on one device).
 
 Occupancy (as cuda_occupancy.h computes it for sm_90): registers are allocated per warp in units of 256 and
 checked per SM sub-partition (4 x 16 K registers: warps/partition = floor(16384 / (ceil(32 r / 256) * 256))); shared
@@ -771,7 +773,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             z = N * l["out_c"] * PQ
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
-            add(m.gemm(name, "forward", "linear_fwd", N, l["out_c"], l["in_c"], 1, x_b + y_b + w_b))
+            add(m.gemm(name, "forward", "linear_fwd", N, l["out_c"], l["in_c"], 1, x_b + y_b + w_b, towers=T), 1)
             z = N * l["out_c"]
         # the ReLU runs in the forward GEMM's epilogue (conv2d_forward / linear_forward relu=True): no pass
         if l["lrn"] and l["pool"]:  # lrn_maxpool_forward: x in; y, scale, pool_y, argmax out; a block per plane
@@ -848,9 +850,10 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             nw = l["out_c"] * Kr
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
-            add(m.gemm(name, "grad-weight", "linear_wgrad", l["out_c"], l["in_c"], N, 1, x_b + y_b + w_b))
-            add(m.stream(name, "grad-bias", "linear_bias_grad", z * f, cdiv(l["out_c"], 32)))
-            add(m.gemm(name, "grad-input", "linear_dgrad", N, l["in_c"], l["out_c"], 1, x_b + y_b + w_b))
+            # ops::linear_*_pair: one launch per pass (and per split-K reduce) for both towers
+            add(m.gemm(name, "grad-weight", "linear_wgrad", l["out_c"], l["in_c"], N, 1, x_b + y_b + w_b, towers=T), 1)
+            add(m.stream(name, "grad-bias", "linear_bias_grad", T * z * f, T * cdiv(l["out_c"], 32)), 1)
+            add(m.gemm(name, "grad-input", "linear_dgrad", N, l["in_c"], l["out_c"], 1, x_b + y_b + w_b, towers=T), 1)
             nw = l["out_c"] * l["in_c"]
         sgd_sizes += [nw, l["out_c"]] * T
         if i > 0 and l["cross"]:
@@ -1176,7 +1179,7 @@ def run_model(args) -> Tuple[str, dict]:
                                                                              step_ms)
     used = []
     for op in GEMM_OPS:
-        for pair in (False, True) if op.startswith("conv_") else (False,):
+        for pair in (False, True):
             for bm, bn in GEMM_TILES[op]:
                 used.append((f"{op}{' pair' if pair else ''}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn, pair)))
     meta = dict(config="paper", batch=N, gpu_label={"h200": "H200 (H100 SXM compute)", "h100": "H100 SXM"}[args.gpu],

@@ -508,6 +508,15 @@ void Net::issue_forward(bool train) {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] {
                     s.a = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1, L.relu);
                 });
+            } else if (pair_towers()) {
+                if (t == 0)
+                    sched_->run(0, L.name + ".fprop", [this, l, &L] {
+                        LayerState &s0 = st_[0][l], &s1 = st_[1][l];
+                        const Params &p0 = params_[0][l], &p1 = params_[1][l];
+                        const auto r = ops::linear_forward_pair({s0.in, s1.in}, {p0.w, p1.w}, {p0.b, p1.b}, L.relu);
+                        s0.a = r[0];
+                        s1.a = r[1];
+                    });
             } else {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] { s.a = ops::linear_forward(s.in, p.w, p.b, L.relu); });
             }
@@ -714,7 +723,25 @@ void Net::issue_backward(float lr) {
                 });
             }
         };
-        if (L.conv && pair_towers()) {
+        if (!L.conv && pair_towers()) {
+            // Both towers' gradients in one launch per pass (one for both biases), in tower 0's slot.
+            for (int t = 0; t < T; ++t) epilogue(t);
+            LayerState &s0 = st_[0][l], &s1 = st_[1][l];
+            sched_->run(0, L.name + ".wgrad", [&s0, &s1] {
+                const auto r = ops::linear_backward_weight_bias_pair({s0.in, s1.in}, {s0.d_out, s1.d_out});
+                s0.dw = r.dw[0];
+                s1.dw = r.dw[1];
+                s0.db = r.db[0];
+                s1.db = r.db[1];
+            });
+            if (l > 0)
+                sched_->run(0, L.name + ".dgrad", [this, &s0, &s1, l] {
+                    const auto r = ops::linear_backward_input_pair({s0.d_out, s1.d_out}, {params_[0][l].w, params_[1][l].w});
+                    s0.d_in = r[0];
+                    s1.d_in = r[1];
+                });
+            for (int t = 0; t < T; ++t) finish(t);
+        } else if (L.conv && pair_towers()) {
             // Both towers' gradients in one launch per pass, in tower 0's slot, after both epilogues.
             for (int t = 0; t < T; ++t) epilogue(t);
             LayerState &s0 = st_[0][l], &s1 = st_[1][l];

@@ -121,8 +121,9 @@ public:
     const std::vector<LayerSpec>& layers() const { return layers_; }
     const Scheduler& scheduler() const { return *sched_; }
     std::vector<Device> devices() const { return devices_; }
-    // Two towers on one CUDA device and one executor: each conv pass runs as one launch for both towers
-    // (ops::conv2d_*_pair), so that their blocks fill the GPU together.
+    // Two towers on one CUDA device and one executor: each conv and fc pass runs as one launch for both towers
+    // (ops::conv2d_*_pair, ops::linear_*_pair), so that their blocks fill the GPU together; the cross-tower
+    // plumbing reads the other tower's tensors in place (one gather per layer, one split_sum_channels per d_in).
     bool pair_towers() const {
         return cfg_.towers == 2 && sched_->shared() && devices_[0] == devices_[1] && devices_[0].is_cuda();
     }

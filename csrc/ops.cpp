@@ -356,71 +356,177 @@ Tensor conv2d_backward_bias(const Tensor& dy) {
 
 // ---- linear ---------------------------------------------------------------------------------------
 
-Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
+// A linear pass's checked arguments: its params and its allocated output (opt: the nullable bias).
+struct LinCall {
+    LinearParams p;
+    Tensor out;
+    const float* opt = nullptr;
+};
+
+static LinCall linear_forward_call(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
     const char* op = "linear_forward";
     check_tensor(op, "x", x, DType::f32, 2, "(N, in)");
     check_tensor(op, "w", w, DType::f32, 2, "(out, in)");
     check_same_device(op, "x", x, "w", w);
     check_nonempty(op, "w", w, {0, 1}, "out, in");
-    LinearParams p{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "w", w, 0)};
-    p.relu = relu;
-    if (w.size(1) != p.I)
+    LinCall c;
+    c.p = LinearParams{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "w", w, 0)};
+    c.p.relu = relu;
+    if (w.size(1) != c.p.I)
         throw ValueError(arg_prefix(op, "w") + "has " + std::to_string(w.size(1)) + " input features but x has " +
-                         std::to_string(p.I));
-    const float* bp = nullptr;
+                         std::to_string(c.p.I));
     if (b) {
         check_tensor(op, "b", *b, DType::f32, 1, "(out,)");
         check_same_device(op, "x", x, "b", *b);
-        check_shape(op, "b", *b, {p.O});
-        bp = b->data<float>();
+        check_shape(op, "b", *b, {c.p.O});
+        c.opt = b->data<float>();
     }
-    Tensor y = new_output(op, "y", "'x', 'w'", {p.N, p.O}, DType::f32, x);
-    if (y.numel() == 0) return y;
-    AX_DISPATCH(x.device(), linear_forward, p, x.data<float>(), w.data<float>(), bp, y.data<float>());
-    return y;
+    c.out = new_output(op, "y", "'x', 'w'", {c.p.N, c.p.O}, DType::f32, x);
+    return c;
 }
 
-Tensor linear_backward_input(const Tensor& dy, const Tensor& w) {
+static LinCall linear_backward_input_call(const Tensor& dy, const Tensor& w) {
     const char* op = "linear_backward_input";
     check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
     check_tensor(op, "w", w, DType::f32, 2, "(out, in)");
     check_same_device(op, "dy", dy, "w", w);
     check_nonempty(op, "w", w, {0, 1}, "out, in");
-    LinearParams p{dim_int(op, "dy", dy, 0), dim_int(op, "w", w, 1), dim_int(op, "w", w, 0)};
-    if (dy.size(1) != p.O)
+    LinCall c;
+    c.p = LinearParams{dim_int(op, "dy", dy, 0), dim_int(op, "w", w, 1), dim_int(op, "w", w, 0)};
+    if (dy.size(1) != c.p.O)
         throw ValueError(arg_prefix(op, "dy") + "has " + std::to_string(dy.size(1)) + " features but w has " +
-                         std::to_string(p.O) + " outputs");
-    Tensor dx = new_output(op, "dx", "'dy', 'w'", {p.N, p.I}, DType::f32, dy);
-    if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), linear_backward_input, p, dy.data<float>(), w.data<float>(), dx.data<float>());
-    return dx;
+                         std::to_string(c.p.O) + " outputs");
+    c.out = new_output(op, "dx", "'dy', 'w'", {c.p.N, c.p.I}, DType::f32, dy);
+    return c;
 }
 
-Tensor linear_backward_weight(const Tensor& x, const Tensor& dy) {
+static LinCall linear_backward_weight_call(const Tensor& x, const Tensor& dy) {
     const char* op = "linear_backward_weight";
     check_tensor(op, "x", x, DType::f32, 2, "(N, in)");
     check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
     check_same_device(op, "x", x, "dy", dy);
     check_nonempty(op, "x", x, {1}, "in");
     check_nonempty(op, "dy", dy, {1}, "out");
-    LinearParams p{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "dy", dy, 1)};
-    if (dy.size(0) != p.N)
+    LinCall c;
+    c.p = LinearParams{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "dy", dy, 1)};
+    if (dy.size(0) != c.p.N)
         throw ValueError(arg_prefix(op, "dy") + "has batch " + std::to_string(dy.size(0)) + " but x has " +
-                         std::to_string(p.N));
-    Tensor dw = new_output(op, "dw", "'x', 'dy'", {p.O, p.I}, DType::f32, x);
-    AX_DISPATCH(x.device(), linear_backward_weight, p, x.data<float>(), dy.data<float>(), dw.data<float>());
-    return dw;
+                         std::to_string(c.p.N));
+    c.out = new_output(op, "dw", "'x', 'dy'", {c.p.O, c.p.I}, DType::f32, x);
+    return c;
+}
+
+static LinCall linear_backward_bias_call(const Tensor& dy) {
+    const char* op = "linear_backward_bias";
+    check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
+    LinCall c;
+    c.p = LinearParams{dim_int(op, "dy", dy, 0), 0, dim_int(op, "dy", dy, 1)};
+    c.out = new_output(op, "db", "'dy'", {c.p.O}, DType::f32, dy);
+    return c;
+}
+
+Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
+    const LinCall c = linear_forward_call(x, w, b, relu);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(x.device(), linear_forward, c.p, x.data<float>(), w.data<float>(), c.opt, c.out.data<float>());
+    return c.out;
+}
+
+Tensor linear_backward_input(const Tensor& dy, const Tensor& w) {
+    const LinCall c = linear_backward_input_call(dy, w);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(dy.device(), linear_backward_input, c.p, dy.data<float>(), w.data<float>(), c.out.data<float>());
+    return c.out;
+}
+
+Tensor linear_backward_weight(const Tensor& x, const Tensor& dy) {
+    const LinCall c = linear_backward_weight_call(x, dy);
+    AX_DISPATCH(x.device(), linear_backward_weight, c.p, x.data<float>(), dy.data<float>(), c.out.data<float>());
+    return c.out;
 }
 
 Tensor linear_backward_bias(const Tensor& dy) {
-    const char* op = "linear_backward_bias";
-    check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
-    LinearParams p{dim_int(op, "dy", dy, 0), 0, dim_int(op, "dy", dy, 1)};
-    Tensor db = new_output(op, "db", "'dy'", {p.O}, DType::f32, dy);
-    if (db.numel() == 0) return db;
-    AX_DISPATCH(dy.device(), linear_backward_bias, p, dy.data<float>(), db.data<float>());
-    return db;
+    const LinCall c = linear_backward_bias_call(dy);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(dy.device(), linear_backward_bias, c.p, dy.data<float>(), c.out.data<float>());
+    return c.out;
 }
+
+// A pair's towers: one device, one shape (the same LinearParams).
+static void check_linear_pair(const char* op, const char* arg, const Tensor& t0, const Tensor& t1, const LinCall& c0,
+                              const LinCall& c1) {
+    if (t0.device() != t1.device())
+        throw ValueError(arg_prefix(op, arg) + "tower 1's tensor is on " + t1.device().str() + ", tower 0's on " +
+                         t0.device().str() + " (a pair shares one device)");
+    const LinearParams &a = c0.p, &b = c1.p;
+    if (!(a.N == b.N && a.I == b.I && a.O == b.O && a.relu == b.relu && (c0.opt == nullptr) == (c1.opt == nullptr)))
+        throw ValueError(arg_prefix(op, arg) + "tower 1's shape " + t1.shape_str() + " differs from tower 0's " +
+                         t0.shape_str() + " (a pair has one shape)");
+}
+
+#ifdef ALEXNET_WITH_CUDA
+#define AX_LIN_PAIR_CUDA(dev, name, ...)                       \
+    do {                                                      \
+        DeviceGuard g_(dev);                                  \
+        cuda::name(__VA_ARGS__, current_stream((dev).index)); \
+    } while (0)
+#else
+#define AX_LIN_PAIR_CUDA(dev, name, ...) throw std::runtime_error(#name ": alexnet_cuda was built without CUDA")
+#endif
+
+TensorPair linear_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
+                               bool relu) {
+    const LinCall c0 = linear_forward_call(x[0], w[0], b[0], relu), c1 = linear_forward_call(x[1], w[1], b[1], relu);
+    check_linear_pair("linear_forward_pair", "x", x[0], x[1], c0, c1);
+    if (c0.out.numel() == 0) return {c0.out, c1.out};
+    if (x[0].device().is_cpu()) {
+        cpu::linear_forward(c0.p, x[0].data<float>(), w[0].data<float>(), c0.opt, c0.out.data<float>());
+        cpu::linear_forward(c1.p, x[1].data<float>(), w[1].data<float>(), c1.opt, c1.out.data<float>());
+    } else {
+        const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+        const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+        const float* bs[2] = {c0.opt, c1.opt};
+        float* ys[2] = {c0.out.data<float>(), c1.out.data<float>()};
+        AX_LIN_PAIR_CUDA(x[0].device(), linear_forward_pair, c0.p, xs, ws, bs, ys);
+    }
+    return {c0.out, c1.out};
+}
+
+TensorPair linear_backward_input_pair(const TensorPair& dy, const TensorPair& w) {
+    const LinCall c0 = linear_backward_input_call(dy[0], w[0]), c1 = linear_backward_input_call(dy[1], w[1]);
+    check_linear_pair("linear_backward_input_pair", "dy", dy[0], dy[1], c0, c1);
+    if (c0.out.numel() == 0) return {c0.out, c1.out};
+    if (dy[0].device().is_cpu()) {
+        cpu::linear_backward_input(c0.p, dy[0].data<float>(), w[0].data<float>(), c0.out.data<float>());
+        cpu::linear_backward_input(c1.p, dy[1].data<float>(), w[1].data<float>(), c1.out.data<float>());
+    } else {
+        const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+        const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+        float* dxs[2] = {c0.out.data<float>(), c1.out.data<float>()};
+        AX_LIN_PAIR_CUDA(dy[0].device(), linear_backward_input_pair, c0.p, dys, ws, dxs);
+    }
+    return {c0.out, c1.out};
+}
+
+WeightBiasPair linear_backward_weight_bias_pair(const TensorPair& x, const TensorPair& dy) {
+    const LinCall c0 = linear_backward_weight_call(x[0], dy[0]), c1 = linear_backward_weight_call(x[1], dy[1]);
+    check_linear_pair("linear_backward_weight_bias_pair", "x", x[0], x[1], c0, c1);
+    const LinCall b0 = linear_backward_bias_call(dy[0]), b1 = linear_backward_bias_call(dy[1]);
+    if (x[0].device().is_cpu()) {
+        cpu::linear_backward_weight(c0.p, x[0].data<float>(), dy[0].data<float>(), c0.out.data<float>());
+        cpu::linear_backward_weight(c1.p, x[1].data<float>(), dy[1].data<float>(), c1.out.data<float>());
+        cpu::linear_backward_bias(b0.p, dy[0].data<float>(), b0.out.data<float>());
+        cpu::linear_backward_bias(b1.p, dy[1].data<float>(), b1.out.data<float>());
+    } else {
+        const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+        const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+        float* dws[2] = {c0.out.data<float>(), c1.out.data<float>()};
+        float* dbs[2] = {b0.out.data<float>(), b1.out.data<float>()};
+        AX_LIN_PAIR_CUDA(x[0].device(), linear_backward_weight_bias_pair, c0.p, xs, dys, dws, dbs);
+    }
+    return {{c0.out, c1.out}, {b0.out, b1.out}};
+}
+#undef AX_LIN_PAIR_CUDA
 
 // ---- relu -----------------------------------------------------------------------------------------
 

@@ -127,6 +127,13 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tens
 Tensor linear_backward_input(const Tensor& dy, const Tensor& w);   // (N,I) = dy W
 Tensor linear_backward_weight(const Tensor& x, const Tensor& dy);  // (O,I) = dy^T x
 Tensor linear_backward_bias(const Tensor& dy);                     // (O) = sum over N
+// Both towers at once, as the conv pairs: each tower checked as the single form, one shape and device; on CUDA one
+// launch per pass (and one split-K reduce) for both, the same bits as two single calls. The weight and bias
+// gradients come together (the bias one launch for both towers). The CPU backend runs the single forms.
+TensorPair linear_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
+                               bool relu = false);
+TensorPair linear_backward_input_pair(const TensorPair& dy, const TensorPair& w);
+WeightBiasPair linear_backward_weight_bias_pair(const TensorPair& x, const TensorPair& dy);
 
 Tensor relu_forward(const Tensor& x);
 Tensor relu_backward(const Tensor& dy, const Tensor& y);  // dy where y > 0, else 0
@@ -284,6 +291,12 @@ void conv2d_backward_input_pair(const Conv2dParams& p, const float* const dy[2],
 void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
                                  float* const dw[2], void* stream);
 void conv2d_backward_weight_bias_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
+                                      float* const dw[2], float* const db[2], void* stream);
+void linear_forward_pair(const LinearParams& p, const float* const x[2], const float* const w[2],
+                         const float* const b[2] /*entries nullable*/, float* const y[2], void* stream);
+void linear_backward_input_pair(const LinearParams& p, const float* const dy[2], const float* const w[2],
+                                float* const dx[2], void* stream);
+void linear_backward_weight_bias_pair(const LinearParams& p, const float* const x[2], const float* const dy[2],
                                       float* const dw[2], float* const db[2], void* stream);
 // The plumbing in one launch (count, parts <= kPlumbingMaxParts): whole (N, sum Cp, inner) = the parts side by
 // side; ys[u] (N, C/parts, inner) = sum over t of xs[t] (N, C, inner)[:, u*C/parts ...] in t order.

@@ -500,7 +500,7 @@ __global__ void __launch_bounds__(kBiasThreads)
     conv2d_backward_bias_kernel(int K, int PQ, int64_t per_channel, int64_t chunk, BiasTowers bt) {
     __shared__ float red[kBiasThreads / 32 + 1];
     const int k = blockIdx.x, s = blockIdx.y;
-    const float* __restrict__ dy = bt.dy[blockIdx.z];
+    const float* __restrict__ dy = pick(bt.dy, blockIdx.z);
     const int64_t j0 = static_cast<int64_t>(s) * chunk;
     const int64_t j1 = j0 + chunk < per_channel ? j0 + chunk : per_channel;
     // (n, pq) of j, advanced by the block's stride without a division per element.
@@ -519,7 +519,7 @@ __global__ void __launch_bounds__(kBiasThreads)
         }
     }
     acc = block_sum<kBiasThreads>(acc, red);
-    if (threadIdx.x == 0) bt.part[blockIdx.z][static_cast<int64_t>(s) * K + k] = acc;
+    if (threadIdx.x == 0) pick(bt.part, blockIdx.z)[static_cast<int64_t>(s) * K + k] = acc;
 }
 
 // The first pass of n = 1 or 2 towers' bias gradients (dy[i] -> db[i]) in one launch. Returns the slice count;

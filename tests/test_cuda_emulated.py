@@ -51,7 +51,7 @@ EXPECTED_CHECKS = {
     "conv_alexnet": 45,
     "conv_bigtile": 21,
     "conv_pair": 141,
-    "linear": 48,
+    "linear": 108,
     "linear_bigtile": 12,
     "gridstride": 14,
     "net": 104,

@@ -325,6 +325,38 @@ void test_linear(int N, int I, int O, bool bias) {
     check_rel("linear_backward_bias " + name, ops::linear_backward_bias(tdy), db, kReduction);
 }
 
+// Both towers' linear passes in one launch each (what Net issues when the towers share a device and a stream):
+// bit for bit the single calls, on CUDA and on the CPU backend (the single calls are checked against float64 above).
+void test_linear_pair(int N, int I, int O) {
+    const std::string name = fmt("N%d I%d O%d", N, I, O);
+    for (const Device dev : {GPU, Device{}}) {
+        ops::TensorPair x, w, dy;
+        std::array<std::optional<Tensor>, 2> b;
+        for (int t = 0; t < 2; ++t) {
+            x[t] = host_tensor({N, I}, randv(size_t(N) * I)).to(dev);
+            w[t] = host_tensor({O, I}, randv(size_t(O) * I)).to(dev);
+            b[t] = host_tensor({O}, randv(O)).to(dev);
+            dy[t] = host_tensor({N, O}, randv(size_t(N) * O)).to(dev);
+        }
+        const std::string nm = name + (dev.is_cpu() ? " (cpu)" : " (cuda)");
+        const auto y = ops::linear_forward_pair(x, w, b);
+        const auto yr = ops::linear_forward_pair(x, w, b, /*relu=*/true);
+        const auto dx = ops::linear_backward_input_pair(dy, w);
+        const auto wb = ops::linear_backward_weight_bias_pair(x, dy);
+        for (int t = 0; t < 2; ++t) {
+            const std::string tn = fmt(" tower %d ", t) + nm;
+            check_same_bits("linear_forward_pair == single" + tn, y[t], ops::linear_forward(x[t], w[t], b[t]));
+            check_same_bits("linear_forward_pair relu == single" + tn, yr[t],
+                            ops::linear_forward(x[t], w[t], b[t], /*relu=*/true));
+            check_same_bits("linear_backward_input_pair == single" + tn, dx[t], ops::linear_backward_input(dy[t], w[t]));
+            check_same_bits("linear_backward_weight_bias_pair dw == single" + tn, wb.dw[t],
+                            ops::linear_backward_weight(x[t], dy[t]));
+            check_same_bits("linear_backward_weight_bias_pair db == single" + tn, wb.db[t],
+                            ops::linear_backward_bias(dy[t]));
+        }
+    }
+}
+
 // ---- elementwise -------------------------------------------------------------------------------------
 
 void test_elementwise(int64_t n) {
@@ -942,6 +974,11 @@ void group_linear() {
     test_linear(1, 1, 1, true);
     test_linear(2, 4096, 500, true);  // AlexNet fc8, one tower's half of the classes, batch 2
     test_linear(2, 4096, 2048, true);  // AlexNet fc7, one tower, batch 2 (fc6 differs only in I=9216)
+    // Pairs: split-K in every pass with the reduce's lanes (fc8's shape), a 64x64 tile without split, and M = 128
+    // on 128x128 tiles (forward split-K with its ReLU and bias in the reduce).
+    test_linear_pair(2, 4096, 500);
+    test_linear_pair(17, 33, 65);
+    test_linear_pair(128, 300, 70);
 }
 
 void group_linear_bigtile() {
