@@ -852,7 +852,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
             # ops::linear_*_pair: one launch per pass (and per split-K reduce) for both towers
             add(m.gemm(name, "grad-weight", "linear_wgrad", l["out_c"], l["in_c"], N, 1, x_b + y_b + w_b, towers=T), 1)
-            add(m.stream(name, "grad-bias", "linear_bias_grad", T * z * f, T * cdiv(l["out_c"], 32)), 1)
+            add(m.stream(name, "grad-bias", "linear_bias_grad", T * z * f, T * cdiv(l["out_c"], 8), threads=1024), 1)
             add(m.gemm(name, "grad-input", "linear_dgrad", N, l["in_c"], l["out_c"], 1, x_b + y_b + w_b, towers=T), 1)
             nw = l["out_c"] * l["in_c"]
         sgd_sizes += [nw, l["out_c"]] * T
@@ -998,7 +998,7 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
             fw = m.gemm(l["name"], "forward", "linear_fwd", N, O, I)
             dg = m.gemm(l["name"], "grad-input", "linear_dgrad", N, I, O)
             wg = m.gemm(l["name"], "grad-weight", "linear_wgrad", O, I, N)
-            bb = m.stream(l["name"], "grad-bias", "linear_bias_grad", N * O * 4.0, cdiv(O, 32))
+            bb = m.stream(l["name"], "grad-bias", "linear_bias_grad", N * O * 4.0, cdiv(O, 8), threads=1024)
             for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), ([bb], "grad-bias")):
                 out[(l["name"], pname)] = sum(p.ms for p in ps)
     return out

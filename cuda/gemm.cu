@@ -146,29 +146,31 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const*
     }
 }
 
-// db[o] = sum over n of dy[n, o]: block = 32 columns x 8 row-lanes; lane r sums rows r, r+8, ... in order,
-// then lane 0 adds the 8 partials in order. Coalesced along o, deterministic, no atomics.
-// blockIdx.y: the tower (dy and db of a pair).
+// db[o] = sum over n of dy[n, o]: block = 8 columns x 128 row-lanes (a 32-byte sector per row, fully used); lane r
+// sums rows r, r + 128, ... in order, then the 128 lanes' sums are added by a fixed halving tree. Narrow blocks of
+// many lanes fill the GPU where a wide block per 32 columns did not (fc8: 500 columns, 128 rows). Deterministic, no
+// atomics. blockIdx.y: the tower (dy and db of a pair).
+constexpr int kBiasCols = 8, kBiasLanes = 128;
 struct BiasPtrs {
     const float* dy[2];
     float* db[2];
 };
-__global__ void __launch_bounds__(256) linear_backward_bias_kernel(int N, int O, BiasPtrs bp) {
-    __shared__ float part[8][33];
+__global__ void __launch_bounds__(kBiasCols * kBiasLanes) linear_backward_bias_kernel(int N, int O, BiasPtrs bp) {
+    __shared__ float part[kBiasLanes][kBiasCols + 1];
     const float* __restrict__ dy = pick(bp.dy, blockIdx.y);
     float* __restrict__ db = pick(bp.db, blockIdx.y);
-    const int o = blockIdx.x * 32 + threadIdx.x;
+    const int o = blockIdx.x * kBiasCols + threadIdx.x;
     float s = 0.0f;
     if (o < O)
-        for (int n = threadIdx.y; n < N; n += 8) s += dy[static_cast<int64_t>(n) * O + o];
+        for (int n = threadIdx.y; n < N; n += kBiasLanes) s += dy[static_cast<int64_t>(n) * O + o];
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
-    if (threadIdx.y == 0 && o < O) {
-        float t = part[0][threadIdx.x];
 #pragma unroll
-        for (int r = 1; r < 8; ++r) t += part[r][threadIdx.x];
-        db[o] = t;
+    for (int h = kBiasLanes / 2; h > 0; h /= 2) {
+        if (static_cast<int>(threadIdx.y) < h) part[threadIdx.y][threadIdx.x] += part[threadIdx.y + h][threadIdx.x];
+        __syncthreads();
     }
+    if (threadIdx.y == 0 && o < O) db[o] = part[0][threadIdx.x];
 }
 
 // The linear passes of n = 1 or 2 towers (index i: tower i; the pair forms are one launch for both).
@@ -217,7 +219,7 @@ void linear_bgrad(const LinearParams& p, int n, const float* const* dy, float* c
         bp.dy[i] = dy[i];
         bp.db[i] = db[i];
     }
-    const dim3 block(32, 8), grid((p.O + 31) / 32, n);
+    const dim3 block(kBiasCols, kBiasLanes), grid((p.O + kBiasCols - 1) / kBiasCols, n);
     linear_backward_bias_kernel<<<grid, block, 0, as_stream(stream)>>>(p.N, p.O, bp);
     AX_LAUNCH_CHECK("linear_backward_bias");
 }
