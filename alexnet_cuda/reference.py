@@ -314,6 +314,12 @@ def add(a, b):
     return _f64(a) + _f64(b)
 
 
+def split_sum_channels(xs, parts):
+    """Slice u of every x (the channels cut into `parts` equal slices), summed over the xs."""
+    per = xs[0].shape[1] // parts
+    return [sum(_f64(x)[:, u * per:(u + 1) * per] for x in xs) for u in range(parts)]
+
+
 # ---- augmentation ---------------------------------------------------------------------------------
 
 def augment_batch(images, offsets, flips, light, mean, crop):

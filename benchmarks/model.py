@@ -23,13 +23,15 @@ M = 48), the other GEMMs split_tile (128x128 without split-K when M > 64, N > 64
 blocks; else 48x128 for a conv grad-weight whose M fits 48-row tiles better, 128x128 when M is a multiple of 128,
 64x128 for other conv grad-weights and 64x64 for other linear GEMMs) and choose_split_k (tiles that fill under
 half of one round of the GPU, 132 x blocks/SM, with Kr > 256 are cut into slices of >= 128 so that at most one
-round runs, plus a splitk_reduce launch). The net is the paper's two towers, both on one GPU in
-turn (one executor): each tower runs its own ops at its own shapes (conv1 3->48, conv2 48->128, conv3 256->192
-reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048, fc7 4096->2048, fc8 4096->500), so the step
-is the sum over both towers of every pass below, plus the cross-tower copies, concatenations and slices. The
-convolutions' three GEMM passes run as one launch for both towers (Net::pair_towers, ops::conv2d_*_pair: tower 1's
-blocks follow tower 0's in blockIdx.z; a grad-weight pair keeps one tower's tile and split-K), shown once with
-"pair" after the tile.
+round runs, plus a split_reduce launch that adds the slices of every tower, with 8 warps per element where the output
+is too small to give each SM's threads one; the conv bias gradient's slices ride in the conv grad-weight's). The net
+is the paper's two towers, both on one GPU in turn (one executor): each tower runs its own ops at its own shapes
+(conv1 3->48, conv2 48->128, conv3 256->192 reading both towers, conv4 192->192, conv5 192->128, fc6 9216->2048,
+fc7 4096->2048, fc8 4096->500), so the step is the sum over both towers of every pass below. Every conv and fc GEMM
+pass runs as one launch for both towers (Net::pair_towers, ops::conv2d_*_pair and ops::linear_*_pair: tower 1's
+blocks follow tower 0's in blockIdx.z; a pair keeps one tower's tile and split-K), shown once with "pair" after the
+tile; the cross-tower plumbing reads the other tower's tensors in place: one concat per gathered input, one
+split-and-sum per gathered input's gradient, the loss over the fc8 halves (no copies on one device).
 
 Occupancy (as cuda_occupancy.h computes it for sm_90): registers are allocated per warp in units of 256 and
 checked per SM sub-partition (4 x 16 K registers: warps/partition = floor(16384 / (ceil(32 r / 256) * 256))); shared
@@ -405,9 +407,8 @@ GEMM_TILES = {
     "linear_wgrad": ((128, 128), (64, 64)),
 }
 KERNELS = {
-    "splitk_reduce": ("gemm.cu", "splitk_reduce_kernel"),
+    "splitk_reduce": ("gemm.cu", "split_reduce_kernel"),
     "conv_bias_grad": ("conv.cu", "conv2d_backward_bias_kernel"),
-    "conv_bias_sum": ("conv.cu", "conv2d_backward_bias_sum_kernel"),
     "linear_bias_grad": ("gemm.cu", "linear_backward_bias_kernel"),
     "relu_fwd": ("relu.cu", "relu_forward_kernel"),
     "relu_bwd": ("relu.cu", "relu_backward_kernel"),
@@ -423,6 +424,8 @@ KERNELS = {
     "sgd": ("sgd.cu", "sgd_update_multi_kernel"),
     "insert": ("tensor_ops.cu", "channel_copy_kernelI6float4Lb1E"),
     "extract": ("tensor_ops.cu", "channel_copy_kernelI6float4Lb0E"),
+    "concat": ("tensor_ops.cu", "concat_parts_kernelI6float4E"),
+    "split_sum": ("tensor_ops.cu", "split_sum_kernelI6float4E"),
     "add": ("tensor_ops.cu", "add_kernel"),
     "augment": ("augment.cu", "augment_batch_kernel"),
 }
@@ -584,8 +587,12 @@ class Model:
         self.sass = sass
 
     def gemm(self, layer: str, pass_: str, op: str, M: int, N: int, K: int, Z: int = 1,
-             bytes_: float = 0.0, towers: int = 1) -> List[Pass]:
-        """One launch of an M x N x K GEMM (x Z groups) for `towers` towers at once; bytes_ are one tower's."""
+             bytes_: float = 0.0, towers: int = 1, extra: Optional[List[Tuple[int, int]]] = None,
+             extra_name: str = "") -> List[Pass]:
+        """One launch of an M x N x K GEMM (x Z groups) for `towers` towers at once; bytes_ are one tower's. With
+        split-K, one split_reduce launch adds every tower's slices, and the `extra` reductions (n, splits) the
+        launcher folds into it (the conv bias gradient's slices, `extra_name` in the pass's name); without split-K
+        those have a launch of their own."""
         g = plan_gemm(op, M, N, K, Z, towers)
         bytes_ = bytes_ * towers
         info = gemm_kernel(self.k, op, g.tile, g.bn, pair=towers > 1)
@@ -616,13 +623,20 @@ class Model:
                  B, bps, B / (bps * SMS), info.ffma_share if self.sass else None, spill, useful, bytes_,
                  useful / padded, (padded / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
         out = [p]
-        if g.splits > 1:
-            total = M * N * Z
-            # One reduce launch per tower.
-            out.append(self.stream(layer, pass_ + " reduce", "splitk_reduce", towers * (g.splits + 1) * total * 4.0,
-                                   grid=min(cdiv(total, THREADS_1D), MAX_BLOCKS_1D), threads=THREADS_1D,
-                                   launches=towers))
+        segs = ([(M * N * Z, g.splits)] * towers if g.splits > 1 else []) + list(extra or [])
+        if segs:
+            if g.splits > 1:
+                out.append(self.split_reduce(layer, pass_ + " reduce", segs, extra_name if extra else ""))
+            else:
+                out.append(self.split_reduce(layer, "grad-bias: sum slices", segs))
         return out
+
+    def split_reduce(self, layer: str, pass_: str, segs: List[Tuple[int, int]], also: str = "") -> Pass:
+        """One split_reduce launch (common.cuh) over segments (n, splits): bytes (splits + 1) n floats each, and
+        each segment's blocks (256 elements, or 32 with lanes)."""
+        bytes_ = sum((sp + 1) * n * 4.0 for n, sp in segs)
+        grid = sum(cdiv(n, THREADS_1D // reduce_lanes(n, sp)) for n, sp in segs)
+        return self.stream(layer, pass_ + (f" + {also}" if also else ""), "splitk_reduce", bytes_, grid)
 
     def stream(self, layer: str, pass_: str, kernel: str, bytes_: float, grid: int, threads: int = THREADS_1D,
                active: Optional[int] = None, launches: int = 1) -> Pass:
@@ -656,6 +670,14 @@ def grid_1d(n: int) -> int:
     return max(1, min(cdiv(n, THREADS_1D), MAX_BLOCKS_1D))
 
 
+REDUCE_LANES, REDUCE_SMALL = 8, 65536  # common.cuh kReduceLanes, kReduceSmall
+
+
+def reduce_lanes(n: int, splits: int) -> int:
+    """Lanes (warps) per output element of split_reduce (common.cuh split_reduce_lanes)."""
+    return REDUCE_LANES if n < REDUCE_SMALL and splits >= REDUCE_LANES else 1
+
+
 BIAS_TARGET_BLOCKS = 1056  # conv.cu kBiasTargetBlocks
 SGD_MAX_SEGS = 40          # sgd.cu kSgdMaxSegs
 
@@ -667,13 +689,19 @@ def conv_bias_splits(K: int, per_channel: int) -> int:
     return max(1, min(want, most, 65535))
 
 
-def conv_bias_passes(m: "Model", layer: str, N: int, K: int, PQ: int) -> List["Pass"]:
-    """The conv bias gradient: K x splits blocks over dy, then (splits > 1) one thread per channel adding the slices."""
+def conv_bias_passes(m: "Model", layer: str, N: int, K: int, PQ: int, towers: int = 1,
+                     reduce: bool = True) -> Tuple[List["Pass"], List[Tuple[int, int]]]:
+    """The conv bias gradient of `towers` towers: one launch of K x splits x towers blocks over dy, then (splits > 1)
+    the slices added by split_reduce: its own launch when `reduce` (conv2d_backward_bias), else returned as segments
+    (n, splits) for the weight gradient's reduce launch (conv2d_backward_weight_bias_pair)."""
     s = conv_bias_splits(K, N * PQ)
-    out = [m.stream(layer, "grad-bias", "conv_bias_grad", N * K * PQ * 4.0 + K * s * 4.0, K * s)]
-    if s > 1:
-        out.append(m.stream(layer, "grad-bias: sum slices", "conv_bias_sum", (s + 1) * K * 4.0, grid_1d(K)))
-    return out
+    out = [m.stream(layer, "grad-bias" + (" (both towers)" if towers > 1 else ""), "conv_bias_grad",
+                    towers * (N * K * PQ * 4.0 + K * s * 4.0), K * s * towers)]
+    segs = [(K, s)] * towers if s > 1 else []
+    if segs and reduce:
+        out.append(m.split_reduce(layer, "grad-bias: sum slices", segs))
+        segs = []
+    return out, segs
 
 
 def sgd_multi_pass(m: "Model", layer: str, sizes: List[int], pass_: str = "sgd (all parameters)") -> "Pass":
@@ -730,11 +758,12 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
     for i, l in enumerate(L):
         name = l["name"]
         if l["cross"]:
+            # One device and stream: no copies (the other tower's output is read in place), one concat of every
+            # tower's part in one launch, which both towers use (Net::issue_forward under pair_towers).
             part = out_elems(L[i - 1])
-            add(m.copy(name, "gather: copy from the other tower", (T - 1) * part * f))
             inner = L[i - 1]["pooled_hw"] ** 2 if L[i - 1]["conv"] else 1
             g, a = plane_grid(N, cdiv(L[i - 1]["out_c"] * inner, 4))
-            add(m.stream(name, "gather: concat", "insert", T * 2 * part * f, g, active=a, launches=T))
+            add(m.stream(name, "gather: concat", "concat", T * 2 * part * f, g * T, active=a), 1)
         if l["conv"]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
@@ -744,7 +773,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             z = N * l["out_c"] * PQ
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
-            add(m.gemm(name, "forward", "linear_fwd", N, l["out_c"], l["in_c"], 1, x_b + y_b + w_b))
+            add(m.gemm(name, "forward", "linear_fwd", N, l["out_c"], l["in_c"], 1, x_b + y_b + w_b, towers=T), 1)
             z = N * l["out_c"]
         # the ReLU runs in the forward GEMM's epilogue (conv2d_forward / linear_forward relu=True): no pass
         if l["lrn"] and l["pool"]:  # lrn_maxpool_forward: x in; y, scale, pool_y, argmax out; a block per plane
@@ -755,26 +784,19 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
         elif l["lrn"]:
             g, a = plane_grid(N * l["out_c"], PQ)
             add(m.stream(name, "lrn forward", "lrn_fwd", 12 * z, g, active=a))
-        if l["pool"] and not l["lrn"]:
+        if l["pool"] and not l["lrn"]:  # a thread per output of all planes
             po = N * l["out_c"] * l["pooled_hw"] ** 2
-            g, a = plane_grid(N * l["out_c"], l["pooled_hw"] ** 2)
-            add(m.stream(name, "pool forward", "pool_fwd", 4 * z + 8 * po, g, active=a))
+            add(m.stream(name, "pool forward", "pool_fwd", 4 * z + 8 * po, grid_1d(po)))
         if l["dropout"]:
             add(m.stream(name, "dropout forward", "dropout_fwd", 9 * z, grid_1d(z)))
 
+    # The loss reads the towers' fc8 parts in place and writes each tower's slice of dlogits (no concat, slice or
+    # copy on one device).
     classes = cfg["num_classes"]
     lg = N * classes
-    if T > 1:
-        add(m.copy("loss", "logits: copy fc8 to tower 0", (T - 1) * lg / T * f), 1)
-        g, a = plane_grid(N, cdiv(classes // T, 4))
-        add(m.stream("loss", "logits: concat", "insert", 2 * lg * f, g, active=a, launches=T), 1)
     add(m.stream("loss", "softmax-xent forward", "softmax_xent_fwd", 2 * lg * f, N), 1)
-    g, a = plane_grid(N, classes)
-    add(m.stream("loss", "softmax-xent backward", "softmax_xent_bwd", 2 * lg * f, g, active=a), 1)
-    if T > 1:
-        g, a = plane_grid(N, cdiv(classes // T, 4))
-        add(m.stream("loss", "dlogits: slice", "extract", 2 * lg * f, g, active=a, launches=T), 1)
-        add(m.copy("loss", "dlogits: copy to tower 1", (T - 1) * lg / T * f), 1)
+    g, a = plane_grid(N, classes // T)
+    add(m.stream("loss", "softmax-xent backward", "softmax_xent_bwd", 2 * lg * f, g * T, active=a), 1)
 
     sgd_sizes: List[int] = []
     def relu_at(i):
@@ -815,8 +837,12 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
             x_b, y_b, w_b = N * l["in_c"] * HW * f, z * f, l["out_c"] * Kr * f
-            add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b, towers=T), 1)
-            add(conv_bias_passes(m, name, N, l["out_c"], PQ))
+            # conv2d_backward_weight_bias_pair: the bias's first pass (both towers), the weight gradient, and one
+            # reduce launch for both towers' weight slices and bias slices.
+            bias, bsegs = conv_bias_passes(m, name, N, l["out_c"], PQ, towers=T, reduce=False)
+            add(bias, 1)
+            add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b, towers=T,
+                       extra=bsegs, extra_name="bias slices"), 1)
             if i > 0:  # + the layer below's ReLU output when its backward runs in this epilogue
                 below_relu = relu_at(i - 1) == "dgrad"
                 add(m.gemm(name, "grad-input" + (" + relu" if below_relu else ""), "conv_dgrad", l["in_c"], N * HW,
@@ -824,19 +850,19 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             nw = l["out_c"] * Kr
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
-            add(m.gemm(name, "grad-weight", "linear_wgrad", l["out_c"], l["in_c"], N, 1, x_b + y_b + w_b))
-            add(m.stream(name, "grad-bias", "linear_bias_grad", z * f, cdiv(l["out_c"], 32)))
-            add(m.gemm(name, "grad-input", "linear_dgrad", N, l["in_c"], l["out_c"], 1, x_b + y_b + w_b))
+            # ops::linear_*_pair: one launch per pass (and per split-K reduce) for both towers
+            add(m.gemm(name, "grad-weight", "linear_wgrad", l["out_c"], l["in_c"], N, 1, x_b + y_b + w_b, towers=T), 1)
+            add(m.stream(name, "grad-bias", "linear_bias_grad", T * z * f, T * cdiv(l["out_c"], 8), threads=1024), 1)
+            add(m.gemm(name, "grad-input", "linear_dgrad", N, l["in_c"], l["out_c"], 1, x_b + y_b + w_b, towers=T), 1)
             nw = l["out_c"] * l["in_c"]
         sgd_sizes += [nw, l["out_c"]] * T
         if i > 0 and l["cross"]:
+            # split_sum_channels: every tower's slice of every tower's d_in, summed, in one launch (no copies).
             prev = L[i - 1]
             inner = prev["pooled_hw"] ** 2 if prev["conv"] else 1
             part = N * prev["out_c"] * inner
             g, a = plane_grid(N, cdiv(prev["out_c"] * inner, 4))
-            add(m.stream(name, "d_in: slice", "extract", T * 2 * part * f, g, active=a, launches=T))
-            add(m.copy(name, "d_in: copy to the other tower", (T - 1) * part * f))
-            add(m.stream(name, "d_in: sum", "add", (T - 1) * 12 * part, grid_1d(cdiv(part, 4)), launches=T - 1))
+            add(m.stream(name, "d_in: slice + sum", "split_sum", (T * T + T) * part * f, g * T, active=a), 1)
     # One sgd_update_multi over both towers' parameters (the towers share the one modelled GPU).
     add(sgd_multi_pass(m, "update", sgd_sizes), 1)
     return P
@@ -848,11 +874,8 @@ _SCHED_OPS = [  # pass name prefix -> scheduler op (csrc/net.cpp); {l} the layer
     ("dropout forward", "{l}.dropout"), ("dropout backward", "{l}.bprop_epilogue"),
     ("pool backward", "{l}.bprop_epilogue"), ("lrn backward", "{l}.bprop_epilogue"),
     ("relu backward", "{l}.bprop_epilogue"), ("grad-weight", "{l}.wgrad"), ("grad-bias", "{l}.wgrad"),
-    ("grad-input", "{l}.dgrad"), ("sgd", "sgd"), ("d_in: slice", "{l}.d_in.split"),
-    ("d_in: copy", "copy {p}->{l}"), ("d_in: sum", "{l}.d_in.sum"),
-    ("logits: copy", "copy fc8->loss"), ("logits: concat", "logits.gather"),
+    ("grad-input", "{l}.dgrad"), ("sgd", "sgd"), ("d_in: slice + sum", "{l}.d_in.sum"),
     ("softmax-xent forward", "softmax_xent.fprop"), ("softmax-xent backward", "softmax_xent.bprop"),
-    ("dlogits: slice", "logits.split"), ("dlogits: copy", "copy fc8->loss"),
 ]
 
 
@@ -966,7 +989,7 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
             fw = m.gemm(l["name"], "forward", "conv_fwd" if R2 <= 32 else "conv_fwd_nomask", Kg, N * PQ, Cg * R2, grp)
             dg = m.gemm(l["name"], "grad-input", "conv_dgrad", Cg, N * HW, Kg * R2, grp)
             wg = m.gemm(l["name"], "grad-weight", "conv_wgrad", Kg, Cg * R2, N * PQ, grp)
-            bb = conv_bias_passes(m, l["name"], N, Kt, PQ)
+            bb = conv_bias_passes(m, l["name"], N, Kt, PQ)[0]
             for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), (bb, "grad-bias")):
                 out[(l["name"], pname)] = sum(p.ms for p in ps)
         else:
@@ -975,7 +998,7 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
             fw = m.gemm(l["name"], "forward", "linear_fwd", N, O, I)
             dg = m.gemm(l["name"], "grad-input", "linear_dgrad", N, I, O)
             wg = m.gemm(l["name"], "grad-weight", "linear_wgrad", O, I, N)
-            bb = m.stream(l["name"], "grad-bias", "linear_bias_grad", N * O * 4.0, cdiv(O, 32))
+            bb = m.stream(l["name"], "grad-bias", "linear_bias_grad", N * O * 4.0, cdiv(O, 8), threads=1024)
             for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), ([bb], "grad-bias")):
                 out[(l["name"], pname)] = sum(p.ms for p in ps)
     return out
@@ -1013,8 +1036,8 @@ def bench_memory_prediction(m: "Model", row: dict) -> Optional[float]:
     mp = re.match(r"maxpool (\d+)/(\d+)", op)
     if fam == "lrn_pool" and mp and len(d) == 4:
         w, st = int(mp.group(1)), int(mp.group(2))
-        if pas == "forward":  # shape: the input
-            g, a = plane_grid(d[0] * d[1], ((d[2] - w) // st + 1) ** 2)
+        if pas == "forward":  # shape: the input; a thread per output
+            g, a = grid_1d(d[0] * d[1] * ((d[2] - w) // st + 1) ** 2), THREADS_1D
         else:                 # shape: the output; the grid covers the input
             g, a = plane_grid(d[0] * d[1], ((d[2] - 1) * st + w) ** 2)
         return m.stream("", "", "pool_fwd" if pas == "forward" else "pool_bwd", by, g, active=a).ms
@@ -1156,7 +1179,7 @@ def run_model(args) -> Tuple[str, dict]:
                                                                              step_ms)
     used = []
     for op in GEMM_OPS:
-        for pair in (False, True) if op.startswith("conv_") else (False,):
+        for pair in (False, True):
             for bm, bn in GEMM_TILES[op]:
                 used.append((f"{op}{' pair' if pair else ''}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn, pair)))
     meta = dict(config="paper", batch=N, gpu_label={"h200": "H200 (H100 SXM compute)", "h100": "H100 SXM"}[args.gpu],

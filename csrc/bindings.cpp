@@ -917,6 +917,21 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("x"), py::arg("c0"), py::arg("c1"));
     o.def(
+        "split_sum_channels",
+        [](obj xs, obj parts) {
+            const char* op = "split_sum_channels";
+            if (py::isinstance<py::str>(xs) || !py::isinstance<py::sequence>(xs))
+                throw TypeError(where(op, "xs") + "must be a list of Tensors, got " + type_name(xs));
+            std::vector<Tensor> ts;
+            for (auto item : py::reinterpret_borrow<py::sequence>(xs)) ts.push_back(tensor_arg(item, op, "xs"));
+            const int k = int_arg(parts, op, "parts");
+            py::gil_scoped_release r;
+            return ops::split_sum_channels(ts, k);
+        },
+        py::arg("xs"), py::arg("parts"),
+        "[sum over t of xs[t][:, u*C/parts:(u+1)*C/parts] for u < parts], added in list order (a cross-tower "
+        "gather's backward); one launch on CUDA.");
+    o.def(
         "add",
         [](obj a, obj b) {
             const Tensor ta = tensor_arg(a, "add", "a"), tb = tensor_arg(b, "add", "b");

@@ -768,6 +768,12 @@ void Net::issue_forward(bool train) {
             } else {
                 s.recv.resize(T);
                 for (int u = 0; u < T; ++u) sched_->transfer(u, t, &st_[u][l - 1].out, &s.recv[u], edge_name(l));
+                if (pair_towers() && t > 0) {
+                    // Every tower gathers the same tensor: on one device and stream tower 0's serves them all.
+                    LayerState* s0 = &st_[0][l];
+                    sched_->run(t, L.name + ".gather", [&s, s0] { s.in = s0->in; });
+                    continue;
+                }
                 sched_->run(t, L.name + ".gather", [&s, &L] {
                     std::vector<Tensor> parts;
                     for (const Tensor& r : s.recv) parts.push_back(L.conv ? r : r.view({r.size(0), r.numel() / r.size(0)}));
@@ -794,6 +800,15 @@ void Net::issue_forward(bool train) {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] {
                     s.a = ops::conv2d_forward(s.in, p.w, p.b, L.stride, L.stride, L.pad, L.pad, 1, L.relu);
                 });
+            } else if (pair_towers()) {
+                if (t == 0)
+                    sched_->run(0, L.name + ".fprop", [this, l, &L] {
+                        LayerState &s0 = st_[0][l], &s1 = st_[1][l];
+                        const Params &p0 = params_[0][l], &p1 = params_[1][l];
+                        const auto r = ops::linear_forward_pair({s0.in, s1.in}, {p0.w, p1.w}, {p0.b, p1.b}, L.relu);
+                        s0.a = r[0];
+                        s1.a = r[1];
+                    });
             } else {
                 sched_->run(t, L.name + ".fprop", [&s, &p, &L] { s.a = ops::linear_forward(s.in, p.w, p.b, L.relu); });
             }
@@ -852,35 +867,31 @@ void Net::issue_forward(bool train) {
             }
         }
     }
-    // The logits: each tower's slice of fc8, gathered on tower 0.
+    // The logits: each tower's slice of fc8, brought to tower 0 (the loss reads the slices in place; forward()
+    // concatenates them).
     const int last = static_cast<int>(layers_.size()) - 1;
     logits_recv_.assign(T, Tensor());
     for (int u = 0; u < T; ++u) sched_->transfer(u, 0, &st_[u][last].out, &logits_recv_[u], "fc8->loss");
-    sched_->run(0, "logits.gather", [this] {
-        logits_ = logits_recv_.size() == 1 ? logits_recv_[0] : ops::concat_channels(logits_recv_);
-    });
 }
 
 void Net::issue_loss(const Tensor& labels, float scale, bool backward) {
     sched_->run(0, "softmax_xent.fprop", [this, labels] {
-        auto r = ops::softmax_cross_entropy_forward(logits_, labels, /*check_labels=*/false);
+        auto r = ops::softmax_cross_entropy_forward_parts(logits_recv_, labels, /*check_labels=*/false);
         loss_ = r.loss;
         probs_ = r.probs;
         rank_ = r.rank;
     });
     if (!backward) return;
     const int T = cfg_.towers;
-    const int per = cfg_.num_classes / T;
     const int last = static_cast<int>(layers_.size()) - 1;
-    sched_->run(0, "softmax_xent.bprop", [this, labels, scale] {
-        dlogits_ = ops::softmax_cross_entropy_backward(probs_, labels, scale, /*check_labels=*/false);
-    });
     dlogits_part_.assign(T, Tensor());
     dlogits_recv_.assign(T, Tensor());
+    // dlogits comes out as each tower's slice of the classes (the fc8 split), written where the slices are sent from.
+    sched_->run(0, "softmax_xent.bprop", [this, labels, scale, T] {
+        const auto d = ops::softmax_cross_entropy_backward_parts(probs_, labels, scale, T, /*check_labels=*/false);
+        for (int u = 0; u < T; ++u) dlogits_part_[u] = d[u];  // element-wise: the copies below hold their addresses
+    });
     for (int u = 0; u < T; ++u) {
-        sched_->run(0, "logits.split", [this, u, per, T] {
-            dlogits_part_[u] = T == 1 ? dlogits_ : ops::slice_channels(dlogits_, u * per, (u + 1) * per);
-        });
         sched_->transfer(0, u, &dlogits_part_[u], &dlogits_recv_[u], "fc8->loss");
         LayerState* s = &st_[u][last];
         sched_->run(u, "fc8.d_out", [this, s, u] { s->d_out = dlogits_recv_[u]; });
@@ -1006,17 +1017,36 @@ void Net::issue_backward(float lr) {
                 });
             }
         };
-        if (L.conv && pair_towers()) {
+        if (!L.conv && pair_towers()) {
+            // Both towers' gradients in one launch per pass (one for both biases), in tower 0's slot.
+            for (int t = 0; t < T; ++t) epilogue(t);
+            LayerState &s0 = st_[0][l], &s1 = st_[1][l];
+            sched_->run(0, L.name + ".wgrad", [&s0, &s1] {
+                const auto r = ops::linear_backward_weight_bias_pair({s0.in, s1.in}, {s0.d_out, s1.d_out});
+                s0.dw = r.dw[0];
+                s1.dw = r.dw[1];
+                s0.db = r.db[0];
+                s1.db = r.db[1];
+            });
+            if (l > 0)
+                sched_->run(0, L.name + ".dgrad", [this, &s0, &s1, l] {
+                    const auto r = ops::linear_backward_input_pair({s0.d_out, s1.d_out}, {params_[0][l].w, params_[1][l].w});
+                    s0.d_in = r[0];
+                    s1.d_in = r[1];
+                });
+            for (int t = 0; t < T; ++t) finish(t);
+        } else if (L.conv && pair_towers()) {
             // Both towers' gradients in one launch per pass, in tower 0's slot, after both epilogues.
             for (int t = 0; t < T; ++t) epilogue(t);
             LayerState &s0 = st_[0][l], &s1 = st_[1][l];
             sched_->run(0, L.name + ".wgrad", [&s0, &s1, &L] {
-                const auto r = ops::conv2d_backward_weight_pair({s0.in, s1.in}, {s0.d_out, s1.d_out}, L.kernel, L.kernel,
-                                                                L.stride, L.stride, L.pad, L.pad, 1);
-                s0.dw = r[0];
-                s1.dw = r[1];
-                s0.db = ops::conv2d_backward_bias(s0.d_out);
-                s1.db = ops::conv2d_backward_bias(s1.d_out);
+                // The bias gradients' slice sums ride in the weight gradients' split-K reduce (the same bits).
+                const auto r = ops::conv2d_backward_weight_bias_pair({s0.in, s1.in}, {s0.d_out, s1.d_out}, L.kernel,
+                                                                     L.kernel, L.stride, L.stride, L.pad, L.pad, 1);
+                s0.dw = r.dw[0];
+                s1.dw = r.dw[1];
+                s0.db = r.db[0];
+                s1.db = r.db[1];
             });
             if (l > 0) {
                 // The layer below's ReLU backward in the grad-input's epilogue, as in grads().
@@ -1051,6 +1081,19 @@ void Net::issue_backward(float lr) {
             continue;
         }
         const int per = L.in_c / T;
+        if (pair_towers()) {
+            // One device and stream: every tower's slices summed in one op (one launch), in tower 0's slot; the
+            // edge counts the bytes the slices' copies carry on other placements.
+            const std::string edge = edge_name(l);
+            sched_->run(0, L.name + ".d_in.sum", [this, l, T, edge] {
+                std::vector<Tensor> d_in;
+                for (int t = 0; t < T; ++t) d_in.push_back(st_[t][l].d_in);
+                const auto r = ops::split_sum_channels(d_in, T);
+                for (int u = 0; u < T; ++u) st_[u][l - 1].d_out = r[u].view(st_[u][l - 1].out.shape());
+                sched_->count_edge(edge, static_cast<int64_t>(T) * (T - 1) * r[0].nbytes());
+            });
+            continue;
+        }
         for (int u = 0; u < T; ++u) st_[u][l - 1].d_out_recv.assign(T, Tensor());
         for (int t = 0; t < T; ++t) {
             LayerState& s = st_[t][l];
@@ -1167,6 +1210,9 @@ Tensor Net::forward(const float* images, int n, bool probs) {
     input_ = upload_images(images, n);
     run_step([&] {
         issue_forward(/*train=*/false);
+        sched_->run(0, "logits.gather", [this] {
+            logits_ = logits_recv_.size() == 1 ? logits_recv_[0] : ops::concat_channels(logits_recv_);
+        });
         if (probs) sched_->run(0, "softmax.fprop", [this] { probs_ = ops::softmax_forward(logits_); });
     });
     return (probs ? probs_ : logits_).to(Device{});

@@ -175,8 +175,9 @@ public:
     const std::vector<LayerSpec>& layers() const { return layers_; }
     const Scheduler& scheduler() const { return *sched_; }
     std::vector<Device> devices() const { return devices_; }
-    // Two towers on one CUDA device and one executor: each conv pass runs as one launch for both towers
-    // (ops::conv2d_*_pair), so that their blocks fill the GPU together.
+    // Two towers on one CUDA device and one executor: each conv and fc pass runs as one launch for both towers
+    // (ops::conv2d_*_pair, ops::linear_*_pair), so that their blocks fill the GPU together; the cross-tower
+    // plumbing reads the other tower's tensors in place (one gather per layer, one split_sum_channels per d_in).
     bool pair_towers() const {
         return cfg_.towers == 2 && sched_->shared() && devices_[0] == devices_[1] && devices_[0].is_cuda();
     }
@@ -284,8 +285,8 @@ private:
     std::vector<LayerSpec> layers_;
     std::vector<std::vector<Params>> params_;     // [tower][layer]
     std::vector<std::vector<LayerState>> st_;     // [tower][layer]
-    std::vector<Tensor> logits_recv_;             // fc8 slices gathered on tower 0
-    Tensor logits_, loss_, probs_, rank_, dlogits_;
+    std::vector<Tensor> logits_recv_;             // fc8 slices gathered on tower 0 (read in place by the loss)
+    Tensor logits_, loss_, probs_, rank_;
     std::vector<Tensor> dlogits_part_, dlogits_recv_;
     std::vector<Tensor> input_;                   // conv1's input per tower in the step being issued
     std::vector<std::shared_ptr<HostSlot>> slots_;  // the uint8 path's staging ring

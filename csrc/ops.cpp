@@ -320,6 +320,26 @@ TensorPair conv2d_backward_weight_pair(const TensorPair& x, const TensorPair& dy
     }
     return {c0.out, c1.out};
 }
+
+WeightBiasPair conv2d_backward_weight_bias_pair(const TensorPair& x, const TensorPair& dy, int R, int S, int sh, int sw,
+                                                int ph, int pw, int groups) {
+    if (x[0].defined() && x[0].device().is_cpu()) {
+        const TensorPair dw = conv2d_backward_weight_pair(x, dy, R, S, sh, sw, ph, pw, groups);
+        return {dw, {conv2d_backward_bias(dy[0]), conv2d_backward_bias(dy[1])}};
+    }
+    const ConvCall c0 = conv_backward_weight_call(x[0], dy[0], R, S, sh, sw, ph, pw, groups);
+    const ConvCall c1 = conv_backward_weight_call(x[1], dy[1], R, S, sh, sw, ph, pw, groups);
+    check_pair("conv2d_backward_weight_bias_pair", "x", x[0], x[1], c0, c1);
+    const char* op = "conv2d_backward_bias";
+    Tensor db0 = new_output(op, "db", "'dy'", {c0.p.K}, DType::f32, dy[0]);
+    Tensor db1 = new_output(op, "db", "'dy'", {c1.p.K}, DType::f32, dy[1]);
+    const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+    const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+    float* dws[2] = {c0.out.data<float>(), c1.out.data<float>()};
+    float* dbs[2] = {db0.data<float>(), db1.data<float>()};
+    AX_PAIR_CUDA(x[0].device(), conv2d_backward_weight_bias_pair, c0.p, xs, dys, dws, dbs);
+    return {{c0.out, c1.out}, {db0, db1}};
+}
 #undef AX_PAIR_CUDA
 
 Tensor conv2d_backward_bias(const Tensor& dy) {
@@ -336,71 +356,177 @@ Tensor conv2d_backward_bias(const Tensor& dy) {
 
 // ---- linear ---------------------------------------------------------------------------------------
 
-Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
+// A linear pass's checked arguments: its params and its allocated output (opt: the nullable bias).
+struct LinCall {
+    LinearParams p;
+    Tensor out;
+    const float* opt = nullptr;
+};
+
+static LinCall linear_forward_call(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
     const char* op = "linear_forward";
     check_tensor(op, "x", x, DType::f32, 2, "(N, in)");
     check_tensor(op, "w", w, DType::f32, 2, "(out, in)");
     check_same_device(op, "x", x, "w", w);
     check_nonempty(op, "w", w, {0, 1}, "out, in");
-    LinearParams p{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "w", w, 0)};
-    p.relu = relu;
-    if (w.size(1) != p.I)
+    LinCall c;
+    c.p = LinearParams{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "w", w, 0)};
+    c.p.relu = relu;
+    if (w.size(1) != c.p.I)
         throw ValueError(arg_prefix(op, "w") + "has " + std::to_string(w.size(1)) + " input features but x has " +
-                         std::to_string(p.I));
-    const float* bp = nullptr;
+                         std::to_string(c.p.I));
     if (b) {
         check_tensor(op, "b", *b, DType::f32, 1, "(out,)");
         check_same_device(op, "x", x, "b", *b);
-        check_shape(op, "b", *b, {p.O});
-        bp = b->data<float>();
+        check_shape(op, "b", *b, {c.p.O});
+        c.opt = b->data<float>();
     }
-    Tensor y = new_output(op, "y", "'x', 'w'", {p.N, p.O}, DType::f32, x);
-    if (y.numel() == 0) return y;
-    AX_DISPATCH(x.device(), linear_forward, p, x.data<float>(), w.data<float>(), bp, y.data<float>());
-    return y;
+    c.out = new_output(op, "y", "'x', 'w'", {c.p.N, c.p.O}, DType::f32, x);
+    return c;
 }
 
-Tensor linear_backward_input(const Tensor& dy, const Tensor& w) {
+static LinCall linear_backward_input_call(const Tensor& dy, const Tensor& w) {
     const char* op = "linear_backward_input";
     check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
     check_tensor(op, "w", w, DType::f32, 2, "(out, in)");
     check_same_device(op, "dy", dy, "w", w);
     check_nonempty(op, "w", w, {0, 1}, "out, in");
-    LinearParams p{dim_int(op, "dy", dy, 0), dim_int(op, "w", w, 1), dim_int(op, "w", w, 0)};
-    if (dy.size(1) != p.O)
+    LinCall c;
+    c.p = LinearParams{dim_int(op, "dy", dy, 0), dim_int(op, "w", w, 1), dim_int(op, "w", w, 0)};
+    if (dy.size(1) != c.p.O)
         throw ValueError(arg_prefix(op, "dy") + "has " + std::to_string(dy.size(1)) + " features but w has " +
-                         std::to_string(p.O) + " outputs");
-    Tensor dx = new_output(op, "dx", "'dy', 'w'", {p.N, p.I}, DType::f32, dy);
-    if (dx.numel() == 0) return dx;
-    AX_DISPATCH(dy.device(), linear_backward_input, p, dy.data<float>(), w.data<float>(), dx.data<float>());
-    return dx;
+                         std::to_string(c.p.O) + " outputs");
+    c.out = new_output(op, "dx", "'dy', 'w'", {c.p.N, c.p.I}, DType::f32, dy);
+    return c;
 }
 
-Tensor linear_backward_weight(const Tensor& x, const Tensor& dy) {
+static LinCall linear_backward_weight_call(const Tensor& x, const Tensor& dy) {
     const char* op = "linear_backward_weight";
     check_tensor(op, "x", x, DType::f32, 2, "(N, in)");
     check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
     check_same_device(op, "x", x, "dy", dy);
     check_nonempty(op, "x", x, {1}, "in");
     check_nonempty(op, "dy", dy, {1}, "out");
-    LinearParams p{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "dy", dy, 1)};
-    if (dy.size(0) != p.N)
+    LinCall c;
+    c.p = LinearParams{dim_int(op, "x", x, 0), dim_int(op, "x", x, 1), dim_int(op, "dy", dy, 1)};
+    if (dy.size(0) != c.p.N)
         throw ValueError(arg_prefix(op, "dy") + "has batch " + std::to_string(dy.size(0)) + " but x has " +
-                         std::to_string(p.N));
-    Tensor dw = new_output(op, "dw", "'x', 'dy'", {p.O, p.I}, DType::f32, x);
-    AX_DISPATCH(x.device(), linear_backward_weight, p, x.data<float>(), dy.data<float>(), dw.data<float>());
-    return dw;
+                         std::to_string(c.p.N));
+    c.out = new_output(op, "dw", "'x', 'dy'", {c.p.O, c.p.I}, DType::f32, x);
+    return c;
+}
+
+static LinCall linear_backward_bias_call(const Tensor& dy) {
+    const char* op = "linear_backward_bias";
+    check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
+    LinCall c;
+    c.p = LinearParams{dim_int(op, "dy", dy, 0), 0, dim_int(op, "dy", dy, 1)};
+    c.out = new_output(op, "db", "'dy'", {c.p.O}, DType::f32, dy);
+    return c;
+}
+
+Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu) {
+    const LinCall c = linear_forward_call(x, w, b, relu);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(x.device(), linear_forward, c.p, x.data<float>(), w.data<float>(), c.opt, c.out.data<float>());
+    return c.out;
+}
+
+Tensor linear_backward_input(const Tensor& dy, const Tensor& w) {
+    const LinCall c = linear_backward_input_call(dy, w);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(dy.device(), linear_backward_input, c.p, dy.data<float>(), w.data<float>(), c.out.data<float>());
+    return c.out;
+}
+
+Tensor linear_backward_weight(const Tensor& x, const Tensor& dy) {
+    const LinCall c = linear_backward_weight_call(x, dy);
+    AX_DISPATCH(x.device(), linear_backward_weight, c.p, x.data<float>(), dy.data<float>(), c.out.data<float>());
+    return c.out;
 }
 
 Tensor linear_backward_bias(const Tensor& dy) {
-    const char* op = "linear_backward_bias";
-    check_tensor(op, "dy", dy, DType::f32, 2, "(N, out)");
-    LinearParams p{dim_int(op, "dy", dy, 0), 0, dim_int(op, "dy", dy, 1)};
-    Tensor db = new_output(op, "db", "'dy'", {p.O}, DType::f32, dy);
-    if (db.numel() == 0) return db;
-    AX_DISPATCH(dy.device(), linear_backward_bias, p, dy.data<float>(), db.data<float>());
-    return db;
+    const LinCall c = linear_backward_bias_call(dy);
+    if (c.out.numel() == 0) return c.out;
+    AX_DISPATCH(dy.device(), linear_backward_bias, c.p, dy.data<float>(), c.out.data<float>());
+    return c.out;
 }
+
+// A pair's towers: one device, one shape (the same LinearParams).
+static void check_linear_pair(const char* op, const char* arg, const Tensor& t0, const Tensor& t1, const LinCall& c0,
+                              const LinCall& c1) {
+    if (t0.device() != t1.device())
+        throw ValueError(arg_prefix(op, arg) + "tower 1's tensor is on " + t1.device().str() + ", tower 0's on " +
+                         t0.device().str() + " (a pair shares one device)");
+    const LinearParams &a = c0.p, &b = c1.p;
+    if (!(a.N == b.N && a.I == b.I && a.O == b.O && a.relu == b.relu && (c0.opt == nullptr) == (c1.opt == nullptr)))
+        throw ValueError(arg_prefix(op, arg) + "tower 1's shape " + t1.shape_str() + " differs from tower 0's " +
+                         t0.shape_str() + " (a pair has one shape)");
+}
+
+#ifdef ALEXNET_WITH_CUDA
+#define AX_LIN_PAIR_CUDA(dev, name, ...)                       \
+    do {                                                      \
+        DeviceGuard g_(dev);                                  \
+        cuda::name(__VA_ARGS__, current_stream((dev).index)); \
+    } while (0)
+#else
+#define AX_LIN_PAIR_CUDA(dev, name, ...) throw std::runtime_error(#name ": alexnet_cuda was built without CUDA")
+#endif
+
+TensorPair linear_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
+                               bool relu) {
+    const LinCall c0 = linear_forward_call(x[0], w[0], b[0], relu), c1 = linear_forward_call(x[1], w[1], b[1], relu);
+    check_linear_pair("linear_forward_pair", "x", x[0], x[1], c0, c1);
+    if (c0.out.numel() == 0) return {c0.out, c1.out};
+    if (x[0].device().is_cpu()) {
+        cpu::linear_forward(c0.p, x[0].data<float>(), w[0].data<float>(), c0.opt, c0.out.data<float>());
+        cpu::linear_forward(c1.p, x[1].data<float>(), w[1].data<float>(), c1.opt, c1.out.data<float>());
+    } else {
+        const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+        const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+        const float* bs[2] = {c0.opt, c1.opt};
+        float* ys[2] = {c0.out.data<float>(), c1.out.data<float>()};
+        AX_LIN_PAIR_CUDA(x[0].device(), linear_forward_pair, c0.p, xs, ws, bs, ys);
+    }
+    return {c0.out, c1.out};
+}
+
+TensorPair linear_backward_input_pair(const TensorPair& dy, const TensorPair& w) {
+    const LinCall c0 = linear_backward_input_call(dy[0], w[0]), c1 = linear_backward_input_call(dy[1], w[1]);
+    check_linear_pair("linear_backward_input_pair", "dy", dy[0], dy[1], c0, c1);
+    if (c0.out.numel() == 0) return {c0.out, c1.out};
+    if (dy[0].device().is_cpu()) {
+        cpu::linear_backward_input(c0.p, dy[0].data<float>(), w[0].data<float>(), c0.out.data<float>());
+        cpu::linear_backward_input(c1.p, dy[1].data<float>(), w[1].data<float>(), c1.out.data<float>());
+    } else {
+        const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+        const float* ws[2] = {w[0].data<float>(), w[1].data<float>()};
+        float* dxs[2] = {c0.out.data<float>(), c1.out.data<float>()};
+        AX_LIN_PAIR_CUDA(dy[0].device(), linear_backward_input_pair, c0.p, dys, ws, dxs);
+    }
+    return {c0.out, c1.out};
+}
+
+WeightBiasPair linear_backward_weight_bias_pair(const TensorPair& x, const TensorPair& dy) {
+    const LinCall c0 = linear_backward_weight_call(x[0], dy[0]), c1 = linear_backward_weight_call(x[1], dy[1]);
+    check_linear_pair("linear_backward_weight_bias_pair", "x", x[0], x[1], c0, c1);
+    const LinCall b0 = linear_backward_bias_call(dy[0]), b1 = linear_backward_bias_call(dy[1]);
+    if (x[0].device().is_cpu()) {
+        cpu::linear_backward_weight(c0.p, x[0].data<float>(), dy[0].data<float>(), c0.out.data<float>());
+        cpu::linear_backward_weight(c1.p, x[1].data<float>(), dy[1].data<float>(), c1.out.data<float>());
+        cpu::linear_backward_bias(b0.p, dy[0].data<float>(), b0.out.data<float>());
+        cpu::linear_backward_bias(b1.p, dy[1].data<float>(), b1.out.data<float>());
+    } else {
+        const float* xs[2] = {x[0].data<float>(), x[1].data<float>()};
+        const float* dys[2] = {dy[0].data<float>(), dy[1].data<float>()};
+        float* dws[2] = {c0.out.data<float>(), c1.out.data<float>()};
+        float* dbs[2] = {b0.out.data<float>(), b1.out.data<float>()};
+        AX_LIN_PAIR_CUDA(x[0].device(), linear_backward_weight_bias_pair, c0.p, xs, dys, dws, dbs);
+    }
+    return {{c0.out, c1.out}, {b0.out, b1.out}};
+}
+#undef AX_LIN_PAIR_CUDA
 
 // ---- relu -----------------------------------------------------------------------------------------
 
@@ -617,23 +743,27 @@ Tensor dropout_backward(const Tensor& dy, const Tensor& mask, float p, bool chec
 
 // ---- softmax / cross-entropy ----------------------------------------------------------------------
 
+// labels int32 (N) on like's device, each in [0, C) when check_range (checked on the host).
+static void check_labels_arg(const char* op, const Tensor& labels, const char* like_arg, const Tensor& like, int N, int C,
+                             bool check_range) {
+    check_tensor(op, "labels", labels, DType::i32, 1, "(N,)");
+    check_same_device(op, like_arg, like, "labels", labels);
+    check_shape(op, "labels", labels, {N});
+    if (!check_range) return;
+    // Labels are small: check their range on the host so a bad one is an error, not a silent NaN.
+    Tensor host = labels.device().is_cpu() ? labels : labels.to(Device{});
+    const int32_t* l = host.data<int32_t>();
+    for (int i = 0; i < N; ++i)
+        if (l[i] < 0 || l[i] >= C)
+            throw ValueError(arg_prefix(op, "labels") + "holds " + std::to_string(l[i]) + " at " + std::to_string(i) +
+                             ", outside [0, " + std::to_string(C) + ")");
+}
+
 static SoftmaxParams softmax_params(const char* op, const Tensor& logits, const Tensor* labels, bool check_range = true) {
     check_tensor(op, "logits", logits, DType::f32, 2, "(N, classes)");
     SoftmaxParams p{dim_int(op, "logits", logits, 0), dim_int(op, "logits", logits, 1)};
     if (p.C < 1) throw ValueError(arg_prefix(op, "logits") + "has no classes");
-    if (labels) {
-        check_tensor(op, "labels", *labels, DType::i32, 1, "(N,)");
-        check_same_device(op, "logits", logits, "labels", *labels);
-        check_shape(op, "labels", *labels, {p.N});
-        if (!check_range) return p;
-        // Labels are small: check their range on the host so a bad one is an error, not a silent NaN.
-        Tensor host = labels->device().is_cpu() ? *labels : labels->to(Device{});
-        const int32_t* l = host.data<int32_t>();
-        for (int i = 0; i < p.N; ++i)
-            if (l[i] < 0 || l[i] >= p.C)
-                throw ValueError(arg_prefix(op, "labels") + "holds " + std::to_string(l[i]) + " at " + std::to_string(i) +
-                                 ", outside [0, " + std::to_string(p.C) + ")");
-    }
+    if (labels) check_labels_arg(op, *labels, "logits", logits, p.N, p.C, check_range);
     return p;
 }
 
@@ -659,6 +789,84 @@ Tensor softmax_cross_entropy_backward(const Tensor& probs, const Tensor& labels,
     AX_DISPATCH(probs.device(), softmax_cross_entropy_backward, p, probs.data<float>(), labels.data<int32_t>(), scale,
                 d.data<float>());
     return d;
+}
+
+#ifdef ALEXNET_WITH_CUDA
+#define AX_CUDA_ONLY(dev, name, ...)                          \
+    do {                                                      \
+        DeviceGuard g_(dev);                                  \
+        cuda::name(__VA_ARGS__, current_stream((dev).index)); \
+    } while (0)
+#else
+#define AX_CUDA_ONLY(dev, name, ...) throw std::runtime_error(#name ": alexnet_cuda was built without CUDA")
+#endif
+
+SoftmaxXent softmax_cross_entropy_forward_parts(const std::vector<Tensor>& parts, const Tensor& labels,
+                                                bool check_labels) {
+    const char* op = "softmax_cross_entropy_forward";
+    if (parts.empty()) throw ValueError(arg_prefix(op, "logit_parts") + "is empty");
+    for (const Tensor& x : parts) {
+        check_tensor(op, "logit_parts", x, DType::f32, 2, "(N, classes)");
+        check_same_device(op, "logit_parts[0]", parts[0], "logit_parts", x);
+        if (x.size(0) != parts[0].size(0))
+            throw ValueError(arg_prefix(op, "logit_parts") + "parts differ in their batch: " + parts[0].shape_str() +
+                             " vs " + x.shape_str());
+    }
+    // The CPU backend (and more parts than one launch takes) concatenates: the same bits, by the contract.
+    if (parts.size() == 1) return softmax_cross_entropy_forward(parts[0], labels, check_labels);
+    if (parts[0].device().is_cpu() || static_cast<int>(parts.size()) > kPlumbingMaxParts)
+        return softmax_cross_entropy_forward(concat_channels(parts), labels, check_labels);
+    SoftmaxParams p{dim_int(op, "logit_parts", parts[0], 0), 0};
+    std::vector<const float*> ptr;
+    std::vector<int> Cp;
+    int64_t C = 0;
+    for (const Tensor& x : parts) {
+        C = checked::add(op, "logit_parts", C, x.size(1));
+        if (x.size(1) == 0) continue;  // holds no class
+        ptr.push_back(x.data<float>());
+        Cp.push_back(dim_int(op, "logit_parts", x, 1));
+    }
+    p.C = checked::to_int(op, "logit_parts", C);
+    if (p.C < 1) throw ValueError(arg_prefix(op, "logit_parts") + "has no classes");
+    check_labels_arg(op, labels, "logit_parts[0]", parts[0], p.N, p.C, check_labels);
+    SoftmaxXent r;
+    r.loss = new_output(op, "loss", "'logit_parts'", {p.N}, DType::f32, parts[0]);
+    r.probs = new_output(op, "probs", "'logit_parts'", {p.N, p.C}, DType::f32, parts[0]);
+    r.rank = new_output(op, "rank", "'logit_parts'", {p.N}, DType::i32, parts[0]);
+    if (p.N == 0) return r;
+    AX_CUDA_ONLY(parts[0].device(), softmax_cross_entropy_forward_parts, p, static_cast<int>(ptr.size()), ptr.data(),
+                 Cp.data(), labels.data<int32_t>(), r.loss.data<float>(), r.probs.data<float>(),
+                 r.rank.data<int32_t>());
+    return r;
+}
+
+std::vector<Tensor> softmax_cross_entropy_backward_parts(const Tensor& probs, const Tensor& labels, float scale,
+                                                         int parts, bool check_labels) {
+    const char* op = "softmax_cross_entropy_backward";
+    auto p = softmax_params(op, probs, &labels, check_labels);
+    check_finite(op, "scale", scale);
+    check_positive(op, "parts", parts);
+    if (p.C % parts != 0)
+        throw ValueError(arg_prefix(op, "parts") + "(" + std::to_string(parts) + ") does not divide the " +
+                         std::to_string(p.C) + " classes");
+    const int per = p.C / parts;
+    if (parts == 1 || probs.device().is_cpu() || parts > kPlumbingMaxParts) {
+        const Tensor d = softmax_cross_entropy_backward(probs, labels, scale, /*check_labels=*/false);
+        if (parts == 1) return {d};
+        std::vector<Tensor> out;
+        for (int u = 0; u < parts; ++u) out.push_back(slice_channels(d, u * per, (u + 1) * per));
+        return out;
+    }
+    std::vector<Tensor> out;
+    std::vector<float*> ptr;
+    for (int u = 0; u < parts; ++u) {
+        out.push_back(new_output(op, "dlogits", "'probs'", {p.N, per}, DType::f32, probs));
+        ptr.push_back(out.back().data<float>());
+    }
+    if (p.N == 0) return out;
+    AX_CUDA_ONLY(probs.device(), softmax_cross_entropy_backward_parts, p, parts, probs.data<float>(),
+                 labels.data<int32_t>(), scale, ptr.data());
+    return out;
 }
 
 Tensor softmax_forward(const Tensor& logits) {
@@ -772,6 +980,21 @@ Tensor concat_channels(const std::vector<Tensor>& xs) {
     if (y.numel() == 0) return y;
     int c0 = 0;
     const int N = dim_int(op, "xs", x0, 0), Cw = checked::to_int(op, "xs", C);
+    if (x0.device().is_cuda()) {
+        // One launch for up to kPlumbingMaxParts parts (those holding channels).
+        std::vector<const float*> ptr;
+        std::vector<int> Cp;
+        for (const Tensor& x : xs)
+            if (x.size(1) > 0) {
+                ptr.push_back(x.data<float>());
+                Cp.push_back(dim_int(op, "xs", x, 1));
+            }
+        if (static_cast<int>(ptr.size()) <= kPlumbingMaxParts) {
+            AX_CUDA_ONLY(x0.device(), concat_channels, N, static_cast<int>(ptr.size()), ptr.data(), Cp.data(),
+                         inner_size(x0), y.data<float>());
+            return y;
+        }
+    }
     for (const Tensor& x : xs) {
         const int Cp = dim_int(op, "xs", x, 1);
         if (Cp > 0)
@@ -809,6 +1032,52 @@ Tensor add(const Tensor& a, const Tensor& b) {
     AX_DISPATCH(a.device(), add, a.numel(), a.data<float>(), b.data<float>(), y.data<float>());
     return y;
 }
+
+std::vector<Tensor> split_sum_channels(const std::vector<Tensor>& xs, int parts) {
+    const char* op = "split_sum_channels";
+    if (xs.empty()) throw ValueError(arg_prefix(op, "xs") + "is empty");
+    const Tensor& x0 = xs[0];
+    check_tensor(op, "xs", x0, DType::f32, -1, "");
+    if (x0.dim() != 2 && x0.dim() != 4)
+        throw ValueError(arg_prefix(op, "xs") + "must hold 2-D (N, C) or 4-D (N, C, H, W) tensors, got " + x0.shape_str());
+    for (const Tensor& x : xs) {
+        check_tensor(op, "xs", x, DType::f32, static_cast<int>(x0.dim()), "like xs[0]");
+        check_same_device(op, "xs[0]", x0, "xs", x);
+        check_shape(op, "xs", x, x0.shape());
+    }
+    check_positive(op, "parts", parts);
+    const int C = dim_int(op, "xs", x0, 1);
+    if (C % parts != 0 || C == 0)
+        throw ValueError(arg_prefix(op, "parts") + "(" + std::to_string(parts) + ") does not divide the " +
+                         std::to_string(C) + " channels into nonempty slices");
+    const int per = C / parts;
+    const int count = static_cast<int>(xs.size());
+    if (x0.device().is_cpu() || count > kPlumbingMaxParts || parts > kPlumbingMaxParts) {
+        // slice_channels, then add in tower order: what the one-launch kernel's bits are defined by.
+        std::vector<Tensor> out;
+        for (int u = 0; u < parts; ++u) {
+            Tensor acc = slice_channels(xs[0], u * per, (u + 1) * per);
+            for (int t = 1; t < count; ++t) acc = add(acc, slice_channels(xs[t], u * per, (u + 1) * per));
+            out.push_back(acc);
+        }
+        return out;
+    }
+    std::vector<int64_t> shape = x0.shape();
+    shape[1] = per;
+    std::vector<Tensor> out;
+    std::vector<const float*> in;
+    std::vector<float*> ptr;
+    for (const Tensor& x : xs) in.push_back(x.data<float>());
+    for (int u = 0; u < parts; ++u) {
+        out.push_back(new_output(op, "ys", "'xs'", shape, DType::f32, x0));
+        ptr.push_back(out.back().data<float>());
+    }
+    if (out[0].numel() == 0) return out;
+    AX_CUDA_ONLY(x0.device(), split_sum_channels, dim_int(op, "xs", x0, 0), count, in.data(), C, parts,
+                 inner_size(x0), ptr.data());
+    return out;
+}
+#undef AX_CUDA_ONLY
 
 // ---- augmentation ---------------------------------------------------------------------------------
 

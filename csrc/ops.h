@@ -73,6 +73,10 @@ struct AugmentParams {
     int crop;        // output (N, 3, crop, crop) float32
 };
 
+// The most parts (or towers) one launch of the CUDA plumbing kernels takes (concat_channels, split_sum_channels,
+// the softmax over logit parts); the op layer falls back to one launch per part beyond it.
+constexpr int kPlumbingMaxParts = 8;
+
 // Counter-based RNG shared by both backends (philox.h): dropout keeps element i when
 // philox_u32(seed, offset + i) >= keep_threshold(p).
 uint32_t dropout_threshold(float p);
@@ -109,12 +113,27 @@ TensorPair conv2d_backward_input_pair(const TensorPair& dy, const TensorPair& w,
                                       const std::array<std::optional<Tensor>, 2>& relu_y = {});
 TensorPair conv2d_backward_weight_pair(const TensorPair& x, const TensorPair& dy, int R, int S, int stride_h,
                                        int stride_w, int pad_h, int pad_w, int groups);
+// conv2d_backward_weight_pair and each tower's conv2d_backward_bias(dy[i]), the same bits as those calls. On CUDA
+// the bias gradient's first pass is one launch for both towers, and its slice sums run in the weight gradient's
+// split-K reduce launch (three launches for the four gradients).
+struct WeightBiasPair {
+    TensorPair dw, db;
+};
+WeightBiasPair conv2d_backward_weight_bias_pair(const TensorPair& x, const TensorPair& dy, int R, int S, int stride_h,
+                                                int stride_w, int pad_h, int pad_w, int groups);
 
 // y (N,O) = x (N,I) W^T (O,I) + b (O); relu as for conv2d_forward.
 Tensor linear_forward(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool relu = false);
 Tensor linear_backward_input(const Tensor& dy, const Tensor& w);   // (N,I) = dy W
 Tensor linear_backward_weight(const Tensor& x, const Tensor& dy);  // (O,I) = dy^T x
 Tensor linear_backward_bias(const Tensor& dy);                     // (O) = sum over N
+// Both towers at once, as the conv pairs: each tower checked as the single form, one shape and device; on CUDA one
+// launch per pass (and one split-K reduce) for both, the same bits as two single calls. The weight and bias
+// gradients come together (the bias one launch for both towers). The CPU backend runs the single forms.
+TensorPair linear_forward_pair(const TensorPair& x, const TensorPair& w, const std::array<std::optional<Tensor>, 2>& b,
+                               bool relu = false);
+TensorPair linear_backward_input_pair(const TensorPair& dy, const TensorPair& w);
+WeightBiasPair linear_backward_weight_bias_pair(const TensorPair& x, const TensorPair& dy);
 
 Tensor relu_forward(const Tensor& x);
 Tensor relu_backward(const Tensor& dy, const Tensor& y);  // dy where y > 0, else 0
@@ -171,6 +190,13 @@ SoftmaxXent softmax_cross_entropy_forward(const Tensor& logits, const Tensor& la
 // dlogits = (probs - onehot(labels)) * scale (scale = 1/N for a mean loss).
 Tensor softmax_cross_entropy_backward(const Tensor& probs, const Tensor& labels, float scale, bool check_labels = true);
 Tensor softmax_forward(const Tensor& logits);
+// The loss with the logits given as parts along the classes (the towers' fc8 outputs, read where they lie, never
+// concatenated) and dlogits returned cut into `parts` equal slices along the classes (one per tower): the same
+// bits as the two ops above on concat_channels(logit_parts), and as slice_channels of their dlogits.
+SoftmaxXent softmax_cross_entropy_forward_parts(const std::vector<Tensor>& logit_parts, const Tensor& labels,
+                                                bool check_labels = true);
+std::vector<Tensor> softmax_cross_entropy_backward_parts(const Tensor& probs, const Tensor& labels, float scale,
+                                                         int parts, bool check_labels = true);
 
 // In place, exactly as ALEXNET.md: v = momentum*v - weight_decay*lr*w - lr*dw; w = w + v.
 void sgd_update(Tensor& w, const Tensor& dw, Tensor& v, float lr, float momentum, float weight_decay);
@@ -188,10 +214,16 @@ struct SgdParam {
 // runs (a captured CUDA graph's update takes each replay's rate from there); `lr` is still range-checked.
 void sgd_update_multi(const std::vector<SgdParam>& params, float lr, float momentum, const float* lr_device = nullptr);
 
-// Cross-tower plumbing. Channel concat/slice of NCHW (or (N,C) 2-D) tensors; elementwise add.
+// Cross-tower plumbing. Channel concat/slice of NCHW (or (N,C) 2-D) tensors; elementwise add. concat_channels is
+// one launch on CUDA for up to kPlumbingMaxParts parts.
 Tensor concat_channels(const std::vector<Tensor>& xs);
 Tensor slice_channels(const Tensor& x, int c0, int c1);
 Tensor add(const Tensor& a, const Tensor& b);
+// The backward of a cross-tower gather: xs (every tower's gradient of the gathered input, all one shape (N, C, ...)),
+// each cut into `parts` equal channel slices; returns ys[u] = xs[0] slice u + xs[1] slice u + ..., added left to
+// right: the same bits as slice_channels and add one after the other. One launch on CUDA (up to
+// kPlumbingMaxParts inputs and parts).
+std::vector<Tensor> split_sum_channels(const std::vector<Tensor>& xs, int parts);
 
 // Offsets are checked (in 64 bits, so y0 + crop cannot wrap) to keep every crop inside its image.
 // Random crop, mirror, PCA lighting and mean subtraction of a uint8 batch (N,H,W,3) into float32
@@ -268,6 +300,27 @@ void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2],
 void sgd_update_multi_device_lr(int count, const SgdSegment* segs, const float* lr_dev, float momentum, void* stream);
 void dropout_forward_device_seed(int64_t n, const float* x, float p, const uint64_t* seed_dev, uint64_t offset, float* y,
                                  uint8_t* mask, void* stream);
+void conv2d_backward_weight_bias_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
+                                      float* const dw[2], float* const db[2], void* stream);
+void linear_forward_pair(const LinearParams& p, const float* const x[2], const float* const w[2],
+                         const float* const b[2] /*entries nullable*/, float* const y[2], void* stream);
+void linear_backward_input_pair(const LinearParams& p, const float* const dy[2], const float* const w[2],
+                                float* const dx[2], void* stream);
+void linear_backward_weight_bias_pair(const LinearParams& p, const float* const x[2], const float* const dy[2],
+                                      float* const dw[2], float* const db[2], void* stream);
+// The plumbing in one launch (count, parts <= kPlumbingMaxParts): whole (N, sum Cp, inner) = the parts side by
+// side; ys[u] (N, C/parts, inner) = sum over t of xs[t] (N, C, inner)[:, u*C/parts ...] in t order.
+void concat_channels(int N, int count, const float* const* parts, const int* Cp, int64_t inner, float* whole,
+                     void* stream);
+void split_sum_channels(int N, int count, const float* const* xs, int C, int parts, int64_t inner, float* const* ys,
+                        void* stream);
+// Softmax + cross-entropy over logits given as `parts` pieces of Cp[u] classes each (p.C their sum), and its
+// backward writing dlogits as `parts` equal slices: the same bits as the whole-tensor forms.
+void softmax_cross_entropy_forward_parts(const SoftmaxParams& p, int parts, const float* const* logits, const int* Cp,
+                                         const int32_t* labels, float* loss, float* probs, int32_t* rank,
+                                         void* stream);
+void softmax_cross_entropy_backward_parts(const SoftmaxParams& p, int parts, const float* probs,
+                                          const int32_t* labels, float scale, float* const* dlogits, void* stream);
 }  // namespace cuda
 #endif
 

@@ -301,16 +301,31 @@ void Scheduler::transfer(int from, int to, const Tensor* src, Tensor* dst, const
     }
     Executor& producer = *exec_[from];
     Executor& consumer = *exec_[to];
-    if (&producer != &consumer) consumer.wait(producer.record());
     const Device dd = devices_[to];
     // The bytes are known from the producer's shape only once it ran; count them when the copy runs.
-    int64_t* counter = &edge_bytes_[edge];
-    static std::mutex count_mutex;
-    run(to, "copy " + edge, [src, dst, dd, counter] {
+    if (&producer == &consumer && devices_[from] == dd && dd.is_cuda()) {
+        run(to, "share " + edge, [this, src, dst, edge] {
+            *dst = *src;
+            count_edge(edge, static_cast<int64_t>(src->nbytes()));
+        });
+        return;
+    }
+    if (&producer != &consumer) consumer.wait(producer.record());
+    int64_t* counter = nullptr;
+    {
+        std::lock_guard<std::mutex> l(edge_mutex_);  // count_edge may insert from an executor's thread
+        counter = &edge_bytes_[edge];
+    }
+    run(to, "copy " + edge, [this, src, dst, dd, counter] {
         *dst = src->to(dd);
-        std::lock_guard<std::mutex> l(count_mutex);
+        std::lock_guard<std::mutex> l(edge_mutex_);
         *counter += static_cast<int64_t>(src->nbytes());
     });
+}
+
+void Scheduler::count_edge(const std::string& edge, int64_t bytes) {
+    std::lock_guard<std::mutex> l(edge_mutex_);
+    edge_bytes_[edge] += bytes;
 }
 
 void Scheduler::upload(int tower, const std::string& op, std::function<void()> fn) {

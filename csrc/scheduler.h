@@ -61,8 +61,12 @@ public:
 
     void run(int tower, const std::string& op, std::function<void()> fn);
     // dst = copy of *src (produced on tower `from`) on tower `to`'s device, issued on `to`, counted on `edge`.
-    // A tower reading its own tensor gets it without a copy.
+    // A tower reading its own tensor gets it without a copy; so does one on the same CUDA device and stream as
+    // the producer (nothing can reorder them; the consumers only read), still counted on the edge.
     void transfer(int from, int to, const Tensor* src, Tensor* dst, const std::string& edge);
+    // Counts bytes on `edge` that an op moved between towers without a transfer (an op that reads every
+    // tower's tensor where it lies, on a shared device and stream). Safe from any executor.
+    void count_edge(const std::string& edge, int64_t bytes);
 
     // The input path. `upload` runs fn on the upload executor of tower's device: on a CUDA device its own
     // non-blocking stream (made on first use, shared by the towers on that device), so host-to-device copies
@@ -100,6 +104,7 @@ private:
     std::map<std::string, std::shared_ptr<Executor>> upload_;  // per CUDA device
     bool trace_ = false;
     std::map<std::string, int64_t> edge_bytes_;
+    std::mutex edge_mutex_;  // the counts are added from the executors' threads
     std::vector<TimelineEntry> timeline_;
     std::chrono::steady_clock::time_point t0_;
     double step_wall_us_ = 0;

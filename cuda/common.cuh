@@ -577,29 +577,126 @@ __device__ __forceinline__ float relu_grad_epilogue(float g, const float* relu_y
     return relu_y == nullptr || relu_y[i] > 0.0f ? g : 0.0f;
 }
 
-// out[i] = sum over s of parts[s * n + i] (+ bias[i % bias_period]) (then the ReLU when relu), s ascending: the
-// fixed-order second pass of split-K. Grid-stride over i; coalesced. (A template only so that every .cu may
-// instantiate it.)
+// a[i] for a run-time i < N without indexing the array dynamically: kernel parameter arrays indexed at run time
+// are copied to local memory (a stack frame); this unrolls into selects.
+template <class T, int N>
+__device__ __forceinline__ T pick(const T (&a)[N], int i) {
+    T v = a[0];
+#pragma unroll
+    for (int k = 1; k < N; ++k) v = i == k ? a[k] : v;
+    return v;
+}
+
+// The fixed-order second pass of a split reduction (split-K, the conv bias gradient's slices): one segment's
+// out[i] = sum over s < splits of parts[s * n + i] (+ bias[i % bias_period]) (then the ReLU when relu). Each
+// element's slices are added in ascending order by one thread (lanes 1), or, where the output has too few elements
+// to fill the GPU with a thread each (split_reduce_lanes), by kReduceLanes warps: warp l adds slices l*c .. l*c+c-1
+// (c = ceil(splits / kReduceLanes)) in order, then the warps' sums are added in warp order. The order depends only
+// on (n, splits): deterministic, and the same for a tower alone and for both towers' segments in one launch.
+constexpr int kReduceLanes = 8;
+constexpr int64_t kReduceSmall = 65536;  // below this many elements (half the GPU's thread slots) use lanes
+struct SplitSeg {
+    const float* parts;
+    const float* bias;  // nullable
+    float* out;
+    int64_t n;
+    int splits, bias_period;
+    int relu, lanes;    // lanes: 1 or kReduceLanes (split_reduce_lanes)
+    int first_block, unused;
+};
+constexpr int kMaxSplitSegs = 4;
+struct SplitSegs {
+    SplitSeg seg[kMaxSplitSegs];
+    int count, unused;  // no padding bytes (tests/cuda_emu reads the struct's words as possible pointers)
+};
+
+inline int split_reduce_lanes(int64_t n, int splits) {
+    return n < kReduceSmall && splits >= kReduceLanes ? kReduceLanes : 1;
+}
+
+__device__ __forceinline__ float split_epilogue(const SplitSeg& g, int64_t i, float s) {
+    if (g.bias != nullptr) s += g.bias[i % g.bias_period];
+    return g.relu ? relu_epilogue(s) : s;
+}
+
+// Every segment's blocks in one grid: block b belongs to the last segment whose first_block <= b; 256 output
+// elements per block (lanes 1) or 32 (lanes kReduceLanes). (A template only so that every .cu may instantiate it.)
 template <int kUnused = 0>
-__global__ void __launch_bounds__(256)
-    splitk_reduce_kernel(int64_t n, int splits, const float* __restrict__ parts, const float* __restrict__ bias,
-                         int bias_period, bool relu, float* __restrict__ out) {
-    for (int64_t i = global_thread_id(); i < n; i += global_thread_count()) {
-        float s = parts[i];
-        for (int k = 1; k < splits; ++k) s += parts[static_cast<int64_t>(k) * n + i];
-        if (bias != nullptr) s += bias[i % bias_period];
-        if (relu) s = relu_epilogue(s);
-        out[i] = s;
+__global__ void __launch_bounds__(256) split_reduce_kernel(SplitSegs segs) {
+    __shared__ float red[kReduceLanes][33];
+    int j = 0;
+    while (j + 1 < segs.count && static_cast<int>(blockIdx.x) >= segs.seg[j + 1].first_block) ++j;
+    const SplitSeg& g = segs.seg[j];
+    const int64_t b = static_cast<int64_t>(blockIdx.x) - g.first_block;
+    const float* __restrict__ parts = g.parts;
+    if (g.lanes == 1) {
+        const int64_t i = b * 256 + threadIdx.x;
+        if (i < g.n) {
+            float s = parts[i];
+            for (int k = 1; k < g.splits; ++k) s += parts[static_cast<int64_t>(k) * g.n + i];
+            g.out[i] = split_epilogue(g, i, s);
+        }
+        return;  // the whole block: lanes is the segment's
     }
+    const int e = threadIdx.x & 31, lane = threadIdx.x >> 5;
+    const int64_t i = b * 32 + e;
+    const int c = (g.splits + kReduceLanes - 1) / kReduceLanes;
+    const int s0 = lane * c, s1 = min(g.splits, s0 + c);
+    float s = 0.0f;
+    if (i < g.n && s0 < s1) {
+        s = parts[static_cast<int64_t>(s0) * g.n + i];
+        for (int k = s0 + 1; k < s1; ++k) s += parts[static_cast<int64_t>(k) * g.n + i];
+    }
+    red[lane][e] = s;
+    __syncthreads();
+    if (lane == 0 && i < g.n) {
+        float t = red[0][e];
+        for (int l = 1; l < kReduceLanes && l * c < g.splits; ++l) t += red[l][e];
+        g.out[i] = split_epilogue(g, i, t);
+    }
+}
+
+// One segment: n outputs from `splits` slices of n at parts.
+inline SplitSeg split_seg(int64_t n, int splits, const float* parts, float* out, const float* bias = nullptr,
+                          int bias_period = 1, bool relu = false) {
+    SplitSeg g{};
+    g.parts = parts;
+    g.bias = bias;
+    g.out = out;
+    g.n = n;
+    g.splits = splits;
+    g.bias_period = bias_period;
+    g.relu = relu ? 1 : 0;
+    g.lanes = split_reduce_lanes(n, splits);
+    return g;
+}
+
+// Up to kMaxSplitSegs segments (empty ones dropped) in one launch.
+template <int kUnused = 0>
+void split_reduce(const char* opname, const SplitSeg* segs, int count, void* stream) {
+    SplitSegs all{};
+    int blocks = 0;
+    for (int j = 0; j < count; ++j) {
+        if (segs[j].n <= 0) continue;
+        require(all.count < kMaxSplitSegs, opname, "too many reductions for one launch");
+        SplitSeg g = segs[j];
+        g.first_block = blocks;
+        const int64_t per = g.lanes == 1 ? 256 : 32;
+        const int64_t nb = (g.n + per - 1) / per;
+        require(blocks + nb < 0x7fffffff, opname, "reduction too large for one launch");
+        blocks += static_cast<int>(nb);
+        all.seg[all.count++] = g;
+    }
+    if (all.count == 0) return;
+    split_reduce_kernel<><<<blocks, 256, 0, as_stream(stream)>>>(all);
+    AX_LAUNCH_CHECK(opname);
 }
 
 template <int kUnused = 0>
 void splitk_reduce(const char* opname, int64_t n, int splits, const float* parts, const float* bias,
                           int bias_period, float* out, void* stream, bool relu = false) {
-    if (n <= 0) return;
-    splitk_reduce_kernel<><<<grid_1d(n), kThreads1d, 0, as_stream(stream)>>>(n, splits, parts, bias, bias_period,
-                                                                             relu, out);
-    AX_LAUNCH_CHECK(opname);
+    const SplitSeg g = split_seg(n, splits, parts, out, bias, bias_period, relu);
+    split_reduce(opname, &g, 1, stream);
 }
 
 // Scratch for split-K partial sums from the caching allocator, owned by `stream` (so a later reuse of

@@ -414,9 +414,11 @@ void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
 
 // Weight gradient of n = 1 or 2 towers (ops[i] -> dw[i], the same shapes) on tile Cfg: split-K as
 // choose_split_k<Cfg> says for one tower (a pair keeps that split, so its bits are the single launch's), the
-// partial sums of `splits` > 1 slices in a workspace that splitk_reduce adds in slice order, per tower.
+// partial sums of `splits` > 1 slices in a workspace that one split_reduce launch adds in slice order for every
+// tower, together with the `extra` reductions the caller hands in (the bias gradient's slices).
 template <class Cfg, class Op>
-void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p, float* const* dw, void* stream) {
+void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p, float* const* dw,
+                       const SplitSeg* extra, int nextra, void* stream) {
     int chunk = 0;
     const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(ops[0].M, ops[0].N) * p.groups, ops[0].Kr, &chunk);
     const int zper = splits * p.groups;
@@ -435,25 +437,31 @@ void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p
     } else {
         launch_tiles<Cfg>(opname, TowerPair<Op>{ops[0].M, ops[0].N, zper, ops[0], ops[1]}, 2 * zper, s);
     }
+    SplitSeg segs[kMaxSplitSegs];
+    int count = 0;
     if (splits > 1)
-        for (int i = 0; i < n; ++i)
-            splitk_reduce(opname, total, splits, ws.data<float>() + i * total * splits, nullptr, 1, dw[i], stream);
+        for (int i = 0; i < n; ++i) segs[count++] = split_seg(total, splits, ws.data<float>() + i * total * splits, dw[i]);
+    for (int j = 0; j < nextra; ++j) segs[count++] = extra[j];
+    split_reduce(opname, segs, count, stream);
 }
 
 // The n towers' weight gradients (x[i], dy[i] -> dw[i]) on the tile split_tile picks for one tower. (A tap
 // mask as in the forward does not pay here: the table entry, computed in the loop, would build it per k.)
 void conv_wgrad(const Conv2dParams& p, int n, const float* const* x, const float* const* dy, float* const* dw,
-                void* stream) {
+                void* stream, const SplitSeg* extra = nullptr, int nextra = 0) {
     const char* opname = "conv2d_backward_weight";
-    if (static_cast<int64_t>(p.K) * (p.C / p.groups) * p.R * p.S == 0) return;
+    if (static_cast<int64_t>(p.K) * (p.C / p.groups) * p.R * p.S == 0) {
+        split_reduce(opname, extra, nextra, stream);
+        return;
+    }
     const ConvGeom g(p, opname);
     const int u = n - 1;
     ConvBwdWeight ops[2] = {ConvBwdWeight{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[0], dy[0], dw[0]},
                             ConvBwdWeight{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[u], dy[u], dw[u]}};
     switch (split_tile(g.Kg, g.CgRS, p.groups, true, Tile::Wide)) {
-        case Tile::Big: launch_conv_wgrad<GemmBig>(opname, ops, n, p, dw, stream); break;
-        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, stream); break;
-        default: launch_conv_wgrad<GemmWide>(opname, ops, n, p, dw, stream); break;
+        case Tile::Big: launch_conv_wgrad<GemmBig>(opname, ops, n, p, dw, extra, nextra, stream); break;
+        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, extra, nextra, stream); break;
+        default: launch_conv_wgrad<GemmWide>(opname, ops, n, p, dw, extra, nextra, stream); break;
     }
 }
 
@@ -466,10 +474,12 @@ void launch_conv_pair(const char* opname, const Op& op0, const Op& op1, int grou
 
 // db[k] = sum over n, p, q of dy[n,k,p,q], in two fixed-order passes (no atomics). Channel k's N*P*Q values,
 // flattened as j = n*PQ + pq, are cut into `splits` equal slices; block (k, s) sums slice s (thread t takes j =
-// start + t, t + 256, ..., coalesced along pq) with a fixed-order tree and writes part[k * splits + s]; the
-// second kernel adds each channel's partials in slice order. One block per channel left AlexNet's conv1 with 48
-// blocks on a 132-SM GPU; the split keeps about kBiasTargetBlocks blocks in flight. splits depends only on the
-// shape, so the result is deterministic. With splits == 1 the first kernel writes db itself.
+// start + t, t + 256, ..., coalesced along pq) with a fixed-order tree and writes part[s * K + k]; the second pass,
+// split_reduce (common.cuh), adds each channel's slices in its fixed order: its own launch for one tower, and for
+// both towers of a pair inside the weight gradient's split-K reduce launch (conv2d_backward_weight_bias_pair). One
+// block per channel left AlexNet's conv1 with 48 blocks on a 132-SM GPU; the split keeps about kBiasTargetBlocks
+// blocks in flight. splits depends only on the shape, so the result is deterministic and a pair's bits are a
+// single tower's. With splits == 1 the first kernel writes db itself. blockIdx.z: the tower.
 constexpr int kBiasThreads = 256;
 constexpr int64_t kBiasTargetBlocks = 1056;  // 132 SMs x 8 blocks of 256 threads: every thread slot busy
 constexpr int64_t kBiasMinPerThread = 4;    // a slice gives each thread at least this many values
@@ -481,11 +491,16 @@ inline int conv_bias_splits(int K, int64_t per_channel) {
     return static_cast<int>(s < 1 ? 1 : (s > 65535 ? 65535 : s));
 }
 
+struct BiasTowers {
+    const float* dy[2];
+    float* part[2];
+};
+
 __global__ void __launch_bounds__(kBiasThreads)
-    conv2d_backward_bias_kernel(int K, int PQ, int64_t per_channel, int64_t chunk, const float* __restrict__ dy,
-                                float* __restrict__ part) {
+    conv2d_backward_bias_kernel(int K, int PQ, int64_t per_channel, int64_t chunk, BiasTowers bt) {
     __shared__ float red[kBiasThreads / 32 + 1];
-    const int k = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
+    const int k = blockIdx.x, s = blockIdx.y;
+    const float* __restrict__ dy = pick(bt.dy, blockIdx.z);
     const int64_t j0 = static_cast<int64_t>(s) * chunk;
     const int64_t j1 = j0 + chunk < per_channel ? j0 + chunk : per_channel;
     // (n, pq) of j, advanced by the block's stride without a division per element.
@@ -504,18 +519,29 @@ __global__ void __launch_bounds__(kBiasThreads)
         }
     }
     acc = block_sum<kBiasThreads>(acc, red);
-    if (threadIdx.x == 0) part[static_cast<int64_t>(k) * splits + s] = acc;
+    if (threadIdx.x == 0) pick(bt.part, blockIdx.z)[static_cast<int64_t>(s) * K + k] = acc;
 }
 
-// db[k] = part[k * splits + 0] + ... + part[k * splits + splits - 1], left to right.
-__global__ void __launch_bounds__(kThreads1d)
-    conv2d_backward_bias_sum_kernel(int K, int splits, const float* __restrict__ part, float* __restrict__ db) {
-    for (int64_t k = global_thread_id(); k < K; k += global_thread_count()) {
-        const float* p = part + k * splits;
-        float acc = p[0];
-        for (int s = 1; s < splits; ++s) acc += p[s];
-        db[k] = acc;
+// The first pass of n = 1 or 2 towers' bias gradients (dy[i] -> db[i]) in one launch. Returns the slice count;
+// when it is above 1 the partial sums lie in ws (tower i's at i * K * splits) and segs[0..n) say how to add them.
+int bias_first_pass(const Conv2dParams& p, int n, const float* const* dy, float* const* db, Tensor& ws,
+                    SplitSeg* segs, void* stream) {
+    const char* opname = "conv2d_backward_bias";
+    const int PQ = p.P * p.Q;
+    const int64_t per_channel = static_cast<int64_t>(p.N) * PQ;
+    const int splits = per_channel > 0 ? conv_bias_splits(p.K, per_channel) : 1;
+    const int64_t chunk = (per_channel + splits - 1) / splits;
+    BiasTowers bt{};
+    if (splits > 1) ws = workspace(opname, static_cast<int64_t>(p.K) * splits * n, stream);
+    for (int i = 0; i < n; ++i) {
+        bt.dy[i] = dy[i];
+        bt.part[i] = splits == 1 ? db[i] : ws.data<float>() + static_cast<int64_t>(i) * p.K * splits;
+        if (splits > 1) segs[i] = split_seg(p.K, splits, bt.part[i], db[i]);
     }
+    conv2d_backward_bias_kernel<<<dim3(p.K, splits, n), kBiasThreads, 0, as_stream(stream)>>>(
+        p.K, PQ > 0 ? PQ : 1, per_channel, chunk, bt);
+    AX_LAUNCH_CHECK(opname);
+    return splits;
 }
 
 // One tower's op (n = 1) or both towers' in one launch (n = 2).
@@ -607,25 +633,18 @@ void conv2d_backward_weight_pair(const Conv2dParams& p, const float* const x[2],
 }
 
 void conv2d_backward_bias(const Conv2dParams& p, const float* dy, float* db, void* stream) {
-    const char* opname = "conv2d_backward_bias";
     if (p.K <= 0) return;
-    const int PQ = p.P * p.Q;
-    const int64_t per_channel = static_cast<int64_t>(p.N) * PQ;
-    const cudaStream_t s = as_stream(stream);
-    const int splits = per_channel > 0 ? conv_bias_splits(p.K, per_channel) : 1;
-    const int64_t chunk = (per_channel + splits - 1) / splits;
-    if (splits == 1) {
-        conv2d_backward_bias_kernel<<<dim3(p.K, 1), kBiasThreads, 0, s>>>(p.K, PQ > 0 ? PQ : 1, per_channel, chunk,
-                                                                           dy, db);
-        AX_LAUNCH_CHECK(opname);
-        return;
-    }
-    Tensor ws = workspace(opname, static_cast<int64_t>(p.K) * splits, stream);
-    conv2d_backward_bias_kernel<<<dim3(p.K, splits), kBiasThreads, 0, s>>>(p.K, PQ, per_channel, chunk, dy,
-                                                                           ws.data<float>());
-    AX_LAUNCH_CHECK(opname);
-    conv2d_backward_bias_sum_kernel<<<grid_1d(p.K), kThreads1d, 0, s>>>(p.K, splits, ws.data<float>(), db);
-    AX_LAUNCH_CHECK(opname);
+    Tensor ws;
+    SplitSeg seg;
+    if (bias_first_pass(p, 1, &dy, &db, ws, &seg, stream) > 1) split_reduce("conv2d_backward_bias", &seg, 1, stream);
+}
+
+void conv2d_backward_weight_bias_pair(const Conv2dParams& p, const float* const x[2], const float* const dy[2],
+                                      float* const dw[2], float* const db[2], void* stream) {
+    Tensor ws;
+    SplitSeg segs[2];
+    const int splits = p.K > 0 ? bias_first_pass(p, 2, dy, db, ws, segs, stream) : 1;
+    conv_wgrad(p, 2, x, dy, dw, stream, segs, splits > 1 ? 2 : 0);
 }
 
 }  // namespace cuda

@@ -97,99 +97,160 @@ struct StridedGemm {
     }
 };
 
-// Runs an M x N x K product on tile Cfg with split-K as choose_split_k<Cfg> says, and reduces the partials.
+// Runs n = 1 or 2 towers' M x N x K products (g[i] -> out[i], the same shapes) on tile Cfg with split-K as
+// choose_split_k<Cfg> says for one tower, and reduces every tower's partials in one split_reduce launch. A pair is
+// one launch (TowerPair: tower 1's slices follow tower 0's in blockIdx.z) that keeps one tower's tile and split, so
+// its bits are the single launches'.
 template <class Cfg, bool kAK, bool kBK>
-void run_tiles(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, cudaStream_t s,
-               bool relu) {
+void run_tiles(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const* out, const float* const* bias,
+               cudaStream_t s, bool relu) {
     int chunk = 0;
-    const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(g.M, g.N), g.K, &chunk);
-    g.kchunk = chunk;
-    if (splits == 1) {
-        g.C = out;
-        g.bias = bias;
-        g.relu = relu ? 1 : 0;
-        gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g.M, g.N, 1), Cfg::kThreads, 0, s>>>(g);
-        AX_LAUNCH_CHECK(opname);
-        return;
+    const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(g[0].M, g[0].N), g[0].K, &chunk);
+    require(static_cast<int64_t>(splits) * n <= 65535, opname, "too many slices for one launch");
+    const int64_t mn = static_cast<int64_t>(g[0].M) * g[0].N;
+    Tensor ws;
+    if (splits > 1) ws = workspace(opname, mn * splits * n, s);
+    for (int i = 0; i < n; ++i) {
+        g[i].kchunk = chunk;
+        g[i].C = splits == 1 ? out[i] : ws.data<float>() + i * mn * splits;
+        g[i].bias = splits == 1 ? bias[i] : nullptr;
+        g[i].relu = splits == 1 && relu ? 1 : 0;
     }
-    const int64_t mn = static_cast<int64_t>(g.M) * g.N;
-    Tensor ws = workspace(opname, mn * splits, s);
-    g.C = ws.data<float>();
-    g.bias = nullptr;
-    g.relu = 0;
-    gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g.M, g.N, splits), Cfg::kThreads, 0, s>>>(g);
+    if (n == 1) {
+        gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g[0].M, g[0].N, splits), Cfg::kThreads, 0, s>>>(g[0]);
+    } else {
+        using Pair = TowerPair<StridedGemm<kAK, kBK>>;
+        gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g[0].M, g[0].N, 2 * splits), Cfg::kThreads, 0, s>>>(
+            Pair{g[0].M, g[0].N, splits, g[0], g[1]});
+    }
     AX_LAUNCH_CHECK(opname);
-    splitk_reduce(opname, mn, splits, ws.data<float>(), bias, g.N, out, s, relu);
+    if (splits == 1) return;
+    SplitSeg segs[2];
+    for (int i = 0; i < n; ++i)
+        segs[i] = split_seg(mn, splits, ws.data<float>() + i * mn * splits, out[i], bias[i], g[0].N, relu);
+    split_reduce(opname, segs, n, s);
 }
 
 // Picks the tile shape (split_tile: 128x128, or 64x64 for M not a multiple of 128) and runs it.
 template <bool kAK, bool kBK>
-void run_gemm(const char* opname, StridedGemm<kAK, kBK> g, float* out, const float* bias, void* stream,
-              bool relu = false) {
+void run_gemm(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const* out, const float* const* bias,
+              void* stream, bool relu = false) {
     static_assert(std::has_unique_object_representations_v<StridedGemm<kAK, kBK>>, "StridedGemm: no padding bytes");
-    if (static_cast<int64_t>(g.M) * g.N == 0) return;
-    require(g.K <= kMaxGemmDim, opname, "reduction too long for one launch");
+    if (static_cast<int64_t>(g[0].M) * g[0].N == 0) return;
+    require(g[0].K <= kMaxGemmDim, opname, "reduction too long for one launch");
     const cudaStream_t s = as_stream(stream);
-    if (split_tile(g.M, g.N, 1, false, Tile::Small) == Tile::Big) {
-        run_tiles<GemmBig>(opname, g, out, bias, s, relu);
+    if (split_tile(g[0].M, g[0].N, 1, false, Tile::Small) == Tile::Big) {
+        run_tiles<GemmBig>(opname, g, n, out, bias, s, relu);
     } else {
-        run_tiles<GemmSmall>(opname, g, out, bias, s, relu);
+        run_tiles<GemmSmall>(opname, g, n, out, bias, s, relu);
     }
 }
 
-// db[o] = sum over n of dy[n, o]: block = 32 columns x 8 row-lanes; lane r sums rows r, r+8, ... in order,
-// then lane 0 adds the 8 partials in order. Coalesced along o, deterministic, no atomics.
-__global__ void __launch_bounds__(256)
-    linear_backward_bias_kernel(int N, int O, const float* __restrict__ dy, float* __restrict__ db) {
-    __shared__ float part[8][33];
-    const int o = blockIdx.x * 32 + threadIdx.x;
+// db[o] = sum over n of dy[n, o]: block = 8 columns x 128 row-lanes (a 32-byte sector per row, fully used); lane r
+// sums rows r, r + 128, ... in order, then the 128 lanes' sums are added by a fixed halving tree. Narrow blocks of
+// many lanes fill the GPU where a wide block per 32 columns did not (fc8: 500 columns, 128 rows). Deterministic, no
+// atomics. blockIdx.y: the tower (dy and db of a pair).
+constexpr int kBiasCols = 8, kBiasLanes = 128;
+struct BiasPtrs {
+    const float* dy[2];
+    float* db[2];
+};
+__global__ void __launch_bounds__(kBiasCols * kBiasLanes) linear_backward_bias_kernel(int N, int O, BiasPtrs bp) {
+    __shared__ float part[kBiasLanes][kBiasCols + 1];
+    const float* __restrict__ dy = pick(bp.dy, blockIdx.y);
+    float* __restrict__ db = pick(bp.db, blockIdx.y);
+    const int o = blockIdx.x * kBiasCols + threadIdx.x;
     float s = 0.0f;
     if (o < O)
-        for (int n = threadIdx.y; n < N; n += 8) s += dy[static_cast<int64_t>(n) * O + o];
+        for (int n = threadIdx.y; n < N; n += kBiasLanes) s += dy[static_cast<int64_t>(n) * O + o];
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
-    if (threadIdx.y == 0 && o < O) {
-        float t = part[0][threadIdx.x];
 #pragma unroll
-        for (int r = 1; r < 8; ++r) t += part[r][threadIdx.x];
-        db[o] = t;
+    for (int h = kBiasLanes / 2; h > 0; h /= 2) {
+        if (static_cast<int>(threadIdx.y) < h) part[threadIdx.y][threadIdx.x] += part[threadIdx.y + h][threadIdx.x];
+        __syncthreads();
     }
+    if (threadIdx.y == 0 && o < O) db[o] = part[0][threadIdx.x];
+}
+
+// The linear passes of n = 1 or 2 towers (index i: tower i; the pair forms are one launch for both).
+// y (N x O) = x (N x I) W^T: A = x (k = i contiguous), B(k=i, n=o) = W[o*I + i] (k contiguous).
+void linear_fwd(const LinearParams& p, int n, const float* const* x, const float* const* w, const float* const* b,
+                float* const* y, void* stream) {
+    StridedGemm<true, true> g[2] = {};
+    for (int i = 0; i < n; ++i) {
+        g[i].M = p.N; g[i].N = p.O; g[i].K = p.I;
+        g[i].A = x[i]; g[i].sam = p.I; g[i].sak = 1;
+        g[i].B = w[i]; g[i].sbk = 1; g[i].sbn = p.I;
+    }
+    run_gemm("linear_forward", g, n, y, b, stream, p.relu);
+}
+
+// dx (N x I) = dy (N x O) W (O x I): A = dy (k = o contiguous), B(k=o, n=i) = W[o*I + i] (n contiguous).
+void linear_dgrad(const LinearParams& p, int n, const float* const* dy, const float* const* w, float* const* dx,
+                  void* stream) {
+    StridedGemm<true, false> g[2] = {};
+    for (int i = 0; i < n; ++i) {
+        g[i].M = p.N; g[i].N = p.I; g[i].K = p.O;
+        g[i].A = dy[i]; g[i].sam = p.O; g[i].sak = 1;
+        g[i].B = w[i]; g[i].sbk = p.I; g[i].sbn = 1;
+    }
+    const float* none[2] = {nullptr, nullptr};
+    run_gemm("linear_backward_input", g, n, dx, none, stream);
+}
+
+// dW (O x I) = dy^T (O x N) x (N x I): A(m=o, k=n) = dy[n*O + o] (m contiguous), B(k=n, n=i) = x[n*I + i].
+void linear_wgrad(const LinearParams& p, int n, const float* const* x, const float* const* dy, float* const* dw,
+                  void* stream) {
+    StridedGemm<false, false> g[2] = {};
+    for (int i = 0; i < n; ++i) {
+        g[i].M = p.O; g[i].N = p.I; g[i].K = p.N;
+        g[i].A = dy[i]; g[i].sam = 1; g[i].sak = p.O;
+        g[i].B = x[i]; g[i].sbk = p.I; g[i].sbn = 1;
+    }
+    const float* none[2] = {nullptr, nullptr};
+    run_gemm("linear_backward_weight", g, n, dw, none, stream);
+}
+
+void linear_bgrad(const LinearParams& p, int n, const float* const* dy, float* const* db, void* stream) {
+    if (p.O <= 0) return;
+    BiasPtrs bp{};
+    for (int i = 0; i < n; ++i) {
+        bp.dy[i] = dy[i];
+        bp.db[i] = db[i];
+    }
+    const dim3 block(kBiasCols, kBiasLanes), grid((p.O + kBiasCols - 1) / kBiasCols, n);
+    linear_backward_bias_kernel<<<grid, block, 0, as_stream(stream)>>>(p.N, p.O, bp);
+    AX_LAUNCH_CHECK("linear_backward_bias");
 }
 
 }  // namespace
 
-// y (N x O) = x (N x I) W^T: A = x (k = i contiguous), B(k=i, n=o) = W[o*I + i] (k contiguous).
 void linear_forward(const LinearParams& p, const float* x, const float* w, const float* b, float* y, void* stream) {
-    StridedGemm<true, true> g{};
-    g.M = p.N; g.N = p.O; g.K = p.I;
-    g.A = x; g.sam = p.I; g.sak = 1;
-    g.B = w; g.sbk = 1; g.sbn = p.I;
-    run_gemm("linear_forward", g, y, b, stream, p.relu);
+    linear_fwd(p, 1, &x, &w, &b, &y, stream);
 }
-
-// dx (N x I) = dy (N x O) W (O x I): A = dy (k = o contiguous), B(k=o, n=i) = W[o*I + i] (n contiguous).
 void linear_backward_input(const LinearParams& p, const float* dy, const float* w, float* dx, void* stream) {
-    StridedGemm<true, false> g{};
-    g.M = p.N; g.N = p.I; g.K = p.O;
-    g.A = dy; g.sam = p.O; g.sak = 1;
-    g.B = w; g.sbk = p.I; g.sbn = 1;
-    run_gemm("linear_backward_input", g, dx, nullptr, stream);
+    linear_dgrad(p, 1, &dy, &w, &dx, stream);
 }
-
-// dW (O x I) = dy^T (O x N) x (N x I): A(m=o, k=n) = dy[n*O + o] (m contiguous), B(k=n, n=i) = x[n*I + i].
 void linear_backward_weight(const LinearParams& p, const float* x, const float* dy, float* dw, void* stream) {
-    StridedGemm<false, false> g{};
-    g.M = p.O; g.N = p.I; g.K = p.N;
-    g.A = dy; g.sam = 1; g.sak = p.O;
-    g.B = x; g.sbk = p.I; g.sbn = 1;
-    run_gemm("linear_backward_weight", g, dw, nullptr, stream);
+    linear_wgrad(p, 1, &x, &dy, &dw, stream);
+}
+void linear_backward_bias(const LinearParams& p, const float* dy, float* db, void* stream) {
+    linear_bgrad(p, 1, &dy, &db, stream);
 }
 
-void linear_backward_bias(const LinearParams& p, const float* dy, float* db, void* stream) {
-    if (p.O <= 0) return;
-    const dim3 block(32, 8), grid((p.O + 31) / 32);
-    linear_backward_bias_kernel<<<grid, block, 0, as_stream(stream)>>>(p.N, p.O, dy, db);
-    AX_LAUNCH_CHECK("linear_backward_bias");
+void linear_forward_pair(const LinearParams& p, const float* const x[2], const float* const w[2],
+                         const float* const b[2], float* const y[2], void* stream) {
+    linear_fwd(p, 2, x, w, b, y, stream);
+}
+void linear_backward_input_pair(const LinearParams& p, const float* const dy[2], const float* const w[2],
+                                float* const dx[2], void* stream) {
+    linear_dgrad(p, 2, dy, w, dx, stream);
+}
+void linear_backward_weight_bias_pair(const LinearParams& p, const float* const x[2], const float* const dy[2],
+                                      float* const dw[2], float* const db[2], void* stream) {
+    linear_wgrad(p, 2, x, dy, dw, stream);
+    linear_bgrad(p, 2, dy, db, stream);
 }
 
 }  // namespace cuda

@@ -1,5 +1,5 @@
-// CUDA backend of overlapping max-pooling (NCHW). Planes (n, c) over blockIdx.y, output (forward) or
-// input (backward) pixels over x threads. The backward is a gather, not a scatter: each input element
+// CUDA backend of overlapping max-pooling (NCHW). Forward: one thread per output of every plane. Backward: planes
+// (n, c) over blockIdx.y, input pixels over x threads. The backward is a gather, not a scatter: each input element
 // visits the windows that contain it in row-major (p, q) order and adds dy where argmax points at it,
 // the same additions in the same order as the CPU's scatter, with no atomics.
 #include "common.cuh"
@@ -9,22 +9,22 @@ namespace cuda {
 namespace {
 
 // y = max over the window, argmax = flat h*W+w of the first maximum in row-major window order
-// (maxpool_window, common.cuh).
+// (maxpool_window, common.cuh). One thread per output over all planes (grid-stride), so that small planes (pool5's
+// 6x6) still fill every block; the plane and position come from two divisions per output (the op is memory-bound).
 __global__ void __launch_bounds__(kThreads1d)
-    maxpool_forward_kernel(int64_t planes, PoolParams p, const float* __restrict__ x, float* __restrict__ y,
+    maxpool_forward_kernel(int64_t total, PoolParams p, const float* __restrict__ x, float* __restrict__ y,
                            int32_t* __restrict__ argmax) {
-    const int PQ = p.P * p.Q;
+    const int64_t PQ = static_cast<int64_t>(p.P) * p.Q;
     const int64_t HW = static_cast<int64_t>(p.H) * p.W;
-    for (int64_t pl = blockIdx.y; pl < planes; pl += gridDim.y) {
-        const float* xp = x + pl * HW;
-        for (int64_t i = global_thread_id(); i < PQ; i += global_thread_count()) {
-            const int op = static_cast<int>(i) / p.Q, oq = static_cast<int>(i) - op * p.Q;
-            float best;
-            int arg;
-            maxpool_window(xp, p, op, oq, best, arg);
-            y[pl * PQ + i] = best;
-            argmax[pl * PQ + i] = arg;
-        }
+    for (int64_t i = global_thread_id(); i < total; i += global_thread_count()) {
+        const int64_t pl = i / PQ;
+        const int o = static_cast<int>(i - pl * PQ);
+        const int op = o / p.Q, oq = o - op * p.Q;
+        float best;
+        int arg;
+        maxpool_window(x + pl * HW, p, op, oq, best, arg);
+        y[i] = best;
+        argmax[i] = arg;
     }
 }
 
@@ -64,7 +64,7 @@ void maxpool_forward(const PoolParams& p, const float* x, float* y, int32_t* arg
     const int64_t planes = static_cast<int64_t>(p.N) * p.C, PQ = static_cast<int64_t>(p.P) * p.Q;
     if (planes * PQ == 0) return;
     require(static_cast<int64_t>(p.H) * p.W <= 0x7fffffff, "maxpool_forward", "image plane too large for int32 argmax");
-    maxpool_forward_kernel<<<plane_grid(planes, PQ), kThreads1d, 0, as_stream(stream)>>>(planes, p, x, y, argmax);
+    maxpool_forward_kernel<<<grid_1d(planes * PQ), kThreads1d, 0, as_stream(stream)>>>(planes * PQ, p, x, y, argmax);
     AX_LAUNCH_CHECK("maxpool_forward");
 }
 

@@ -146,6 +146,11 @@ def _valid_call(rng, op):
         rest = (r(1, 4), r(1, 4)) if rng.random() < 0.5 else ()
         N = r(1, 3)
         return [[T((N, r(1, 4)) + rest) for _ in range(r(1, 3))]], {}, {}
+    if op == "split_sum_channels":
+        parts = r(1, 3)
+        rest = (r(1, 4), r(1, 4)) if rng.random() < 0.5 else ()
+        shape = (r(1, 3), parts * r(1, 3)) + rest
+        return [[T(shape) for _ in range(r(1, 3))], parts], {}, {}
     if op == "slice_channels":
         C = r(1, 6)
         c0 = r(0, C - 1)

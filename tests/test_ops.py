@@ -420,6 +420,36 @@ def test_concat_and_slice_channels(device, shapes, rng):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("count,parts,shape", [(2, 2, (2, 256, 13, 13)), (2, 2, (3, 4096)), (3, 3, (2, 6, 3, 5)),
+                                               (1, 2, (2, 4)), (2, 1, (3, 7, 1, 1))])
+def test_split_sum_channels(device, count, parts, shape, rng):
+    xs = [randn(rng, shape) for _ in range(count)]
+    ys = ops.split_sum_channels([dev(x, device) for x in xs], parts)
+    want = ref.split_sum_channels(xs, parts)
+    assert len(ys) == parts
+    per = shape[1] // parts
+    for u, (y, w) in enumerate(zip(ys, want)):
+        check(y, w, ELEMENTWISE, f"split_sum_channels slice {u}")
+        # the contract: slice_channels, then add in list order, bit for bit
+        acc = ops.slice_channels(dev(xs[0], device), u * per, (u + 1) * per)
+        for x in xs[1:]:
+            acc = ops.add(acc, ops.slice_channels(dev(x, device), u * per, (u + 1) * per))
+        check_exact(y, acc.numpy(), f"split_sum_channels slice {u} vs slice_channels + add")
+
+
+def test_split_sum_channels_rejects_bad_arguments(rng):
+    a, b = ax.from_numpy(randn(rng, (2, 6))), ax.from_numpy(randn(rng, (2, 4)))
+    with pytest.raises(ValueError, match=r"split_sum_channels: argument 'parts' \(4\) does not divide the 6"):
+        ops.split_sum_channels([a], 4)
+    with pytest.raises(ValueError, match="split_sum_channels: argument 'xs' must have shape"):
+        ops.split_sum_channels([a, b], 2)
+    with pytest.raises(ValueError, match="split_sum_channels: argument 'xs' is empty"):
+        ops.split_sum_channels([], 2)
+    with pytest.raises(ValueError, match="split_sum_channels: argument 'parts' must be >= 1"):
+        ops.split_sum_channels([a], 0)
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("shape", [(2, 256, 13, 13), (7, 5), (1,)])
 def test_add(device, shape, rng):
     a, b = randn(rng, shape), randn(rng, shape)

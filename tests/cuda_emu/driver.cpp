@@ -268,6 +268,7 @@ void test_conv_pair(const ConvCase& c) {
         // the ReLU below folded into grad-input, with each tower's x standing in for that ReLU's output.
         const auto yr = ops::conv2d_forward_pair(x, w, b, c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true);
         const auto dxr = ops::conv2d_backward_input_pair(dy, w, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g, {x[0], x[1]});
+        const auto wb = ops::conv2d_backward_weight_bias_pair(x, dy, c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
         for (int t = 0; t < 2; ++t) {
             const std::string tn = fmt(" tower %d ", t) + nm;
             check_same_bits("conv2d_forward_pair == single" + tn, y[t],
@@ -280,6 +281,11 @@ void test_conv_pair(const ConvCase& c) {
                             ops::conv2d_forward(x[t], w[t], b[t], c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true));
             check_same_bits("conv2d_backward_input_pair relu_y == single" + tn, dxr[t],
                             ops::conv2d_backward_input(dy[t], w[t], c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g, x[t]));
+            // Weight and bias gradients together (the bias slices summed in the split-K reduce launch).
+            check_same_bits("conv2d_backward_weight_bias_pair dw == single" + tn, wb.dw[t],
+                            ops::conv2d_backward_weight(x[t], dy[t], c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g));
+            check_same_bits("conv2d_backward_weight_bias_pair db == single" + tn, wb.db[t],
+                            ops::conv2d_backward_bias(dy[t]));
         }
     }
 }
@@ -317,6 +323,38 @@ void test_linear(int N, int I, int O, bool bias) {
     check_rel("linear_backward_input " + name, ops::linear_backward_input(tdy, tw), dx, kReduction);
     check_rel("linear_backward_weight " + name, ops::linear_backward_weight(tx, tdy), dw, kReduction);
     check_rel("linear_backward_bias " + name, ops::linear_backward_bias(tdy), db, kReduction);
+}
+
+// Both towers' linear passes in one launch each (what Net issues when the towers share a device and a stream):
+// bit for bit the single calls, on CUDA and on the CPU backend (the single calls are checked against float64 above).
+void test_linear_pair(int N, int I, int O) {
+    const std::string name = fmt("N%d I%d O%d", N, I, O);
+    for (const Device dev : {GPU, Device{}}) {
+        ops::TensorPair x, w, dy;
+        std::array<std::optional<Tensor>, 2> b;
+        for (int t = 0; t < 2; ++t) {
+            x[t] = host_tensor({N, I}, randv(size_t(N) * I)).to(dev);
+            w[t] = host_tensor({O, I}, randv(size_t(O) * I)).to(dev);
+            b[t] = host_tensor({O}, randv(O)).to(dev);
+            dy[t] = host_tensor({N, O}, randv(size_t(N) * O)).to(dev);
+        }
+        const std::string nm = name + (dev.is_cpu() ? " (cpu)" : " (cuda)");
+        const auto y = ops::linear_forward_pair(x, w, b);
+        const auto yr = ops::linear_forward_pair(x, w, b, /*relu=*/true);
+        const auto dx = ops::linear_backward_input_pair(dy, w);
+        const auto wb = ops::linear_backward_weight_bias_pair(x, dy);
+        for (int t = 0; t < 2; ++t) {
+            const std::string tn = fmt(" tower %d ", t) + nm;
+            check_same_bits("linear_forward_pair == single" + tn, y[t], ops::linear_forward(x[t], w[t], b[t]));
+            check_same_bits("linear_forward_pair relu == single" + tn, yr[t],
+                            ops::linear_forward(x[t], w[t], b[t], /*relu=*/true));
+            check_same_bits("linear_backward_input_pair == single" + tn, dx[t], ops::linear_backward_input(dy[t], w[t]));
+            check_same_bits("linear_backward_weight_bias_pair dw == single" + tn, wb.dw[t],
+                            ops::linear_backward_weight(x[t], dy[t]));
+            check_same_bits("linear_backward_weight_bias_pair db == single" + tn, wb.db[t],
+                            ops::linear_backward_bias(dy[t]));
+        }
+    }
 }
 
 // ---- elementwise -------------------------------------------------------------------------------------
@@ -515,6 +553,41 @@ void test_channels(int N, int C1, int C2, const std::vector<int64_t>& inner_shap
                         ops::slice_channels(cat, 1, C1 + C2 - 1), ops::slice_channels(cat_cpu, 1, C1 + C2 - 1));
 }
 
+// concat_channels of `count` parts (one launch on CUDA) and split_sum_channels of `count` tensors into `parts`
+// slices (one launch), bit for bit against the CPU backend, which slices and adds (and the CUDA slices and adds).
+void test_split_sum(int N, int count, int parts, int per, const std::vector<int64_t>& inner_shape) {
+    std::vector<int64_t> shape{N, int64_t(parts) * per}, part_shape{N, per};
+    int64_t inner = 1;
+    for (auto d : inner_shape) {
+        shape.push_back(d);
+        part_shape.push_back(d);
+        inner *= d;
+    }
+    const std::string nm = fmt("N%d %d x (C%d = %d x %d) inner%" PRId64, N, count, parts * per, parts, per, inner);
+    std::vector<Both> xs;
+    std::vector<Tensor> xg, xc;
+    for (int t = 0; t < count; ++t) {
+        xs.push_back(both(shape, randv(size_t(N) * parts * per * inner)));
+        xg.push_back(xs.back().gpu);
+        xc.push_back(xs.back().cpu);
+    }
+    const auto yg = ops::split_sum_channels(xg, parts), yc = ops::split_sum_channels(xc, parts);
+    for (int u = 0; u < parts; ++u) {
+        check_vs_cpu<float>(fmt("split_sum_channels slice %d ", u) + nm, yg[u], yc[u]);
+        Tensor acc = ops::slice_channels(xg[0], u * per, (u + 1) * per);
+        for (int t = 1; t < count; ++t) acc = ops::add(acc, ops::slice_channels(xg[t], u * per, (u + 1) * per));
+        check_exact<float>(fmt("split_sum_channels slice %d vs slice_channels + add ", u) + nm, yg[u],
+                           down<float>(acc), "the unfused CUDA ops");
+    }
+    // The parts of the concat: every tower's slice u side by side (count parts of per channels each).
+    std::vector<Tensor> pg, pc;
+    for (int t = 0; t < count; ++t) {
+        pg.push_back(ops::slice_channels(xg[t], 0, per));
+        pc.push_back(ops::slice_channels(xc[t], 0, per));
+    }
+    check_vs_cpu<float>(fmt("concat_channels %d parts ", count) + nm, ops::concat_channels(pg), ops::concat_channels(pc));
+}
+
 // ---- LRN ---------------------------------------------------------------------------------------------
 
 void test_lrn(int N, int C, int H, int W, int size, float k, float alpha, float beta) {
@@ -682,6 +755,27 @@ void test_softmax(int N, int C, bool ties) {
     check_vs_cpu<float>("softmax_cross_entropy_backward " + nm, dl,
                         ops::softmax_cross_entropy_backward(probs_cpu, tl.cpu, scale));
     check_rel("softmax_cross_entropy_backward vs float64 " + nm, dl, d, kReduction);
+    // The logits as parts read in place (the towers' fc8 halves; here also uneven thirds), and dlogits cut into
+    // slices: the whole-tensor kernels' bits.
+    for (int parts : {2, 3}) {
+        if (C < parts) continue;
+        // Two even halves (the net's), or thirds of uneven sizes (C/3+1, C/3-1, the rest).
+        const std::vector<int> cuts = parts == 2 ? std::vector<int>{0, C / 2, C} : std::vector<int>{0, C / 3 + 1, 2 * (C / 3), C};
+        std::vector<Tensor> lp;
+        for (int u = 0; u < parts; ++u) lp.push_back(ops::slice_channels(tx.gpu, cuts[u], cuts[u + 1]));
+        const auto rp = ops::softmax_cross_entropy_forward_parts(lp, tl.gpu);
+        const std::string pn = fmt(" %d parts ", parts) + nm;
+        check_exact<float>("softmax_cross_entropy_forward_parts probs" + pn, rp.probs, down<float>(r.probs),
+                           "the whole-logits kernel");
+        check_exact<float>("softmax_cross_entropy_forward_parts loss" + pn, rp.loss, down<float>(r.loss),
+                           "the whole-logits kernel");
+        check_exact<int32_t>("softmax_cross_entropy_forward_parts rank" + pn, rp.rank, rank, "reference");
+        if (C % parts != 0) continue;
+        const auto dp = ops::softmax_cross_entropy_backward_parts(r.probs, tl.gpu, scale, parts);
+        const auto dpc = ops::softmax_cross_entropy_backward_parts(probs_cpu, tl.cpu, scale, parts);
+        for (int u = 0; u < parts; ++u)
+            check_vs_cpu<float>(fmt("softmax_cross_entropy_backward_parts slice %d", u) + pn, dp[u], dpc[u]);
+    }
 }
 
 // ---- augmentation ------------------------------------------------------------------------------------
@@ -748,6 +842,11 @@ void group_plumbing() {
     test_channels(5, 3, 1, {});           // (N, C) 2-D
     test_channels(2, 128, 128, {13, 13});  // conv2 -> conv3 cross-tower concat, batch 2
     test_channels(2, 2048, 2048, {});     // fc6 -> fc7 concat, batch 2
+    test_split_sum(3, 2, 2, 3, {3, 7});    // scalar path (odd run)
+    test_split_sum(2, 3, 2, 4, {2, 2});    // float4 path, three inputs
+    test_split_sum(5, 2, 3, 1, {});        // (N, C) 2-D, three slices of one channel
+    test_split_sum(2, 2, 2, 128, {13, 13});  // conv3's d_in (256 channels: each tower's 128) at batch 2
+    test_split_sum(2, 2, 2, 2048, {});     // fc7's d_in (4096 features) at batch 2
 }
 
 void group_lrn() {
@@ -823,6 +922,8 @@ void group_conv_pair() {
     test_conv_pair({2, 4, 11, 11, 6, 3, 3, 2, 2, 1, 1, 1, true, ALL, "pair strided"});
     // M = 49, N = 16909: one tower takes 48x128 tiles, the pair's twice as many blocks 64x128.
     test_conv_pair({1, 49, 1, 16909, 49, 1, 1, 1, 1, 0, 0, 1, true, ALL, "pair tile differs"});
+    // The bias gradient in 10 slices per channel, added by 8 lanes (split_reduce) in the weight gradient's reduce.
+    test_conv_pair({1, 2, 100, 100, 4, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair sliced bias"});
     // A pair whose towers differ in shape, or in device, is refused naming the op.
     const Tensor x0 = host_tensor({1, 2, 5, 5}, randv(50)).to(GPU), x1 = host_tensor({1, 2, 5, 6}, randv(60)).to(GPU);
     const Tensor w = host_tensor({3, 2, 3, 3}, randv(54)).to(GPU);
@@ -873,6 +974,11 @@ void group_linear() {
     test_linear(1, 1, 1, true);
     test_linear(2, 4096, 500, true);  // AlexNet fc8, one tower's half of the classes, batch 2
     test_linear(2, 4096, 2048, true);  // AlexNet fc7, one tower, batch 2 (fc6 differs only in I=9216)
+    // Pairs: split-K in every pass with the reduce's lanes (fc8's shape), a 64x64 tile without split, and M = 128
+    // on 128x128 tiles (forward split-K with its ReLU and bias in the reduce).
+    test_linear_pair(2, 4096, 500);
+    test_linear_pair(17, 33, 65);
+    test_linear_pair(128, 300, 70);
 }
 
 void group_linear_bigtile() {
