@@ -48,7 +48,13 @@ print("cuda_available:", ok, ax.cuda_device_properties(0)["name"] if ok else ax.
 sys.exit(0 if ok else 1)'
 
 build() {
-  step build 180 env ALEXNET_CUDA=ON "$PY" -m pip install --no-build-isolation -e .
+  # Only this GPU's architecture (nvidia-smi's compute capability, "9.0" -> 90) unless ALEXNET_CUDA_ARCHS says
+  # otherwise: the default build compiles seven, minutes of a device budget that has no use for the other six.
+  local archs="${ALEXNET_CUDA_ARCHS:-}"
+  if [ -z "$archs" ] && command -v nvidia-smi >/dev/null; then
+    archs=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+  fi
+  step build 180 env ALEXNET_CUDA=ON ALEXNET_CUDA_ARCHS="$archs" "$PY" -m pip install --no-build-isolation -e .
   if [ $RC -ne 0 ]; then say "build: FAILED (rc $RC, ${SECS}s, see build.log)"; return 1; fi
   local secs=$SECS
   step build_probe 30 "$PY" -c "$PROBE"
