@@ -469,7 +469,7 @@ def narrow_fits(M: int) -> bool:
 
 def loop_cost(bm: int, bn: int) -> int:
     """GemmCfg::kLoopCost: main-loop instructions per 100 FFMA the launchers assume for the tile."""
-    return 121 if bm == 128 else (135 if bm == 48 else (128 if bn == 128 else 125))
+    return 116 if bm == 128 else (123 if bm == 48 else (118 if bn == 128 else 121))
 
 
 def tile_cost(M: int, N: int, Z: int, bm: int, bn: int) -> int:

@@ -212,14 +212,22 @@ __device__ __forceinline__ void cp_async_wait() {}
 // (BM/TM) x (BN/8) threads, each owning a TM x 8 register micro-tile (GemmCfg::row: 4x4 pieces strided by
 // BM/2 rows and BN/2 columns, so shared-memory reads are float4 and broadcast-friendly). Shared tiles are
 // stored k-major (As[k][m], Bs[k][n]) in an S-stage ring filled by cp.async: tile j+S-1 is copied while
-// tile j is multiplied, with no register staging and one barrier per k-step. The k-range [kb, ke) is
-// walked from ke - nt*16 (nt = ceil((ke-kb)/16)): the first tile is the only partial one, so the loop's
-// copies check no k bound. Every store is bounds-checked by the main loop: any M, N, Kr.
+// tile j is multiplied, with no register staging and one barrier per k-step; the loop is unrolled S times
+// so that stage and table-slot indices are constants. The k-range [kb, ke) is walked from ke - nt*16
+// (nt = ceil((ke-kb)/16)): the first tile is the only partial one, so the loop's copies check no k bound.
+// Rows >= M and columns >= N only feed accumulators the epilogue never stores, but their copies are still
+// switched off (src may lie outside the tensor). Every store is bounds-checked: any M, N, Kr.
+// What the loop costs besides its FFMA (benchmarks/model.py reads it from the SASS): per k-step the float4
+// reads of the micro-tile, per copy an address (one IMAD.WIDE: loaders keep opaque base pointers and 32-bit
+// offsets) and one predicate (a compare against a prefix count, or one AND with a tap mask), per gather-table
+// entry one shared load (half an LDS.128 for the 8-byte tap-mask entries), and the table entries of a tile.
 //
 // Gather tables: an Op with kTab = true gets, for every k of the tile it fetches, an Entry that it
-// computed once per k for the whole block (entry(k, kb, ke), run by threads 0..15 for the tile after the
-// one being fetched, double-buffered in shared memory). The implicit-GEMM loaders decompose k = (c, r, s) or
-// (img, p, q) there instead of per element, so their inner loop is adds, unsigned compares and copies.
+// computed once per k for the whole block (run by threads 0..15 for the tile after the one being fetched, S
+// slots in shared memory, a thread's entries consecutive: TabSlot). The implicit-GEMM loaders decompose
+// k = (c, r, s) or (img, p, q) there instead of per element, so their inner loop is an address add, a
+// compare or AND, and the copy. Before the loop entry(k, kb, ke) builds them; in the loop entry_loop, from
+// a per-block lookup table where the Op has one (kLut).
 //
 // Op interface (all __device__ const; `Th` is whatever thread<Cfg>() returns: per-thread register state):
 //   int M, N;                                  GEMM size of one z slice
@@ -270,7 +278,7 @@ struct GemmCfg {
     // Main-loop instructions per 100 FFMA (the loads, gathers and bookkeeping around them), as the SASS of
     // the convolutions' loops shows them (benchmarks/model.py): what one FFMA of this tile costs in issue
     // slots, relative to the others, when tile_cost compares tiles.
-    static constexpr int kLoopCost = BM == 128 ? 121 : (TM == 6 ? 135 : (BN == 128 ? 128 : 125));
+    static constexpr int kLoopCost = BM == 128 ? 116 : (TM == 6 ? 123 : (BN == 128 ? 118 : 121));
     static_assert(((TM == 8 && (BM == 64 || BM == 128)) || (TM == 6 && BM == 48)) && (BN == 64 || BN == 128) &&
                       BM <= BN && (kStages == 2 || kStages == 3),
                   "GemmCfg: tiles are 128x128, 64x128, 64x64 (8x8 micro-tiles) or 48x128, 48x64 (6x8)");

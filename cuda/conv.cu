@@ -65,7 +65,7 @@ __device__ __forceinline__ RowsA<Cfg> rows_a(const float* base, int64_t mstride,
     using Map = TileMap<Cfg::BM, Cfg::BK, true, Cfg::kThreads>;
     RowsA<Cfg> a;
     const int m = m0 + Map::mn(threadIdx.x, 0);
-    a.p = base + m * mstride;
+    a.p = opaque_ptr(base + m * mstride);  // kept in two registers, not rebuilt from its parts at every use
     a.step = static_cast<int>(Map::kStep * mstride);
     a.kt = Map::k(threadIdx.x, 0);
     const int left = M - m;  // rows m, m + kStep, ... below M: ceil(left / kStep) of them, at most kN
@@ -78,7 +78,7 @@ template <class Cfg, bool kCheck, class KOff, class Put>
 __device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k0, int kb, int ke, Put& put) {
     const int k = k0 + a.kt;
     const bool kok = !kCheck || (k >= kb && k < ke);
-    const float* p = opaque_ptr(a.p) + koff;
+    const float* p = a.p + koff;
     const int rows = static_cast<int>(opaque(static_cast<unsigned>(a.rows)));
 #pragma unroll
     for (int i = 0; i < RowsA<Cfg>::kN; ++i) {
@@ -391,7 +391,8 @@ struct ConvBwdInput {
 // A = dy is k-contiguous (k walks q); B = im2col of x is read with threads walking its columns (c, r, s),
 // coalesced along s, each thread keeping one column per tile (offset c*H*W + r*W + s, and r, s). The table
 // gives each k = (img, p, q) its dy offset, its x offset at the window origin and the origin itself.
-// kMask needs R*S <= 32 and P, Q <= kWgradLutRows (the lookup tables of the in-loop entries).
+// kMask (R*S <= 32 and P, Q <= kWgradLutRows, the lookup tables of the in-loop entries): the entry gives the
+// x offset and the window's taps inside x as one mask, the thread its column's tap bit: the check is one AND.
 constexpr int kWgradLutRows = 64;
 
 template <bool kMask>

@@ -46,7 +46,7 @@ struct StridedGemm {
         Side s;
         const int mn = mn0 + Map::mn(threadIdx.x, 0);
         s.kt = Map::k(threadIdx.x, 0);
-        s.p = base + mn * smn + s.kt * sk;
+        s.p = opaque_ptr(base + mn * smn + s.kt * sk);  // kept in two registers, not rebuilt at every use
         s.step = static_cast<int>(Map::kStep * (kContig ? smn : sk));
         const int left = lim - mn;
         s.n = left <= 0 ? 0 : (kContig ? min(E, (left + Map::kStep - 1) / Map::kStep) : E);
@@ -56,7 +56,7 @@ struct StridedGemm {
     // [kb, ke). Element i is at k0 + kt (k-contiguous) or k0 + kt + i * Map::kStep.
     template <int E, bool kContig, bool kCheck, class Put>
     __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, Put& put) {
-        const float* p = opaque_ptr(s.p) + k0 * sk;
+        const float* p = s.p + k0 * sk;
         const int n = static_cast<int>(opaque(static_cast<unsigned>(s.n)));
 #pragma unroll
         for (int i = 0; i < E; ++i) {
