@@ -391,7 +391,8 @@ GEMM_OPS = {
     "conv_fwd": ("conv.cu", "7ConvFwdILb1E"),           # windows of <= 32 taps: the tap-mask loaders
     "conv_fwd_nomask": ("conv.cu", "7ConvFwdILb0E"),    # larger windows (conv1's 11x11)
     "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1ELb1E"),  # stride 1 and <= 32 taps, as every layer with this pass
-    "conv_wgrad": ("conv.cu", "13ConvBwdWeight"),
+    "conv_wgrad": ("conv.cu", "13ConvBwdWeightILb1E"),       # windows of <= 32 taps: the tap-mask loaders
+    "conv_wgrad_nomask": ("conv.cu", "13ConvBwdWeightILb0E"),  # larger windows (conv1)
     "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
     "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
     "linear_wgrad": ("gemm.cu", "StridedGemmILb0ELb0E"),
@@ -402,6 +403,7 @@ GEMM_TILES = {
     "conv_fwd_nomask": ((128, 128), (64, 128), (48, 128)),
     "conv_dgrad": ((128, 128), (64, 128), (48, 128)),
     "conv_wgrad": ((128, 128), (64, 128), (48, 128)),
+    "conv_wgrad_nomask": ((128, 128), (64, 128), (48, 128)),
     "linear_fwd": ((128, 128), (64, 64)),
     "linear_dgrad": ((128, 128), (64, 64)),
     "linear_wgrad": ((128, 128), (64, 64)),
@@ -470,7 +472,7 @@ def narrow_fits(M: int) -> bool:
 
 def loop_cost(bm: int, bn: int) -> int:
     """GemmCfg::kLoopCost: main-loop instructions per 100 FFMA the launchers assume for the tile."""
-    return 121 if bm == 128 else (135 if bm == 48 else (128 if bn == 128 else 125))
+    return 116 if bm == 128 else (123 if bm == 48 else (118 if bn == 128 else 121))
 
 
 def tile_cost(M: int, N: int, Z: int, bm: int, bn: int) -> int:
@@ -539,13 +541,18 @@ class GemmLaunch:
         return gemm_tiles(self.M, self.N, self.tile, self.bn) * self.Z * self.splits * self.towers
 
 
+def wgrad_op(k: int, out_hw: int) -> str:
+    """conv_wgrad: the tap-mask loaders for windows of <= 32 taps and outputs of <= 64 rows and columns."""
+    return "conv_wgrad" if k * k <= 32 and out_hw <= 64 else "conv_wgrad_nomask"
+
+
 def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1, towers: int = 1) -> GemmLaunch:
     """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K; a pair of towers
     (towers = 2) picks their tile for all its blocks, a grad-weight pair keeps one tower's tile and split-K."""
     if op in ("conv_fwd", "conv_fwd_nomask", "conv_dgrad"):
         bm, bn = conv_tile(M, N, Z * towers)
         return GemmLaunch(op, M, N, K, Z, bm, 1, K, bn, towers)
-    if op == "conv_wgrad":
+    if op in ("conv_wgrad", "conv_wgrad_nomask"):
         bm, bn = split_tile(M, N, Z, True, (64, 128))
     else:
         bm, bn = split_tile(M, N, Z, False, (64, 64))
@@ -841,8 +848,8 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             # reduce launch for both towers' weight slices and bias slices.
             bias, bsegs = conv_bias_passes(m, name, N, l["out_c"], PQ, towers=T, reduce=False)
             add(bias, 1)
-            add(m.gemm(name, "grad-weight", "conv_wgrad", l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b, towers=T,
-                       extra=bsegs, extra_name="bias slices"), 1)
+            add(m.gemm(name, "grad-weight", wgrad_op(l["k"], l["out_hw"]), l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b,
+                       towers=T, extra=bsegs, extra_name="bias slices"), 1)
             if i > 0:  # + the layer below's ReLU output when its backward runs in this epilogue
                 below_relu = relu_at(i - 1) == "dgrad"
                 add(m.gemm(name, "grad-input" + (" + relu" if below_relu else ""), "conv_dgrad", l["in_c"], N * HW,
@@ -988,7 +995,7 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
             PQ, HW, R2 = l["out_hw"] ** 2, l["in_hw"] ** 2, l["k"] ** 2
             fw = m.gemm(l["name"], "forward", "conv_fwd" if R2 <= 32 else "conv_fwd_nomask", Kg, N * PQ, Cg * R2, grp)
             dg = m.gemm(l["name"], "grad-input", "conv_dgrad", Cg, N * HW, Kg * R2, grp)
-            wg = m.gemm(l["name"], "grad-weight", "conv_wgrad", Kg, Cg * R2, N * PQ, grp)
+            wg = m.gemm(l["name"], "grad-weight", wgrad_op(l["k"], l["out_hw"]), Kg, Cg * R2, N * PQ, grp)
             bb = conv_bias_passes(m, l["name"], N, Kt, PQ)[0]
             for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), (bb, "grad-bias")):
                 out[(l["name"], pname)] = sum(p.ms for p in ps)

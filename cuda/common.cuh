@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "ops.h"
 
@@ -67,26 +68,26 @@ __device__ __forceinline__ int64_t global_thread_count() { return static_cast<in
 
 // ---- exact division by a runtime constant (Granlund-Montgomery, as in CUTLASS's FastDivmod) ---------
 // For 0 <= n < 2^31 and d >= 1: with l = ceil(log2 d), m = ceil(2^(31+l) / d) < 2^32 and
-// n / d == (n * m) >> (31 + l). Index decomposition in the GEMM loaders runs this instead of IDIV.
+// n / d == (n * m) >> (31 + l) == umulhi(2n, m) >> l (2n < 2^32). Index decomposition in the GEMM loaders runs
+// this instead of IDIV: three instructions and no branch, d = 1 included (m = 2^31, l = 0), so the gather-table
+// code in the GEMM main loop needs no test of d.
 struct FastDiv {
     int d = 1;
-    uint32_t mul = 0, shr = 0;
+    uint32_t mul = 0x80000000u, shr = 0;
     FastDiv() = default;
     explicit FastDiv(int divisor) : d(divisor) {
         if (d < 1) throw std::invalid_argument("FastDiv: divisor must be >= 1");
-        if (d == 1) return;
         int l = 0;
         while ((1ll << l) < d) ++l;
-        const uint64_t p = 31 + l;
-        mul = static_cast<uint32_t>(((1ull << p) + static_cast<uint64_t>(d) - 1) / static_cast<uint64_t>(d));
-        shr = static_cast<uint32_t>(p - 32);
+        mul = static_cast<uint32_t>(((1ull << (31 + l)) + static_cast<uint64_t>(d) - 1) / static_cast<uint64_t>(d));
+        shr = static_cast<uint32_t>(l);
     }
     __host__ __device__ __forceinline__ int div(int n) const {
-        if (d == 1) return n;
+        const uint32_t n2 = static_cast<uint32_t>(n) << 1;
 #ifdef __CUDA_ARCH__
-        return static_cast<int>(__umulhi(static_cast<uint32_t>(n), mul) >> shr);
+        return static_cast<int>(__umulhi(n2, mul) >> shr);
 #else
-        return static_cast<int>(((static_cast<uint64_t>(static_cast<uint32_t>(n)) * mul) >> 32) >> shr);
+        return static_cast<int>((static_cast<uint64_t>(n2) * mul >> 32) >> shr);
 #endif
     }
     // q = n / d, r = n % d for 0 <= n < 2^31.
@@ -106,6 +107,15 @@ __device__ __forceinline__ unsigned opaque(unsigned v) {
     asm volatile("" : "+r"(v));
 #endif
     return v;
+}
+
+// An opaque copy of a pointer: the compiler cannot split base + offset apart again and rebuild the address of
+// every gathered element from a 64-bit integer offset (four instructions); p + int offset is one IMAD.WIDE.
+__device__ __forceinline__ const float* opaque_ptr(const float* p) {
+#ifdef __CUDA_ARCH__
+    asm volatile("" : "+l"(p));
+#endif
+    return p;
 }
 
 // ---- deterministic reductions --------------------------------------------------------------------------
@@ -202,14 +212,22 @@ __device__ __forceinline__ void cp_async_wait() {}
 // (BM/TM) x (BN/8) threads, each owning a TM x 8 register micro-tile (GemmCfg::row: 4x4 pieces strided by
 // BM/2 rows and BN/2 columns, so shared-memory reads are float4 and broadcast-friendly). Shared tiles are
 // stored k-major (As[k][m], Bs[k][n]) in an S-stage ring filled by cp.async: tile j+S-1 is copied while
-// tile j is multiplied, with no register staging and one barrier per k-step. The k-range [kb, ke) is
-// walked from ke - nt*16 (nt = ceil((ke-kb)/16)): the first tile is the only partial one, so the loop's
-// copies check no k bound. Every store is bounds-checked by the main loop: any M, N, Kr.
+// tile j is multiplied, with no register staging and one barrier per k-step; the loop is unrolled S times
+// so that stage and table-slot indices are constants. The k-range [kb, ke) is walked from ke - nt*16
+// (nt = ceil((ke-kb)/16)): the first tile is the only partial one, so the loop's copies check no k bound.
+// Rows >= M and columns >= N only feed accumulators the epilogue never stores, but their copies are still
+// switched off (src may lie outside the tensor). Every store is bounds-checked: any M, N, Kr.
+// What the loop costs besides its FFMA (benchmarks/model.py reads it from the SASS): per k-step the float4
+// reads of the micro-tile, per copy an address (one IMAD.WIDE: loaders keep opaque base pointers and 32-bit
+// offsets) and one predicate (a compare against a prefix count, or one AND with a tap mask), per gather-table
+// entry one shared load (half an LDS.128 for the 8-byte tap-mask entries), and the table entries of a tile.
 //
 // Gather tables: an Op with kTab = true gets, for every k of the tile it fetches, an Entry that it
-// computed once per k for the whole block (entry(k, kb, ke), run by threads 0..15 for the tile after the
-// one being fetched, double-buffered in shared memory). The implicit-GEMM loaders decompose k = (c, r, s) or
-// (img, p, q) there instead of per element, so their inner loop is adds, unsigned compares and copies.
+// computed once per k for the whole block (run by threads 0..15 for the tile after the one being fetched, S
+// slots in shared memory, a thread's entries consecutive: TabSlot). The implicit-GEMM loaders decompose
+// k = (c, r, s) or (img, p, q) there instead of per element, so their inner loop is an address add, a
+// compare or AND, and the copy. Before the loop entry(k, kb, ke) builds them; in the loop entry_loop, from
+// a per-block lookup table where the Op has one (kLut).
 //
 // Op interface (all __device__ const; `Th` is whatever thread<Cfg>() returns: per-thread register state):
 //   int M, N;                                  GEMM size of one z slice
@@ -218,14 +236,19 @@ __device__ __forceinline__ void cp_async_wait() {}
 //   static constexpr bool kTab; struct Entry;  the gather table (Entry unused when kTab is false)
 //   Entry entry(int k, int kb, int ke)         the table entry of k; k outside [kb, ke) gets one whose
 //                                              loads all fail their bounds checks
+//   static constexpr int kLut;                 > 0: entries are built in the loop from a per-block lookup
+//   Entry lut_entry(int i)                     table of kLut Entries (lut_entry(i), filled before the loop)
+//   Entry entry_loop(int k, const Entry* lut)  by entry_loop, which need not check k: the loop builds entries
+//                                              of k < kb never and uses none of k >= ke (the tiles past the
+//                                              end are not fetched); entry_loop(k) == entry(k) for k in range
 //   template <class Cfg> Th thread(int z, int m0, int n0) const;   per-thread precomputation for the
 //                                              tile at (m0, n0) (pointers, masks of rows/columns < M/N)
 //   void k_range(int z, int& kb, int& ke)      the reduction range of slice z (split-K)
 //   template <class Cfg, bool kCheck, class Th, class Put>
 //   void fetch_a(const Th&, const Entry* tab, int k0, int kb, int ke, Put& put)
 //   ... fetch_b likewise
-//       for each of the thread's elements i of the tile starting at k0 (see TileMap; tab[i] is the
-//       entry of k0 + i), put(i, src, ok): ok false where m >= M / n >= N and, when kCheck, where k is
+//       for each of the thread's elements i of the tile starting at k0 (see TileMap; tab[TabSlot::of(i)]
+//       is the entry of k0 + i), put(i, src, ok): ok false where m >= M / n >= N and, when kCheck, where k is
 //       outside [kb, ke) (src is then not read); without kCheck the whole tile lies inside [kb, ke)
 //   template <class Th> void store(const Th&, int z, int m, int n, float v)   called for m < M, n < N only
 
@@ -255,7 +278,7 @@ struct GemmCfg {
     // Main-loop instructions per 100 FFMA (the loads, gathers and bookkeeping around them), as the SASS of
     // the convolutions' loops shows them (benchmarks/model.py): what one FFMA of this tile costs in issue
     // slots, relative to the others, when tile_cost compares tiles.
-    static constexpr int kLoopCost = BM == 128 ? 121 : (TM == 6 ? 135 : (BN == 128 ? 128 : 125));
+    static constexpr int kLoopCost = BM == 128 ? 116 : (TM == 6 ? 123 : (BN == 128 ? 118 : 121));
     static_assert(((TM == 8 && (BM == 64 || BM == 128)) || (TM == 6 && BM == 48)) && (BN == 64 || BN == 128) &&
                       BM <= BN && (kStages == 2 || kStages == 3),
                   "GemmCfg: tiles are 128x128, 64x128, 64x64 (8x8 micro-tiles) or 48x128, 48x64 (6x8)");
@@ -278,6 +301,17 @@ struct TileMap {
     __device__ __forceinline__ static int k(int t, int i) { return kContigK ? t % BK : t / BMN + (T / BMN) * i; }
     // Distance in mn (k-contiguous) or k (mn-contiguous) between a thread's consecutive elements.
     static constexpr int kStep = kContigK ? T / BK : T / BMN;
+};
+
+// Where the gather table keeps the entry of k0 + i: grouped by the k's one thread of the mn-contiguous B
+// operand fetches (k = kt + kStep j lies at kt * (BK / kStep) + j), so a thread's entries are consecutive and
+// an Op with 8-byte entries reads two per 16-byte load. (B of every gather op is mn-contiguous.)
+template <class Cfg>
+struct TabSlot {
+    static constexpr int kStep = Cfg::kThreads / Cfg::BN < 1 ? 1 : Cfg::kThreads / Cfg::BN;
+    static constexpr int kPer = Cfg::BK / kStep;  // entries per k-lane
+    static_assert(Cfg::BK % kStep == 0 && kPer % 2 == 0, "TabSlot: k-lanes of an even number of entries");
+    __host__ __device__ static constexpr int of(int i) { return (i % kStep) * kPer + i / kStep; }
 };
 
 // The sink an Op's fetch writes to: it collects the thread's sources in runs of kRun and copies element i
@@ -310,8 +344,10 @@ __device__ __forceinline__ void fetch_tile(const Op& op, const Th& th, const typ
     using MapB = TileMap<Cfg::BN, Cfg::BK, Op::kBContigK, Cfg::kThreads>;
     TilePut<Cfg::kAPerThread, Op::kAContigK ? MapA::kStep : MapA::kStep * Cfg::APitch> pa{dA};
     TilePut<Cfg::kBPerThread, Op::kBContigK ? MapB::kStep : MapB::kStep * Cfg::BPitch> pb{dB};
-    op.template fetch_a<Cfg, kCheck>(th, tab, k0, kb, ke, pa);
+    // B first: the compiler pads every switch from shared loads (B's gather table) to cp.async with three
+    // no-op instructions, and A's copies, which read no table, then follow B's without one.
     op.template fetch_b<Cfg, kCheck>(th, tab, k0, kb, ke, pb);
+    op.template fetch_a<Cfg, kCheck>(th, tab, k0, kb, ke, pa);
 }
 
 template <class Cfg, class Op>
@@ -321,7 +357,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
     using Entry = typename Op::Entry;
     __shared__ __align__(16) float As[S][BK][Cfg::APitch];
     __shared__ __align__(16) float Bs[S][BK][Cfg::BPitch];
-    __shared__ __align__(16) Entry tab[2][Op::kTab ? BK : 1];
+    __shared__ __align__(16) Entry tab[S][Op::kTab ? BK : 1];
+    __shared__ __align__(16) Entry lut[Op::kLut > 0 ? Op::kLut : 1];
 
     const int t = threadIdx.x;
     const int tx = t % (BN / TN), ty = t / (BN / TN);
@@ -346,12 +383,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
         int k0 = ke - nt * BK;  // the partial tile first: every tile the loop fetches is whole
         float* const dA = &As[0][MapA::k(t, 0)][MapA::mn(t, 0)];  // this thread's element 0 in stage 0
         float* const dB = &Bs[0][MapB::k(t, 0)][MapB::mn(t, 0)];
-        // Table slot of tile i: i & 1. Slots of tiles 0 and 1 first; in step j the slot of tile j + L + 1
-        // is written, whose previous tile (j + L - 1) was fetched before step j's barrier.
+        // Tile i's table entries live in slot i % S. Before the loop: tiles 0..L; in step j, tile j + L + 1's
+        // entries go to the slot of tile j + L + 1 - S, which was fetched in step j + 1 - S, before step j's barrier.
         if (Op::kTab) {
+            if constexpr (Op::kLut > 0) {
+                for (int i = t; i < Op::kLut; i += T) lut[i] = op.lut_entry(i);
+            }
             if (t < BK) {
-                tab[0][t] = op.entry(k0 + t, kb, ke);
-                tab[1][t] = op.entry(k0 + BK + t, kb, ke);
+#pragma unroll
+                for (int i = 0; i <= L; ++i) tab[i][TabSlot<Cfg>::of(t)] = op.entry(k0 + i * BK + t, kb, ke);
             }
             __syncthreads();
         }
@@ -362,22 +402,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
                 fetch_tile<Cfg, false>(op, th, tab[1], k0 + BK, kb, ke, dA + kAStage, dB + kBStage);
             }
             cp_async_commit();
-            if (Op::kTab) {
-                __syncthreads();  // slot 0 (tile 0) has been read by every thread
-                if (t < BK) tab[0][t] = op.entry(k0 + 2 * BK + t, kb, ke);
-            }
         }
 
-        int sc = 0, sn = L;  // stages of tile j and of tile j + L
-        for (int j = 0; j < nt; ++j, k0 += BK) {
+        // Step j (tile j in stage j % S, j = jj + U): the loop is unrolled S times, so every stage and table slot
+        // is a constant and no index rotates.
+        auto step = [&](int j, int k0j, auto U) {
+            constexpr int u = decltype(U)::value, sc = u, sn = (u + L) % S;
             cp_async_wait<L - 1>();  // this thread's copies of tile j have landed (later ones may be in flight)
-            __syncthreads();         // everyone's have; stage sn (tile j - 1) and table slot (j+L+1)&1 are free
+            __syncthreads();         // everyone's have; stage sn (tile j - 1) and table slot (u + L + 1) % S are free
             if (j + L < nt) {
-                fetch_tile<Cfg, false>(op, th, tab[(j + L) & 1], k0 + L * BK, kb, ke, dA + sn * kAStage,
-                                       dB + sn * kBStage);
+                fetch_tile<Cfg, false>(op, th, tab[sn], k0j + L * BK, kb, ke, dA + sn * kAStage, dB + sn * kBStage);
             }
             cp_async_commit();  // possibly empty: keeps one group per step for the wait above
-            if (Op::kTab && t < BK) tab[(j + L + 1) & 1][t] = op.entry(k0 + (L + 1) * BK + t, kb, ke);
+            if (Op::kTab && t < BK) {
+                Entry& e = tab[(u + L + 1) % S][TabSlot<Cfg>::of(t)];
+                if constexpr (Op::kLut > 0) {
+                    e = op.entry_loop(k0j + (L + 1) * BK + t, lut);
+                } else {
+                    e = op.entry(k0j + (L + 1) * BK + t, kb, ke);
+                }
+            }
             const float* const as = &As[sc][0][0];
             const float* const bs = &Bs[sc][0][0];
 #pragma unroll
@@ -394,16 +438,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
                 }
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const float4 u = *reinterpret_cast<const float4*>(bs + kk * Cfg::BPitch + h * (BN / 2) + tx * 4);
-                    b[4 * h] = u.x; b[4 * h + 1] = u.y; b[4 * h + 2] = u.z; b[4 * h + 3] = u.w;
+                    const float4 u4 = *reinterpret_cast<const float4*>(bs + kk * Cfg::BPitch + h * (BN / 2) + tx * 4);
+                    b[4 * h] = u4.x; b[4 * h + 1] = u4.y; b[4 * h + 2] = u4.z; b[4 * h + 3] = u4.w;
                 }
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
                     for (int jj = 0; jj < TN; ++jj) acc[i][jj] = fmaf(a[i], b[jj], acc[i][jj]);
             }
-            sc = sc == S - 1 ? 0 : sc + 1;
-            sn = sn == S - 1 ? 0 : sn + 1;
+        };
+        for (int j = 0; j < nt; j += S, k0 += S * BK) {
+            step(j, k0, std::integral_constant<int, 0>{});
+            if (j + 1 < nt) step(j + 1, k0 + BK, std::integral_constant<int, 1>{});
+            if constexpr (S == 3) {
+                if (j + 2 < nt) step(j + 2, k0 + 2 * BK, std::integral_constant<int, 2>{});
+            }
         }
         cp_async_wait<0>();
     }
@@ -430,11 +479,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
 template <class Op>
 struct TowerPair {
     static constexpr bool kAContigK = Op::kAContigK, kBContigK = Op::kBContigK, kTab = Op::kTab;
+    static constexpr int kLut = Op::kLut;
     using Entry = typename Op::Entry;
     int M, N, zper;
     Op op0, op1;
 
     __device__ Entry entry(int k, int kb, int ke) const { return op0.entry(k, kb, ke); }
+    __device__ Entry lut_entry(int i) const { return op0.lut_entry(i); }
+    __device__ Entry entry_loop(int k, const Entry* lut) const { return op0.entry_loop(k, lut); }
     template <class Cfg>
     __device__ auto thread(int z, int m0, int n0) const {
         return z < zper ? op0.template thread<Cfg>(z, m0, n0) : op1.template thread<Cfg>(z - zper, m0, n0);

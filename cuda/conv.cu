@@ -58,19 +58,18 @@ struct RowsA {
     const float* p;   // base + (m0 + t/8) * mstride
     int step;         // (T/8) * mstride: from one of the thread's rows to the next
     int kt;           // t % 8
-    unsigned mask;    // bit i: the thread's i-th row is < M
+    int rows;         // the thread's rows < M are its first `rows` (m + (T/8) i grows with i)
 };
 template <class Cfg>
 __device__ __forceinline__ RowsA<Cfg> rows_a(const float* base, int64_t mstride, int m0, int M) {
     using Map = TileMap<Cfg::BM, Cfg::BK, true, Cfg::kThreads>;
     RowsA<Cfg> a;
     const int m = m0 + Map::mn(threadIdx.x, 0);
-    a.p = base + m * mstride;
+    a.p = opaque_ptr(base + m * mstride);  // kept in two registers, not rebuilt from its parts at every use
     a.step = static_cast<int>(Map::kStep * mstride);
     a.kt = Map::k(threadIdx.x, 0);
-    a.mask = 0;
-#pragma unroll
-    for (int i = 0; i < RowsA<Cfg>::kN; ++i) a.mask |= (m + Map::kStep * i < M ? 1u : 0u) << i;
+    const int left = M - m;  // rows m, m + kStep, ... below M: ceil(left / kStep) of them, at most kN
+    a.rows = left <= 0 ? 0 : min(RowsA<Cfg>::kN, (left + Map::kStep - 1) / Map::kStep);
     return a;
 }
 // Element i = A(row i, k) with the k's offset `koff` (from the table or k itself); zero outside M and,
@@ -80,14 +79,37 @@ __device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k
     const int k = k0 + a.kt;
     const bool kok = !kCheck || (k >= kb && k < ke);
     const float* p = a.p + koff;
-    const unsigned mask = opaque(a.mask);
+    const int rows = static_cast<int>(opaque(static_cast<unsigned>(a.rows)));
 #pragma unroll
-    for (int i = 0; i < RowsA<Cfg>::kN; ++i) put(i, p + static_cast<int64_t>(i) * a.step, kok && ((mask >> i) & 1u));
+    for (int i = 0; i < RowsA<Cfg>::kN; ++i) {
+        // Per row one compare and one IMAD.WIDE (the pointers chain).
+        const bool ok = i < rows;
+        put(i, p, kCheck ? ok && kok : ok);
+        p += a.step;
+    }
 }
 
 // True when 0 <= base + d < lim (one unsigned compare; base + d never overflows: both are > -2^30).
 __device__ __forceinline__ bool inside(int base, int d, int lim) {
     return static_cast<unsigned>(base) + static_cast<unsigned>(d) < static_cast<unsigned>(lim);
+}
+
+// The gather-table entry of the tap-mask ops: an offset and the tap's bit (0: every load of it fails).
+struct TapEntry {
+    int off;
+    unsigned bit;
+};
+// B's tap-mask gather, elements i and i + 1: one 16-byte load of their two consecutive entries (TabSlot keeps
+// a thread's entries consecutive and 16-byte aligned), then per copy an AND and an address add.
+template <int kPer, class Put>
+__device__ __forceinline__ void put_taps(const float* base, unsigned taps, const TapEntry* e0, Put& put) {
+    static_assert(kPer % 2 == 0, "put_taps: an even number of elements");
+#pragma unroll
+    for (int i = 0; i < kPer; i += 2) {
+        const int4 v = reinterpret_cast<const int4*>(e0)[i / 2];
+        put(i, base + v.x, (taps & static_cast<unsigned>(v.y)) != 0u);
+        put(i + 1, base + v.z, (taps & static_cast<unsigned>(v.w)) != 0u);
+    }
 }
 
 // The low n bits (n in [0, 32]).
@@ -112,11 +134,13 @@ __device__ __forceinline__ unsigned tap_mask(int r0, int r1, int s0, int s1, int
 template <bool kMask>
 struct ConvFwd {
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
-    struct Entry {
-        int off, r, s;  // tap offset from the window origin; r, s (kGatherInvalid outside the range); kMask:
-                        // r is the tap's bit (0 outside the range), s unused
+    struct FullEntry {
+        int off, r, s;  // tap offset from the window origin; r, s (kGatherInvalid outside the range)
         int unused;
     };
+    // kMask: the tap offset and the tap's bit (0 outside the range)
+    using Entry = std::conditional_t<kMask, TapEntry, FullEntry>;
+    static constexpr int kLut = kMask ? 32 : 0;  // kMask: (r*W + s, bit rs) of every tap rs of the window
     int M, N;
     ConvGeom g;
     // The epilogue applies the ReLU (Conv2dParams::relu). An int in the 4 bytes before the pointers, so that the
@@ -130,16 +154,35 @@ struct ConvFwd {
     float* y;
 
     __device__ Entry entry(int k, int kb, int ke) const {
-        Entry e{0, kMask ? 0 : kGatherInvalid, kGatherInvalid, 0};
-        if (k >= kb && k < ke) {
-            int c, rs, rr, ss;
+        int c = 0, rs = 0, rr = kGatherInvalid, ss = kGatherInvalid;
+        const bool in = k >= kb && k < ke;
+        if (in) {
             g.fRS.divmod(k, c, rs);
             g.fS.divmod(rs, rr, ss);
-            e.off = c * g.HW + rr * g.W + ss;
-            e.r = kMask ? static_cast<int>(1u << rs) : rr;
-            e.s = ss;
         }
-        return e;
+        const int off = in ? c * g.HW + rr * g.W + ss : 0;
+        if constexpr (kMask) {
+            return Entry{off, in ? 1u << rs : 0u};
+        } else {
+            return Entry{off, rr, ss, 0};
+        }
+    }
+    __device__ Entry lut_entry(int rs) const {
+        if constexpr (kMask) {
+            return rs < g.RS ? Entry{g.fS.div(rs) * (g.W - g.S) + rs, 1u << rs} : Entry{0, 0u};
+        } else {
+            return entry(0, 0, 0);
+        }
+    }
+    // k = (c, rs): c*H*W from one FastDiv, the rest from the lookup table.
+    __device__ Entry entry_loop(int k, const Entry* lut) const {
+        if constexpr (kMask) {
+            const int c = g.fRS.div(k);
+            const Entry e = lut[k - c * g.RS];
+            return Entry{c * g.HW + e.off, e.bit};
+        } else {
+            return entry(k, 0, 0);
+        }
     }
     template <class Cfg>
     struct Thread {
@@ -181,13 +224,13 @@ struct ConvFwd {
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
-        const int kt = Map::k(threadIdx.x, 0);
+        const Entry* e0 = tab + TabSlot<Cfg>::of(Map::k(threadIdx.x, 0));
+        if constexpr (kMask) {
+            put_taps<Cfg::kBPerThread>(t.xb, t.taps, e0, put);
+        } else {
 #pragma unroll
-        for (int i = 0; i < Cfg::kBPerThread; ++i) {
-            const Entry e = tab[kt + Map::kStep * i];
-            if (kMask) {
-                put(i, t.xb + e.off, (t.taps & static_cast<unsigned>(e.r)) != 0u);
-            } else {
+            for (int i = 0; i < Cfg::kBPerThread; ++i) {
+                const Entry e = e0[i];
                 put(i, t.xb + e.off, inside(t.h0, e.r, g.H) & inside(t.w0, e.s, g.W));
             }
         }
@@ -216,12 +259,14 @@ template <bool kUnit, bool kMask = false>
 struct ConvBwdInput {
     static_assert(kUnit || !kMask, "ConvBwdInput: the tap mask needs stride 1");
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
-    struct Entry {
+    struct FullEntry {
         int aoff;  // ko * Cg*R*S + r*S + s: the weight offset of k (row c adds c*R*S)
         int boff;  // kUnit: ko*P*Q - r*Q - s (from the thread's (h+ph, w+pw) base); else ko*P*Q
-        int r, s;  // kUnit: -r, -s; else r, s (kGatherInvalid outside the range, either way failing);
-                   // kMask: r is the tap's bit (0 outside the range), s unused
+        int r, s;  // kUnit: -r, -s; else r, s (kGatherInvalid outside the range, either way failing)
     };
+    // kMask: boff and the tap's bit (0 outside the range); A's weight offset comes from k itself (a_off)
+    using Entry = std::conditional_t<kMask, TapEntry, FullEntry>;
+    static constexpr int kLut = kMask ? 32 : 0;  // kMask: (-(r*Q + s), bit rs) of every tap rs
     int M, N;
     ConvGeom g;
     const float* dy;
@@ -230,18 +275,41 @@ struct ConvBwdInput {
     const float* relu_y;  // nullable: the epilogue passes dx back through the ReLU whose output x was
 
     __device__ Entry entry(int k, int kb, int ke) const {
-        Entry e{0, 0, kMask ? 0 : kGatherInvalid, kGatherInvalid};
-        if (k >= kb && k < ke) {
-            int ko, rs, rr, ss;
+        int ko = 0, rs = 0, rr = 0, ss = 0;
+        const bool in = k >= kb && k < ke;
+        if (in) {
             g.fRS.divmod(k, ko, rs);
             g.fS.divmod(rs, rr, ss);
-            e.aoff = ko * g.CgRS + rs;
-            e.boff = kUnit ? ko * g.PQ - rr * g.Q - ss : ko * g.PQ;
-            e.r = kMask ? static_cast<int>(1u << rs) : (kUnit ? -rr : rr);
-            e.s = kUnit ? -ss : ss;
         }
-        return e;
+        const int boff = in ? (kUnit ? ko * g.PQ - rr * g.Q - ss : ko * g.PQ) : 0;
+        if constexpr (kMask) {
+            return Entry{boff, in ? 1u << rs : 0u};
+        } else {
+            const int bad = kGatherInvalid;
+            return Entry{in ? ko * g.CgRS + rs : 0, boff, in ? (kUnit ? -rr : rr) : bad, in ? (kUnit ? -ss : ss) : bad};
+        }
     }
+    __device__ Entry lut_entry(int rs) const {
+        if constexpr (kMask) {
+            return rs < g.RS ? Entry{-(g.fS.div(rs) * (g.Q - g.S) + rs), 1u << rs} : Entry{0, 0u};
+        } else {
+            return entry(0, 0, 0);
+        }
+    }
+    // k = (ko, rs): ko*P*Q from one FastDiv, the rest from the lookup table.
+    __device__ Entry entry_loop(int k, const Entry* lut) const {
+        if constexpr (kMask) {
+            const int ko = g.fRS.div(k);
+            const Entry e = lut[k - ko * g.RS];
+            return Entry{ko * g.PQ + e.off, e.bit};
+        } else {
+            return entry(k, 0, 0);
+        }
+    }
+    // The weight offset of k = (ko, rs): ko * Cg*R*S + rs = k + ko * (Cg - 1) * R*S. With kCheck, k < 0 (the first
+    // tile's k below the range, whose copies are all off) divides 0 instead.
+    template <bool kCheck>
+    __device__ int a_off(int k) const { return k + g.fRS.div(kCheck ? max(k, 0) : k) * (g.CgRS - g.RS); }
     template <class Cfg>
     struct Thread {
         RowsA<Cfg> a;
@@ -279,26 +347,32 @@ struct ConvBwdInput {
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
-        put_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, put);
+        if constexpr (kMask) {
+            put_rows_a<Cfg, kCheck>(t.a, a_off<kCheck>(k0 + t.a.kt), k0, kb, ke, put);
+        } else {
+            put_rows_a<Cfg, kCheck>(t.a, tab[TabSlot<Cfg>::of(t.a.kt)].aoff, k0, kb, ke, put);
+        }
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
-        const int kt = Map::k(threadIdx.x, 0);
+        const Entry* e0 = tab + TabSlot<Cfg>::of(Map::k(threadIdx.x, 0));
+        if constexpr (kMask) {
+            put_taps<Cfg::kBPerThread>(t.dyb, t.taps, e0, put);
+        } else {
 #pragma unroll
-        for (int i = 0; i < Cfg::kBPerThread; ++i) {
-            const Entry e = tab[kt + Map::kStep * i];
-            if (kMask) {
-                put(i, t.dyb + e.boff, (t.taps & static_cast<unsigned>(e.r)) != 0u);
-            } else if (kUnit) {
-                put(i, t.dyb + e.boff, inside(t.hp, e.r, g.P) & inside(t.wp, e.s, g.Q));
-            } else {
-                const int hs = t.hp - e.r, ws = t.wp - e.s;  // = p*sh, q*sw when this tap hits dy
-                int p, ph_rem, q, pw_rem;
-                g.fsh.divmod(max(hs, 0), p, ph_rem);
-                g.fsw.divmod(max(ws, 0), q, pw_rem);
-                const bool ok = hs >= 0 && ws >= 0 && ph_rem == 0 && pw_rem == 0 && p < g.P && q < g.Q;
-                put(i, t.dyb + (e.boff + static_cast<int64_t>(p) * g.Q + q), ok);
+            for (int i = 0; i < Cfg::kBPerThread; ++i) {
+                const Entry e = e0[i];
+                if (kUnit) {
+                    put(i, t.dyb + e.boff, inside(t.hp, e.r, g.P) & inside(t.wp, e.s, g.Q));
+                } else {
+                    const int hs = t.hp - e.r, ws = t.wp - e.s;  // = p*sh, q*sw when this tap hits dy
+                    int p, ph_rem, q, pw_rem;
+                    g.fsh.divmod(max(hs, 0), p, ph_rem);
+                    g.fsw.divmod(max(ws, 0), q, pw_rem);
+                    const bool ok = hs >= 0 && ws >= 0 && ph_rem == 0 && pw_rem == 0 && p < g.P && q < g.Q;
+                    put(i, t.dyb + (e.boff + static_cast<int64_t>(p) * g.Q + q), ok);
+                }
             }
         }
     }
@@ -317,13 +391,24 @@ struct ConvBwdInput {
 // A = dy is k-contiguous (k walks q); B = im2col of x is read with threads walking its columns (c, r, s),
 // coalesced along s, each thread keeping one column per tile (offset c*H*W + r*W + s, and r, s). The table
 // gives each k = (img, p, q) its dy offset, its x offset at the window origin and the origin itself.
+// kMask (R*S <= 32 and P, Q <= kWgradLutRows, the lookup tables of the in-loop entries): the entry gives the
+// x offset and the window's taps inside x as one mask, the thread its column's tap bit: the check is one AND.
+constexpr int kWgradLutRows = 64;
+
+template <bool kMask>
 struct ConvBwdWeight {
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
-    struct Entry {
+    // kMask: per output row p (h0*W, the taps (r, any s) inside x), then per output column q (w0, the taps (any r,
+    // s) inside x): an entry in the loop is two divisions, two table reads, and the AND of the two masks.
+    static constexpr int kLut = kMask ? 2 * kWgradLutRows : 0;
+    struct FullEntry {
         int aoff;    // img * K*P*Q + p*Q + q (32-bit: dy and x hold < 2^31 elements, ConvGeom)
         int boff;    // img * C*H*W + h0*W + w0
         int h0, w0;  // p*sh - ph, q*sw - pw (kGatherInvalid outside the range)
     };
+    // kMask: boff and the taps (r, s) of the window at (h0, w0) that lie inside x (0 outside the range), as in
+    // ConvFwd's per-thread mask; A's dy offset comes from k itself (a_off).
+    using Entry = std::conditional_t<kMask, TapEntry, FullEntry>;
     int M, N, Kr, kchunk, splits;
     ConvGeom g;
     const float* x;
@@ -331,18 +416,52 @@ struct ConvBwdWeight {
     float* out;  // dw or the workspace
 
     __device__ Entry entry(int k, int kb, int ke) const {
-        Entry e{0, 0, kGatherInvalid, kGatherInvalid};
-        if (k >= kb && k < ke) {
-            int img, pq, p, q;
+        int img = 0, pq = 0, p = 0, q = 0;
+        const bool in = k >= kb && k < ke;
+        if (in) {
             g.fPQ.divmod(k, img, pq);
             g.fQ.divmod(pq, p, q);
-            e.h0 = p * g.sh - g.ph;
-            e.w0 = q * g.sw - g.pw;
-            e.aoff = img * g.K * g.PQ + pq;
-            e.boff = img * g.C * g.HW + e.h0 * g.W + e.w0;
         }
-        return e;
+        const int h0 = p * g.sh - g.ph, w0 = q * g.sw - g.pw;
+        const int boff = in ? img * g.C * g.HW + h0 * g.W + w0 : 0;
+        if constexpr (kMask) {
+            return Entry{boff, in ? tap_mask(max(0, -h0), min(g.R, g.H - h0), max(0, -w0), min(g.S, g.W - w0), g.S,
+                                             g.repl)
+                                  : 0u};
+        } else {
+            const int bad = kGatherInvalid;
+            return Entry{in ? img * g.K * g.PQ + pq : 0, boff, in ? h0 : bad, in ? w0 : bad};
+        }
     }
+    __device__ Entry lut_entry(int i) const {
+        if constexpr (kMask) {
+            const bool row = i < kWgradLutRows;
+            const int j = row ? i : i - kWgradLutRows;
+            if (j >= (row ? g.P : g.Q)) return Entry{0, 0u};
+            if (row) {
+                const int h0 = j * g.sh - g.ph;
+                return Entry{h0 * g.W, tap_mask(max(0, -h0), min(g.R, g.H - h0), 0, g.S, g.S, g.repl)};
+            }
+            const int w0 = j * g.sw - g.pw;
+            return Entry{w0, tap_mask(0, g.R, max(0, -w0), min(g.S, g.W - w0), g.S, g.repl)};
+        } else {
+            return entry(0, 0, 0);
+        }
+    }
+    __device__ Entry entry_loop(int k, const Entry* lut) const {
+        if constexpr (kMask) {
+            const int img = g.fPQ.div(k), pq = k - img * g.PQ;
+            const int p = g.fQ.div(pq);
+            const Entry r = lut[p], c = lut[kWgradLutRows + pq - p * g.Q];
+            return Entry{img * g.C * g.HW + r.off + c.off, r.bit & c.bit};
+        } else {
+            return entry(k, 0, 0);
+        }
+    }
+    // The dy offset of k = (img, pq): img * K*P*Q + pq = k + img * (K - 1) * P*Q. With kCheck, k < 0 (the first
+    // tile's k below the range, whose copies are all off) divides 0 instead.
+    template <bool kCheck>
+    __device__ int a_off(int k) const { return k + g.fPQ.div(kCheck ? max(k, 0) : k) * ((g.K - 1) * g.PQ); }
     template <class Cfg>
     struct Thread {
         RowsA<Cfg> a;
@@ -350,6 +469,7 @@ struct ConvBwdWeight {
         const float* xb;  // x at the group's first channel
         int coff;         // c*H*W + r*W + s of this thread's B column (c, r, s)
         int roff, soff;   // its r, s (kGatherInvalid when the column is outside N)
+        unsigned bit;     // kMask: bit r*S + s of the column (0 outside N)
     };
     template <class Cfg>
     __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
@@ -367,6 +487,7 @@ struct ConvBwdWeight {
         t.coff = n < N ? c * g.HW + rr * g.W + ss : 0;
         t.roff = rr;
         t.soff = ss;
+        t.bit = kMask && n < N ? 1u << rs : 0u;
         return t;
     }
     __device__ void k_range(int z, int& kb, int& ke) const {
@@ -376,17 +497,25 @@ struct ConvBwdWeight {
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
-        put_rows_a<Cfg, kCheck>(t.a, tab[t.a.kt].aoff, k0, kb, ke, put);
+        if constexpr (kMask) {
+            put_rows_a<Cfg, kCheck>(t.a, a_off<kCheck>(k0 + t.a.kt), k0, kb, ke, put);
+        } else {
+            put_rows_a<Cfg, kCheck>(t.a, tab[TabSlot<Cfg>::of(t.a.kt)].aoff, k0, kb, ke, put);
+        }
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
         using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
-        const int kt = Map::k(threadIdx.x, 0);
-        const float* p = t.xb + t.coff;
+        const Entry* e0 = tab + TabSlot<Cfg>::of(Map::k(threadIdx.x, 0));
+        const float* p = opaque_ptr(t.xb + t.coff);
+        if constexpr (kMask) {
+            put_taps<Cfg::kBPerThread>(p, t.bit, e0, put);
+        } else {
 #pragma unroll
-        for (int i = 0; i < Cfg::kBPerThread; ++i) {
-            const Entry e = tab[kt + Map::kStep * i];
-            put(i, p + e.boff, inside(e.h0, t.roff, g.H) & inside(e.w0, t.soff, g.W));
+            for (int i = 0; i < Cfg::kBPerThread; ++i) {
+                const Entry e = e0[i];
+                put(i, p + e.boff, inside(e.h0, t.roff, g.H) & inside(e.w0, t.soff, g.W));
+            }
         }
     }
     template <class Th>
@@ -445,8 +574,24 @@ void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p
     split_reduce(opname, segs, count, stream);
 }
 
-// The n towers' weight gradients (x[i], dy[i] -> dw[i]) on the tile split_tile picks for one tower. (A tap
-// mask as in the forward does not pay here: the table entry, computed in the loop, would build it per k.)
+template <bool kMask>
+void conv_wgrad_towers(const Conv2dParams& p, const ConvGeom& g, int n, const float* const* x, const float* const* dy,
+                       float* const* dw, void* stream, const SplitSeg* extra, int nextra) {
+    const char* opname = "conv2d_backward_weight";
+    using Op = ConvBwdWeight<kMask>;
+    const int u = n - 1;
+    Op ops[2] = {Op{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[0], dy[0], dw[0]},
+                 Op{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[u], dy[u], dw[u]}};
+    switch (split_tile(g.Kg, g.CgRS, p.groups, true, Tile::Wide)) {
+        case Tile::Big: launch_conv_wgrad<GemmBig>(opname, ops, n, p, dw, extra, nextra, stream); break;
+        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, extra, nextra, stream); break;
+        default: launch_conv_wgrad<GemmWide>(opname, ops, n, p, dw, extra, nextra, stream); break;
+    }
+}
+
+// The n towers' weight gradients (x[i], dy[i] -> dw[i]) on the tile split_tile picks for one tower; with the
+// tap mask (one AND per copy) when the window has at most 32 taps and the output at most 64 rows and columns.
+// `extra`: reductions the caller adds to the weight gradient's split-K reduce launch (the bias's slice sums).
 void conv_wgrad(const Conv2dParams& p, int n, const float* const* x, const float* const* dy, float* const* dw,
                 void* stream, const SplitSeg* extra = nullptr, int nextra = 0) {
     const char* opname = "conv2d_backward_weight";
@@ -455,13 +600,10 @@ void conv_wgrad(const Conv2dParams& p, int n, const float* const* x, const float
         return;
     }
     const ConvGeom g(p, opname);
-    const int u = n - 1;
-    ConvBwdWeight ops[2] = {ConvBwdWeight{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[0], dy[0], dw[0]},
-                            ConvBwdWeight{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[u], dy[u], dw[u]}};
-    switch (split_tile(g.Kg, g.CgRS, p.groups, true, Tile::Wide)) {
-        case Tile::Big: launch_conv_wgrad<GemmBig>(opname, ops, n, p, dw, extra, nextra, stream); break;
-        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, extra, nextra, stream); break;
-        default: launch_conv_wgrad<GemmWide>(opname, ops, n, p, dw, extra, nextra, stream); break;
+    if (g.RS <= 32 && g.P <= kWgradLutRows && g.Q <= kWgradLutRows) {
+        conv_wgrad_towers<true>(p, g, n, x, dy, dw, stream, extra, nextra);
+    } else {
+        conv_wgrad_towers<false>(p, g, n, x, dy, dw, stream, extra, nextra);
     }
 }
 

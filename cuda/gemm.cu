@@ -1,6 +1,7 @@
 // CUDA backend of the linear family: one strided SGEMM view (StridedGemm) on the shared tiled main loop
 // (common.cuh) serves y = x W^T + b, dx = dy W and dW = dy^T x through strides and two contiguity flags;
 // deterministic split-K (partials in a workspace, summed in fixed order) when there are too few tiles.
+#include <algorithm>
 #include <type_traits>
 
 #include "common.cuh"
@@ -16,6 +17,7 @@ namespace {
 template <bool kAK, bool kBK>
 struct StridedGemm {
     static constexpr bool kAContigK = kAK, kBContigK = kBK, kTab = false;
+    static constexpr int kLut = 0;
     using Entry = NoEntry;
     int M, N, K, kchunk;
     const float* A;
@@ -29,12 +31,13 @@ struct StridedGemm {
     int relu, unused;
 
     // One operand's per-thread state: the address of its first element at k = 0, the step between its
-    // elements (along mn when k-contiguous, along k otherwise) and which of them lie inside M / N.
+    // elements (along mn when k-contiguous, along k otherwise) and how many of them lie inside M / N: a prefix
+    // (k-contiguous: the rows mn, mn + kStep, ... grow with i; otherwise the thread's one column is in or out).
     struct Side {
         const float* p;
-        int64_t step;
-        int kt;          // k of element 0 at k0 = 0
-        unsigned mask;   // bit i: element i's row / column is inside M / N
+        int step;  // 32-bit, so that the next element's address is one IMAD.WIDE (run_gemm checks it fits)
+        int kt;    // k of element 0 at k0 = 0
+        int n;     // elements 0 .. n-1 are inside M / N
     };
     template <class Cfg, bool kContig, int BMN>
     __device__ static Side side(const float* base, int64_t smn, int64_t sk, int mn0, int lim) {
@@ -43,11 +46,10 @@ struct StridedGemm {
         Side s;
         const int mn = mn0 + Map::mn(threadIdx.x, 0);
         s.kt = Map::k(threadIdx.x, 0);
-        s.p = base + mn * smn + s.kt * sk;
-        s.step = Map::kStep * (kContig ? smn : sk);
-        s.mask = 0;
-#pragma unroll
-        for (int i = 0; i < E; ++i) s.mask |= (Map::mn(threadIdx.x, i) + mn0 < lim ? 1u : 0u) << i;
+        s.p = opaque_ptr(base + mn * smn + s.kt * sk);  // kept in two registers, not rebuilt at every use
+        s.step = static_cast<int>(Map::kStep * (kContig ? smn : sk));
+        const int left = lim - mn;
+        s.n = left <= 0 ? 0 : (kContig ? min(E, (left + Map::kStep - 1) / Map::kStep) : E);
         return s;
     }
     // Element i of the tile at k0: not ok outside M / N and, when kCheck, where its k is outside
@@ -55,11 +57,12 @@ struct StridedGemm {
     template <int E, bool kContig, bool kCheck, class Put>
     __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, Put& put) {
         const float* p = s.p + k0 * sk;
-        const unsigned mask = opaque(s.mask);
+        const int n = static_cast<int>(opaque(static_cast<unsigned>(s.n)));
 #pragma unroll
         for (int i = 0; i < E; ++i) {
             const int k = k0 + s.kt + (kContig ? 0 : kstep * i);
-            put(i, p + i * s.step, ((mask >> i) & 1u) && (!kCheck || (k >= kb && k < ke)));
+            put(i, p, i < n && (!kCheck || (k >= kb && k < ke)));
+            p += s.step;
         }
     }
     template <class Cfg, bool kCheck, class Th, class Put>
@@ -138,6 +141,11 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const*
     static_assert(std::has_unique_object_representations_v<StridedGemm<kAK, kBK>>, "StridedGemm: no padding bytes");
     if (static_cast<int64_t>(g[0].M) * g[0].N == 0) return;
     require(g[0].K <= kMaxGemmDim, opname, "reduction too long for one launch");
+    // The loaders step from one of a thread's elements to the next by at most 16 rows in 32-bit ints.
+    for (int i = 0; i < n; ++i) {
+        const int64_t stride = std::max(std::max(g[i].sam, g[i].sak), std::max(g[i].sbk, g[i].sbn));
+        require(16 * stride <= 0x7fffffffll, opname, "feature dimension too large for one launch");
+    }
     const cudaStream_t s = as_stream(stream);
     if (split_tile(g[0].M, g[0].N, 1, false, Tile::Small) == Tile::Big) {
         run_tiles<GemmBig>(opname, g, n, out, bias, s, relu);
