@@ -731,13 +731,11 @@ void Net::issue_metrics_readback(int n) {
 #endif
 }
 
-StepResult Net::summarize_staged(int n) const {
-    if (devices_[0].is_cpu()) return summarize(n);
-    const float* loss = static_cast<const float*>(metrics_.p);
-    const int32_t* rank = reinterpret_cast<const int32_t*>(static_cast<const uint8_t*>(metrics_.p) + 4 * size_t(n));
+namespace {
+StepResult summarize_host(const float* loss, const int32_t* rank, int n) {
     StepResult r;
     r.n = n;
-    double sum = 0;  // in sample order, as summarize
+    double sum = 0;  // in sample order, so the mean is deterministic
     for (int i = 0; i < n; ++i) {
         sum += loss[i];
         r.top1 += rank[i] < 1;
@@ -745,6 +743,13 @@ StepResult Net::summarize_staged(int n) const {
     }
     r.loss = sum / n;
     return r;
+}
+}  // namespace
+
+StepResult Net::summarize_staged(int n) const {
+    if (devices_[0].is_cpu()) return summarize(n);
+    const float* loss = static_cast<const float*>(metrics_.p);
+    return summarize_host(loss, reinterpret_cast<const int32_t*>(static_cast<const uint8_t*>(metrics_.p) + 4 * size_t(n)), n);
 }
 
 void Net::issue_forward(bool train) {
@@ -1144,20 +1149,6 @@ void Net::run_step(const std::function<void()>& issue) {
     cpu_trim_cache();  // what this step and the last did not use goes back to the system
 }
 
-namespace {
-StepResult summarize_host(const float* loss, const int32_t* rank, int n) {
-    StepResult r;
-    r.n = n;
-    double sum = 0;  // in sample order, so the mean is deterministic
-    for (int i = 0; i < n; ++i) {
-        sum += loss[i];
-        r.top1 += rank[i] < 1;
-        r.top5 += rank[i] < 5;
-    }
-    r.loss = sum / n;
-    return r;
-}
-}  // namespace
 
 StepResult Net::summarize(int n) const {
     Tensor loss = loss_.to(Device{}), rank = rank_.to(Device{});
