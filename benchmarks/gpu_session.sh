@@ -6,7 +6,8 @@
 #   OUT=/path bash benchmarks/gpu_session.sh bench    # every kernel and the training step vs PyTorch eager,
 #                                                     #   the two-tower step trace (tower overlap, and the ms of
 #                                                     #   each step the input path leaves exposed: issue 11's
-#                                                     #   "under 1 ms"), torch.compile if time is left
+#                                                     #   "under 1 ms"), the step as a CUDA graph,
+#                                                     #   torch.compile if time is left
 #
 # Run each stage as its own command (a device call allows 10 minutes; a stage stops itself at STAGE_BUDGET_S,
 # default 290 s). Every step runs under its own `timeout`, writes its log under $OUT as soon as it ends, and
@@ -123,6 +124,12 @@ bench() {
   step trace 60 "$PY" benchmarks/trace_step.py --steps 3 --out "$OUT/results"
   if [ $RC -ne 0 ]; then verdict=FAIL; fi
   say "trace: $([ $RC -eq 0 ] && echo ok || echo "FAIL (rc $RC)") (${SECS}s): $(head -1 "$OUT/trace.log")"
+
+  # Our step replayed as one CUDA graph (--cuda-graph on: two eager warm-up steps, the capture, then replays),
+  # beside bench_all's eager step: what the graph saves in launches and host time, measured.
+  step bench_graph 90 "$PY" benchmarks/bench_train_step.py --cuda-graph on --no-compile --out "$OUT/results/graph" --no-plot
+  if [ $RC -ne 0 ]; then verdict=FAIL; fi
+  say "graph step: $([ $RC -eq 0 ] && echo ok || echo "FAIL (rc $RC)") (${SECS}s): $(grep -E 'wrote|written' "$OUT/bench_graph.log" | tail -1)"
 
   # torch.compile compiles for a minute or more: only with the time that is left, and never a failure.
   if [ "$(remaining)" -ge 100 ]; then
