@@ -2047,6 +2047,20 @@ struct GraphNetRun {
     std::string error;
 };
 
+// The runtime's counters when a graph run starts (race reports cleared), and finish(): what the run added to them
+// (graph launches, events and graphs left alive, races).
+struct GraphRunBaseline {
+    GraphRunBaseline() { emu::clear_race_reports(); }
+    size_t events0 = emu::live_events(), graphs0 = emu::live_graphs();
+    long long launches0 = emu::runtime_stats().graph_launches;
+    void finish(GraphNetRun& r) const {
+        r.graph_launches = emu::runtime_stats().graph_launches - launches0;
+        r.events_leaked = static_cast<long long>(emu::live_events()) - static_cast<long long>(events0);
+        r.graphs_leaked = emu::live_graphs() - graphs0;
+        r.races = emu::race_reports();
+    }
+};
+
 bool same_state(const std::vector<std::pair<std::string, std::vector<float>>>& a,
                 const std::vector<std::pair<std::string, std::vector<float>>>& b, std::string* first) {
     if (a.size() != b.size() || a.empty()) return false;
@@ -2065,9 +2079,7 @@ GraphNetRun run_graph_net(const NetConfig& cfg, const std::vector<Device>& devs,
                           uint64_t seed, int64_t step0, const std::vector<std::vector<float>>& x,
                           const std::vector<std::vector<int32_t>>& y) {
     GraphNetRun r;
-    emu::clear_race_reports();
-    const size_t events0 = emu::live_events(), graphs0 = emu::live_graphs();
-    const long long launches0 = emu::runtime_stats().graph_launches;
+    const GraphRunBaseline base;
     try {
         Net net(cfg, devs, shared, seed);
         net.step = step0;
@@ -2093,10 +2105,7 @@ GraphNetRun run_graph_net(const NetConfig& cfg, const std::vector<Device>& devs,
     } catch (const std::exception& e) {
         r.error = e.what();
     }
-    r.graph_launches = emu::runtime_stats().graph_launches - launches0;
-    r.events_leaked = static_cast<long long>(emu::live_events()) - static_cast<long long>(events0);
-    r.graphs_leaked = emu::live_graphs() - graphs0;
-    r.races = emu::race_reports();
+    base.finish(r);
     return r;
 }
 
@@ -2104,9 +2113,7 @@ GraphNetRun run_graph_net(const NetConfig& cfg, const std::vector<Device>& devs,
 GraphNetRun run_graph_net_u8(const NetConfig& cfg, const std::vector<Device>& devs, bool shared, const std::string& mode,
                              uint64_t seed, int64_t step0, const U8Inputs& u, const std::vector<std::vector<int32_t>>& y) {
     GraphNetRun r;
-    emu::clear_race_reports();
-    const size_t events0 = emu::live_events(), graphs0 = emu::live_graphs();
-    const long long launches0 = emu::runtime_stats().graph_launches;
+    const GraphRunBaseline base;
     const int steps = static_cast<int>(u.images.size());
     try {
         Net net(cfg, devs, shared, seed);
@@ -2146,10 +2153,7 @@ GraphNetRun run_graph_net_u8(const NetConfig& cfg, const std::vector<Device>& de
     } catch (const std::exception& e) {
         r.error = e.what();
     }
-    r.graph_launches = emu::runtime_stats().graph_launches - launches0;
-    r.events_leaked = static_cast<long long>(emu::live_events()) - static_cast<long long>(events0);
-    r.graphs_leaked = emu::live_graphs() - graphs0;
-    r.races = emu::race_reports();
+    base.finish(r);
     return r;
 }
 
