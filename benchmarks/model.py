@@ -16,7 +16,10 @@ under build/model/<hash of sources, flags and nvcc version>/. Without the SASS t
 alone: the FFMA share is then taken as 1 and every GEMM time is a lower bound (the output says so).
 
 Which kernel runs. Each pass of the step is mapped to the kernel and tile its launcher in cuda/*.cu picks for that
-shape (every thread owns an 8x8 micro-tile, 6x8 in the 48-row tile; 16-deep k-steps): forward and grad-input
+shape (every thread owns an 8x8 micro-tile, 6x8 in the 48-row tile; 16-deep k-steps). Forward and grad-input take the
+channel-inner loaders (conv.cu tap_major: the reduction walked tap by tap, one bounds check per tile and copy run)
+when the window has <= 32 taps and Cg (forward) or Kg (grad-input) is a multiple of 16, as in conv2..conv5, each
+after a launch that copies the weights into that order (weight_order, padded to the row tile); forward and grad-input
 convolutions conv_tile (128x128 tiles of 256 threads when M > 64, N > 64 and tile_cost, the busiest SM's rounds as
 below, is no higher than for 64x128 tiles of 128 threads; else 48x128 where it costs less than 64x128, as for
 M = 48), the other GEMMs split_tile (128x128 without split-K when M > 64, N > 64 and the tiles alone give >= 264
@@ -391,6 +394,8 @@ GEMM_OPS = {
     "conv_fwd": ("conv.cu", "7ConvFwdILb1E"),           # windows of <= 32 taps: the tap-mask loaders
     "conv_fwd_nomask": ("conv.cu", "7ConvFwdILb0E"),    # larger windows (conv1's 11x11)
     "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1ELb1E"),  # stride 1 and <= 32 taps, as every layer with this pass
+    "conv_fwd_tap": ("conv.cu", "7ConvTapILb0E"),       # channel-inner: <= 32 taps, Cg % 16 == 0 (conv2..conv5)
+    "conv_dgrad_tap": ("conv.cu", "7ConvTapILb1E"),     # channel-inner: stride 1, <= 32 taps, Kg % 16 == 0
     "conv_wgrad": ("conv.cu", "13ConvBwdWeightILb1E"),       # windows of <= 32 taps: the tap-mask loaders
     "conv_wgrad_nomask": ("conv.cu", "13ConvBwdWeightILb0E"),  # larger windows (conv1)
     "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
@@ -402,6 +407,8 @@ GEMM_TILES = {
     "conv_fwd": ((128, 128), (64, 128), (48, 128)),
     "conv_fwd_nomask": ((128, 128), (64, 128), (48, 128)),
     "conv_dgrad": ((128, 128), (64, 128), (48, 128)),
+    "conv_fwd_tap": ((128, 128), (64, 128), (48, 128)),
+    "conv_dgrad_tap": ((128, 128), (64, 128), (48, 128)),
     "conv_wgrad": ((128, 128), (64, 128), (48, 128)),
     "conv_wgrad_nomask": ((128, 128), (64, 128), (48, 128)),
     "linear_fwd": ((128, 128), (64, 64)),
@@ -411,6 +418,7 @@ GEMM_TILES = {
 KERNELS = {
     "splitk_reduce": ("gemm.cu", "split_reduce_kernel"),
     "conv_bias_grad": ("conv.cu", "conv2d_backward_bias_kernel"),
+    "weight_order": ("conv.cu", "conv_weight_order_kernel"),
     "linear_bias_grad": ("gemm.cu", "linear_backward_bias_kernel"),
     "relu_fwd": ("relu.cu", "relu_forward_kernel"),
     "relu_bwd": ("relu.cu", "relu_backward_kernel"),
@@ -541,6 +549,26 @@ class GemmLaunch:
         return gemm_tiles(self.M, self.N, self.tile, self.bn) * self.Z * self.splits * self.towers
 
 
+TAP_STEP, TAP_TILES = 16, 256  # conv.cu kTapStep, kTapTiles
+CONV_TILE_OPS = ("conv_fwd", "conv_fwd_nomask", "conv_dgrad", "conv_fwd_tap", "conv_dgrad_tap")
+
+
+def tap_major(k: int, J: int) -> bool:
+    """conv.cu tap_major: the channel-inner loaders for <= 32 taps, J (Cg forward, Kg grad-input) a multiple of the
+    16-deep k-step, and R*S*J within the lookup table."""
+    return k * k <= 32 and J % TAP_STEP == 0 and k * k * J <= TAP_TILES * TAP_STEP
+
+
+def fwd_op(k: int, cg: int) -> str:
+    """The forward's loaders (conv.cu conv_fwd): channel-inner, else the tap mask (<= 32 taps), else (r, s) checks."""
+    return "conv_fwd_tap" if tap_major(k, cg) else ("conv_fwd" if k * k <= 32 else "conv_fwd_nomask")
+
+
+def dgrad_op(k: int, kg: int) -> str:
+    """The grad-input's loaders at stride 1 (every layer with this pass; conv.cu conv_dgrad)."""
+    return "conv_dgrad_tap" if tap_major(k, kg) else "conv_dgrad"
+
+
 def wgrad_op(k: int, out_hw: int) -> str:
     """conv_wgrad: the tap-mask loaders for windows of <= 32 taps and outputs of <= 64 rows and columns."""
     return "conv_wgrad" if k * k <= 32 and out_hw <= 64 else "conv_wgrad_nomask"
@@ -549,7 +577,7 @@ def wgrad_op(k: int, out_hw: int) -> str:
 def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1, towers: int = 1) -> GemmLaunch:
     """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K; a pair of towers
     (towers = 2) picks their tile for all its blocks, a grad-weight pair keeps one tower's tile and split-K."""
-    if op in ("conv_fwd", "conv_fwd_nomask", "conv_dgrad"):
+    if op in CONV_TILE_OPS:
         bm, bn = conv_tile(M, N, Z * towers)
         return GemmLaunch(op, M, N, K, Z, bm, 1, K, bn, towers)
     if op in ("conv_wgrad", "conv_wgrad_nomask"):
@@ -637,6 +665,17 @@ class Model:
             else:
                 out.append(self.split_reduce(layer, "grad-bias: sum slices", segs))
         return out
+
+    def weight_order(self, layer: str, pass_: str, op: str, M: int, N: int, K: int, Z: int = 1,
+                     towers: int = 1) -> List[Pass]:
+        """The channel-inner ops' weight copy (conv.cu conv_weight_order_kernel, one launch for every tower): the
+        weights (M x K per group) read, written padded to the GEMM's row tiles; nothing for the other ops."""
+        if not op.endswith("_tap"):
+            return []
+        bm = plan_gemm(op, M, N, K, Z, towers).tile
+        mpad = cdiv(M, bm) * bm
+        out_n = Z * mpad * K
+        return [self.stream(layer, pass_, "weight_order", towers * 4.0 * (Z * M * K + out_n), grid_1d(out_n) * towers)]
 
     def split_reduce(self, layer: str, pass_: str, segs: List[Tuple[int, int]], also: str = "") -> Pass:
         """One split_reduce launch (common.cuh) over segments (n, splits): bytes (splits + 1) n floats each, and
@@ -775,7 +814,8 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             PQ, HW = l["out_hw"] ** 2, l["in_hw"] ** 2
             Kr = l["in_c"] * l["k"] ** 2
             x_b, y_b, w_b = N * l["in_c"] * HW * f, N * l["out_c"] * PQ * f, l["out_c"] * Kr * f
-            fwd = "conv_fwd" if l["k"] ** 2 <= 32 else "conv_fwd_nomask"
+            fwd = fwd_op(l["k"], l["in_c"])
+            add(m.weight_order(name, "forward: weight order", fwd, l["out_c"], N * PQ, Kr, 1, towers=T), 1)
             add(m.gemm(name, "forward", fwd, l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b, towers=T), 1)
             z = N * l["out_c"] * PQ
         else:
@@ -852,8 +892,10 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
                        towers=T, extra=bsegs, extra_name="bias slices"), 1)
             if i > 0:  # + the layer below's ReLU output when its backward runs in this epilogue
                 below_relu = relu_at(i - 1) == "dgrad"
-                add(m.gemm(name, "grad-input" + (" + relu" if below_relu else ""), "conv_dgrad", l["in_c"], N * HW,
-                           l["out_c"] * l["k"] ** 2, 1, x_b + y_b + w_b + (x_b if below_relu else 0), towers=T), 1)
+                dop, Kd = dgrad_op(l["k"], l["out_c"]), l["out_c"] * l["k"] ** 2
+                add(m.weight_order(name, "grad-input: weight order", dop, l["in_c"], N * HW, Kd, 1, towers=T), 1)
+                add(m.gemm(name, "grad-input" + (" + relu" if below_relu else ""), dop, l["in_c"], N * HW, Kd, 1,
+                           x_b + y_b + w_b + (x_b if below_relu else 0), towers=T), 1)
             nw = l["out_c"] * Kr
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, z * f, l["out_c"] * l["in_c"] * f
@@ -993,8 +1035,11 @@ def bench_predictions(m: Model, cfg: dict, N: int) -> Dict[Tuple[str, str], floa
             grp = 1 if l["cross"] or l["name"] == "conv1" else T
             Cg, Kg, Kt = l["in_c"], (l["out_c"] * T if grp == 1 else l["out_c"]), l["out_c"] * T
             PQ, HW, R2 = l["out_hw"] ** 2, l["in_hw"] ** 2, l["k"] ** 2
-            fw = m.gemm(l["name"], "forward", "conv_fwd" if R2 <= 32 else "conv_fwd_nomask", Kg, N * PQ, Cg * R2, grp)
-            dg = m.gemm(l["name"], "grad-input", "conv_dgrad", Cg, N * HW, Kg * R2, grp)
+            fop, dop = fwd_op(l["k"], Cg), dgrad_op(l["k"], Kg)
+            fw = (m.weight_order(l["name"], "forward: weight order", fop, Kg, N * PQ, Cg * R2, grp) +
+                  m.gemm(l["name"], "forward", fop, Kg, N * PQ, Cg * R2, grp))
+            dg = (m.weight_order(l["name"], "grad-input: weight order", dop, Cg, N * HW, Kg * R2, grp) +
+                  m.gemm(l["name"], "grad-input", dop, Cg, N * HW, Kg * R2, grp))
             wg = m.gemm(l["name"], "grad-weight", wgrad_op(l["k"], l["out_hw"]), Kg, Cg * R2, N * PQ, grp)
             bb = conv_bias_passes(m, l["name"], N, Kt, PQ)[0]
             for ps, pname in ((fw, "forward"), (dg, "grad-input"), (wg, "grad-weight"), (bb, "grad-bias")):

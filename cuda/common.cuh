@@ -237,7 +237,9 @@ __device__ __forceinline__ void cp_async_wait() {}
 //   Entry entry(int k, int kb, int ke)         the table entry of k; k outside [kb, ke) gets one whose
 //                                              loads all fail their bounds checks
 //   static constexpr int kLut;                 > 0: entries are built in the loop from a per-block lookup
-//   Entry lut_entry(int i)                     table of kLut Entries (lut_entry(i), filled before the loop)
+//   Entry lut_entry(int i)                     table of kLut Entries (lut_entry(i), filled before the loop);
+//                                              an Op with kTab false reads that table itself: its fetches get
+//                                              it as `tab`
 //   Entry entry_loop(int k, const Entry* lut)  by entry_loop, which need not check k: the loop builds entries
 //                                              of k < kb never and uses none of k >= ke (the tiles past the
 //                                              end are not fetched); entry_loop(k) == entry(k) for k in range
@@ -385,21 +387,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
         float* const dB = &Bs[0][MapB::k(t, 0)][MapB::mn(t, 0)];
         // Tile i's table entries live in slot i % S. Before the loop: tiles 0..L; in step j, tile j + L + 1's
         // entries go to the slot of tile j + L + 1 - S, which was fetched in step j + 1 - S, before step j's barrier.
-        if (Op::kTab) {
-            if constexpr (Op::kLut > 0) {
-                for (int i = t; i < Op::kLut; i += T) lut[i] = op.lut_entry(i);
-            }
-            if (t < BK) {
-#pragma unroll
-                for (int i = 0; i <= L; ++i) tab[i][TabSlot<Cfg>::of(t)] = op.entry(k0 + i * BK + t, kb, ke);
-            }
-            __syncthreads();
+        if constexpr (Op::kLut > 0) {
+            for (int i = t; i < Op::kLut; i += T) lut[i] = op.lut_entry(i);
         }
-        fetch_tile<Cfg, true>(op, th, tab[0], k0, kb, ke, dA, dB);
+        if (Op::kTab && t < BK) {
+#pragma unroll
+            for (int i = 0; i <= L; ++i) tab[i][TabSlot<Cfg>::of(t)] = op.entry(k0 + i * BK + t, kb, ke);
+        }
+        if (Op::kTab || Op::kLut > 0) __syncthreads();
+        // An Op without a gather table that has a lookup table gets the lookup table in its place.
+        const auto tab_of = [&](int slot) -> const Entry* { return Op::kTab ? tab[slot] : lut; };
+        fetch_tile<Cfg, true>(op, th, tab_of(0), k0, kb, ke, dA, dB);
         cp_async_commit();
         if constexpr (L == 2) {
             if (nt > 1) {
-                fetch_tile<Cfg, false>(op, th, tab[1], k0 + BK, kb, ke, dA + kAStage, dB + kBStage);
+                fetch_tile<Cfg, false>(op, th, tab_of(1), k0 + BK, kb, ke, dA + kAStage, dB + kBStage);
             }
             cp_async_commit();
         }
@@ -411,7 +413,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) gemm_tiled_ker
             cp_async_wait<L - 1>();  // this thread's copies of tile j have landed (later ones may be in flight)
             __syncthreads();         // everyone's have; stage sn (tile j - 1) and table slot (u + L + 1) % S are free
             if (j + L < nt) {
-                fetch_tile<Cfg, false>(op, th, tab[sn], k0j + L * BK, kb, ke, dA + sn * kAStage, dB + sn * kBStage);
+                fetch_tile<Cfg, false>(op, th, tab_of(sn), k0j + L * BK, kb, ke, dA + sn * kAStage,
+                                       dB + sn * kBStage);
             }
             cp_async_commit();  // possibly empty: keeps one group per step for the wait above
             if (Op::kTab && t < BK) {

@@ -1,6 +1,8 @@
 // CUDA backend of the conv family. The three matrix passes are implicit GEMMs on the shared tiled main
 // loop (common.cuh: 128x128, 64x128 or 48x128 block tiles, 16-deep k-steps, 8x8 or 6x8 register micro-tiles, a
-// 2- or 3-stage cp.async shared-memory ring); only the operand views differ, below. Group g is blockIdx.z (wgrad:
+// 2- or 3-stage cp.async shared-memory ring); only the operand views differ, below. Forward and grad-input walk
+// their reduction channel-inner (tap by tap: ConvTap) where the channel count allows, reading a
+// reordered copy of the weights, and channel-major (ConvFwd, ConvBwdInput) elsewhere. Group g is blockIdx.z (wgrad:
 // z = g * splits + split). Index decomposition uses FastDiv (multiply-high), once per thread for what the
 // tile mapping keeps fixed and once per k per block in the gather tables (common.cuh) for the rest. No
 // atomics anywhere: wgrad's split-K writes partial sums to a workspace that a second kernel adds in a
@@ -124,6 +126,31 @@ __device__ __forceinline__ unsigned tap_mask(int r0, int r1, int s0, int s1, int
     return (cols * repl) & low_bits(r1 * S) & ~low_bits(r0 * S);
 }
 
+// Output pixel n of the forward (n < N): x at (img, the group's first channel, window origin h0, w0) and the taps
+// (r, s) of its window that lie inside x as one mask (tap_mask; meaningful for R*S <= 32).
+__device__ __forceinline__ void fwd_pixel(const ConvGeom& g, const float* x, int z, int n, const float*& xb, int& h0,
+                                          int& w0, unsigned& taps) {
+    int img, pq, p, q;
+    g.fPQ.divmod(n, img, pq);
+    g.fQ.divmod(pq, p, q);
+    h0 = p * g.sh - g.ph;
+    w0 = q * g.sw - g.pw;
+    taps = tap_mask(max(0, -h0), min(g.R, g.H - h0), max(0, -w0), min(g.S, g.W - w0), g.S, g.repl);
+    xb = x + ((static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg) * g.HW + static_cast<int64_t>(h0) * g.W +
+              w0);
+}
+
+// y[img, k, pq] of GEMM element (m, n) of group z: + bias, then the fused ReLU.
+__device__ __forceinline__ void fwd_store(const ConvGeom& g, const float* b, int relu, float* y, int z, int m, int n,
+                                          float v) {
+    int img, pq;
+    g.fPQ.divmod(n, img, pq);
+    const int k = z * g.Kg + m;
+    if (b != nullptr) v += b[k];
+    if (relu != 0) v = relu_epilogue(v);
+    y[(static_cast<int64_t>(img) * g.K + k) * g.PQ + pq] = v;
+}
+
 // ---- forward: y[n,k,p,q] = sum_{c,r,s} w[k,c,r,s] * x[n, c, p*sh-ph+r, q*sw-pw+s] + b[k] ----------
 // GEMM per group: M = Kg (output channel), N = batch*P*Q (output pixel), Kr = Cg*R*S (c,r,s).
 // A = weights, row-major (Kg x CgRS) slice: k-contiguous. B = im2col of x, gathered on the fly: threads
@@ -199,18 +226,8 @@ struct ConvFwd {
         t.h0 = t.w0 = kGatherInvalid;
         t.taps = 0;
         const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
-        if (n < N) {
-            int img, pq, p, q;
-            g.fPQ.divmod(n, img, pq);
-            g.fQ.divmod(pq, p, q);
-            t.h0 = p * g.sh - g.ph;
-            t.w0 = q * g.sw - g.pw;
-            if (kMask)
-                t.taps = tap_mask(max(0, -t.h0), min(g.R, g.H - t.h0), max(0, -t.w0), min(g.S, g.W - t.w0), g.S,
-                                  g.repl);
-            t.xb = x + ((static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg) * g.HW +
-                        static_cast<int64_t>(t.h0) * g.W + t.w0);
-        }
+        if (n < N) fwd_pixel(g, x, z, n, t.xb, t.h0, t.w0, t.taps);
+        if (!kMask) t.taps = 0;
         return t;
     }
     __device__ void k_range(int, int& kb, int& ke) const {
@@ -237,14 +254,34 @@ struct ConvFwd {
     }
     template <class Th>
     __device__ void store(const Th&, int z, int m, int n, float v) const {
-        int img, pq;
-        g.fPQ.divmod(n, img, pq);
-        const int k = z * g.Kg + m;
-        if (b != nullptr) v += b[k];
-        if (relu != 0) v = relu_epilogue(v);
-        y[(static_cast<int64_t>(img) * g.K + k) * g.PQ + pq] = v;
+        fwd_store(g, b, relu, y, z, m, n, v);
     }
 };
+
+// Input pixel n of the grad-input (n < N): (hp, wp) = (h + pad_h, w + pad_w); dy at (img, the group's first channel)
+// plus, with unit stride, hp*Q + wp (tap (r, s) then adds -(r*Q + s)); the taps (r, s) whose dy pixel (hp - r, wp - s)
+// lies inside dy as one mask (unit stride, R*S <= 32: r in (hp - P, hp], s in (wp - Q, wp]).
+template <bool kUnit>
+__device__ __forceinline__ void dgrad_pixel(const ConvGeom& g, const float* dy, int z, int n, const float*& dyb,
+                                            int& hp, int& wp, unsigned& taps) {
+    int img, hw, h, wx;
+    g.fHW.divmod(n, img, hw);
+    g.fW.divmod(hw, h, wx);
+    hp = h + g.ph;
+    wp = wx + g.pw;
+    taps = tap_mask(max(0, hp - g.P + 1), min(g.R, hp + 1), max(0, wp - g.Q + 1), min(g.S, wp + 1), g.S, g.repl);
+    dyb = dy + (static_cast<int64_t>(img) * g.K + static_cast<int64_t>(z) * g.Kg) * g.PQ +
+          (kUnit ? static_cast<int64_t>(hp) * g.Q + wp : 0);
+}
+
+// dx[img, c, hw] of GEMM element (m, n) of group z, through the ReLU below when relu_y is given.
+__device__ __forceinline__ void dgrad_store(const ConvGeom& g, const float* relu_y, float* dx, int z, int m, int n,
+                                            float v) {
+    int img, hw;
+    g.fHW.divmod(n, img, hw);
+    const int64_t o = (static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg + m) * g.HW + hw;
+    dx[o] = relu_grad_epilogue(v, relu_y, o);
+}
 
 // ---- backward input: dx[n,c,h,w] = sum_{k,r,s} w[k,c,r,s] * dy[n, k, (h+ph-r)/sh, (w+pw-s)/sw] ------
 // over the taps where both divisions are exact and land inside dy (the transposed implicit GEMM).
@@ -327,17 +364,8 @@ struct ConvBwdInput {
         t.taps = 0;
         const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
         if (n < N) {
-            int img, hw, h, wx;
-            g.fHW.divmod(n, img, hw);
-            g.fW.divmod(hw, h, wx);
-            t.hp = h + g.ph;
-            t.wp = wx + g.pw;
-            // Tap (r, s) reads dy at (hp - r, wp - s): inside for r in (hp - P, hp], s in (wp - Q, wp].
-            if (kMask)
-                t.taps = tap_mask(max(0, t.hp - g.P + 1), min(g.R, t.hp + 1), max(0, t.wp - g.Q + 1),
-                                  min(g.S, t.wp + 1), g.S, g.repl);
-            t.dyb = dy + (static_cast<int64_t>(img) * g.K + static_cast<int64_t>(z) * g.Kg) * g.PQ +
-                    (kUnit ? static_cast<int64_t>(t.hp) * g.Q + t.wp : 0);
+            dgrad_pixel<kUnit>(g, dy, z, n, t.dyb, t.hp, t.wp, t.taps);
+            if (!kMask) t.taps = 0;
         }
         return t;
     }
@@ -378,12 +406,188 @@ struct ConvBwdInput {
     }
     template <class Th>
     __device__ void store(const Th&, int z, int m, int n, float v) const {
-        int img, hw;
-        g.fHW.divmod(n, img, hw);
-        const int64_t o = (static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg + m) * g.HW + hw;
-        dx[o] = relu_grad_epilogue(v, relu_y, o);
+        dgrad_store(g, relu_y, dx, z, m, n, v);
     }
 };
+
+// ---- channel-inner order: forward and grad-input with one bounds check per tap -------------------------------
+// The reduction of the forward runs over (c, r, s) and that of the grad-input over (ko, r, s); the ops above walk
+// it channel-major (k = c*R*S + rs), so the 16 k's of a tile are 16 different taps, each with its own table entry
+// and bounds check per copy. These walk it tap-major, k = rs*J + j (J = Cg forward, Kg grad-input; j the channel),
+// which needs J % 16 == 0 (every 16-deep tile then lies inside one tap): all of a thread's B copies of a tile read
+// one tap of 16 channels, so one bit of the thread's tap mask checks them all and their addresses step by the
+// channel stride (H*W of x, P*Q of dy). A per-block lookup table gives each tile its tap's offset and bit (one
+// 8-byte shared load per tile, no per-k gather table), which caps Kr at kTapTiles tiles. A is a copy of the
+// weights in that order (conv_weight_order below: rows of Kr = R*S*J, padded with zero rows to a whole number of
+// row tiles), so its copies check no row either. A different order of the same sum: within the tolerance of the
+// reference, and deterministic (the order depends only on the shape).
+constexpr int kTapStep = 16;    // the GEMM's k-step (GemmCfg::BK)
+constexpr int kTapTiles = 256;  // lookup-table entries: Kr <= 4096 (AlexNet's largest is conv2's grad-input, 3200)
+
+// A of the channel-inner ops: thread t's rows m0 + t/16 + (T/16) i of the reordered weights, its k at k0 + t % 16.
+template <class Cfg>
+struct DenseA {
+    const float* p;  // reordered weights at (row m0 + t/16, k = t % 16)
+    int step;        // (T/16) * Kr: from one of the thread's rows to the next
+    int kt;          // t % 16
+};
+template <class Cfg>
+__device__ __forceinline__ DenseA<Cfg> dense_a(const float* rows, int kr, int m0) {
+    using Map = TileMap<Cfg::BM, Cfg::BK, true, Cfg::kThreads>;
+    DenseA<Cfg> a;
+    a.kt = Map::k(threadIdx.x, 0);
+    a.p = opaque_ptr(rows + static_cast<int64_t>(m0 + Map::mn(threadIdx.x, 0)) * kr + a.kt);
+    a.step = Map::kStep * kr;
+    return a;
+}
+template <class Cfg, bool kCheck, class Put>
+__device__ __forceinline__ void put_dense_a(const DenseA<Cfg>& a, int k0, int kb, int ke, Put& put) {
+    const int k = k0 + a.kt;
+    const bool kok = !kCheck || (k >= kb && k < ke);
+    const float* p = a.p + k0;
+    const int step = static_cast<int>(opaque(static_cast<unsigned>(a.step)));  // one IMAD.WIDE per row, also in a pair
+#pragma unroll
+    for (int i = 0; i < Cfg::kAPerThread; ++i) {
+        put(i, p, kok);  // rows are padded to the tile: no row check
+        p += step;
+    }
+}
+
+// The lookup-table entry of tile i (k = 16 i .. 16 i + 15: tap rs = 16 i / J, channels j0 = 16 i - rs*J on): the
+// offset of (tap, channel j0) from a pixel's base, sign * (r*(X - S) + rs) + j0 * cstride (r*X + s = r*(X - S) + rs,
+// X the width the tap moves in), and the tap's bit; tiles past Kr get {0, 0}.
+__device__ __forceinline__ TapEntry tap_tile_entry(const ConvGeom& g, const FastDiv& fJ, int kr, int i, int sign, int X,
+                                                   int cstride) {
+    const int k = i * kTapStep;
+    if (k >= kr) return TapEntry{0, 0u};
+    const int rs = fJ.div(k), r = g.fS.div(rs);
+    return TapEntry{sign * (r * (X - g.S) + rs) + (k - rs * fJ.d) * cstride, 1u << rs};
+}
+
+// B of the channel-inner ops for the tile at k0: element i is channel j0 + kt + kStep*i (kt, kStep: the thread's
+// k-lane, TileMap) at the tile's tap, `base + e.off + (kStep*i) * cstride` (base: the pixel's base plus kt*cstride),
+// read when the thread's tap mask has the tap's bit (and, with kCheck, its k lies in [kb, ke)).
+template <class Cfg, bool kCheck, class Put>
+__device__ __forceinline__ void put_tap_channels(const float* base, unsigned taps, int step, const TapEntry* lut,
+                                                 int k0, int kb, int ke, Put& put) {
+    static_assert(Cfg::BK == kTapStep, "put_tap_channels: one tap per k-step");
+    using Map = TileMap<Cfg::BN, Cfg::BK, false, Cfg::kThreads>;
+    const TapEntry e = lut[k0 / kTapStep];
+    const bool ok = (taps & e.bit) != 0u;
+    const float* p = base + e.off;
+    step = static_cast<int>(opaque(static_cast<unsigned>(step)));
+#pragma unroll
+    for (int i = 0; i < Cfg::kBPerThread; ++i) {
+        const int k = k0 + Map::k(threadIdx.x, i);
+        put(i, p, kCheck ? ok && k >= kb && k < ke : ok);
+        p += step;
+    }
+}
+
+// The thread state of the channel-inner ops.
+template <class Cfg>
+struct TapThread {
+    DenseA<Cfg> a;
+    const float* base;  // the pixel's base plus kt*cstride; only dereferenced inside x / dy
+    unsigned taps;      // bit r*S + s when tap (r, s) of the pixel reads inside x / dy (0 outside N)
+    int step;           // kStep * cstride
+};
+
+// The channel-inner forward (kDgrad false: R*S <= 32, Cg % 16 == 0; A = the weights reordered to (Kg rows padded to
+// mpad) x (rs, c), B = x at tap rs of the thread's output window, channels c) and grad-input (kDgrad true: stride 1,
+// R*S <= 32, Kg % 16 == 0; A = the weights reordered to (Cg rows padded) x (rs, ko), B = dy at (hp - r, wp - s) of
+// the thread's input pixel, channels ko).
+template <bool kDgrad>
+struct ConvTap {
+    static constexpr bool kAContigK = true, kBContigK = false, kTab = false;
+    static constexpr int kLut = kTapTiles;
+    using Entry = TapEntry;
+    int M, N;
+    ConvGeom g;
+    FastDiv fJ;        // J = Cg (forward) or Kg (grad-input)
+    int kr, mpad;      // R*S*J; rows of each group's reordered weights
+    int relu, unused;  // forward: the ReLU in the epilogue; 4 bytes so that the struct has no padding (see ConvFwd)
+    const float* src;     // x (forward) or dy (grad-input)
+    const float* wr;      // conv_weight_order's copy of w
+    const float* bias;    // forward, nullable
+    const float* relu_y;  // grad-input, nullable: the epilogue passes dx back through the ReLU whose output x was
+    float* out;           // y or dx
+
+    __device__ Entry entry(int, int, int) const { return Entry{0, 0u}; }
+    __device__ Entry entry_loop(int, const Entry*) const { return Entry{0, 0u}; }
+    // forward: tap (r, s) lies r*W + s from the window origin; grad-input: it reads dy -(r*Q + s) from the pixel's
+    __device__ Entry lut_entry(int i) const {
+        return kDgrad ? tap_tile_entry(g, fJ, kr, i, -1, g.Q, g.PQ) : tap_tile_entry(g, fJ, kr, i, 1, g.W, g.HW);
+    }
+    template <class Cfg>
+    __device__ TapThread<Cfg> thread(int z, int m0, int n0) const {
+        using Map = TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>;
+        const int cstride = kDgrad ? g.PQ : g.HW;
+        TapThread<Cfg> t;
+        t.a = dense_a<Cfg>(wr + static_cast<int64_t>(z) * mpad * kr, kr, m0);
+        t.base = src;
+        t.taps = 0;
+        t.step = Map::kStep * cstride;
+        int u, v;
+        const int n = n0 + Map::mn(threadIdx.x, 0);
+        if (n < N) {
+            if constexpr (kDgrad) {
+                dgrad_pixel<true>(g, src, z, n, t.base, u, v, t.taps);
+            } else {
+                fwd_pixel(g, src, z, n, t.base, u, v, t.taps);
+            }
+            t.base += static_cast<int64_t>(Map::k(threadIdx.x, 0)) * cstride;
+        }
+        return t;
+    }
+    __device__ void k_range(int, int& kb, int& ke) const {
+        kb = 0;
+        ke = kr;
+    }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
+        put_dense_a<Cfg, kCheck>(t.a, k0, kb, ke, put);
+    }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* lut, int k0, int kb, int ke, Put& put) const {
+        put_tap_channels<Cfg, kCheck>(t.base, t.taps, t.step, lut, k0, kb, ke, put);
+    }
+    template <class Th>
+    __device__ void store(const Th&, int z, int m, int n, float v) const {
+        if constexpr (kDgrad) {
+            dgrad_store(g, relu_y, out, z, m, n, v);
+        } else {
+            fwd_store(g, bias, relu, out, z, m, n, v);
+        }
+    }
+};
+
+// The weights (K, Cg, R, S) of up to two towers in the channel-inner order: out[grp][m][rs][j] = w at (out channel
+// grp*Kg + ko, in channel c, rs) with (ko, c) = (m, j) for the forward and (j, m) for the grad-input; rows m in
+// [rows, mpad) are zero. A thread per element, coalesced along j; blockIdx.y: the tower.
+struct WeightOrder {
+    const float* w[2];
+    float* out[2];
+    int groups, rows, mpad, J, RS, Cg, Kg, dgrad;
+};
+__global__ void __launch_bounds__(kThreads1d) conv_weight_order_kernel(WeightOrder o) {
+    const float* __restrict__ w = pick(o.w, blockIdx.y);
+    float* __restrict__ out = pick(o.out, blockIdx.y);
+    const int64_t total = static_cast<int64_t>(o.groups) * o.mpad * o.RS * o.J;
+    for (int64_t i = global_thread_id(); i < total; i += global_thread_count()) {
+        const int j = static_cast<int>(i % o.J);
+        const int64_t t = i / o.J;
+        const int rs = static_cast<int>(t % o.RS);
+        const int64_t gm = t / o.RS;
+        const int m = static_cast<int>(gm % o.mpad), grp = static_cast<int>(gm / o.mpad);
+        float v = 0.0f;
+        if (m < o.rows) {
+            const int ko = o.dgrad ? j : m, c = o.dgrad ? m : j;
+            v = w[(static_cast<int64_t>(grp) * o.Kg + ko) * o.Cg * o.RS + static_cast<int64_t>(c) * o.RS + rs];
+        }
+        out[i] = v;
+    }
+}
 
 // ---- backward weight: dw[k,c,r,s] = sum_{n,p,q} dy[n,k,p,q] * x[n, c, p*sh-ph+r, q*sw-pw+s] ----------
 // GEMM per group: M = Kg, N = Cg*R*S, Kr = batch*P*Q, split into `splits` slices (z = g*splits + split)
@@ -696,6 +900,73 @@ void launch_towers(const char* opname, const Op* ops, int n, int groups, cudaStr
     }
 }
 
+// The channel-inner ops (ConvTap) of n towers on tile Cfg: every tower's weights reordered
+// and padded to the tile's rows in one launch, then the GEMM (one launch for both towers).
+template <class Cfg, class Op>
+void launch_tap_tiles(const char* opname, Op* ops, int n, int groups, const float* const* w, bool dgrad,
+                      cudaStream_t s) {
+    const ConvGeom& g = ops[0].g;
+    const int mpad = (ops[0].M + Cfg::BM - 1) / Cfg::BM * Cfg::BM;
+    const int64_t per = static_cast<int64_t>(groups) * mpad * ops[0].kr;
+    Tensor ws = workspace(opname, per * n, s);
+    WeightOrder o{};
+    for (int i = 0; i < n; ++i) {
+        o.w[i] = w[i];
+        o.out[i] = ws.data<float>() + i * per;
+        ops[i].wr = o.out[i];
+        ops[i].mpad = mpad;
+    }
+    o.groups = groups;
+    o.rows = ops[0].M;
+    o.mpad = mpad;
+    o.J = ops[0].fJ.d;
+    o.RS = g.RS;
+    o.Cg = g.Cg;
+    o.Kg = g.Kg;
+    o.dgrad = dgrad ? 1 : 0;
+    conv_weight_order_kernel<<<dim3(grid_1d(per), n), kThreads1d, 0, s>>>(o);
+    AX_LAUNCH_CHECK(opname);
+    if (n == 1) {
+        launch_tiles<Cfg>(opname, ops[0], groups, s);
+    } else {
+        require(2 * static_cast<int64_t>(groups) <= 65535, opname, "too many groups for one launch");
+        launch_tiles<Cfg>(opname, TowerPair<Op>{ops[0].M, ops[0].N, groups, ops[0], ops[1]}, 2 * groups, s);
+    }
+}
+// On the tile conv_tile picks, as for the channel-major ops.
+template <class Op>
+void launch_tap(const char* opname, Op* ops, int n, int groups, const float* const* w, bool dgrad, cudaStream_t s) {
+    switch (conv_tile(ops[0].M, ops[0].N, n * groups)) {
+        case Tile::Big: launch_tap_tiles<GemmBig>(opname, ops, n, groups, w, dgrad, s); break;
+        case Tile::Narrow: launch_tap_tiles<GemmNarrow>(opname, ops, n, groups, w, dgrad, s); break;
+        default: launch_tap_tiles<GemmWide>(opname, ops, n, groups, w, dgrad, s); break;
+    }
+}
+
+// Whether the channel-inner ops apply: a window of <= 32 taps (the mask), J (Cg forward, Kg grad-input) channels a
+// multiple of the 16-deep k-step, and Kr = R*S*J within the lookup table.
+inline bool tap_major(const ConvGeom& g, int J) {
+    return g.RS <= 32 && J % kTapStep == 0 && static_cast<int64_t>(g.RS) * J <= static_cast<int64_t>(kTapTiles) * kTapStep;
+}
+
+// The channel-inner forward (kDgrad false: src = x, w, bias, out = y) or grad-input (kDgrad true: src = dy, w,
+// relu_y, out = dx) of n towers.
+template <bool kDgrad>
+void conv_tap(const Conv2dParams& p, const ConvGeom& g, int n, const float* const* src, const float* const* w,
+              const float* const* side, float* const* out, cudaStream_t s) {
+    using Op = ConvTap<kDgrad>;
+    static_assert(std::has_unique_object_representations_v<Op>, "ConvTap: no padding bytes");
+    const FastDiv fJ(kDgrad ? g.Kg : g.Cg);
+    const int M = kDgrad ? g.Cg : g.Kg, N = p.N * (kDgrad ? g.HW : g.PQ), kr = g.RS * fJ.d;
+    const int relu = !kDgrad && p.relu ? 1 : 0;
+    const auto tower = [&](int i) {
+        return Op{M, N, g, fJ, kr, 0, relu, 0, src[i], nullptr, kDgrad ? nullptr : side[i], kDgrad ? side[i] : nullptr,
+                  out[i]};
+    };
+    Op ops[2] = {tower(0), tower(n - 1)};
+    launch_tap(kDgrad ? "conv2d_backward_input" : "conv2d_forward", ops, n, p.groups, w, kDgrad, s);
+}
+
 template <bool kMask>
 void conv_fwd_towers(const Conv2dParams& p, const ConvGeom& g, int n, const float* const* x, const float* const* w,
                      const float* const* b, float* const* y, cudaStream_t s) {
@@ -707,12 +978,15 @@ void conv_fwd_towers(const Conv2dParams& p, const ConvGeom& g, int n, const floa
     launch_towers("conv2d_forward", ops, n, p.groups, s);
 }
 
-// Forward of n towers: the tap-mask loaders when the window has at most 32 taps.
+// Forward of n towers: the channel-inner loaders where they apply (tap_major), else the tap-mask loaders when the
+// window has at most 32 taps.
 void conv_fwd(const Conv2dParams& p, int n, const float* const* x, const float* const* w, const float* const* b,
               float* const* y, void* stream) {
     if (static_cast<int64_t>(p.N) * p.K * p.P * p.Q == 0) return;
     const ConvGeom g(p, "conv2d_forward");
-    if (g.RS <= 32) {
+    if (tap_major(g, g.Cg)) {
+        conv_tap<false>(p, g, n, x, w, b, y, as_stream(stream));
+    } else if (g.RS <= 32) {
         conv_fwd_towers<true>(p, g, n, x, w, b, y, as_stream(stream));
     } else {
         conv_fwd_towers<false>(p, g, n, x, w, b, y, as_stream(stream));
@@ -729,7 +1003,8 @@ void conv_dgrad_towers(const Conv2dParams& p, const ConvGeom& g, int n, const fl
     launch_towers("conv2d_backward_input", ops, n, p.groups, s);
 }
 
-// Grad-input of n towers: stride 1 gathers without division, with the tap mask for windows of <= 32 taps.
+// Grad-input of n towers: stride 1 gathers without division, channel-inner where they apply (tap_major), else with
+// the tap mask for windows of <= 32 taps.
 void conv_dgrad(const Conv2dParams& p, int n, const float* const* dy, const float* const* w,
                 const float* const* relu_y, float* const* dx, void* stream) {
     if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
@@ -737,6 +1012,8 @@ void conv_dgrad(const Conv2dParams& p, int n, const float* const* dy, const floa
     const cudaStream_t s = as_stream(stream);
     if (g.sh != 1 || g.sw != 1) {
         conv_dgrad_towers<false, false>(p, g, n, dy, w, relu_y, dx, s);
+    } else if (tap_major(g, g.Kg)) {
+        conv_tap<true>(p, g, n, dy, w, relu_y, dx, s);
     } else if (g.RS <= 32) {
         conv_dgrad_towers<true, true>(p, g, n, dy, w, relu_y, dx, s);
     } else {

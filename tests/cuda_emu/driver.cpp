@@ -913,6 +913,11 @@ void group_conv() {
     // M = 60 (out and in channels): the weight gradient on 64x128 tiles with a partial row tile, split in two
     // (Kr = 286); forward and grad-input take 48x128 here (group conv_bigtile has 64x128 for them).
     test_conv({2, 60, 13, 11, 60, 3, 3, 1, 1, 1, 1, 1, true, ALL, "wide tile"});
+    // The channel-inner (tap-major) forward and grad-input: Cg or Kg a multiple of 16, <= 32 taps; rows padded to
+    // the tile (M = 32, 16, 24), a strided forward with groups (grad-input strided: the channel-major path), 5x5.
+    test_conv({2, 16, 9, 11, 32, 3, 3, 1, 1, 1, 1, 1, true, ALL, "channel-inner"});
+    test_conv({1, 32, 11, 9, 48, 3, 3, 2, 2, 1, 0, 2, true, FWD | DGRAD, "channel-inner strided groups"});
+    test_conv({1, 32, 7, 7, 32, 5, 5, 1, 1, 2, 2, 2, false, FWD | DGRAD, "channel-inner 5x5 groups"});
 }
 
 void group_conv_pair() {
@@ -924,6 +929,8 @@ void group_conv_pair() {
     test_conv_pair({1, 49, 1, 16909, 49, 1, 1, 1, 1, 0, 0, 1, true, ALL, "pair tile differs"});
     // The bias gradient in 10 slices per channel, added by 8 lanes (split_reduce) in the weight gradient's reduce.
     test_conv_pair({1, 2, 100, 100, 4, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair sliced bias"});
+    // The channel-inner forward (M = 48) and grad-input (M = 16 padded to a 48-row tile).
+    test_conv_pair({2, 16, 9, 9, 48, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair channel-inner"});
     // A pair whose towers differ in shape, or in device, is refused naming the op.
     const Tensor x0 = host_tensor({1, 2, 5, 5}, randv(50)).to(GPU), x1 = host_tensor({1, 2, 5, 6}, randv(60)).to(GPU);
     const Tensor w = host_tensor({3, 2, 3, 3}, randv(54)).to(GPU);
@@ -963,6 +970,11 @@ void group_conv_bigtile() {
     test_conv({1, 49, 3, 11269, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "wide dgrad"});
     test_conv({1, 2, 1, 22559, 97, 1, 1, 1, 1, 0, 0, 1, true, FWD, "big fwd"});
     test_conv({1, 97, 1, 22559, 2, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "big dgrad"});
+    // The channel-inner forward and grad-input on 64x128 (M = 49) and 128x128 (M = 97) tiles, rows padded.
+    test_conv({1, 16, 3, 11269, 49, 1, 1, 1, 1, 0, 0, 1, true, FWD, "channel-inner wide fwd"});
+    test_conv({1, 49, 3, 11269, 16, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "channel-inner wide dgrad"});
+    test_conv({1, 16, 1, 22559, 97, 1, 1, 1, 1, 0, 0, 1, true, FWD, "channel-inner big fwd"});
+    test_conv({1, 97, 1, 22559, 16, 1, 1, 1, 1, 0, 0, 1, true, DGRAD, "channel-inner big dgrad"});
 }
 
 void group_linear() {
