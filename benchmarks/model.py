@@ -68,8 +68,8 @@ groups = towers), the memory-bound rows of bench_elementwise/bench_lrn_pool/benc
 bytes and launch grids), the train_step row, and each scheduler op of a traced step (trace_step.py's
 *_trace_summary.json and its Chrome trace, both towers summed) with the step's GPU-busy and wall time.
 
-Not modelled (so the prediction is optimistic there): the instruction cost of LRN (powf and five divisions per
-element backward) and pooling windows, which can exceed their memory time; L2 hits (bytes are HBM bytes); the
+Not modelled (so the prediction is optimistic there): the instruction cost of LRN (a powf per element, and one
+division per element backward) and pooling windows, which can exceed their memory time; L2 hits (bytes are HBM bytes); the
 latency of local-memory spills beyond their instruction slots; host time and the input path (the uint8
 upload and augment_batch of Net.train_step_u8, overlapped with the previous step) which the issue counts separately; overlap of the two towers (one executor runs them in turn).
 """
@@ -423,7 +423,7 @@ KERNELS = {
     "relu_fwd": ("relu.cu", "relu_forward_kernel"),
     "relu_bwd": ("relu.cu", "relu_backward_kernel"),
     "lrn_fwd": ("lrn.cu", "lrn_forward_kernel"),
-    "lrn_bwd": ("lrn.cu", "lrn_backward_kernel"),
+    "lrn_bwd": ("lrn.cu", "lrn_backward_tiled_kernel"),
     "lrn_pool_fwd": ("lrn.cu", "lrn_maxpool_forward_kernel"),
     "pool_fwd": ("pool.cu", "maxpool_forward_kernel"),
     "pool_bwd": ("pool.cu", "maxpool_backward_kernel"),
@@ -725,6 +725,7 @@ def reduce_lanes(n: int, splits: int) -> int:
 
 
 BIAS_TARGET_BLOCKS = 1056  # conv.cu kBiasTargetBlocks
+LRN_PIX, LRN_CHUNK = 32, 64  # lrn.cu kLrnPix, kLrnChunk (lrn_backward_tiled_kernel)
 SGD_MAX_SEGS = 40          # sgd.cu kSgdMaxSegs
 
 
@@ -875,9 +876,10 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             g, a = plane_grid(N * l["out_c"], l["out_hw"] ** 2)
             add(m.stream(name, "pool backward" + (" + relu" if ra == "pool" else ""), "pool_bwd",
                          8 * po + 4 * z + (4 * z if ra == "pool" else 0), g, active=a))
-        if l["lrn"]:  # the ReLU's mask is x > 0, and x is read anyway
-            g, a = plane_grid(N * l["out_c"], l["out_hw"] ** 2)
-            add(m.stream(name, "lrn backward" + (" + relu" if ra == "lrn" else ""), "lrn_bwd", 20 * z, g, active=a))
+        if l["lrn"]:  # the ReLU's mask is x > 0, and x is read anyway; blocks of 32 pixels x 64 channels (+ halo)
+            tiles = N * cdiv(l["out_hw"] ** 2, LRN_PIX) * cdiv(l["out_c"], LRN_CHUNK)
+            add(m.stream(name, "lrn backward" + (" + relu" if ra == "lrn" else ""), "lrn_bwd", 20 * z,
+                         min(tiles, MAX_BLOCKS_1D)))
         if ra == "alone":
             add(m.stream(name, "relu backward", "relu_bwd", 12 * z, grid_1d(cdiv(z, 4))))
         if l["conv"]:
@@ -1083,8 +1085,11 @@ def bench_memory_prediction(m: "Model", row: dict) -> Optional[float]:
         return m.stream("", "", "lrn_pool_fwd", by, min(d[0] * d[1], MAX_BLOCKS_1D),
                         active=min(THREADS_1D, d[2] * d[3])).ms
     if fam == "lrn_pool" and op.startswith("lrn") and len(d) == 4:
-        g, a = plane_grid(d[0] * d[1], d[2] * d[3])
-        return m.stream("", "", "lrn_fwd" if pas == "forward" else "lrn_bwd", by, g, active=a).ms
+        if pas == "forward":
+            g, a = plane_grid(d[0] * d[1], d[2] * d[3])
+            return m.stream("", "", "lrn_fwd", by, g, active=a).ms
+        return m.stream("", "", "lrn_bwd", by, min(d[0] * cdiv(d[2] * d[3], LRN_PIX) * cdiv(d[1], LRN_CHUNK),
+                                                   MAX_BLOCKS_1D)).ms
     mp = re.match(r"maxpool (\d+)/(\d+)", op)
     if fam == "lrn_pool" and mp and len(d) == 4:
         w, st = int(mp.group(1)), int(mp.group(2))

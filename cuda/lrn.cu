@@ -1,7 +1,8 @@
 // CUDA backend of local response normalization across channels (NCHW). One thread per element: planes
 // (n, c) over blockIdx.y, pixels over x threads (coalesced), each thread reading its channel window at
-// stride H*W. Windowed sums run in ascending channel order with rounded intrinsics (no FMA contraction),
-// as the CPU evaluates them. lrn_maxpool_forward fuses the forward with the max-pool of its output (a block per
+// stride H*W; the backward shares each channel's quotient through shared memory instead
+// (lrn_backward_tiled_kernel). Windowed sums run in ascending channel order with rounded intrinsics (no FMA
+// contraction), as the CPU evaluates them. lrn_maxpool_forward fuses the forward with the max-pool of its output (a block per
 // plane, the plane in shared memory).
 #include "common.cuh"
 
@@ -100,6 +101,48 @@ __global__ void __launch_bounds__(kThreads1d)
     }
 }
 
+// The same dx, each dy[j] y[j] / scale[j] computed once: the thread-per-element kernel above computes it for every
+// channel of every window that holds j (five divisions per element for AlexNet's size 5, plus the loads), which
+// makes it compute-bound. Block: kLrnPix pixels x kLrnLanes channel lanes of one image, a tile of kLrnChunk output
+// channels; the quotients of the tile's channels and its halo (half on each side) go to shared memory first, then
+// each output sums its window from there, in ascending channel order from 0 as above: the same bits.
+constexpr int kLrnPix = 32, kLrnLanes = kThreads1d / kLrnPix, kLrnChunk = 64, kLrnMaxHalf = 16;
+__global__ void __launch_bounds__(kThreads1d)
+    lrn_backward_tiled_kernel(int64_t tiles, int C, int HW, int half, float neg_beta, float coef, bool relu,
+                              const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ y,
+                              const float* __restrict__ scale, float* __restrict__ dx) {
+    __shared__ float q[kLrnChunk + 2 * kLrnMaxHalf][kLrnPix + 1];
+    const int px = threadIdx.x % kLrnPix, lane = threadIdx.x / kLrnPix;
+    const int ptiles = (HW + kLrnPix - 1) / kLrnPix, ctiles = (C + kLrnChunk - 1) / kLrnChunk;
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int ct = static_cast<int>(tile % ctiles);
+        const int64_t rest = tile / ctiles;
+        const int pt = static_cast<int>(rest % ptiles);
+        const int64_t n = rest / ptiles;
+        const int i = pt * kLrnPix + px;
+        const int c0 = ct * kLrnChunk, c1 = min(C, c0 + kLrnChunk);
+        const int h0 = max(0, c0 - half), h1 = min(C, c1 + half);
+        const int64_t img = n * C * static_cast<int64_t>(HW);
+        for (int j = h0 + lane; j < h1; j += kLrnLanes) {
+            const int64_t o = img + static_cast<int64_t>(j) * HW + i;
+            q[j - h0][px] = i < HW ? __fdiv_rn(__fmul_rn(dy[o], y[o]), scale[o]) : 0.0f;
+        }
+        __syncthreads();
+        if (i < HW) {
+            for (int c = c0 + lane; c < c1; c += kLrnLanes) {
+                const int j0 = max(0, c - half), j1 = min(C - 1, c + half);
+                float acc = 0.0f;
+                for (int j = j0; j <= j1; ++j) acc = __fadd_rn(acc, q[j - h0][px]);
+                const int64_t o = img + static_cast<int64_t>(c) * HW + i;
+                const float direct = __fmul_rn(dy[o], powf(scale[o], neg_beta));
+                const float d = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
+                dx[o] = relu ? relu_grad_epilogue(d, x, o) : d;
+            }
+        }
+        __syncthreads();  // the tile's quotients are read before the next tile overwrites them
+    }
+}
+
 }  // namespace
 
 void lrn_forward(const LrnParams& p, const float* x, float* y, float* scale, void* stream) {
@@ -132,8 +175,17 @@ void lrn_backward(const LrnParams& p, const float* dy, const float* x, const flo
     if (planes * HW == 0) return;
     require(HW <= 0x7fffffff, "lrn_backward", "image plane too large");
     const float coef = 2.0f * p.alpha * p.beta;
-    lrn_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(
-        planes, p.C, static_cast<int>(HW), p.size / 2, -p.beta, coef, p.relu, dy, x, y, scale, dx);
+    const int half = p.size / 2;
+    if (half <= kLrnMaxHalf) {
+        const int64_t tiles = static_cast<int64_t>(p.N) * ((HW + kLrnPix - 1) / kLrnPix) *
+                              ((p.C + kLrnChunk - 1) / kLrnChunk);
+        const unsigned grid = static_cast<unsigned>(tiles < kMaxBlocks1d ? tiles : kMaxBlocks1d);
+        lrn_backward_tiled_kernel<<<grid, kThreads1d, 0, as_stream(stream)>>>(
+            tiles, p.C, static_cast<int>(HW), half, -p.beta, coef, p.relu, dy, x, y, scale, dx);
+    } else {  // windows wider than the shared tile's halo
+        lrn_backward_kernel<<<plane_grid(planes, HW), kThreads1d, 0, as_stream(stream)>>>(
+            planes, p.C, static_cast<int>(HW), half, -p.beta, coef, p.relu, dy, x, y, scale, dx);
+    }
     AX_LAUNCH_CHECK("lrn_backward");
 }
 

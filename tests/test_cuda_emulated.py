@@ -45,7 +45,7 @@ EXPECTED_CHECKS = {
     "zero": 6,
     "elementwise": 175,
     "plumbing": 42,
-    "lrn": 45,
+    "lrn": 50,
     "pool": 41,
     "softmax": 68,
     "augment": 6,
@@ -55,7 +55,7 @@ EXPECTED_CHECKS = {
     "conv_pair": 169,
     "linear": 108,
     "linear_bigtile": 12,
-    "gridstride": 14,
+    "gridstride": 15,
     "net": 111,
     "graph": 18,
 }

@@ -855,6 +855,7 @@ void group_lrn() {
     test_lrn(2, 2, 3, 3, 7, 0.5f, 1.f, 0.75f);  // window wider than the channel count
     test_lrn(1, 48, 55, 55, 5, 2.f, 1e-4f, 0.75f);   // AlexNet LRN1, one tower, batch 1
     test_lrn(1, 128, 27, 27, 5, 2.f, 1e-2f, 0.75f);  // AlexNet LRN2 shape, one tower (larger alpha)
+    test_lrn(2, 70, 5, 7, 35, 1.f, 1e-2f, 0.75f);    // a window wider than the tiled backward's halo: the plain kernel
     test_lrn_pool(2, 7, 9, 10, 5, 2.f, 0.5f, 0.75f, 3, 2, 1);     // odd plane, padded windows
     test_lrn_pool(1, 48, 55, 55, 5, 2.f, 1e-2f, 0.75f, 3, 2, 0);  // AlexNet LRN1 + pool1, one tower
     test_lrn_pool(2, 128, 27, 27, 5, 2.f, 1e-2f, 0.75f, 3, 2, 0); // AlexNet LRN2 + pool2, one tower, batch 2
@@ -1032,6 +1033,15 @@ void group_gridstride() {
         check_rel("lrn_forward y vs CPU backend N1 C66000 1x1", lr.first, to_double(down<float>(lrc.first)),
                   kElementwise);
         test_lrn_pool(1, 66000, 2, 2, 5, 2.f, 0.5f, 0.75f, 2, 2, 0, /*gridstride=*/true);  // a block per plane, 66000
+        {  // lrn_backward's tiled kernel: one tile per image here, 66000 of them
+            const Both xl = both({66000, 3, 1, 1}, randv(66000 * 3, -2, 2)), dl = both({66000, 3, 1, 1}, randv(66000 * 3));
+            const auto fg = ops::lrn_forward(xl.gpu, 3, 1.f, 0.5f, 0.75f);
+            const auto fc = ops::lrn_forward(xl.cpu, 3, 1.f, 0.5f, 0.75f);
+            check_rel("lrn_backward vs CPU backend N66000 C3 1x1",
+                      ops::lrn_backward(dl.gpu, xl.gpu, fg.first, fg.second, 3, 1.f, 0.5f, 0.75f),
+                      to_double(down<float>(ops::lrn_backward(dl.cpu, xl.cpu, fc.first, fc.second, 3, 1.f, 0.5f, 0.75f))),
+                      kReduction);
+        }
         const Both s = both({66000, 3}, randv(66000 * 3, 0.f, 1.f));
         std::vector<int32_t> lab(66000);
         for (auto& v : lab) v = static_cast<int32_t>(rng() % 3);
