@@ -2,8 +2,8 @@
 // (n, c) over blockIdx.y, pixels over x threads (coalesced), each thread reading its channel window at
 // stride H*W; the backward shares each channel's quotient through shared memory instead
 // (lrn_backward_tiled_kernel). Windowed sums run in ascending channel order with rounded intrinsics (no FMA
-// contraction), as the CPU evaluates them. lrn_maxpool_forward fuses the forward with the max-pool of its output (a block per
-// plane, the plane in shared memory).
+// contraction), as the CPU evaluates them. lrn_maxpool_forward fuses the forward with the max-pool of its output (a
+// block per plane, the plane in shared memory).
 #include "common.cuh"
 
 namespace ax {
