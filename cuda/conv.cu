@@ -82,12 +82,14 @@ __device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k
     const bool kok = !kCheck || (k >= kb && k < ke);
     const float* p = a.p + koff;
     const int rows = static_cast<int>(opaque(static_cast<unsigned>(a.rows)));
+    // Opaque: a 32-bit step, so that a TowerPair, which picks one of two, still chains by IMAD.WIDE, not 64-bit adds.
+    const int step = static_cast<int>(opaque(static_cast<unsigned>(a.step)));
 #pragma unroll
     for (int i = 0; i < RowsA<Cfg>::kN; ++i) {
         // Per row one compare and one IMAD.WIDE (the pointers chain).
         const bool ok = i < rows;
         put(i, p, kCheck ? ok && kok : ok);
-        p += a.step;
+        p += step;
     }
 }
 
