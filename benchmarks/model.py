@@ -18,8 +18,8 @@ alone: the FFMA share is then taken as 1 and every GEMM time is a lower bound (t
 Which kernel runs. Each pass of the step is mapped to the kernel and tile its launcher in cuda/*.cu picks for that
 shape (every thread owns an 8x8 micro-tile, 6x8 in the 48-row tile; 16-deep k-steps). Forward and grad-input take the
 channel-inner loaders (conv.cu tap_major: the reduction walked tap by tap, one bounds check per tile and copy run)
-when the window has <= 32 taps and Cg (forward) or Kg (grad-input) is a multiple of 16, as in conv2..conv5, each
-after a launch that copies the weights into that order (weight_order, padded to the row tile); forward and grad-input
+when the window is at most 15 x 15 (the tap mask) and Cg (forward) or Kg (grad-input) is a multiple of 16, as in
+conv2..conv5, each after a launch that copies the weights into that order (weight_order, padded to the row tile); forward and grad-input
 convolutions conv_tile (128x128 tiles of 256 threads when M > 64, N > 64 and tile_cost, the busiest SM's rounds as
 below, is no higher than for 64x128 tiles of 128 threads; else 48x128 where it costs less than 64x128, as for
 M = 48), the other GEMMs split_tile (128x128 without split-K when M > 64, N > 64 and the tiles alone give >= 264
@@ -391,13 +391,13 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
 
 # Readable names of the kernels the passes use: (file, substring of the mangled name).
 GEMM_OPS = {
-    "conv_fwd": ("conv.cu", "7ConvFwdILb1E"),           # windows of <= 32 taps: the tap-mask loaders
-    "conv_fwd_nomask": ("conv.cu", "7ConvFwdILb0E"),    # larger windows (conv1's 11x11)
-    "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1ELb1E"),  # stride 1 and <= 32 taps, as every layer with this pass
-    "conv_fwd_tap": ("conv.cu", "7ConvTapILb0E"),       # channel-inner: <= 32 taps, Cg % 16 == 0 (conv2..conv5)
-    "conv_dgrad_tap": ("conv.cu", "7ConvTapILb1E"),     # channel-inner: stride 1, <= 32 taps, Kg % 16 == 0
-    "conv_wgrad": ("conv.cu", "13ConvBwdWeightILb1E"),       # windows of <= 32 taps: the tap-mask loaders
-    "conv_wgrad_nomask": ("conv.cu", "13ConvBwdWeightILb0E"),  # larger windows (conv1)
+    "conv_fwd": ("conv.cu", "7ConvFwdILb1E"),           # windows of <= 15 x 15: the tap-mask loaders
+    "conv_fwd_nomask": ("conv.cu", "7ConvFwdILb0E"),    # larger windows
+    "conv_dgrad": ("conv.cu", "12ConvBwdInputILb1ELb1E"),  # stride 1, <= 15 x 15, as every layer with this pass
+    "conv_fwd_tap": ("conv.cu", "7ConvTapILb0E"),       # channel-inner: <= 15 x 15, Cg % 16 == 0 (conv2..conv5)
+    "conv_dgrad_tap": ("conv.cu", "7ConvTapILb1E"),     # channel-inner: stride 1, <= 15 x 15, Kg % 16 == 0
+    "conv_wgrad": ("conv.cu", "13ConvBwdWeightILb1E"),       # windows of <= 15 x 15: the tap-mask loaders
+    "conv_wgrad_nomask": ("conv.cu", "13ConvBwdWeightILb0E"),  # larger windows or outputs
     "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
     "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
     "linear_wgrad": ("gemm.cu", "StridedGemmILb0ELb0E"),
@@ -553,15 +553,18 @@ TAP_STEP, TAP_TILES = 16, 256  # conv.cu kTapStep, kTapTiles
 CONV_TILE_OPS = ("conv_fwd", "conv_fwd_nomask", "conv_dgrad", "conv_fwd_tap", "conv_dgrad_tap")
 
 
+MASK_SIDE = 15  # conv.cu kMaskSide: the tap-mask loaders take windows of up to 15 x 15
+
+
 def tap_major(k: int, J: int) -> bool:
-    """conv.cu tap_major: the channel-inner loaders for <= 32 taps, J (Cg forward, Kg grad-input) a multiple of the
-    16-deep k-step, and R*S*J within the lookup table."""
-    return k * k <= 32 and J % TAP_STEP == 0 and k * k * J <= TAP_TILES * TAP_STEP
+    """conv.cu tap_major: the channel-inner loaders for windows the tap mask fits, J (Cg forward, Kg grad-input) a
+    multiple of the 16-deep k-step, and R*S*J within the lookup table."""
+    return k <= MASK_SIDE and J % TAP_STEP == 0 and k * k * J <= TAP_TILES * TAP_STEP
 
 
 def fwd_op(k: int, cg: int) -> str:
-    """The forward's loaders (conv.cu conv_fwd): channel-inner, else the tap mask (<= 32 taps), else (r, s) checks."""
-    return "conv_fwd_tap" if tap_major(k, cg) else ("conv_fwd" if k * k <= 32 else "conv_fwd_nomask")
+    """The forward's loaders (conv.cu conv_fwd): channel-inner, else the tap mask (<= 15 x 15), else (r, s) checks."""
+    return "conv_fwd_tap" if tap_major(k, cg) else ("conv_fwd" if k <= MASK_SIDE else "conv_fwd_nomask")
 
 
 def dgrad_op(k: int, kg: int) -> str:
@@ -570,8 +573,8 @@ def dgrad_op(k: int, kg: int) -> str:
 
 
 def wgrad_op(k: int, out_hw: int) -> str:
-    """conv_wgrad: the tap-mask loaders for windows of <= 32 taps and outputs of <= 64 rows and columns."""
-    return "conv_wgrad" if k * k <= 32 and out_hw <= 64 else "conv_wgrad_nomask"
+    """conv_wgrad: the tap-mask loaders for windows of <= 15 x 15 and outputs of <= 64 rows and columns."""
+    return "conv_wgrad" if k <= MASK_SIDE and out_hw <= 64 else "conv_wgrad_nomask"
 
 
 def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1, towers: int = 1) -> GemmLaunch:

@@ -20,7 +20,7 @@ namespace {
 struct ConvGeom {
     int N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw, groups;
     int Cg, Kg, RS, HW, PQ, CgRS;
-    unsigned repl;  // bit r*S for every r < R (tap_mask), when R*S <= 32
+    int unused;  // an odd number of words in all, as the ops' parameter structs need for no padding bytes
     FastDiv fS, fRS, fQ, fPQ, fW, fHW, fsh, fsw;
 
     ConvGeom(const Conv2dParams& p, const char* opname)
@@ -38,9 +38,7 @@ struct ConvGeom {
         HW = H * W;
         PQ = P * Q;
         CgRS = Cg * RS;
-        repl = 0;
-        if (RS <= 32)
-            for (int r = 0; r < R; ++r) repl |= 1u << (r * S);
+        unused = 0;
         fS = FastDiv(S);
         fRS = FastDiv(RS);
         fQ = FastDiv(Q);
@@ -98,7 +96,19 @@ __device__ __forceinline__ bool inside(int base, int d, int lim) {
     return static_cast<unsigned>(base) + static_cast<unsigned>(d) < static_cast<unsigned>(lim);
 }
 
-// The gather-table entry of the tap-mask ops: an offset and the tap's bit (0: every load of it fails).
+// Window taps as bits (ops with kMask: windows of at most kMaskSide x kMaskSide). A window's *missing* mask has bit r
+// (r < 15) set when row r of the window lies outside the image and bit 16 + s when column s does, and bits 15 and 31
+// always; tap (r, s) has the key bit r | bit 16 + s, and lies inside exactly when missing & key == 0. One side of a
+// load holds the mask (the thread's output or input pixel; the weight gradient's table entry, per pixel of the
+// reduction), the other the key (the table entry, per tap; the weight gradient's thread, per column), so a load's
+// bounds check is one AND. kTapNever (bit 15) is the key of nothing: every mask fails it; kTapMissingAll the mask of
+// a window with no tap inside (or a pixel outside the GEMM).
+constexpr int kMaskSide = 15;
+constexpr unsigned kTapNever = 1u << 15, kTapMissingAll = 0xffffffffu;
+__host__ __device__ __forceinline__ unsigned tap_key(int r, int s) { return (1u << r) | (1u << (16 + s)); }
+__host__ __device__ inline bool mask_fits(int R, int S) { return R <= kMaskSide && S <= kMaskSide; }
+
+// The gather-table entry of the tap-mask ops: an offset and a key (or, for the weight gradient, a missing mask).
 struct TapEntry {
     int off;
     unsigned bit;
@@ -111,25 +121,23 @@ __device__ __forceinline__ void put_taps(const float* base, unsigned taps, const
 #pragma unroll
     for (int i = 0; i < kPer; i += 2) {
         const int4 v = reinterpret_cast<const int4*>(e0)[i / 2];
-        put(i, base + v.x, (taps & static_cast<unsigned>(v.y)) != 0u);
-        put(i + 1, base + v.z, (taps & static_cast<unsigned>(v.w)) != 0u);
+        put(i, base + v.x, (taps & static_cast<unsigned>(v.y)) == 0u);
+        put(i + 1, base + v.z, (taps & static_cast<unsigned>(v.w)) == 0u);
     }
 }
 
 // The low n bits (n in [0, 32]).
 __device__ __forceinline__ unsigned low_bits(int n) { return n >= 32 ? 0xffffffffu : (1u << n) - 1u; }
 
-// Window taps as one 32-bit mask (ops with kMask, used when R*S <= 32): bit r*S + s is set for the taps
-// (r, s) with r in [r0, r1) and s in [s0, s1). `repl` has bit r*S for every r < R, so the product replicates
-// the s-range into every row without carries. A load's bounds check is then one AND with the entry's bit.
-__device__ __forceinline__ unsigned tap_mask(int r0, int r1, int s0, int s1, int S, unsigned repl) {
-    if (r0 >= r1 || s0 >= s1) return 0u;
-    const unsigned cols = low_bits(s1) & ~low_bits(s0);
-    return (cols * repl) & low_bits(r1 * S) & ~low_bits(r0 * S);
+// The missing mask of a window whose rows [r0, r1) and columns [s0, s1) lie inside the image (r1, s1 <= 15).
+__device__ __forceinline__ unsigned tap_mask(int r0, int r1, int s0, int s1) {
+    if (r0 >= r1 || s0 >= s1) return kTapMissingAll;
+    const unsigned rows = low_bits(r1) & ~low_bits(r0), cols = low_bits(s1) & ~low_bits(s0);
+    return ~(rows | (cols << 16)) | kTapNever | (kTapNever << 16);
 }
 
 // Output pixel n of the forward (n < N): x at (img, the group's first channel, window origin h0, w0) and the taps
-// (r, s) of its window that lie inside x as one mask (tap_mask; meaningful for R*S <= 32).
+// (r, s) of its window that lie outside x as one mask (tap_mask; meaningful for windows that mask_fits).
 __device__ __forceinline__ void fwd_pixel(const ConvGeom& g, const float* x, int z, int n, const float*& xb, int& h0,
                                           int& w0, unsigned& taps) {
     int img, pq, p, q;
@@ -137,7 +145,8 @@ __device__ __forceinline__ void fwd_pixel(const ConvGeom& g, const float* x, int
     g.fQ.divmod(pq, p, q);
     h0 = p * g.sh - g.ph;
     w0 = q * g.sw - g.pw;
-    taps = tap_mask(max(0, -h0), min(g.R, g.H - h0), max(0, -w0), min(g.S, g.W - w0), g.S, g.repl);
+    taps = mask_fits(g.R, g.S) ? tap_mask(max(0, -h0), min(g.R, g.H - h0), max(0, -w0), min(g.S, g.W - w0))
+                               : kTapMissingAll;
     xb = x + ((static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg) * g.HW + static_cast<int64_t>(h0) * g.W +
               w0);
 }
@@ -158,8 +167,8 @@ __device__ __forceinline__ void fwd_store(const ConvGeom& g, const float* b, int
 // A = weights, row-major (Kg x CgRS) slice: k-contiguous. B = im2col of x, gathered on the fly: threads
 // walk output pixels (coalesced along q), each thread keeps one pixel per tile (its window origin and
 // image base), and the table gives each k's tap (c*H*W + r*W + s, r, s): a load is two adds, two unsigned
-// compares and an address add. kMask (R*S <= 32): the thread keeps which of its window's taps lie inside x as
-// one mask and the table gives each k its tap's bit instead of (r, s): the check is one AND.
+// compares and an address add. kMask (mask_fits): the thread keeps which of its window's taps lie outside x as
+// one mask and the table gives each k its tap's key instead of (r, s): the check is one AND.
 template <bool kMask>
 struct ConvFwd {
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
@@ -167,9 +176,9 @@ struct ConvFwd {
         int off, r, s;  // tap offset from the window origin; r, s (kGatherInvalid outside the range)
         int unused;
     };
-    // kMask: the tap offset and the tap's bit (0 outside the range)
+    // kMask: the tap offset and the tap's key (kTapNever outside the range)
     using Entry = std::conditional_t<kMask, TapEntry, FullEntry>;
-    static constexpr int kLut = kMask ? 32 : 0;  // kMask: (r*W + s, bit rs) of every tap rs of the window
+    static constexpr int kLut = kMask ? kMaskSide * kMaskSide : 0;  // kMask: (r*W + s, key) of every tap rs
     int M, N;
     ConvGeom g;
     // The epilogue applies the ReLU (Conv2dParams::relu). An int in the 4 bytes before the pointers, so that the
@@ -191,14 +200,15 @@ struct ConvFwd {
         }
         const int off = in ? c * g.HW + rr * g.W + ss : 0;
         if constexpr (kMask) {
-            return Entry{off, in ? 1u << rs : 0u};
+            return Entry{off, in ? tap_key(rr, ss) : kTapNever};
         } else {
             return Entry{off, rr, ss, 0};
         }
     }
     __device__ Entry lut_entry(int rs) const {
         if constexpr (kMask) {
-            return rs < g.RS ? Entry{g.fS.div(rs) * (g.W - g.S) + rs, 1u << rs} : Entry{0, 0u};
+            const int r = g.fS.div(rs);
+            return rs < g.RS ? Entry{r * (g.W - g.S) + rs, tap_key(r, rs - r * g.S)} : Entry{0, kTapNever};
         } else {
             return entry(0, 0, 0);
         }
@@ -218,7 +228,7 @@ struct ConvFwd {
         RowsA<Cfg> a;
         const float* xb;  // x at (img, first channel of the group, h0, w0); only dereferenced inside x
         int h0, w0;       // window origin of this thread's output pixel (kGatherInvalid outside N)
-        unsigned taps;    // kMask: bit r*S + s when tap (r, s) of the window lies inside x (0 outside N)
+        unsigned taps;    // kMask: the window's missing mask (tap_mask; every tap missing outside N)
     };
     template <class Cfg>
     __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
@@ -226,10 +236,9 @@ struct ConvFwd {
         t.a = rows_a<Cfg>(w + static_cast<int64_t>(z) * g.Kg * g.CgRS, g.CgRS, m0, M);
         t.xb = x;
         t.h0 = t.w0 = kGatherInvalid;
-        t.taps = 0;
+        t.taps = kTapMissingAll;
         const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
         if (n < N) fwd_pixel(g, x, z, n, t.xb, t.h0, t.w0, t.taps);
-        if (!kMask) t.taps = 0;
         return t;
     }
     __device__ void k_range(int, int& kb, int& ke) const {
@@ -262,7 +271,7 @@ struct ConvFwd {
 
 // Input pixel n of the grad-input (n < N): (hp, wp) = (h + pad_h, w + pad_w); dy at (img, the group's first channel)
 // plus, with unit stride, hp*Q + wp (tap (r, s) then adds -(r*Q + s)); the taps (r, s) whose dy pixel (hp - r, wp - s)
-// lies inside dy as one mask (unit stride, R*S <= 32: r in (hp - P, hp], s in (wp - Q, wp]).
+// lies inside dy as a missing mask (unit stride, mask_fits: r in (hp - P, hp], s in (wp - Q, wp] are inside).
 template <bool kUnit>
 __device__ __forceinline__ void dgrad_pixel(const ConvGeom& g, const float* dy, int z, int n, const float*& dyb,
                                             int& hp, int& wp, unsigned& taps) {
@@ -271,7 +280,8 @@ __device__ __forceinline__ void dgrad_pixel(const ConvGeom& g, const float* dy, 
     g.fW.divmod(hw, h, wx);
     hp = h + g.ph;
     wp = wx + g.pw;
-    taps = tap_mask(max(0, hp - g.P + 1), min(g.R, hp + 1), max(0, wp - g.Q + 1), min(g.S, wp + 1), g.S, g.repl);
+    taps = mask_fits(g.R, g.S) ? tap_mask(max(0, hp - g.P + 1), min(g.R, hp + 1), max(0, wp - g.Q + 1), min(g.S, wp + 1))
+                               : kTapMissingAll;
     dyb = dy + (static_cast<int64_t>(img) * g.K + static_cast<int64_t>(z) * g.Kg) * g.PQ +
           (kUnit ? static_cast<int64_t>(hp) * g.Q + wp : 0);
 }
@@ -292,7 +302,7 @@ __device__ __forceinline__ void dgrad_store(const ConvGeom& g, const float* relu
 // pixels (coalesced along w), each thread keeps one pixel per tile. The table gives each k = (ko, r, s)
 // its weight offset and dy tap. kUnit (stride 1 both ways, every AlexNet layer that needs this pass): the
 // tap is dy at (h + ph - r, w + pw - s), so a load is two adds, two compares and an address add; strided,
-// the division by the stride stays per element (FastDiv). kMask (kUnit and R*S <= 32): as in ConvFwd, the
+// the division by the stride stays per element (FastDiv). kMask (kUnit and mask_fits): as in ConvFwd, the
 // thread's valid taps in one mask and each entry's tap bit in r.
 template <bool kUnit, bool kMask = false>
 struct ConvBwdInput {
@@ -303,9 +313,9 @@ struct ConvBwdInput {
         int boff;  // kUnit: ko*P*Q - r*Q - s (from the thread's (h+ph, w+pw) base); else ko*P*Q
         int r, s;  // kUnit: -r, -s; else r, s (kGatherInvalid outside the range, either way failing)
     };
-    // kMask: boff and the tap's bit (0 outside the range); A's weight offset comes from k itself (a_off)
+    // kMask: boff and the tap's key (kTapNever outside the range); A's weight offset comes from k itself (a_off)
     using Entry = std::conditional_t<kMask, TapEntry, FullEntry>;
-    static constexpr int kLut = kMask ? 32 : 0;  // kMask: (-(r*Q + s), bit rs) of every tap rs
+    static constexpr int kLut = kMask ? kMaskSide * kMaskSide : 0;  // kMask: (-(r*Q + s), key) of every tap rs
     int M, N;
     ConvGeom g;
     const float* dy;
@@ -322,7 +332,7 @@ struct ConvBwdInput {
         }
         const int boff = in ? (kUnit ? ko * g.PQ - rr * g.Q - ss : ko * g.PQ) : 0;
         if constexpr (kMask) {
-            return Entry{boff, in ? 1u << rs : 0u};
+            return Entry{boff, in ? tap_key(rr, ss) : kTapNever};
         } else {
             const int bad = kGatherInvalid;
             return Entry{in ? ko * g.CgRS + rs : 0, boff, in ? (kUnit ? -rr : rr) : bad, in ? (kUnit ? -ss : ss) : bad};
@@ -330,7 +340,8 @@ struct ConvBwdInput {
     }
     __device__ Entry lut_entry(int rs) const {
         if constexpr (kMask) {
-            return rs < g.RS ? Entry{-(g.fS.div(rs) * (g.Q - g.S) + rs), 1u << rs} : Entry{0, 0u};
+            const int r = g.fS.div(rs);
+            return rs < g.RS ? Entry{-(r * (g.Q - g.S) + rs), tap_key(r, rs - r * g.S)} : Entry{0, kTapNever};
         } else {
             return entry(0, 0, 0);
         }
@@ -355,7 +366,7 @@ struct ConvBwdInput {
         const float* dyb;  // kUnit: dy at (img, group's first channel, h+ph, w+pw); else at (img, channel)
         int hp, wp;        // h + pad_h, w + pad_w of this thread's input pixel (kGatherInvalid outside N;
                            // strided: -kGatherInvalid, which no tap reaches)
-        unsigned taps;     // kMask: bit r*S + s when tap (r, s) reaches inside dy (0 outside N)
+        unsigned taps;     // kMask: the missing mask of the taps reaching dy (every tap missing outside N)
     };
     template <class Cfg>
     __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
@@ -363,12 +374,11 @@ struct ConvBwdInput {
         t.a = rows_a<Cfg>(w + static_cast<int64_t>(z) * g.Kg * g.CgRS, g.RS, m0, M);
         t.dyb = dy;
         t.hp = t.wp = kUnit ? kGatherInvalid : -kGatherInvalid;
-        t.taps = 0;
+        t.taps = kTapMissingAll;
         const int n = n0 + TileMap<Cfg::BN, Cfg::BK, kBContigK, Cfg::kThreads>::mn(threadIdx.x, 0);
         if (n < N) {
             dgrad_pixel<kUnit>(g, dy, z, n, t.dyb, t.hp, t.wp, t.taps);
-            if (!kMask) t.taps = 0;
-        }
+            }
         return t;
     }
     __device__ void k_range(int, int& kb, int& ke) const {
@@ -457,25 +467,25 @@ __device__ __forceinline__ void put_dense_a(const DenseA<Cfg>& a, int k0, int kb
 
 // The lookup-table entry of tile i (k = 16 i .. 16 i + 15: tap rs = 16 i / J, channels j0 = 16 i - rs*J on): the
 // offset of (tap, channel j0) from a pixel's base, sign * (r*(X - S) + rs) + j0 * cstride (r*X + s = r*(X - S) + rs,
-// X the width the tap moves in), and the tap's bit; tiles past Kr get {0, 0}.
+// X the width the tap moves in), and the tap's key; tiles past Kr get {0, kTapNever}.
 __device__ __forceinline__ TapEntry tap_tile_entry(const ConvGeom& g, const FastDiv& fJ, int kr, int i, int sign, int X,
                                                    int cstride) {
     const int k = i * kTapStep;
-    if (k >= kr) return TapEntry{0, 0u};
+    if (k >= kr) return TapEntry{0, kTapNever};
     const int rs = fJ.div(k), r = g.fS.div(rs);
-    return TapEntry{sign * (r * (X - g.S) + rs) + (k - rs * fJ.d) * cstride, 1u << rs};
+    return TapEntry{sign * (r * (X - g.S) + rs) + (k - rs * fJ.d) * cstride, tap_key(r, rs - r * g.S)};
 }
 
 // B of the channel-inner ops for the tile at k0: element i is channel j0 + kt + kStep*i (kt, kStep: the thread's
 // k-lane, TileMap) at the tile's tap, `base + e.off + (kStep*i) * cstride` (base: the pixel's base plus kt*cstride),
-// read when the thread's tap mask has the tap's bit (and, with kCheck, its k lies in [kb, ke)).
+// read when the thread's missing mask lacks the tap's key bits (and, with kCheck, its k lies in [kb, ke)).
 template <class Cfg, bool kCheck, class Put>
 __device__ __forceinline__ void put_tap_channels(const float* base, unsigned taps, int step, const TapEntry* lut,
                                                  int k0, int kb, int ke, Put& put) {
     static_assert(Cfg::BK == kTapStep, "put_tap_channels: one tap per k-step");
     using Map = TileMap<Cfg::BN, Cfg::BK, false, Cfg::kThreads>;
     const TapEntry e = lut[k0 / kTapStep];
-    const bool ok = (taps & e.bit) != 0u;
+    const bool ok = (taps & e.bit) == 0u;
     const float* p = base + e.off;
     step = static_cast<int>(opaque(static_cast<unsigned>(step)));
 #pragma unroll
@@ -491,13 +501,13 @@ template <class Cfg>
 struct TapThread {
     DenseA<Cfg> a;
     const float* base;  // the pixel's base plus kt*cstride; only dereferenced inside x / dy
-    unsigned taps;      // bit r*S + s when tap (r, s) of the pixel reads inside x / dy (0 outside N)
+    unsigned taps;      // the pixel's missing mask (tap_mask; every tap missing outside N)
     int step;           // kStep * cstride
 };
 
-// The channel-inner forward (kDgrad false: R*S <= 32, Cg % 16 == 0; A = the weights reordered to (Kg rows padded to
+// The channel-inner forward (kDgrad false: mask_fits, Cg % 16 == 0; A = the weights reordered to (Kg rows padded to
 // mpad) x (rs, c), B = x at tap rs of the thread's output window, channels c) and grad-input (kDgrad true: stride 1,
-// R*S <= 32, Kg % 16 == 0; A = the weights reordered to (Cg rows padded) x (rs, ko), B = dy at (hp - r, wp - s) of
+// mask_fits, Kg % 16 == 0; A = the weights reordered to (Cg rows padded) x (rs, ko), B = dy at (hp - r, wp - s) of
 // the thread's input pixel, channels ko).
 template <bool kDgrad>
 struct ConvTap {
@@ -528,7 +538,7 @@ struct ConvTap {
         TapThread<Cfg> t;
         t.a = dense_a<Cfg>(wr + static_cast<int64_t>(z) * mpad * kr, kr, m0);
         t.base = src;
-        t.taps = 0;
+        t.taps = kTapMissingAll;
         t.step = Map::kStep * cstride;
         int u, v;
         const int n = n0 + Map::mn(threadIdx.x, 0);
@@ -597,7 +607,7 @@ __global__ void __launch_bounds__(kThreads1d) conv_weight_order_kernel(WeightOrd
 // A = dy is k-contiguous (k walks q); B = im2col of x is read with threads walking its columns (c, r, s),
 // coalesced along s, each thread keeping one column per tile (offset c*H*W + r*W + s, and r, s). The table
 // gives each k = (img, p, q) its dy offset, its x offset at the window origin and the origin itself.
-// kMask (R*S <= 32 and P, Q <= kWgradLutRows, the lookup tables of the in-loop entries): the entry gives the
+// kMask (mask_fits and P, Q <= kWgradLutRows, the lookup tables of the in-loop entries): the entry gives the
 // x offset and the window's taps inside x as one mask, the thread its column's tap bit: the check is one AND.
 constexpr int kWgradLutRows = 64;
 
@@ -631,9 +641,8 @@ struct ConvBwdWeight {
         const int h0 = p * g.sh - g.ph, w0 = q * g.sw - g.pw;
         const int boff = in ? img * g.C * g.HW + h0 * g.W + w0 : 0;
         if constexpr (kMask) {
-            return Entry{boff, in ? tap_mask(max(0, -h0), min(g.R, g.H - h0), max(0, -w0), min(g.S, g.W - w0), g.S,
-                                             g.repl)
-                                  : 0u};
+            return Entry{boff, in ? tap_mask(max(0, -h0), min(g.R, g.H - h0), max(0, -w0), min(g.S, g.W - w0))
+                                  : kTapMissingAll};
         } else {
             const int bad = kGatherInvalid;
             return Entry{in ? img * g.K * g.PQ + pq : 0, boff, in ? h0 : bad, in ? w0 : bad};
@@ -646,10 +655,10 @@ struct ConvBwdWeight {
             if (j >= (row ? g.P : g.Q)) return Entry{0, 0u};
             if (row) {
                 const int h0 = j * g.sh - g.ph;
-                return Entry{h0 * g.W, tap_mask(max(0, -h0), min(g.R, g.H - h0), 0, g.S, g.S, g.repl)};
+                return Entry{h0 * g.W, tap_mask(max(0, -h0), min(g.R, g.H - h0), 0, g.S) & 0xffffu};
             }
             const int w0 = j * g.sw - g.pw;
-            return Entry{w0, tap_mask(0, g.R, max(0, -w0), min(g.S, g.W - w0), g.S, g.repl)};
+            return Entry{w0, tap_mask(0, g.R, max(0, -w0), min(g.S, g.W - w0)) & 0xffff0000u};
         } else {
             return entry(0, 0, 0);
         }
@@ -659,7 +668,7 @@ struct ConvBwdWeight {
             const int img = g.fPQ.div(k), pq = k - img * g.PQ;
             const int p = g.fQ.div(pq);
             const Entry r = lut[p], c = lut[kWgradLutRows + pq - p * g.Q];
-            return Entry{img * g.C * g.HW + r.off + c.off, r.bit & c.bit};
+            return Entry{img * g.C * g.HW + r.off + c.off, r.bit | c.bit};  // a tap is missing if its row or column is
         } else {
             return entry(k, 0, 0);
         }
@@ -675,7 +684,7 @@ struct ConvBwdWeight {
         const float* xb;  // x at the group's first channel
         int coff;         // c*H*W + r*W + s of this thread's B column (c, r, s)
         int roff, soff;   // its r, s (kGatherInvalid when the column is outside N)
-        unsigned bit;     // kMask: bit r*S + s of the column (0 outside N)
+        unsigned bit;     // kMask: the column's tap key (kTapNever outside N)
     };
     template <class Cfg>
     __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
@@ -693,7 +702,7 @@ struct ConvBwdWeight {
         t.coff = n < N ? c * g.HW + rr * g.W + ss : 0;
         t.roff = rr;
         t.soff = ss;
-        t.bit = kMask && n < N ? 1u << rs : 0u;
+        t.bit = kMask && n < N ? tap_key(rr, ss) : kTapNever;
         return t;
     }
     __device__ void k_range(int z, int& kb, int& ke) const {
@@ -796,7 +805,7 @@ void conv_wgrad_towers(const Conv2dParams& p, const ConvGeom& g, int n, const fl
 }
 
 // The n towers' weight gradients (x[i], dy[i] -> dw[i]) on the tile split_tile picks for one tower; with the
-// tap mask (one AND per copy) when the window has at most 32 taps and the output at most 64 rows and columns.
+// tap mask (one AND per copy) when the window fits it (mask_fits) and the output has at most 64 rows and columns.
 // `extra`: reductions the caller adds to the weight gradient's split-K reduce launch (the bias's slice sums).
 void conv_wgrad(const Conv2dParams& p, int n, const float* const* x, const float* const* dy, float* const* dw,
                 void* stream, const SplitSeg* extra = nullptr, int nextra = 0) {
@@ -806,7 +815,7 @@ void conv_wgrad(const Conv2dParams& p, int n, const float* const* x, const float
         return;
     }
     const ConvGeom g(p, opname);
-    if (g.RS <= 32 && g.P <= kWgradLutRows && g.Q <= kWgradLutRows) {
+    if (mask_fits(g.R, g.S) && g.P <= kWgradLutRows && g.Q <= kWgradLutRows) {
         conv_wgrad_towers<true>(p, g, n, x, dy, dw, stream, extra, nextra);
     } else {
         conv_wgrad_towers<false>(p, g, n, x, dy, dw, stream, extra, nextra);
@@ -945,10 +954,11 @@ void launch_tap(const char* opname, Op* ops, int n, int groups, const float* con
     }
 }
 
-// Whether the channel-inner ops apply: a window of <= 32 taps (the mask), J (Cg forward, Kg grad-input) channels a
+// Whether the channel-inner ops apply: a window that mask_fits, J (Cg forward, Kg grad-input) channels a
 // multiple of the 16-deep k-step, and Kr = R*S*J within the lookup table.
 inline bool tap_major(const ConvGeom& g, int J) {
-    return g.RS <= 32 && J % kTapStep == 0 && static_cast<int64_t>(g.RS) * J <= static_cast<int64_t>(kTapTiles) * kTapStep;
+    return mask_fits(g.R, g.S) && J % kTapStep == 0 &&
+           static_cast<int64_t>(g.RS) * J <= static_cast<int64_t>(kTapTiles) * kTapStep;
 }
 
 // The channel-inner forward (kDgrad false: src = x, w, bias, out = y) or grad-input (kDgrad true: src = dy, w,
@@ -981,14 +991,14 @@ void conv_fwd_towers(const Conv2dParams& p, const ConvGeom& g, int n, const floa
 }
 
 // Forward of n towers: the channel-inner loaders where they apply (tap_major), else the tap-mask loaders when the
-// window has at most 32 taps.
+// window fits it (mask_fits: at most 15 x 15).
 void conv_fwd(const Conv2dParams& p, int n, const float* const* x, const float* const* w, const float* const* b,
               float* const* y, void* stream) {
     if (static_cast<int64_t>(p.N) * p.K * p.P * p.Q == 0) return;
     const ConvGeom g(p, "conv2d_forward");
     if (tap_major(g, g.Cg)) {
         conv_tap<false>(p, g, n, x, w, b, y, as_stream(stream));
-    } else if (g.RS <= 32) {
+    } else if (mask_fits(g.R, g.S)) {
         conv_fwd_towers<true>(p, g, n, x, w, b, y, as_stream(stream));
     } else {
         conv_fwd_towers<false>(p, g, n, x, w, b, y, as_stream(stream));
@@ -1006,7 +1016,7 @@ void conv_dgrad_towers(const Conv2dParams& p, const ConvGeom& g, int n, const fl
 }
 
 // Grad-input of n towers: stride 1 gathers without division, channel-inner where they apply (tap_major), else with
-// the tap mask for windows of <= 32 taps.
+// the tap mask for windows that mask_fits.
 void conv_dgrad(const Conv2dParams& p, int n, const float* const* dy, const float* const* w,
                 const float* const* relu_y, float* const* dx, void* stream) {
     if (static_cast<int64_t>(p.N) * p.C * p.H * p.W == 0) return;
@@ -1016,7 +1026,7 @@ void conv_dgrad(const Conv2dParams& p, int n, const float* const* dy, const floa
         conv_dgrad_towers<false, false>(p, g, n, dy, w, relu_y, dx, s);
     } else if (tap_major(g, g.Kg)) {
         conv_tap<true>(p, g, n, dy, w, relu_y, dx, s);
-    } else if (g.RS <= 32) {
+    } else if (mask_fits(g.R, g.S)) {
         conv_dgrad_towers<true, true>(p, g, n, dy, w, relu_y, dx, s);
     } else {
         conv_dgrad_towers<true, false>(p, g, n, dy, w, relu_y, dx, s);

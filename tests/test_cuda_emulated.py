@@ -49,7 +49,7 @@ EXPECTED_CHECKS = {
     "pool": 41,
     "softmax": 68,
     "augment": 6,
-    "conv": 100,
+    "conv": 124,
     "conv_alexnet": 45,
     "conv_bigtile": 33,
     "conv_pair": 169,

@@ -907,15 +907,18 @@ void group_conv() {
     test_conv({2, 4, 6, 5, 4, 1, 1, 1, 1, 0, 0, 4, true, ALL, "odd"});
     test_conv({1, 2, 3, 3, 3, 3, 3, 1, 1, 2, 2, 1, true, ALL, "odd"});  // padding larger than half the window
     test_conv({2, 4, 1, 1, 6, 1, 1, 1, 1, 0, 0, 2, true, ALL, "odd"});  // 1x1 image
-    // The tap-mask loaders (windows of <= 32 taps) at their limit, 4x8 = 32 taps (bit 31), and stride 1 with
-    // a window of 35 taps, which takes the (r, s) bounds checks in forward and grad-input.
+    // The tap-mask loaders (windows of up to 15 x 15) on rectangular windows and at their limit, 15 x 15 (bits 14
+    // and 30), and windows 16 rows tall or 17 columns wide, which take the (r, s) bounds checks in every pass.
     test_conv({1, 2, 9, 12, 3, 4, 8, 1, 1, 1, 3, 1, true, ALL, "32 taps"});
     test_conv({1, 3, 9, 10, 4, 7, 5, 1, 1, 3, 2, 1, true, ALL, "35 taps"});
+    test_conv({1, 2, 17, 16, 3, 15, 15, 1, 1, 7, 6, 1, true, ALL, "15x15 window"});
+    test_conv({1, 2, 18, 6, 2, 16, 3, 1, 1, 2, 1, 1, true, ALL, "16-tall window"});
+    test_conv({1, 2, 5, 20, 3, 1, 17, 1, 1, 0, 3, 1, true, ALL, "17-wide window"});
     // M = 60 (out and in channels): the weight gradient on 64x128 tiles with a partial row tile, split in two
     // (Kr = 286); forward and grad-input take 48x128 here (group conv_bigtile has 64x128 for them).
     test_conv({2, 60, 13, 11, 60, 3, 3, 1, 1, 1, 1, 1, true, ALL, "wide tile"});
-    // The channel-inner (tap-major) forward and grad-input: Cg or Kg a multiple of 16, <= 32 taps; rows padded to
-    // the tile (M = 32, 16, 24), a strided forward with groups (grad-input strided: the channel-major path), 5x5.
+    // The channel-inner (tap-major) forward and grad-input: Cg or Kg a multiple of 16, windows the tap mask fits; rows
+    // padded to the tile (M = 32, 16, 24), a strided forward with groups (grad-input strided: channel-major), 5x5.
     test_conv({2, 16, 9, 11, 32, 3, 3, 1, 1, 1, 1, 1, true, ALL, "channel-inner"});
     test_conv({1, 32, 11, 9, 48, 3, 3, 2, 2, 1, 0, 2, true, FWD | DGRAD, "channel-inner strided groups"});
     test_conv({1, 32, 7, 7, 32, 5, 5, 1, 1, 2, 2, 2, false, FWD | DGRAD, "channel-inner 5x5 groups"});
