@@ -429,7 +429,9 @@ KERNELS = {
     "pool_bwd": ("pool.cu", "maxpool_backward_kernel"),
     "dropout_fwd": ("dropout.cu", "dropout_forward_kernel"),
     "dropout_bwd": ("dropout.cu", "dropout_backward_kernel"),
-    "softmax_xent_fwd": ("softmax.cu", "softmax_rows_kernelILb1E"),
+    "softmax_xent_fwd": ("softmax.cu", "softmax_rows_kernelILi1024ELb1E"),   # C > 512 (AlexNet's 1000)
+    "softmax_xent_fwd_512": ("softmax.cu", "softmax_rows_kernelILi512ELb1E"),
+    "softmax_xent_fwd_256": ("softmax.cu", "softmax_rows_kernelILi256ELb1E"),
     "softmax_xent_bwd": ("softmax.cu", "softmax_xent_backward_kernel"),
     "sgd": ("sgd.cu", "sgd_update_multi_kernel"),
     "insert": ("tensor_ops.cu", "channel_copy_kernelI6float4Lb1E"),
@@ -722,6 +724,18 @@ def grid_1d(n: int) -> int:
 REDUCE_LANES, REDUCE_SMALL = 8, 65536  # common.cuh kReduceLanes, kReduceSmall
 
 
+def softmax_threads(C: int) -> int:
+    """Threads of softmax_rows_kernel's one block per row (softmax.cu softmax_threads)."""
+    return 256 if C <= 256 else (512 if C <= 512 else 1024)
+
+
+def softmax_fwd_pass(m: "Model", layer: str, pass_: str, N: int, C: int, bytes_: float) -> "Pass":
+    """softmax_rows_kernel: N blocks of softmax_threads(C), min(threads, C) of them with a class."""
+    t = softmax_threads(C)
+    kernel = "softmax_xent_fwd" if t == 1024 else f"softmax_xent_fwd_{t}"
+    return m.stream(layer, pass_, kernel, bytes_, N, threads=t, active=min(t, C))
+
+
 def reduce_lanes(n: int, splits: int) -> int:
     """Lanes (warps) per output element of split_reduce (common.cuh split_reduce_lanes)."""
     return REDUCE_LANES if n < REDUCE_SMALL and splits >= REDUCE_LANES else 1
@@ -845,7 +859,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
     # copy on one device).
     classes = cfg["num_classes"]
     lg = N * classes
-    add(m.stream("loss", "softmax-xent forward", "softmax_xent_fwd", 2 * lg * f, N), 1)
+    add(softmax_fwd_pass(m, "loss", "softmax-xent forward", N, classes, 2 * lg * f), 1)
     g, a = plane_grid(N, classes // T)
     add(m.stream("loss", "softmax-xent backward", "softmax_xent_bwd", 2 * lg * f, g * T, active=a), 1)
 
@@ -1103,7 +1117,7 @@ def bench_memory_prediction(m: "Model", row: dict) -> Optional[float]:
         return m.stream("", "", "pool_fwd" if pas == "forward" else "pool_bwd", by, g, active=a).ms
     if fam == "softmax" and len(d) == 2:
         if pas == "forward":
-            return m.stream("", "", "softmax_xent_fwd", by, d[0]).ms
+            return softmax_fwd_pass(m, "", "", d[0], d[1], by).ms
         g, a = plane_grid(d[0], d[1])
         return m.stream("", "", "softmax_xent_bwd", by, g, active=a).ms
     if fam == "loader" and op == "augment_batch":

@@ -53,27 +53,34 @@ struct StridedGemm {
         return s;
     }
     // Element i of the tile at k0: not ok outside M / N and, when kCheck, where its k is outside
-    // [kb, ke). Element i is at k0 + kt (k-contiguous) or k0 + kt + i * Map::kStep.
+    // [kb, ke). Element i is at k0 + kt (k-contiguous) or k0 + kt + i * Map::kStep. Its address is one IMAD.WIDE
+    // from the tile's base (s.step * i + p, 32 x 32 -> 64 bits), not a chain of 64-bit adds (two instructions
+    // each); the thread's column of an mn-contiguous operand is in or out for all of its elements, so one
+    // predicate serves them all.
     template <int E, bool kContig, bool kCheck, class Put>
-    __device__ static void load(const Side& s, int64_t sk, int kstep, int k0, int kb, int ke, Put& put) {
-        const float* p = s.p + k0 * sk;
+    __device__ static void load(const Side& s, int sk, int kstep, int k0, int kb, int ke, Put& put) {
+        // k-contiguous: the k stride is 1 (run_gemm checks it); otherwise a 32-bit register (run_gemm checks that
+        // it fits) rather than the 64-bit parameter: either way the tile's base is one IMAD.WIDE, not a 64-bit product.
+        const int ks = kContig ? 1 : static_cast<int>(opaque(static_cast<unsigned>(sk)));
+        const float* p = s.p + static_cast<int64_t>(k0) * ks;
         const int n = static_cast<int>(opaque(static_cast<unsigned>(s.n)));
+        const int step = static_cast<int>(opaque(static_cast<unsigned>(s.step)));
+        const bool in = n > 0;
 #pragma unroll
         for (int i = 0; i < E; ++i) {
             const int k = k0 + s.kt + (kContig ? 0 : kstep * i);
-            put(i, p, i < n && (!kCheck || (k >= kb && k < ke)));
-            p += s.step;
+            put(i, p + static_cast<int64_t>(step) * i, (kContig ? i < n : in) && (!kCheck || (k >= kb && k < ke)));
         }
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
-        load<Cfg::kAPerThread, kAK, kCheck>(t.a, sak, TileMap<Cfg::BM, Cfg::BK, kAK, Cfg::kThreads>::kStep, k0, kb,
-                                            ke, put);
+        load<Cfg::kAPerThread, kAK, kCheck>(t.a, static_cast<int>(sak),
+                                            TileMap<Cfg::BM, Cfg::BK, kAK, Cfg::kThreads>::kStep, k0, kb, ke, put);
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_b(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
-        load<Cfg::kBPerThread, kBK, kCheck>(t.b, sbk, TileMap<Cfg::BN, Cfg::BK, kBK, Cfg::kThreads>::kStep, k0, kb,
-                                            ke, put);
+        load<Cfg::kBPerThread, kBK, kCheck>(t.b, static_cast<int>(sbk),
+                                            TileMap<Cfg::BN, Cfg::BK, kBK, Cfg::kThreads>::kStep, k0, kb, ke, put);
     }
     template <class Th>
     __device__ void store(const Th&, int z, int m, int n, float v) const {
@@ -145,6 +152,9 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const*
     for (int i = 0; i < n; ++i) {
         const int64_t stride = std::max(std::max(g[i].sam, g[i].sak), std::max(g[i].sbk, g[i].sbn));
         require(16 * stride <= 0x7fffffffll, opname, "feature dimension too large for one launch");
+        // The loaders take the stride of a contiguous direction to be 1 (one IMAD.WIDE per tile base).
+        require((kAK ? g[i].sak : g[i].sam) == 1 && (kBK ? g[i].sbk : g[i].sbn) == 1, opname,
+                "operand not contiguous along its contiguous direction");
     }
     const cudaStream_t s = as_stream(stream);
     if (split_tile(g[0].M, g[0].N, 1, false, Tile::Small) == Tile::Big) {

@@ -888,9 +888,10 @@ void group_pool() {
 void group_softmax() {
     test_softmax(5, 1, false);
     test_softmax(9, 37, true);
-    test_softmax(3, 300, true);
+    test_softmax(3, 300, true);    // a 512-thread block (256 up to 256 classes, 1024 beyond 512)
     test_softmax(4, 1000, false);  // AlexNet's 1000 classes
     test_softmax(2, 1000, true);
+    test_softmax(2, 2100, true);   // beyond one class per thread of the widest (1024-thread) block
 }
 
 void group_augment() {
