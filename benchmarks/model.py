@@ -11,7 +11,12 @@ What it reads. Every cuda/*.cu is compiled for sm_90 with the flags CMakeLists.t
 each kernel's registers, spill stores/loads, stack and static shared memory. cuobjdump (pip wheel
 nvidia-cuda-cuobjdump) disassembles the cubin; a loop is a backward branch, and a GEMM kernel's main loop is the
 innermost loop holding the most FFMA: its FFMA share = FFMA / all instructions of that loop body (static count,
-one pass through the body; the k-loop is one basic-block chain apart from the `more` guards). Outputs are cached
+one pass through the body; the k-loop is one basic-block chain apart from the `more` guards), printed as written
+and as issued: the branch only threads 0..15 take (the next tile's gather-table entries: `@P BRA` over it, P =
+threadIdx.x > 15) runs in one warp of the block, so a warp issues it 1/warps of the time on average (issued share =
+FFMA / (instructions - that branch + that branch / warps per block)). One instruction issues per clock per
+scheduler, whichever warp it comes from, so the issued share is what caps the fraction of peak, and what the
+GEMM formula below uses. Outputs are cached
 under build/model/<hash of sources, flags and nvcc version>/. Without the SASS tools the model runs on ptxas
 alone: the FFMA share is then taken as 1 and every GEMM time is a lower bound (the output says so).
 
@@ -184,12 +189,24 @@ class KernelInfo:
     loop_ffma: Optional[int] = None
     loop_instr: Optional[int] = None
     loop_local: Optional[int] = None   # LDL/STL in the main loop (spill traffic per iteration)
+    loop_first16: int = 0              # of loop_instr, those only threads 0..15 run (one warp: the gather table)
 
     @property
     def ffma_share(self) -> Optional[float]:
+        """FFMA / the loop body's instructions, as written (every instruction counted for every warp)."""
         if self.loop_ffma is None or not self.loop_instr:
             return None
         return self.loop_ffma / self.loop_instr
+
+    def issued_share(self, threads: int) -> Optional[float]:
+        """FFMA / the instructions a warp issues per pass on average, in a block of `threads`: the branch that only
+        threads 0..15 take (the next tile's gather-table entries) is issued by one warp of threads / 32. One
+        instruction issues per clock per scheduler whichever warp it belongs to, so this is the share that caps the
+        fraction of peak."""
+        if self.loop_ffma is None or not self.loop_instr:
+            return None
+        warps = max(1, threads // 32)
+        return self.loop_ffma / (self.loop_instr - self.loop_first16 + self.loop_first16 / warps)
 
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
@@ -235,9 +252,44 @@ def _opcode(text: str) -> str:
     return t.split()[0].split(".")[0] if t else ""
 
 
+_SASS_TID = re.compile(r"^S2R\s+(R\d+),\s*SR_TID\.X")
+_SASS_FIRST16 = re.compile(r"^ISETP\.(?:GT\.(?:U32\.)?AND\s+(P\d),\s*PT,\s*(R\d+)(?:\.reuse)?,\s*0xf|"
+                           r"GE\.(?:U32\.)?AND\s+(P\d),\s*PT,\s*(R\d+)(?:\.reuse)?,\s*0x10),\s*PT")
+
+
+def first16_spans(instrs: List[Tuple[int, str]]) -> List[Tuple[int, int]]:
+    """Address ranges [lo, hi) that only threads 0..15 run: a forward `@P BRA` over them where P = (tid > 15), tid
+    the register an `S2R R, SR_TID.X` last wrote before the compare (the GEMM loop's `t < BK` gather-table branch)."""
+    spans = []
+    tid_reg: Dict[str, bool] = {}  # register -> holds threadIdx.x
+    pred_tid: Dict[str, bool] = {}
+    for i, (addr, text) in enumerate(instrs):
+        t = re.sub(r"^@!?U?P[T0-9]+\s+", "", text.strip())
+        m = _SASS_TID.match(t)
+        if m:
+            tid_reg[m.group(1)] = True
+            continue
+        m = _SASS_FIRST16.match(t)
+        if m:
+            pr, reg = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            pred_tid[pr] = tid_reg.get(reg, False)
+            continue
+        b = re.match(r"^@(P\d)\s+BRA\s+(?:\S+\s+)?`?\(?(0x[0-9a-f]+)", text.strip())
+        if b and pred_tid.get(b.group(1)) and int(b.group(2), 16) > addr:
+            spans.append((addr + 16, int(b.group(2), 16)))
+            continue
+        ops = t.split()
+        if len(ops) > 1:  # an instruction writing a register or predicate ends what it held
+            dst = ops[1].rstrip(",")
+            tid_reg.pop(dst, None)
+            pred_tid.pop(dst, None)
+    return spans
+
+
 def sass_loops(instrs: List[Tuple[int, str]]) -> List[dict]:
     """Loops of one function's SASS (address, text) list: each backward branch closes the body [target, branch].
-    Returns the innermost ones (containing no other loop) with their FFMA, instruction and LDL/STL counts."""
+    Returns the innermost ones (containing no other loop) with their FFMA, instruction and LDL/STL counts, and how
+    many of the instructions only threads 0..15 run (first16_spans)."""
     spans = []
     for addr, text in instrs:
         m = _SASS_BRA.search(text)
@@ -246,12 +298,15 @@ def sass_loops(instrs: List[Tuple[int, str]]) -> List[dict]:
             if tgt < addr:
                 spans.append((tgt, addr))
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    guarded = first16_spans(instrs)
     loops = []
     for lo, hi in inner:
-        ops = [_opcode(t) for a, t in instrs if lo <= a <= hi]
-        ops = [o for o in ops if o and o != "NOP"]
+        body = [(a, _opcode(t)) for a, t in instrs if lo <= a <= hi]
+        body = [(a, o) for a, o in body if o and o != "NOP"]
+        ops = [o for _, o in body]
+        first16 = sum(1 for a, _ in body if any(g0 <= a < g1 for g0, g1 in guarded))
         loops.append(dict(start=lo, end=hi, instr=len(ops), ffma=sum(o == "FFMA" for o in ops),
-                          local=sum(o in ("LDL", "STL") for o in ops)))
+                          local=sum(o in ("LDL", "STL") for o in ops), first16=first16))
     return loops
 
 
@@ -383,6 +438,7 @@ def compile_kernels(repo: Path = REPO, cache: Optional[Path] = None, log=print,
                     if ml:
                         info[fname].loop_ffma, info[fname].loop_instr = ml["ffma"], ml["instr"]
                         info[fname].loop_local = ml["local"]
+                        info[fname].loop_first16 = ml["first16"]
         for k, v in info.items():
             kernels[f"{src.name}:{k}"] = v
     notes.append(f"kernels: {ver}, sm_90, cache {out.relative_to(repo) if out.is_relative_to(repo) else out}")
@@ -638,7 +694,7 @@ class Model:
         info = gemm_kernel(self.k, op, g.tile, g.bn, pair=towers > 1)
         threads = gemm_threads(g.tile, g.bn)
         bps = blocks_per_sm(threads, info.regs, info.smem)
-        share = info.ffma_share if (self.sass and info.ffma_share) else 1.0
+        share = info.issued_share(threads) if (self.sass and info.ffma_share) else 1.0
         B = g.blocks
         tiles_mn = cdiv(M, g.tile) * g.tile * cdiv(N, g.bn) * g.bn
         kpad = sum(cdiv(min(g.chunk, K - s * g.chunk), BK) * BK for s in range(g.splits))
@@ -660,7 +716,7 @@ class Model:
         if info.loop_local:
             spill += f" ({info.loop_local} in loop)"
         p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.bn}" + (f" splitK{g.splits}" if g.splits > 1 else "") + (" pair" if towers > 1 else ""),
-                 B, bps, B / (bps * SMS), info.ffma_share if self.sass else None, spill, useful, bytes_,
+                 B, bps, B / (bps * SMS), info.issued_share(threads) if self.sass else None, spill, useful, bytes_,
                  useful / padded, (padded / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
         out = [p]
         segs = ([(M * N * Z, g.splits)] * towers if g.splits > 1 else []) + list(extra or [])
@@ -1165,16 +1221,19 @@ def render(passes: List[Pass], host: List[Pass], kernels_used: List[Tuple[str, K
              f"launch gap {LAUNCH_GAP_US} us per kernel"]
     lines += [f"note: {n}" for n in meta["notes"]]
     lines.append("")
-    lines.append("Kernels (ptxas: registers, spill stores/loads in bytes, stack, static smem; SASS main loop)")
+    lines.append("Kernels (ptxas: registers, spill stores/loads in bytes, stack, static smem; SASS main loop: FFMA share of "
+                 "its instructions as written, and of those a warp issues on average, the gather-table branch of "
+                 "threads 0..15 issued by one warp)")
     hdr = f"{'kernel':<22} {'tile':>7} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>6} {'blk/SM':>6} " \
-          f"{'loop FFMA':>9} {'loop instr':>10} {'FFMA share':>10} {'LDL/STL':>7}"
+          f"{'loop FFMA':>9} {'loop instr':>10} {'FFMA share':>10} {'issued':>7} {'LDL/STL':>7}"
     lines += [hdr, "-" * len(hdr)]
     for label, k in kernels_used:
         name, _, tile = label.partition("@")
         thr = gemm_threads(*(int(v) for v in tile.split("x"))) if tile else GEMM_THREADS
         lines.append(f"{name:<22} {tile:>7} {k.regs:>4} {f'{k.spill_stores}/{k.spill_loads}':>11} {k.stack:>5} "
                      f"{k.smem:>6} {blocks_per_sm(thr, k.regs, k.smem):>6} {_f(k.loop_ffma, 'd'):>9} "
-                     f"{_f(k.loop_instr, 'd'):>10} {_f(k.ffma_share, '.1%'):>10} {_f(k.loop_local, 'd'):>7}")
+                     f"{_f(k.loop_instr, 'd'):>10} {_f(k.ffma_share, '.1%'):>10} "
+                     f"{_f(k.issued_share(thr), '.1%'):>7} {_f(k.loop_local, 'd'):>7}")
     lines.append("")
     lines.append("Passes (one launch: one tower's, or both towers' where the tile says pair; x = times per step; ms = all of them)")
     hdr = f"{'layer':<6} {'pass':<34} {'kernel':<17} {'tile':<15} {'grid':>6} {'b/SM':>4} {'waves':>6} " \
@@ -1263,7 +1322,9 @@ def run_model(args) -> Tuple[str, dict]:
                commit=commit, gpu=args.gpu, batch=N, config="paper", sass=sass,
                constants=dict(sms=SMS, peak_fp32=PEAK_FP32, bandwidth=bw, bandwidth_label=bw_label,
                               launch_gap_us=LAUNCH_GAP_US, warps_hide=WARPS_HIDE, half_threads=HALF_THREADS),
-               notes=notes, kernels={lbl: dataclasses.asdict(k) | {"ffma_share": k.ffma_share} for lbl, k in used},
+               notes=notes, kernels={lbl: dataclasses.asdict(k) | {"ffma_share": k.ffma_share, "issued_share":
+                                                                   k.issued_share(gemm_threads(*(int(v) for v in lbl.partition("@")[2].split("x"))))}
+                                     for lbl, k in used},
                passes=[dataclasses.asdict(p) for p in passes], outside_step=[dataclasses.asdict(p) for p in host],
                bench_cases_ms={f"{op} {pass_}": ms for (op, pass_), ms in bench.items()},
                comparison=cmp_rows, predicted_step_ms=step_ms)

@@ -125,6 +125,22 @@ __global__ void two_loops(const float* __restrict__ a, float* __restrict__ out, 
     out[threadIdx.x] = s[(threadIdx.x + 1) % 300];
 }
 
+// A loop whose table entries only threads 0..15 build, as the GEMM loop's gather table.
+__global__ void guarded_loop(const float* __restrict__ a, const int* __restrict__ b, float* __restrict__ out, int n) {
+    __shared__ float tab[2][16];
+    float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f;
+    for (int i = 0; i < n; ++i) {
+        if (threadIdx.x < 16) {
+            const int k = b[i * 16 + threadIdx.x];
+            tab[i & 1][threadIdx.x] = a[(k / 7) * 3 + k % 5] * static_cast<float>(k % 11);
+        }
+        __syncthreads();
+        const float v = tab[i & 1][(threadIdx.x + i) & 15];
+        c0 = fmaf(v, 0.5f, c0); c1 = fmaf(v, 1.5f, c1); c2 = fmaf(v, 2.5f, c2); c3 = fmaf(v, 3.5f, c3);
+    }
+    out[threadIdx.x] = c0 + c1 + c2 + c3;
+}
+
 __global__ void straight(const float* __restrict__ a, float* __restrict__ out) {
     out[threadIdx.x] = fmaf(a[threadIdx.x], 2.0f, 1.0f);
 }
@@ -193,6 +209,27 @@ def test_sass_main_loop(small_build):
     # The body is the FFMAs plus the load, the index step, the compare and the branch at least.
     assert ml["instr"] >= 8 + 4 and ml["local"] == 0
     assert M.main_loop(flat) is None
+    assert ml["first16"] == 0  # no branch on the thread index in two_loops
+    # guarded_loop: the branch only threads 0..15 take is counted apart, and issued once per block of warps.
+    g = M.main_loop(next(v for k, v in funcs.items() if "guarded_loop" in k))
+    assert g["ffma"] >= 4 and 4 * 10 <= g["first16"] < g["instr"] - g["ffma"]
+    k = M.KernelInfo("guarded_loop", "small.cu", loop_ffma=g["ffma"], loop_instr=g["instr"], loop_first16=g["first16"])
+    f = g["first16"]
+    assert k.issued_share(128) == pytest.approx(g["ffma"] / (g["instr"] - f + f / 4))
+    assert k.issued_share(32) == pytest.approx(k.ffma_share) and k.issued_share(256) > k.issued_share(128)
+
+
+def test_first16_spans_need_the_thread_index():
+    body = [(0x00, "S2R R5, SR_TID.X"), (0x10, "ISETP.GT.U32.AND P0, PT, R5.reuse, 0xf, PT"),
+            (0x20, "@P0 BRA 0x50"), (0x30, "IADD3 R1, R2, R3, RZ"), (0x40, "STS [R1], R2"),
+            (0x50, "BAR.SYNC.DEFER_BLOCKING 0x0")]
+    assert M.first16_spans(body) == [(0x30, 0x50)]
+    # R5 no longer holds threadIdx.x at the compare, or the branch is backward, or on another compare: not guarded
+    overwritten = body[:1] + [(0x08, "IADD3 R5, R5, 0x20, RZ")] + body[1:]
+    assert M.first16_spans(overwritten) == []
+    assert M.first16_spans(body[:2] + [(0x20, "@P0 BRA 0x0")] + body[3:]) == []
+    other = [body[0], (0x10, "ISETP.GT.U32.AND P0, PT, R5, 0x1f, PT")] + body[2:]
+    assert M.first16_spans(other) == []
 
 
 # ---- the launchers' choices --------------------------------------------------------------------------------
