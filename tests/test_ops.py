@@ -62,6 +62,8 @@ CONV_CASES = {  # N, C, H, W, K, R, S, stride, padding, groups
     "odd_1x1_kernel_strided": (1, 4, 7, 7, 4, 1, 1, 2, 1, 2),
     "odd_kernel_equals_input": (2, 3, 5, 4, 7, 5, 4, 1, 0, 1),
     "odd_many_outputs": (1, 2, 20, 37, 33, 2, 5, 1, 2, 1),
+    "odd_17_wide_window": (1, 2, 5, 20, 3, 1, 17, 1, (0, 3), 1),  # wider than the tap mask: the (r, s) checks
+    "odd_channel_inner_groups": (2, 32, 9, 7, 64, 3, 3, 1, 1, 2),  # Cg = Kg = 16 per group: tap-major loaders
 }
 
 
