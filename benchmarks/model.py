@@ -454,9 +454,13 @@ GEMM_OPS = {
     "conv_dgrad_tap": ("conv.cu", "7ConvTapILb1E"),     # channel-inner: stride 1, <= 15 x 15, Kg % 16 == 0
     "conv_wgrad": ("conv.cu", "13ConvBwdWeightILb1E"),       # windows of <= 15 x 15: the tap-mask loaders
     "conv_wgrad_nomask": ("conv.cu", "13ConvBwdWeightILb0E"),  # larger windows or outputs
-    "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1E"),
-    "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0E"),
-    "linear_wgrad": ("gemm.cu", "StridedGemmILb0ELb0E"),
+    "linear_fwd": ("gemm.cu", "StridedGemmILb1ELb1ELb0E"),
+    # 16-byte copies of the mn-contiguous operands, which the launcher takes at AlexNet's aligned shapes
+    "linear_dgrad": ("gemm.cu", "StridedGemmILb1ELb0ELb1E"),
+    "linear_wgrad": ("gemm.cu", "StridedGemmILb0ELb0ELb1E"),
+    # their 4-byte fallbacks (a misaligned operand, a k stride or m / n extent not a multiple of 4): listed only
+    "linear_dgrad_4b": ("gemm.cu", "StridedGemmILb1ELb0ELb0E"),
+    "linear_wgrad_4b": ("gemm.cu", "StridedGemmILb0ELb0ELb0E"),
 }
 # The tiles each GEMM kernel is instantiated with (the launchers in cuda/conv.cu, cuda/gemm.cu).
 GEMM_TILES = {
@@ -470,6 +474,8 @@ GEMM_TILES = {
     "linear_fwd": ((128, 128), (64, 64)),
     "linear_dgrad": ((128, 128), (64, 64)),
     "linear_wgrad": ((128, 128), (64, 64)),
+    "linear_dgrad_4b": ((128, 128), (64, 64)),
+    "linear_wgrad_4b": ((128, 128), (64, 64)),
 }
 KERNELS = {
     "splitk_reduce": ("gemm.cu", "split_reduce_kernel"),

@@ -178,7 +178,9 @@ __device__ __forceinline__ int block_sum_int(int v, int* red) {
 
 // ---- asynchronous global -> shared copies (cp.async, sm_80+) ----------------------------------------
 // cp_async4(dst, src, ok) copies one float to shared memory without a register, or writes 0 when !ok (src
-// is then not read, so it may point anywhere); cp_async_commit closes a group of this thread's copies and
+// is then not read, so it may point anywhere); cp_async16(dst, src, bytes) copies the first `bytes` (0, 4, 8, 12
+// or 16) of four floats and zero-fills the rest, dst and src 16-byte aligned (src not read when bytes is 0: it
+// may point anywhere then, aligned); cp_async_commit closes a group of this thread's copies and
 // cp_async_wait<N> waits until at most N of its groups are still in flight. A barrier is still needed
 // before other threads read what the copies wrote. Below sm_80 the copy is an ordinary load and store;
 // the CPU emulator (tests/cuda_emu) defers each group to the wait, as a GPU may.
@@ -187,6 +189,10 @@ __device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok)
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 4 : 0) : "memory");
 }
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, int bytes) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -194,6 +200,9 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #elif defined(AX_EMU_CP_ASYNC)
 __device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) { ::emu::cp_async4(dst, src, ok); }
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, int bytes) {
+    ::emu::cp_async16(dst, src, bytes);
+}
 __device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -201,6 +210,10 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #else
 __device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) { *dst = ok ? __ldg(src) : 0.0f; }
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, int bytes) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dst[j] = 4 * j < bytes ? __ldg(src + j) : 0.0f;
+}
 __device__ __forceinline__ void cp_async_commit() {}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {}

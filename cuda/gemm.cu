@@ -1,6 +1,7 @@
 // CUDA backend of the linear family: one strided SGEMM view (StridedGemm) on the shared tiled main loop
-// (common.cuh) serves y = x W^T + b, dx = dy W and dW = dy^T x through strides and two contiguity flags;
-// deterministic split-K (partials in a workspace, summed in fixed order) when there are too few tiles.
+// (common.cuh) serves y = x W^T + b, dx = dy W and dW = dy^T x through strides and two contiguity flags (and a
+// third: 16-byte copies of the operands contiguous along m / n where alignment allows); deterministic split-K
+// (partials in a workspace, summed in fixed order) when there are too few tiles.
 #include <algorithm>
 #include <type_traits>
 
@@ -14,11 +15,7 @@ namespace {
 // B(k,n) = B[k*sbk + n*sbn]. Slice z of a split-K run covers k in [z*kchunk, min(K, (z+1)*kchunk)) and
 // writes its partial product to C + z*M*N; without split-K the bias (per column n, nullable) and the forward's
 // ReLU (relu) are applied in the epilogue, with split-K in the reduction kernel.
-template <bool kAK, bool kBK>
-struct StridedGemm {
-    static constexpr bool kAContigK = kAK, kBContigK = kBK, kTab = false;
-    static constexpr int kLut = 0;
-    using Entry = NoEntry;
+struct StridedGemmArgs {
     int M, N, K, kchunk;
     const float* A;
     const float* B;
@@ -29,6 +26,29 @@ struct StridedGemm {
     // struct has no padding: the emulator (tests/cuda_emu) reads every pointer-sized word of a kernel's parameter
     // struct as a possible operand, and padding bytes beside a bool could hold a stale pointer.
     int relu, unused;
+};
+
+// Where a thread's 16-byte copies of an mn-contiguous (BMN x BK) operand tile go: chunk mn(t) .. mn(t) + 3 of k-rows
+// k(t) + kStep i (BMN / 4 neighbouring threads copy one k-row's BMN contiguous floats).
+template <class Cfg, int BMN>
+struct VecMap {
+    static constexpr int kChunks = BMN / 4;                 // per k-row
+    static constexpr int kStep = Cfg::kThreads / kChunks;   // k-rows between a thread's chunks
+    static constexpr int E = Cfg::BK / kStep;               // chunks per thread
+    static_assert(Cfg::kThreads % kChunks == 0 && Cfg::BK % kStep == 0, "VecMap: tile must divide the block");
+    __device__ __forceinline__ static int mn(int t) { return 4 * (t % kChunks); }
+    __device__ __forceinline__ static int k(int t) { return t / kChunks; }
+};
+
+// kV: the mn-contiguous operands (dx = dy W's B; dW = dy^T x's A and B) are copied 16 bytes at a time (cp_async16),
+// a quarter of the copies, addresses and predicates of the 4-byte path; run_gemm takes it where every such operand
+// is 16-byte aligned with its k stride and mn extent multiples of 4, so a chunk is wholly inside M / N or outside.
+template <bool kAK, bool kBK, bool kV = false>
+struct StridedGemm : StridedGemmArgs {
+    static_assert(!kV || !(kAK && kBK), "StridedGemm: 16-byte copies need an mn-contiguous operand");
+    static constexpr bool kAContigK = kAK, kBContigK = kBK, kTab = false;
+    static constexpr int kLut = 0;
+    using Entry = NoEntry;
 
     // One operand's per-thread state: the address of its first element at k = 0, the step between its
     // elements (along mn when k-contiguous, along k otherwise) and how many of them lie inside M / N: a prefix
@@ -37,7 +57,8 @@ struct StridedGemm {
         const float* p;
         int step;  // 32-bit, so that the next element's address is one IMAD.WIDE (run_gemm checks it fits)
         int kt;    // k of element 0 at k0 = 0
-        int n;     // elements 0 .. n-1 are inside M / N
+        int n;     // elements 0 .. n-1 are inside M / N; 16-byte copies: the bytes of a chunk inside N (16 or 0)
+        int off;   // 16-byte copies: the thread's chunk 0 in the stage, from where fetch_tile's put has element 0
     };
     template <class Cfg, bool kContig, int BMN>
     __device__ static Side side(const float* base, int64_t smn, int64_t sk, int mn0, int lim) {
@@ -50,7 +71,39 @@ struct StridedGemm {
         s.step = static_cast<int>(Map::kStep * (kContig ? smn : sk));
         const int left = lim - mn;
         s.n = left <= 0 ? 0 : (kContig ? min(E, (left + Map::kStep - 1) / Map::kStep) : E);
+        s.off = 0;
         return s;
+    }
+    template <class Cfg, int BMN, int Pitch>
+    __device__ static Side side_vec(const float* base, int64_t sk, int mn0, int lim) {
+        using Map = TileMap<BMN, Cfg::BK, false, Cfg::kThreads>;  // the 4-byte map, which put.d follows
+        using V = VecMap<Cfg, BMN>;
+        const int t = threadIdx.x;
+        Side s;
+        const int mn = mn0 + V::mn(t);
+        s.kt = V::k(t);
+        s.p = opaque_ptr(base + mn + s.kt * sk);  // the mn stride is 1 (run_gemm checks it)
+        s.step = static_cast<int>(V::kStep * sk);
+        s.n = mn < lim ? 16 : 0;
+        s.off = (V::k(t) - Map::k(t, 0)) * Pitch + V::mn(t) - Map::mn(t, 0);
+        return s;
+    }
+    // Chunk i of the tile at k0 (k-row k0 + kt + i * V::kStep): 16 bytes, or none (zero-filled) outside N and, when
+    // kCheck, outside [kb, ke). The put is bypassed (it copies 4 bytes); its d locates the stage.
+    template <class Cfg, int BMN, int Pitch, bool kCheck, class Put>
+    __device__ static void load_vec(const Side& s, int sk, int k0, int kb, int ke, Put& put) {
+        using V = VecMap<Cfg, BMN>;
+        const int ks = static_cast<int>(opaque(static_cast<unsigned>(sk)));
+        const float* p = s.p + static_cast<int64_t>(k0) * ks;
+        const int bytes = static_cast<int>(opaque(static_cast<unsigned>(s.n)));
+        const int step = static_cast<int>(opaque(static_cast<unsigned>(s.step)));
+        float* const d = put.d + s.off;
+#pragma unroll
+        for (int i = 0; i < V::E; ++i) {
+            const int k = k0 + s.kt + V::kStep * i;
+            cp_async16(d + i * V::kStep * Pitch, p + static_cast<int64_t>(step) * i,
+                       !kCheck || (k >= kb && k < ke) ? bytes : 0);
+        }
     }
     // Element i of the tile at k0: not ok outside M / N and, when kCheck, where its k is outside
     // [kb, ke). Element i is at k0 + kt (k-contiguous) or k0 + kt + i * Map::kStep. Its address is one IMAD.WIDE
@@ -74,13 +127,21 @@ struct StridedGemm {
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
-        load<Cfg::kAPerThread, kAK, kCheck>(t.a, static_cast<int>(sak),
-                                            TileMap<Cfg::BM, Cfg::BK, kAK, Cfg::kThreads>::kStep, k0, kb, ke, put);
+        if constexpr (kV && !kAK) {
+            load_vec<Cfg, Cfg::BM, Cfg::APitch, kCheck>(t.a, static_cast<int>(sak), k0, kb, ke, put);
+        } else {
+            load<Cfg::kAPerThread, kAK, kCheck>(t.a, static_cast<int>(sak),
+                                                TileMap<Cfg::BM, Cfg::BK, kAK, Cfg::kThreads>::kStep, k0, kb, ke, put);
+        }
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_b(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
-        load<Cfg::kBPerThread, kBK, kCheck>(t.b, static_cast<int>(sbk),
-                                            TileMap<Cfg::BN, Cfg::BK, kBK, Cfg::kThreads>::kStep, k0, kb, ke, put);
+        if constexpr (kV && !kBK) {
+            load_vec<Cfg, Cfg::BN, Cfg::BPitch, kCheck>(t.b, static_cast<int>(sbk), k0, kb, ke, put);
+        } else {
+            load<Cfg::kBPerThread, kBK, kCheck>(t.b, static_cast<int>(sbk),
+                                                TileMap<Cfg::BN, Cfg::BK, kBK, Cfg::kThreads>::kStep, k0, kb, ke, put);
+        }
     }
     template <class Th>
     __device__ void store(const Th&, int z, int m, int n, float v) const {
@@ -96,8 +157,16 @@ struct StridedGemm {
     template <class Cfg>
     __device__ Thread<Cfg> thread(int, int m0, int n0) const {
         Thread<Cfg> t;
-        t.a = side<Cfg, kAK, Cfg::BM>(A, sam, sak, m0, M);
-        t.b = side<Cfg, kBK, Cfg::BN>(B, sbn, sbk, n0, N);
+        if constexpr (kV && !kAK) {
+            t.a = side_vec<Cfg, Cfg::BM, Cfg::APitch>(A, sak, m0, M);
+        } else {
+            t.a = side<Cfg, kAK, Cfg::BM>(A, sam, sak, m0, M);
+        }
+        if constexpr (kV && !kBK) {
+            t.b = side_vec<Cfg, Cfg::BN, Cfg::BPitch>(B, sbk, n0, N);
+        } else {
+            t.b = side<Cfg, kBK, Cfg::BN>(B, sbn, sbk, n0, N);
+        }
         return t;
     }
     __device__ Entry entry(int, int, int) const { return {0}; }
@@ -111,9 +180,9 @@ struct StridedGemm {
 // choose_split_k<Cfg> says for one tower, and reduces every tower's partials in one split_reduce launch. A pair is
 // one launch (TowerPair: tower 1's slices follow tower 0's in blockIdx.z) that keeps one tower's tile and split, so
 // its bits are the single launches'.
-template <class Cfg, bool kAK, bool kBK>
-void run_tiles(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const* out, const float* const* bias,
-               cudaStream_t s, bool relu) {
+template <class Cfg, class Op>
+void run_tiles(const char* opname, Op* g, int n, float* const* out, const float* const* bias, cudaStream_t s,
+               bool relu) {
     int chunk = 0;
     const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(g[0].M, g[0].N), g[0].K, &chunk);
     require(static_cast<int64_t>(splits) * n <= 65535, opname, "too many slices for one launch");
@@ -129,7 +198,7 @@ void run_tiles(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const
     if (n == 1) {
         gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g[0].M, g[0].N, splits), Cfg::kThreads, 0, s>>>(g[0]);
     } else {
-        using Pair = TowerPair<StridedGemm<kAK, kBK>>;
+        using Pair = TowerPair<Op>;
         gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, g[0].M, g[0].N, 2 * splits), Cfg::kThreads, 0, s>>>(
             Pair{g[0].M, g[0].N, splits, g[0], g[1]});
     }
@@ -142,10 +211,25 @@ void run_tiles(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const
 }
 
 // Picks the tile shape (split_tile: 128x128, or 64x64 for M not a multiple of 128) and runs it.
+template <class Op>
+void run_shape(const char* opname, Op* g, int n, float* const* out, const float* const* bias, cudaStream_t s,
+               bool relu) {
+    if (split_tile(g[0].M, g[0].N, 1, false, Tile::Small) == Tile::Big) {
+        run_tiles<GemmBig>(opname, g, n, out, bias, s, relu);
+    } else {
+        run_tiles<GemmSmall>(opname, g, n, out, bias, s, relu);
+    }
+}
+
+// Checks the problem and runs it with 16-byte copies of the mn-contiguous operands where every tower's allow them
+// (16-byte aligned, k stride and mn extent multiples of 4), else with 4-byte copies. Both give the same bits: the
+// copies only fill the shared tiles, and the multiply and its order are the same.
 template <bool kAK, bool kBK>
 void run_gemm(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const* out, const float* const* bias,
               void* stream, bool relu = false) {
-    static_assert(std::has_unique_object_representations_v<StridedGemm<kAK, kBK>>, "StridedGemm: no padding bytes");
+    static_assert(std::has_unique_object_representations_v<StridedGemmArgs> &&
+                      sizeof(StridedGemm<kAK, kBK>) == sizeof(StridedGemmArgs),
+                  "StridedGemm: no padding bytes");
     if (static_cast<int64_t>(g[0].M) * g[0].N == 0) return;
     require(g[0].K <= kMaxGemmDim, opname, "reduction too long for one launch");
     // The loaders step from one of a thread's elements to the next by at most 16 rows in 32-bit ints.
@@ -157,11 +241,20 @@ void run_gemm(const char* opname, StridedGemm<kAK, kBK>* g, int n, float* const*
                 "operand not contiguous along its contiguous direction");
     }
     const cudaStream_t s = as_stream(stream);
-    if (split_tile(g[0].M, g[0].N, 1, false, Tile::Small) == Tile::Big) {
-        run_tiles<GemmBig>(opname, g, n, out, bias, s, relu);
-    } else {
-        run_tiles<GemmSmall>(opname, g, n, out, bias, s, relu);
+    if constexpr (!(kAK && kBK)) {
+        bool vec = true;
+        for (int i = 0; i < n; ++i) {
+            if (!kAK) vec = vec && aligned16(g[i].A) && g[i].sak % 4 == 0 && g[i].M % 4 == 0;
+            if (!kBK) vec = vec && aligned16(g[i].B) && g[i].sbk % 4 == 0 && g[i].N % 4 == 0;
+        }
+        if (vec) {
+            StridedGemm<kAK, kBK, true> gv[2] = {};
+            for (int i = 0; i < n; ++i) static_cast<StridedGemmArgs&>(gv[i]) = g[i];
+            run_shape(opname, gv, n, out, bias, s, relu);
+            return;
+        }
     }
+    run_shape(opname, g, n, out, bias, s, relu);
 }
 
 // db[o] = sum over n of dy[n, o]: block = 8 columns x 128 row-lanes (a 32-byte sector per row, fully used); lane r

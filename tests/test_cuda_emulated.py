@@ -53,7 +53,7 @@ EXPECTED_CHECKS = {
     "conv_alexnet": 45,
     "conv_bigtile": 33,
     "conv_pair": 169,
-    "linear": 108,
+    "linear": 122,
     "linear_bigtile": 12,
     "gridstride": 15,
     "net": 111,

@@ -357,6 +357,57 @@ void test_linear_pair(int N, int I, int O) {
     }
 }
 
+// The mn-contiguous operands (grad-input's W, grad-weight's dy and x) one float past a 16-byte boundary, with
+// shapes that would take the 16-byte copies when aligned: the launcher must fall back to 4-byte copies (the
+// emulated cp_async16 fails on a misaligned address), and both paths give the same bits. In a pair, one tower's
+// misaligned operand sends both to the 4-byte path, still bit for bit the single (16-byte) launches.
+void test_linear_misaligned(int N, int I, int O) {
+    const std::string name = fmt("N%d I%d O%d misaligned", N, I, O);
+    const LinearParams p{N, I, O};
+    auto shifted = [](const std::vector<float>& v) {  // the values at data + 1
+        std::vector<float> s(v.size() + 1, 0.0f);
+        std::copy(v.begin(), v.end(), s.begin() + 1);
+        return host_tensor({int64_t(s.size())}, s).to(GPU);
+    };
+    auto out = [](int64_t r, int64_t c) { return Tensor::empty({r, c}, DType::f32, GPU); };
+    ops::TensorPair x, w, dy, xs, ws, dys;
+    for (int t = 0; t < 2; ++t) {
+        const auto xv = randv(size_t(N) * I), wv = randv(size_t(O) * I), dyv = randv(size_t(N) * O);
+        x[t] = host_tensor({N, I}, xv).to(GPU);
+        w[t] = host_tensor({O, I}, wv).to(GPU);
+        dy[t] = host_tensor({N, O}, dyv).to(GPU);
+        xs[t] = shifted(xv);
+        ws[t] = shifted(wv);
+        dys[t] = shifted(dyv);
+    }
+    const Tensor dx0 = ops::linear_backward_input(dy[0], w[0]), dw0 = ops::linear_backward_weight(x[0], dy[0]);
+    const Tensor dx1 = ops::linear_backward_input(dy[1], w[1]), dw1 = ops::linear_backward_weight(x[1], dy[1]);
+    Tensor dx = out(N, I), dwx = out(O, I), dwd = out(O, I);
+    cuda::linear_backward_input(p, dy[0].data<float>(), ws[0].data<float>() + 1, dx.data<float>(), nullptr);
+    cuda::linear_backward_weight(p, xs[0].data<float>() + 1, dy[0].data<float>(), dwx.data<float>(), nullptr);
+    cuda::linear_backward_weight(p, x[0].data<float>(), dys[0].data<float>() + 1, dwd.data<float>(), nullptr);
+    cudaDeviceSynchronize();
+    check_same_bits("linear_backward_input W misaligned == aligned " + name, dx, dx0);
+    check_same_bits("linear_backward_weight x misaligned == aligned " + name, dwx, dw0);
+    check_same_bits("linear_backward_weight dy misaligned == aligned " + name, dwd, dw0);
+    // Pairs with tower 1's operand misaligned.
+    Tensor pdx[2] = {out(N, I), out(N, I)}, pdw[2] = {out(O, I), out(O, I)};
+    Tensor pdb[2] = {Tensor::empty({O}, DType::f32, GPU), Tensor::empty({O}, DType::f32, GPU)};
+    const float* pdy[2] = {dy[0].data<float>(), dy[1].data<float>()};
+    const float* pw[2] = {w[0].data<float>(), ws[1].data<float>() + 1};
+    const float* px[2] = {x[0].data<float>(), xs[1].data<float>() + 1};
+    float* odx[2] = {pdx[0].data<float>(), pdx[1].data<float>()};
+    float* odw[2] = {pdw[0].data<float>(), pdw[1].data<float>()};
+    float* odb[2] = {pdb[0].data<float>(), pdb[1].data<float>()};
+    cuda::linear_backward_input_pair(p, pdy, pw, odx, nullptr);
+    cuda::linear_backward_weight_bias_pair(p, px, pdy, odw, odb, nullptr);
+    cudaDeviceSynchronize();
+    check_same_bits("linear_backward_input_pair tower 1 misaligned == single tower 0 " + name, pdx[0], dx0);
+    check_same_bits("linear_backward_input_pair tower 1 misaligned == single tower 1 " + name, pdx[1], dx1);
+    check_same_bits("linear_backward_weight_bias_pair tower 1 misaligned == single tower 0 " + name, pdw[0], dw0);
+    check_same_bits("linear_backward_weight_bias_pair tower 1 misaligned == single tower 1 " + name, pdw[1], dw1);
+}
+
 // ---- elementwise -------------------------------------------------------------------------------------
 
 void test_elementwise(int64_t n) {
@@ -996,11 +1047,14 @@ void group_linear() {
     test_linear_pair(2, 4096, 500);
     test_linear_pair(17, 33, 65);
     test_linear_pair(128, 300, 70);
+    // 16-byte copies (I, O multiples of 4) on 64x64 tiles, grad-input with split-K, against misaligned pointers.
+    test_linear_misaligned(5, 1000, 600);
+    test_linear_misaligned(6, 264, 136);
 }
 
 void group_linear_bigtile() {
     test_linear(1100, 3, 4100, true);  // forward on 128x128 tiles; input/weight gradients split-K
-    test_linear(2, 4100, 1100, true);  // weight gradient on 128x128 tiles
+    test_linear(2, 4100, 1100, true);  // weight gradient on 128x128 tiles (16-byte copies of dy and x)
 }
 
 // Launches big enough that the capped grids (grid_1d: 65536 blocks; plane_grid: 65535 planes in y, about

@@ -386,7 +386,7 @@ struct Cfg {
 
 }  // namespace emu
 
-// ---- cp.async (the kernels' cp_async4 / cp_async_commit / cp_async_wait, common.cuh) -------------------
+// ---- cp.async (the kernels' cp_async4 / cp_async16 / cp_async_commit / cp_async_wait, common.cuh) ------
 // Each thread's copies are queued and performed only when a wait retires their group, in order: a read
 // of the destination before the wait (or, from another thread, before the wait and a barrier) sees the
 // poisoned or stale shared memory, as it may on a GPU. Keyed by the thread's index in its block (blocks
@@ -408,6 +408,16 @@ inline AsyncQueue& async_queue() {
     return queues[i];
 }
 inline void cp_async4(float* dst, const float* src, bool ok) { async_queue().open.push_back({dst, ok ? src : nullptr}); }
+// Four floats, the first bytes/4 from src and the rest zero-filled, as cp.async with a source size: the
+// alignment the hardware requires is checked (a launcher's misalignment test must have chosen its 4-byte path).
+inline void cp_async16(float* dst, const float* src, int bytes) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 15u) != 0 || (reinterpret_cast<uintptr_t>(src) & 15u) != 0)
+        fail("cp_async16: dst %p or src %p not 16-byte aligned", static_cast<void*>(dst),
+             static_cast<const void*>(src));
+    if (bytes < 0 || bytes > 16 || bytes % 4 != 0) fail("cp_async16: source size %d not 0, 4, 8, 12 or 16", bytes);
+    AsyncQueue& q = async_queue();
+    for (int j = 0; j < 4; ++j) q.open.push_back({dst + j, 4 * j < bytes ? src + j : nullptr});
+}
 inline void cp_async_commit() {
     AsyncQueue& q = async_queue();
     q.groups.push_back(std::move(q.open));
