@@ -126,6 +126,20 @@ __device__ __forceinline__ void put_taps(const float* base, unsigned taps, const
     }
 }
 
+// Tap rs = (r, s) of the window: its offset from a pixel's base, sign * (r*X + s) = sign * (r*(X - S) + rs) (X the
+// width the tap moves in: x's W from an output pixel's window origin, -dy's Q from an input pixel), and its key.
+__device__ __forceinline__ TapEntry tap_entry(const ConvGeom& g, int rs, int sign, int X) {
+    const int r = g.fS.div(rs);
+    return TapEntry{sign * (r * (X - g.S) + rs), tap_key(r, rs - r * g.S)};
+}
+// The in-loop entry of k = (j, rs) (channel-major, j the channel): j * jstride from one FastDiv, the rest from the
+// lookup table of the window's taps.
+__device__ __forceinline__ TapEntry channel_tap_entry(const ConvGeom& g, int k, const TapEntry* lut, int jstride) {
+    const int j = g.fRS.div(k);
+    const TapEntry e = lut[k - j * g.RS];
+    return TapEntry{j * jstride + e.off, e.bit};
+}
+
 // The low n bits (n in [0, 32]).
 __device__ __forceinline__ unsigned low_bits(int n) { return n >= 32 ? 0xffffffffu : (1u << n) - 1u; }
 
@@ -147,8 +161,8 @@ __device__ __forceinline__ void fwd_pixel(const ConvGeom& g, const float* x, int
     w0 = q * g.sw - g.pw;
     taps = mask_fits(g.R, g.S) ? tap_mask(max(0, -h0), min(g.R, g.H - h0), max(0, -w0), min(g.S, g.W - w0))
                                : kTapMissingAll;
-    xb = x + ((static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg) * g.HW + static_cast<int64_t>(h0) * g.W +
-              w0);
+    xb = x + ((static_cast<int64_t>(img) * g.C + static_cast<int64_t>(z) * g.Cg) * g.HW +
+              static_cast<int64_t>(h0) * g.W + w0);
 }
 
 // y[img, k, pq] of GEMM element (m, n) of group z: + bias, then the fused ReLU.
@@ -207,18 +221,15 @@ struct ConvFwd {
     }
     __device__ Entry lut_entry(int rs) const {
         if constexpr (kMask) {
-            const int r = g.fS.div(rs);
-            return rs < g.RS ? Entry{r * (g.W - g.S) + rs, tap_key(r, rs - r * g.S)} : Entry{0, kTapNever};
+            return rs < g.RS ? tap_entry(g, rs, 1, g.W) : Entry{0, kTapNever};
         } else {
             return entry(0, 0, 0);
         }
     }
-    // k = (c, rs): c*H*W from one FastDiv, the rest from the lookup table.
+    // k = (c, rs)
     __device__ Entry entry_loop(int k, const Entry* lut) const {
         if constexpr (kMask) {
-            const int c = g.fRS.div(k);
-            const Entry e = lut[k - c * g.RS];
-            return Entry{c * g.HW + e.off, e.bit};
+            return channel_tap_entry(g, k, lut, g.HW);
         } else {
             return entry(k, 0, 0);
         }
@@ -280,8 +291,9 @@ __device__ __forceinline__ void dgrad_pixel(const ConvGeom& g, const float* dy, 
     g.fW.divmod(hw, h, wx);
     hp = h + g.ph;
     wp = wx + g.pw;
-    taps = mask_fits(g.R, g.S) ? tap_mask(max(0, hp - g.P + 1), min(g.R, hp + 1), max(0, wp - g.Q + 1), min(g.S, wp + 1))
-                               : kTapMissingAll;
+    taps = mask_fits(g.R, g.S)
+               ? tap_mask(max(0, hp - g.P + 1), min(g.R, hp + 1), max(0, wp - g.Q + 1), min(g.S, wp + 1))
+               : kTapMissingAll;
     dyb = dy + (static_cast<int64_t>(img) * g.K + static_cast<int64_t>(z) * g.Kg) * g.PQ +
           (kUnit ? static_cast<int64_t>(hp) * g.Q + wp : 0);
 }
@@ -340,18 +352,15 @@ struct ConvBwdInput {
     }
     __device__ Entry lut_entry(int rs) const {
         if constexpr (kMask) {
-            const int r = g.fS.div(rs);
-            return rs < g.RS ? Entry{-(r * (g.Q - g.S) + rs), tap_key(r, rs - r * g.S)} : Entry{0, kTapNever};
+            return rs < g.RS ? tap_entry(g, rs, -1, g.Q) : Entry{0, kTapNever};
         } else {
             return entry(0, 0, 0);
         }
     }
-    // k = (ko, rs): ko*P*Q from one FastDiv, the rest from the lookup table.
+    // k = (ko, rs)
     __device__ Entry entry_loop(int k, const Entry* lut) const {
         if constexpr (kMask) {
-            const int ko = g.fRS.div(k);
-            const Entry e = lut[k - ko * g.RS];
-            return Entry{ko * g.PQ + e.off, e.bit};
+            return channel_tap_entry(g, k, lut, g.PQ);
         } else {
             return entry(k, 0, 0);
         }
@@ -466,14 +475,16 @@ __device__ __forceinline__ void put_dense_a(const DenseA<Cfg>& a, int k0, int kb
 }
 
 // The lookup-table entry of tile i (k = 16 i .. 16 i + 15: tap rs = 16 i / J, channels j0 = 16 i - rs*J on): the
-// offset of (tap, channel j0) from a pixel's base, sign * (r*(X - S) + rs) + j0 * cstride (r*X + s = r*(X - S) + rs,
-// X the width the tap moves in), and the tap's key; tiles past Kr get {0, kTapNever}.
+// offset of (tap, channel j0) from a pixel's base (tap_entry's plus j0 * cstride) and the tap's key; tiles past Kr
+// get {0, kTapNever}.
 __device__ __forceinline__ TapEntry tap_tile_entry(const ConvGeom& g, const FastDiv& fJ, int kr, int i, int sign, int X,
                                                    int cstride) {
     const int k = i * kTapStep;
     if (k >= kr) return TapEntry{0, kTapNever};
-    const int rs = fJ.div(k), r = g.fS.div(rs);
-    return TapEntry{sign * (r * (X - g.S) + rs) + (k - rs * fJ.d) * cstride, tap_key(r, rs - r * g.S)};
+    const int rs = fJ.div(k);
+    TapEntry e = tap_entry(g, rs, sign, X);
+    e.off += (k - rs * fJ.d) * cstride;
+    return e;
 }
 
 // B of the channel-inner ops for the tile at k0: element i is channel j0 + kt + kStep*i (kt, kStep: the thread's
@@ -747,6 +758,16 @@ void launch_tiles(const char* opname, const Op& op, int Z, cudaStream_t s) {
     gemm_tiled_kernel<Cfg><<<gemm_grid<Cfg>(opname, op.M, op.N, Z), Cfg::kThreads, 0, s>>>(op);
     AX_LAUNCH_CHECK(opname);
 }
+// n = 1 tower's op over zper slices, or both towers' (n = 2) in one launch: tower 1's slices after tower 0's.
+template <class Cfg, class Op>
+void launch_tower_tiles(const char* opname, const Op* ops, int n, int zper, cudaStream_t s) {
+    require(static_cast<int64_t>(zper) * n <= 65535, opname, "too many groups for one launch");
+    if (n == 1) {
+        launch_tiles<Cfg>(opname, ops[0], zper, s);
+    } else {
+        launch_tiles<Cfg>(opname, TowerPair<Op>{ops[0].M, ops[0].N, zper, ops[0], ops[1]}, 2 * zper, s);
+    }
+}
 template <class Op>
 void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
     switch (conv_tile(op.M, op.N, Z)) {
@@ -766,7 +787,6 @@ void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p
     int chunk = 0;
     const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(ops[0].M, ops[0].N) * p.groups, ops[0].Kr, &chunk);
     const int zper = splits * p.groups;
-    require(static_cast<int64_t>(zper) * n <= 65535, opname, "too many groups for one launch");
     const int64_t total = static_cast<int64_t>(p.K) * ops[0].g.CgRS;
     Tensor ws;
     if (splits > 1) ws = workspace(opname, total * splits * n, stream);
@@ -775,12 +795,7 @@ void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p
         ops[i].kchunk = chunk;
         ops[i].out = splits == 1 ? dw[i] : ws.data<float>() + i * total * splits;
     }
-    const cudaStream_t s = as_stream(stream);
-    if (n == 1) {
-        launch_tiles<Cfg>(opname, ops[0], zper, s);
-    } else {
-        launch_tiles<Cfg>(opname, TowerPair<Op>{ops[0].M, ops[0].N, zper, ops[0], ops[1]}, 2 * zper, s);
-    }
+    launch_tower_tiles<Cfg>(opname, ops, n, zper, as_stream(stream));
     SplitSeg segs[kMaxSplitSegs];
     int count = 0;
     if (splits > 1)
@@ -937,12 +952,7 @@ void launch_tap_tiles(const char* opname, Op* ops, int n, int groups, const floa
     o.dgrad = dgrad ? 1 : 0;
     conv_weight_order_kernel<<<dim3(grid_1d(per), n), kThreads1d, 0, s>>>(o);
     AX_LAUNCH_CHECK(opname);
-    if (n == 1) {
-        launch_tiles<Cfg>(opname, ops[0], groups, s);
-    } else {
-        require(2 * static_cast<int64_t>(groups) <= 65535, opname, "too many groups for one launch");
-        launch_tiles<Cfg>(opname, TowerPair<Op>{ops[0].M, ops[0].N, groups, ops[0], ops[1]}, 2 * groups, s);
-    }
+    launch_tower_tiles<Cfg>(opname, ops, n, groups, s);
 }
 // On the tile conv_tile picks, as for the channel-major ops.
 template <class Op>

@@ -76,6 +76,15 @@ __global__ void __launch_bounds__(kThreads1d)
     }
 }
 
+// dx at o from acc, its window's sum of dy y / scale (below): one definition for both backward kernels.
+__device__ __forceinline__ void lrn_backward_store(int64_t o, float acc, float neg_beta, float coef, bool relu,
+                                                   const float* __restrict__ dy, const float* __restrict__ x,
+                                                   const float* __restrict__ scale, float* __restrict__ dx) {
+    const float direct = __fmul_rn(dy[o], powf(scale[o], neg_beta));
+    const float d = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
+    dx[o] = relu ? relu_grad_epilogue(d, x, o) : d;
+}
+
 // dx[c] = dy[c] * scale[c]^-beta - (2 alpha beta) * x[c] * sum_{j: c in window(j)} dy[j] y[j] / scale[j];
 // the window is symmetric, so {j : c in window(j)} = window(c). relu: also through the ReLU that made x (zero
 // where x <= 0), as relu_backward after this kernel would.
@@ -93,10 +102,7 @@ __global__ void __launch_bounds__(kThreads1d)
                 const int64_t o = base + static_cast<int64_t>(j - c) * HW + i;
                 acc = __fadd_rn(acc, __fdiv_rn(__fmul_rn(dy[o], y[o]), scale[o]));
             }
-            const int64_t o = base + i;
-            const float direct = __fmul_rn(dy[o], powf(scale[o], neg_beta));
-            const float d = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
-            dx[o] = relu ? relu_grad_epilogue(d, x, o) : d;
+            lrn_backward_store(base + i, acc, neg_beta, coef, relu, dy, x, scale, dx);
         }
     }
 }
@@ -133,10 +139,7 @@ __global__ void __launch_bounds__(kThreads1d)
                 const int j0 = max(0, c - half), j1 = min(C - 1, c + half);
                 float acc = 0.0f;
                 for (int j = j0; j <= j1; ++j) acc = __fadd_rn(acc, q[j - h0][px]);
-                const int64_t o = img + static_cast<int64_t>(c) * HW + i;
-                const float direct = __fmul_rn(dy[o], powf(scale[o], neg_beta));
-                const float d = __fsub_rn(direct, __fmul_rn(__fmul_rn(coef, x[o]), acc));
-                dx[o] = relu ? relu_grad_epilogue(d, x, o) : d;
+                lrn_backward_store(img + static_cast<int64_t>(c) * HW + i, acc, neg_beta, coef, relu, dy, x, scale, dx);
             }
         }
         __syncthreads();  // the tile's quotients are read before the next tile overwrites them

@@ -1237,6 +1237,19 @@ struct U8Inputs {
     std::vector<float> mean;  // (3, kNetSrc, kNetSrc)
 };
 
+// Step s's batch of u with labels y (pointers into them: they must outlive the batch).
+Net::U8Batch u8_batch(const U8Inputs& u, const std::vector<std::vector<int32_t>>& y, int s) {
+    Net::U8Batch b;
+    b.images = u.images[s].data();
+    b.n = kNetBatch;
+    b.H = b.W = kNetSrc;
+    b.offsets = u.offsets[s].data();
+    b.flips = u.flips[s].data();
+    b.light = u.light[s].data();
+    b.labels = y[s].data();
+    return b;
+}
+
 // How run_net_u8 feeds the steps: Net::train_step_u8 (numpy-style arrays copied into the ring), or the
 // zero-copy path (Net::staging_slot filled in place, Net::train_step_staged), with each step prefetching
 // the next batch from its callback, or with each step given its own slot.
@@ -1284,17 +1297,7 @@ U8Run run_net_u8(const NetConfig& cfg, const NetInputs& in, const U8Inputs& u, c
         net.step = in.step0;
         net.set_input_mean(u.mean.data(), kNetSrc, kNetSrc);
         for (int t = 0; t < cfg.towers; ++t) r.net.executors.push_back(net.scheduler().executor_name(t));
-        auto batch = [&](int s) {
-            Net::U8Batch b;
-            b.images = u.images[s].data();
-            b.n = kNetBatch;
-            b.H = b.W = kNetSrc;
-            b.offsets = u.offsets[s].data();
-            b.flips = u.flips[s].data();
-            b.light = u.light[s].data();
-            b.labels = in.y[s].data();
-            return b;
-        };
+        auto batch = [&](int s) { return u8_batch(u, in.y, s); };
         // The zero-copy path: the batch written straight into a slot the ring hands out.
         auto fill = [&](int s) {
             Net::StagingSlot slot = net.staging_slot(kNetBatch, kNetSrc, kNetSrc);
@@ -2200,17 +2203,7 @@ GraphNetRun run_graph_net_u8(const NetConfig& cfg, const std::vector<Device>& de
         net.step = step0;
         net.set_cuda_graph(mode);
         net.set_input_mean(u.mean.data(), kNetSrc, kNetSrc);
-        auto batch = [&](int s) {
-            Net::U8Batch b;
-            b.images = u.images[s].data();
-            b.n = kNetBatch;
-            b.H = b.W = kNetSrc;
-            b.offsets = u.offsets[s].data();
-            b.flips = u.flips[s].data();
-            b.light = u.light[s].data();
-            b.labels = y[s].data();
-            return b;
-        };
+        auto batch = [&](int s) { return u8_batch(u, y, s); };
         int64_t mallocs3 = 0;
         long long host3 = 0;
         for (int s = 0; s < steps; ++s) {
