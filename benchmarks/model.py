@@ -38,8 +38,10 @@ is the paper's two towers, both on one GPU in turn (one executor): each tower ru
 fc7 4096->2048, fc8 4096->500), so the step is the sum over both towers of every pass below. Every conv and fc GEMM
 pass runs as one launch for both towers (Net::pair_towers, ops::conv2d_*_pair and ops::linear_*_pair: tower 1's
 blocks follow tower 0's in blockIdx.z; a pair keeps one tower's tile and split-K), shown once with "pair" after the
-tile; the cross-tower plumbing reads the other tower's tensors in place: one concat per gathered input, one
-split-and-sum per gathered input's gradient, the loss over the fc8 halves (no copies on one device).
+tile; conv1's forward and grad-weight, whose towers both read the images, instead stack both towers' 48 rows on one
+gathered B (conv.cu TowerStack: 96x128 tiles of 256 threads, the grad-weight with one tower's split-K), "stack";
+the cross-tower plumbing reads the other tower's tensors in place: one concat per gathered input, one split-and-sum
+per gathered input's gradient, the loss over the fc8 halves (no copies on one device).
 
 Occupancy (as cuda_occupancy.h computes it for sm_90): registers are allocated per warp in units of 256 and
 checked per SM sub-partition (4 x 16 K registers: warps/partition = floor(16384 / (ceil(32 r / 256) * 256))); shared
@@ -115,8 +117,9 @@ GEMM_THREADS = 256              # threads of the 128x128 tile; every tile gives 
 
 
 def gemm_threads(bm: int, bn: Optional[int] = None) -> int:
-    """Threads per block of a bm x bn GEMM kernel (GemmCfg::kThreads: one per 8x8 micro-tile, 6x8 when bm = 48)."""
-    return (bm // (6 if bm == 48 else 8)) * ((bm if bn is None else bn) // 8)
+    """Threads per block of a bm x bn GEMM kernel (GemmCfg::kThreads: one per 8x8 micro-tile, 6x8 when bm = 48 or
+    96)."""
+    return (bm // (6 if bm in (48, 96) else 8)) * ((bm if bn is None else bn) // 8)
 
 
 def gemm_min_blocks(bm: int, bn: int) -> int:
@@ -477,6 +480,10 @@ GEMM_TILES = {
     "linear_dgrad_4b": ((128, 128), (64, 64)),
     "linear_wgrad_4b": ((128, 128), (64, 64)),
 }
+# Both towers' rows stacked on one gathered B (conv.cu TowerStack, GemmStack): the tap-mask forward and grad-weight
+# when both towers read the same x and each has 48 rows (conv1, whose towers both read the images).
+STACK_TILE = (96, 128)
+STACK_OPS = ("conv_fwd", "conv_wgrad")
 KERNELS = {
     "splitk_reduce": ("gemm.cu", "split_reduce_kernel"),
     "conv_bias_grad": ("conv.cu", "conv2d_backward_bias_kernel"),
@@ -515,10 +522,15 @@ def find_kernel(kernels: Dict[str, KernelInfo], file: str, *subs: str, pair: Opt
     return hits[0]
 
 
-def gemm_kernel(kernels, op: str, tile: int, tile_n: Optional[int] = None, pair: bool = False) -> KernelInfo:
-    """The GEMM kernel of `op` on the tile: both towers' launch (TowerPair) when pair, else one op's."""
+def gemm_kernel(kernels, op: str, tile: int, tile_n: Optional[int] = None, pair: bool = False,
+                stacked: bool = False) -> KernelInfo:
+    """The GEMM kernel of `op` on the tile: both towers' launch (TowerPair) when pair, both towers' rows on one B
+    (TowerStack) when stacked, else one op's."""
     file, sub = GEMM_OPS[op]
-    return find_kernel(kernels, file, f"GemmCfgILi{tile}ELi{tile if tile_n is None else tile_n}E", sub, pair=pair)
+    tile_sub = f"GemmCfgILi{tile}ELi{tile if tile_n is None else tile_n}E"
+    if stacked:
+        return find_kernel(kernels, file, tile_sub, "10TowerStack", sub, pair=False)
+    return find_kernel(kernels, file, tile_sub, sub, pair=pair)
 
 
 # =============================================================================================================
@@ -602,7 +614,8 @@ class GemmLaunch:
     splits: int
     chunk: int
     tile_n: int = 0   # BN (0: square)
-    towers: int = 1   # 2: both towers' problems in one launch (a TowerPair)
+    towers: int = 1   # 2: both towers' problems in one launch (a TowerPair, or stacked)
+    stacked: bool = False  # the towers' rows stacked on one B (TowerStack): one M = 2 x M problem, tile 96 x 128
 
     @property
     def bn(self) -> int:
@@ -610,6 +623,8 @@ class GemmLaunch:
 
     @property
     def blocks(self) -> int:
+        if self.stacked:
+            return gemm_tiles(2 * self.M, self.N, self.tile, self.bn) * self.Z * self.splits
         return gemm_tiles(self.M, self.N, self.tile, self.bn) * self.Z * self.splits * self.towers
 
 
@@ -641,9 +656,22 @@ def wgrad_op(k: int, out_hw: int) -> str:
     return "conv_wgrad" if k <= MASK_SIDE and out_hw <= 64 else "conv_wgrad_nomask"
 
 
-def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1, towers: int = 1) -> GemmLaunch:
+def stacks(op: str, M: int, N: int, Z: int, towers: int, shared_b: bool) -> bool:
+    """conv.cu towers_stack and the ops' kStacks: two towers that read the same x (shared_b), 48 rows each, the
+    tap-mask forward, or the tap-mask grad-weight where one tower's tile would be 48x128."""
+    if towers != 2 or not shared_b or op not in STACK_OPS or 2 * M != STACK_TILE[0]:
+        return False
+    return op == "conv_fwd" or split_tile(M, N, Z, True, (64, 128)) == (48, 128)
+
+
+def plan_gemm(op: str, M: int, N: int, K: int, Z: int = 1, towers: int = 1, shared_b: bool = False) -> GemmLaunch:
     """The tile and split-K the launcher picks. Forward/grad-input convolutions never split K; a pair of towers
-    (towers = 2) picks their tile for all its blocks, a grad-weight pair keeps one tower's tile and split-K."""
+    (towers = 2) picks their tile for all its blocks, a grad-weight pair keeps one tower's tile and split-K. Towers
+    that read the same B (shared_b) stack where stacks() says: one 96x128 tile over both towers' rows, the grad-weight
+    with one tower's split-K on its 48x128 tile."""
+    if stacks(op, M, N, Z, towers, shared_b):
+        splits, chunk = (1, K) if op == "conv_fwd" else choose_split_k(gemm_tiles(M, N, 48, 128) * Z, K, 48, 128)
+        return GemmLaunch(op, M, N, K, Z, STACK_TILE[0], splits, chunk, STACK_TILE[1], towers, stacked=True)
     if op in CONV_TILE_OPS:
         bm, bn = conv_tile(M, N, Z * towers)
         return GemmLaunch(op, M, N, K, Z, bm, 1, K, bn, towers)
@@ -690,21 +718,22 @@ class Model:
 
     def gemm(self, layer: str, pass_: str, op: str, M: int, N: int, K: int, Z: int = 1,
              bytes_: float = 0.0, towers: int = 1, extra: Optional[List[Tuple[int, int]]] = None,
-             extra_name: str = "") -> List[Pass]:
+             extra_name: str = "", shared_b: bool = False) -> List[Pass]:
         """One launch of an M x N x K GEMM (x Z groups) for `towers` towers at once; bytes_ are one tower's. With
         split-K, one split_reduce launch adds every tower's slices, and the `extra` reductions (n, splits) the
         launcher folds into it (the conv bias gradient's slices, `extra_name` in the pass's name); without split-K
         those have a launch of their own."""
-        g = plan_gemm(op, M, N, K, Z, towers)
+        g = plan_gemm(op, M, N, K, Z, towers, shared_b)
         bytes_ = bytes_ * towers
-        info = gemm_kernel(self.k, op, g.tile, g.bn, pair=towers > 1)
+        info = gemm_kernel(self.k, op, g.tile, g.bn, pair=towers > 1 and not g.stacked, stacked=g.stacked)
         threads = gemm_threads(g.tile, g.bn)
         bps = blocks_per_sm(threads, info.regs, info.smem)
         share = info.issued_share(threads) if (self.sass and info.ffma_share) else 1.0
         B = g.blocks
-        tiles_mn = cdiv(M, g.tile) * g.tile * cdiv(N, g.bn) * g.bn
+        rows = towers * M if g.stacked else M  # the stacked problem's rows: every tower's, in one tile
+        tiles_mn = cdiv(rows, g.tile) * g.tile * cdiv(N, g.bn) * g.bn
         kpad = sum(cdiv(min(g.chunk, K - s * g.chunk), BK) * BK for s in range(g.splits))
-        padded = 2.0 * tiles_mn * kpad * Z * towers
+        padded = 2.0 * tiles_mn * kpad * Z * (1 if g.stacked else towers)
         useful = 2.0 * M * N * K * Z * towers
         w = padded / B
         n = cdiv(B, SMS)
@@ -721,7 +750,7 @@ class Model:
         spill = f"{info.spill_stores}/{info.spill_loads}"
         if info.loop_local:
             spill += f" ({info.loop_local} in loop)"
-        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.bn}" + (f" splitK{g.splits}" if g.splits > 1 else "") + (" pair" if towers > 1 else ""),
+        p = Pass(layer, pass_, op, 1, f"{g.tile}x{g.bn}" + (f" splitK{g.splits}" if g.splits > 1 else "") + (" stack" if g.stacked else (" pair" if towers > 1 else "")),
                  B, bps, B / (bps * SMS), info.issued_share(threads) if self.sass else None, spill, useful, bytes_,
                  useful / padded, (padded / SMS) / (t * SM_RATE * share) if t > 0 else None, bound, ms)
         out = [p]
@@ -896,7 +925,8 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             x_b, y_b, w_b = N * l["in_c"] * HW * f, N * l["out_c"] * PQ * f, l["out_c"] * Kr * f
             fwd = fwd_op(l["k"], l["in_c"])
             add(m.weight_order(name, "forward: weight order", fwd, l["out_c"], N * PQ, Kr, 1, towers=T), 1)
-            add(m.gemm(name, "forward", fwd, l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b, towers=T), 1)
+            # The first layer's towers both read the images (one tensor: Net's input.share): they may stack.
+            add(m.gemm(name, "forward", fwd, l["out_c"], N * PQ, Kr, 1, x_b + y_b + w_b, towers=T, shared_b=i == 0), 1)
             z = N * l["out_c"] * PQ
         else:
             x_b, y_b, w_b = N * l["in_c"] * f, N * l["out_c"] * f, l["out_c"] * l["in_c"] * f
@@ -970,7 +1000,7 @@ def step_passes(m: Model, cfg: dict, N: int) -> List[Pass]:
             bias, bsegs = conv_bias_passes(m, name, N, l["out_c"], PQ, towers=T, reduce=False)
             add(bias, 1)
             add(m.gemm(name, "grad-weight", wgrad_op(l["k"], l["out_hw"]), l["out_c"], Kr, N * PQ, 1, x_b + y_b + w_b,
-                       towers=T, extra=bsegs, extra_name="bias slices"), 1)
+                       towers=T, extra=bsegs, extra_name="bias slices", shared_b=i == 0), 1)
             if i > 0:  # + the layer below's ReLU output when its backward runs in this epilogue
                 below_relu = relu_at(i - 1) == "dgrad"
                 dop, Kd = dgrad_op(l["k"], l["out_c"]), l["out_c"] * l["k"] ** 2
@@ -1321,6 +1351,9 @@ def run_model(args) -> Tuple[str, dict]:
         for pair in (False, True):
             for bm, bn in GEMM_TILES[op]:
                 used.append((f"{op}{' pair' if pair else ''}@{bm}x{bn}", gemm_kernel(kernels, op, bm, bn, pair)))
+        if op in STACK_OPS:
+            used.append((f"{op} stack@{STACK_TILE[0]}x{STACK_TILE[1]}", gemm_kernel(kernels, op, *STACK_TILE,
+                                                                                   stacked=True)))
     meta = dict(config="paper", batch=N, gpu_label={"h200": "H200 (H100 SXM compute)", "h100": "H100 SXM"}[args.gpu],
                 commit=commit, bw_label=bw_label, notes=notes, step_ms=step_ms)
     text = render(passes, host, used, meta, cmp_rows)

@@ -294,14 +294,15 @@ struct GemmCfg {
     // the convolutions' loops shows them (benchmarks/model.py): what one FFMA of this tile costs in issue
     // slots, relative to the others, when tile_cost compares tiles.
     static constexpr int kLoopCost = BM == 128 ? 116 : (TM == 6 ? 123 : (BN == 128 ? 118 : 121));
-    static_assert(((TM == 8 && (BM == 64 || BM == 128)) || (TM == 6 && BM == 48)) && (BN == 64 || BN == 128) &&
-                      BM <= BN && (kStages == 2 || kStages == 3),
-                  "GemmCfg: tiles are 128x128, 64x128, 64x64 (8x8 micro-tiles) or 48x128, 48x64 (6x8)");
+    static_assert(((TM == 8 && (BM == 64 || BM == 128)) || (TM == 6 && (BM == 48 || BM == 96))) &&
+                      (BN == 64 || BN == 128) && BM <= BN && (kStages == 2 || kStages == 3),
+                  "GemmCfg: tiles are 128x128, 64x128, 64x64 (8x8 micro-tiles) or 48x128, 48x64, 96x128 (6x8)");
     // Row of the block tile that a thread in row-group ty holds as its i-th micro-tile row. 8 rows: two
-    // pieces of 4 strided by BM/2 (float4 reads); 6 rows (BM = 48): 4 in the first 32 rows, 2 in the last 16
-    // (a float4 and a float2 read).
+    // pieces of 4 strided by BM/2 (float4 reads); 6 rows (BM = 48 or 96): 4 in the first two thirds of the tile,
+    // 2 in the last third (a float4 and a float2 read).
     __host__ __device__ static constexpr int row(int i, int ty) {
-        return TM == 8 ? (i / 4) * (BM / 2) + ty * 4 + (i % 4) : (i < 4 ? ty * 4 + i : 32 + ty * 2 + (i - 4));
+        return TM == 8 ? (i / 4) * (BM / 2) + ty * 4 + (i % 4)
+                       : (i < 4 ? ty * 4 + i : BM / 3 * 2 + ty * 2 + (i - 4));
     }
 };
 
@@ -544,6 +545,8 @@ inline int64_t gemm_tiles(int M, int N) {
 using GemmBig = GemmCfg<128, 128>;       // 256 threads: for problems with enough tiles to fill the GPU
 using GemmWide = GemmCfg<64, 128>;       // 128 threads: M = 64, 192, or when 128x128 tiles round badly
 using GemmNarrow = GemmCfg<48, 128, 6>;  // 128 threads, 6x8 micro-tiles: M = 48, 96 (k-contiguous A only)
+// 256 threads, 6x8 micro-tiles: two towers of M = 48 that read the same B, stacked (conv.cu TowerStack)
+using GemmStack = GemmCfg<96, 128, 6>;
 using GemmSmall = GemmCfg<64, 64>;       // 64 threads: the linear layers' small or odd M, with split-K
 
 enum class Tile { Big, Wide, Narrow, Small };

@@ -73,8 +73,9 @@ __device__ __forceinline__ RowsA<Cfg> rows_a(const float* base, int64_t mstride,
     return a;
 }
 // Element i = A(row i, k) with the k's offset `koff` (from the table or k itself); zero outside M and,
-// when kCheck, for k = k0 + t%8 outside [kb, ke).
-template <class Cfg, bool kCheck, class KOff, class Put>
+// when kCheck, for k = k0 + t%8 outside [kb, ke). The first kCount of the thread's rows (TowerStack: half of them);
+// kAllRows: the caller knows that all of them lie below M (TowerStack), so no row is checked.
+template <class Cfg, bool kCheck, int kCount = RowsA<Cfg>::kN, bool kAllRows = false, class KOff, class Put>
 __device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k0, int kb, int ke, Put& put) {
     const int k = k0 + a.kt;
     const bool kok = !kCheck || (k >= kb && k < ke);
@@ -83,9 +84,9 @@ __device__ __forceinline__ void put_rows_a(const RowsA<Cfg>& a, KOff koff, int k
     // Opaque: a 32-bit step, so that a TowerPair, which picks one of two, still chains by IMAD.WIDE, not 64-bit adds.
     const int step = static_cast<int>(opaque(static_cast<unsigned>(a.step)));
 #pragma unroll
-    for (int i = 0; i < RowsA<Cfg>::kN; ++i) {
+    for (int i = 0; i < kCount; ++i) {
         // Per row one compare and one IMAD.WIDE (the pointers chain).
-        const bool ok = i < rows;
+        const bool ok = kAllRows || i < rows;
         put(i, p, kCheck ? ok && kok : ok);
         p += step;
     }
@@ -186,6 +187,8 @@ __device__ __forceinline__ void fwd_store(const ConvGeom& g, const float* b, int
 template <bool kMask>
 struct ConvFwd {
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
+    // Towers that share x stack (TowerStack) with the tap mask only: the kernels built for every architecture stay few.
+    static constexpr bool kStacks = kMask;
     struct FullEntry {
         int off, r, s;  // tap offset from the window origin; r, s (kGatherInvalid outside the range)
         int unused;
@@ -256,9 +259,14 @@ struct ConvFwd {
         kb = 0;
         ke = g.CgRS;
     }
+    // A's offset along k of the thread's k in the tile at k0 (every row's: TowerStack reads it once for two towers).
+    template <class Cfg, bool kCheck, class Th>
+    __device__ int a_koff(const Th& t, const Entry*, int k0) const {
+        return k0 + t.a.kt;
+    }
     template <class Cfg, bool kCheck, class Th, class Put>
-    __device__ void fetch_a(const Th& t, const Entry*, int k0, int kb, int ke, Put& put) const {
-        put_rows_a<Cfg, kCheck>(t.a, k0 + t.a.kt, k0, kb, ke, put);
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        put_rows_a<Cfg, kCheck>(t.a, a_koff<Cfg, kCheck>(t, tab, k0), k0, kb, ke, put);
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
@@ -625,6 +633,7 @@ constexpr int kWgradLutRows = 64;
 template <bool kMask>
 struct ConvBwdWeight {
     static constexpr bool kAContigK = true, kBContigK = false, kTab = true;
+    static constexpr bool kStacks = kMask;  // as ConvFwd's
     // kMask: per output row p (h0*W, the taps (r, any s) inside x), then per output column q (w0, the taps (any r,
     // s) inside x): an entry in the loop is two divisions, two table reads, and the AND of the two masks.
     static constexpr int kLut = kMask ? 2 * kWgradLutRows : 0;
@@ -721,13 +730,17 @@ struct ConvBwdWeight {
         kb = split * kchunk;
         ke = min(Kr, kb + kchunk);
     }
+    template <class Cfg, bool kCheck, class Th>
+    __device__ int a_koff(const Th& t, const Entry* tab, int k0) const {
+        if constexpr (kMask) {
+            return a_off<kCheck>(k0 + t.a.kt);
+        } else {
+            return tab[TabSlot<Cfg>::of(t.a.kt)].aoff;
+        }
+    }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
-        if constexpr (kMask) {
-            put_rows_a<Cfg, kCheck>(t.a, a_off<kCheck>(k0 + t.a.kt), k0, kb, ke, put);
-        } else {
-            put_rows_a<Cfg, kCheck>(t.a, tab[TabSlot<Cfg>::of(t.a.kt)].aoff, k0, kb, ke, put);
-        }
+        put_rows_a<Cfg, kCheck>(t.a, a_koff<Cfg, kCheck>(t, tab, k0), k0, kb, ke, put);
     }
     template <class Cfg, bool kCheck, class Th, class Put>
     __device__ void fetch_b(const Th& t, const Entry* tab, int, int, int, Put& put) const {
@@ -751,6 +764,64 @@ struct ConvBwdWeight {
         out[t.split * slice + (static_cast<int64_t>(grp) * g.Kg + m) * g.CgRS + n] = v;
     }
 };
+
+// ---- two towers on one B: conv1 of the paper's net, whose towers both read the images --------------------------
+// TowerPair runs the towers' GEMMs side by side, each block gathering its own copy of B. When both read the same x
+// (the forward and the weight gradient of a layer whose towers share their input), the towers' A rows can be stacked
+// instead: one GEMM of M = 2 M0 on one gathered B, rows [0, M0) tower 0's and [M0, 2 M0) tower 1's, on a tile of
+// BM = 2 M0 rows (GemmStack: M0 = 48, 256 threads). Per block the B copies per thread halve, and B's gather (a table
+// read, an AND and an address per copy) is most of what a 6x8 micro-tile's loop issues besides FFMA. A thread's A
+// rows are t/16 + 16 i (TileMap, k-contiguous): with M0 a multiple of 16, its first half lies in tower 0's rows and
+// its second half in the same rows of tower 1, so the two halves are two chains of RowsA from one k offset. Each
+// output's k-sum runs in the order a launch of its own tower gives it (the tile never changes that order; the
+// weight gradient keeps that launch's split-K): bit for bit the single launches.
+template <class Op>
+struct TowerStack {
+    static constexpr bool kAContigK = Op::kAContigK, kBContigK = Op::kBContigK, kTab = Op::kTab;
+    static constexpr int kLut = Op::kLut;
+    using Entry = typename Op::Entry;
+    int M, N;  // M = 2 * op0.M
+    Op op0, op1;
+
+    template <class Cfg>
+    struct Thread {
+        typename Op::template Thread<Cfg> t0;  // tower 0's state: its A rows, and B's (shared)
+        RowsA<Cfg> t1a;                        // tower 1's A rows
+    };
+    __device__ Entry entry(int k, int kb, int ke) const { return op0.entry(k, kb, ke); }
+    __device__ Entry lut_entry(int i) const { return op0.lut_entry(i); }
+    __device__ Entry entry_loop(int k, const Entry* lut) const { return op0.entry_loop(k, lut); }
+    template <class Cfg>
+    __device__ Thread<Cfg> thread(int z, int m0, int n0) const {
+        static_assert(Op::kAContigK && Cfg::BM % (2 * TileMap<Cfg::BM, Cfg::BK, true, Cfg::kThreads>::kStep) == 0,
+                      "TowerStack: each tower's rows a whole number of a thread's row steps");
+        return Thread<Cfg>{op0.template thread<Cfg>(z, m0, n0), op1.template thread<Cfg>(z, m0, n0).a};
+    }
+    __device__ void k_range(int z, int& kb, int& ke) const { op0.k_range(z, kb, ke); }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        constexpr int kHalf = RowsA<Cfg>::kN / 2;
+        const int koff = op0.template a_koff<Cfg, kCheck>(t.t0, tab, k0);
+        // Every row is inside: each tower's M0 = BM / 2 rows fill its half of the one row tile (towers_stack).
+        put_rows_a<Cfg, kCheck, kHalf, true>(t.t0.a, koff, k0, kb, ke, put);
+        const auto second = [&put](int i, const float* src, bool ok) { put(kHalf + i, src, ok); };
+        put_rows_a<Cfg, kCheck, kHalf, true>(t.t1a, koff, k0, kb, ke, second);
+    }
+    template <class Cfg, bool kCheck, class Th, class Put>
+    __device__ void fetch_b(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
+        op0.template fetch_b<Cfg, kCheck>(t.t0, tab, k0, kb, ke, put);
+    }
+    template <class Th>
+    __device__ void store(const Th& t, int z, int m, int n, float v) const {
+        if (m < op0.M) op0.store(t.t0, z, m, n, v);
+        else op1.store(t.t0, z, m - op0.M, n, v);
+    }
+};
+
+// Whether a pair of towers stacks on GemmStack: both read the same x and each has GemmStack's half of its rows.
+inline bool towers_stack(int n, const float* const* x, int M) {
+    return n == 2 && x[0] == x[1] && 2 * M == GemmStack::BM;
+}
 
 // Forward and grad-input: 128x128, 64x128 or 48x128 tiles (conv_tile); launches over Z = groups slices.
 template <class Cfg, class Op>
@@ -777,13 +848,20 @@ void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
     }
 }
 
+// Both towers' ops stacked on one B (towers_stack) over zper slices.
+template <class Op>
+void launch_stacked(const char* opname, const Op* ops, int zper, cudaStream_t s) {
+    launch_tiles<GemmStack>(opname, TowerStack<Op>{2 * ops[0].M, ops[0].N, ops[0], ops[1]}, zper, s);
+}
+
 // Weight gradient of n = 1 or 2 towers (ops[i] -> dw[i], the same shapes) on tile Cfg: split-K as
 // choose_split_k<Cfg> says for one tower (a pair keeps that split, so its bits are the single launch's), the
 // partial sums of `splits` > 1 slices in a workspace that one split_reduce launch adds in slice order for every
-// tower, together with the `extra` reductions the caller hands in (the bias gradient's slices).
+// tower, together with the `extra` reductions the caller hands in (the bias gradient's slices). stacked: the two
+// towers on GemmStack (towers_stack), still with Cfg's split.
 template <class Cfg, class Op>
 void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p, float* const* dw,
-                       const SplitSeg* extra, int nextra, void* stream) {
+                       const SplitSeg* extra, int nextra, void* stream, bool stacked = false) {
     int chunk = 0;
     const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(ops[0].M, ops[0].N) * p.groups, ops[0].Kr, &chunk);
     const int zper = splits * p.groups;
@@ -795,7 +873,14 @@ void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p
         ops[i].kchunk = chunk;
         ops[i].out = splits == 1 ? dw[i] : ws.data<float>() + i * total * splits;
     }
-    launch_tower_tiles<Cfg>(opname, ops, n, zper, as_stream(stream));
+    bool done = false;
+    if constexpr (Op::kStacks && std::is_same_v<Cfg, GemmNarrow>) {
+        if (stacked) {
+            launch_stacked(opname, ops, zper, as_stream(stream));
+            done = true;
+        }
+    }
+    if (!done) launch_tower_tiles<Cfg>(opname, ops, n, zper, as_stream(stream));
     SplitSeg segs[kMaxSplitSegs];
     int count = 0;
     if (splits > 1)
@@ -812,9 +897,12 @@ void conv_wgrad_towers(const Conv2dParams& p, const ConvGeom& g, int n, const fl
     const int u = n - 1;
     Op ops[2] = {Op{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[0], dy[0], dw[0]},
                  Op{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[u], dy[u], dw[u]}};
+    const bool stacked = towers_stack(n, x, g.Kg);  // on the 48-row tile, where the op stacks (kStacks)
     switch (split_tile(g.Kg, g.CgRS, p.groups, true, Tile::Wide)) {
         case Tile::Big: launch_conv_wgrad<GemmBig>(opname, ops, n, p, dw, extra, nextra, stream); break;
-        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, extra, nextra, stream); break;
+        case Tile::Narrow:
+            launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, extra, nextra, stream, stacked);
+            break;
         default: launch_conv_wgrad<GemmWide>(opname, ops, n, p, dw, extra, nextra, stream); break;
     }
 }
@@ -997,6 +1085,12 @@ void conv_fwd_towers(const Conv2dParams& p, const ConvGeom& g, int n, const floa
     const int relu = p.relu ? 1 : 0;
     const ConvFwd<kMask> ops[2] = {ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, relu, x[0], w[0], b[0], y[0]},
                                    ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, relu, x[u], w[u], b[u], y[u]}};
+    if constexpr (ConvFwd<kMask>::kStacks) {
+        if (towers_stack(n, x, g.Kg)) {
+            launch_stacked("conv2d_forward", ops, p.groups, s);
+            return;
+        }
+    }
     launch_towers("conv2d_forward", ops, n, p.groups, s);
 }
 

@@ -52,7 +52,7 @@ EXPECTED_CHECKS = {
     "conv": 124,
     "conv_alexnet": 45,
     "conv_bigtile": 33,
-    "conv_pair": 169,
+    "conv_pair": 257,
     "linear": 122,
     "linear_bigtile": 12,
     "gridstride": 15,

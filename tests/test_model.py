@@ -287,6 +287,24 @@ def test_plan_gemm_matches_the_launchers():
     assert (one.tile, one.splits, one.blocks) == (128, 26, 260) and (two.tile, two.splits, two.blocks) == (128, 26, 520)
 
 
+def test_plan_stacks_conv1_towers_on_one_b():
+    # conv1's towers both read the images: forward and grad-weight stack both towers' 48 rows in 96x128 tiles of 256
+    # threads (conv.cu TowerStack), one row of tiles: 3025 forward blocks instead of the pair's 2 x 3025.
+    assert M.gemm_threads(96, 128) == 256 and M.gemm_threads(48, 128) == 128
+    f = M.plan_gemm("conv_fwd", 48, 387200, 363, 1, towers=2, shared_b=True)
+    assert f.stacked and (f.tile, f.bn, f.splits, f.blocks) == (96, 128, 1, 3025)
+    # The grad-weight keeps one tower's 48x128 split-K (176 slices), so its bits are a single launch's: 3 x 176 blocks.
+    one = M.plan_gemm("conv_wgrad", 48, 363, 387200)
+    w = M.plan_gemm("conv_wgrad", 48, 363, 387200, 1, towers=2, shared_b=True)
+    assert w.stacked and (w.tile, w.bn, w.splits, w.chunk, w.blocks) == (96, 128, one.splits, one.chunk, 3 * one.splits)
+    # No stacking: towers that read different inputs, another M, the channel-inner or (r, s)-checked loaders.
+    assert not M.plan_gemm("conv_fwd", 48, 387200, 363, 1, towers=2).stacked
+    assert not M.plan_gemm("conv_fwd", 64, 387200, 363, 1, towers=2, shared_b=True).stacked
+    assert not M.plan_gemm("conv_fwd_tap", 48, 387200, 432, 1, towers=2, shared_b=True).stacked
+    assert not M.plan_gemm("conv_fwd_nomask", 48, 387200, 363, 1, towers=2, shared_b=True).stacked
+    assert not M.plan_gemm("conv_wgrad_nomask", 48, 363, 387200, 1, towers=2, shared_b=True).stacked
+
+
 def test_comparison_pairs_rows_of_the_same_commit():
     docs = [dict(commit="abc-dirty", _path="x.json", rows=[
         dict(family="conv", op="conv2", pass_="forward", our_ms=2.0),

@@ -246,7 +246,28 @@ void check_same_bits(const std::string& name, const Tensor& pair_out, const Tens
     report(ok, 0, name, fmt("bit-exact, n=%lld", (long long)a.numel()));
 }
 
-void test_conv_pair(const ConvCase& c) {
+// The GEMM launches (gemm_tiled_kernel) logged since emu::clear_launch_log().
+std::vector<emu::LaunchShape> gemm_launches() {
+    std::vector<emu::LaunchShape> out;
+    for (const emu::LaunchShape& l : emu::launch_log())
+        if (strstr(l.kernel, "gemm_tiled_kernel") != nullptr) out.push_back(l);
+    return out;
+}
+
+// That the call just made ran its GEMM as both towers stacked on one B (conv.cu TowerStack, GemmStack): one
+// launch of 256-thread blocks whose one row of tiles holds both towers' 48 rows, over `z` slices.
+void check_stacked(const std::string& name, unsigned z) {
+    const auto g = gemm_launches();
+    const bool ok = g.size() == 1 && g[0].block.x == 256 && g[0].grid.y == 1 && g[0].grid.z == z;
+    report(ok, 0, name, ok ? fmt("one launch, grid (%u,1,%u) x 256 threads", g[0].grid.x, z)
+                           : fmt("%zu GEMM launches, the first %u threads, grid y %u z %u (want 1, 256, 1, %u)",
+                                 g.size(), g.empty() ? 0u : g[0].block.x, g.empty() ? 0u : g[0].grid.y,
+                                 g.empty() ? 0u : g[0].grid.z, z));
+}
+
+// shared_x: both towers read one x (as conv1's do); stack_z > 0: the forward and the weight gradient must then stack
+// the towers (over stack_z slices for the weight gradient: groups x its split-K).
+void test_conv_pair(const ConvCase& c, bool shared_x = false, unsigned stack_z = 0) {
     const int P = (c.H + 2 * c.ph - c.R) / c.sh + 1, Q = (c.W + 2 * c.pw - c.S) / c.sw + 1;
     const int Cg = c.C / c.g;
     const std::string name = fmt("%s N%d C%d %dx%d K%d %dx%d s%d,%d p%d,%d g%d", c.label, c.N, c.C, c.H, c.W, c.K,
@@ -260,10 +281,16 @@ void test_conv_pair(const ConvCase& c) {
             b[t] = host_tensor({c.K}, randv(c.K)).to(dev);
             dy[t] = host_tensor({c.N, c.K, P, Q}, randv(size_t(c.N) * c.K * P * Q)).to(dev);
         }
+        if (shared_x) x[1] = x[0];
         const std::string nm = name + (dev.is_cpu() ? " (cpu)" : " (cuda)");
+        const bool stack = stack_z > 0 && !dev.is_cpu();
+        emu::clear_launch_log();
         const auto y = ops::conv2d_forward_pair(x, w, b, c.sh, c.sw, c.ph, c.pw, c.g);
+        if (stack) check_stacked("conv2d_forward_pair stacked " + nm, unsigned(c.g));
         const auto dx = ops::conv2d_backward_input_pair(dy, w, c.H, c.W, c.sh, c.sw, c.ph, c.pw, c.g);
+        emu::clear_launch_log();
         const auto dw = ops::conv2d_backward_weight_pair(x, dy, c.R, c.S, c.sh, c.sw, c.ph, c.pw, c.g);
+        if (stack) check_stacked("conv2d_backward_weight_pair stacked " + nm, stack_z);
         // The fused epilogues through the pair (TowerPair forwards each tower's store): the forward's ReLU, and
         // the ReLU below folded into grad-input, with each tower's x standing in for that ReLU's output.
         const auto yr = ops::conv2d_forward_pair(x, w, b, c.sh, c.sw, c.ph, c.pw, c.g, /*relu=*/true);
@@ -987,6 +1014,12 @@ void group_conv_pair() {
     test_conv_pair({1, 2, 100, 100, 4, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair sliced bias"});
     // The channel-inner forward (M = 48) and grad-input (M = 16 padded to a 48-row tile).
     test_conv_pair({2, 16, 9, 9, 48, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair channel-inner"});
+    // Towers that read one x with 48 filters each stack on one B (TowerStack), as conv1's: its 11x11 stride-4 window,
+    // N*P*Q = 338 columns (a partial column tile) and a weight gradient in 2 split-K slices; then with 2 groups
+    // (a slice per group). Bits still the single calls'. With 40 filters each they run as a pair.
+    test_conv_pair({2, 3, 55, 55, 48, 11, 11, 4, 4, 2, 2, 1, true, ALL, "pair shared x stacked"}, true, 2);
+    test_conv_pair({1, 6, 13, 13, 96, 3, 3, 1, 1, 1, 1, 2, true, ALL, "pair shared x stacked groups"}, true, 2);
+    test_conv_pair({1, 3, 13, 13, 40, 3, 3, 1, 1, 1, 1, 1, true, ALL, "pair shared x 40 filters"}, true);
     // A pair whose towers differ in shape, or in device, is refused naming the op.
     const Tensor x0 = host_tensor({1, 2, 5, 5}, randv(50)).to(GPU), x1 = host_tensor({1, 2, 5, 6}, randv(60)).to(GPU);
     const Tensor w = host_tensor({3, 2, 3, 3}, randv(54)).to(GPU);

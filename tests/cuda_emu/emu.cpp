@@ -116,6 +116,7 @@ void (*g_kernel)(void*) = nullptr;
 void* g_kernel_ctx = nullptr;
 
 std::vector<LaunchSite> g_sites;
+std::vector<LaunchShape> g_log;
 
 Order g_order = Order::forward;
 uint64_t g_rng = 0x9e3779b97f4a7c15ull;
@@ -328,6 +329,8 @@ void configure(Order order, uint64_t seed) {
 
 const Stats& stats() { return g_stats; }
 const std::vector<LaunchSite>& launch_sites() { return g_sites; }
+const std::vector<LaunchShape>& launch_log() { return g_log; }
+void clear_launch_log() { g_log.clear(); }
 
 void fail(const char* fmt, ...) {
     fflush(stdout);
@@ -362,6 +365,7 @@ void launch(const char* name, const char* file, int line, dim3 grid, dim3 block,
             known = true;
         }
     if (!known) g_sites.push_back({file, line, name, 1});
+    if (g_log.size() < 4096) g_log.push_back({name, grid, block});  // bounded: nobody clears it in most groups
     if (getenv("EMU_TRACE"))
         fprintf(stderr, "emu: launch %s (%s:%d) grid (%u,%u,%u) block (%u,%u,%u)\n", name, file, line, grid.x, grid.y,
                 grid.z, block.x, block.y, block.z);

@@ -311,6 +311,14 @@ struct LaunchSite {
     long long launches;
 };
 const std::vector<LaunchSite>& launch_sites();
+// The launches that ran since the last clear_launch_log() (each kernel's grid and block), for checks of which
+// tile a launcher picked.
+struct LaunchShape {
+    const char* kernel;
+    dim3 grid, block;
+};
+const std::vector<LaunchShape>& launch_log();
+void clear_launch_log();
 
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
