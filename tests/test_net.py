@@ -26,15 +26,33 @@ def batch(rng, cfg, n):
     return x, y
 
 
-def well_conditioned_batch(rng, net, n, with_dropout=True):
+def well_conditioned_batch(rng, net, n, with_dropout=True, required=True):
     """A fresh random batch whose float64 reference step stays clear of ReLU/max-pool kinks (where float32
-    rounding may pick the other side and the gradient jumps); redraws the rare one that does not."""
+    rounding may pick the other side and the gradient jumps); redraws the rare one that does not. None after 50
+    draws when not `required`."""
     for _ in range(50):
         x, y = batch(rng, net.config, n)
         ref = reference_net.step(net, x, y, with_dropout)
         if ref["margin"] > 1e-6:
             return x, y, ref
+    if not required:
+        return None
     raise AssertionError("no well-conditioned batch in 50 draws")
+
+
+def well_conditioned_net(rng, cfg, devices, n, with_dropout=True, random_step=False):
+    """(net, x, y, reference step) for a net of fresh random parameters and a batch as well_conditioned_batch draws
+    it. Some parameter draws put a near-tie into every batch: in the small config, about 1 seed in 1200 gives
+    conv5 a channel whose 3x3 outputs stay within ~5e-7 of each other (relative to the layer) whatever the input,
+    so its max-pool's winner is at float32 rounding level. Such a net is redrawn as well (at most 10 times)."""
+    for _ in range(10):
+        net = ax.Net(cfg, devices=devices, seed=int(rng.integers(1 << 31)))
+        if random_step:
+            net.step = int(rng.integers(0, 1000))
+        got = well_conditioned_batch(rng, net, n, with_dropout, required=False)
+        if got is not None:
+            return (net, *got)
+    raise AssertionError("no well-conditioned net and batch in 10 parameter draws")
 
 
 def params_only(state):
@@ -50,9 +68,7 @@ def test_step_matches_numpy_reference(rng, devices, cfg_kw):
     cfg = small_config(**cfg_kw)
     if cfg["towers"] == 1 and isinstance(devices, tuple):
         devices = devices[:1]
-    net = ax.Net(cfg, devices=devices, seed=int(rng.integers(1 << 31)))
-    net.step = int(rng.integers(0, 1000))
-    x, y, ref = well_conditioned_batch(rng, net, 5)
+    net, x, y, ref = well_conditioned_net(rng, cfg, devices, 5, random_step=True)
     before = params_only(net.state_dict())
     out = net.train_step(x, y, lr=1.0)
     assert out["n"] == 5
@@ -236,8 +252,7 @@ def test_weight_decay_of_weights_and_biases(rng, bias_wd):
     """One step at lr 1 and momentum 0: momentum = -(decay * param + grad), with the weights' decay on weights
     and bias_weight_decay (default 0, as cuda-convnet) on biases."""
     cfg = small_config(weight_decay=0.003, bias_weight_decay=bias_wd, momentum=0.0)
-    net = ax.Net(cfg, devices=("cpu", "cpu"), seed=int(rng.integers(1 << 31)))
-    x, y, ref = well_conditioned_batch(rng, net, 4)
+    net, x, y, ref = well_conditioned_net(rng, cfg, ("cpu", "cpu"), 4)
     before = params_only(net.state_dict())
     net.train_step(x, y, lr=1.0)
     after = net.state_dict()
@@ -257,8 +272,7 @@ def test_bias_decay_defaults_to_none_and_old_configs_keep_theirs():
 @pytest.mark.parametrize("devices", ["cpu", ("cpu", "cpu")])
 def test_features_of_every_layer_match_the_reference(rng, devices):
     cfg = small_config()
-    net = ax.Net(cfg, devices=devices, seed=int(rng.integers(1 << 31)))
-    x, y, ref = well_conditioned_batch(rng, net, 3, with_dropout=False)
+    net, x, y, ref = well_conditioned_net(rng, cfg, devices, 3, with_dropout=False)
     for L in net.layers():
         got = net.features(x, L["name"])
         want = ref["features"][L["name"]]
