@@ -143,11 +143,44 @@ private:
 // ---- CUDA: one non-blocking stream per executor; ops launch from the host thread ---------------------
 
 #ifdef ALEXNET_WITH_CUDA
+// One executor's events, kept for reuse: record() would otherwise create and destroy an event for every
+// cross-stream dependency, about 100 per eager step. An event comes back here when its last holder drops it, and
+// recording it again is safe then: a stream that waited on it took the record it waited for at its wait call. Held
+// by the executor and by every event it handed out, so it outlives them all; any thread may drop an event.
+class EventPool {
+public:
+    ~EventPool() {
+        for (cudaEvent_t e : free_) cudaEventDestroy(e);
+    }
+    cudaEvent_t get() {
+        {
+            std::lock_guard<std::mutex> l(m_);
+            if (!free_.empty()) {
+                cudaEvent_t e = free_.back();
+                free_.pop_back();
+                return e;
+            }
+        }
+        cudaEvent_t e = nullptr;
+        cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "scheduler");
+        return e;
+    }
+    void put(cudaEvent_t e) {
+        std::lock_guard<std::mutex> l(m_);
+        free_.push_back(e);
+    }
+
+private:
+    std::mutex m_;
+    std::vector<cudaEvent_t> free_;
+};
+
 struct CudaEvent : Event {
     cudaEvent_t e = nullptr;
     int device = 0;
+    std::shared_ptr<EventPool> pool;
     ~CudaEvent() override {
-        if (e) cudaEventDestroy(e);
+        if (e) pool->put(e);
     }
     void synchronize() override { cuda_check(cudaEventSynchronize(e), "scheduler"); }
 };
@@ -191,7 +224,8 @@ public:
         DeviceGuard g(dev_);
         auto e = std::make_shared<CudaEvent>();
         e->device = dev_.index;
-        cuda_check(cudaEventCreateWithFlags(&e->e, cudaEventDisableTiming), "scheduler");
+        e->pool = events_;
+        e->e = events_->get();
         cuda_check(cudaEventRecord(e->e, stream_), "scheduler");
         return e;
     }
@@ -251,6 +285,7 @@ private:
     cudaEvent_t begin_ = nullptr;
     bool trace_ = false;
     std::vector<Mark> marks_;
+    std::shared_ptr<EventPool> events_ = std::make_shared<EventPool>();
 };
 #endif
 

@@ -56,7 +56,7 @@ EXPECTED_CHECKS = {
     "linear": 122,
     "linear_bigtile": 12,
     "gridstride": 15,
-    "net": 111,
+    "net": 114,
     "graph": 18,
 }
 GROUPS = list(EXPECTED_CHECKS)
