@@ -657,7 +657,7 @@ def wgrad_op(k: int, out_hw: int) -> str:
 
 
 def stacks(op: str, M: int, N: int, Z: int, towers: int, shared_b: bool) -> bool:
-    """conv.cu towers_stack and the ops' kStacks: two towers that read the same x (shared_b), 48 rows each, the
+    """conv.cu launch_stacked (the ops' kStacks): two towers that read the same x (shared_b), 48 rows each, the
     tap-mask forward, or the tap-mask grad-weight where one tower's tile would be 48x128."""
     if towers != 2 or not shared_b or op not in STACK_OPS or 2 * M != STACK_TILE[0]:
         return False

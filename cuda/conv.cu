@@ -802,7 +802,7 @@ struct TowerStack {
     __device__ void fetch_a(const Th& t, const Entry* tab, int k0, int kb, int ke, Put& put) const {
         constexpr int kHalf = RowsA<Cfg>::kN / 2;
         const int koff = op0.template a_koff<Cfg, kCheck>(t.t0, tab, k0);
-        // Every row is inside: each tower's M0 = BM / 2 rows fill its half of the one row tile (towers_stack).
+        // Every row is inside: each tower's M0 = BM / 2 rows fill its half of the one row tile (launch_stacked).
         put_rows_a<Cfg, kCheck, kHalf, true>(t.t0.a, koff, k0, kb, ke, put);
         const auto second = [&put](int i, const float* src, bool ok) { put(kHalf + i, src, ok); };
         put_rows_a<Cfg, kCheck, kHalf, true>(t.t1a, koff, k0, kb, ke, second);
@@ -817,11 +817,6 @@ struct TowerStack {
         else op1.store(t.t0, z, m - op0.M, n, v);
     }
 };
-
-// Whether a pair of towers stacks on GemmStack: both read the same x and each has GemmStack's half of its rows.
-inline bool towers_stack(int n, const float* const* x, int M) {
-    return n == 2 && x[0] == x[1] && 2 * M == GemmStack::BM;
-}
 
 // Forward and grad-input: 128x128, 64x128 or 48x128 tiles (conv_tile); launches over Z = groups slices.
 template <class Cfg, class Op>
@@ -848,20 +843,27 @@ void launch_conv_gemm(const char* opname, const Op& op, int Z, cudaStream_t s) {
     }
 }
 
-// Both towers' ops stacked on one B (towers_stack) over zper slices.
+// Both towers' ops stacked on one B over zper slices, when the op stacks (kStacks: the tap-mask forward and weight
+// gradient), both towers read the same x and each has GemmStack's half of its rows. False: nothing launched.
 template <class Op>
-void launch_stacked(const char* opname, const Op* ops, int zper, cudaStream_t s) {
-    launch_tiles<GemmStack>(opname, TowerStack<Op>{2 * ops[0].M, ops[0].N, ops[0], ops[1]}, zper, s);
+bool launch_stacked(const char* opname, const Op* ops, int n, int zper, cudaStream_t s) {
+    if constexpr (Op::kStacks) {
+        if (n == 2 && ops[0].x == ops[1].x && 2 * ops[0].M == GemmStack::BM) {
+            launch_tiles<GemmStack>(opname, TowerStack<Op>{2 * ops[0].M, ops[0].N, ops[0], ops[1]}, zper, s);
+            return true;
+        }
+    }
+    return false;
 }
 
 // Weight gradient of n = 1 or 2 towers (ops[i] -> dw[i], the same shapes) on tile Cfg: split-K as
 // choose_split_k<Cfg> says for one tower (a pair keeps that split, so its bits are the single launch's), the
 // partial sums of `splits` > 1 slices in a workspace that one split_reduce launch adds in slice order for every
-// tower, together with the `extra` reductions the caller hands in (the bias gradient's slices). stacked: the two
-// towers on GemmStack (towers_stack), still with Cfg's split.
+// tower, together with the `extra` reductions the caller hands in (the bias gradient's slices). Towers that stack
+// (launch_stacked) do so from the 48-row tile, keeping its split.
 template <class Cfg, class Op>
 void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p, float* const* dw,
-                       const SplitSeg* extra, int nextra, void* stream, bool stacked = false) {
+                       const SplitSeg* extra, int nextra, void* stream) {
     int chunk = 0;
     const int splits = choose_split_k<Cfg>(gemm_tiles<Cfg>(ops[0].M, ops[0].N) * p.groups, ops[0].Kr, &chunk);
     const int zper = splits * p.groups;
@@ -873,14 +875,8 @@ void launch_conv_wgrad(const char* opname, Op* ops, int n, const Conv2dParams& p
         ops[i].kchunk = chunk;
         ops[i].out = splits == 1 ? dw[i] : ws.data<float>() + i * total * splits;
     }
-    bool done = false;
-    if constexpr (Op::kStacks && std::is_same_v<Cfg, GemmNarrow>) {
-        if (stacked) {
-            launch_stacked(opname, ops, zper, as_stream(stream));
-            done = true;
-        }
-    }
-    if (!done) launch_tower_tiles<Cfg>(opname, ops, n, zper, as_stream(stream));
+    if (!(std::is_same_v<Cfg, GemmNarrow> && launch_stacked(opname, ops, n, zper, as_stream(stream))))
+        launch_tower_tiles<Cfg>(opname, ops, n, zper, as_stream(stream));
     SplitSeg segs[kMaxSplitSegs];
     int count = 0;
     if (splits > 1)
@@ -897,12 +893,9 @@ void conv_wgrad_towers(const Conv2dParams& p, const ConvGeom& g, int n, const fl
     const int u = n - 1;
     Op ops[2] = {Op{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[0], dy[0], dw[0]},
                  Op{g.Kg, g.CgRS, p.N * g.PQ, 0, 1, g, x[u], dy[u], dw[u]}};
-    const bool stacked = towers_stack(n, x, g.Kg);  // on the 48-row tile, where the op stacks (kStacks)
     switch (split_tile(g.Kg, g.CgRS, p.groups, true, Tile::Wide)) {
         case Tile::Big: launch_conv_wgrad<GemmBig>(opname, ops, n, p, dw, extra, nextra, stream); break;
-        case Tile::Narrow:
-            launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, extra, nextra, stream, stacked);
-            break;
+        case Tile::Narrow: launch_conv_wgrad<GemmNarrow>(opname, ops, n, p, dw, extra, nextra, stream); break;
         default: launch_conv_wgrad<GemmWide>(opname, ops, n, p, dw, extra, nextra, stream); break;
     }
 }
@@ -1085,13 +1078,7 @@ void conv_fwd_towers(const Conv2dParams& p, const ConvGeom& g, int n, const floa
     const int relu = p.relu ? 1 : 0;
     const ConvFwd<kMask> ops[2] = {ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, relu, x[0], w[0], b[0], y[0]},
                                    ConvFwd<kMask>{g.Kg, p.N * g.PQ, g, relu, x[u], w[u], b[u], y[u]}};
-    if constexpr (ConvFwd<kMask>::kStacks) {
-        if (towers_stack(n, x, g.Kg)) {
-            launch_stacked("conv2d_forward", ops, p.groups, s);
-            return;
-        }
-    }
-    launch_towers("conv2d_forward", ops, n, p.groups, s);
+    if (!launch_stacked("conv2d_forward", ops, n, p.groups, s)) launch_towers("conv2d_forward", ops, n, p.groups, s);
 }
 
 // Forward of n towers: the channel-inner loaders where they apply (tap_major), else the tap-mask loaders when the
